@@ -1,0 +1,270 @@
+"""Typed job configuration: one dataclass per concern, YAML maps 1:1 onto them.
+
+`load_job_config(path, overrides)` reads a job YAML, applies `key=value` overrides
+(dotted paths, e.g. `optim.lr=0.3`), rejects unknown keys and resolves every task file.
+It does not touch torch, Ray or the data files beyond checking that they exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+def _f(default: Any, doc: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m", "Backbone: `smollm2-135m` (embedded default), a Hub id, or a local checkpoint dir.")
+    dtype: str = _f("auto", "Compute dtype of the frozen backbone: auto (bf16 on GPUs and AMX CPUs, else fp32), bf16, fp16 or fp32.")
+    attn_implementation: str = _f("auto", "auto (flash_attention_2 with flash-attn on GPU, else sdpa), sdpa, eager or flash_attention_2.")
+    max_seq_len: int = _f(256, "Longest example (virtual tokens + input + target); longer inputs are cut from the left.")
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
+        _choice("model.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
+        _positive("model.max_seq_len", self.max_seq_len)
+
+
+@dataclass
+class PromptConfig:
+    num_virtual_tokens: int = _f(20, "Virtual tokens per task (Lester et al. use 20-100).")
+    init: str = _f("class_labels", "Initialisation: random, vocab (sampled vocabulary), text, or class_labels (label words, then vocab).")
+    init_text: str = _f("", "Text used when init=text (repeated/cut to num_virtual_tokens).")
+    init_std: float = _f(0.02, "Std of the normal used when init=random.")
+
+    def __post_init__(self) -> None:
+        _positive("prompt.num_virtual_tokens", self.num_virtual_tokens)
+        _choice("prompt.init", self.init, ("random", "vocab", "text", "class_labels"))
+        if self.init == "text" and not self.init_text:
+            raise ConfigError("prompt.init=text needs prompt.init_text")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(0.3, "Peak learning rate of the prompt bank (prompt tuning likes large rates: 0.1-0.3).")
+    betas: list[float] = _f([0.9, 0.999], "Adam betas.")
+    eps: float = _f(1e-8, "Adam epsilon.")
+    weight_decay: float = _f(0.0, "Decoupled weight decay applied to the rows that are updated.")
+    warmup_steps: int = _f(10, "Linear warm-up steps.")
+    schedule: str = _f("cosine", "LR schedule after warm-up: constant, linear or cosine (to 10% of peak).")
+    grad_clip: float = _f(1.0, "Clip the global norm of the prompt gradient (0 disables).")
+    max_steps: int = _f(100, "Optimiser steps to run.")
+    batch_size: int = _f(32, "Examples per optimiser step across all ranks (the global batch).")
+    grad_accum: int = _f(1, "Micro-batches per optimiser step; each holds batch_size / grad_accum examples.")
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        _positive("optim.max_steps", self.max_steps)
+        _positive("optim.batch_size", self.batch_size)
+        _positive("optim.grad_accum", self.grad_accum)
+        _choice("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
+        if len(self.betas) != 2:
+            raise ConfigError("optim.betas must have two values")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError("optim.batch_size must be divisible by optim.grad_accum")
+
+
+@dataclass
+class DataConfig:
+    mixing: str = _f("temperature", "How tasks are mixed into batches: proportional, temperature or uniform.")
+    temperature: float = _f(2.0, "T for temperature mixing: p_task ~ n_task^(1/T).")
+    packing: bool = _f(True, "Pack several examples per row without padding (segments never attend to each other).")
+    max_train_examples: int = _f(0, "Cap on train examples read per task (0 = all).")
+    max_eval_examples: int = _f(200, "Eval examples per task (0 = the whole eval split).")
+    seed: int = _f(0, "Seed for sampling, few-shot demonstrations and prompt init.")
+
+    def __post_init__(self) -> None:
+        _choice("data.mixing", self.mixing, ("proportional", "temperature", "uniform"))
+        _positive("data.temperature", self.temperature)
+
+
+@dataclass
+class ClusterConfig:
+    num_workers: int = _f(2, "Ray Train workers (ranks). Each holds 1/num_workers of the backbone (ZeRO-3).")
+    use_gpu: bool = _f(False, "One GPU per worker (NCCL); CPU workers use gloo.")
+    cpus_per_worker: int = _f(1, "CPUs Ray reserves for each worker.")
+    address: str = _f("", "Ray address to join; empty starts an embedded local Ray (RAY_ADDRESS also works).")
+    zero_stage: int = _f(3, "DeepSpeed ZeRO stage for the frozen backbone (3 partitions parameters across ranks).")
+    offload_params: str = _f("none", "ZeRO-3 parameter offload: none, cpu or nvme.")
+    nvme_path: str = _f("/local_nvme", "Where ZeRO-3 offloads parameters when offload_params=nvme.")
+    max_failures: int = _f(0, "Worker-group restarts Ray Train allows; each resumes from the last checkpoint.")
+    metrics_port: int = _f(0, "Port for the training job's Prometheus metrics on rank 0 (0 = off).")
+
+    def __post_init__(self) -> None:
+        _positive("cluster.num_workers", self.num_workers)
+        _choice("cluster.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("cluster.offload_params", self.offload_params, ("none", "cpu", "nvme"))
+
+
+@dataclass
+class JobConfig:
+    name: str = _f("promptfleet", "Run name; the output directory is <output_dir>/<name>.")
+    output_dir: str = _f("runs", "Where run directories are written (relative paths resolve against the CWD).")
+    tasks: list[str] = _f([], "Task files (YAML under configs/tasks/), relative to this job file.")
+    model: ModelConfig = _f(None, "The frozen backbone.")
+    prompt: PromptConfig = _f(None, "The per-task soft prompts.")
+    optim: OptimConfig = _f(None, "Optimisation of the prompt bank.")
+    data: DataConfig = _f(None, "Task mixing, packing and data limits.")
+    cluster: ClusterConfig = _f(None, "Ray and DeepSpeed.")
+    eval_every: int = _f(50, "Evaluate every N steps (0 = only at the end).")
+    eval_zero_shot: bool = _f(True, "Also score the untuned backbone (zero-shot) for the report.")
+    checkpoint_every: int = _f(50, "Write an atomic checkpoint every N steps (0 = only at the end).")
+    log_every: int = _f(1, "Log metrics every N steps.")
+    resume: bool = _f(True, "Resume from the newest complete checkpoint in the run directory if there is one.")
+
+    def __post_init__(self) -> None:
+        for name, cls in (("model", ModelConfig), ("prompt", PromptConfig), ("optim", OptimConfig),
+                          ("data", DataConfig), ("cluster", ClusterConfig)):
+            if getattr(self, name) is None:
+                setattr(self, name, cls())
+        validate_name("name", self.name)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def validate_name(what: str, value: str) -> str:
+    """Names (runs, tasks) become directory names: letters, digits, `_`, `-`, `.`; no paths."""
+    import re
+
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", value) or ".." in value:
+        raise ConfigError(f"{what}={value!r} is not a valid name (letters, digits, '_', '-', '.'; no paths)")
+    return value
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}={value!r}: must be > 0")
+
+
+# ---------------------------------------------------------------------------- building from dicts
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a dict; unknown keys and wrong types are `ConfigError`s."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown key {where}{unknown[0]!r} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, key + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            out = tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and value != out:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) onto a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{p}: invalid YAML{at}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return data
+
+
+def load_job_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML, apply overrides, validate, and make task paths absolute."""
+    data = apply_overrides(read_yaml(path), overrides or [])
+    cfg = from_dict(JobConfig, data)
+    base = Path(path).resolve().parent
+    if not cfg.tasks:
+        raise ConfigError(f"{path}: `tasks` lists no task files")
+    resolved = []
+    for t in cfg.tasks:
+        tp = (base / t).resolve() if not os.path.isabs(t) else Path(t)
+        if not tp.is_file():
+            raise ConfigError(f"task file not found: {t} (resolved to {tp})")
+        resolved.append(str(tp))
+    cfg.tasks = resolved
+    return cfg

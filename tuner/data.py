@@ -1,0 +1,108 @@
+"""From task specs to tokenised examples, and the multi-task sampler that mixes them into steps.
+
+`TaskData.load` reads and tokenises a task's train and eval splits. `MultiTaskSampler` decides,
+for each optimiser step, which examples of which tasks form the global batch: tasks are drawn
+per slot with proportional, temperature-scaled (p ~ n^(1/T)) or uniform probabilities, and each
+task walks through its own reshuffled-per-epoch order. The sampler's whole state is a few
+integers and a generator state, saved in every checkpoint so a resumed run draws exactly the
+batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from tuner.batching import TokenizedExample
+from tuner.tasks import TaskExample, TaskSpec, build_examples, read_rows, task_prefix
+
+
+def tokenize(examples: list[TaskExample], tokenizer) -> list[TokenizedExample]:
+    """Tokenise prompt and target separately (the target must start on a token boundary)."""
+    if not examples:
+        return []
+    prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False).input_ids
+    targets = tokenizer([e.target for e in examples], add_special_tokens=False).input_ids
+    out = []
+    for i, (e, p, t) in enumerate(zip(examples, prompts, targets)):
+        if not t:
+            raise ValueError(f"task {e.task}: empty target for example {i}")
+        out.append(TokenizedExample(e.task, p, t, e.label, uid=i))
+    return out
+
+
+@dataclass
+class TaskData:
+    spec: TaskSpec
+    prefix: str  # description + demonstrations, identical for every example of the task
+    train: list[TokenizedExample]
+    eval: list[TokenizedExample]
+    eval_text: list[TaskExample]  # the eval examples as text (for generation metrics and reports)
+
+    @classmethod
+    def load(cls, spec: TaskSpec, tokenizer, *, max_train: int = 0, max_eval: int = 0, seed: int = 0,
+             need_train: bool = True) -> TaskData:
+        prefix = task_prefix(spec, read_rows(spec, "train"), seed) if spec.few_shot else task_prefix(spec, [], seed)
+        train_text = build_examples(spec, "train", max_train, seed, prefix) if need_train else []
+        eval_text = build_examples(spec, "eval", max_eval, seed, prefix) if spec.data.eval else []
+        return cls(spec, prefix, tokenize(train_text, tokenizer), tokenize(eval_text, tokenizer), eval_text)
+
+
+class MultiTaskSampler:
+    """Draws the global batch (a list of (task, example index)) for each optimiser step."""
+
+    def __init__(self, sizes: dict[str, int], batch_size: int, mixing: str = "temperature",
+                 temperature: float = 2.0, seed: int = 0):
+        if not sizes or any(n <= 0 for n in sizes.values()):
+            raise ValueError(f"every task needs train examples: {sizes}")
+        self.tasks = list(sizes)
+        self.sizes = dict(sizes)
+        self.batch_size = batch_size
+        n = torch.tensor([sizes[t] for t in self.tasks], dtype=torch.float64)
+        if mixing == "uniform":
+            w = torch.ones_like(n)
+        elif mixing == "proportional":
+            w = n
+        else:
+            w = n ** (1.0 / temperature)
+        self.probs = (w / w.sum()).float()
+        self.seed = seed
+        self.gen = torch.Generator().manual_seed(seed)
+        self.step = 0
+        self.cursor = {t: 0 for t in self.tasks}
+        self.epoch = {t: 0 for t in self.tasks}
+        self._orders: dict[str, torch.Tensor] = {}
+
+    def _order(self, task: str) -> torch.Tensor:
+        key = f"{task}/{self.epoch[task]}"
+        if key not in self._orders:
+            # crc32, not hash(): str hashes differ between processes, and every rank must agree.
+            g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{key}".encode()))
+            self._orders = {key: torch.randperm(self.sizes[task], generator=g)}  # keep only the current epoch
+        return self._orders[key]
+
+    def next_batch(self) -> list[tuple[str, int]]:
+        picks = torch.multinomial(self.probs, self.batch_size, replacement=True, generator=self.gen).tolist()
+        batch = []
+        for k in picks:
+            t = self.tasks[k]
+            batch.append((t, int(self._order(t)[self.cursor[t]])))
+            self.cursor[t] += 1
+            if self.cursor[t] == self.sizes[t]:
+                self.cursor[t] = 0
+                self.epoch[t] += 1
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "cursor": dict(self.cursor), "epoch": dict(self.epoch),
+                "gen": self.gen.get_state(), "sizes": dict(self.sizes)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["sizes"] != self.sizes:
+            raise ValueError("the task data changed since the checkpoint (train split sizes differ)")
+        self.step, self.cursor, self.epoch = sd["step"], dict(sd["cursor"]), dict(sd["epoch"])
+        self.gen.set_state(sd["gen"])
+        self._orders = {}

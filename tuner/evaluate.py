@@ -1,0 +1,174 @@
+"""Per-task evaluation: classification by scoring verbaliser words, generation by greedy decoding.
+
+Classification scores every label's verbaliser tokens after the input and predicts the most
+likely label (one forward per example when every label is a single distinct token, else one
+segment per (example, label), packed). Generation decodes greedily and reports chrF and exact
+match. `prompt=None` evaluates the untuned backbone (zero-shot: no virtual tokens).
+
+Under ZeRO-3 every rank must run the same number of forwards (each forward all-gathers weights),
+so ranks split the examples and pad their share to the same number of batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from tuner.batching import TokenizedExample, collate
+from tuner.data import TaskData
+from tuner.model import PromptTunedLM
+from tuner.zero import world
+
+
+def classification_metrics(gold: list[str], pred: list[str], labels: list[str]) -> dict:
+    """Accuracy, macro-F1 and a per-label precision / recall / F1 / support report."""
+    per_label = {}
+    for lab in labels:
+        tp = sum(g == lab and p == lab for g, p in zip(gold, pred))
+        fp = sum(g != lab and p == lab for g, p in zip(gold, pred))
+        fn = sum(g == lab and p != lab for g, p in zip(gold, pred))
+        prec = tp / (tp + fp) if tp + fp else 0.0
+        rec = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
+        per_label[lab] = {"precision": prec, "recall": rec, "f1": f1, "support": sum(g == lab for g in gold)}
+    return {
+        "accuracy": sum(g == p for g, p in zip(gold, pred)) / max(len(gold), 1),
+        "macro_f1": sum(v["f1"] for v in per_label.values()) / max(len(labels), 1),
+        "per_label": per_label,
+        "n": len(gold),
+    }
+
+
+def generation_metrics(refs: list[str], hyps: list[str]) -> dict:
+    import sacrebleu
+
+    return {
+        "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score if refs else 0.0,
+        "exact_match": sum(r.strip() == h.strip() for r, h in zip(refs, hyps)) / max(len(refs), 1),
+        "n": len(refs),
+    }
+
+
+def _shard_lockstep(items: list, batch_size: int) -> list[tuple[list, int]]:
+    """This rank's batches, padded so every rank runs the same count; returns (batch, n_real)."""
+    rank, size = world()
+    mine = items[rank::size]
+    n_batches = math.ceil(math.ceil(len(items) / size) / batch_size) if items else 0
+    out = []
+    for b in range(n_batches):
+        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        out.append((chunk or items[:1], len(chunk)))  # an empty share runs a throwaway batch
+    return out
+
+
+def _gather(values: list) -> list:
+    """Concatenate per-rank result lists back into the original (strided) order."""
+    rank, size = world()
+    if size == 1:
+        return values
+    parts: list[list] = [None] * size  # type: ignore[list-item]
+    dist.all_gather_object(parts, values)
+    n = sum(len(p) for p in parts)
+    out = [None] * n
+    for r, p in enumerate(parts):
+        out[r::size] = p
+    return out
+
+
+def _prompt_args(prompt: torch.Tensor | None, device) -> tuple[int, torch.Tensor]:
+    if prompt is None:
+        return 0, torch.zeros(1, 0, 1, device=device)
+    return prompt.shape[0], prompt[None].to(device)
+
+
+@torch.no_grad()
+def score_labels(lm: PromptTunedLM, tokenizer, examples: list[TokenizedExample], verbaliser: dict[str, str],
+                 prompt: torch.Tensor | None, max_len: int, batch_size: int = 32, device="cpu") -> list[dict[str, float]]:
+    """Log-probability of every label's verbaliser tokens for each example."""
+    labels = list(verbaliser)
+    label_ids = {lab: tokenizer(w, add_special_tokens=False).input_ids for lab, w in verbaliser.items()}
+    P, prompts = _prompt_args(prompt, device)
+    single = all(len(v) == 1 for v in label_ids.values()) and len({v[0] for v in label_ids.values()}) == len(labels)
+    rows = {examples[0].task: 0} if examples else {}
+    results: list[dict[str, float]] = []
+    if single:
+        cand = torch.tensor([label_ids[lab][0] for lab in labels], device=device)
+        for chunk, n_real in _shard_lockstep(examples, batch_size):
+            batch = collate([TokenizedExample(e.task, e.input_ids, [int(cand[0])]) for e in chunk], rows, P,
+                            max_len=max_len, pad_id=tokenizer.pad_token_id).to(device)
+            out = lm(batch, prompts, torch.zeros(batch.num_segments, dtype=torch.long, device=device), return_logits=True)
+            logp = torch.log_softmax(out.target_logits, dim=-1)[:, cand]  # one target per segment
+            results += [dict(zip(labels, r.tolist())) for r in logp[:n_real].cpu()]
+    else:
+        segs = [TokenizedExample(e.task, e.input_ids, label_ids[lab]) for e in examples for lab in labels]
+        flat: list[float] = []
+        for chunk, n_real in _shard_lockstep(segs, batch_size * len(labels)):
+            batch = collate(chunk, rows, P, max_len=max_len, pad_id=tokenizer.pad_token_id).to(device)
+            out = lm(batch, prompts, torch.zeros(batch.num_segments, dtype=torch.long, device=device))
+            flat += out.seg_logprob[:n_real].cpu().tolist()
+        flat = _gather(flat)
+        return [dict(zip(labels, flat[i * len(labels):(i + 1) * len(labels)])) for i in range(len(examples))]
+    return _gather(results)
+
+
+@torch.no_grad()
+def generate_greedy(lm: PromptTunedLM, tokenizer, examples: list[TokenizedExample], prompt: torch.Tensor | None,
+                    max_new_tokens: int, max_len: int, batch_size: int = 16, device="cpu") -> list[str]:
+    """Greedy continuations (left-padded batches through `generate`, synced across ZeRO-3 ranks)."""
+    P, prompts = _prompt_args(prompt, device)
+    synced = world()[1] > 1
+    texts: list[str] = []
+    for chunk, n_real in _shard_lockstep(examples, batch_size):
+        seqs = [e.input_ids[-(max_len - P - max_new_tokens):] for e in chunk]
+        width = P + max(len(s) for s in seqs)
+        # Left-pad each row; its prompt sits right before its text, after the padding.
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        starts = []
+        for i, s in enumerate(seqs):
+            start = width - len(s) - P
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, start:] = 1
+            starts.append(start)
+        ids, mask = ids.to(device), mask.to(device)
+        emb = lm.embed(ids)
+        if P:
+            cols = torch.tensor(starts, device=device)[:, None] + torch.arange(P, device=device)[None]
+            rows = torch.arange(len(seqs), device=device)[:, None].expand_as(cols)
+            emb = emb.index_put((rows.reshape(-1), cols.reshape(-1)),
+                                prompts[0].to(emb.dtype).repeat(len(seqs), 1))
+        out = lm.backbone.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                   do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
+        texts += tokenizer.batch_decode(out[:n_real], skip_special_tokens=True)
+    return [t.split("\n")[0] for t in _gather(texts)]
+
+
+def evaluate_task(lm: PromptTunedLM, tokenizer, data: TaskData, prompt: torch.Tensor | None, max_len: int,
+                  device="cpu", batch_size: int = 32) -> dict:
+    """Metrics of one task on its eval split (`prompt=None`: zero-shot)."""
+    spec = data.spec
+    if not data.eval:
+        return {}
+    if spec.kind == "classification":
+        scores = score_labels(lm, tokenizer, data.eval, spec.verbaliser, prompt, max_len, batch_size, device)
+        pred = [max(s, key=s.get) for s in scores]
+        gold = [e.label for e in data.eval]
+        m = classification_metrics(gold, pred, spec.labels)
+    else:
+        hyps = generate_greedy(lm, tokenizer, data.eval, prompt, spec.max_new_tokens, max_len,
+                               max(1, batch_size // 2), device)
+        refs = [e.target.strip() for e in data.eval_text]
+        m = generation_metrics(refs, hyps)
+        m["samples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]
+    m["metric"] = spec.metric
+    m["score"] = m[spec.metric]
+    return m
+
+
+def evaluate_all(lm: PromptTunedLM, tokenizer, tasks: dict[str, TaskData],
+                 prompt_of: Callable[[str], torch.Tensor | None], max_len: int, device="cpu") -> dict[str, dict]:
+    return {name: evaluate_task(lm, tokenizer, data, prompt_of(name), max_len, device) for name, data in tasks.items()}

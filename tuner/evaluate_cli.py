@@ -1,0 +1,59 @@
+"""`promptfleet eval`: score a run's exported adapters, or the zero-shot backbone, on each task.
+
+Runs in this process (one rank). Reads prompts from `<run_dir>/adapters/<task>/` (safetensors)
+and the job config the run saved in `summary.json`, unless `--config` is given.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tuner.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
+from tuner.config import ConfigError, JobConfig, apply_overrides, from_dict, load_job_config
+from tuner.data import TaskData
+from tuner.evaluate import evaluate_task
+from tuner.export import load_adapter
+from tuner.model import PromptTunedLM
+from tuner.recipe import render_table
+from tuner.tasks import TaskSpec
+
+
+def evaluate_command(run_dir: str | None, config: str | None, overrides: list[str], zero_shot: bool) -> dict:
+    if config:
+        cfg = load_job_config(config, overrides)
+    elif run_dir:
+        summary_path = Path(run_dir) / "summary.json"
+        if not summary_path.is_file():
+            raise ConfigError(f"{run_dir} has no summary.json (not a finished run directory)")
+        cfg = from_dict(JobConfig, apply_overrides(json.loads(summary_path.read_text())["config"], overrides))
+    else:
+        raise ConfigError("give a run directory or --config")
+    if not zero_shot and not run_dir:
+        raise ConfigError("scoring tuned prompts needs a run directory (or use --zero-shot)")
+    import torch
+
+    path = resolve_backbone(cfg.model.name)
+    tok = load_tokenizer(path)
+    device = torch.device("cpu")
+    lm = PromptTunedLM(load_backbone(path, pick_dtype(cfg.model.dtype, device), pick_attention(cfg.model.attn_implementation, device)))
+    out = {"tasks": {}}
+    for task_file in cfg.tasks:
+        spec = TaskSpec.load(task_file)
+        spec.check_files()
+        data = TaskData.load(spec, tok, max_eval=cfg.data.max_eval_examples, seed=cfg.data.seed, need_train=False)
+        prompt = None
+        if not zero_shot:
+            adapter = load_adapter(Path(run_dir) / "adapters" / spec.name)
+            prompt = adapter.prompt
+        m = evaluate_task(lm, tok, data, prompt, cfg.model.max_seq_len, device)
+        out["tasks"][spec.name] = {"metric": spec.metric, "zero_shot" if zero_shot else "tuned": m,
+                                   "zero_shot": m if zero_shot else {}, "tuned": {} if zero_shot else m}
+    table = {"tasks": {n: {"metric": t["metric"], "zero_shot": t["zero_shot"], "tuned": t["tuned"] or {"score": float("nan")}}
+                       for n, t in out["tasks"].items()}}
+    print(render_table(table))
+    for name, t in out["tasks"].items():
+        m = t["tuned"] or t["zero_shot"]
+        for lab, v in (m.get("per_label") or {}).items():
+            print(f"  {name:>12} {lab:>16}  P={v['precision']:.3f} R={v['recall']:.3f} F1={v['f1']:.3f} n={v['support']}")
+    return out

@@ -1,0 +1,81 @@
+"""The model wrapper: a frozen causal LM whose every segment gets its own task's soft prompt.
+
+`PromptTunedLM.forward(batch, prompts)` embeds the batch's tokens, writes each segment's task
+prompt into its virtual-token slots (`inputs_embeds`), runs the decoder with restarting position
+ids (block-diagonal attention when packed), gathers the hidden states at target positions only
+and applies the LM head to those alone. The vocabulary projection is one of the largest matmuls;
+a classification example needs it at one or two positions out of dozens.
+
+It holds no trainable parameters: prompts arrive as a tensor (rows from `PromptBank.gather`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tuner.batching import MultiTaskBatch
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # scalar: sum of per-segment mean losses x loss_scale
+    seg_loss: torch.Tensor  # [S] per-segment mean target NLL (detached)
+    seg_logprob: torch.Tensor  # [S] per-segment summed target log-prob (detached)
+    target_logits: torch.Tensor | None = None  # [N, V] when asked for
+
+
+class PromptTunedLM(torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.decoder = getattr(backbone, backbone.base_model_prefix)
+        self.embed = backbone.get_input_embeddings()
+        self.lm_head = backbone.get_output_embeddings()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    def embed_with_prompts(self, batch: MultiTaskBatch, prompts: torch.Tensor,
+                           prompt_index: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with each segment's prompt written into its virtual-token slots.
+
+        Args:
+            prompts: [U, P, H] prompt rows (fp32 master values; cast to the backbone dtype here).
+            prompt_index: [S] which of the U rows each segment uses.
+        """
+        embeds = self.embed(batch.input_ids)
+        P = batch.num_virtual_tokens
+        if P == 0 or batch.num_segments == 0:
+            return embeds
+        cols = batch.seg_start[:, None] + torch.arange(P, device=embeds.device)[None, :]  # [S, P]
+        rows = batch.seg_row[:, None].expand_as(cols)
+        # index_put (not in-place on the embedding output) keeps the prompt in the autograd graph.
+        return embeds.index_put((rows.reshape(-1), cols.reshape(-1)),
+                                prompts[prompt_index].to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+
+    def hidden_states(self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed_with_prompts(batch, prompts, prompt_index)
+        out = self.decoder(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    def forward(self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor, *,
+                loss_scale: float = 1.0, return_logits: bool = False) -> LossOutput:
+        """Per-segment target NLL; `loss` = sum over segments of their mean NLL x `loss_scale`."""
+        hidden = self.hidden_states(batch, prompts, prompt_index)
+        h = hidden[batch.target_row, batch.target_col]  # [N, H]: only positions that predict a target
+        logits = self.lm_head(h).float()
+        nll = F.cross_entropy(logits, batch.target_ids, reduction="none")
+        S = batch.num_segments
+        seg_sum = torch.zeros(S, device=nll.device, dtype=nll.dtype).index_add(0, batch.target_seg, nll)
+        count = torch.bincount(batch.target_seg, minlength=S).clamp(min=1).to(nll.dtype)
+        seg_mean = seg_sum / count
+        return LossOutput(
+            loss=seg_mean.sum() * loss_scale,
+            seg_loss=seg_mean.detach(),
+            seg_logprob=-seg_sum.detach(),
+            target_logits=logits.detach() if return_logits else None,
+        )

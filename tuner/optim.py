@@ -1,0 +1,67 @@
+"""Adam over prompt-bank rows, keyed by task, plus the learning-rate schedule.
+
+`SparseRowAdam.step(names, rows, grads)` updates only the tasks present in the batch: their
+moments live in a dict keyed by task name and are created on first use, and each task keeps its
+own step count for bias correction (a task trained in a mix sees the same Adam as trained
+alone). A step costs O(tasks in the batch), whatever the number of registered tasks. Each task's
+gradient is clipped by its own norm, so one task's outlier batch cannot shrink another's update.
+State is keyed by task name, not rank or position: checkpoints resume on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class SparseRowAdam:
+    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, grad_clip: float = 0.0):
+        self.lr, self.betas, self.eps = lr, tuple(betas), eps
+        self.weight_decay, self.grad_clip = weight_decay, grad_clip
+        self.state: dict[str, dict] = {}  # task -> {"step": int, "exp_avg": T, "exp_avg_sq": T}
+
+    @torch.no_grad()
+    def step(self, names: list[str], values: torch.Tensor, grads: torch.Tensor, lr: float | None = None) -> torch.Tensor:
+        """Return updated `values` ([U, P, H]) for tasks `names` given their gradients."""
+        lr = self.lr if lr is None else lr
+        b1, b2 = self.betas
+        grads = grads.float()
+        if self.grad_clip > 0:
+            norms = grads.flatten(1).norm(dim=1).clamp(min=1e-12)
+            grads = grads * (self.grad_clip / norms).clamp(max=1.0)[:, None, None]
+        for name in names:
+            if name not in self.state:
+                self.state[name] = {"step": 0, "exp_avg": torch.zeros_like(values[0], dtype=torch.float32),
+                                    "exp_avg_sq": torch.zeros_like(values[0], dtype=torch.float32)}
+        states = [self.state[n] for n in names]
+        m = torch.stack([s["exp_avg"] for s in states]).mul_(b1).add_(grads, alpha=1 - b1)
+        v = torch.stack([s["exp_avg_sq"] for s in states]).mul_(b2).addcmul_(grads, grads, value=1 - b2)
+        steps = torch.tensor([s["step"] + 1 for s in states], dtype=torch.float32, device=values.device)
+        bc1 = (1 - b1 ** steps)[:, None, None]
+        bc2 = (1 - b2 ** steps)[:, None, None]
+        out = values.detach().float() * (1 - lr * self.weight_decay)
+        out = out - lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
+        for i, s in enumerate(states):
+            s["step"] += 1
+            s["exp_avg"], s["exp_avg_sq"] = m[i].clone(), v[i].clone()
+        return out
+
+    def state_dict(self) -> dict:
+        return {"state": {k: dict(v) for k, v in self.state.items()}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.state = {k: dict(v) for k, v in sd["state"].items()}
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up to `peak`, then constant, linear-to-zero, or cosine to 10% of peak."""
+    if warmup and step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return peak
+    frac = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return peak * (1 - frac)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))

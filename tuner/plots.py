@@ -1,0 +1,49 @@
+"""Training curves as one PNG: per-task loss (smoothed) and per-task eval score over steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_curves(history: list[dict], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
+    losses: dict[str, list[tuple[int, float]]] = {}
+    for h in history:
+        for task, v in h.get("task_loss", {}).items():
+            losses.setdefault(task, []).append((h["step"], v))
+    for task, pts in sorted(losses.items()):
+        steps, vals = zip(*pts)
+        ax_loss.plot(steps, _ema(list(vals)), label=task)
+    ax_loss.set(title="training loss per task (EMA)", xlabel="step", ylabel="target NLL")
+    scores: dict[str, list[tuple[int, float]]] = {}
+    zero = next((h["zero_shot"] for h in history if "zero_shot" in h), {})
+    for h in history:
+        for task, v in h.get("eval", {}).items():
+            scores.setdefault(task, []).append((h["step"], v))
+    for i, (task, pts) in enumerate(sorted(scores.items())):
+        steps, vals = zip(*pts)
+        line = ax_eval.plot(steps, vals, marker="o", label=task)[0]
+        if zero.get(task):
+            ax_eval.axhline(zero[task]["score"], color=line.get_color(), linestyle=":", linewidth=1)
+    ax_eval.set(title="eval score per task (dotted: zero-shot)", xlabel="step", ylabel="score")
+    for ax in (ax_loss, ax_eval):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _ema(vals: list[float], alpha: float = 0.2) -> list[float]:
+    out, cur = [], None
+    for v in vals:
+        cur = v if cur is None else alpha * v + (1 - alpha) * cur
+        out.append(cur)
+    return out

@@ -1,0 +1,48 @@
+"""The run directory's identity card (`run.json`): which job owns it and whether it finished.
+
+A run directory is resumed only by the job that created it: same name, tasks, backbone and
+prompt shape. A finished run or one written by a different job is refused with a clear message
+instead of being silently mixed into.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tuner.config import ConfigError, JobConfig, to_dict
+
+RUN_FILE = "run.json"
+
+
+def fingerprint(cfg: JobConfig) -> str:
+    """What must match to resume: tasks, backbone, prompt shape and data seed (not step counts)."""
+    key = {"tasks": [Path(t).name for t in cfg.tasks], "model": cfg.model.name,
+           "prompt": to_dict(cfg.prompt), "seed": cfg.data.seed}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def claim_run_dir(run_dir: Path, cfg: JobConfig) -> None:
+    """Create `run_dir` or check that this job may resume it."""
+    info_path = run_dir / RUN_FILE
+    fp = fingerprint(cfg)
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("fingerprint") != fp:
+            raise ConfigError(f"{run_dir} belongs to another job (different tasks, backbone or prompt settings); "
+                              "pick another name= or output_dir=")
+        if info.get("status") == "finished":
+            raise ConfigError(f"{run_dir} holds a finished run; pick another name= (or delete the directory) to train again")
+        if not cfg.resume:
+            raise ConfigError(f"{run_dir} already exists and resume=false; pick another name=")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info_path.write_text(json.dumps({"name": cfg.name, "fingerprint": fp, "status": "running"}, indent=2))
+
+
+def mark_finished(run_dir: Path) -> None:
+    info_path = run_dir / RUN_FILE
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    info["status"] = "finished"
+    info_path.write_text(json.dumps(info, indent=2))
