@@ -25,7 +25,7 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
     for h in history:
         for task, v in h.get("eval", {}).items():
             scores.setdefault(task, []).append((h["step"], v))
-    for i, (task, pts) in enumerate(sorted(scores.items())):
+    for task, pts in sorted(scores.items()):
         steps, vals = zip(*pts)
         line = ax_eval.plot(steps, vals, marker="o", label=task)[0]
         if zero.get(task):
