@@ -1,0 +1,329 @@
+"""The serving engine: registry + scheduler + model runner behind an asyncio interface.
+
+`Engine.generate(req)` validates a request (unknown task, too long, bad parameters, queue full)
+before it yields anything, queues it, and streams `RequestOutput` increments; `classify` scores a
+classification task's verbaliser words. One background thread owns the model: each iteration it
+reloads the registry when due, runs pending classify jobs, expires timed-out requests, then runs
+one scheduler step (prefill new requests + decode all running ones, all tasks in one batch) and
+hands the outputs to the event loop with `call_soon_threadsafe`. The scheduler is shared with the
+event loop under a lock held only for bookkeeping, never during a forward.
+
+It does not speak HTTP, authenticate, or export metrics (`serving.api` does, from `stats()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import torch
+
+from serving.prompt_format import format_prompt
+from serving.registry import PromptRegistry, TaskEntry
+from serving.runner import ModelRunner
+from serving.scheduler import Request, Scheduler, SchedulerConfig
+from serving.types import (
+    ClassifyResult,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    Overloaded,
+    PromptTooLong,
+    RequestOutput,
+    RequestTimeout,
+    SamplingParams,
+)
+from tuner.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    backbone: str = "smollm2-135m"  # backbone name (embedded name, local dir or Hub id); adapters must name it
+    prompt_store: str = ""  # directory with one PEFT prompt-tuning adapter dir per task
+    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (auto = fp32 on CPUs without AMX)
+    max_batch_size: int = 32  # running requests decoded together in one forward
+    max_queue: int = 256  # waiting requests before new ones get Overloaded (429)
+    max_prompt_tokens: int = 1024  # longest accepted prompt, in tokens after the task template
+    max_new_tokens_limit: int = 512  # largest accepted max_tokens
+    prefix_cache_bytes: int = 256 * 2**20  # LRU bound of the task prompt KV cache
+    prefix_cache: bool = True  # False: recompute each request's prompt KV (for benchmarks)
+    reload_interval_s: float = 2.0  # how often the prompt store is rescanned for new/changed tasks
+    request_timeout_s: float = 60.0  # a request older than this ends with RequestTimeout
+    max_step_tokens: int = 4096  # prefill + decode tokens per engine step
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default (all cores)
+    device: str = "cpu"  # cpu | cuda
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, *, model=None, tokenizer=None, backbone_names: set[str] | None = None):
+        """Load the backbone (unless `model`/`tokenizer` are given, e.g. by tests) and scan the store."""
+        self.config = config
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        if model is None:
+            path = resolve_backbone(config.backbone)
+            device = torch.device(config.device)
+            model = load_backbone(path, pick_dtype(config.dtype, device), pick_attention("auto", device), device)
+            tokenizer = tokenizer or load_tokenizer(path)
+            backbone_names = (backbone_names or set()) | {config.backbone, path}
+        self.tokenizer = tokenizer
+        self.runner = ModelRunner(model, config.prefix_cache_bytes, config.prefix_cache)
+        self.registry = PromptRegistry(config.prompt_store, backbone_names or {config.backbone},
+                                       self.runner.hidden_size)
+        self.registry.refresh()
+        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_queue, config.max_step_tokens),
+                                   self._decode)
+        eos = model.generation_config.eos_token_id if model.generation_config else None
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos_token_ids = frozenset(eos | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+        self._lock = threading.Lock()  # guards the scheduler
+        self._wake = threading.Event()
+        self._jobs: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, asyncio.Queue] = {}  # touched on the event loop only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._counters = {"tokens_generated_total": 0, "requests_finished_total": 0}
+        self._label_ids: dict[tuple, dict[str, list[int]]] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="promptfleet-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        with self._lock:
+            left = self.scheduler.abort_all()
+        self._deliver([(r.request_id, self._final(r, FinishReason.ABORT)) for r in left])
+
+    # ------------------------------------------------------------------ tasks
+    def task_names(self) -> list[str]:
+        return self.registry.names()
+
+    def task_info(self, task: str) -> dict:
+        """What a client may know of a task (raises UnknownTask)."""
+        entry = self.registry.get(task)
+        meta = entry.meta
+        info = {"name": task, "kind": meta.get("kind", "generation"), "num_virtual_tokens": entry.num_virtual_tokens}
+        for key in ("description", "template", "verbaliser", "metric", "max_new_tokens", "score"):
+            if key in meta:
+                info[key] = meta[key]
+        if info.get("verbaliser"):
+            info["labels"] = list(info["verbaliser"])
+        return info
+
+    # ------------------------------------------------------------------ requests
+    async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Stream a completion. Errors (UnknownTask, PromptTooLong, InvalidRequest, Overloaded) are
+        raised at the first `__anext__`, before any output; RequestTimeout may end the stream later.
+        Leaving the iteration early (aclose / cancellation) aborts the request."""
+        if self._loop is None:
+            raise RuntimeError("Engine.start() has not been called")
+        entry = self.registry.get(req.task)
+        self._check_params(req.params)
+        prompt_ids = self._tokenize_prompt(entry, req.prompt, req.raw, req.params.max_tokens)
+        sreq = Request(req.request_id, req.task, prompt_ids, req.params, req.arrival_time, self.eos_token_ids, entry)
+        stream: asyncio.Queue = asyncio.Queue()
+        if req.request_id in self._streams:
+            raise InvalidRequest(f"request id {req.request_id!r} is already in use")
+        with self._lock:
+            self.scheduler.add(sreq)  # raises Overloaded
+        self._streams[req.request_id] = stream
+        self._wake.set()
+        done = False
+        try:
+            while not done:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                done = item.finished
+                yield item
+        finally:
+            self._streams.pop(req.request_id, None)
+            if not done:
+                self.abort(req.request_id)
+
+    async def classify(self, task: str, text: str, raw: bool = False) -> ClassifyResult:
+        """Label probabilities: softmax over each label's summed verbaliser-token log-probs."""
+        if self._loop is None:
+            raise RuntimeError("Engine.start() has not been called")
+        entry = self.registry.get(task)
+        verbaliser = entry.meta.get("verbaliser") or {}
+        if entry.meta.get("kind") != "classification" or not verbaliser:
+            raise InvalidRequest(f"task {task!r} is not a classification task", param="model")
+        prompt_ids = self._tokenize_prompt(entry, text, raw, max(len(v) for v in self._labels(entry).values()))
+        if self._jobs.qsize() >= self.config.max_queue:
+            raise Overloaded("server busy: too many classification requests waiting")
+        labels = self._labels(entry)
+        fut = self._loop.create_future()
+
+        def job() -> None:
+            try:
+                result: object = self.runner.score(entry, prompt_ids, list(labels.values()))
+            except Exception as e:  # delivered to the caller instead of killing the engine thread
+                log.exception("classify failed")
+                result = EngineError(f"classification failed: {e}")
+            self._loop.call_soon_threadsafe(_set_future, fut, result)
+
+        self._jobs.put(job)
+        self._wake.set()
+        scores = await fut
+        probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
+        by_label = dict(zip(labels, probs))
+        return ClassifyResult(task, by_label, max(by_label, key=by_label.get), len(prompt_ids))
+
+    def abort(self, request_id: str) -> None:
+        """End a request now (thread-safe); its stream, if still read, gets a final ABORT output."""
+        with self._lock:
+            req = self.scheduler.abort(request_id)
+            self._counters["requests_finished_total"] += req is not None
+        if req is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, [(request_id, self._final(req, FinishReason.ABORT))])
+
+    def stats(self) -> dict:
+        pc = self.runner.prefix_cache.stats
+        with self._lock:
+            queued, running = self.scheduler.num_waiting, len(self.scheduler.running)
+        return {
+            "queue_depth": queued, "running": running, "last_batch_size": self.scheduler.last_batch_size,
+            "tokens_generated_total": self._counters["tokens_generated_total"],
+            "prefill_tokens_total": self.runner.prefill_tokens_total,
+            "prefix_cache_hits_total": pc.hits, "prefix_cache_misses_total": pc.misses,
+            "prefix_cache_evictions_total": pc.evictions, "prefix_cache_bytes": pc.bytes,
+            "requests_finished_total": self._counters["requests_finished_total"], "tasks": len(self.registry.names()),
+        }
+
+    # ------------------------------------------------------------------ validation helpers
+    def _check_params(self, p: SamplingParams) -> None:
+        limit = self.config.max_new_tokens_limit
+        if not isinstance(p.max_tokens, int) or not 1 <= p.max_tokens <= limit:
+            raise InvalidRequest(f"max_tokens must be an integer in [1, {limit}]", param="max_tokens")
+        if not 0.0 <= p.temperature <= 2.0:
+            raise InvalidRequest("temperature must be in [0, 2]", param="temperature")
+        if not 0.0 < p.top_p <= 1.0:
+            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+        if p.seed is not None and not isinstance(p.seed, int):
+            raise InvalidRequest("seed must be an integer", param="seed")
+        if len(p.stop) > 4 or any(not isinstance(s, str) or not s for s in p.stop):
+            raise InvalidRequest("stop must be at most 4 non-empty strings", param="stop")
+
+    def _tokenize_prompt(self, entry: TaskEntry, text: str, raw: bool, max_new: int) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidRequest("prompt must be a string", param="prompt")
+        ids = self.tokenizer(format_prompt(entry.meta, text, raw), add_special_tokens=False).input_ids
+        if not ids:
+            raise InvalidRequest("prompt is empty", param="prompt")
+        if len(ids) > self.config.max_prompt_tokens:
+            raise PromptTooLong(f"prompt has {len(ids)} tokens, the limit is {self.config.max_prompt_tokens}",
+                                param="prompt")
+        total = entry.num_virtual_tokens + len(ids) + max_new
+        if total > self.runner.max_positions:
+            raise PromptTooLong(f"{entry.num_virtual_tokens} prompt-tuning + {len(ids)} prompt + {max_new} new tokens "
+                                f"exceed the model's context of {self.runner.max_positions}", param="prompt")
+        return ids
+
+    def _labels(self, entry: TaskEntry) -> dict[str, list[int]]:
+        key = (entry.name, entry.version)
+        if key not in self._label_ids:
+            self._label_ids[key] = {lab: self.tokenizer(w, add_special_tokens=False).input_ids
+                                    for lab, w in entry.meta["verbaliser"].items()}
+        return self._label_ids[key]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        next_reload = time.monotonic() + self.config.reload_interval_s
+        while not self._stopping:
+            now = time.monotonic()
+            if now >= next_reload:
+                self._reload()
+                next_reload = now + self.config.reload_interval_s
+            while not self._jobs.empty():
+                self._jobs.get_nowait()()
+            self._expire(now)  # O(requests) scan: microseconds next to a model step
+            with self._lock:
+                out = self.scheduler.schedule() if self.scheduler.has_work else None
+            if out is None or out.empty:
+                self._wake.wait(timeout=min(0.25, self.config.reload_interval_s))
+                self._wake.clear()
+                continue
+            try:
+                sampled = self.runner.step(out)
+            except Exception as e:  # fail this step's requests, keep serving the others
+                log.exception("engine step failed")
+                self.runner.reset()  # the batch state is suspect: every running request ends
+                with self._lock:
+                    failed = self.scheduler.abort_all()
+                self._fail(failed, lambda e=e: EngineError(f"model step failed: {e}"))
+                continue
+            with self._lock:
+                outputs = self.scheduler.update(out, sampled)
+                self._counters["tokens_generated_total"] += len(outputs)
+                self._counters["requests_finished_total"] += sum(o.finished for o in outputs)
+            self._deliver_threadsafe([(o.request_id, o) for o in outputs])
+
+    def _reload(self) -> None:
+        try:
+            changes = self.registry.refresh()
+        except OSError:  # e.g. the store became unreadable: keep serving what is loaded
+            log.exception("prompt registry refresh failed")
+            return
+        for name in (*changes.changed, *changes.removed):
+            self.runner.prefix_cache.invalidate(name)
+
+    def _expire(self, now: float) -> None:
+        timeout = self.config.request_timeout_s
+        with self._lock:
+            expired = self.scheduler.expire(now - timeout)
+        self._fail(expired, lambda: RequestTimeout(f"request timed out after {timeout:g}s"))
+
+    def _fail(self, reqs: list[Request], error: Callable[[], Exception]) -> None:
+        """End already-aborted requests by raising `error()` from their streams."""
+        with self._lock:
+            self._counters["requests_finished_total"] += len(reqs)
+        self._deliver_threadsafe([(r.request_id, error()) for r in reqs])
+
+    def _deliver_threadsafe(self, items: list[tuple[str, object]]) -> None:
+        if items and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, items)
+
+    def _deliver(self, items: list[tuple[str, object]]) -> None:
+        for rid, item in items:
+            stream = self._streams.get(rid)
+            if stream is not None:
+                stream.put_nowait(item)
+
+    @staticmethod
+    def _final(req: Request, reason: FinishReason) -> RequestOutput:
+        return RequestOutput(req.request_id, req.task, "", [], True, reason, len(req.prompt_ids),
+                             req.num_output_tokens)
+
+
+def _set_future(fut: asyncio.Future, result: object) -> None:
+    if fut.done():
+        return  # the caller went away
+    if isinstance(result, BaseException):
+        fut.set_exception(result)
+    else:
+        fut.set_result(result)

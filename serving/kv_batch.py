@@ -1,0 +1,117 @@
+"""The running batch's KV cache: one preallocated tensor, left-padded, joined and filtered between steps.
+
+`KVBatch` keeps the keys/values of all layers and all rows in `kv[L, 2, B, kv_heads, capacity,
+head_dim]`; `mask[B, capacity]` says which columns of a row hold real tokens (rows are left-padded,
+and a row may also have holes where its task prompt is shorter than another row's). A decode step
+writes the new column in place (no per-step concatenation, unlike `DynamicCache`); rows join
+(`concatenate`) and leave (`filter`) between steps as in TGI's `CausalLMBatch`, each of which copies
+the KV once. It implements the transformers `Cache` interface, so it is passed to the model as
+`past_key_values`; the caller advances `length` after each forward (all layers write at the same
+offset during it).
+
+It does not run the model, and knows nothing of tasks, requests or sampling (see `serving.runner`).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+class _LayerView(CacheLayerMixin):
+    """One layer's slice of the shared tensor, as the transformers attention code expects."""
+
+    is_sliding = False
+
+    def __init__(self, owner: KVBatch, idx: int):
+        super().__init__()
+        self.owner, self.idx, self.is_initialized = owner, idx, True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return self.owner.write(self.idx, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+
+class KVBatch(Cache):
+    def __init__(self, kv: torch.Tensor, mask: torch.Tensor, length: int):
+        super().__init__(layers=[_LayerView(self, i) for i in range(kv.shape[0])])
+        self.kv = kv  # [L, 2, B, H, C, D]
+        self.mask = mask  # [B, C] int64: 1 = real token
+        self.length = length  # columns in use (the same for every row)
+
+    @classmethod
+    def empty(cls, num_layers: int, rows: int, heads: int, head_dim: int, capacity: int,
+              dtype: torch.dtype, device: torch.device | str = "cpu") -> KVBatch:
+        # Zeros, not empty: masked columns are still multiplied by 0 in attention, and 0 * NaN = NaN.
+        kv = torch.zeros(num_layers, 2, rows, heads, capacity, head_dim, dtype=dtype, device=device)
+        return cls(kv, torch.zeros(rows, capacity, dtype=torch.long, device=device), 0)
+
+    @property
+    def rows(self) -> int:
+        return self.kv.shape[2]
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[4]
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
+        """Store one layer's new K/V at columns `length:length+n`; return that layer's K/V so far."""
+        end = self.length + keys.shape[-2]
+        self.kv[layer, 0, :, :, self.length:end] = keys
+        self.kv[layer, 1, :, :, self.length:end] = values
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+
+    def reserve(self, n: int, headroom: int = 64) -> None:
+        """Make room for `n` more columns (reallocating with `headroom` extra when full)."""
+        if self.length + n <= self.capacity:
+            return
+        kv = self.kv.new_zeros(*self.kv.shape[:4], self.length + n + headroom, self.kv.shape[5])
+        kv[..., :self.length, :] = self.kv[..., :self.length, :]
+        mask = self.mask.new_zeros(self.rows, kv.shape[4])
+        mask[:, :self.length] = self.mask[:, :self.length]
+        self.kv, self.mask = kv, mask
+
+    def filter(self, keep: list[int], headroom: int) -> KVBatch:
+        """A batch of rows `keep` (in that order), without the columns now padding in every row."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.kv.device)
+        mask = self.mask[idx, :self.length]
+        valid_cols = mask.any(0).nonzero()
+        first = int(valid_cols[0]) if len(valid_cols) else self.length
+        width = self.length - first
+        out = KVBatch.empty(self.kv.shape[0], len(keep), self.kv.shape[3], self.kv.shape[5], width + headroom,
+                            self.kv.dtype, self.kv.device)
+        out.kv[..., :width, :] = self.kv[:, :, idx, :, first:self.length]
+        out.mask[:, :width] = mask[:, first:]
+        out.length = width
+        return out
+
+    @classmethod
+    def concatenate(cls, batches: list[KVBatch], headroom: int) -> KVBatch:
+        """Stack the rows of `batches`; each is right-aligned to the longest (left padding grows)."""
+        width = max(b.length for b in batches)
+        ref = batches[0].kv
+        out = cls.empty(ref.shape[0], sum(b.rows for b in batches), ref.shape[3], ref.shape[5], width + headroom,
+                        ref.dtype, ref.device)
+        row = 0
+        for b in batches:
+            start = width - b.length
+            out.kv[:, :, row:row + b.rows, :, start:width] = b.kv[..., :b.length, :]
+            out.mask[row:row + b.rows, start:width] = b.mask[:, :b.length]
+            row += b.rows
+        out.length = width
+        return out

@@ -1,0 +1,96 @@
+"""Task prefix KV cache: each task's soft-prompt keys/values, computed once and reused by every request.
+
+A task's P virtual tokens always sit at positions 0..P-1 and, under causal attention, their keys and
+values never depend on the tokens that follow. So one forward of the P prompt vectors gives KV that
+every request of that task can start from: at prefill the runner gathers it per row and no request
+pays prefill for its prompt. Entries are keyed by (task, adapter version), so a reloaded adapter
+never hits a stale entry; `invalidate(task)` frees the old one at once. The cache is an LRU bounded
+by bytes; with `enabled=False` every lookup recomputes (the equivalent of no cache, for comparison).
+
+It stores tensors and counts; computing the KV is the runner's `compute` callable.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import torch
+
+# compute(prompts[n, P, H]) -> kv[L, 2, n, kv_heads, P, head_dim] (all n prompts have the same P)
+ComputeKV = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PrefixCacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes: int = 0
+    entries: int = 0
+
+
+class PrefixKVCache:
+    def __init__(self, compute: ComputeKV, capacity_bytes: int, enabled: bool = True):
+        self._compute = compute
+        self.capacity_bytes = capacity_bytes
+        self.enabled = enabled
+        self._entries: OrderedDict[tuple[str, Hashable], torch.Tensor] = OrderedDict()
+        self.stats = PrefixCacheStats()
+
+    def get_many(self, items: list[tuple[str, Hashable, torch.Tensor]]) -> list[torch.Tensor]:
+        """KV `[L, 2, kv_heads, P, head_dim]` for each `(task, version, prompt[P, H])`.
+
+        Misses are computed together, one forward per distinct prompt length.
+        """
+        out: list[torch.Tensor | None] = [None] * len(items)
+        missing: dict[tuple[str, Hashable], list[int]] = {}
+        for i, (task, version, _) in enumerate(items):
+            key = (task, version)
+            kv = self._entries.get(key) if self.enabled else None
+            if kv is not None:
+                self._entries.move_to_end(key)
+                self.stats.hits += 1
+                out[i] = kv
+            else:
+                missing.setdefault(key, []).append(i)
+        by_len: dict[int, list[tuple[str, Hashable]]] = {}
+        for key, idx in missing.items():
+            # One miss per distinct task; its other requests in this step share the compute: hits.
+            self.stats.misses += 1
+            self.stats.hits += len(idx) - 1
+            by_len.setdefault(items[idx[0]][2].shape[0], []).append(key)
+        for keys in by_len.values():
+            prompts = torch.stack([items[missing[k][0]][2] for k in keys])
+            kv = self._compute(prompts)
+            for j, key in enumerate(keys):
+                entry = kv[:, :, j].contiguous()
+                for i in missing[key]:
+                    out[i] = entry
+                if self.enabled:
+                    self._put(key, entry)
+        return out
+
+    def _put(self, key: tuple[str, Hashable], kv: torch.Tensor) -> None:
+        size = kv.numel() * kv.element_size()
+        if size > self.capacity_bytes:
+            return  # larger than the whole cache: serve it uncached
+        self._drop(key)
+        while self.stats.bytes + size > self.capacity_bytes:
+            self._drop(next(iter(self._entries)))
+            self.stats.evictions += 1
+        self._entries[key] = kv
+        self.stats.bytes += size
+        self.stats.entries = len(self._entries)
+
+    def _drop(self, key: tuple[str, Hashable]) -> None:
+        kv = self._entries.pop(key, None)
+        if kv is not None:
+            self.stats.bytes -= kv.numel() * kv.element_size()
+            self.stats.entries = len(self._entries)
+
+    def invalidate(self, task: str) -> None:
+        """Forget every cached version of `task` (its adapter changed or was removed)."""
+        for key in [k for k in self._entries if k[0] == task]:
+            self._drop(key)

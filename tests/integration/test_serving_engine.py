@@ -1,0 +1,91 @@
+"""The serving engine on the real SmolLM2 backbone (fp32): served greedy output equals PEFT's
+`PeftModel.generate` for the same adapter, and a task's output in a mixed batch equals its output alone.
+
+Adapters are written with `tuner.export.save_adapter` from vocabulary-initialised prompts (no
+training needed: the equivalences hold for any prompt). Few tokens, few requests: ~1000 tokens/s here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from serving.engine import Engine, EngineConfig
+from serving.types import GenerationRequest, SamplingParams
+from tuner.backbone import load_backbone, resolve_backbone
+from tuner.export import TaskAdapter, save_adapter
+
+pytestmark = pytest.mark.integration
+
+BACKBONE = "smollm2-135m"
+TASKS = {  # name -> (virtual tokens, raw prompt)
+    "alpha": (8, "The capital of France is"),
+    "beta": (12, "Translate to German: good morning"),
+    "gamma": (20, "Once upon a time"),
+}
+NEW_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def engine_and_store(tmp_path_factory):
+    store = tmp_path_factory.mktemp("prompt_store")
+    engine = Engine(EngineConfig(backbone=BACKBONE, prompt_store=str(store), dtype="fp32", reload_interval_s=0.2))
+    model = engine.runner.model
+    embed = model.get_input_embeddings().weight
+    g = torch.Generator().manual_seed(0)
+    for name, (P, _) in TASKS.items():
+        rows = torch.randint(100, embed.shape[0], (P,), generator=g)
+        save_adapter(store, TaskAdapter(name, embed[rows].detach().clone(), BACKBONE, {"kind": "generation"}),
+                     model.config)
+    engine.registry.refresh()
+    return engine, store
+
+
+def serve(engine: Engine, requests: list[GenerationRequest]) -> dict[str, list[int]]:
+    """Run `requests` concurrently through the engine; each request's generated token ids."""
+
+    async def one(req):
+        return req.request_id, [t async for out in engine.generate(req) for t in out.token_ids]
+
+    async def main():
+        await engine.start()
+        try:
+            return dict(await asyncio.gather(*(one(r) for r in requests)))
+        finally:
+            await engine.stop()
+
+    return asyncio.run(main())
+
+
+def greedy(rid: str, task: str) -> GenerationRequest:
+    return GenerationRequest(rid, task, TASKS[task][1], SamplingParams(max_tokens=NEW_TOKENS), raw=True)
+
+
+def test_served_greedy_output_equals_peft_generate(engine_and_store):
+    from peft import PeftModel
+
+    engine, store = engine_and_store
+    served = serve(engine, [greedy(t, t) for t in TASKS])
+    base = load_backbone(resolve_backbone(BACKBONE), torch.float32)
+    tok = engine.tokenizer
+    for task, (_, text) in TASKS.items():
+        peft_model = PeftModel.from_pretrained(base, str(store / task)).eval()
+        ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
+        with torch.inference_mode():
+            out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                      do_sample=False, pad_token_id=tok.pad_token_id)
+        new = out[0, ids.shape[1]:].tolist() if out.shape[1] > NEW_TOKENS else out[0].tolist()
+        want = new[:new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
+        assert served[task] == want, f"{task}: served {served[task]} != PEFT {want}"
+        base = peft_model.get_base_model()  # prompt tuning leaves the backbone unchanged
+
+
+def test_output_in_a_mixed_batch_equals_output_alone(engine_and_store):
+    engine, _ = engine_and_store
+    mixed = serve(engine, [greedy(f"{t}-{i}", t) for i in range(2) for t in TASKS])
+    for task in TASKS:
+        alone = serve(engine, [greedy("solo", task)])["solo"]
+        assert mixed[f"{task}-0"] == alone == mixed[f"{task}-1"]
+    assert engine.stats()["prefix_cache_hits_total"] > 0

@@ -1,0 +1,237 @@
+"""Engine tests on a tiny random Llama with a character tokenizer: hot reload, validation before the
+first output, overload, abort on disconnect, timeouts, classification."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+from test_serving_runner import sharp_llama
+from transformers import GenerationConfig
+
+from serving.engine import Engine, EngineConfig
+from serving.runner import ModelRunner
+from serving.types import (
+    FinishReason,
+    GenerationRequest,
+    InvalidRequest,
+    Overloaded,
+    PromptTooLong,
+    RequestTimeout,
+    SamplingParams,
+    UnknownTask,
+)
+from tuner.export import TaskAdapter, save_adapter
+
+EOS = 2
+
+
+class CharTokenizer:
+    """Printable ASCII character c <-> token ord(c) - 29 (3..97); 2 is EOS."""
+
+    eos_token_id = EOS
+
+    class _Enc:
+        def __init__(self, ids):
+            self.input_ids = ids
+
+    def __call__(self, text: str, add_special_tokens: bool = False):
+        return self._Enc([ord(c) - 29 for c in text if 32 <= ord(c) < 127])
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i + 29) for i in ids if 3 <= i < 98)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def model():
+    m = sharp_llama()
+    m.generation_config = GenerationConfig(eos_token_id=EOS)
+    return m
+
+
+def save(root, name, m, meta=None, seed=0):
+    prompt = torch.randn(4, m.config.hidden_size, generator=torch.Generator().manual_seed(seed)) * 0.5
+    save_adapter(root, TaskAdapter(name, prompt, "tiny", meta or {"kind": "generation"}), m.config)
+
+
+def make_engine(root, **cfg) -> Engine:
+    m = model()
+    return Engine(EngineConfig(backbone="tiny", prompt_store=str(root), **cfg), model=m, tokenizer=CharTokenizer())
+
+
+def request(rid, task, prompt="hello", **params) -> GenerationRequest:
+    return GenerationRequest(rid, task, prompt, SamplingParams(**params))
+
+
+async def run(engine: Engine, req: GenerationRequest) -> list:
+    return [out async for out in engine.generate(req)]
+
+
+def test_a_task_directory_written_while_running_is_served_without_restart(tmp_path):
+    m = model()
+    save(tmp_path, "first", m)
+    engine = Engine(EngineConfig(backbone="tiny", prompt_store=str(tmp_path), reload_interval_s=0.05), model=m,
+                    tokenizer=CharTokenizer())
+
+    async def main():
+        await engine.start()
+        try:
+            assert engine.task_names() == ["first"]
+            with pytest.raises(UnknownTask):
+                await run(engine, request("r0", "second"))
+            save(tmp_path, "second", m, seed=1)
+            deadline = time.monotonic() + 10
+            while "second" not in engine.task_names() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            outs = await run(engine, request("r1", "second", max_tokens=3))
+            assert outs[-1].finished and outs[-1].completion_tokens == sum(len(o.token_ids) for o in outs) > 0
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_engine_stream_equals_runner_output_and_counts_stats(tmp_path):
+    engine = make_engine(tmp_path)
+    save(tmp_path, "t", engine.runner.model)
+    engine.registry.refresh()
+
+    async def main():
+        await engine.start()
+        try:
+            reqs = [request(f"r{i}", "t", prompt="abc" * (i + 1), max_tokens=5) for i in range(4)]
+            return await asyncio.gather(*(run(engine, r) for r in reqs))
+        finally:
+            await engine.stop()
+
+    results = asyncio.run(main())
+    tok = CharTokenizer()
+    ref = ModelRunner(engine.runner.model)
+    entry = engine.registry.get("t")
+    for i, outs in enumerate(results):
+        ids = [t for o in outs for t in o.token_ids]
+        # The runner alone, greedy, token by token with a full recompute each time.
+        seq = tok("abc" * (i + 1)).input_ids
+        want = []
+        for _ in range(len(ids)):
+            want.append(int(ref.next_token_logits([entry], [seq + want])[0].argmax()))
+            if want[-1] == EOS:
+                break
+        assert ids == want
+    stats = engine.stats()
+    assert stats["requests_finished_total"] == 4 and stats["prefix_cache_misses_total"] == 1
+    assert stats["tokens_generated_total"] == sum(len(o) for o in results)
+
+
+def test_requests_are_validated_before_the_first_output(tmp_path):
+    engine = make_engine(tmp_path, max_prompt_tokens=8, max_new_tokens_limit=50)
+    save(tmp_path, "t", engine.runner.model)
+    engine.registry.refresh()
+
+    async def main():
+        await engine.start()
+        try:
+            for task in ("../t", "t/x", "nope"):
+                with pytest.raises(UnknownTask):
+                    await run(engine, request("r", task))
+            with pytest.raises(PromptTooLong):
+                await run(engine, request("r", "t", prompt="x" * 9))
+            with pytest.raises(PromptTooLong):  # 4 virtual + 8 + 250 > 256 positions of the tiny model
+                engine.config.max_new_tokens_limit = 1000
+                await run(engine, request("r", "t", prompt="x" * 8, max_tokens=250))
+            for bad in ({"max_tokens": 0}, {"max_tokens": 1001}, {"temperature": -1.0}, {"top_p": 0.0}):
+                with pytest.raises(InvalidRequest):
+                    await run(engine, request("r", "t", **bad))
+            with pytest.raises(InvalidRequest):
+                await run(engine, request("r", "t", prompt=""))
+            assert engine.stats()["requests_finished_total"] == 0
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_full_queue_is_overloaded_and_a_closed_stream_is_aborted(tmp_path):
+    engine = make_engine(tmp_path, max_batch_size=1, max_queue=1)
+    save(tmp_path, "t", engine.runner.model)
+    engine.registry.refresh()
+
+    async def main():
+        await engine.start()
+        try:
+            running = engine.generate(request("a", "t", max_tokens=200))
+            await anext(running)  # admitted and decoding (the batch of one is full)
+            waiting = engine.generate(request("b", "t", max_tokens=5))
+            pending = asyncio.ensure_future(anext(waiting))
+            while engine.stats()["queue_depth"] < 1:
+                await asyncio.sleep(0.005)
+            with pytest.raises(Overloaded):
+                await run(engine, request("c", "t"))
+            await running.aclose()  # the client went away: "a" leaves the batch, "b" gets its turn
+            first = await pending
+            rest = [o async for o in waiting]
+            assert (rest or [first])[-1].finished
+            assert engine.stats()["running"] == 0
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_explicit_abort_ends_the_stream_and_old_requests_time_out(tmp_path):
+    engine = make_engine(tmp_path, request_timeout_s=5.0)
+    save(tmp_path, "t", engine.runner.model)
+    engine.registry.refresh()
+
+    async def main():
+        await engine.start()
+        try:
+            stream = engine.generate(request("a", "t", max_tokens=200))
+            await anext(stream)
+            engine.abort("a")
+            outs = [o async for o in stream]
+            assert outs[-1].finished and outs[-1].finish_reason is FinishReason.ABORT
+            old = request("old", "t", max_tokens=200)
+            old.arrival_time = time.monotonic() - 10.0
+            with pytest.raises(RequestTimeout):
+                await run(engine, old)
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
+
+
+def test_classify_returns_verbaliser_probabilities(tmp_path):
+    engine = make_engine(tmp_path)
+    meta = {"kind": "classification", "template": "Review: {sentence}\nSentiment:", "verbaliser": {"pos": " g", "neg": " ba"}}
+    save(tmp_path, "cls", engine.runner.model, meta=meta)
+    save(tmp_path, "gen", engine.runner.model)
+    engine.registry.refresh()
+
+    async def main():
+        await engine.start()
+        try:
+            with pytest.raises(InvalidRequest):
+                await engine.classify("gen", "x")
+            return await engine.classify("cls", "fine")
+        finally:
+            await engine.stop()
+
+    result = asyncio.run(main())
+    tok = CharTokenizer()
+    scores = ModelRunner(engine.runner.model).score(engine.registry.get("cls"), tok("Review: fine\nSentiment:").input_ids,
+                                                    [tok(" g").input_ids, tok(" ba").input_ids])
+    want = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0).tolist()
+    assert result.labels["pos"] == pytest.approx(want[0], abs=1e-5)
+    assert sum(result.labels.values()) == pytest.approx(1.0)
+    assert result.label == max(result.labels, key=result.labels.get)
+    assert engine.task_info("cls")["labels"] == ["pos", "neg"]
