@@ -1,5 +1,325 @@
-"""(being written) sub-commands for this module."""
+"""`promptfleet submit` and `promptfleet jobs`: training jobs on a running Ray cluster (Ray Jobs API).
+
+    promptfleet submit configs/quickstart.yaml optim.max_steps=50 --address http://head:8265 [--follow]
+    promptfleet jobs list | status ID | logs ID [--follow] | stop ID [--wait]
+
+`submit` checks the job config here (keys, types, task files), then hands Ray's job server an
+entrypoint `python -m cluster.cli train <config> <overrides> --address auto` with the project
+root as the runtime environment's `working_dir` (uploaded without .venv, runs, .git, caches).
+The job's driver asks for no CPUs of its own (`--entrypoint-num-cpus`, default 0); its Ray Train
+workers ask for `cluster.num_workers` x (`cluster.cpus_per_worker` CPUs [+ 1 GPU]). Holding the
+workers' CPUs on the driver would starve its own workers, so jobs queue where Ray schedules the
+workers: a job whose workers do not fit waits (Ray Train retries the worker group's placement)
+until an earlier job frees them.
+
+Paths. A config whose files (the YAML, its task files and their data) all live inside the project
+is passed by its path inside the uploaded copy, so it works on any cluster. Otherwise (e.g. data
+in ../shared/data) the absolute path is passed and must exist on the cluster's nodes (same machine,
+shared filesystem or volume). A relative `output_dir` is made absolute for the same reason: the
+uploaded copy is temporary.
+
+Auth. Ray 2.60 clusters use token authentication by default; the token is sent as a bearer
+header (see `auth_headers`): `--token`, `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, or for a cluster
+on this machine ~/.ray/auth_token.
+
+This module does not start or size clusters (`cluster.k8s` renders KubeRay manifests) and does
+not run training itself (`cluster.launch`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tuner.config import ConfigError, JobConfig, load_job_config
+from tuner.tasks import TaskSpec
+
+# Never uploaded: environments, outputs, VCS and caches (Ray also honours .gitignore).
+EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/",
+            "bench/results/", ".ci/"]
+# `promptfleet train` sets these through ray.init(runtime_env=...); Ray refuses a job env that sets them too.
+TRAIN_ENV_VARS = {"TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE"}
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class JobsError(ConfigError):
+    """A problem with what the user asked of the job server (unknown job, unreachable address)."""
+
+
+def project_root() -> Path:
+    """The directory holding `tuner/`, `cluster/` and `configs/`: what a job uploads."""
+    return Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Submission:
+    """Everything `JobSubmissionClient.submit_job` gets for one training job."""
+
+    submission_id: str
+    entrypoint: str
+    runtime_env: dict
+    metadata: dict[str, str]
+    entrypoint_num_cpus: float = 0.0
+    notes: list[str] = field(default_factory=list)  # what the user should know (paths on the cluster)
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root)
+
+
+def _job_files(cfg: JobConfig) -> list[Path]:
+    files = [Path(t) for t in cfg.tasks]
+    for t in cfg.tasks:
+        data = TaskSpec.load(t).data
+        if data.format != "hub":
+            files += [Path(p) for p in (data.train, data.eval, data.train_target, data.eval_target) if p]
+    return files
+
+
+def build_submission(config: str | os.PathLike, overrides: list[str], *, root: Path | None = None,
+                     env: dict[str, str] | None = None, submission_id: str | None = None,
+                     entrypoint_num_cpus: float = 0.0) -> Submission:
+    """Check the job config and turn it into a Ray job (entrypoint, runtime env, metadata)."""
+    root = (root or project_root()).resolve()
+    config = Path(config)
+    cfg = load_job_config(config, overrides)  # strict keys and types, task files exist
+    overrides = list(overrides)
+    notes = []
+    if _inside(config, root) and all(_inside(p, root) for p in _job_files(cfg)):
+        config_arg = config.resolve().relative_to(root).as_posix()
+    else:
+        config_arg = str(config.resolve())
+        notes.append(f"the config or its data lie outside {root}: the cluster reads {config_arg} and its "
+                     "data at these absolute paths")
+    if not Path(cfg.output_dir).is_absolute():
+        out = str(Path(cfg.output_dir).resolve())
+        overrides.append(f"output_dir={out}")
+        notes.append(f"outputs go to {out}/{cfg.name} on the cluster's filesystem")
+    clash = sorted(TRAIN_ENV_VARS & set(env or {}))
+    if clash:
+        raise ConfigError(f"--env {clash[0]} is set by `promptfleet train` itself; leave it out")
+    runtime_env: dict = {"working_dir": str(root), "excludes": EXCLUDES}
+    if env:
+        runtime_env["env_vars"] = dict(env)
+    c = cfg.cluster
+    entrypoint = shlex.join(["python", "-m", "cluster.cli", "train", config_arg, *overrides, "--address", "auto"])
+    metadata = {"promptfleet_job": cfg.name, "config": config_arg, "num_workers": str(c.num_workers),
+                "cpus_per_worker": str(c.cpus_per_worker), "use_gpu": str(c.use_gpu).lower()}
+    sid = submission_id or f"promptfleet-{cfg.name}-{uuid.uuid4().hex[:8]}"
+    return Submission(sid, entrypoint, runtime_env, metadata, entrypoint_num_cpus, notes)
+
+
+# ---------------------------------------------------------------------------------------- client
+
+
+def auth_headers(token: str | None = None, address: str = "") -> dict[str, str]:
+    """Bearer header for Ray token auth ({} when no token is known).
+
+    From `token`, RAY_AUTH_TOKEN or the file named by RAY_AUTH_TOKEN_PATH; for a cluster on this
+    machine (loopback address) also ~/.ray/auth_token, which `ray start` writes. That local file
+    is never sent to a remote address unless RAY_AUTH_MODE=token says so (Ray's own loader).
+    """
+    token = token or os.environ.get("RAY_AUTH_TOKEN")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not token and path:
+        token = Path(path).expanduser().read_text()
+    local = Path.home() / ".ray" / "auth_token"
+    if not token and urlparse(address).hostname in ("127.0.0.1", "localhost", "::1") and local.is_file():
+        token = local.read_text()
+    return {"Authorization": f"Bearer {token.strip()}"} if token and token.strip() else {}
+
+
+def connect(address: str | None = None, token: str | None = None):
+    """A `JobSubmissionClient` for `address` (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, local head)."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = (address or os.environ.get("RAY_API_SERVER_ADDRESS") or _http_address(os.environ.get("RAY_ADDRESS"))
+               or DEFAULT_ADDRESS)
+    try:
+        return JobSubmissionClient(address, headers=auth_headers(token, address))
+    except ConnectionError as e:
+        raise JobsError(f"cannot reach the Ray job server at {address}: {_last_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - ray.exceptions.AuthenticationError, without importing ray early
+        if type(e).__name__ == "AuthenticationError":
+            raise JobsError(_auth_message(e)) from None
+        raise
+
+
+def _http_address(address: str | None) -> str | None:
+    return address if address and address.startswith(("http://", "https://")) else None
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _auth_message(e: BaseException) -> str:
+    return f"the job server refused the request ({str(e).splitlines()[0]}); pass --token or set RAY_AUTH_TOKEN"
+
+
+def _call(fn, *args, **kwargs):
+    """Run one client call, turning 'no such job' and auth failures into one-line user errors."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        text = str(e)
+        if "404" in text or "does not exist" in text:
+            what = f"job {args[0]!r}" if args else "such job"
+            raise JobsError(f"no {what} on this cluster (see `promptfleet jobs list`)") from None
+        raise
+    except Exception as e:  # noqa: BLE001
+        if type(e).__name__ == "AuthenticationError":
+            raise JobsError(_auth_message(e)) from None
+        raise
+
+
+def follow_logs(client, job_id: str, out=None) -> str:
+    """Stream a job's logs to `out` until it ends; returns its final status."""
+    out = out or sys.stdout
+    _call(client.get_job_status, job_id)  # unknown ids fail here with a clear message
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    asyncio.run(tail())
+    return wait_for(client, job_id)
+
+
+def wait_for(client, job_id: str, timeout_s: float | None = None, poll_s: float = 1.0) -> str:
+    """Poll until the job is SUCCEEDED, FAILED or STOPPED (or `timeout_s` passes); returns the status."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        status = str(_call(client.get_job_status, job_id))
+        if status in TERMINAL or (deadline is not None and time.monotonic() > deadline):
+            return status
+        time.sleep(poll_s)
+
+
+def submit(client, sub: Submission, agent_wait_s: float = 60.0) -> str:
+    """Submit `sub`; returns the job id. Retries while the head's job agent is still starting."""
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return _call(client.submit_job, entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
+                         metadata=sub.metadata, submission_id=sub.submission_id,
+                         entrypoint_num_cpus=sub.entrypoint_num_cpus)
+        except RuntimeError as e:
+            # A freshly started head answers 500 "No available agent" for a few seconds.
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+# ---------------------------------------------------------------------------------------- commands
+
+
+def _submit(args: argparse.Namespace) -> int:
+    env = dict(_key_value(x, "--env") for x in args.env)
+    sub = build_submission(args.config, args.overrides, env=env, submission_id=args.submission_id,
+                           entrypoint_num_cpus=args.entrypoint_num_cpus)
+    client = connect(args.address, args.token)
+    job_id = submit(client, sub)
+    for note in sub.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(job_id)
+    if not args.follow:
+        print(f"follow it with: promptfleet jobs logs {job_id} --follow", file=sys.stderr)
+        return 0
+    return _exit_code(follow_logs(client, job_id), job_id)
+
+
+def _list(args: argparse.Namespace) -> int:
+    client = connect(args.address, args.token)
+    jobs = sorted(_call(client.list_jobs), key=lambda j: j.start_time or 0)
+    print(f"{'ID':<40} {'STATUS':<10} {'JOB':<20} ENTRYPOINT")
+    for j in jobs:
+        name = (j.metadata or {}).get("promptfleet_job", "-")
+        print(f"{j.submission_id or j.job_id:<40} {j.status!s:<10} {name:<20} {j.entrypoint}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    info = _call(connect(args.address, args.token).get_job_info, args.job_id)
+    print(f"{info.status}: {info.message or ''}".rstrip(": "))
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    client = connect(args.address, args.token)
+    if args.follow:
+        return _exit_code(follow_logs(client, args.job_id), args.job_id)
+    sys.stdout.write(_call(client.get_job_logs, args.job_id))
+    return 0
+
+
+def _stop(args: argparse.Namespace) -> int:
+    client = connect(args.address, args.token)
+    stopped = _call(client.stop_job, args.job_id)
+    print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+    if args.wait:
+        print(f"{args.job_id}: {wait_for(client, args.job_id, timeout_s=args.timeout)}")
+    return 0
+
+
+def _exit_code(status: str, job_id: str) -> int:
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"{flag} {item!r} must look like KEY=VALUE")
+    key, value = item.split("=", 1)
+    return key, value
+
+
+def _client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None,
+                   help=f"Ray job server (dashboard) URL; default RAY_API_SERVER_ADDRESS or {DEFAULT_ADDRESS}")
+    p.add_argument("--token", default=None, help="Ray auth token (default: RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)")
 
 
 def register(subparsers) -> None:
-    """Add this module's sub-commands to the `promptfleet` parser."""
+    """Add `submit` and `jobs list|status|logs|stop` to the `promptfleet` parser."""
+    p = subparsers.add_parser("submit", help="submit a training job to a Ray cluster (Ray Jobs API)",
+                              description="Submit `promptfleet train CONFIG OVERRIDES` as a Ray job; the project "
+                                          "directory is uploaded as its working_dir. Prints the job id.")
+    p.add_argument("config", help="job YAML, e.g. configs/quickstart.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.max_steps=20")
+    _client_flags(p)
+    p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
+    p.add_argument("--submission-id", default=None, help="job id to use (default promptfleet-<name>-<random>)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
+                   help="CPUs reserved for the driver (default 0: the workers request their own)")
+    p.set_defaults(func=_submit)
+
+    jobs = subparsers.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
+    sub = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+    p = sub.add_parser("list", help="all jobs on the cluster")
+    _client_flags(p)
+    p.set_defaults(func=_list)
+    for name, func, doc in (("status", _status, "a job's status and message"),
+                            ("logs", _logs, "a job's driver logs"),
+                            ("stop", _stop, "stop a running job")):
+        p = sub.add_parser(name, help=doc)
+        p.add_argument("job_id", help="submission id printed by `promptfleet submit`")
+        _client_flags(p)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only on success")
+        if name == "stop":
+            p.add_argument("--wait", action="store_true", help="wait until the job has stopped")
+            p.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits at most")
+        p.set_defaults(func=func)

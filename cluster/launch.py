@@ -4,7 +4,8 @@
 in a `TorchTrainer` (gloo on CPU, NCCL on GPU). Rank 0 reports each checkpoint to Ray Train, so
 when a worker dies and `FailureConfig(max_failures)` replaces the worker group, the new group
 resumes from the last reported checkpoint. `train_local(cfg)` runs the same recipe in this
-process (one rank, no Ray), for debugging and benchmarks.
+process (one rank, no Ray), for debugging and benchmarks. Both export Prometheus metrics
+(`cluster.metrics`) on `cluster.metrics_port` when it is set (on rank 0 under Ray).
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def train_on_ray(cfg: JobConfig, address: str | None = None) -> dict:
 
 
 def train_local(cfg: JobConfig) -> dict:
-    """Run `cfg` in this process as a single rank (no Ray, no DeepSpeed)."""
+    """Run `cfg` in this process as a single rank (no Ray, no DeepSpeed); metrics as on Ray."""
     cfg = validate_job(cfg)
     if not cfg.cluster.metrics_port:
         return run(cfg)

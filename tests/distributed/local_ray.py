@@ -1,14 +1,18 @@
 """A real local Ray cluster for tests: `ray start --head` on free ports with its own temp dir.
 
-`LocalRayCluster.start(...)` runs the head (2 CPUs, 127.0.0.1) and waits for its job server;
-`stop()` runs `ray stop` against that cluster only. It does not submit jobs (tests use
-`promptfleet submit` / `cluster.jobs`).
+`LocalRayCluster.start(...)` runs the head (2 CPUs, 127.0.0.1, token auth with a token of its
+own) and waits for its job server. `stop()` ends exactly this cluster's processes: plain
+`ray stop` would kill every Ray cluster on the machine (other test sessions' included), so it
+signals the processes whose command line names this cluster's unique temp dir, by PID.
+It does not submit jobs (tests use `promptfleet submit` / `cluster.jobs`).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
+AGENT_PORTS = ("dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port", "node-manager-port",
+               "object-manager-port", "ray-client-server-port", "runtime-env-agent-port")
 
 
 def free_port() -> int:
@@ -28,12 +34,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _process_table() -> tuple[dict[int, int], dict[int, bytes]]:
+    """{pid: parent pid} and {pid: command line} of every process we can read."""
+    parent, cmdline = {}, {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cmdline[int(proc.name)] = (proc / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+    return parent, cmdline
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks ("" once it is gone): identifies it beyond its PID."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return "" if stat.rsplit(")", 1)[1].split()[0] == "Z" else stat.rsplit(")", 1)[1].split()[19]
+
+
+def _has_ancestor(pid: int, ancestors: set[int], parent: dict[int, int]) -> bool:
+    seen = 0
+    while pid > 1 and seen < 64:
+        pid, seen = parent.get(pid, 0), seen + 1
+        if pid in ancestors:
+            return True
+    return False
+
+
 @dataclass
 class LocalRayCluster:
     gcs_port: int
     dashboard_port: int
     temp_dir: Path
-    env: dict[str, str] = field(default_factory=dict)  # environment of the head and of CLI calls
+    token: str
+    env: dict[str, str] = field(default_factory=dict)  # environment of the head (and its jobs)
 
     @property
     def address(self) -> str:
@@ -48,18 +86,25 @@ class LocalRayCluster:
     def start(cls, num_cpus: int = 2, extra_env: dict[str, str] | None = None, timeout_s: float = 120) -> LocalRayCluster:
         # Short temp path: Ray's unix socket paths must stay under ~107 characters.
         temp_dir = Path(tempfile.mkdtemp(prefix="pfray-", dir="/tmp"))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-               "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30", **(extra_env or {})}
+        token = secrets.token_hex(32)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "token",
+               "RAY_AUTH_TOKEN": token, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+               # jobs run `python -m cluster.cli`: the venv's python, as on a head started from an activated venv
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra_env or {})}
         env.pop("RAY_ADDRESS", None)
-        cluster = cls(free_port(), free_port(), temp_dir, env)
+        cluster = cls(free_port(), free_port(), temp_dir, token, env)
         cmd = [RAY, "start", "--head", f"--port={cluster.gcs_port}", f"--dashboard-port={cluster.dashboard_port}",
                "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
                f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+        # Every fixed default port may be taken by another Ray on this shared machine.
+        cmd += [f"--{name}={free_port()}" for name in AGENT_PORTS]
         subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
         while True:  # the job server comes up a little after `ray start` returns
+            request = urllib.request.Request(f"{cluster.address}/api/version",
+                                             headers={"Authorization": f"Bearer {token}"})
             try:
-                with urllib.request.urlopen(f"{cluster.address}/api/version", timeout=5):
+                with urllib.request.urlopen(request, timeout=5):
                     return cluster
             except OSError:
                 if time.monotonic() > deadline:
@@ -67,12 +112,46 @@ class LocalRayCluster:
                     raise
                 time.sleep(1)
 
-    def stop(self) -> None:
-        subprocess.run([RAY, "stop", "--force", f"--address={self.gcs_address}"], env=self.env, cwd=REPO,
-                       capture_output=True, timeout=120)
+    def pids(self) -> list[int]:
+        """PIDs of this cluster's processes: those whose command line names its temp dir (GCS,
+        raylet, dashboard), and all their descendants (agents and workers, which rename themselves)."""
+        mark = str(self.temp_dir).encode()
+        parent, cmdline = _process_table()
+        found = {p for p, cmd in cmdline.items() if mark in cmd and p != os.getpid()}
+        return sorted(p for p in parent if p in found or _has_ancestor(p, found, parent))
+
+    def actor_pids(self, class_name: str) -> list[int]:
+        """PIDs of this cluster's live actor processes of `class_name`."""
+        _, cmdline = _process_table()
+        prefix = f"ray::{class_name}".encode()
+        return [p for p in self.pids() if cmdline.get(p, b"").startswith(prefix)]
+
+    def stop(self, grace_s: float = 10) -> None:
+        # Snapshot first: once the raylet is gone its agents are re-parented and no longer look like
+        # ours. Each PID is remembered with its start time so a recycled PID is never signalled.
+        victims: dict[int, str] = {}
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            victims |= {p: _start_time(p) for p in self.pids()}
+            for pid, started in victims.items():
+                if _start_time(pid) == started:
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + grace_s
+            while any(_start_time(p) == t for p, t in victims.items()) and time.monotonic() < deadline:
+                time.sleep(0.5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    def promptfleet(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    def cli_env(self, token: bool = True) -> dict[str, str]:
+        """Environment for a CLI call from outside the cluster: with or without the auth token."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        env.update({"HF_HUB_OFFLINE": "1", "HOME": str(self.temp_dir)})  # HOME: no ~/.ray/auth_token fallback
+        if token:
+            env["RAY_AUTH_TOKEN"] = self.token
+        return env
+
+    def promptfleet(self, *args: str, token: bool = True, timeout_s: float = 300) -> subprocess.CompletedProcess:
         """Run the `promptfleet` CLI against this cluster; returns the finished process."""
-        return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=self.env, cwd=REPO,
+        return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=self.cli_env(token), cwd=REPO,
                               capture_output=True, text=True, timeout=timeout_s)

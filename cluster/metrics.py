@@ -1,0 +1,96 @@
+"""Prometheus metrics of a training job, served over HTTP by rank 0.
+
+`TrainingMetrics.start(port)` opens a scrape endpoint (`/metrics`) in a background thread and
+returns the recorder that `cluster.launch` feeds from the recipe's hooks: `on_step` (loss,
+per-task loss, learning rate, tokens, step time), `on_checkpoint` (checkpoint time and step)
+and `on_restart` (the worker group was replaced and this process resumed from a checkpoint).
+The series live in a registry of their own, so several recorders in one process never clash.
+
+Series (all prefixed `promptfleet_train_`): `step`, `loss`, `task_loss{task}`, `learning_rate`,
+`tokens_total`, `tokens_per_second`, `step_seconds` (histogram), `checkpoint_seconds`
+(histogram), `last_checkpoint_step`, `restarts_total`. `task_loss` has one series per task seen
+in a batch, so very large task counts mean as many series; the dashboard aggregates them.
+
+It does not decide which rank exports (the launcher starts it on rank 0 only), and a port that
+cannot be opened only logs a warning: metrics must never stop a training run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+PREFIX = "promptfleet_train_"
+STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class TrainingMetrics:
+    """Records one training process's series; `start(port)` also serves them."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.server = None  # (WSGIServer, Thread) once `serve` succeeded
+        r = self.registry
+        self.step = Gauge(PREFIX + "step", "Optimiser steps completed.", registry=r)
+        self.loss = Gauge(PREFIX + "loss", "Mean loss over the examples of the last step.", registry=r)
+        self.task_loss = Gauge(PREFIX + "task_loss", "Mean loss of a task's examples in the last step it appeared in.",
+                               ["task"], registry=r)
+        self.lr = Gauge(PREFIX + "learning_rate", "Learning rate of the last step.", registry=r)
+        self.tokens = Counter(PREFIX + "tokens", "Text tokens processed (all ranks).", registry=r)
+        self.tokens_per_s = Gauge(PREFIX + "tokens_per_second", "Text tokens per second in the last step.", registry=r)
+        self.step_seconds = Histogram(PREFIX + "step_seconds", "Wall time of one optimiser step.",
+                                      buckets=STEP_BUCKETS, registry=r)
+        self.checkpoint_seconds = Histogram(PREFIX + "checkpoint_seconds", "Wall time of one checkpoint save.",
+                                            buckets=STEP_BUCKETS, registry=r)
+        self.last_checkpoint_step = Gauge(PREFIX + "last_checkpoint_step", "Step of the newest checkpoint.",
+                                          registry=r)
+        self.restarts = Counter(PREFIX + "restarts", "Times this process started by resuming a replaced worker "
+                                                     "group from a checkpoint.", registry=r)
+
+    @classmethod
+    def start(cls, port: int, addr: str = "0.0.0.0") -> TrainingMetrics:
+        """Create a recorder and serve it on `addr:port` (a failure to bind is logged, not raised)."""
+        metrics = cls()
+        metrics.serve(port, addr)
+        return metrics
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> bool:
+        try:
+            self.server = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            # e.g. the previous worker group's rank 0 still holds the port: keep training without metrics.
+            log.warning("training metrics: cannot listen on %s:%d (%s); continuing without them", addr, port, e)
+            return False
+        return True
+
+    def stop(self) -> None:
+        if self.server is not None:
+            server, thread = self.server
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
+            self.server = None
+
+    def on_step(self, step: int, metrics: Mapping) -> None:
+        """Record the recipe's per-step metrics (loss, lr, tokens, tokens_per_s, step_time_s, task_loss)."""
+        self.step.set(step)
+        self.loss.set(metrics["loss"])
+        self.lr.set(metrics["lr"])
+        self.tokens.inc(metrics.get("tokens", 0))
+        self.tokens_per_s.set(metrics.get("tokens_per_s", 0.0))
+        if "step_time_s" in metrics:
+            self.step_seconds.observe(metrics["step_time_s"])
+        for task, loss in metrics.get("task_loss", {}).items():
+            self.task_loss.labels(task).set(loss)
+
+    def on_checkpoint(self, metrics: Mapping) -> None:
+        """Record a finished checkpoint save (`step`, `checkpoint_time_s`)."""
+        self.checkpoint_seconds.observe(metrics["checkpoint_time_s"])
+        self.last_checkpoint_step.set(metrics["step"])
+
+    def on_restart(self) -> None:
+        self.restarts.inc()

@@ -1,0 +1,122 @@
+"""`promptfleet submit` / `promptfleet jobs` against a real local Ray cluster (token auth on).
+
+The cluster has 2 CPUs; each test job asks for both (1 worker x 2 CPUs), so two submitted jobs
+can only run one after the other: Ray queues the second until the first frees its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+from local_ray import LocalRayCluster, free_port
+from prometheus_client.parser import text_string_to_metric_families
+from tiny_job import write_tiny_backbone, write_tiny_job
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+WHOLE_CLUSTER = {"num_workers": 1, "cpus_per_worker": 2, "zero_stage": 0}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = LocalRayCluster.start(num_cpus=2)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory):
+    return write_tiny_backbone(tmp_path_factory.mktemp("backbone"))
+
+
+def submit(cluster: LocalRayCluster, *args: str):
+    proc = cluster.promptfleet("submit", *args, "--address", cluster.address)
+    return proc, proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else None
+
+
+def status(cluster: LocalRayCluster, job_id: str) -> str:
+    proc = cluster.promptfleet("jobs", "status", job_id, "--address", cluster.address)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split(":")[0].strip()
+
+
+def wait_for_status(cluster, job_id: str, wanted: set[str], timeout_s: float = 300) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (s := status(cluster, job_id)) not in wanted:
+        assert time.monotonic() < deadline, f"{job_id} still {s}"
+        time.sleep(1)
+    return s
+
+
+def test_auth_and_unknown_jobs_are_one_line_errors(ray_cluster):
+    proc = ray_cluster.promptfleet("jobs", "list", "--address", ray_cluster.address, token=False)
+    assert proc.returncode == 2 and "pass --token" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = ray_cluster.promptfleet("jobs", "list", "--address", ray_cluster.address, "--token", ray_cluster.token,
+                                   token=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("ID"), proc.stderr
+    proc = ray_cluster.promptfleet("jobs", "status", "no-such-job", "--address", ray_cluster.address)
+    assert proc.returncode == 2 and "no job 'no-such-job'" in proc.stderr
+
+
+def test_two_jobs_queue_and_succeed(ray_cluster, backbone, tmp_path):
+    job = write_tiny_job(tmp_path, backbone, cluster=WHOLE_CLUSTER)
+    ids = []
+    for name in ("first", "second"):
+        proc, job_id = submit(ray_cluster, str(job), f"name={name}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "absolute paths" in proc.stderr  # the config lies outside the project: told, not hidden
+        ids.append(job_id)
+    for job_id, name in zip(ids, ("first", "second")):
+        proc = ray_cluster.promptfleet("jobs", "logs", job_id, "--follow", "--address", ray_cluster.address)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        assert f"run directory: {tmp_path}/runs/{name}" in proc.stdout
+        assert json.loads((tmp_path / "runs" / name / "summary.json").read_text())["steps"] == 6
+    listing = ray_cluster.promptfleet("jobs", "list", "--address", ray_cluster.address).stdout
+    for job_id in ids:
+        (line,) = [x for x in listing.splitlines() if x.startswith(job_id)]
+        assert "SUCCEEDED" in line and "cluster.cli train" in line
+
+
+def test_failing_jobs_report_their_error(ray_cluster, backbone, tmp_path):
+    job = write_tiny_job(tmp_path, backbone, cluster=WHOLE_CLUSTER)
+    # A bad key never reaches the cluster: the config is checked before submission.
+    before = ray_cluster.promptfleet("jobs", "list", "--address", ray_cluster.address).stdout
+    proc, _ = submit(ray_cluster, str(job), "optim.no_such_key=1")
+    assert proc.returncode == 2 and "unknown key 'optim.no_such_key'" in proc.stderr
+    assert ray_cluster.promptfleet("jobs", "list", "--address", ray_cluster.address).stdout == before
+
+    # A data file that is missing where the job runs fails the job, with the reason in its logs.
+    (tmp_path / "data" / "topic.jsonl").unlink()
+    proc = ray_cluster.promptfleet("submit", str(job), "--follow", "--address", ray_cluster.address)
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    job_id = proc.stdout.strip().splitlines()[0]
+    assert "promptfleet: error: task topic: data file not found" in proc.stdout
+    assert status(ray_cluster, job_id) == "FAILED"
+    logs = ray_cluster.promptfleet("jobs", "logs", job_id, "--address", ray_cluster.address)
+    assert "data file not found" in logs.stdout
+
+
+def test_stop_a_running_job_and_scrape_its_metrics(ray_cluster, backbone, tmp_path):
+    port = free_port()
+    job = write_tiny_job(tmp_path, backbone, name="endless", cluster={**WHOLE_CLUSTER, "metrics_port": port},
+                         optim={"max_steps": 1_000_000}, checkpoint_every=5)
+    proc, job_id = submit(ray_cluster, str(job))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    checkpoints = tmp_path / "runs" / "endless" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("step_*")):  # training is under way
+        assert time.monotonic() < deadline and status(ray_cluster, job_id) in ("PENDING", "RUNNING")
+        time.sleep(1)
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    assert {s.labels["task"] for s in families["promptfleet_train_task_loss"].samples} == {"tone", "topic"}
+    assert families["promptfleet_train_step"].samples[0].value >= 5
+
+    proc = ray_cluster.promptfleet("jobs", "stop", job_id, "--wait", "--address", ray_cluster.address)
+    assert proc.returncode == 0 and f"{job_id}: STOPPED" in proc.stdout, proc.stdout + proc.stderr
+    assert status(ray_cluster, job_id) == "STOPPED"
+    assert json.loads((tmp_path / "runs" / "endless" / "run.json").read_text())["status"] == "running"
