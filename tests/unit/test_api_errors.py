@@ -124,7 +124,7 @@ def test_unexpected_engine_error_is_a_500_without_traceback(dirs, caplog):
     store, backbone = dirs
 
     class BrokenEngine(Engine):
-        async def classify(self, task, text):
+        async def classify(self, task, text, raw=False):
             raise RuntimeError("secret internal detail")
 
     cfg = server_config(engine_config(store, backbone))
@@ -159,8 +159,23 @@ def test_full_queue_is_429_with_retry_after(dirs):
 
 def test_request_timeout_is_503_with_retry_after(dirs):
     store, backbone = dirs
-    cfg = server_config(engine_config(store, backbone, request_timeout_s=0.05))
+    # 1,900 tokens take seconds even on the tiny model; the engine expires requests within ~0.25 s.
+    cfg = server_config(engine_config(store, backbone, request_timeout_s=0.05, max_new_tokens_limit=1900))
     with UvicornThread(create_app(Engine(cfg.engine), cfg)) as url, httpx.Client(base_url=url, timeout=60) as http:
-        r = http.post("/v1/completions", json={"model": "samsum", "prompt": "a: hi", "max_tokens": 256})
+        r = http.post("/v1/completions", json={"model": "samsum", "prompt": "a: hi", "max_tokens": 1900})
         assert_error(r, 503, "request_timeout")
         assert int(r.headers["Retry-After"]) >= 1
+
+
+def test_oversized_bodies_are_rejected_before_parsing(client):
+    big = b'{"model": "sst2", "prompt": "' + b"x" * (2 << 20) + b'"}'
+    assert_error(client.post("/v1/completions", content=big, headers={"content-type": "application/json"}), 413,
+                 "payload_too_large")
+
+    def chunks():  # no Content-Length: the cap is enforced while the body streams in
+        for _ in range(40):
+            yield b"x" * 65536
+
+    r = client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert "parsing the body" in assert_error(r, 400)["message"]  # stopped at the cap, not read as bad JSON
+    assert complete(client).status_code == 200

@@ -1,0 +1,142 @@
+"""Multi-tenant API keys: which tenant holds a bearer key, and which tasks that tenant may use.
+
+The tenants file stores only SHA-256 hex digests of keys, never the keys:
+
+    tenants:
+      acme:
+        key_sha256: ["<64 hex chars>", ...]
+        tasks: [sst2, ag_news]        # or "*" for every task the server holds
+
+A presented key is hashed and compared against every stored digest with `hmac.compare_digest`
+(no early exit), so timing says nothing about which digest matched or how much of it. This module
+does not know about HTTP status codes or tasks that exist; `serving.api` turns a failed lookup
+into 401 and a forbidden task into the same 404 as a missing one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.types import ServingError
+from tuner.config import ConfigError, read_yaml, validate_name
+
+log = logging.getLogger(__name__)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class Unauthorized(ServingError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+def hash_key(key: str) -> str:
+    """The digest the tenants file stores for `key`."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    tasks: frozenset[str] | None  # None = every task
+
+    def may_use(self, task: str) -> bool:
+        return self.tasks is None or task in self.tasks
+
+
+ANONYMOUS = Tenant("anonymous", None)  # the only tenant when auth is disabled
+
+
+def load_keyring(auth: str) -> KeyRing:
+    """`auth` from the server config: a tenants file, or `none` (explicitly disabled)."""
+    if not auth.strip():
+        raise ConfigError("api.auth is not set: give a tenants file (api.auth=PATH, see "
+                          "configs/serving/tenants.example.yaml) or api.auth=none for local development")
+    if auth.strip().lower() == "none":
+        return KeyRing.disabled()
+    if not Path(auth).is_file():
+        raise ConfigError(f"api.auth: tenants file not found: {auth}")
+    return KeyRing.from_file(auth)
+
+
+class KeyRing:
+    """Maps bearer keys to tenants. `KeyRing.disabled()` lets every caller in as `ANONYMOUS`."""
+
+    def __init__(self, digests: list[tuple[str, Tenant]], enabled: bool = True):
+        self._digests = digests
+        self.enabled = enabled
+
+    @classmethod
+    def disabled(cls) -> KeyRing:
+        log.warning("!!! API authentication is DISABLED (auth: none): anyone who can reach this server "
+                    "can use every task. Use this for local development only. !!!")
+        return cls([], enabled=False)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> KeyRing:
+        data = read_yaml(path)
+        unknown = sorted(set(data) - {"tenants"})
+        if unknown or not isinstance(data.get("tenants"), dict) or not data["tenants"]:
+            raise ConfigError(f"{path}: expected one top-level key `tenants` mapping tenant names to "
+                              f"{{key_sha256: [...], tasks: [...] or '*'}}")
+        digests: list[tuple[str, Tenant]] = []
+        seen: set[str] = set()
+        for name, entry in data["tenants"].items():
+            tenant = _parse_tenant(path, str(name), entry)
+            for digest in entry["key_sha256"]:
+                digest = str(digest).strip().lower()
+                if not _HEX64.fullmatch(digest):
+                    raise ConfigError(f"{path}: tenant {name!r}: {digest[:12]!r}... is not a SHA-256 hex digest "
+                                      f"(store hashlib.sha256(key).hexdigest(), never the key)")
+                if digest in seen:
+                    raise ConfigError(f"{path}: the same key digest appears twice (tenant {name!r})")
+                seen.add(digest)
+                digests.append((digest, tenant))
+        return cls(digests)
+
+    def authenticate(self, authorization: str | None) -> Tenant | None:
+        """The tenant for an `Authorization: Bearer <key>` header value, or None."""
+        if not self.enabled:
+            return ANONYMOUS
+        key = _bearer_key(authorization)
+        if not key:
+            return None
+        presented = hash_key(key)
+        found = None
+        for digest, tenant in self._digests:  # always the full scan: constant time in the match position
+            if hmac.compare_digest(digest, presented):
+                found = tenant
+        return found
+
+    def check(self, authorization: str | None) -> Tenant:
+        """Like `authenticate`, but a missing or wrong key raises `Unauthorized` (401)."""
+        tenant = self.authenticate(authorization)
+        if tenant is not None:
+            return tenant
+        if not _bearer_key(authorization):
+            raise Unauthorized("Missing API key: send it as `Authorization: Bearer <key>`.")
+        raise Unauthorized("Invalid API key.")
+
+
+def _parse_tenant(path, name: str, entry) -> Tenant:
+    validate_name("tenant name", name)
+    if not isinstance(entry, dict) or set(entry) != {"key_sha256", "tasks"}:
+        raise ConfigError(f"{path}: tenant {name!r} needs exactly the keys key_sha256 and tasks")
+    if not isinstance(entry["key_sha256"], list) or not entry["key_sha256"]:
+        raise ConfigError(f"{path}: tenant {name!r}: key_sha256 must be a non-empty list of digests")
+    tasks = entry["tasks"]
+    if tasks == "*":
+        return Tenant(name, None)
+    if not isinstance(tasks, list):
+        raise ConfigError(f"{path}: tenant {name!r}: tasks must be a list of task names or '*'")
+    return Tenant(name, frozenset(validate_name("task name", str(t)) for t in tasks))
+
+
+def _bearer_key(authorization: str | None) -> str:
+    if not authorization:
+        return ""
+    scheme, _, key = authorization.strip().partition(" ")
+    return key.strip() if scheme.lower() == "bearer" else ""

@@ -1,0 +1,60 @@
+"""The same API and engine as a Ray Serve application (`promptfleet serve --ray`).
+
+Each replica holds one backbone (one `Engine`) and every task prompt of the store, and serves the
+FastAPI app of `serving.api` through `@serve.ingress`. Requests for different tasks reach the same
+replica and are batched together by our scheduler inside it; this is deliberately not Serve's model
+multiplexing, which would pin tasks to replicas and never mix them in a batch. Replicas scale with
+`autoscaling_config` from `ServerConfig.ray`.
+
+This module does not parse the command line (`serving.cli` does). The prompt store (and nothing
+else) must be readable at the same path on every node; keys are checked on the driver and the
+parsed key ring travels to the replicas, so the tenants file need not.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray import serve
+
+from serving.api import create_app
+from serving.auth import KeyRing
+from serving.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+@serve.ingress()
+class PromptfleetReplica:
+    """One Serve replica: builds its engine and app at replica start (the app's lifespan starts the engine)."""
+
+    def __init__(self, config: ServerConfig, keyring: KeyRing):
+        self._config, self._keyring = config, keyring
+
+    def __serve_build_asgi_app__(self):
+        from serving.engine import Engine
+
+        return create_app(Engine(self._config.engine), self._config, self._keyring)
+
+
+def build_application(config: ServerConfig, keyring: KeyRing) -> serve.Application:
+    """The bound Serve application: one deployment, autoscaled, one backbone per replica."""
+    deployment = serve.deployment(
+        name="promptfleet",
+        autoscaling_config=config.ray.autoscaling_config(),
+        max_ongoing_requests=config.ray.max_ongoing_requests,
+        ray_actor_options={"num_cpus": config.ray.num_cpus, "num_gpus": config.ray.num_gpus},
+    )(PromptfleetReplica)
+    return deployment.bind(config, keyring)
+
+
+def run_on_ray(config: ServerConfig, keyring: KeyRing, blocking: bool = True) -> None:
+    """Start (or join) Ray, start Serve's HTTP proxy on api.host:api.port and deploy the application."""
+    import ray
+
+    ray.init(address=config.ray.address or None, ignore_reinit_error=True)
+    serve.start(http_options={"host": config.api.host, "port": config.api.port})
+    log.info("deploying %s on Ray Serve at http://%s:%d%s", config.ray.app_name, config.api.host, config.api.port,
+             config.ray.route_prefix)
+    serve.run(build_application(config, keyring), name=config.ray.app_name, route_prefix=config.ray.route_prefix,
+              blocking=blocking)
