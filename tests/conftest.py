@@ -22,7 +22,7 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, laye
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                       tie_word_embeddings=True, attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2,
                       initializer_range=0.2)  # larger than default so a soft prompt can move the outputs
     model = LlamaForCausalLM(cfg).float().eval()

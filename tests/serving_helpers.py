@@ -25,21 +25,14 @@ TASKS = {
 
 
 def tiny_backbone_dir(root: Path) -> Path:
-    """A tiny random Llama + the SmolLM2 tokenizer, saved like any local checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tuner.backbone import load_tokenizer, resolve_backbone
+    """A tiny random Llama + the SmolLM2 tokenizer, saved like any local checkpoint (cached per `root`)."""
+    from conftest import save_tiny_backbone
 
     out = root / "tiny-llama"
     if (out / "config.json").is_file():
         return out
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).float().save_pretrained(out)
-    load_tokenizer(resolve_backbone("smollm2-135m")).save_pretrained(out)
-    return out
+    out.mkdir(parents=True, exist_ok=True)
+    return save_tiny_backbone(out)
 
 
 def write_prompt_store(root: Path, backbone_dir: Path, tasks: dict = TASKS, num_virtual_tokens: int = 4) -> Path:

@@ -23,19 +23,10 @@ TASKS = {
 
 def write_tiny_backbone(root: Path) -> Path:
     """Save a random Llama (SmolLM2's vocabulary, hidden 32, 2 layers) and SmolLM2's tokenizer under `root`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tuner.backbone import load_tokenizer, resolve_backbone
+    from conftest import save_tiny_backbone
 
     root.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    LlamaForCausalLM(cfg).float().save_pretrained(root)
-    load_tokenizer(resolve_backbone("smollm2-135m")).save_pretrained(root)
-    return root
+    return save_tiny_backbone(root)
 
 
 def write_tiny_job(root: Path, backbone: Path, name: str = "tiny", **sections) -> Path:
