@@ -1,0 +1,479 @@
+"""Benchmark: many tasks served from one SmolLM2 backbone over HTTP, vs PEFT per-task serving and HF generate.
+
+Setup: a prompt store of 512 task adapters (20 virtual tokens each, random prompts: speed does not
+depend on their values), every task an SST-2-style classifier (template + verbaliser), so one
+request list works for any number of tasks. Requests are real SST-2 dev sentences; each picks a
+task uniformly and is, with equal odds, a short completion (max_tokens=8) or a classification.
+
+* ours: `promptfleet serve` in a subprocess (uvicorn, real engine, API keys on), driven by an
+  httpx async load generator with many concurrent clients on 127.0.0.1 (closed loop).
+  - mixed-task (64 tasks) vs single-task throughput; the sweep over 1 / 8 / 64 / 512 tasks (PNG);
+  - prefix KV cache on vs off: prefill tokens per request and streamed time to first token;
+  - robustness: 1,000 malformed requests mixed into the valid load.
+* PEFT per-task serving (in process, no HTTP: favours the baseline): one `PeftModel` holding every
+  adapter in use; requests are grouped by task, `set_adapter(task)`, then one batched `generate`
+  (left padding) for its completions and one batched forward for its classifications.
+* HF generate one request at a time (in process): `generate(inputs_embeds=[prompt; text])`, and one
+  forward for a classification; on a balanced half of the requests (as many completions as
+  classifications, the mix of the whole run).
+
+Before each measured run the server gets one classification per task in the mix, so the task
+prefix KV cache is warm (steady state) as far as its LRU bound holds; the baselines likewise load
+every adapter before their clocks start. Classification forwards compute logits at the last
+position only (`logits_to_keep=1`), in the baselines as in the engine.
+
+Baselines run after the server has stopped, so nothing else competes for the 2 cores. fp32, SDPA,
+same threads everywhere. This module is not a test: it asserts nothing, it prints and records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import torch
+
+from bench.common import REPO, markdown_table, write_result
+from serving.auth import hash_key
+
+DATA = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
+KEY = "pf-bench-key"
+META = {"kind": "classification", "template": "Review: {sentence}\nSentiment:",
+        "verbaliser": {"0": " negative", "1": " positive"}, "max_new_tokens": 8}
+MAX_TOKENS = 8
+P = 20
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+def sentences(n: int) -> list[str]:
+    with open(DATA, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return [r["sentence"].strip() for r in rows[:n]]
+
+
+def write_store(root: Path, n_tasks: int) -> Path:
+    from transformers import AutoConfig
+
+    from tuner.backbone import resolve_backbone
+    from tuner.export import TaskAdapter, save_adapter
+
+    cfg = AutoConfig.from_pretrained(resolve_backbone("smollm2-135m"))
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n_tasks):
+        prompt = torch.randn(P, cfg.hidden_size, generator=gen) * 0.02
+        save_adapter(root / "store", TaskAdapter(f"task{i:03d}", prompt, "smollm2-135m", dict(META)), cfg)
+    (root / "tenants.yaml").write_text(f"tenants:\n  bench:\n    key_sha256: [{hash_key(KEY)}]\n    tasks: '*'\n")
+    return root / "store"
+
+
+def make_requests(n: int, n_tasks: int, texts: list[str], seed: int) -> list[tuple[str, str, str]]:
+    """(kind, task, text): uniform task, completion or classification with equal odds."""
+    rng = random.Random(seed)
+    return [(rng.choice(("complete", "classify")), f"task{rng.randrange(n_tasks):03d}", rng.choice(texts))
+            for _ in range(n)]
+
+
+def http_body(kind: str, task: str, text: str, stream: bool = False) -> tuple[str, dict]:
+    if kind == "classify":
+        return "/v1/classify", {"model": task, "input": text}
+    return "/v1/completions", {"model": task, "prompt": text, "max_tokens": MAX_TOKENS, "stream": stream}
+
+
+class Server:
+    """`promptfleet serve` in a subprocess on 127.0.0.1 (started and stopped by this benchmark only)."""
+
+    def __init__(self, root: Path, store: Path, port: int, *overrides: str):
+        self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "cluster.cli", "serve", "--prompt-store", str(store), "--port", str(port),
+               f"api.auth={root / 'tenants.yaml'}", "api.log_level=warning", "engine.dtype=fp32",
+               "engine.max_batch_size=32", "engine.max_queue=4096", "engine.reload_interval_s=30",
+               "engine.request_timeout_s=900", *overrides]  # a shared 2-core machine can be slow: no 503s
+        self.log = open(root / f"server-{port}.log", "w")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def __enter__(self) -> Server:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("server did not come up")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+    def metrics(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        out: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if not s.labels:
+                    out[s.name] = s.value
+        return out
+
+
+# ------------------------------------------------------------------------------------ load generator
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
+
+
+async def _load(url: str, requests: list, concurrency: int, extra: list | None = None,
+                extra_concurrency: int = 8, extra_pace_s: float = 0.0) -> dict:
+    """Closed loop: `concurrency` clients drain `requests`; optional `extra` (method, path, kwargs) requests
+    from their own clients, paced, at the same time. Returns latencies, statuses and bodies of the extras."""
+    lat, ttft, statuses, tokens, completions = [], [], Counter(), 0, 0
+    extra_results: list[tuple[int, str]] = []
+    todo, extra_todo = list(reversed(requests)), list(reversed(extra or []))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    limits = httpx.Limits(max_connections=concurrency + extra_concurrency + 4)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as http:
+
+        async def client() -> None:
+            nonlocal tokens, completions
+            while todo:
+                kind, task, text, *stream = todo.pop()
+                path, body = http_body(kind, task, text, bool(stream))
+                t0 = time.perf_counter()
+                if stream:
+                    first = None
+                    async with http.stream("POST", path, json=body) as r:
+                        async for line in r.aiter_lines():
+                            if first is None and line.startswith("data: "):
+                                first = time.perf_counter() - t0
+                        statuses[r.status_code] += 1
+                    if first is not None:
+                        ttft.append(first)
+                else:
+                    r = await http.post(path, json=body)
+                    statuses[r.status_code] += 1
+                    if r.status_code == 200 and kind == "complete":
+                        tokens += r.json()["usage"]["completion_tokens"]
+                        completions += 1
+                lat.append(time.perf_counter() - t0)
+
+        async def bad_client() -> None:
+            while extra_todo:
+                method, path, kwargs = extra_todo.pop()
+                r = await http.request(method, path, **kwargs)
+                extra_results.append((r.status_code, r.text, r.headers.get("content-type", "")))
+                await asyncio.sleep(extra_pace_s)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)),
+                             *(bad_client() for _ in range(extra_concurrency if extra else 0)))
+        wall = time.perf_counter() - t0
+    return {"requests": len(requests), "wall_s": wall, "req_s": len(requests) / wall, "completion_tokens": tokens,
+            "tokens_per_completion": tokens / completions if completions else float("nan"),
+            "p50_ms": 1e3 * pct(lat, 50), "p99_ms": 1e3 * pct(lat, 99), "ttft_p50_ms": 1e3 * pct(ttft, 50),
+            "statuses": dict(statuses), "_extra": extra_results}
+
+
+def load(url: str, requests: list, concurrency: int, **kw) -> dict:
+    return asyncio.run(_load(url, requests, concurrency, **kw))
+
+
+def warm_up(url: str, n_tasks: int, texts: list[str]) -> None:
+    load(url, make_requests(16, n_tasks, texts, seed=99), 8)
+
+
+def warm_tasks(url: str, n_tasks: int, texts: list[str]) -> None:
+    """Steady state: one classification per task, so each task's prompt KV is in the prefix cache (as
+    far as the LRU holds them), as the baselines get their adapters loaded before their clocks start."""
+    load(url, [("classify", f"task{i:03d}", texts[i % len(texts)]) for i in range(n_tasks)], 16)
+
+
+def balanced(requests: list, n: int) -> list:
+    """The first n/2 completions and n/2 classifications, in their original order (the same mix as the whole)."""
+    kinds = {"complete": [], "classify": []}
+    for r in requests:
+        if len(kinds[r[0]]) < n // 2:
+            kinds[r[0]].append(r)
+    chosen = {id(r) for rs in kinds.values() for r in rs}
+    return [r for r in requests if id(r) in chosen]
+
+
+# ------------------------------------------------------------------------------------ malformed requests
+
+
+def malformed_requests(n: int, n_tasks: int) -> list[tuple[str, str, dict]]:
+    """`n` bad requests cycling through every kind of mistake a client (or an attacker) makes."""
+    ok = {"model": "task000", "prompt": "fine", "max_tokens": 2}
+    kinds = [
+        ("POST", "/v1/completions", {"content": b'{"model": "task000", "prompt": ', "headers": {"content-type": "application/json"}}),
+        ("POST", "/v1/completions", {"json": ["not", "an", "object"]}),
+        ("POST", "/v1/completions", {"json": {**ok, "prompt": 42}}),
+        ("POST", "/v1/completions", {"json": {**ok, "max_tokens": "lots"}}),
+        ("POST", "/v1/completions", {"json": {**ok, "max_tokens": 10**9}}),
+        ("POST", "/v1/completions", {"json": {**ok, "max_tokens": 0}}),
+        ("POST", "/v1/completions", {"json": {**ok, "model": f"task{n_tasks + 7}"}}),
+        ("POST", "/v1/completions", {"json": {**ok, "model": "../../etc/passwd"}}),
+        ("POST", "/v1/completions", {"json": ok, "headers": {"Authorization": ""}}),
+        ("POST", "/v1/completions", {"json": ok, "headers": {"Authorization": "Bearer wrong-key"}}),
+        ("POST", "/v1/completions", {"json": {**ok, "prompt": ""}}),
+        ("POST", "/v1/completions", {"json": {**ok, "prompt": "word " * 1500}}),
+        ("POST", "/v1/chat/completions", {"json": {"model": "task000", "messages": "hello"}}),
+        ("POST", "/v1/chat/completions", {"json": {"model": "task000", "messages": [{"role": "user", "content": "x"}], "n": 3}}),
+        ("POST", "/v1/classify", {"json": {"model": "task000"}}),
+        ("POST", "/v1/classify", {"json": {"model": "task000", "input": {"nested": True}}}),
+        ("GET", "/v1/completions", {}),
+        ("GET", "/v1/no-such-route", {}),
+        ("POST", "/v1/completions", {"content": b"x" * (2 << 20), "headers": {"content-type": "application/json"}}),
+    ]
+    return [kinds[i % len(kinds)] for i in range(n)]
+
+
+def error_shaped(status: int, text: str, content_type: str) -> bool:
+    if not (400 <= status < 500) or not content_type.startswith("application/json"):
+        return False
+    try:
+        err = json.loads(text)["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return set(err) == {"message", "type", "param", "code"} and isinstance(err["message"], str)
+
+
+# ------------------------------------------------------------------------------------ in-process baselines
+
+
+def baseline_requests(requests, tokenizer):
+    from serving.prompt_format import format_prompt
+
+    return [(kind, task, tokenizer(format_prompt(META, text), add_special_tokens=False).input_ids)
+            for kind, task, text in requests]
+
+
+def peft_serving(store: Path, requests: list, backbone, tokenizer) -> dict:
+    """One PeftModel with every adapter in use; per task: set_adapter, batched generate / forward."""
+    from peft import PeftModel
+
+    tasks = sorted({t for _, t, _ in requests})
+    model = PeftModel.from_pretrained(backbone, str(store / tasks[0]), adapter_name=tasks[0])
+    for t in tasks[1:]:
+        model.load_adapter(str(store / t), adapter_name=t)
+    model.eval()
+    label_ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in META["verbaliser"].values()]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    groups: dict[str, list] = {}
+    for kind, task, ids in baseline_requests(requests, tokenizer):
+        groups.setdefault(task, []).append((kind, ids))
+
+    def left_padded(seqs):
+        width = max(len(s) for s in seqs)
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        return ids, mask
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for task, items in groups.items():
+            model.set_adapter(task)
+            gen = [ids for kind, ids in items if kind == "complete"]
+            cls = [ids for kind, ids in items if kind == "classify"]
+            if gen:
+                ids, mask = left_padded(gen)
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=pad)
+            if cls:
+                ids, mask = left_padded(cls)
+                logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+                torch.softmax(logits[:, label_ids], dim=-1)
+    wall = time.perf_counter() - t0
+    return {"requests": len(requests), "wall_s": wall, "req_s": len(requests) / wall}
+
+
+def hf_one_at_a_time(store: Path, requests: list, backbone, tokenizer) -> dict:
+    """Plain `generate` per request: [task prompt; text] as inputs_embeds, no batching, no cache reuse."""
+    from tuner.export import load_adapter
+
+    embed = backbone.get_input_embeddings()
+    label_ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in META["verbaliser"].values()]
+    prompts = {t: load_adapter(store / t).prompt for t in {t for _, t, _ in requests}}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for kind, task, ids in baseline_requests(requests, tokenizer):
+            x = torch.cat([prompts[task], embed(torch.tensor(ids))])[None]
+            if kind == "complete":
+                backbone.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long),
+                                  max_new_tokens=MAX_TOKENS, do_sample=False,
+                                  pad_token_id=pad)
+            else:
+                torch.softmax(backbone(inputs_embeds=x, logits_to_keep=1).logits[0, -1, label_ids], dim=-1)
+    wall = time.perf_counter() - t0
+    return {"requests": len(requests), "wall_s": wall, "req_s": len(requests) / wall}
+
+
+# ------------------------------------------------------------------------------------ the benchmark
+
+
+def plot(sweep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(int(k) for k in sweep)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(ks, [sweep[str(k)]["req_s"] for k in ks], "o-", label="promptfleet (HTTP, mixed batches)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("tasks in the request mix")
+    ax.set_ylabel("requests / s")
+    ax.set_ylim(bottom=0)
+    ax.set_title("SmolLM2-135M, 2-core CPU, max_tokens=8")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: few requests and tasks, nothing recorded")
+    ap.add_argument("--requests", type=int, default=64, help="requests per measured run")
+    ap.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients")
+    ap.add_argument("--port", type=int, default=18777)
+    args = ap.parse_args(argv)
+    n = 24 if args.quick else args.requests
+    task_counts = [1, 8] if args.quick else [1, 8, 64, 512]
+    mixed_k = 8 if args.quick else 64
+    n_bad = 50 if args.quick else 1000
+    root = Path(tempfile.mkdtemp(prefix="promptfleet-bench-serving-"))
+    texts = sentences(400)
+    store = write_store(root, max(task_counts))
+    print(f"prompt store: {max(task_counts)} tasks under {store}")
+    out: dict = {"benchmark": "serving", "quick": args.quick, "requests_per_run": n, "concurrency": args.concurrency,
+                 "max_tokens": MAX_TOKENS, "num_virtual_tokens": P}
+
+    # 1) ours: task sweep, mixed vs single, robustness (prefix cache on)
+    with Server(root, store, args.port) as srv:
+        warm_up(srv.url, max(task_counts), texts)
+        sweep = {}
+        for k in task_counts:
+            warm_tasks(srv.url, k, texts)
+            before = srv.metrics()
+            run = load(srv.url, make_requests(n, k, texts, seed=k), args.concurrency)
+            after = srv.metrics()
+            run["prefix_cache_hit_rate"] = _rate(before, after)
+            run.pop("_extra")
+            sweep[str(k)] = run
+            print(f"  {k:>3} tasks: {run['req_s']:.2f} req/s  p50 {run['p50_ms']:.0f} ms  p99 {run['p99_ms']:.0f} ms  "
+                  f"statuses {run['statuses']}  prefix hit rate {run['prefix_cache_hit_rate']:.2f}")
+        warm_tasks(srv.url, mixed_k, texts)  # the 512-task run evicted some of them
+        clean = load(srv.url, make_requests(n, mixed_k, texts, seed=1), args.concurrency)
+        clean.pop("_extra")
+        pace = clean["wall_s"] * 8 / n_bad
+        dirty = load(srv.url, make_requests(n, mixed_k, texts, seed=1), args.concurrency,
+                     extra=malformed_requests(n_bad, max(task_counts)), extra_pace_s=pace)
+        bad = dirty.pop("_extra")
+        alive = httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+        robustness = {
+            "malformed": len(bad), "malformed_4xx_json": sum(error_shaped(*b) for b in bad),
+            "malformed_5xx": sum(b[0] >= 500 for b in bad), "status_counts": dict(Counter(b[0] for b in bad)),
+            "valid_statuses": dirty["statuses"], "server_up_after": alive,
+            "valid_p99_ms_clean": clean["p99_ms"], "valid_p99_ms_with_malformed": dirty["p99_ms"],
+            "valid_p99_ratio": dirty["p99_ms"] / clean["p99_ms"],
+            "valid_req_s_clean": clean["req_s"], "valid_req_s_with_malformed": dirty["req_s"],
+        }
+        print(f"  robustness: {robustness}")
+        ttft_on = _prefill_and_ttft(srv, n, mixed_k, texts)
+    # 2) ours with the prefix KV cache off
+    with Server(root, store, args.port + 1, "engine.prefix_cache=false") as srv:
+        warm_up(srv.url, mixed_k, texts)
+        ttft_off = _prefill_and_ttft(srv, n, mixed_k, texts)
+    print(f"  prefix cache on: {ttft_on}\n  prefix cache off: {ttft_off}")
+
+    # 3) baselines, in process, after the server has gone
+    from tuner.backbone import load_backbone, load_tokenizer, resolve_backbone
+
+    path = resolve_backbone("smollm2-135m")
+    tokenizer = load_tokenizer(path)
+    mixed_requests = make_requests(n, mixed_k, texts, seed=mixed_k)
+    backbone = load_backbone(path, torch.float32, "sdpa", torch.device("cpu"))
+    hf_n = max(8, n // 2)
+    hf = hf_one_at_a_time(store, balanced(mixed_requests, hf_n), backbone, tokenizer)
+    print(f"  HF generate, one at a time ({hf_n} requests): {hf['req_s']:.2f} req/s")
+    peft = peft_serving(store, mixed_requests, backbone, tokenizer)
+    print(f"  PEFT per-task serving: {peft['req_s']:.2f} req/s")
+
+    ours = sweep[str(mixed_k)]
+    out.update({
+        "task_sweep": sweep, "mixed_tasks": mixed_k,
+        "mixed_vs_single": ours["req_s"] / sweep["1"]["req_s"],
+        "peft_per_task": peft, "vs_peft": ours["req_s"] / peft["req_s"],
+        "hf_one_at_a_time": hf, "vs_hf_generate": ours["req_s"] / hf["req_s"],
+        "prefix_cache": {"on": ttft_on, "off": ttft_off}, "robustness": robustness,
+    })
+    rows = [
+        [f"ours, {mixed_k} tasks mixed (HTTP)", ours["req_s"], ours["p50_ms"], ours["p99_ms"], "1.00x"],
+        ["ours, 1 task (HTTP)", sweep["1"]["req_s"], sweep["1"]["p50_ms"], sweep["1"]["p99_ms"],
+         f"mixed/single = {out['mixed_vs_single']:.2f} (target >= 0.9)"],
+        ["PEFT, set_adapter + batched generate per task (in process)", peft["req_s"], "", "",
+         f"ours/PEFT = {out['vs_peft']:.1f}x (target >= 5x)"],
+        ["HF generate, one request at a time (in process)", hf["req_s"], "", "",
+         f"ours/HF = {out['vs_hf_generate']:.1f}x (target >= 10x)"],
+    ]
+    print(markdown_table(["method", "req/s", "p50 ms", "p99 ms", "ratio"], rows))
+    if not args.quick:
+        png = REPO / "bench" / "results" / "serving_tasks.png"
+        png.parent.mkdir(parents=True, exist_ok=True)
+        plot(sweep, png)
+        out["plot"] = str(png.relative_to(REPO))
+    write_result("serving", out, args.quick)
+    return out
+
+
+def _rate(before: dict, after: dict) -> float:
+    hits = after.get("promptfleet_prefix_cache_hits_total", 0) - before.get("promptfleet_prefix_cache_hits_total", 0)
+    miss = after.get("promptfleet_prefix_cache_misses_total", 0) - before.get("promptfleet_prefix_cache_misses_total", 0)
+    return hits / (hits + miss) if hits + miss else float("nan")
+
+
+def _prefill_and_ttft(srv: Server, n: int, n_tasks: int, texts: list[str]) -> dict:
+    """Prefill tokens per request (server counter) and streamed TTFT at moderate load (8 clients)."""
+    reqs = [(kind, task, text) for kind, task, text in make_requests(n, n_tasks, texts, seed=7)]
+    before = srv.metrics()
+    load(srv.url, reqs, 8)
+    after = srv.metrics()
+    prefill = after["promptfleet_prefill_tokens_total"] - before["promptfleet_prefill_tokens_total"]
+    # The engine counts text tokens; a prefix-cache miss also runs the task's P prompt positions.
+    misses = (after.get("promptfleet_prefix_cache_misses_total", 0)
+              - before.get("promptfleet_prefix_cache_misses_total", 0))
+    streamed = [("complete", task, text, True) for _, task, text in make_requests(n // 2, n_tasks, texts, seed=8)]
+    run = load(srv.url, streamed, 8)
+    return {"prefill_text_tokens_per_request": prefill / n,
+            "prefill_positions_per_request": (prefill + P * misses) / n, "ttft_p50_ms": run["ttft_p50_ms"],
+            "stream_p50_ms": run["p50_ms"], "req_s": run["req_s"], "hit_rate": _rate(before, after)}
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

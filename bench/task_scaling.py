@@ -1,0 +1,150 @@
+"""Benchmark: does a step cost more with more tasks in the batch, or more tasks registered?
+
+One fixed global batch of real examples (SST-2 + AG News + TREC, drawn by the recipe's sampler)
+is relabelled to synthetic task ids, so every configuration runs exactly the same tokens
+through the same packed rows; only the task structure changes:
+
+    A  1 task per batch,   10 tasks registered
+    B  1 task per batch,   10,000 tasks registered      (A vs B: registered tasks)
+    C  64 tasks per batch, 10,000 tasks registered      (B vs C: tasks per batch)
+
+Each step is the recipe's own `_train_step` (gather the batch's prompt rows, forward/backward,
+SparseRowAdam on those rows, scatter back). The optimiser already holds state for every
+registered task, as after a long run. Configurations are interleaved, repetition by
+repetition; medians of wall-clock and of process CPU time are reported, with one torch thread
+by default (the comparison is within ours; one thread keeps other load from stalling OpenMP
+barriers, the main source of noise on a shared 2-core machine). The prompt-bank + optimiser
+part of the step is also timed on its own (it is what could scale with tasks; the backbone's
+work cannot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import time
+from types import SimpleNamespace
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.common import (
+    ReplayedDraws,
+    bench_config,
+    draw_batches,
+    markdown_table,
+    median,
+    setup_recipe,
+    write_result,
+)
+from tuner.optim import SparseRowAdam
+from tuner.prompt_bank import PromptBank
+
+
+def task_names(n: int) -> list[str]:
+    return [f"task{i:05d}" for i in range(n)]
+
+
+def registered_bank(registered: int, P: int, hidden: int, like: SparseRowAdam) -> tuple[PromptBank, SparseRowAdam]:
+    """A bank of `registered` tasks and an optimiser holding state for every one of them."""
+    names = task_names(registered)
+    bank = PromptBank(names, P, hidden)
+    bank.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
+    opt = SparseRowAdam(like.lr, like.betas, like.eps, like.weight_decay, like.grad_clip)
+    opt.state = {n: {"step": 1, "exp_avg": torch.zeros(P, hidden), "exp_avg_sq": torch.zeros(P, hidden)} for n in names}
+    return bank, opt
+
+
+def relabel(examples, per_batch: int) -> tuple[dict, list[tuple[str, int]]]:
+    """(recipe tasks, global batch) with `examples` spread round-robin over `per_batch` task ids."""
+    names = task_names(per_batch)
+    relabelled = [dataclasses.replace(ex, task=names[j % per_batch]) for j, ex in enumerate(examples)]
+    return {n: SimpleNamespace(train=relabelled) for n in names}, [(ex.task, j) for j, ex in enumerate(relabelled)]
+
+
+def bank_and_optimiser_time(bank: PromptBank, opt: SparseRowAdam, names: list[str], reps: int = 20) -> float:
+    """Median seconds of the step's task-dependent part: gather rows, Adam step, scatter back."""
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        rows = bank.rows_of(names)
+        prompts = bank.gather(rows)
+        new = opt.step(names, prompts.detach(), torch.ones_like(prompts))
+        bank.scatter_(rows, new)
+        ts.append(time.perf_counter() - t0)
+    return median(ts)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: small batch, 1 repetition, nothing recorded")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=64, help="examples per step; also the most tasks per batch")
+    ap.add_argument("--registered", type=int, default=10_000)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: no OpenMP barrier stalls, so far less noise on a shared machine)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    batch, reps, many = (16, 1, 1000) if args.quick else (args.batch_size, args.reps, args.registered)
+
+    cfg = bench_config("task-scaling", batch_size=batch, max_steps=10**6, max_train=400 if args.quick else 4000)
+    recipe = setup_recipe(cfg)
+    (draw,) = draw_batches(recipe, 1)
+    examples = [recipe.tasks[t].train[i] for t, i in draw]
+    P, H = cfg.prompt.num_virtual_tokens, recipe.lm.backbone.config.hidden_size
+    configs = {
+        "A: 1 task/batch, 10 registered": (1, 10),
+        f"B: 1 task/batch, {many:,} registered": (1, many),
+        f"C: {batch} tasks/batch, {many:,} registered": (batch, many),
+    }
+    banks = {n: registered_bank(n, P, H, recipe.optimizer) for n in {n for _, n in configs.values()}}
+    setups = {name: (*relabel(examples, k), *banks[n]) for name, (k, n) in configs.items()}
+
+    def run(name: str) -> dict:
+        recipe.tasks, d, recipe.bank, recipe.optimizer = setups[name]
+        recipe.sampler = ReplayedDraws([d])
+        return recipe._train_step()
+
+    times: dict[str, list[float]] = {n: [] for n in configs}  # wall-clock seconds
+    cpu: dict[str, list[float]] = {n: [] for n in configs}  # process CPU seconds (robust to other load)
+    tokens = {}
+    for r in tqdm(range(reps + 1), desc="task scaling (reps x configs)", unit="rep"):  # rep 0 warms up
+        order = list(configs)[r % len(configs):] + list(configs)[:r % len(configs)]
+        for name in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            tokens[name] = run(name)["tokens"]
+            if r:
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    assert len(set(tokens.values())) == 1, f"configurations must run the same tokens: {tokens}"
+
+    results = {}
+    for name, (k, n) in configs.items():
+        tasks, _, bank, opt = setups[name]
+        results[name] = {"tasks_per_batch": k, "registered_tasks": n, "median_step_s": median(times[name]),
+                         "median_step_cpu_s": median(cpu[name]), "step_times_s": times[name], "step_cpu_s": cpu[name],
+                         "bank_and_optimiser_s": bank_and_optimiser_time(bank, opt, sorted(tasks))}
+    a, b, c = (results[n] for n in configs)
+    comparisons = {f"{what} ({clock})": y[key] / x[key] - 1
+                   for what, x, y in (("registered, B vs A", a, b), ("tasks per batch, C vs B", b, c))
+                   for clock, key in (("wall", "median_step_s"), ("CPU time", "median_step_cpu_s"))}
+    rows = [[n, r["median_step_s"], f"{100 * (r['median_step_s'] / a['median_step_s'] - 1):+.1f}%",
+             r["median_step_cpu_s"], f"{100 * (r['median_step_cpu_s'] / a['median_step_cpu_s'] - 1):+.1f}%",
+             f"{1000 * r['bank_and_optimiser_s']:.2f}"] for n, r in results.items()]
+    table = markdown_table(["configuration", "median step, wall (s)", "vs A", "median step, CPU (s)", "vs A",
+                            "bank + optimiser (ms)"], rows)
+    print(table)
+    print("; ".join(f"{k}: {100 * v:+.1f}%" for k, v in comparisons.items()) + f" (target: within 5%; {reps} reps)")
+    out = {"benchmark": "task_scaling", "quick": args.quick,
+           "setup": {"batch_size": batch, "text_tokens_per_step": next(iter(tokens.values())), "reps": reps,
+                     "max_seq_len": cfg.model.max_seq_len, "num_virtual_tokens": P, "dtype": "fp32",
+                     "attention": "sdpa", "threads": torch.get_num_threads()},
+           "results": results, "comparisons": comparisons, "table": table}
+    write_result("task_scaling", out, args.quick)
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Benchmark: training throughput on a real three-task mix, ours vs PEFT prompt tuning.
+
+Every global step is drawn once by the recipe's sampler (SST-2 + AG News + TREC, temperature
+mixing) and then run by every method on the same examples, in rotating order (the machine is
+shared, so interleaving spreads noise evenly). Methods:
+
+* `ours`: the recipe's own `_train_step` (mixed-task packed rows, LM head at target positions
+  only, SparseRowAdam on the rows of the tasks in the batch);
+* `ours, no packing` and `ours, full-vocab head`: the same step with one idea switched off, to
+  show where the speedup comes from;
+* `PEFT`: `PeftPromptTuning` (see `bench.common`): one padded batch per task, full-vocab loss,
+  AdamW.
+
+Throughput counts real text tokens (input + target; no virtual tokens, no padding), identical
+for all methods. MFU divides the *useful* model FLOPs of a step (formula in `useful_flops`) by
+the step time and by a matmul peak measured in the same run (fp32 and bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from bench.common import (
+    PeftPromptTuning,
+    ReplayedDraws,
+    bench_config,
+    draw_batches,
+    examples_by_task,
+    markdown_table,
+    median,
+    setup_recipe,
+    write_result,
+)
+from tuner.batching import collate, segment_layout
+from tuner.model import LossOutput, PromptTunedLM
+
+
+class FullVocabHeadLM(PromptTunedLM):
+    """Ours with the LM head over every position (as Hugging Face models compute logits), then
+    the same target-only loss: isolates what the target-only head saves."""
+
+    def forward(self, batch, prompts, prompt_index, *, loss_scale=1.0, return_logits=False) -> LossOutput:
+        logits = self.lm_head(self.hidden_states(batch, prompts, prompt_index)).float()  # [R, L, V]
+        nll = F.cross_entropy(logits[batch.target_row, batch.target_col], batch.target_ids, reduction="none")
+        S = batch.num_segments
+        seg_sum = torch.zeros(S, dtype=nll.dtype).index_add(0, batch.target_seg, nll)
+        seg_mean = seg_sum / torch.bincount(batch.target_seg, minlength=S).clamp(min=1).to(nll.dtype)
+        return LossOutput(loss=seg_mean.sum() * loss_scale, seg_loss=seg_mean.detach(), seg_logprob=-seg_sum.detach())
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+    """Best-of-`reps` FLOP/s of an n x n x n matmul in `dtype` (this machine's practical peak)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def model_shape(backbone) -> dict:
+    cfg = backbone.config
+    layers = getattr(backbone, backbone.base_model_prefix).layers
+    linear = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {"linear_params": linear, "layers": cfg.num_hidden_layers, "attn_width": cfg.num_attention_heads * head_dim,
+            "hidden": cfg.hidden_size, "vocab": cfg.vocab_size}
+
+
+def useful_flops(examples, P: int, max_len: int, shape: dict) -> float:
+    """Model FLOPs one training step needs, counted on useful positions only (no padding).
+
+    Per segment of n = P + input + target - 1 positions and t target tokens, with frozen weights
+    (backward computes activation gradients only, no weight gradients):
+        linear layers   4 * N_linear * n              (forward 2 N n, backward dX 2 N n)
+        attention       6 * layers * d_attn * n^2     (causal: forward QK^T + AV = 2 n^2 d,
+                                                       backward dP, dV, dQ, dK = 4 n^2 d)
+        LM head         4 * hidden * vocab * t        (forward + dX, target positions only)
+    Embedding lookups, norms, activations and rotary embeddings are not counted.
+    """
+    total = 0.0
+    for ex in examples:
+        inp, tgt = segment_layout(ex, P, max_len)
+        n, t = P + len(inp) + len(tgt) - 1, len(tgt)
+        total += 4 * shape["linear_params"] * n + 6 * shape["layers"] * shape["attn_width"] * n * n
+        total += 4 * shape["hidden"] * shape["vocab"] * t
+    return total
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, nothing recorded")
+    ap.add_argument("--steps", type=int, default=8, help="timed global steps (each run by every method)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-seq-len", type=int, default=160)
+    ap.add_argument("--virtual-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads for every method (0: torch's default, one per core); another value is "
+                         "recorded as train_throughput_<n>thread.json")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = 2 if args.quick else args.steps
+    warmup = 1
+
+    cfg = bench_config("train-throughput", batch_size=args.batch_size, max_steps=10**6, max_seq_len=args.max_seq_len,
+                       num_virtual_tokens=args.virtual_tokens, max_train=400 if args.quick else 4000)
+    recipe = setup_recipe(cfg)
+    P, L, pad = cfg.prompt.num_virtual_tokens, cfg.model.max_seq_len, recipe.tokenizer.pad_token_id
+    names = list(recipe.tasks)
+    peft = PeftPromptTuning(recipe.lm.backbone, names, {t: recipe.bank.prompt(t) for t in names}, lr=cfg.optim.lr)
+    ours_lm, full_head_lm = recipe.lm, FullVocabHeadLM(recipe.lm.backbone)
+
+    def run_ours(draw, packing: bool, lm) -> None:
+        recipe.cfg.data.packing, recipe.lm, recipe.sampler = packing, lm, ReplayedDraws([draw])
+        recipe._train_step()
+
+    def run_peft(draw) -> None:
+        peft.step(examples_by_task(recipe, draw), cfg.optim.lr, L, pad)
+
+    methods = {
+        "ours": lambda d: run_ours(d, True, ours_lm),
+        "ours, no packing": lambda d: run_ours(d, False, ours_lm),
+        "ours, full-vocab head": lambda d: run_ours(d, True, full_head_lm),
+        "PEFT": run_peft,
+    }
+    shape = model_shape(recipe.lm.backbone)
+
+    times: dict[str, list[float]] = {m: [] for m in methods}  # wall-clock seconds per step
+    cpu: dict[str, list[float]] = {m: [] for m in methods}  # process CPU seconds per step (all threads)
+    peaks = {"fp32": 0.0, "bf16": 0.0}
+    per_step = []
+    draws = draw_batches(recipe, warmup + steps)
+    for k, draw in enumerate(tqdm(draws, desc="train throughput (steps x methods)", unit="step")):
+        order = list(methods)[k % len(methods):] + list(methods)[:k % len(methods)]  # rotate who goes first
+        for m in order:
+            t0, c0 = time.perf_counter(), time.process_time()
+            methods[m](draw)
+            if k >= warmup:
+                times[m].append(time.perf_counter() - t0)
+                cpu[m].append(time.process_time() - c0)
+        # The peak is sampled between steps, under the same load; the best sample is the peak.
+        peaks = {"fp32": max(peaks["fp32"], matmul_peak(torch.float32)),
+                 "bf16": max(peaks["bf16"], matmul_peak(torch.bfloat16))}
+        if k >= warmup:
+            examples = [recipe.tasks[t].train[i] for t, i in draw]
+            by_task = examples_by_task(recipe, draw)
+            packed = collate(examples, {t: 0 for t in names}, P, max_len=L, pad_id=pad, packing=True)
+            unpacked = collate(examples, {t: 0 for t in names}, P, max_len=L, pad_id=pad, packing=False)
+            peft_positions = sum(len(ex) * (P + peft.collate(ex, L, pad)[0]["input_ids"].shape[1])
+                                 for ex in by_task.values())
+            per_step.append({
+                "text_tokens": packed.num_text_tokens,
+                "useful_positions": packed.num_text_tokens + len(examples) * (P - 1),
+                "flops": useful_flops(examples, P, L, shape),
+                "positions": {"ours": packed.input_ids.numel(), "ours, no packing": unpacked.input_ids.numel(),
+                              "ours, full-vocab head": packed.input_ids.numel(), "PEFT": peft_positions},
+            })
+    recipe.lm = ours_lm
+
+    tokens = sum(s["text_tokens"] for s in per_step)
+    flops = sum(s["flops"] for s in per_step)
+    useful = sum(s["useful_positions"] for s in per_step)
+    results = {}
+    for m, ts in times.items():
+        total = sum(ts)
+        results[m] = {
+            "tokens_per_s": tokens / total,
+            "median_step_s": median(ts),
+            "speedup_vs_peft": median([p / o for p, o in zip(times["PEFT"], ts)]),  # per-step ratios: robust to noise
+            "cpu_s_per_step": sum(cpu[m]) / len(ts),
+            "speedup_vs_peft_cpu_time": sum(cpu["PEFT"]) / sum(cpu[m]),
+            "mfu_fp32_peak": flops / total / peaks["fp32"],
+            "mfu_bf16_peak": flops / total / peaks["bf16"],
+            # the same, over the time the process was on a core (CPU seconds / threads): removes time lost
+            # to other processes on this shared machine, but counts spin-waiting as busy
+            "mfu_fp32_peak_on_cpu": flops / (sum(cpu[m]) / torch.get_num_threads()) / peaks["fp32"],
+            "computed_positions_per_useful": sum(s["positions"][m] for s in per_step) / useful,
+            "step_times_s": ts,
+            "step_cpu_s": cpu[m],
+        }
+    header = ["method", "text tokens/s", "median step (s)", "speedup vs PEFT (wall)", "speedup vs PEFT (CPU time)",
+              "MFU (fp32 peak)", "MFU (bf16 peak)", "computed / useful positions"]
+    rows = [[m, r["tokens_per_s"], r["median_step_s"], f"{r['speedup_vs_peft']:.2f}x", f"{r['speedup_vs_peft_cpu_time']:.2f}x",
+             f"{100 * r['mfu_fp32_peak']:.1f}%", f"{100 * r['mfu_bf16_peak']:.1f}%", r["computed_positions_per_useful"]]
+            for m, r in results.items()]
+    table = markdown_table(header, rows)
+    print(table)
+    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
+          f"{tokens / len(per_step):.0f} text tokens and {flops / len(per_step) / 1e12:.3f} TFLOP per step")
+    out = {
+        "benchmark": "train_throughput", "quick": args.quick,
+        "setup": {"tasks": names, "batch_size": cfg.optim.batch_size, "max_seq_len": L, "num_virtual_tokens": P,
+                  "timed_steps": steps, "warmup_steps": warmup, "dtype": "fp32", "attention": "sdpa",
+                  "threads": torch.get_num_threads(), "backbone": cfg.model.name, "model_shape": shape},
+        "matmul_peak_flops": peaks, "tokens_per_step": tokens / len(per_step), "flops_per_step": flops / len(per_step),
+        "results": results, "per_step": per_step, "table": table,
+    }
+    write_result(f"train_throughput_{args.threads}thread" if args.threads else "train_throughput", out, args.quick)
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
