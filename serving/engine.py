@@ -3,9 +3,10 @@
 `Engine.generate(req)` validates a request (unknown task, too long, bad parameters, queue full)
 before it yields anything, queues it, and streams `RequestOutput` increments; `classify` scores a
 classification task's verbaliser words. One background thread owns the model: each iteration it
-reloads the registry when due, runs pending classify jobs, expires timed-out requests, then runs
-one scheduler step (prefill new requests + decode all running ones, all tasks in one batch) and
-hands the outputs to the event loop with `call_soon_threadsafe`. The scheduler is shared with the
+reloads the registry when due, expires timed-out requests, then runs one model step: decode all
+running requests, and prefill the newly admitted ones together with every pending classification
+(any tasks, one row per request when the verbalisers are single tokens), all tasks in one batch;
+it hands the outputs to the event loop with `call_soon_threadsafe`. The scheduler is shared with the
 event loop under a lock held only for bookkeeping, never during a forward.
 
 It does not speak HTTP, authenticate, or export metrics (`serving.api` does, from `stats()`).
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,8 +25,8 @@ import torch
 
 from serving.prompt_format import format_prompt
 from serving.registry import PromptRegistry, TaskEntry
-from serving.runner import ModelRunner
-from serving.scheduler import Request, Scheduler, SchedulerConfig
+from serving.runner import ModelRunner, ScoreJob
+from serving.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput
 from serving.types import (
     ClassifyResult,
     EngineError,
@@ -86,7 +86,7 @@ class Engine:
         self.eos_token_ids = frozenset(eos | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
         self._lock = threading.Lock()  # guards the scheduler
         self._wake = threading.Event()
-        self._jobs: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._classify: list[tuple[ScoreJob, asyncio.Future]] = []  # pending; guarded by the lock
         self._streams: dict[str, asyncio.Queue] = {}  # touched on the event loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -112,7 +112,10 @@ class Engine:
         self._thread = None
         with self._lock:
             left = self.scheduler.abort_all()
+            classify, self._classify = self._classify, []
         self._deliver([(r.request_id, self._final(r, FinishReason.ABORT)) for r in left])
+        for _, fut in classify:
+            _set_future(fut, EngineError("the engine stopped"))
 
     # ------------------------------------------------------------------ tasks
     def task_names(self) -> list[str]:
@@ -170,21 +173,13 @@ class Engine:
         verbaliser = entry.meta.get("verbaliser") or {}
         if entry.meta.get("kind") != "classification" or not verbaliser:
             raise InvalidRequest(f"task {task!r} is not a classification task", param="model")
-        prompt_ids = self._tokenize_prompt(entry, text, raw, max(len(v) for v in self._labels(entry).values()))
-        if self._jobs.qsize() >= self.config.max_queue:
-            raise Overloaded("server busy: too many classification requests waiting")
         labels = self._labels(entry)
+        prompt_ids = self._tokenize_prompt(entry, text, raw, max(len(v) for v in labels.values()))
         fut = self._loop.create_future()
-
-        def job() -> None:
-            try:
-                result: object = self.runner.score(entry, prompt_ids, list(labels.values()))
-            except Exception as e:  # delivered to the caller instead of killing the engine thread
-                log.exception("classify failed")
-                result = EngineError(f"classification failed: {e}")
-            self._loop.call_soon_threadsafe(_set_future, fut, result)
-
-        self._jobs.put(job)
+        with self._lock:
+            if len(self._classify) >= self.config.max_queue:
+                raise Overloaded("server busy: too many classification requests waiting")
+            self._classify.append((ScoreJob(entry, prompt_ids, list(labels.values())), fut))
         self._wake.set()
         scores = await fut
         probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
@@ -202,7 +197,7 @@ class Engine:
     def stats(self) -> dict:
         pc = self.runner.prefix_cache.stats
         with self._lock:
-            queued, running = self.scheduler.num_waiting, len(self.scheduler.running)
+            queued, running = self.scheduler.num_waiting + len(self._classify), len(self.scheduler.running)
         return {
             "queue_depth": queued, "running": running, "last_batch_size": self.scheduler.last_batch_size,
             "tokens_generated_total": self._counters["tokens_generated_total"],
@@ -259,29 +254,41 @@ class Engine:
             if now >= next_reload:
                 self._reload()
                 next_reload = now + self.config.reload_interval_s
-            while not self._jobs.empty():
-                self._jobs.get_nowait()()
             self._expire(now)  # O(requests) scan: microseconds next to a model step
             with self._lock:
-                out = self.scheduler.schedule() if self.scheduler.has_work else None
-            if out is None or out.empty:
+                out = self.scheduler.schedule() if self.scheduler.has_work else SchedulerOutput()
+                classify = self._take_classify(self.config.max_step_tokens - out.num_tokens)
+            if out.empty and not classify:
                 self._wake.wait(timeout=min(0.25, self.config.reload_interval_s))
                 self._wake.clear()
                 continue
             try:
-                sampled = self.runner.step(out)
+                sampled = self.runner.step(out, [job for job, _ in classify])
             except Exception as e:  # fail this step's requests, keep serving the others
                 log.exception("engine step failed")
                 self.runner.reset()  # the batch state is suspect: every running request ends
                 with self._lock:
                     failed = self.scheduler.abort_all()
                 self._fail(failed, lambda e=e: EngineError(f"model step failed: {e}"))
+                for _, fut in classify:
+                    self._loop.call_soon_threadsafe(_set_future, fut, EngineError(f"classification failed: {e}"))
                 continue
+            for job, fut in classify:
+                self._loop.call_soon_threadsafe(_set_future, fut, job.scores)
             with self._lock:
                 outputs = self.scheduler.update(out, sampled)
                 self._counters["tokens_generated_total"] += len(outputs)
                 self._counters["requests_finished_total"] += sum(o.finished for o in outputs)
             self._deliver_threadsafe([(o.request_id, o) for o in outputs])
+
+    def _take_classify(self, budget: int) -> list[tuple[ScoreJob, asyncio.Future]]:
+        """Pending classifications for this step, FIFO within `budget` tokens (at least one); lock held."""
+        n = 0
+        while n < len(self._classify) and (n == 0 or budget >= len(self._classify[n][0].prompt_ids)):
+            budget -= len(self._classify[n][0].prompt_ids)
+            n += 1
+        taken, self._classify = self._classify[:n], self._classify[n:]
+        return [(job, fut) for job, fut in taken if not fut.done()]  # skip callers that went away
 
     def _reload(self) -> None:
         try:

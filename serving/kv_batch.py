@@ -4,8 +4,8 @@
 head_dim]`; `mask[B, capacity]` says which columns of a row hold real tokens (rows are left-padded,
 and a row may also have holes where its task prompt is shorter than another row's). A decode step
 writes the new column in place (no per-step concatenation, unlike `DynamicCache`); rows join
-(`concatenate`) and leave (`filter`) between steps as in TGI's `CausalLMBatch`, each of which copies
-the KV once. It implements the transformers `Cache` interface, so it is passed to the model as
+(`concatenate`) and leave (`filter`) between steps as in TGI's `CausalLMBatch`; `gather` does both
+at once, so a step copies the KV at most once. It implements the transformers `Cache` interface, so it is passed to the model as
 `past_key_values`; the caller advances `length` after each forward (all layers write at the same
 offset during it).
 
@@ -88,30 +88,34 @@ class KVBatch(Cache):
 
     def filter(self, keep: list[int], headroom: int) -> KVBatch:
         """A batch of rows `keep` (in that order), without the columns now padding in every row."""
-        idx = torch.tensor(keep, dtype=torch.long, device=self.kv.device)
-        mask = self.mask[idx, :self.length]
-        valid_cols = mask.any(0).nonzero()
-        first = int(valid_cols[0]) if len(valid_cols) else self.length
-        width = self.length - first
-        out = KVBatch.empty(self.kv.shape[0], len(keep), self.kv.shape[3], self.kv.shape[5], width + headroom,
-                            self.kv.dtype, self.kv.device)
-        out.kv[..., :width, :] = self.kv[:, :, idx, :, first:self.length]
-        out.mask[:, :width] = mask[:, first:]
-        out.length = width
-        return out
+        return KVBatch.gather([(self, keep)], headroom)
 
     @classmethod
     def concatenate(cls, batches: list[KVBatch], headroom: int) -> KVBatch:
         """Stack the rows of `batches`; each is right-aligned to the longest (left padding grows)."""
-        width = max(b.length for b in batches)
-        ref = batches[0].kv
-        out = cls.empty(ref.shape[0], sum(b.rows for b in batches), ref.shape[3], ref.shape[5], width + headroom,
-                        ref.dtype, ref.device)
+        return cls.gather([(b, list(range(b.rows))) for b in batches], headroom)
+
+    @classmethod
+    def gather(cls, parts: list[tuple[KVBatch, list[int]]], headroom: int) -> KVBatch:
+        """Rows `keep` of each batch, stacked in order, in one copy (a step's leavers and joiners at once).
+
+        Each part is right-aligned to the widest; columns that are padding in every kept row of a part
+        are dropped first, so the batch does not keep growing to the left as requests come and go.
+        """
+        spans = []  # (batch, row index, first column kept)
+        for b, keep in parts:
+            idx = torch.tensor(keep, dtype=torch.long, device=b.kv.device)
+            valid_cols = b.mask[idx, :b.length].any(0).nonzero()
+            spans.append((b, idx, int(valid_cols[0]) if len(valid_cols) else b.length))
+        width = max(b.length - first for b, _, first in spans)
+        ref = parts[0][0].kv
+        out = cls.empty(ref.shape[0], sum(len(idx) for _, idx, _ in spans), ref.shape[3], ref.shape[5],
+                        width + headroom, ref.dtype, ref.device)
         row = 0
-        for b in batches:
-            start = width - b.length
-            out.kv[:, :, row:row + b.rows, :, start:width] = b.kv[..., :b.length, :]
-            out.mask[row:row + b.rows, start:width] = b.mask[:, :b.length]
-            row += b.rows
+        for b, idx, first in spans:
+            n, start = len(idx), width - (b.length - first)
+            out.kv[:, :, row:row + n, :, start:width] = b.kv[:, :, idx, :, first:b.length]
+            out.mask[row:row + n, start:width] = b.mask[idx, first:b.length]
+            row += n
         out.length = width
         return out

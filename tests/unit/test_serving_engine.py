@@ -145,10 +145,11 @@ def test_requests_are_validated_before_the_first_output(tmp_path):
                     await run(engine, request("r", task))
             with pytest.raises(PromptTooLong):
                 await run(engine, request("r", "t", prompt="x" * 9))
-            with pytest.raises(PromptTooLong):  # 4 virtual + 8 + 250 > 256 positions of the tiny model
-                engine.config.max_new_tokens_limit = 1000
-                await run(engine, request("r", "t", prompt="x" * 8, max_tokens=250))
-            for bad in ({"max_tokens": 0}, {"max_tokens": 1001}, {"temperature": -1.0}, {"top_p": 0.0}):
+            with pytest.raises(PromptTooLong):  # 4 virtual + 8 + (context - 10) > the tiny model's context
+                limit = engine.runner.max_positions
+                engine.config.max_new_tokens_limit = limit + 1000
+                await run(engine, request("r", "t", prompt="x" * 8, max_tokens=limit - 10))
+            for bad in ({"max_tokens": 0}, {"max_tokens": limit + 1001}, {"temperature": -1.0}, {"top_p": 0.0}):
                 with pytest.raises(InvalidRequest):
                     await run(engine, request("r", "t", **bad))
             with pytest.raises(InvalidRequest):
@@ -235,3 +236,36 @@ def test_classify_returns_verbaliser_probabilities(tmp_path):
     assert sum(result.labels.values()) == pytest.approx(1.0)
     assert result.label == max(result.labels, key=result.labels.get)
     assert engine.task_info("cls")["labels"] == ["pos", "neg"]
+
+
+def test_concurrent_classifications_of_many_tasks_equal_each_alone(tmp_path):
+    """Pending classifications (any tasks) are scored together with the step's prefills."""
+    engine = make_engine(tmp_path)
+    metas = [{"kind": "classification", "template": "Review: {sentence}\nSentiment:", "verbaliser": v}
+             for v in ({"pos": " g", "neg": " b"}, {"yes": " ya", "no": " n", "maybe": " m"})]
+    for i, meta in enumerate(metas):
+        save(tmp_path, f"cls{i}", engine.runner.model, meta=meta, seed=i)
+    save(tmp_path, "gen", engine.runner.model, seed=5)
+    engine.registry.refresh()
+    inputs = [(f"cls{i % 2}", text) for i, text in enumerate(["fine", "awful film", "so-so", "great", "meh", "ok!"])]
+
+    async def together():
+        await engine.start()
+        try:
+            gens = [run(engine, request(f"g{i}", "gen", prompt="x" * (3 + i), max_tokens=4)) for i in range(2)]
+            results = await asyncio.gather(*(engine.classify(t, x) for t, x in inputs), *gens)
+            return results[:len(inputs)]
+        finally:
+            await engine.stop()
+
+    async def alone(task, text):
+        await engine.start()
+        try:
+            return await engine.classify(task, text)
+        finally:
+            await engine.stop()
+
+    mixed = asyncio.run(together())
+    for (task, text), got in zip(inputs, mixed):
+        want = asyncio.run(alone(task, text))
+        assert got.label == want.label and got.labels == pytest.approx(want.labels, abs=1e-5)

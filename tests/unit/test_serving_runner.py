@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_llama
 
 from serving.registry import TaskEntry
-from serving.runner import ModelRunner
+from serving.runner import ModelRunner, ScoreJob, length_groups
 from serving.scheduler import Request, Scheduler, SchedulerConfig
 from serving.types import SamplingParams
 
@@ -57,8 +57,10 @@ def make_request(rid: str, task: TaskEntry, text_seed: int, **params) -> Request
     return Request(rid, task.name, ids, SamplingParams(**params), 0.0, frozenset(), task)
 
 
-def serve(runner: ModelRunner, arrivals: dict[int, list[Request]], max_batch_size: int = 32) -> dict[str, list[int]]:
-    """Drive scheduler + runner like the engine does; `arrivals[step]` join at that step."""
+def serve(runner: ModelRunner, arrivals: dict[int, list[Request]], max_batch_size: int = 32,
+          scores: dict[int, list[ScoreJob]] | None = None) -> dict[str, list[int]]:
+    """Drive scheduler + runner like the engine does; `arrivals[step]` join at that step, as do the
+    classifications `scores[step]` (scored in that step's forwards, as the engine does)."""
     sched = Scheduler(SchedulerConfig(max_batch_size=max_batch_size), lambda ids: "")
     outputs: dict[str, list[int]] = {}
     step = 0
@@ -66,7 +68,7 @@ def serve(runner: ModelRunner, arrivals: dict[int, list[Request]], max_batch_siz
         for req in arrivals.get(step, []):
             sched.add(req)
         out = sched.schedule()
-        for o in sched.update(out, runner.step(out)):
+        for o in sched.update(out, runner.step(out, (scores or {}).get(step, []))):
             outputs.setdefault(o.request_id, []).extend(o.token_ids)
         step += 1
     return outputs
@@ -140,3 +142,37 @@ def test_score_equals_full_forward_log_probs():
             P = task.prompt.shape[0]
             want = sum(logp[P + len(prompt) - 1 + j, t] for j, t in enumerate(c))
             assert abs(float(want) - score) < 1e-4
+
+
+def test_classification_in_a_mixed_batch_equals_classification_alone():
+    """Classifications of many tasks share the step's forwards with prefills (and run while other rows
+    decode): each one's scores equal those of the same classification run alone, and the generated
+    tokens equal those of a run without classifications."""
+    model, tasks = sharp_llama(), make_tasks(8, seed=6)
+
+    def job(i: int) -> ScoreJob:
+        prompt = torch.randint(3, VOCAB, (1 + (5 * i) % 11,), generator=torch.Generator().manual_seed(i)).tolist()
+        # Single-token verbalisers (one row per request) and multi-token ones sharing a first token.
+        conts = [[10], [11], [12]] if i % 2 else [[10, 20], [10, 21, 22], [13]]
+        return ScoreJob(tasks[i % 8], prompt, conts)
+
+    jobs = {0: [job(i) for i in range(5)], 2: [job(i) for i in range(5, 9)], 3: [job(9)]}
+    reqs = [make_request(f"r{i}", tasks[i], text_seed=10 + i, max_tokens=5) for i in range(6)]
+    arrivals = {0: reqs[:3], 2: reqs[3:]}
+    with_scores = serve(ModelRunner(model), arrivals, scores=jobs)
+    without = serve(ModelRunner(model), arrivals)
+    assert with_scores == without
+    solo = ModelRunner(model)
+    for step_jobs in jobs.values():
+        for j in step_jobs:
+            assert len(j.scores) == len(j.continuations)
+            alone = solo.score(j.task, j.prompt_ids, j.continuations)
+            torch.testing.assert_close(torch.tensor(j.scores), torch.tensor(alone), rtol=1e-5, atol=1e-4)
+
+
+def test_length_groups_split_rows_where_padding_costs_more_than_a_forward():
+    lengths = [30, 4, 5, 29, 6, 31]
+    assert length_groups(lengths, overhead=1000) == [[1, 2, 4, 3, 0, 5]]  # one forward, sorted by length
+    assert length_groups(lengths, overhead=10) == [[1, 2, 4], [3, 0, 5]]
+    groups = length_groups(lengths, overhead=0)
+    assert sorted(i for g in groups for i in g) == list(range(6)) and len(groups) == 6
