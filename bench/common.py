@@ -40,18 +40,40 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def bench_config(name: str, *, batch_size: int, max_steps: int, max_seq_len: int = 160, num_virtual_tokens: int = 16,
-                 max_train: int = 4000, max_eval: int = 200, lr: float = 0.3, warmup: int = 4) -> JobConfig:
+def bench_config(
+    name: str,
+    *,
+    batch_size: int,
+    max_steps: int,
+    max_seq_len: int = 160,
+    num_virtual_tokens: int = 16,
+    max_train: int = 4000,
+    max_eval: int = 200,
+    lr: float = 0.3,
+    warmup: int = 4,
+) -> JobConfig:
     """A single-process job on the three real tasks: fp32 and SDPA (the fair pair on this CPU)."""
-    return from_dict(JobConfig, {
-        "name": name, "output_dir": tempfile.mkdtemp(prefix="promptfleet-bench-"), "tasks": TASK_FILES,
-        "model": {"name": "smollm2-135m", "dtype": "fp32", "attn_implementation": "sdpa", "max_seq_len": max_seq_len},
-        "prompt": {"num_virtual_tokens": num_virtual_tokens, "init": "class_labels"},
-        "optim": {"lr": lr, "batch_size": batch_size, "max_steps": max_steps, "warmup_steps": warmup},
-        "data": {"max_train_examples": max_train, "max_eval_examples": max_eval, "packing": True},
-        "cluster": {"num_workers": 1, "zero_stage": 0},
-        "eval_every": 0, "checkpoint_every": 0, "eval_zero_shot": False,
-    })
+    return from_dict(
+        JobConfig,
+        {
+            "name": name,
+            "output_dir": tempfile.mkdtemp(prefix="promptfleet-bench-"),
+            "tasks": TASK_FILES,
+            "model": {
+                "name": "smollm2-135m",
+                "dtype": "fp32",
+                "attn_implementation": "sdpa",
+                "max_seq_len": max_seq_len,
+            },
+            "prompt": {"num_virtual_tokens": num_virtual_tokens, "init": "class_labels"},
+            "optim": {"lr": lr, "batch_size": batch_size, "max_steps": max_steps, "warmup_steps": warmup},
+            "data": {"max_train_examples": max_train, "max_eval_examples": max_eval, "packing": True},
+            "cluster": {"num_workers": 1, "zero_stage": 0},
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "eval_zero_shot": False,
+        },
+    )
 
 
 def setup_recipe(cfg: JobConfig, progress: bool = False) -> MultiTaskPromptTuningRecipe:
@@ -78,7 +100,9 @@ def draw_batches(recipe: MultiTaskPromptTuningRecipe, steps: int) -> list[list[t
     return batches
 
 
-def examples_by_task(recipe: MultiTaskPromptTuningRecipe, draw: list[tuple[str, int]]) -> dict[str, list[TokenizedExample]]:
+def examples_by_task(
+    recipe: MultiTaskPromptTuningRecipe, draw: list[tuple[str, int]]
+) -> dict[str, list[TokenizedExample]]:
     out: dict[str, list[TokenizedExample]] = defaultdict(list)
     for task, i in draw:
         out[task].append(recipe.tasks[task].train[i])
@@ -97,13 +121,23 @@ class PeftPromptTuning:
     backbone several times. Gradients are clipped per task, as each model would be alone.
     """
 
-    def __init__(self, backbone, tasks: list[str], initial_prompts: dict[str, torch.Tensor], *, lr: float,
-                 betas=(0.9, 0.999), eps: float = 1e-8, grad_clip: float = 1.0):
+    def __init__(
+        self,
+        backbone,
+        tasks: list[str],
+        initial_prompts: dict[str, torch.Tensor],
+        *,
+        lr: float,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        grad_clip: float = 1.0,
+    ):
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
         P = next(iter(initial_prompts.values())).shape[0]
-        config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P,
-                                    prompt_tuning_init=PromptTuningInit.RANDOM)
+        config = PromptTuningConfig(
+            task_type=TaskType.CAUSAL_LM, num_virtual_tokens=P, prompt_tuning_init=PromptTuningInit.RANDOM
+        )
         self.model = get_peft_model(backbone, config, adapter_name=tasks[0])
         for t in tasks[1:]:
             self.model.add_adapter(t, config)
@@ -111,7 +145,9 @@ class PeftPromptTuning:
             for t in tasks:
                 self.param(t).copy_(initial_prompts[t])
         self.num_virtual_tokens, self.grad_clip = P, grad_clip
-        self.optimizer = torch.optim.AdamW([self.param(t) for t in tasks], lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(
+            [self.param(t) for t in tasks], lr=lr, betas=betas, eps=eps, weight_decay=0.0
+        )
 
     def param(self, task: str) -> torch.nn.Parameter:
         return self.model.prompt_encoder[task].embedding.weight
@@ -135,7 +171,7 @@ class PeftPromptTuning:
         lab = torch.full((len(seqs), width), -100, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, (s, y) in enumerate(zip(seqs, labels)):
-            ids[i, :len(s)], lab[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), torch.tensor(y), 1
+            ids[i, : len(s)], lab[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(y), 1
         return {"input_ids": ids, "attention_mask": mask, "labels": lab}, sum(len(s) for s in seqs)
 
     def step(self, by_task: dict[str, list[TokenizedExample]], lr: float, max_len: int, pad_id: int) -> dict:
@@ -168,14 +204,23 @@ def median(xs: list[float]) -> float:
 def machine_info() -> dict:
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "amx": bool(amx),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "amx": bool(amx),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def write_result(name: str, result: dict, quick: bool) -> Path:

@@ -43,7 +43,9 @@ from tuner.optim import lr_at
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 3 steps, 16 eval examples, nothing recorded")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 3 steps, 16 eval examples, nothing recorded"
+    )
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-seq-len", type=int, default=128)
@@ -51,8 +53,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     steps, n_eval = (3, 16) if args.quick else (args.steps, args.eval_examples)
 
-    cfg = bench_config("quality", batch_size=args.batch_size, max_steps=steps, max_seq_len=args.max_seq_len,
-                       max_eval=n_eval, max_train=400 if args.quick else 4000)
+    cfg = bench_config(
+        "quality",
+        batch_size=args.batch_size,
+        max_steps=steps,
+        max_seq_len=args.max_seq_len,
+        max_eval=n_eval,
+        max_train=400 if args.quick else 4000,
+    )
     recipe = setup_recipe(cfg, progress=True)
     o, L = cfg.optim, cfg.model.max_seq_len
     names = list(recipe.tasks)
@@ -60,19 +68,26 @@ def main(argv: list[str] | None = None) -> dict:
     draws = draw_batches(recipe, steps)
 
     def evaluate(prompt_of, what: str) -> dict[str, dict]:
-        return {t: evaluate_task(recipe.lm, recipe.tokenizer, recipe.tasks[t], prompt_of(t), L)
-                for t in tqdm(names, desc=f"evaluate {what}", unit="task")}
+        return {
+            t: evaluate_task(recipe.lm, recipe.tokenizer, recipe.tasks[t], prompt_of(t), L)
+            for t in tqdm(names, desc=f"evaluate {what}", unit="task")
+        }
 
     scores = {"zero-shot": evaluate(lambda t: None, "zero-shot")}
     recipe.train()  # ours: the recipe's own loop over the same draws
     assert recipe.sampler.step == steps
     scores["ours (multi-task)"] = evaluate(recipe.bank.prompt, "ours")
 
-    peft = PeftPromptTuning(recipe.lm.backbone, names, initial, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                            grad_clip=o.grad_clip)
+    peft = PeftPromptTuning(
+        recipe.lm.backbone, names, initial, lr=o.lr, betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip
+    )
     for k, draw in enumerate(tqdm(draws, desc="PEFT per-task prompt tuning", unit="step")):
-        peft.step(examples_by_task(recipe, draw), lr_at(k, o.lr, o.warmup_steps, o.max_steps, o.schedule), L,
-                  recipe.tokenizer.pad_token_id)
+        peft.step(
+            examples_by_task(recipe, draw),
+            lr_at(k, o.lr, o.warmup_steps, o.max_steps, o.schedule),
+            L,
+            recipe.tokenizer.pad_token_id,
+        )
     scores["PEFT (per task)"] = evaluate(peft.prompt, "PEFT")
 
     examples = Counter(t for d in draws for t, _ in d)
@@ -81,21 +96,42 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for t in names:
         acc = {m: s[t]["accuracy"] for m, s in scores.items()}
-        rows.append([t, f"{recipe.tasks[t].spec.data.eval.rsplit('/', 1)[-1]} ({scores['zero-shot'][t]['n']})",
-                     *(f"{100 * a:.1f}" for a in acc.values()),
-                     f"{100 * (acc['ours (multi-task)'] - acc['PEFT (per task)']):+.1f}"])
+        rows.append(
+            [
+                t,
+                f"{recipe.tasks[t].spec.data.eval.rsplit('/', 1)[-1]} ({scores['zero-shot'][t]['n']})",
+                *(f"{100 * a:.1f}" for a in acc.values()),
+                f"{100 * (acc['ours (multi-task)'] - acc['PEFT (per task)']):+.1f}",
+            ]
+        )
     table = markdown_table(header, rows)
     print(table)
-    print(f"budget: {steps} steps x {o.batch_size} examples; per task examples {dict(examples)}, updates {dict(updates)}")
-    out = {"benchmark": "quality", "quick": args.quick,
-           "setup": {"steps": steps, "batch_size": o.batch_size, "lr": o.lr, "warmup_steps": o.warmup_steps,
-                     "schedule": o.schedule, "grad_clip": o.grad_clip, "max_seq_len": L,
-                     "num_virtual_tokens": cfg.prompt.num_virtual_tokens, "init": cfg.prompt.init,
-                     "eval_examples_per_task": n_eval, "examples_per_task": dict(examples),
-                     "updates_per_task": dict(updates), "dtype": "fp32", "attention": "sdpa"},
-           "accuracy": {m: {t: s[t]["accuracy"] for t in names} for m, s in scores.items()},
-           "macro_f1": {m: {t: s[t]["macro_f1"] for t in names} for m, s in scores.items()},
-           "table": table}
+    print(
+        f"budget: {steps} steps x {o.batch_size} examples; per task examples {dict(examples)}, updates {dict(updates)}"
+    )
+    out = {
+        "benchmark": "quality",
+        "quick": args.quick,
+        "setup": {
+            "steps": steps,
+            "batch_size": o.batch_size,
+            "lr": o.lr,
+            "warmup_steps": o.warmup_steps,
+            "schedule": o.schedule,
+            "grad_clip": o.grad_clip,
+            "max_seq_len": L,
+            "num_virtual_tokens": cfg.prompt.num_virtual_tokens,
+            "init": cfg.prompt.init,
+            "eval_examples_per_task": n_eval,
+            "examples_per_task": dict(examples),
+            "updates_per_task": dict(updates),
+            "dtype": "fp32",
+            "attention": "sdpa",
+        },
+        "accuracy": {m: {t: s[t]["accuracy"] for t in names} for m, s in scores.items()},
+        "macro_f1": {m: {t: s[t]["macro_f1"] for t in names} for m, s in scores.items()},
+        "table": table,
+    }
     write_result("quality", out, args.quick)
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
     return out

@@ -49,8 +49,12 @@ from serving.auth import hash_key
 
 DATA = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
 KEY = "pf-bench-key"
-META = {"kind": "classification", "template": "Review: {sentence}\nSentiment:",
-        "verbaliser": {"0": " negative", "1": " positive"}, "max_new_tokens": 8}
+META = {
+    "kind": "classification",
+    "template": "Review: {sentence}\nSentiment:",
+    "verbaliser": {"0": " negative", "1": " positive"},
+    "max_new_tokens": 8,
+}
 MAX_TOKENS = 8
 P = 20
 
@@ -75,15 +79,19 @@ def write_store(root: Path, n_tasks: int) -> Path:
     for i in range(n_tasks):
         prompt = torch.randn(P, cfg.hidden_size, generator=gen) * 0.02
         save_adapter(root / "store", TaskAdapter(f"task{i:03d}", prompt, "smollm2-135m", dict(META)), cfg)
-    (root / "tenants.yaml").write_text(f"tenants:\n  bench:\n    key_sha256: [{hash_key(KEY)}]\n    tasks: '*'\n")
+    (root / "tenants.yaml").write_text(
+        f"tenants:\n  bench:\n    key_sha256: [{hash_key(KEY)}]\n    tasks: '*'\n"
+    )
     return root / "store"
 
 
 def make_requests(n: int, n_tasks: int, texts: list[str], seed: int) -> list[tuple[str, str, str]]:
     """(kind, task, text): uniform task, completion or classification with equal odds."""
     rng = random.Random(seed)
-    return [(rng.choice(("complete", "classify")), f"task{rng.randrange(n_tasks):03d}", rng.choice(texts))
-            for _ in range(n)]
+    return [
+        (rng.choice(("complete", "classify")), f"task{rng.randrange(n_tasks):03d}", rng.choice(texts))
+        for _ in range(n)
+    ]
 
 
 def http_body(kind: str, task: str, text: str, stream: bool = False) -> tuple[str, dict]:
@@ -97,10 +105,24 @@ class Server:
 
     def __init__(self, root: Path, store: Path, port: int, *overrides: str):
         self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "cluster.cli", "serve", "--prompt-store", str(store), "--port", str(port),
-               f"api.auth={root / 'tenants.yaml'}", "api.log_level=warning", "engine.dtype=fp32",
-               "engine.max_batch_size=32", "engine.max_queue=4096", "engine.reload_interval_s=30",
-               "engine.request_timeout_s=900", *overrides]  # a shared 2-core machine can be slow: no 503s
+        cmd = [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "serve",
+            "--prompt-store",
+            str(store),
+            "--port",
+            str(port),
+            f"api.auth={root / 'tenants.yaml'}",
+            "api.log_level=warning",
+            "engine.dtype=fp32",
+            "engine.max_batch_size=32",
+            "engine.max_queue=4096",
+            "engine.reload_interval_s=30",
+            "engine.request_timeout_s=900",
+            *overrides,
+        ]  # a shared 2-core machine can be slow: no 503s
         self.log = open(root / f"server-{port}.log", "w")
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -147,8 +169,14 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
-async def _load(url: str, requests: list, concurrency: int, extra: list | None = None,
-                extra_concurrency: int = 8, extra_pace_s: float = 0.0) -> dict:
+async def _load(
+    url: str,
+    requests: list,
+    concurrency: int,
+    extra: list | None = None,
+    extra_concurrency: int = 8,
+    extra_pace_s: float = 0.0,
+) -> dict:
     """Closed loop: `concurrency` clients drain `requests`; optional `extra` (method, path, kwargs) requests
     from their own clients, paced, at the same time. Returns latencies, statuses and bodies of the extras."""
     lat, ttft, statuses, tokens, completions = [], [], Counter(), 0, 0
@@ -189,13 +217,23 @@ async def _load(url: str, requests: list, concurrency: int, extra: list | None =
                 await asyncio.sleep(extra_pace_s)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(concurrency)),
-                             *(bad_client() for _ in range(extra_concurrency if extra else 0)))
+        await asyncio.gather(
+            *(client() for _ in range(concurrency)),
+            *(bad_client() for _ in range(extra_concurrency if extra else 0)),
+        )
         wall = time.perf_counter() - t0
-    return {"requests": len(requests), "wall_s": wall, "req_s": len(requests) / wall, "completion_tokens": tokens,
-            "tokens_per_completion": tokens / completions if completions else float("nan"),
-            "p50_ms": 1e3 * pct(lat, 50), "p99_ms": 1e3 * pct(lat, 99), "ttft_p50_ms": 1e3 * pct(ttft, 50),
-            "statuses": dict(statuses), "_extra": extra_results}
+    return {
+        "requests": len(requests),
+        "wall_s": wall,
+        "req_s": len(requests) / wall,
+        "completion_tokens": tokens,
+        "tokens_per_completion": tokens / completions if completions else float("nan"),
+        "p50_ms": 1e3 * pct(lat, 50),
+        "p99_ms": 1e3 * pct(lat, 99),
+        "ttft_p50_ms": 1e3 * pct(ttft, 50),
+        "statuses": dict(statuses),
+        "_extra": extra_results,
+    }
 
 
 def load(url: str, requests: list, concurrency: int, **kw) -> dict:
@@ -229,7 +267,11 @@ def malformed_requests(n: int, n_tasks: int) -> list[tuple[str, str, dict]]:
     """`n` bad requests cycling through every kind of mistake a client (or an attacker) makes."""
     ok = {"model": "task000", "prompt": "fine", "max_tokens": 2}
     kinds = [
-        ("POST", "/v1/completions", {"content": b'{"model": "task000", "prompt": ', "headers": {"content-type": "application/json"}}),
+        (
+            "POST",
+            "/v1/completions",
+            {"content": b'{"model": "task000", "prompt": ', "headers": {"content-type": "application/json"}},
+        ),
         ("POST", "/v1/completions", {"json": ["not", "an", "object"]}),
         ("POST", "/v1/completions", {"json": {**ok, "prompt": 42}}),
         ("POST", "/v1/completions", {"json": {**ok, "max_tokens": "lots"}}),
@@ -242,12 +284,20 @@ def malformed_requests(n: int, n_tasks: int) -> list[tuple[str, str, dict]]:
         ("POST", "/v1/completions", {"json": {**ok, "prompt": ""}}),
         ("POST", "/v1/completions", {"json": {**ok, "prompt": "word " * 1500}}),
         ("POST", "/v1/chat/completions", {"json": {"model": "task000", "messages": "hello"}}),
-        ("POST", "/v1/chat/completions", {"json": {"model": "task000", "messages": [{"role": "user", "content": "x"}], "n": 3}}),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"json": {"model": "task000", "messages": [{"role": "user", "content": "x"}], "n": 3}},
+        ),
         ("POST", "/v1/classify", {"json": {"model": "task000"}}),
         ("POST", "/v1/classify", {"json": {"model": "task000", "input": {"nested": True}}}),
         ("GET", "/v1/completions", {}),
         ("GET", "/v1/no-such-route", {}),
-        ("POST", "/v1/completions", {"content": b"x" * (2 << 20), "headers": {"content-type": "application/json"}}),
+        (
+            "POST",
+            "/v1/completions",
+            {"content": b"x" * (2 << 20), "headers": {"content-type": "application/json"}},
+        ),
     ]
     return [kinds[i % len(kinds)] for i in range(n)]
 
@@ -268,8 +318,10 @@ def error_shaped(status: int, text: str, content_type: str) -> bool:
 def baseline_requests(requests, tokenizer):
     from serving.prompt_format import format_prompt
 
-    return [(kind, task, tokenizer(format_prompt(META, text), add_special_tokens=False).input_ids)
-            for kind, task, text in requests]
+    return [
+        (kind, task, tokenizer(format_prompt(META, text), add_special_tokens=False).input_ids)
+        for kind, task, text in requests
+    ]
 
 
 def peft_serving(store: Path, requests: list, backbone, tokenizer) -> dict:
@@ -301,7 +353,13 @@ def peft_serving(store: Path, requests: list, backbone, tokenizer) -> dict:
             cls = [ids for kind, ids in items if kind == "classify"]
             if gen:
                 ids, mask = left_padded(gen)
-                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=pad)
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=MAX_TOKENS,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
             if cls:
                 ids, mask = left_padded(cls)
                 logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
@@ -323,9 +381,13 @@ def hf_one_at_a_time(store: Path, requests: list, backbone, tokenizer) -> dict:
         for kind, task, ids in baseline_requests(requests, tokenizer):
             x = torch.cat([prompts[task], embed(torch.tensor(ids))])[None]
             if kind == "complete":
-                backbone.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long),
-                                  max_new_tokens=MAX_TOKENS, do_sample=False,
-                                  pad_token_id=pad)
+                backbone.generate(
+                    inputs_embeds=x,
+                    attention_mask=torch.ones(x.shape[:2], dtype=torch.long),
+                    max_new_tokens=MAX_TOKENS,
+                    do_sample=False,
+                    pad_token_id=pad,
+                )
             else:
                 torch.softmax(backbone(inputs_embeds=x, logits_to_keep=1).logits[0, -1, label_ids], dim=-1)
     wall = time.perf_counter() - t0
@@ -357,7 +419,9 @@ def plot(sweep: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: few requests and tasks, nothing recorded")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: few requests and tasks, nothing recorded"
+    )
     ap.add_argument("--requests", type=int, default=64, help="requests per measured run")
     ap.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients")
     ap.add_argument("--port", type=int, default=18777)
@@ -370,8 +434,14 @@ def main(argv: list[str] | None = None) -> dict:
     texts = sentences(400)
     store = write_store(root, max(task_counts))
     print(f"prompt store: {max(task_counts)} tasks under {store}")
-    out: dict = {"benchmark": "serving", "quick": args.quick, "requests_per_run": n, "concurrency": args.concurrency,
-                 "max_tokens": MAX_TOKENS, "num_virtual_tokens": P}
+    out: dict = {
+        "benchmark": "serving",
+        "quick": args.quick,
+        "requests_per_run": n,
+        "concurrency": args.concurrency,
+        "max_tokens": MAX_TOKENS,
+        "num_virtual_tokens": P,
+    }
 
     # 1) ours: task sweep, mixed vs single, robustness (prefix cache on)
     with Server(root, store, args.port) as srv:
@@ -385,23 +455,35 @@ def main(argv: list[str] | None = None) -> dict:
             run["prefix_cache_hit_rate"] = _rate(before, after)
             run.pop("_extra")
             sweep[str(k)] = run
-            print(f"  {k:>3} tasks: {run['req_s']:.2f} req/s  p50 {run['p50_ms']:.0f} ms  p99 {run['p99_ms']:.0f} ms  "
-                  f"statuses {run['statuses']}  prefix hit rate {run['prefix_cache_hit_rate']:.2f}")
+            print(
+                f"  {k:>3} tasks: {run['req_s']:.2f} req/s  p50 {run['p50_ms']:.0f} ms  p99 {run['p99_ms']:.0f} ms  "
+                f"statuses {run['statuses']}  prefix hit rate {run['prefix_cache_hit_rate']:.2f}"
+            )
         warm_tasks(srv.url, mixed_k, texts)  # the 512-task run evicted some of them
         clean = load(srv.url, make_requests(n, mixed_k, texts, seed=1), args.concurrency)
         clean.pop("_extra")
         pace = clean["wall_s"] * 8 / n_bad
-        dirty = load(srv.url, make_requests(n, mixed_k, texts, seed=1), args.concurrency,
-                     extra=malformed_requests(n_bad, max(task_counts)), extra_pace_s=pace)
+        dirty = load(
+            srv.url,
+            make_requests(n, mixed_k, texts, seed=1),
+            args.concurrency,
+            extra=malformed_requests(n_bad, max(task_counts)),
+            extra_pace_s=pace,
+        )
         bad = dirty.pop("_extra")
         alive = httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
         robustness = {
-            "malformed": len(bad), "malformed_4xx_json": sum(error_shaped(*b) for b in bad),
-            "malformed_5xx": sum(b[0] >= 500 for b in bad), "status_counts": dict(Counter(b[0] for b in bad)),
-            "valid_statuses": dirty["statuses"], "server_up_after": alive,
-            "valid_p99_ms_clean": clean["p99_ms"], "valid_p99_ms_with_malformed": dirty["p99_ms"],
+            "malformed": len(bad),
+            "malformed_4xx_json": sum(error_shaped(*b) for b in bad),
+            "malformed_5xx": sum(b[0] >= 500 for b in bad),
+            "status_counts": dict(Counter(b[0] for b in bad)),
+            "valid_statuses": dirty["statuses"],
+            "server_up_after": alive,
+            "valid_p99_ms_clean": clean["p99_ms"],
+            "valid_p99_ms_with_malformed": dirty["p99_ms"],
             "valid_p99_ratio": dirty["p99_ms"] / clean["p99_ms"],
-            "valid_req_s_clean": clean["req_s"], "valid_req_s_with_malformed": dirty["req_s"],
+            "valid_req_s_clean": clean["req_s"],
+            "valid_req_s_with_malformed": dirty["req_s"],
         }
         print(f"  robustness: {robustness}")
         ttft_on = _prefill_and_ttft(srv, n, mixed_k, texts)
@@ -425,21 +507,42 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  PEFT per-task serving: {peft['req_s']:.2f} req/s")
 
     ours = sweep[str(mixed_k)]
-    out.update({
-        "task_sweep": sweep, "mixed_tasks": mixed_k,
-        "mixed_vs_single": ours["req_s"] / sweep["1"]["req_s"],
-        "peft_per_task": peft, "vs_peft": ours["req_s"] / peft["req_s"],
-        "hf_one_at_a_time": hf, "vs_hf_generate": ours["req_s"] / hf["req_s"],
-        "prefix_cache": {"on": ttft_on, "off": ttft_off}, "robustness": robustness,
-    })
+    out.update(
+        {
+            "task_sweep": sweep,
+            "mixed_tasks": mixed_k,
+            "mixed_vs_single": ours["req_s"] / sweep["1"]["req_s"],
+            "peft_per_task": peft,
+            "vs_peft": ours["req_s"] / peft["req_s"],
+            "hf_one_at_a_time": hf,
+            "vs_hf_generate": ours["req_s"] / hf["req_s"],
+            "prefix_cache": {"on": ttft_on, "off": ttft_off},
+            "robustness": robustness,
+        }
+    )
     rows = [
         [f"ours, {mixed_k} tasks mixed (HTTP)", ours["req_s"], ours["p50_ms"], ours["p99_ms"], "1.00x"],
-        ["ours, 1 task (HTTP)", sweep["1"]["req_s"], sweep["1"]["p50_ms"], sweep["1"]["p99_ms"],
-         f"mixed/single = {out['mixed_vs_single']:.2f} (target >= 0.9)"],
-        ["PEFT, set_adapter + batched generate per task (in process)", peft["req_s"], "", "",
-         f"ours/PEFT = {out['vs_peft']:.1f}x (target >= 5x)"],
-        ["HF generate, one request at a time (in process)", hf["req_s"], "", "",
-         f"ours/HF = {out['vs_hf_generate']:.1f}x (target >= 10x)"],
+        [
+            "ours, 1 task (HTTP)",
+            sweep["1"]["req_s"],
+            sweep["1"]["p50_ms"],
+            sweep["1"]["p99_ms"],
+            f"mixed/single = {out['mixed_vs_single']:.2f} (target >= 0.9)",
+        ],
+        [
+            "PEFT, set_adapter + batched generate per task (in process)",
+            peft["req_s"],
+            "",
+            "",
+            f"ours/PEFT = {out['vs_peft']:.1f}x (target >= 5x)",
+        ],
+        [
+            "HF generate, one request at a time (in process)",
+            hf["req_s"],
+            "",
+            "",
+            f"ours/HF = {out['vs_hf_generate']:.1f}x (target >= 10x)",
+        ],
     ]
     print(markdown_table(["method", "req/s", "p50 ms", "p99 ms", "ratio"], rows))
     if not args.quick:
@@ -452,8 +555,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _rate(before: dict, after: dict) -> float:
-    hits = after.get("promptfleet_prefix_cache_hits_total", 0) - before.get("promptfleet_prefix_cache_hits_total", 0)
-    miss = after.get("promptfleet_prefix_cache_misses_total", 0) - before.get("promptfleet_prefix_cache_misses_total", 0)
+    hits = after.get("promptfleet_prefix_cache_hits_total", 0) - before.get(
+        "promptfleet_prefix_cache_hits_total", 0
+    )
+    miss = after.get("promptfleet_prefix_cache_misses_total", 0) - before.get(
+        "promptfleet_prefix_cache_misses_total", 0
+    )
     return hits / (hits + miss) if hits + miss else float("nan")
 
 
@@ -465,13 +572,21 @@ def _prefill_and_ttft(srv: Server, n: int, n_tasks: int, texts: list[str]) -> di
     after = srv.metrics()
     prefill = after["promptfleet_prefill_tokens_total"] - before["promptfleet_prefill_tokens_total"]
     # The engine counts text tokens; a prefix-cache miss also runs the task's P prompt positions.
-    misses = (after.get("promptfleet_prefix_cache_misses_total", 0)
-              - before.get("promptfleet_prefix_cache_misses_total", 0))
-    streamed = [("complete", task, text, True) for _, task, text in make_requests(n // 2, n_tasks, texts, seed=8)]
+    misses = after.get("promptfleet_prefix_cache_misses_total", 0) - before.get(
+        "promptfleet_prefix_cache_misses_total", 0
+    )
+    streamed = [
+        ("complete", task, text, True) for _, task, text in make_requests(n // 2, n_tasks, texts, seed=8)
+    ]
     run = load(srv.url, streamed, 8)
-    return {"prefill_text_tokens_per_request": prefill / n,
-            "prefill_positions_per_request": (prefill + P * misses) / n, "ttft_p50_ms": run["ttft_p50_ms"],
-            "stream_p50_ms": run["p50_ms"], "req_s": run["req_s"], "hit_rate": _rate(before, after)}
+    return {
+        "prefill_text_tokens_per_request": prefill / n,
+        "prefill_positions_per_request": (prefill + P * misses) / n,
+        "ttft_p50_ms": run["ttft_p50_ms"],
+        "stream_p50_ms": run["p50_ms"],
+        "req_s": run["req_s"],
+        "hit_rate": _rate(before, after),
+    }
 
 
 if __name__ == "__main__":

@@ -46,13 +46,17 @@ def task_names(n: int) -> list[str]:
     return [f"task{i:05d}" for i in range(n)]
 
 
-def registered_bank(registered: int, P: int, hidden: int, like: SparseRowAdam) -> tuple[PromptBank, SparseRowAdam]:
+def registered_bank(
+    registered: int, P: int, hidden: int, like: SparseRowAdam
+) -> tuple[PromptBank, SparseRowAdam]:
     """A bank of `registered` tasks and an optimiser holding state for every one of them."""
     names = task_names(registered)
     bank = PromptBank(names, P, hidden)
     bank.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
     opt = SparseRowAdam(like.lr, like.betas, like.eps, like.weight_decay, like.grad_clip)
-    opt.state = {n: {"step": 1, "exp_avg": torch.zeros(P, hidden), "exp_avg_sq": torch.zeros(P, hidden)} for n in names}
+    opt.state = {
+        n: {"step": 1, "exp_avg": torch.zeros(P, hidden), "exp_avg_sq": torch.zeros(P, hidden)} for n in names
+    }
     return bank, opt
 
 
@@ -60,7 +64,9 @@ def relabel(examples, per_batch: int) -> tuple[dict, list[tuple[str, int]]]:
     """(recipe tasks, global batch) with `examples` spread round-robin over `per_batch` task ids."""
     names = task_names(per_batch)
     relabelled = [dataclasses.replace(ex, task=names[j % per_batch]) for j, ex in enumerate(examples)]
-    return {n: SimpleNamespace(train=relabelled) for n in names}, [(ex.task, j) for j, ex in enumerate(relabelled)]
+    return {n: SimpleNamespace(train=relabelled) for n in names}, [
+        (ex.task, j) for j, ex in enumerate(relabelled)
+    ]
 
 
 def bank_and_optimiser_time(bank: PromptBank, opt: SparseRowAdam, names: list[str], reps: int = 20) -> float:
@@ -78,17 +84,27 @@ def bank_and_optimiser_time(bank: PromptBank, opt: SparseRowAdam, names: list[st
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: small batch, 1 repetition, nothing recorded")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: small batch, 1 repetition, nothing recorded"
+    )
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--batch-size", type=int, default=64, help="examples per step; also the most tasks per batch")
+    ap.add_argument(
+        "--batch-size", type=int, default=64, help="examples per step; also the most tasks per batch"
+    )
     ap.add_argument("--registered", type=int, default=10_000)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1: no OpenMP barrier stalls, so far less noise on a shared machine)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (1: no OpenMP barrier stalls, so far less noise on a shared machine)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     batch, reps, many = (16, 1, 1000) if args.quick else (args.batch_size, args.reps, args.registered)
 
-    cfg = bench_config("task-scaling", batch_size=batch, max_steps=10**6, max_train=400 if args.quick else 4000)
+    cfg = bench_config(
+        "task-scaling", batch_size=batch, max_steps=10**6, max_train=400 if args.quick else 4000
+    )
     recipe = setup_recipe(cfg)
     (draw,) = draw_batches(recipe, 1)
     examples = [recipe.tasks[t].train[i] for t, i in draw]
@@ -110,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     cpu: dict[str, list[float]] = {n: [] for n in configs}  # process CPU seconds (robust to other load)
     tokens = {}
     for r in tqdm(range(reps + 1), desc="task scaling (reps x configs)", unit="rep"):  # rep 0 warms up
-        order = list(configs)[r % len(configs):] + list(configs)[:r % len(configs)]
+        order = list(configs)[r % len(configs) :] + list(configs)[: r % len(configs)]
         for name in order:
             t0, c0 = time.perf_counter(), time.process_time()
             tokens[name] = run(name)["tokens"]
@@ -122,25 +138,65 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name, (k, n) in configs.items():
         tasks, _, bank, opt = setups[name]
-        results[name] = {"tasks_per_batch": k, "registered_tasks": n, "median_step_s": median(times[name]),
-                         "median_step_cpu_s": median(cpu[name]), "step_times_s": times[name], "step_cpu_s": cpu[name],
-                         "bank_and_optimiser_s": bank_and_optimiser_time(bank, opt, sorted(tasks))}
+        results[name] = {
+            "tasks_per_batch": k,
+            "registered_tasks": n,
+            "median_step_s": median(times[name]),
+            "median_step_cpu_s": median(cpu[name]),
+            "step_times_s": times[name],
+            "step_cpu_s": cpu[name],
+            "bank_and_optimiser_s": bank_and_optimiser_time(bank, opt, sorted(tasks)),
+        }
     a, b, c = (results[n] for n in configs)
-    comparisons = {f"{what} ({clock})": y[key] / x[key] - 1
-                   for what, x, y in (("registered, B vs A", a, b), ("tasks per batch, C vs B", b, c))
-                   for clock, key in (("wall", "median_step_s"), ("CPU time", "median_step_cpu_s"))}
-    rows = [[n, r["median_step_s"], f"{100 * (r['median_step_s'] / a['median_step_s'] - 1):+.1f}%",
-             r["median_step_cpu_s"], f"{100 * (r['median_step_cpu_s'] / a['median_step_cpu_s'] - 1):+.1f}%",
-             f"{1000 * r['bank_and_optimiser_s']:.2f}"] for n, r in results.items()]
-    table = markdown_table(["configuration", "median step, wall (s)", "vs A", "median step, CPU (s)", "vs A",
-                            "bank + optimiser (ms)"], rows)
+    comparisons = {
+        f"{what} ({clock})": y[key] / x[key] - 1
+        for what, x, y in (("registered, B vs A", a, b), ("tasks per batch, C vs B", b, c))
+        for clock, key in (("wall", "median_step_s"), ("CPU time", "median_step_cpu_s"))
+    }
+    rows = [
+        [
+            n,
+            r["median_step_s"],
+            f"{100 * (r['median_step_s'] / a['median_step_s'] - 1):+.1f}%",
+            r["median_step_cpu_s"],
+            f"{100 * (r['median_step_cpu_s'] / a['median_step_cpu_s'] - 1):+.1f}%",
+            f"{1000 * r['bank_and_optimiser_s']:.2f}",
+        ]
+        for n, r in results.items()
+    ]
+    table = markdown_table(
+        [
+            "configuration",
+            "median step, wall (s)",
+            "vs A",
+            "median step, CPU (s)",
+            "vs A",
+            "bank + optimiser (ms)",
+        ],
+        rows,
+    )
     print(table)
-    print("; ".join(f"{k}: {100 * v:+.1f}%" for k, v in comparisons.items()) + f" (target: within 5%; {reps} reps)")
-    out = {"benchmark": "task_scaling", "quick": args.quick,
-           "setup": {"batch_size": batch, "text_tokens_per_step": next(iter(tokens.values())), "reps": reps,
-                     "max_seq_len": cfg.model.max_seq_len, "num_virtual_tokens": P, "dtype": "fp32",
-                     "attention": "sdpa", "threads": torch.get_num_threads()},
-           "results": results, "comparisons": comparisons, "table": table}
+    print(
+        "; ".join(f"{k}: {100 * v:+.1f}%" for k, v in comparisons.items())
+        + f" (target: within 5%; {reps} reps)"
+    )
+    out = {
+        "benchmark": "task_scaling",
+        "quick": args.quick,
+        "setup": {
+            "batch_size": batch,
+            "text_tokens_per_step": next(iter(tokens.values())),
+            "reps": reps,
+            "max_seq_len": cfg.model.max_seq_len,
+            "num_virtual_tokens": P,
+            "dtype": "fp32",
+            "attention": "sdpa",
+            "threads": torch.get_num_threads(),
+        },
+        "results": results,
+        "comparisons": comparisons,
+        "table": table,
+    }
     write_result("task_scaling", out, args.quick)
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
     return out

@@ -51,7 +51,9 @@ class FullVocabHeadLM(PromptTunedLM):
         S = batch.num_segments
         seg_sum = torch.zeros(S, dtype=nll.dtype).index_add(0, batch.target_seg, nll)
         seg_mean = seg_sum / torch.bincount(batch.target_seg, minlength=S).clamp(min=1).to(nll.dtype)
-        return LossOutput(loss=seg_mean.sum() * loss_scale, seg_loss=seg_mean.detach(), seg_logprob=-seg_sum.detach())
+        return LossOutput(
+            loss=seg_mean.sum() * loss_scale, seg_loss=seg_mean.detach(), seg_logprob=-seg_sum.detach()
+        )
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
@@ -71,8 +73,13 @@ def model_shape(backbone) -> dict:
     layers = getattr(backbone, backbone.base_model_prefix).layers
     linear = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return {"linear_params": linear, "layers": cfg.num_hidden_layers, "attn_width": cfg.num_attention_heads * head_dim,
-            "hidden": cfg.hidden_size, "vocab": cfg.vocab_size}
+    return {
+        "linear_params": linear,
+        "layers": cfg.num_hidden_layers,
+        "attn_width": cfg.num_attention_heads * head_dim,
+        "hidden": cfg.hidden_size,
+        "vocab": cfg.vocab_size,
+    }
 
 
 def useful_flops(examples, P: int, max_len: int, shape: dict) -> float:
@@ -102,21 +109,33 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-seq-len", type=int, default=160)
     ap.add_argument("--virtual-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads for every method (0: torch's default, one per core); another value is "
-                         "recorded as train_throughput_<n>thread.json")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for every method (0: torch's default, one per core); another value is "
+        "recorded as train_throughput_<n>thread.json",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     steps = 2 if args.quick else args.steps
     warmup = 1
 
-    cfg = bench_config("train-throughput", batch_size=args.batch_size, max_steps=10**6, max_seq_len=args.max_seq_len,
-                       num_virtual_tokens=args.virtual_tokens, max_train=400 if args.quick else 4000)
+    cfg = bench_config(
+        "train-throughput",
+        batch_size=args.batch_size,
+        max_steps=10**6,
+        max_seq_len=args.max_seq_len,
+        num_virtual_tokens=args.virtual_tokens,
+        max_train=400 if args.quick else 4000,
+    )
     recipe = setup_recipe(cfg)
     P, L, pad = cfg.prompt.num_virtual_tokens, cfg.model.max_seq_len, recipe.tokenizer.pad_token_id
     names = list(recipe.tasks)
-    peft = PeftPromptTuning(recipe.lm.backbone, names, {t: recipe.bank.prompt(t) for t in names}, lr=cfg.optim.lr)
+    peft = PeftPromptTuning(
+        recipe.lm.backbone, names, {t: recipe.bank.prompt(t) for t in names}, lr=cfg.optim.lr
+    )
     ours_lm, full_head_lm = recipe.lm, FullVocabHeadLM(recipe.lm.backbone)
 
     def run_ours(draw, packing: bool, lm) -> None:
@@ -140,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     per_step = []
     draws = draw_batches(recipe, warmup + steps)
     for k, draw in enumerate(tqdm(draws, desc="train throughput (steps x methods)", unit="step")):
-        order = list(methods)[k % len(methods):] + list(methods)[:k % len(methods)]  # rotate who goes first
+        order = list(methods)[k % len(methods) :] + list(methods)[: k % len(methods)]  # rotate who goes first
         for m in order:
             t0, c0 = time.perf_counter(), time.process_time()
             methods[m](draw)
@@ -148,22 +167,31 @@ def main(argv: list[str] | None = None) -> dict:
                 times[m].append(time.perf_counter() - t0)
                 cpu[m].append(time.process_time() - c0)
         # The peak is sampled between steps, under the same load; the best sample is the peak.
-        peaks = {"fp32": max(peaks["fp32"], matmul_peak(torch.float32)),
-                 "bf16": max(peaks["bf16"], matmul_peak(torch.bfloat16))}
+        peaks = {
+            "fp32": max(peaks["fp32"], matmul_peak(torch.float32)),
+            "bf16": max(peaks["bf16"], matmul_peak(torch.bfloat16)),
+        }
         if k >= warmup:
             examples = [recipe.tasks[t].train[i] for t, i in draw]
             by_task = examples_by_task(recipe, draw)
             packed = collate(examples, {t: 0 for t in names}, P, max_len=L, pad_id=pad, packing=True)
             unpacked = collate(examples, {t: 0 for t in names}, P, max_len=L, pad_id=pad, packing=False)
-            peft_positions = sum(len(ex) * (P + peft.collate(ex, L, pad)[0]["input_ids"].shape[1])
-                                 for ex in by_task.values())
-            per_step.append({
-                "text_tokens": packed.num_text_tokens,
-                "useful_positions": packed.num_text_tokens + len(examples) * (P - 1),
-                "flops": useful_flops(examples, P, L, shape),
-                "positions": {"ours": packed.input_ids.numel(), "ours, no packing": unpacked.input_ids.numel(),
-                              "ours, full-vocab head": packed.input_ids.numel(), "PEFT": peft_positions},
-            })
+            peft_positions = sum(
+                len(ex) * (P + peft.collate(ex, L, pad)[0]["input_ids"].shape[1]) for ex in by_task.values()
+            )
+            per_step.append(
+                {
+                    "text_tokens": packed.num_text_tokens,
+                    "useful_positions": packed.num_text_tokens + len(examples) * (P - 1),
+                    "flops": useful_flops(examples, P, L, shape),
+                    "positions": {
+                        "ours": packed.input_ids.numel(),
+                        "ours, no packing": unpacked.input_ids.numel(),
+                        "ours, full-vocab head": packed.input_ids.numel(),
+                        "PEFT": peft_positions,
+                    },
+                }
+            )
     recipe.lm = ours_lm
 
     tokens = sum(s["text_tokens"] for s in per_step)
@@ -175,7 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
         results[m] = {
             "tokens_per_s": tokens / total,
             "median_step_s": median(ts),
-            "speedup_vs_peft": median([p / o for p, o in zip(times["PEFT"], ts)]),  # per-step ratios: robust to noise
+            "speedup_vs_peft": median(
+                [p / o for p, o in zip(times["PEFT"], ts)]
+            ),  # per-step ratios: robust to noise
             "cpu_s_per_step": sum(cpu[m]) / len(ts),
             "speedup_vs_peft_cpu_time": sum(cpu["PEFT"]) / sum(cpu[m]),
             "mfu_fp32_peak": flops / total / peaks["fp32"],
@@ -187,24 +217,61 @@ def main(argv: list[str] | None = None) -> dict:
             "step_times_s": ts,
             "step_cpu_s": cpu[m],
         }
-    header = ["method", "text tokens/s", "median step (s)", "speedup vs PEFT (wall)", "speedup vs PEFT (CPU time)",
-              "MFU (fp32 peak)", "MFU (bf16 peak)", "computed / useful positions"]
-    rows = [[m, r["tokens_per_s"], r["median_step_s"], f"{r['speedup_vs_peft']:.2f}x", f"{r['speedup_vs_peft_cpu_time']:.2f}x",
-             f"{100 * r['mfu_fp32_peak']:.1f}%", f"{100 * r['mfu_bf16_peak']:.1f}%", r["computed_positions_per_useful"]]
-            for m, r in results.items()]
+    header = [
+        "method",
+        "text tokens/s",
+        "median step (s)",
+        "speedup vs PEFT (wall)",
+        "speedup vs PEFT (CPU time)",
+        "MFU (fp32 peak)",
+        "MFU (bf16 peak)",
+        "computed / useful positions",
+    ]
+    rows = [
+        [
+            m,
+            r["tokens_per_s"],
+            r["median_step_s"],
+            f"{r['speedup_vs_peft']:.2f}x",
+            f"{r['speedup_vs_peft_cpu_time']:.2f}x",
+            f"{100 * r['mfu_fp32_peak']:.1f}%",
+            f"{100 * r['mfu_bf16_peak']:.1f}%",
+            r["computed_positions_per_useful"],
+        ]
+        for m, r in results.items()
+    ]
     table = markdown_table(header, rows)
     print(table)
-    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
-          f"{tokens / len(per_step):.0f} text tokens and {flops / len(per_step) / 1e12:.3f} TFLOP per step")
+    print(
+        f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
+        f"{tokens / len(per_step):.0f} text tokens and {flops / len(per_step) / 1e12:.3f} TFLOP per step"
+    )
     out = {
-        "benchmark": "train_throughput", "quick": args.quick,
-        "setup": {"tasks": names, "batch_size": cfg.optim.batch_size, "max_seq_len": L, "num_virtual_tokens": P,
-                  "timed_steps": steps, "warmup_steps": warmup, "dtype": "fp32", "attention": "sdpa",
-                  "threads": torch.get_num_threads(), "backbone": cfg.model.name, "model_shape": shape},
-        "matmul_peak_flops": peaks, "tokens_per_step": tokens / len(per_step), "flops_per_step": flops / len(per_step),
-        "results": results, "per_step": per_step, "table": table,
+        "benchmark": "train_throughput",
+        "quick": args.quick,
+        "setup": {
+            "tasks": names,
+            "batch_size": cfg.optim.batch_size,
+            "max_seq_len": L,
+            "num_virtual_tokens": P,
+            "timed_steps": steps,
+            "warmup_steps": warmup,
+            "dtype": "fp32",
+            "attention": "sdpa",
+            "threads": torch.get_num_threads(),
+            "backbone": cfg.model.name,
+            "model_shape": shape,
+        },
+        "matmul_peak_flops": peaks,
+        "tokens_per_step": tokens / len(per_step),
+        "flops_per_step": flops / len(per_step),
+        "results": results,
+        "per_step": per_step,
+        "table": table,
     }
-    write_result(f"train_throughput_{args.threads}thread" if args.threads else "train_throughput", out, args.quick)
+    write_result(
+        f"train_throughput_{args.threads}thread" if args.threads else "train_throughput", out, args.quick
+    )
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
     return out
 

@@ -42,8 +42,9 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from tuner.evaluate_cli import evaluate_command
 
-    results = evaluate_command(run_dir=args.run_dir, config=args.config, overrides=args.overrides,
-                               zero_shot=args.zero_shot)
+    results = evaluate_command(
+        run_dir=args.run_dir, config=args.config, overrides=args.overrides, zero_shot=args.zero_shot
+    )
     if args.json:
         print(json.dumps(results, indent=2, default=float))
     return 0
@@ -64,23 +65,36 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="promptfleet", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="promptfleet",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train soft prompts for the job's tasks (Ray Train + DeepSpeed ZeRO-3)",
-                       description="Train one soft prompt per task on a frozen backbone. Starts an embedded local "
-                                   "Ray unless --address / RAY_ADDRESS / cluster.address names a cluster. Results land "
-                                   "in <output_dir>/<name>/: adapters/ (PEFT format), summary.json, report.md, curves.png.")
+    p = sub.add_parser(
+        "train",
+        help="train soft prompts for the job's tasks (Ray Train + DeepSpeed ZeRO-3)",
+        description="Train one soft prompt per task on a frozen backbone. Starts an embedded local "
+        "Ray unless --address / RAY_ADDRESS / cluster.address names a cluster. Results land "
+        "in <output_dir>/<name>/: adapters/ (PEFT format), summary.json, report.md, curves.png.",
+    )
     p.add_argument("config", help="job YAML, e.g. configs/quickstart.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.max_steps=20 cluster.num_workers=1")
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. optim.max_steps=20 cluster.num_workers=1"
+    )
     p.add_argument("--address", default=None, help="Ray cluster address (default: embedded local Ray)")
-    p.add_argument("--no-ray", action="store_true", help="run in this process as a single rank (no Ray, no DeepSpeed)")
+    p.add_argument(
+        "--no-ray", action="store_true", help="run in this process as a single rank (no Ray, no DeepSpeed)"
+    )
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="score a run's prompts (or the zero-shot backbone) on its tasks' eval splits",
-                       description="Classification: accuracy, macro-F1 and per-label P/R/F1 by scoring verbaliser "
-                                   "words. Generation: chrF and exact match.")
+    p = sub.add_parser(
+        "eval",
+        help="score a run's prompts (or the zero-shot backbone) on its tasks' eval splits",
+        description="Classification: accuracy, macro-F1 and per-label P/R/F1 by scoring verbaliser "
+        "words. Generation: chrF and exact match.",
+    )
     p.add_argument("run_dir", nargs="?", help="a finished run directory (reads its adapters/)")
     p.add_argument("--config", help="job YAML (for --zero-shot, or to evaluate a run with other limits)")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to the job config")

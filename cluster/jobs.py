@@ -43,8 +43,17 @@ from tuner.config import ConfigError, JobConfig, load_job_config
 from tuner.tasks import TaskSpec
 
 # Never uploaded: environments, outputs, VCS and caches (Ray also honours .gitignore).
-EXCLUDES = [".venv/", "runs/", ".git/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/",
-            "bench/results/", ".ci/"]
+EXCLUDES = [
+    ".venv/",
+    "runs/",
+    ".git/",
+    "**/__pycache__/",
+    "*.egg-info/",
+    ".pytest_cache/",
+    ".ruff_cache/",
+    "bench/results/",
+    ".ci/",
+]
 # `promptfleet train` sets these through ray.init(runtime_env=...); Ray refuses a job env that sets them too.
 TRAIN_ENV_VARS = {"TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -85,9 +94,15 @@ def _job_files(cfg: JobConfig) -> list[Path]:
     return files
 
 
-def build_submission(config: str | os.PathLike, overrides: list[str], *, root: Path | None = None,
-                     env: dict[str, str] | None = None, submission_id: str | None = None,
-                     entrypoint_num_cpus: float = 0.0) -> Submission:
+def build_submission(
+    config: str | os.PathLike,
+    overrides: list[str],
+    *,
+    root: Path | None = None,
+    env: dict[str, str] | None = None,
+    submission_id: str | None = None,
+    entrypoint_num_cpus: float = 0.0,
+) -> Submission:
     """Check the job config and turn it into a Ray job (entrypoint, runtime env, metadata)."""
     root = (root or project_root()).resolve()
     config = Path(config)
@@ -98,8 +113,10 @@ def build_submission(config: str | os.PathLike, overrides: list[str], *, root: P
         config_arg = config.resolve().relative_to(root).as_posix()
     else:
         config_arg = str(config.resolve())
-        notes.append(f"the config or its data lie outside {root}: the cluster reads {config_arg} and its "
-                     "data at these absolute paths")
+        notes.append(
+            f"the config or its data lie outside {root}: the cluster reads {config_arg} and its "
+            "data at these absolute paths"
+        )
     if not Path(cfg.output_dir).is_absolute():
         out = str(Path(cfg.output_dir).resolve())
         overrides.append(f"output_dir={out}")
@@ -111,9 +128,16 @@ def build_submission(config: str | os.PathLike, overrides: list[str], *, root: P
     if env:
         runtime_env["env_vars"] = dict(env)
     c = cfg.cluster
-    entrypoint = shlex.join(["python", "-m", "cluster.cli", "train", config_arg, *overrides, "--address", "auto"])
-    metadata = {"promptfleet_job": cfg.name, "config": config_arg, "num_workers": str(c.num_workers),
-                "cpus_per_worker": str(c.cpus_per_worker), "use_gpu": str(c.use_gpu).lower()}
+    entrypoint = shlex.join(
+        ["python", "-m", "cluster.cli", "train", config_arg, *overrides, "--address", "auto"]
+    )
+    metadata = {
+        "promptfleet_job": cfg.name,
+        "config": config_arg,
+        "num_workers": str(c.num_workers),
+        "cpus_per_worker": str(c.cpus_per_worker),
+        "use_gpu": str(c.use_gpu).lower(),
+    }
     sid = submission_id or f"promptfleet-{cfg.name}-{uuid.uuid4().hex[:8]}"
     return Submission(sid, entrypoint, runtime_env, metadata, entrypoint_num_cpus, notes)
 
@@ -142,8 +166,12 @@ def connect(address: str | None = None, token: str | None = None):
     """A `JobSubmissionClient` for `address` (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, local head)."""
     from ray.job_submission import JobSubmissionClient
 
-    address = (address or os.environ.get("RAY_API_SERVER_ADDRESS") or _http_address(os.environ.get("RAY_ADDRESS"))
-               or DEFAULT_ADDRESS)
+    address = (
+        address
+        or os.environ.get("RAY_API_SERVER_ADDRESS")
+        or _http_address(os.environ.get("RAY_ADDRESS"))
+        or DEFAULT_ADDRESS
+    )
     try:
         return JobSubmissionClient(address, headers=auth_headers(token, address))
     except ConnectionError as e:
@@ -164,7 +192,9 @@ def _last_line(e: BaseException) -> str:
 
 
 def _auth_message(e: BaseException) -> str:
-    return f"the job server refused the request ({str(e).splitlines()[0]}); pass --token or set RAY_AUTH_TOKEN"
+    return (
+        f"the job server refused the request ({str(e).splitlines()[0]}); pass --token or set RAY_AUTH_TOKEN"
+    )
 
 
 def _call(fn, *args, **kwargs):
@@ -212,9 +242,14 @@ def submit(client, sub: Submission, agent_wait_s: float = 60.0) -> str:
     deadline = time.monotonic() + agent_wait_s
     while True:
         try:
-            return _call(client.submit_job, entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
-                         metadata=sub.metadata, submission_id=sub.submission_id,
-                         entrypoint_num_cpus=sub.entrypoint_num_cpus)
+            return _call(
+                client.submit_job,
+                entrypoint=sub.entrypoint,
+                runtime_env=sub.runtime_env,
+                metadata=sub.metadata,
+                submission_id=sub.submission_id,
+                entrypoint_num_cpus=sub.entrypoint_num_cpus,
+            )
         except RuntimeError as e:
             # A freshly started head answers 500 "No available agent" for a few seconds.
             if "No available agent" not in str(e) or time.monotonic() > deadline:
@@ -227,8 +262,13 @@ def submit(client, sub: Submission, agent_wait_s: float = 60.0) -> str:
 
 def _submit(args: argparse.Namespace) -> int:
     env = dict(_key_value(x, "--env") for x in args.env)
-    sub = build_submission(args.config, args.overrides, env=env, submission_id=args.submission_id,
-                           entrypoint_num_cpus=args.entrypoint_num_cpus)
+    sub = build_submission(
+        args.config,
+        args.overrides,
+        env=env,
+        submission_id=args.submission_id,
+        entrypoint_num_cpus=args.entrypoint_num_cpus,
+    )
     client = connect(args.address, args.token)
     job_id = submit(client, sub)
     for note in sub.notes:
@@ -286,24 +326,40 @@ def _key_value(item: str, flag: str) -> tuple[str, str]:
 
 
 def _client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=None,
-                   help=f"Ray job server (dashboard) URL; default RAY_API_SERVER_ADDRESS or {DEFAULT_ADDRESS}")
-    p.add_argument("--token", default=None, help="Ray auth token (default: RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help=f"Ray job server (dashboard) URL; default RAY_API_SERVER_ADDRESS or {DEFAULT_ADDRESS}",
+    )
+    p.add_argument(
+        "--token", default=None, help="Ray auth token (default: RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)"
+    )
 
 
 def register(subparsers) -> None:
     """Add `submit` and `jobs list|status|logs|stop` to the `promptfleet` parser."""
-    p = subparsers.add_parser("submit", help="submit a training job to a Ray cluster (Ray Jobs API)",
-                              description="Submit `promptfleet train CONFIG OVERRIDES` as a Ray job; the project "
-                                          "directory is uploaded as its working_dir. Prints the job id.")
+    p = subparsers.add_parser(
+        "submit",
+        help="submit a training job to a Ray cluster (Ray Jobs API)",
+        description="Submit `promptfleet train CONFIG OVERRIDES` as a Ray job; the project "
+        "directory is uploaded as its working_dir. Prints the job id.",
+    )
     p.add_argument("config", help="job YAML, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.max_steps=20")
     _client_flags(p)
     p.add_argument("--follow", action="store_true", help="stream the logs; exit 0 only if the job succeeds")
-    p.add_argument("--submission-id", default=None, help="job id to use (default promptfleet-<name>-<random>)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job")
-    p.add_argument("--entrypoint-num-cpus", type=float, default=0.0,
-                   help="CPUs reserved for the driver (default 0: the workers request their own)")
+    p.add_argument(
+        "--submission-id", default=None, help="job id to use (default promptfleet-<name>-<random>)"
+    )
+    p.add_argument(
+        "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job"
+    )
+    p.add_argument(
+        "--entrypoint-num-cpus",
+        type=float,
+        default=0.0,
+        help="CPUs reserved for the driver (default 0: the workers request their own)",
+    )
     p.set_defaults(func=_submit)
 
     jobs = subparsers.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
@@ -311,14 +367,18 @@ def register(subparsers) -> None:
     p = sub.add_parser("list", help="all jobs on the cluster")
     _client_flags(p)
     p.set_defaults(func=_list)
-    for name, func, doc in (("status", _status, "a job's status and message"),
-                            ("logs", _logs, "a job's driver logs"),
-                            ("stop", _stop, "stop a running job")):
+    for name, func, doc in (
+        ("status", _status, "a job's status and message"),
+        ("logs", _logs, "a job's driver logs"),
+        ("stop", _stop, "stop a running job"),
+    ):
         p = sub.add_parser(name, help=doc)
         p.add_argument("job_id", help="submission id printed by `promptfleet submit`")
         _client_flags(p)
         if name == "logs":
-            p.add_argument("--follow", action="store_true", help="stream until the job ends; exit 0 only on success")
+            p.add_argument(
+                "--follow", action="store_true", help="stream until the job ends; exit 0 only on success"
+            )
         if name == "stop":
             p.add_argument("--wait", action="store_true", help="wait until the job has stopped")
             p.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits at most")

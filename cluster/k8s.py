@@ -57,8 +57,10 @@ def k8s_name(name: str) -> str:
 
 
 def _volumes(opts: RenderOptions) -> list[dict]:
-    return [{"name": "runs", "persistentVolumeClaim": {"claimName": opts.runs_claim}},
-            {"name": "data", "persistentVolumeClaim": {"claimName": opts.data_claim, "readOnly": True}}]
+    return [
+        {"name": "runs", "persistentVolumeClaim": {"claimName": opts.runs_claim}},
+        {"name": "data", "persistentVolumeClaim": {"claimName": opts.data_claim, "readOnly": True}},
+    ]
 
 
 MOUNTS = [{"name": "runs", "mountPath": RUNS_DIR}, {"name": "data", "mountPath": DATA_DIR, "readOnly": True}]
@@ -69,11 +71,17 @@ def _container(name: str, image: str, cpus: int | str, memory: str, gpus: int, p
     if gpus:
         resources["nvidia.com/gpu"] = str(gpus)
     return {
-        "name": name, "image": image, "imagePullPolicy": "IfNotPresent", "workingDir": PROJECT_DIR,
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "workingDir": PROJECT_DIR,
         # The converted embedded backbone is cached on the runs volume, so only the first pod converts it.
-        "env": [{"name": "PROMPTFLEET_CACHE", "value": f"{RUNS_DIR}/.cache/promptfleet"},
-                {"name": "TOKENIZERS_PARALLELISM", "value": "false"}],
-        "ports": ports, "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "env": [
+            {"name": "PROMPTFLEET_CACHE", "value": f"{RUNS_DIR}/.cache/promptfleet"},
+            {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        ],
+        "ports": ports,
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
         "volumeMounts": [dict(m) for m in MOUNTS],
     }
 
@@ -81,10 +89,16 @@ def _container(name: str, image: str, cpus: int | str, memory: str, gpus: int, p
 def ray_cluster_spec(cfg: JobConfig, opts: RenderOptions, metrics_port: int) -> dict:
     """A RayCluster spec with one worker group sized by `cfg.cluster`."""
     c = cfg.cluster
-    head_ports = [{"name": "gcs", "containerPort": 6379}, {"name": "dashboard", "containerPort": 8265},
-                  {"name": "client", "containerPort": 10001}, {"name": "metrics", "containerPort": 8080}]
-    worker_ports = [{"name": "metrics", "containerPort": 8080},
-                    {"name": "train-metrics", "containerPort": metrics_port}]
+    head_ports = [
+        {"name": "gcs", "containerPort": 6379},
+        {"name": "dashboard", "containerPort": 8265},
+        {"name": "client", "containerPort": 10001},
+        {"name": "metrics", "containerPort": 8080},
+    ]
+    worker_ports = [
+        {"name": "metrics", "containerPort": 8080},
+        {"name": "train-metrics", "containerPort": metrics_port},
+    ]
     group = "gpu-workers" if c.use_gpu else "cpu-workers"
     worker_params = {"num-cpus": str(c.cpus_per_worker)}
     if c.use_gpu:
@@ -98,45 +112,69 @@ def ray_cluster_spec(cfg: JobConfig, opts: RenderOptions, metrics_port: int) -> 
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
             "template": {
                 "metadata": {"labels": {**LABELS, "app.kubernetes.io/component": "ray-head"}},
-                "spec": {"containers": [_container("ray-head", opts.image, 1, opts.head_memory, 0, head_ports)],
-                         "volumes": _volumes(opts)},
+                "spec": {
+                    "containers": [_container("ray-head", opts.image, 1, opts.head_memory, 0, head_ports)],
+                    "volumes": _volumes(opts),
+                },
             },
         },
-        "workerGroupSpecs": [{
-            "groupName": group, "replicas": c.num_workers, "minReplicas": c.num_workers,
-            "maxReplicas": c.num_workers, "rayStartParams": worker_params,
-            "template": {
-                "metadata": {"labels": {**LABELS, "app.kubernetes.io/component": "training"}},
-                "spec": {"containers": [_container("ray-worker", opts.image, c.cpus_per_worker, opts.worker_memory,
-                                                   1 if c.use_gpu else 0, worker_ports)],
-                         "volumes": _volumes(opts)},
-            },
-        }],
+        "workerGroupSpecs": [
+            {
+                "groupName": group,
+                "replicas": c.num_workers,
+                "minReplicas": c.num_workers,
+                "maxReplicas": c.num_workers,
+                "rayStartParams": worker_params,
+                "template": {
+                    "metadata": {"labels": {**LABELS, "app.kubernetes.io/component": "training"}},
+                    "spec": {
+                        "containers": [
+                            _container(
+                                "ray-worker",
+                                opts.image,
+                                c.cpus_per_worker,
+                                opts.worker_memory,
+                                1 if c.use_gpu else 0,
+                                worker_ports,
+                            )
+                        ],
+                        "volumes": _volumes(opts),
+                    },
+                },
+            }
+        ],
     }
 
 
-def render_rayjob(config: str | Path, overrides: list[str] | None = None,
-                  opts: RenderOptions | None = None) -> dict:
+def render_rayjob(
+    config: str | Path, overrides: list[str] | None = None, opts: RenderOptions | None = None
+) -> dict:
     """The RayJob manifest (a dict) for job YAML `config` inside the project, with `overrides`."""
     opts = opts or RenderOptions()
     overrides = list(overrides or [])
     root = project_root()
     path = Path(config).resolve()
     if not path.is_relative_to(root):
-        raise ConfigError(f"{config}: k8s render needs a job config inside the project ({root}); the image "
-                          f"holds the project at {PROJECT_DIR}")
+        raise ConfigError(
+            f"{config}: k8s render needs a job config inside the project ({root}); the image "
+            f"holds the project at {PROJECT_DIR}"
+        )
     cfg = load_job_config(path, overrides)
     metrics_port = cfg.cluster.metrics_port or METRICS_PORT
     train_args = [*overrides, f"output_dir={RUNS_DIR}"]
     if not cfg.cluster.metrics_port:
         train_args.append(f"cluster.metrics_port={metrics_port}")
-    entrypoint = shlex.join(["promptfleet", "train", path.relative_to(root).as_posix(), *train_args,
-                             "--address", "auto"])
+    entrypoint = shlex.join(
+        ["promptfleet", "train", path.relative_to(root).as_posix(), *train_args, "--address", "auto"]
+    )
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
-        "metadata": {"name": k8s_name(cfg.name), "namespace": opts.namespace,
-                     "labels": {**LABELS, "app.kubernetes.io/component": "training", "promptfleet/job": cfg.name}},
+        "metadata": {
+            "name": k8s_name(cfg.name),
+            "namespace": opts.namespace,
+            "labels": {**LABELS, "app.kubernetes.io/component": "training", "promptfleet/job": cfg.name},
+        },
         "spec": {
             "entrypoint": entrypoint,
             # HTTPMode: the operator submits through the head's Jobs API itself (no submitter pod to
@@ -171,14 +209,19 @@ def register(subparsers) -> None:
     """Add `k8s render` to the `promptfleet` parser."""
     k8s = subparsers.add_parser("k8s", help="Kubernetes (KubeRay) manifests")
     sub = k8s.add_subparsers(dest="k8s_command", required=True, metavar="ACTION")
-    p = sub.add_parser("render", help="write the RayJob that trains a job config on Kubernetes",
-                       description="Render a KubeRay RayJob for a job config: image, one worker pod per rank "
-                                   "(cluster.num_workers x cluster.cpus_per_worker CPUs, a GPU each with "
-                                   "cluster.use_gpu), the runs and data volumes, token auth.")
+    p = sub.add_parser(
+        "render",
+        help="write the RayJob that trains a job config on Kubernetes",
+        description="Render a KubeRay RayJob for a job config: image, one worker pod per rank "
+        "(cluster.num_workers x cluster.cpus_per_worker CPUs, a GPU each with "
+        "cluster.use_gpu), the runs and data volumes, token auth.",
+    )
     p.add_argument("config", help="job YAML inside the project, e.g. configs/quickstart.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides baked into the entrypoint")
     defaults = RenderOptions()
-    p.add_argument("--image", default=defaults.image, help=f"container image with the project at {PROJECT_DIR}")
+    p.add_argument(
+        "--image", default=defaults.image, help=f"container image with the project at {PROJECT_DIR}"
+    )
     p.add_argument("--namespace", default=defaults.namespace, help="namespace of the RayJob")
     p.add_argument("--output", "-o", default=None, help="write here instead of stdout")
     p.set_defaults(func=_render)

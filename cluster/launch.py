@@ -51,8 +51,9 @@ def _worker(config: dict) -> None:
         if metrics_server is not None:
             metrics_server.on_checkpoint(metrics)
 
-    hooks = RecipeHooks(on_checkpoint=on_checkpoint,
-                        on_step=metrics_server.on_step if metrics_server is not None else None)
+    hooks = RecipeHooks(
+        on_checkpoint=on_checkpoint, on_step=metrics_server.on_step if metrics_server is not None else None
+    )
     restored = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as tmp:
         if restored is not None:
@@ -74,17 +75,29 @@ def train_on_ray(cfg: JobConfig, address: str | None = None) -> dict:
     cfg = validate_job(cfg)
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}})
+        ray.init(
+            address=address,
+            log_to_driver=True,
+            runtime_env={
+                "env_vars": {
+                    "TOKENIZERS_PARALLELISM": "false",
+                    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+                }
+            },
+        )
     c = cfg.cluster
     trainer = TorchTrainer(
         _worker,
         train_loop_config=to_dict(cfg),
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
-                                     resources_per_worker={"CPU": c.cpus_per_worker}),
-        run_config=RunConfig(name=cfg.name, storage_path=str(Path(cfg.output_dir) / cfg.name / "ray"),
-                             failure_config=FailureConfig(max_failures=c.max_failures)),
+        scaling_config=ScalingConfig(
+            num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=str(Path(cfg.output_dir) / cfg.name / "ray"),
+            failure_config=FailureConfig(max_failures=c.max_failures),
+        ),
     )
     trainer.fit()
     summary = Path(cfg.output_dir) / cfg.name / "summary.json"
@@ -100,7 +113,11 @@ def train_local(cfg: JobConfig) -> dict:
 
     metrics = TrainingMetrics.start(cfg.cluster.metrics_port)
     try:
-        return run(cfg, RecipeHooks(on_step=metrics.on_step,
-                                    on_checkpoint=lambda step, path, m: metrics.on_checkpoint(m)))
+        return run(
+            cfg,
+            RecipeHooks(
+                on_step=metrics.on_step, on_checkpoint=lambda step, path, m: metrics.on_checkpoint(m)
+            ),
+        )
     finally:
         metrics.stop()

@@ -37,19 +37,34 @@ class TrainingMetrics:
         r = self.registry
         self.step = Gauge(PREFIX + "step", "Optimiser steps completed.", registry=r)
         self.loss = Gauge(PREFIX + "loss", "Mean loss over the examples of the last step.", registry=r)
-        self.task_loss = Gauge(PREFIX + "task_loss", "Mean loss of a task's examples in the last step it appeared in.",
-                               ["task"], registry=r)
+        self.task_loss = Gauge(
+            PREFIX + "task_loss",
+            "Mean loss of a task's examples in the last step it appeared in.",
+            ["task"],
+            registry=r,
+        )
         self.lr = Gauge(PREFIX + "learning_rate", "Learning rate of the last step.", registry=r)
         self.tokens = Counter(PREFIX + "tokens", "Text tokens processed (all ranks).", registry=r)
-        self.tokens_per_s = Gauge(PREFIX + "tokens_per_second", "Text tokens per second in the last step.", registry=r)
-        self.step_seconds = Histogram(PREFIX + "step_seconds", "Wall time of one optimiser step.",
-                                      buckets=STEP_BUCKETS, registry=r)
-        self.checkpoint_seconds = Histogram(PREFIX + "checkpoint_seconds", "Wall time of one checkpoint save.",
-                                            buckets=STEP_BUCKETS, registry=r)
-        self.last_checkpoint_step = Gauge(PREFIX + "last_checkpoint_step", "Step of the newest checkpoint.",
-                                          registry=r)
-        self.restarts = Counter(PREFIX + "restarts", "Times this process started by resuming a replaced worker "
-                                                     "group from a checkpoint.", registry=r)
+        self.tokens_per_s = Gauge(
+            PREFIX + "tokens_per_second", "Text tokens per second in the last step.", registry=r
+        )
+        self.step_seconds = Histogram(
+            PREFIX + "step_seconds", "Wall time of one optimiser step.", buckets=STEP_BUCKETS, registry=r
+        )
+        self.checkpoint_seconds = Histogram(
+            PREFIX + "checkpoint_seconds",
+            "Wall time of one checkpoint save.",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.last_checkpoint_step = Gauge(
+            PREFIX + "last_checkpoint_step", "Step of the newest checkpoint.", registry=r
+        )
+        self.restarts = Counter(
+            PREFIX + "restarts",
+            "Times this process started by resuming a replaced worker group from a checkpoint.",
+            registry=r,
+        )
 
     @classmethod
     def start(cls, port: int, addr: str = "0.0.0.0") -> TrainingMetrics:
@@ -63,7 +78,9 @@ class TrainingMetrics:
             self.server = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
             # e.g. the previous worker group's rank 0 still holds the port: keep training without metrics.
-            log.warning("training metrics: cannot listen on %s:%d (%s); continuing without them", addr, port, e)
+            log.warning(
+                "training metrics: cannot listen on %s:%d (%s); continuing without them", addr, port, e
+            )
             return False
         return True
 

@@ -57,10 +57,14 @@ class TaskNotFound(UnknownTask):
 
     def __init__(self, name: str):
         shown = name if len(name) <= 128 else name[:128] + "..."
-        super().__init__(f"The model '{shown}' does not exist or you do not have access to it.", param="model")
+        super().__init__(
+            f"The model '{shown}' does not exist or you do not have access to it.", param="model"
+        )
 
 
-def create_app(engine, config: ServerConfig, keyring: KeyRing | None = None, manage_engine: bool = True) -> FastAPI:
+def create_app(
+    engine, config: ServerConfig, keyring: KeyRing | None = None, manage_engine: bool = True
+) -> FastAPI:
     """Build the app. With `manage_engine` the app's lifespan starts and stops the engine."""
     keyring = keyring if keyring is not None else load_keyring(config.api.auth)
     metrics = ApiMetrics(engine.stats)
@@ -80,7 +84,9 @@ def create_app(engine, config: ServerConfig, keyring: KeyRing | None = None, man
     app.state.serving = Serving(engine, config, metrics)
     app.include_router(router)
     public = {"/health"} | ({"/metrics"} if config.api.metrics_public else set())
-    app.add_middleware(RequireApiKey, keyring=keyring, public_paths=frozenset(public), max_body_bytes=MAX_BODY_BYTES)
+    app.add_middleware(
+        RequireApiKey, keyring=keyring, public_paths=frozenset(public), max_body_bytes=MAX_BODY_BYTES
+    )
     app.add_middleware(RecordRequests, metrics=metrics)  # outermost: also counts 401s
     app.add_exception_handler(ServingError, _serving_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -119,7 +125,9 @@ class Serving:
             request.state.task = NO_TASK  # not a task label: unknown names must not create series
             raise TaskNotFound(task) from None
 
-    async def start(self, request: Request, req: GenerationRequest) -> tuple[AsyncIterator[RequestOutput], RequestOutput]:
+    async def start(
+        self, request: Request, req: GenerationRequest
+    ) -> tuple[AsyncIterator[RequestOutput], RequestOutput]:
         """Submit `req` and wait for its first output; admission errors (404/400/429) surface here."""
         with self.engine_errors(request, req.task):
             stream = self.engine.generate(req)
@@ -162,12 +170,21 @@ class Serving:
         self.metrics.observe_tokens(req.task, last.prompt_tokens, last.completion_tokens)
         return "".join(parts), last
 
-    async def events(self, req: GenerationRequest, stream: AsyncIterator[RequestOutput], first: RequestOutput,
-                     chat: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def events(
+        self,
+        req: GenerationRequest,
+        stream: AsyncIterator[RequestOutput],
+        first: RequestOutput,
+        chat: bool,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
         """SSE events in OpenAI's chunk format, ending with `data: [DONE]`."""
         last, finished = first, first.finished
-        chunk = (lambda out, i: protocol.chat_chunk(req.request_id, req.task, out, i == 0)) if chat else \
-            (lambda out, i: protocol.completion_chunk(req.request_id, req.task, out))
+        chunk = (
+            (lambda out, i: protocol.chat_chunk(req.request_id, req.task, out, i == 0))
+            if chat
+            else (lambda out, i: protocol.completion_chunk(req.request_id, req.task, out))
+        )
         try:
             yield protocol.sse(chunk(first, 0))
             i = 1
@@ -188,7 +205,9 @@ class Serving:
             yield protocol.sse("[DONE]")
         except Exception:
             log.exception("stream %s failed", req.request_id)
-            yield protocol.sse(protocol.error_body("Internal server error.", "server_error", None, "internal_error"))
+            yield protocol.sse(
+                protocol.error_body("Internal server error.", "server_error", None, "internal_error")
+            )
         finally:
             if not finished:
                 self.engine.abort(req.request_id)
@@ -270,36 +289,57 @@ async def classify(body: ClassifyBody, request: Request) -> dict:
     srv: Serving = request.app.state.serving
     task, kind = body.model, srv.resolve_task(request, body.model, "classify").get("kind")
     if kind != "classification":
-        raise InvalidRequest(f"'{task}' is a {kind or 'generation'} task; /v1/classify needs a task with a "
-                             f"verbaliser (use /v1/completions)", param="model")
+        raise InvalidRequest(
+            f"'{task}' is a {kind or 'generation'} task; /v1/classify needs a task with a "
+            f"verbaliser (use /v1/completions)",
+            param="model",
+        )
     with srv.engine_errors(request, task):
         result = await srv.engine.classify(task, body.input, raw=body.raw)
     srv.metrics.observe_tokens(task, result.prompt_tokens, 0)
-    return protocol.classification(f"clf-{uuid.uuid4().hex}", task, result.label, result.labels, result.prompt_tokens)
+    return protocol.classification(
+        f"clf-{uuid.uuid4().hex}", task, result.label, result.labels, result.prompt_tokens
+    )
 
 
-async def _generate(request: Request, body: CompletionBody | ChatBody, prompt: str, prompt_param: str,
-                    chat: bool) -> Response:
+async def _generate(
+    request: Request, body: CompletionBody | ChatBody, prompt: str, prompt_param: str, chat: bool
+) -> Response:
     srv: Serving = request.app.state.serving
     task = body.model
     srv.resolve_task(request, task, "chat" if chat else "completions")
     if not prompt:
         raise InvalidRequest("The prompt must not be empty.", param=prompt_param)
-    max_tokens = (getattr(body, "max_completion_tokens", None) or body.max_tokens
-                  or srv.config.api.default_max_tokens)
+    max_tokens = (
+        getattr(body, "max_completion_tokens", None) or body.max_tokens or srv.config.api.default_max_tokens
+    )
     limit = srv.config.engine.max_new_tokens_limit
     if max_tokens > limit:
-        raise InvalidRequest(f"max_tokens must be between 1 and {limit}, got {max_tokens}.", param="max_tokens")
-    params = SamplingParams(max_tokens=max_tokens, seed=body.seed, stop=body.stop_list(),
-                            temperature=0.0 if body.temperature is None else body.temperature,
-                            top_p=1.0 if body.top_p is None else body.top_p)
-    req = GenerationRequest(request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", task=task,
-                            prompt=prompt, params=params, tenant=request.state.tenant.name, raw=body.raw)
+        raise InvalidRequest(
+            f"max_tokens must be between 1 and {limit}, got {max_tokens}.", param="max_tokens"
+        )
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        seed=body.seed,
+        stop=body.stop_list(),
+        temperature=0.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+    )
+    req = GenerationRequest(
+        request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        task=task,
+        prompt=prompt,
+        params=params,
+        tenant=request.state.tenant.name,
+        raw=body.raw,
+    )
     if body.stream:
         stream, first = await srv.start(request, req)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventStream(srv.events(req, stream, first, chat, include_usage),
-                           headers={"Cache-Control": "no-cache", "X-Request-Id": req.request_id})
+        return EventStream(
+            srv.events(req, stream, first, chat, include_usage),
+            headers={"Cache-Control": "no-cache", "X-Request-Id": req.request_id},
+        )
     result = await srv.collect(request, req)
     if result is None:
         return Response(status_code=CLIENT_CLOSED)
@@ -325,7 +365,11 @@ async def _validation_error(_request: Request, err: RequestValidationError) -> J
     # The field path without FastAPI's "body" root and the member tags unions add (`prompt.list[str]`).
     loc = [str(p) for p in first.get("loc", ())[1:]]
     param = ".".join(p for p in loc if not _is_type_tag(p)) or None
-    message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "Invalid request body.")
+    message = (
+        f"{param}: {first.get('msg', 'invalid value')}"
+        if param
+        else first.get("msg", "Invalid request body.")
+    )
     return error_response(InvalidRequest(message, param=param))
 
 
@@ -335,11 +379,15 @@ def _is_type_tag(part: str) -> bool:
 
 async def _http_error(_request: Request, err: HTTPException) -> JSONResponse:
     code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
-    return JSONResponse(protocol.error_body(str(err.detail), "invalid_request_error", None, code),
-                        status_code=err.status_code, headers=getattr(err, "headers", None))
+    return JSONResponse(
+        protocol.error_body(str(err.detail), "invalid_request_error", None, code),
+        status_code=err.status_code,
+        headers=getattr(err, "headers", None),
+    )
 
 
 async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=err)
-    return JSONResponse(protocol.error_body("Internal server error.", "server_error", None, "internal_error"),
-                        status_code=500)
+    return JSONResponse(
+        protocol.error_body("Internal server error.", "server_error", None, "internal_error"), status_code=500
+    )

@@ -53,8 +53,10 @@ ANONYMOUS = Tenant("anonymous", None)  # the only tenant when auth is disabled
 def load_keyring(auth: str) -> KeyRing:
     """`auth` from the server config: a tenants file, or `none` (explicitly disabled)."""
     if not auth.strip():
-        raise ConfigError("api.auth is not set: give a tenants file (api.auth=PATH, see "
-                          "configs/serving/tenants.example.yaml) or api.auth=none for local development")
+        raise ConfigError(
+            "api.auth is not set: give a tenants file (api.auth=PATH, see "
+            "configs/serving/tenants.example.yaml) or api.auth=none for local development"
+        )
     if auth.strip().lower() == "none":
         return KeyRing.disabled()
     if not Path(auth).is_file():
@@ -71,8 +73,10 @@ class KeyRing:
 
     @classmethod
     def disabled(cls) -> KeyRing:
-        log.warning("!!! API authentication is DISABLED (auth: none): anyone who can reach this server "
-                    "can use every task. Use this for local development only. !!!")
+        log.warning(
+            "!!! API authentication is DISABLED (auth: none): anyone who can reach this server "
+            "can use every task. Use this for local development only. !!!"
+        )
         return cls([], enabled=False)
 
     @classmethod
@@ -80,8 +84,10 @@ class KeyRing:
         data = read_yaml(path)
         unknown = sorted(set(data) - {"tenants"})
         if unknown or not isinstance(data.get("tenants"), dict) or not data["tenants"]:
-            raise ConfigError(f"{path}: expected one top-level key `tenants` mapping tenant names to "
-                              f"{{key_sha256: [...], tasks: [...] or '*'}}")
+            raise ConfigError(
+                f"{path}: expected one top-level key `tenants` mapping tenant names to "
+                f"{{key_sha256: [...], tasks: [...] or '*'}}"
+            )
         digests: list[tuple[str, Tenant]] = []
         seen: set[str] = set()
         for name, entry in data["tenants"].items():
@@ -89,8 +95,10 @@ class KeyRing:
             for digest in entry["key_sha256"]:
                 digest = str(digest).strip().lower()
                 if not _HEX64.fullmatch(digest):
-                    raise ConfigError(f"{path}: tenant {name!r}: {digest[:12]!r}... is not a SHA-256 hex digest "
-                                      f"(store hashlib.sha256(key).hexdigest(), never the key)")
+                    raise ConfigError(
+                        f"{path}: tenant {name!r}: {digest[:12]!r}... is not a SHA-256 hex digest "
+                        f"(store hashlib.sha256(key).hexdigest(), never the key)"
+                    )
                 if digest in seen:
                     raise ConfigError(f"{path}: the same key digest appears twice (tenant {name!r})")
                 seen.add(digest)

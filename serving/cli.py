@@ -23,17 +23,31 @@ from tuner.config import ConfigError
 def register(subparsers) -> None:
     """Add `serve` to the `promptfleet` parser."""
     p = subparsers.add_parser(
-        "serve", help="serve every task of a prompt store from one backbone (OpenAI-compatible HTTP API)",
+        "serve",
+        help="serve every task of a prompt store from one backbone (OpenAI-compatible HTTP API)",
         description="Serve all task prompts in a prompt store (one PEFT adapter dir per task) from one shared "
-                    "backbone: /v1/completions, /v1/chat/completions (model = task name), /v1/classify, "
-                    "/v1/models, /health, /metrics.")
-    p.add_argument("--prompt-store", default=None, metavar="DIR",
-                   help="directory of per-task adapters, e.g. runs/quickstart/adapters (or engine.prompt_store in the config)")
-    p.add_argument("--config", default=None, help="serving YAML, e.g. configs/serving/default.yaml (default: built-in defaults)")
+        "backbone: /v1/completions, /v1/chat/completions (model = task name), /v1/classify, "
+        "/v1/models, /health, /metrics.",
+    )
+    p.add_argument(
+        "--prompt-store",
+        default=None,
+        metavar="DIR",
+        help="directory of per-task adapters, e.g. runs/quickstart/adapters (or engine.prompt_store in the config)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        help="serving YAML, e.g. configs/serving/default.yaml (default: built-in defaults)",
+    )
     p.add_argument("--host", default=None, help="interface to bind (overrides api.host; default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="TCP port (overrides api.port; default 8000)")
-    p.add_argument("--ray", action="store_true", help="deploy on Ray Serve instead of a standalone uvicorn server")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. engine.max_batch_size=16 api.auth=none")
+    p.add_argument(
+        "--ray", action="store_true", help="deploy on Ray Serve instead of a standalone uvicorn server"
+    )
+    p.add_argument(
+        "overrides", nargs="*", help="key=value overrides, e.g. engine.max_batch_size=16 api.auth=none"
+    )
     p.set_defaults(func=serve_command)
 
 
@@ -45,8 +59,9 @@ def resolve_config(args: argparse.Namespace):
     if args.prompt_store:
         cfg.engine = dataclasses.replace(cfg.engine, prompt_store=args.prompt_store)
     if args.host is not None or args.port is not None:
-        cfg.api = dataclasses.replace(cfg.api, host=args.host or cfg.api.host,
-                                      port=cfg.api.port if args.port is None else args.port)
+        cfg.api = dataclasses.replace(
+            cfg.api, host=args.host or cfg.api.host, port=cfg.api.port if args.port is None else args.port
+        )
     store = cfg.engine.prompt_store
     if not store:
         raise ConfigError("no prompt store: pass --prompt-store DIR (or set engine.prompt_store)")
@@ -59,7 +74,9 @@ def serve_command(args: argparse.Namespace) -> int:
     from serving.auth import load_keyring
 
     cfg = resolve_config(args)
-    logging.basicConfig(level=cfg.api.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=cfg.api.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     keyring = load_keyring(cfg.api.auth)
     if args.ray:
         from serving.ray_app import run_on_ray
@@ -72,5 +89,7 @@ def serve_command(args: argparse.Namespace) -> int:
     from serving.engine import Engine
 
     app = create_app(Engine(cfg.engine), cfg, keyring)
-    uvicorn.run(app, host=cfg.api.host, port=cfg.api.port, log_level=cfg.api.log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app, host=cfg.api.host, port=cfg.api.port, log_level=cfg.api.log_level, timeout_graceful_shutdown=5
+    )
     return 0

@@ -25,11 +25,20 @@ AUTH_DISABLED = "none"
 class ApiConfig:
     host: str = _f("127.0.0.1", "Interface uvicorn binds (0.0.0.0 to listen on all interfaces).")
     port: int = _f(8000, "TCP port of the HTTP server.")
-    auth: str = _f("", "Tenants file (YAML, hashed API keys) or `none` to disable auth for local development. "
-                       "Empty is an error: auth is never off by accident.")
-    metrics_public: bool = _f(True, "Serve /metrics without an API key (for a Prometheus scraper inside the cluster).")
-    default_max_tokens: int = _f(16, "max_tokens when a request does not set it (OpenAI's completions default).")
-    disconnect_poll_s: float = _f(0.25, "How often a non-streaming request checks whether its client went away.")
+    auth: str = _f(
+        "",
+        "Tenants file (YAML, hashed API keys) or `none` to disable auth for local development. "
+        "Empty is an error: auth is never off by accident.",
+    )
+    metrics_public: bool = _f(
+        True, "Serve /metrics without an API key (for a Prometheus scraper inside the cluster)."
+    )
+    default_max_tokens: int = _f(
+        16, "max_tokens when a request does not set it (OpenAI's completions default)."
+    )
+    disconnect_poll_s: float = _f(
+        0.25, "How often a non-streaming request checks whether its client went away."
+    )
     log_level: str = _f("info", "uvicorn / promptfleet log level: debug, info, warning or error.")
 
     def __post_init__(self) -> None:
@@ -49,10 +58,14 @@ class RayServeConfig:
     app_name: str = _f("promptfleet", "Ray Serve application name.")
     route_prefix: str = _f("/", "HTTP route prefix of the application on the Serve proxy.")
     address: str = _f("", "Ray cluster to join; empty starts an embedded local Ray (RAY_ADDRESS also works).")
-    min_replicas: int = _f(1, "Autoscaling lower bound; each replica holds one backbone and all task prompts.")
+    min_replicas: int = _f(
+        1, "Autoscaling lower bound; each replica holds one backbone and all task prompts."
+    )
     max_replicas: int = _f(1, "Autoscaling upper bound.")
     target_ongoing_requests: float = _f(16.0, "Autoscaling target of in-flight requests per replica.")
-    max_ongoing_requests: int = _f(256, "Requests the Serve proxy sends one replica at once (our scheduler batches them).")
+    max_ongoing_requests: int = _f(
+        256, "Requests the Serve proxy sends one replica at once (our scheduler batches them)."
+    )
     num_cpus: float = _f(1.0, "CPUs reserved per replica.")
     num_gpus: float = _f(0.0, "GPUs reserved per replica.")
 
@@ -67,8 +80,11 @@ class RayServeConfig:
             raise ConfigError(f"ray.route_prefix={self.route_prefix!r}: must start with '/'")
 
     def autoscaling_config(self) -> dict:
-        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.target_ongoing_requests}
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+        }
 
 
 @dataclass
@@ -82,11 +98,15 @@ class ServerConfig:
             if getattr(self, name) is None:
                 setattr(self, name, cls())
         if self.api.default_max_tokens > self.engine.max_new_tokens_limit:
-            raise ConfigError(f"api.default_max_tokens={self.api.default_max_tokens} exceeds "
-                              f"engine.max_new_tokens_limit={self.engine.max_new_tokens_limit}")
+            raise ConfigError(
+                f"api.default_max_tokens={self.api.default_max_tokens} exceeds "
+                f"engine.max_new_tokens_limit={self.engine.max_new_tokens_limit}"
+            )
 
 
-def load_server_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> ServerConfig:
+def load_server_config(
+    path: str | os.PathLike | None = None, overrides: list[str] | None = None
+) -> ServerConfig:
     """Read a serving YAML (or the defaults when `path` is None) and apply `key=value` overrides.
 
     A relative `api.auth` written in the YAML resolves against the YAML's directory; one given

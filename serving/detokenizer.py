@@ -34,11 +34,11 @@ class IncrementalText:
     def append(self, token_id: int) -> None:
         """Add a token; sets `stopped` when the output now contains a stop string."""
         self.ids.append(token_id)
-        before = self.decode(self.ids[self.prefix_offset:self.read_offset])
-        after = self.decode(self.ids[self.prefix_offset:])
+        before = self.decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self.decode(self.ids[self.prefix_offset :])
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return  # an incomplete multi-byte character: wait for the next token
-        delta = after[len(before):]
+        delta = after[len(before) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         start = len(self.text)
         self.text += delta
@@ -52,7 +52,7 @@ class IncrementalText:
             if i >= 0:
                 hits.append(i)
         if hits:
-            self.text = self.text[:min(hits)]
+            self.text = self.text[: min(hits)]
             self.stopped = True
 
     def take_delta(self, final: bool) -> str:
@@ -60,6 +60,6 @@ class IncrementalText:
         end = len(self.text)
         if not final and self.stop:
             end = max(self.sent, end - (max(len(s) for s in self.stop) - 1))
-        delta = self.text[self.sent:end]
+        delta = self.text[self.sent : end]
         self.sent = end
         return delta

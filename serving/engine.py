@@ -46,7 +46,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineConfig:
-    backbone: str = "smollm2-135m"  # backbone name (embedded name, local dir or Hub id); adapters must name it
+    backbone: str = (
+        "smollm2-135m"  # backbone name (embedded name, local dir or Hub id); adapters must name it
+    )
     prompt_store: str = ""  # directory with one PEFT prompt-tuning adapter dir per task
     dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (auto = fp32 on CPUs without AMX)
     max_batch_size: int = 32  # running requests decoded together in one forward
@@ -63,7 +65,9 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, *, model=None, tokenizer=None, backbone_names: set[str] | None = None):
+    def __init__(
+        self, config: EngineConfig, *, model=None, tokenizer=None, backbone_names: set[str] | None = None
+    ):
         """Load the backbone (unless `model`/`tokenizer` are given, e.g. by tests) and scan the store."""
         self.config = config
         if config.threads > 0:
@@ -71,19 +75,25 @@ class Engine:
         if model is None:
             path = resolve_backbone(config.backbone)
             device = torch.device(config.device)
-            model = load_backbone(path, pick_dtype(config.dtype, device), pick_attention("auto", device), device)
+            model = load_backbone(
+                path, pick_dtype(config.dtype, device), pick_attention("auto", device), device
+            )
             tokenizer = tokenizer or load_tokenizer(path)
             backbone_names = (backbone_names or set()) | {config.backbone, path}
         self.tokenizer = tokenizer
         self.runner = ModelRunner(model, config.prefix_cache_bytes, config.prefix_cache)
-        self.registry = PromptRegistry(config.prompt_store, backbone_names or {config.backbone},
-                                       self.runner.hidden_size)
+        self.registry = PromptRegistry(
+            config.prompt_store, backbone_names or {config.backbone}, self.runner.hidden_size
+        )
         self.registry.refresh()
-        self.scheduler = Scheduler(SchedulerConfig(config.max_batch_size, config.max_queue, config.max_step_tokens),
-                                   self._decode)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_batch_size, config.max_queue, config.max_step_tokens), self._decode
+        )
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.eos_token_ids = frozenset(eos | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+        self.eos_token_ids = frozenset(
+            eos | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+        )
         self._lock = threading.Lock()  # guards the scheduler
         self._wake = threading.Event()
         self._classify: list[tuple[ScoreJob, asyncio.Future]] = []  # pending; guarded by the lock
@@ -125,7 +135,11 @@ class Engine:
         """What a client may know of a task (raises UnknownTask)."""
         entry = self.registry.get(task)
         meta = entry.meta
-        info = {"name": task, "kind": meta.get("kind", "generation"), "num_virtual_tokens": entry.num_virtual_tokens}
+        info = {
+            "name": task,
+            "kind": meta.get("kind", "generation"),
+            "num_virtual_tokens": entry.num_virtual_tokens,
+        }
         for key in ("description", "template", "verbaliser", "metric", "max_new_tokens", "score"):
             if key in meta:
                 info[key] = meta[key]
@@ -143,7 +157,9 @@ class Engine:
         entry = self.registry.get(req.task)
         self._check_params(req.params)
         prompt_ids = self._tokenize_prompt(entry, req.prompt, req.raw, req.params.max_tokens)
-        sreq = Request(req.request_id, req.task, prompt_ids, req.params, req.arrival_time, self.eos_token_ids, entry)
+        sreq = Request(
+            req.request_id, req.task, prompt_ids, req.params, req.arrival_time, self.eos_token_ids, entry
+        )
         stream: asyncio.Queue = asyncio.Queue()
         if req.request_id in self._streams:
             raise InvalidRequest(f"request id {req.request_id!r} is already in use")
@@ -192,19 +208,26 @@ class Engine:
             req = self.scheduler.abort(request_id)
             self._counters["requests_finished_total"] += req is not None
         if req is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._deliver, [(request_id, self._final(req, FinishReason.ABORT))])
+            self._loop.call_soon_threadsafe(
+                self._deliver, [(request_id, self._final(req, FinishReason.ABORT))]
+            )
 
     def stats(self) -> dict:
         pc = self.runner.prefix_cache.stats
         with self._lock:
             queued, running = self.scheduler.num_waiting + len(self._classify), len(self.scheduler.running)
         return {
-            "queue_depth": queued, "running": running, "last_batch_size": self.scheduler.last_batch_size,
+            "queue_depth": queued,
+            "running": running,
+            "last_batch_size": self.scheduler.last_batch_size,
             "tokens_generated_total": self._counters["tokens_generated_total"],
             "prefill_tokens_total": self.runner.prefill_tokens_total,
-            "prefix_cache_hits_total": pc.hits, "prefix_cache_misses_total": pc.misses,
-            "prefix_cache_evictions_total": pc.evictions, "prefix_cache_bytes": pc.bytes,
-            "requests_finished_total": self._counters["requests_finished_total"], "tasks": len(self.registry.names()),
+            "prefix_cache_hits_total": pc.hits,
+            "prefix_cache_misses_total": pc.misses,
+            "prefix_cache_evictions_total": pc.evictions,
+            "prefix_cache_bytes": pc.bytes,
+            "requests_finished_total": self._counters["requests_finished_total"],
+            "tasks": len(self.registry.names()),
         }
 
     # ------------------------------------------------------------------ validation helpers
@@ -228,19 +251,25 @@ class Engine:
         if not ids:
             raise InvalidRequest("prompt is empty", param="prompt")
         if len(ids) > self.config.max_prompt_tokens:
-            raise PromptTooLong(f"prompt has {len(ids)} tokens, the limit is {self.config.max_prompt_tokens}",
-                                param="prompt")
+            raise PromptTooLong(
+                f"prompt has {len(ids)} tokens, the limit is {self.config.max_prompt_tokens}", param="prompt"
+            )
         total = entry.num_virtual_tokens + len(ids) + max_new
         if total > self.runner.max_positions:
-            raise PromptTooLong(f"{entry.num_virtual_tokens} prompt-tuning + {len(ids)} prompt + {max_new} new tokens "
-                                f"exceed the model's context of {self.runner.max_positions}", param="prompt")
+            raise PromptTooLong(
+                f"{entry.num_virtual_tokens} prompt-tuning + {len(ids)} prompt + {max_new} new tokens "
+                f"exceed the model's context of {self.runner.max_positions}",
+                param="prompt",
+            )
         return ids
 
     def _labels(self, entry: TaskEntry) -> dict[str, list[int]]:
         key = (entry.name, entry.version)
         if key not in self._label_ids:
-            self._label_ids[key] = {lab: self.tokenizer(w, add_special_tokens=False).input_ids
-                                    for lab, w in entry.meta["verbaliser"].items()}
+            self._label_ids[key] = {
+                lab: self.tokenizer(w, add_special_tokens=False).input_ids
+                for lab, w in entry.meta["verbaliser"].items()
+            }
         return self._label_ids[key]
 
     def _decode(self, ids: list[int]) -> str:
@@ -271,7 +300,9 @@ class Engine:
                     failed = self.scheduler.abort_all()
                 self._fail(failed, lambda e=e: EngineError(f"model step failed: {e}"))
                 for _, fut in classify:
-                    self._loop.call_soon_threadsafe(_set_future, fut, EngineError(f"classification failed: {e}"))
+                    self._loop.call_soon_threadsafe(
+                        _set_future, fut, EngineError(f"classification failed: {e}")
+                    )
                 continue
             for job, fut in classify:
                 self._loop.call_soon_threadsafe(_set_future, fut, job.scores)
@@ -323,8 +354,9 @@ class Engine:
 
     @staticmethod
     def _final(req: Request, reason: FinishReason) -> RequestOutput:
-        return RequestOutput(req.request_id, req.task, "", [], True, reason, len(req.prompt_ids),
-                             req.num_output_tokens)
+        return RequestOutput(
+            req.request_id, req.task, "", [], True, reason, len(req.prompt_ids), req.num_output_tokens
+        )
 
 
 def _set_future(fut: asyncio.Future, result: object) -> None:

@@ -51,8 +51,16 @@ class KVBatch(Cache):
         self.length = length  # columns in use (the same for every row)
 
     @classmethod
-    def empty(cls, num_layers: int, rows: int, heads: int, head_dim: int, capacity: int,
-              dtype: torch.dtype, device: torch.device | str = "cpu") -> KVBatch:
+    def empty(
+        cls,
+        num_layers: int,
+        rows: int,
+        heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> KVBatch:
         # Zeros, not empty: masked columns are still multiplied by 0 in attention, and 0 * NaN = NaN.
         kv = torch.zeros(num_layers, 2, rows, heads, capacity, head_dim, dtype=dtype, device=device)
         return cls(kv, torch.zeros(rows, capacity, dtype=torch.long, device=device), 0)
@@ -72,8 +80,8 @@ class KVBatch(Cache):
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor):
         """Store one layer's new K/V at columns `length:length+n`; return that layer's K/V so far."""
         end = self.length + keys.shape[-2]
-        self.kv[layer, 0, :, :, self.length:end] = keys
-        self.kv[layer, 1, :, :, self.length:end] = values
+        self.kv[layer, 0, :, :, self.length : end] = keys
+        self.kv[layer, 1, :, :, self.length : end] = values
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
     def reserve(self, n: int, headroom: int = 64) -> None:
@@ -81,9 +89,9 @@ class KVBatch(Cache):
         if self.length + n <= self.capacity:
             return
         kv = self.kv.new_zeros(*self.kv.shape[:4], self.length + n + headroom, self.kv.shape[5])
-        kv[..., :self.length, :] = self.kv[..., :self.length, :]
+        kv[..., : self.length, :] = self.kv[..., : self.length, :]
         mask = self.mask.new_zeros(self.rows, kv.shape[4])
-        mask[:, :self.length] = self.mask[:, :self.length]
+        mask[:, : self.length] = self.mask[:, : self.length]
         self.kv, self.mask = kv, mask
 
     def filter(self, keep: list[int], headroom: int) -> KVBatch:
@@ -105,17 +113,24 @@ class KVBatch(Cache):
         spans = []  # (batch, row index, first column kept)
         for b, keep in parts:
             idx = torch.tensor(keep, dtype=torch.long, device=b.kv.device)
-            valid_cols = b.mask[idx, :b.length].any(0).nonzero()
+            valid_cols = b.mask[idx, : b.length].any(0).nonzero()
             spans.append((b, idx, int(valid_cols[0]) if len(valid_cols) else b.length))
         width = max(b.length - first for b, _, first in spans)
         ref = parts[0][0].kv
-        out = cls.empty(ref.shape[0], sum(len(idx) for _, idx, _ in spans), ref.shape[3], ref.shape[5],
-                        width + headroom, ref.dtype, ref.device)
+        out = cls.empty(
+            ref.shape[0],
+            sum(len(idx) for _, idx, _ in spans),
+            ref.shape[3],
+            ref.shape[5],
+            width + headroom,
+            ref.dtype,
+            ref.device,
+        )
         row = 0
         for b, idx, first in spans:
             n, start = len(idx), width - (b.length - first)
-            out.kv[:, :, row:row + n, :, start:width] = b.kv[:, :, idx, :, first:b.length]
-            out.mask[row:row + n, start:width] = b.mask[idx, first:b.length]
+            out.kv[:, :, row : row + n, :, start:width] = b.kv[:, :, idx, :, first : b.length]
+            out.mask[row : row + n, start:width] = b.mask[idx, first : b.length]
             row += n
         out.length = width
         return out

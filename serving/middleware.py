@@ -33,15 +33,21 @@ def error_response(err: ServingError) -> JSONResponse:
         headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status,
-                        headers=headers)
+    return JSONResponse(
+        error_body(err.message, err.type, err.param, err.code), status_code=err.status, headers=headers
+    )
 
 
 class RequireApiKey:
     """Puts the caller's `Tenant` in `scope["state"]["tenant"]`, or answers 401 / 413 itself."""
 
     def __init__(self, app: ASGIApp, keyring: KeyRing, public_paths: frozenset[str], max_body_bytes: int):
-        self.app, self.keyring, self.public_paths, self.max_body_bytes = app, keyring, public_paths, max_body_bytes
+        self.app, self.keyring, self.public_paths, self.max_body_bytes = (
+            app,
+            keyring,
+            public_paths,
+            max_body_bytes,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in self.public_paths:
@@ -95,6 +101,6 @@ class RecordRequests:
         finally:
             state = scope.get("state", {})
             if "endpoint" in state:
-                self.metrics.observe_request(state["endpoint"], state.get("task", NO_TASK), status,
-                                             time.perf_counter() - start)
-
+                self.metrics.observe_request(
+                    state["endpoint"], state.get("task", NO_TASK), status, time.perf_counter() - start
+                )

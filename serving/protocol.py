@@ -53,7 +53,9 @@ class CompletionBody(_SamplingFields):
         if isinstance(self.prompt, str):
             return self.prompt
         if len(self.prompt) != 1:
-            raise InvalidRequest("exactly one prompt per request (send several requests concurrently instead)", "prompt")
+            raise InvalidRequest(
+                "exactly one prompt per request (send several requests concurrently instead)", "prompt"
+            )
         return self.prompt[0]
 
 
@@ -94,8 +96,11 @@ class ClassifyBody(_Body):
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _finish(out: RequestOutput) -> str | None:
@@ -106,38 +111,81 @@ def _finish(out: RequestOutput) -> str | None:
 
 
 def completion(request_id: str, task: str, text: str, last: RequestOutput) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": task,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": _finish(last)}],
-            "usage": usage(last.prompt_tokens, last.completion_tokens)}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": task,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": _finish(last)}],
+        "usage": usage(last.prompt_tokens, last.completion_tokens),
+    }
 
 
 def chat_completion(request_id: str, task: str, text: str, last: RequestOutput) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": task,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": _finish(last)}],
-            "usage": usage(last.prompt_tokens, last.completion_tokens)}
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": task,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": _finish(last),
+            }
+        ],
+        "usage": usage(last.prompt_tokens, last.completion_tokens),
+    }
 
 
 def completion_chunk(request_id: str, task: str, out: RequestOutput) -> dict:
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": task,
-            "choices": [{"text": out.text, "index": 0, "logprobs": None, "finish_reason": _finish(out)}]}
+    return {
+        "id": request_id,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": task,
+        "choices": [{"text": out.text, "index": 0, "logprobs": None, "finish_reason": _finish(out)}],
+    }
 
 
 def chat_chunk(request_id: str, task: str, out: RequestOutput, first: bool) -> dict:
-    delta = {"role": "assistant", "content": out.text} if first else ({"content": out.text} if out.text else {})
-    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": task,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": _finish(out)}]}
+    delta = (
+        {"role": "assistant", "content": out.text} if first else ({"content": out.text} if out.text else {})
+    )
+    return {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": task,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": _finish(out)}],
+    }
 
 
 def usage_chunk(request_id: str, task: str, obj: str, last: RequestOutput) -> dict:
     """The extra last chunk OpenAI sends when `stream_options.include_usage` is set."""
-    return {"id": request_id, "object": obj, "created": int(time.time()), "model": task, "choices": [],
-            "usage": usage(last.prompt_tokens, last.completion_tokens)}
+    return {
+        "id": request_id,
+        "object": obj,
+        "created": int(time.time()),
+        "model": task,
+        "choices": [],
+        "usage": usage(last.prompt_tokens, last.completion_tokens),
+    }
 
 
-def classification(request_id: str, task: str, label: str, labels: dict[str, float], prompt_tokens: int) -> dict:
-    return {"id": request_id, "object": "classification", "created": int(time.time()), "model": task,
-            "label": label, "labels": labels, "usage": usage(prompt_tokens, 0)}
+def classification(
+    request_id: str, task: str, label: str, labels: dict[str, float], prompt_tokens: int
+) -> dict:
+    return {
+        "id": request_id,
+        "object": "classification",
+        "created": int(time.time()),
+        "model": task,
+        "label": label,
+        "labels": labels,
+        "usage": usage(prompt_tokens, 0),
+    }
 
 
 def model_card(task: str) -> dict:

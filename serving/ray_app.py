@@ -54,7 +54,16 @@ def run_on_ray(config: ServerConfig, keyring: KeyRing, blocking: bool = True) ->
 
     ray.init(address=config.ray.address or None, ignore_reinit_error=True)
     serve.start(http_options={"host": config.api.host, "port": config.api.port})
-    log.info("deploying %s on Ray Serve at http://%s:%d%s", config.ray.app_name, config.api.host, config.api.port,
-             config.ray.route_prefix)
-    serve.run(build_application(config, keyring), name=config.ray.app_name, route_prefix=config.ray.route_prefix,
-              blocking=blocking)
+    log.info(
+        "deploying %s on Ray Serve at http://%s:%d%s",
+        config.ray.app_name,
+        config.api.host,
+        config.api.port,
+        config.ray.route_prefix,
+    )
+    serve.run(
+        build_application(config, keyring),
+        name=config.ray.app_name,
+        route_prefix=config.ray.route_prefix,
+        blocking=blocking,
+    )

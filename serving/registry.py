@@ -58,10 +58,10 @@ class RegistryChanges:
 class PromptRegistry:
     def __init__(self, root: str | os.PathLike, backbone_names: set[str], hidden_size: int):
         """Args:
-            root: the prompt-store directory (may not exist yet: then no task is served).
-            backbone_names: names an adapter's `base_model_name_or_path` may carry for the served
-                backbone (e.g. {"smollm2-135m", "/path/it/resolves/to"}).
-            hidden_size: the backbone's hidden size (the prompt width).
+        root: the prompt-store directory (may not exist yet: then no task is served).
+        backbone_names: names an adapter's `base_model_name_or_path` may carry for the served
+            backbone (e.g. {"smollm2-135m", "/path/it/resolves/to"}).
+        hidden_size: the backbone's hidden size (the prompt width).
         """
         self.root = Path(root)
         self.backbone_names = set(backbone_names)
@@ -127,12 +127,17 @@ class PromptRegistry:
         try:
             adapter = load_adapter(path)
             if adapter.backbone not in self.backbone_names:
-                raise ValueError(f"adapter is for backbone {adapter.backbone!r}, this server runs "
-                                 f"{sorted(self.backbone_names)[0]!r}")
+                raise ValueError(
+                    f"adapter is for backbone {adapter.backbone!r}, this server runs "
+                    f"{sorted(self.backbone_names)[0]!r}"
+                )
             if adapter.prompt.shape[1] != self.hidden_size or adapter.prompt.shape[0] < 1:
-                raise ValueError(f"prompt shape {tuple(adapter.prompt.shape)} does not fit hidden size "
-                                 f"{self.hidden_size}")
-        except Exception as e:  # any unreadable adapter (bad JSON, truncated safetensors...) is skipped, not fatal
+                raise ValueError(
+                    f"prompt shape {tuple(adapter.prompt.shape)} does not fit hidden size {self.hidden_size}"
+                )
+        except (
+            Exception
+        ) as e:  # any unreadable adapter (bad JSON, truncated safetensors...) is skipped, not fatal
             log.warning("prompt registry: task %s not served: %s", name, e)
             self._rejected[name] = fp
             return None

@@ -71,7 +71,7 @@ def length_groups(lengths: list[int], overhead: int) -> list[list[int]]:
                 best[j], cut[j] = cost, i
     groups, j = [], len(order)
     while j:
-        groups.append(order[cut[j]:j])
+        groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
 
@@ -111,15 +111,21 @@ class RowSampler:
 
 
 class ModelRunner:
-    def __init__(self, model, prefix_cache_bytes: int = 256 * 2**20, prefix_cache: bool = True,
-                 kv_headroom: int = 64, group_overhead_tokens: int = 64):
+    def __init__(
+        self,
+        model,
+        prefix_cache_bytes: int = 256 * 2**20,
+        prefix_cache: bool = True,
+        kv_headroom: int = 64,
+        group_overhead_tokens: int = 64,
+    ):
         """Args:
-            model: a transformers causal LM (frozen, eval mode).
-            prefix_cache_bytes: LRU bound of the task prefix KV cache.
-            prefix_cache: False recomputes every request's prompt KV (for comparison).
-            kv_headroom: free columns reserved when the batch's KV tensor is (re)allocated.
-            group_overhead_tokens: the fixed cost of one more forward, in tokens of compute; new rows
-                are split by length into separate forwards when that saves more padding than this.
+        model: a transformers causal LM (frozen, eval mode).
+        prefix_cache_bytes: LRU bound of the task prefix KV cache.
+        prefix_cache: False recomputes every request's prompt KV (for comparison).
+        kv_headroom: free columns reserved when the batch's KV tensor is (re)allocated.
+        group_overhead_tokens: the fixed cost of one more forward, in tokens of compute; new rows
+            are split by length into separate forwards when that saves more padding than this.
         """
         self.model = model
         self.decoder = getattr(model, model.base_model_prefix)
@@ -177,17 +183,24 @@ class ModelRunner:
         start = [r.adapter.prompt.shape[0] + len(r.prompt_ids) for r in new.requests]
         self.row_ids = [self.row_ids[i] for i in keep] + [r.request_id for r in new.requests]
         self.samplers = [self.samplers[i] for i in keep] + new.samplers
-        self.last_tokens = torch.cat([self.last_tokens[idx], torch.tensor(new.tokens, dtype=torch.long,
-                                                                          device=self.device)])
-        self.next_pos = torch.cat([self.next_pos[idx], torch.tensor(start, dtype=torch.long, device=self.device)])
+        self.last_tokens = torch.cat(
+            [self.last_tokens[idx], torch.tensor(new.tokens, dtype=torch.long, device=self.device)]
+        )
+        self.next_pos = torch.cat(
+            [self.next_pos[idx], torch.tensor(start, dtype=torch.long, device=self.device)]
+        )
 
     def _decode(self) -> torch.Tensor:
         b = self.batch
         b.reserve(1, self.headroom)
         b.mask[:, b.length] = 1
-        hidden = self.decoder(input_ids=self.last_tokens[:, None], position_ids=self.next_pos[:, None],
-                              attention_mask=b.mask[:, :b.length + 1], past_key_values=b,
-                              use_cache=True).last_hidden_state
+        hidden = self.decoder(
+            input_ids=self.last_tokens[:, None],
+            position_ids=self.next_pos[:, None],
+            attention_mask=b.mask[:, : b.length + 1],
+            past_key_values=b,
+            use_cache=True,
+        ).last_hidden_state
         b.length += 1
         return self.lm_head(hidden[:, -1]).float()
 
@@ -195,7 +208,9 @@ class ModelRunner:
         """Prefill `reqs` and score `jobs` (scores go into the jobs) in as few forwards as padding allows."""
         tasks: list[TaskPrompt] = [r.adapter for r in reqs]
         seqs = [r.prompt_ids for r in reqs]
-        reads: dict[tuple[int, int], int] = {(i, len(s) - 1): i for i, s in enumerate(seqs)}  # (row, token) -> read
+        reads: dict[tuple[int, int], int] = {
+            (i, len(s) - 1): i for i, s in enumerate(seqs)
+        }  # (row, token) -> read
         picks = []  # per job, per continuation: [(read, target token), ...]
         for job in jobs:
             rows: dict[tuple[int, ...], int] = {}  # one row per distinct continuation prefix c[:-1]
@@ -209,7 +224,9 @@ class ModelRunner:
                     tasks.append(job.task)
                     seqs.append(job.prompt_ids + list(c[:-1]))
                 first = len(job.prompt_ids) - 1  # the token whose logits predict c[0]
-                per_cont.append([(reads.setdefault((row, first + k), len(reads)), t) for k, t in enumerate(c)])
+                per_cont.append(
+                    [(reads.setdefault((row, first + k), len(reads)), t) for k, t in enumerate(c)]
+                )
             picks.append(per_cont)
 
         hidden = torch.empty(len(reads), self.hidden_size, dtype=self.dtype, device=self.device)
@@ -218,8 +235,11 @@ class ModelRunner:
         for group in length_groups([len(s) for s in seqs], self.group_overhead):
             batch, h = self.forward_new([tasks[i] for i in group], [seqs[i] for i in group])
             lmax, local = h.shape[1], {row: j for j, row in enumerate(group)}
-            sel = [(read, local[row], lmax - len(seqs[row]) + tok) for (row, tok), read in reads.items()
-                   if row in local]
+            sel = [
+                (read, local[row], lmax - len(seqs[row]) + tok)
+                for (row, tok), read in reads.items()
+                if row in local
+            ]
             read_idx, rows, cols = (list(x) for x in zip(*sel))
             hidden[read_idx] = h[rows, cols]
             gen = [j for j, row in enumerate(group) if row < len(reqs)]
@@ -231,7 +251,7 @@ class ModelRunner:
         new.samplers = [RowSampler.for_request(r) for r in new.requests]
         new.tokens = self._sample(logits[kept], new.samplers) if kept else []
         if jobs:
-            logp = torch.log_softmax(logits[len(reqs):], dim=-1).cpu()
+            logp = torch.log_softmax(logits[len(reqs) :], dim=-1).cpu()
             for job, per_cont in zip(jobs, picks):
                 job.scores = [sum(float(logp[read - len(reqs), t]) for read, t in cont) for cont in per_cont]
         self.prefill_tokens_total += sum(len(r.prompt_ids) for r in reqs)
@@ -251,8 +271,12 @@ class ModelRunner:
         n, P, _ = prompts.shape
         b = KVBatch.empty(self.num_layers, n, self.kv_heads, self.head_dim, P, self.dtype, self.device)
         pos = torch.arange(P, device=self.device).expand(n, P)
-        self.decoder(inputs_embeds=prompts.to(self.device, self.dtype), position_ids=pos, past_key_values=b,
-                     use_cache=True)
+        self.decoder(
+            inputs_embeds=prompts.to(self.device, self.dtype),
+            position_ids=pos,
+            past_key_values=b,
+            use_cache=True,
+        )
         return b.kv
 
     def forward_new(self, tasks: list[TaskPrompt], seqs: list[list[int]]) -> tuple[KVBatch, torch.Tensor]:
@@ -267,20 +291,26 @@ class ModelRunner:
         kvs = self.prefix_cache.get_many([(t.name, t.version, t.prompt) for t in tasks])
         n, pmax, lmax = len(seqs), max(kv.shape[3] for kv in kvs), max(len(s) for s in seqs)
         # No headroom: generation rows are copied into the running batch (`KVBatch.gather`) before they decode.
-        b = KVBatch.empty(self.num_layers, n, self.kv_heads, self.head_dim, pmax + lmax, self.dtype, self.device)
+        b = KVBatch.empty(
+            self.num_layers, n, self.kv_heads, self.head_dim, pmax + lmax, self.dtype, self.device
+        )
         ids = torch.zeros(n, lmax, dtype=torch.long)
         pos = torch.zeros(n, lmax, dtype=torch.long)
         for i, (kv, s) in enumerate(zip(kvs, seqs)):
             P, L = kv.shape[3], len(s)
-            b.kv[:, :, i, :, pmax - P:pmax] = kv
-            b.mask[i, pmax - P:pmax] = 1
-            b.mask[i, pmax + lmax - L:pmax + lmax] = 1
-            ids[i, lmax - L:] = torch.tensor(s)
-            pos[i, lmax - L:] = torch.arange(P, P + L)
+            b.kv[:, :, i, :, pmax - P : pmax] = kv
+            b.mask[i, pmax - P : pmax] = 1
+            b.mask[i, pmax + lmax - L : pmax + lmax] = 1
+            ids[i, lmax - L :] = torch.tensor(s)
+            pos[i, lmax - L :] = torch.arange(P, P + L)
         b.length = pmax
-        hidden = self.decoder(input_ids=ids.to(self.device), position_ids=pos.to(self.device),
-                              attention_mask=b.mask[:, :pmax + lmax], past_key_values=b,
-                              use_cache=True).last_hidden_state
+        hidden = self.decoder(
+            input_ids=ids.to(self.device),
+            position_ids=pos.to(self.device),
+            attention_mask=b.mask[:, : pmax + lmax],
+            past_key_values=b,
+            use_cache=True,
+        ).last_hidden_state
         b.length = pmax + lmax
         return b, hidden
 

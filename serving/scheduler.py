@@ -86,7 +86,9 @@ class Scheduler:
     def add(self, req: Request) -> None:
         """Queue a request; raises `Overloaded` when the waiting queue is full."""
         if self.num_waiting >= self.config.max_queue:
-            raise Overloaded(f"server busy: {self.num_waiting} requests waiting", retry_after=self.retry_after())
+            raise Overloaded(
+                f"server busy: {self.num_waiting} requests waiting", retry_after=self.retry_after()
+            )
         if req.request_id in self._requests:
             raise InvalidRequest(f"request id {req.request_id!r} is already in use")
         req.status = RequestStatus.WAITING
@@ -156,11 +158,18 @@ class Scheduler:
                 req.status, req.finish_reason = RequestStatus.FINISHED, reason
                 self.running.pop(req.request_id, None)
                 self._requests.pop(req.request_id, None)
-            results.append(RequestOutput(
-                request_id=req.request_id, task=req.task, text=req.output.take_delta(final=reason is not None),
-                token_ids=[token], finished=reason is not None, finish_reason=reason,
-                prompt_tokens=len(req.prompt_ids), completion_tokens=req.num_output_tokens,
-            ))
+            results.append(
+                RequestOutput(
+                    request_id=req.request_id,
+                    task=req.task,
+                    text=req.output.take_delta(final=reason is not None),
+                    token_ids=[token],
+                    finished=reason is not None,
+                    finish_reason=reason,
+                    prompt_tokens=len(req.prompt_ids),
+                    completion_tokens=req.num_output_tokens,
+                )
+            )
         return results
 
     @staticmethod

@@ -21,10 +21,21 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, laye
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                      tie_word_embeddings=True, attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      initializer_range=0.2)  # larger than default so a soft prompt can move the outputs
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.2,
+    )  # larger than default so a soft prompt can move the outputs
     model = LlamaForCausalLM(cfg).float().eval()
     model.requires_grad_(False)
     return model
@@ -65,15 +76,29 @@ def save_tiny_backbone(path: Path, seed: int = 0, hidden_size: int = 32, layers:
     return path
 
 
-def write_tiny_tasks(root: Path, n_train: int = 64, n_eval: int = 16, names=("pos_neg", "colors")) -> list[Path]:
+def write_tiny_tasks(
+    root: Path, n_train: int = 64, n_eval: int = 16, names=("pos_neg", "colors")
+) -> list[Path]:
     """Small synthetic classification tasks as jsonl + task YAMLs (real file loading path)."""
     import json
     import random
 
     vocab = {
-        "pos_neg": (["great", "lovely", "superb", "fine"], ["awful", "bad", "poor", "dull"], {"0": " negative", "1": " positive"}),
-        "colors": (["red", "crimson", "scarlet", "rose"], ["blue", "navy", "azure", "teal"], {"0": " blue", "1": " red"}),
-        "sizes": (["huge", "giant", "vast", "large"], ["tiny", "small", "minute", "little"], {"0": " small", "1": " big"}),
+        "pos_neg": (
+            ["great", "lovely", "superb", "fine"],
+            ["awful", "bad", "poor", "dull"],
+            {"0": " negative", "1": " positive"},
+        ),
+        "colors": (
+            ["red", "crimson", "scarlet", "rose"],
+            ["blue", "navy", "azure", "teal"],
+            {"0": " blue", "1": " red"},
+        ),
+        "sizes": (
+            ["huge", "giant", "vast", "large"],
+            ["tiny", "small", "minute", "little"],
+            {"0": " small", "1": " big"},
+        ),
     }
     rng = random.Random(0)
     paths = []
@@ -89,7 +114,7 @@ def write_tiny_tasks(root: Path, n_train: int = 64, n_eval: int = 16, names=("po
         spec.write_text(
             f"name: {name}\nkind: classification\n"
             f"data: {{format: jsonl, train: {name}_train.jsonl, eval: {name}_eval.jsonl}}\n"
-            f"template: \"Text: {{text}}\\nAnswer:\"\nverbaliser: {json.dumps(verb)}\n"
+            f'template: "Text: {{text}}\\nAnswer:"\nverbaliser: {json.dumps(verb)}\n'
         )
         paths.append(spec)
     return paths
@@ -100,13 +125,17 @@ def tiny_job_yaml(root: Path, backbone: Path, task_files: list[Path], **override
     import yaml
 
     job = {
-        "name": "tiny", "output_dir": str(root / "runs"), "tasks": [str(p) for p in task_files],
+        "name": "tiny",
+        "output_dir": str(root / "runs"),
+        "tasks": [str(p) for p in task_files],
         "model": {"name": str(backbone), "dtype": "fp32", "max_seq_len": 64},
         "prompt": {"num_virtual_tokens": 4, "init": "vocab"},
         "optim": {"lr": 0.05, "max_steps": 4, "batch_size": 8, "warmup_steps": 0, "schedule": "constant"},
         "data": {"max_eval_examples": 8},
         "cluster": {"num_workers": 2},
-        "eval_every": 0, "eval_zero_shot": False, "checkpoint_every": 2,
+        "eval_every": 0,
+        "eval_zero_shot": False,
+        "checkpoint_every": 2,
     }
     for key, value in overrides.items():
         node = job

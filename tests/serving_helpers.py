@@ -16,10 +16,18 @@ from pathlib import Path
 import torch
 
 TASKS = {
-    "sst2": {"kind": "classification", "template": "Review: {sentence}\nSentiment:",
-             "verbaliser": {"0": " negative", "1": " positive"}, "max_new_tokens": 2},
-    "trec": {"kind": "classification", "template": "Question: {text}\nType:",
-             "verbaliser": {"ABBR": " abbreviation", "DESC": " description", "LOC": " location"}, "max_new_tokens": 2},
+    "sst2": {
+        "kind": "classification",
+        "template": "Review: {sentence}\nSentiment:",
+        "verbaliser": {"0": " negative", "1": " positive"},
+        "max_new_tokens": 2,
+    },
+    "trec": {
+        "kind": "classification",
+        "template": "Question: {text}\nType:",
+        "verbaliser": {"ABBR": " abbreviation", "DESC": " description", "LOC": " location"},
+        "max_new_tokens": 2,
+    },
     "samsum": {"kind": "generation", "template": "Dialogue: {dialogue}\nSummary:", "max_new_tokens": 16},
 }
 
@@ -35,7 +43,9 @@ def tiny_backbone_dir(root: Path) -> Path:
     return save_tiny_backbone(out)
 
 
-def write_prompt_store(root: Path, backbone_dir: Path, tasks: dict = TASKS, num_virtual_tokens: int = 4) -> Path:
+def write_prompt_store(
+    root: Path, backbone_dir: Path, tasks: dict = TASKS, num_virtual_tokens: int = 4
+) -> Path:
     """One PEFT prompt-tuning adapter per task (random prompts), as training writes them."""
     from transformers import AutoConfig
 
@@ -63,8 +73,16 @@ class UvicornThread:
         import uvicorn
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    lifespan="on", timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host="127.0.0.1",
+                port=self.port,
+                log_level="warning",
+                lifespan="on",
+                timeout_graceful_shutdown=2,
+            )
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.startup_timeout_s = startup_timeout_s
 
@@ -86,8 +104,17 @@ def engine_config(store: Path, backbone: Path, **overrides):
     """An EngineConfig for the tiny backbone: fp32, no hot-reload churn, small limits."""
     from serving.engine import EngineConfig
 
-    base = dict(backbone=str(backbone), prompt_store=str(store), dtype="fp32", max_batch_size=8, max_queue=64,
-                max_prompt_tokens=64, max_new_tokens_limit=256, reload_interval_s=60.0, request_timeout_s=30.0)
+    base = dict(
+        backbone=str(backbone),
+        prompt_store=str(store),
+        dtype="fp32",
+        max_batch_size=8,
+        max_queue=64,
+        max_prompt_tokens=64,
+        max_new_tokens_limit=256,
+        reload_interval_s=60.0,
+        request_timeout_s=30.0,
+    )
     return EngineConfig(**{**base, **overrides})
 
 

@@ -13,11 +13,23 @@ from pathlib import Path
 import yaml
 
 TASKS = {
-    "tone": ("Review: {text}\nSentiment:", {"0": " negative", "1": " positive"},
-             ["a dull film", "great acting", "boring plot", "lovely music", "awful pacing", "a joy to watch"]),
-    "topic": ("Headline: {text}\nTopic:", {"0": " sports", "1": " business"},
-              ["team wins final", "shares fall", "coach resigns", "bank raises rates", "striker scores twice",
-               "profits double"]),
+    "tone": (
+        "Review: {text}\nSentiment:",
+        {"0": " negative", "1": " positive"},
+        ["a dull film", "great acting", "boring plot", "lovely music", "awful pacing", "a joy to watch"],
+    ),
+    "topic": (
+        "Headline: {text}\nTopic:",
+        {"0": " sports", "1": " business"},
+        [
+            "team wins final",
+            "shares fall",
+            "coach resigns",
+            "bank raises rates",
+            "striker scores twice",
+            "profits double",
+        ],
+    ),
 }
 
 
@@ -37,17 +49,26 @@ def write_tiny_job(root: Path, backbone: Path, name: str = "tiny", **sections) -
         data = root / "data" / f"{task}.jsonl"
         data.parent.mkdir(parents=True, exist_ok=True)
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        spec = {"name": task, "kind": "classification", "template": template, "verbaliser": verbaliser,
-                "data": {"format": "jsonl", "train": str(data), "eval": str(data)}}
+        spec = {
+            "name": task,
+            "kind": "classification",
+            "template": template,
+            "verbaliser": verbaliser,
+            "data": {"format": "jsonl", "train": str(data), "eval": str(data)},
+        }
         (root / "tasks" / f"{task}.yaml").write_text(yaml.safe_dump(spec))
     job = {
-        "name": name, "output_dir": str(root / "runs"), "tasks": [f"tasks/{t}.yaml" for t in TASKS],
+        "name": name,
+        "output_dir": str(root / "runs"),
+        "tasks": [f"tasks/{t}.yaml" for t in TASKS],
         "model": {"name": str(backbone), "max_seq_len": 64, "dtype": "fp32", "attn_implementation": "sdpa"},
         "prompt": {"num_virtual_tokens": 4, "init": "random"},
         "optim": {"lr": 0.1, "max_steps": 6, "batch_size": 4, "warmup_steps": 1},
         "data": {"max_eval_examples": 4, "seed": 0},
         "cluster": {"num_workers": 1, "cpus_per_worker": 1},
-        "eval_every": 0, "eval_zero_shot": False, "checkpoint_every": 2,
+        "eval_every": 0,
+        "eval_zero_shot": False,
+        "checkpoint_every": 2,
     }
     for key, value in sections.items():
         if isinstance(value, dict):

@@ -112,8 +112,12 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_backbone(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
-                  device: torch.device | str = "cpu"):
+def load_backbone(
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    device: torch.device | str = "cpu",
+):
     """Load a causal LM frozen, in eval mode (no dropout) for prompt tuning."""
     from transformers import AutoModelForCausalLM
 

@@ -54,7 +54,9 @@ class MultiTaskBatch:
 
     def to(self, device: torch.device | str) -> MultiTaskBatch:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return MultiTaskBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+        return MultiTaskBatch(
+            **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+        )
 
 
 def segment_layout(ex: TokenizedExample, num_virtual: int, max_len: int) -> tuple[list[int], list[int]]:
@@ -65,8 +67,15 @@ def segment_layout(ex: TokenizedExample, num_virtual: int, max_len: int) -> tupl
     return ex.input_ids[-budget:], ex.target_ids
 
 
-def collate(examples: list[TokenizedExample], task_rows: dict[str, int], num_virtual: int, *,
-            max_len: int, pad_id: int, packing: bool = True) -> MultiTaskBatch:
+def collate(
+    examples: list[TokenizedExample],
+    task_rows: dict[str, int],
+    num_virtual: int,
+    *,
+    max_len: int,
+    pad_id: int,
+    packing: bool = True,
+) -> MultiTaskBatch:
     """Build a `MultiTaskBatch`.
 
     Args:
@@ -98,15 +107,19 @@ def collate(examples: list[TokenizedExample], task_rows: dict[str, int], num_vir
     input_ids = torch.full((R, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, L), dtype=torch.long)
     S = len(segs)
-    seg_row, seg_start, seg_task = torch.zeros(S, dtype=torch.long), torch.zeros(S, dtype=torch.long), torch.zeros(S, dtype=torch.long)
+    seg_row, seg_start, seg_task = (
+        torch.zeros(S, dtype=torch.long),
+        torch.zeros(S, dtype=torch.long),
+        torch.zeros(S, dtype=torch.long),
+    )
     t_row, t_col, t_ids, t_seg = [], [], [], []
     for r, members in enumerate(rows):
         col = 0
         for i in members:
             tokens, n_inp, tgt, task_row = segs[i]
             n = len(tokens)
-            input_ids[r, col:col + n] = torch.tensor(tokens)
-            position_ids[r, col:col + n] = torch.arange(n)
+            input_ids[r, col : col + n] = torch.tensor(tokens)
+            position_ids[r, col : col + n] = torch.arange(n)
             seg_row[i], seg_start[i], seg_task[i] = r, col, task_row
             first = col + num_virtual + n_inp - 1  # this position predicts the first target token
             t_row += [r] * len(tgt)
@@ -116,9 +129,15 @@ def collate(examples: list[TokenizedExample], task_rows: dict[str, int], num_vir
             col += n
         position_ids[r, col:] = torch.arange(L - col)  # padding tail: its own segment, no targets
     return MultiTaskBatch(
-        input_ids=input_ids, position_ids=position_ids, seg_row=seg_row, seg_start=seg_start, seg_task=seg_task,
-        target_row=torch.tensor(t_row, dtype=torch.long), target_col=torch.tensor(t_col, dtype=torch.long),
-        target_ids=torch.tensor(t_ids, dtype=torch.long), target_seg=torch.tensor(t_seg, dtype=torch.long),
+        input_ids=input_ids,
+        position_ids=position_ids,
+        seg_row=seg_row,
+        seg_start=seg_start,
+        seg_task=seg_task,
+        target_row=torch.tensor(t_row, dtype=torch.long),
+        target_col=torch.tensor(t_col, dtype=torch.long),
+        target_ids=torch.tensor(t_ids, dtype=torch.long),
+        target_seg=torch.tensor(t_seg, dtype=torch.long),
         num_virtual_tokens=num_virtual,
         num_text_tokens=sum(len(s[0]) - num_virtual + 1 for s in segs),
     )

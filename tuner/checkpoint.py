@@ -32,14 +32,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, *, bank, optimizer, sampler, history: list[dict],
-                    keep_last: int = 2) -> Path:
+def save_checkpoint(
+    root: str | os.PathLike, step: int, *, bank, optimizer, sampler, history: list[dict], keep_last: int = 2
+) -> Path:
     """Write `root/step_<step>/` atomically and prune older checkpoints beyond `keep_last`."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    tensors = {"bank": bank.weight.contiguous(), "torch_rng": torch.get_rng_state(),
-               "sampler_gen": sampler.gen.get_state()}
+    tensors = {
+        "bank": bank.weight.contiguous(),
+        "torch_rng": torch.get_rng_state(),
+        "sampler_gen": sampler.gen.get_state(),
+    }
     adam_steps = {}
     for name, st in optimizer.state.items():
         tensors[f"adam.{name}.exp_avg"] = st["exp_avg"].contiguous()
@@ -48,7 +52,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, *, bank, optimizer, samp
     save_file(tensors, str(tmp / "tensors.safetensors"))
     sd = sampler.state_dict()
     state = {
-        "step": step, "task_names": bank.task_names, "adam_steps": adam_steps,
+        "step": step,
+        "task_names": bank.task_names,
+        "adam_steps": adam_steps,
         "sampler": {"step": sd["step"], "cursor": sd["cursor"], "epoch": sd["epoch"], "sizes": sd["sizes"]},
         "history": history,
     }
@@ -72,8 +78,14 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)
-             and (p / "state.json").is_file() and (p / "tensors.safetensors").is_file()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir()
+        and STEP_DIR.match(p.name)
+        and (p / "state.json").is_file()
+        and (p / "tensors.safetensors").is_file()
+    ]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -89,10 +101,16 @@ def load_checkpoint(path: str | os.PathLike, *, bank, optimizer, sampler) -> dic
     tensors = load_file(str(path / "tensors.safetensors"))
     missing = sorted(set(state["task_names"]) ^ set(bank.task_names))
     if missing:
-        raise ValueError(f"checkpoint {path} was written for other tasks (differs in: {', '.join(missing[:5])})")
+        raise ValueError(
+            f"checkpoint {path} was written for other tasks (differs in: {', '.join(missing[:5])})"
+        )
     bank.load_state_dict({"task_names": state["task_names"], "weight": tensors["bank"]})
     optimizer.state = {
-        name: {"step": n, "exp_avg": tensors[f"adam.{name}.exp_avg"], "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"]}
+        name: {
+            "step": n,
+            "exp_avg": tensors[f"adam.{name}.exp_avg"],
+            "exp_avg_sq": tensors[f"adam.{name}.exp_avg_sq"],
+        }
         for name, n in state["adam_steps"].items()
     }
     sd = dict(state["sampler"])

@@ -30,21 +30,38 @@ def _f(default: Any, doc: str, **kw: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = _f("smollm2-135m", "Backbone: `smollm2-135m` (embedded default), a Hub id, or a local checkpoint dir.")
-    dtype: str = _f("auto", "Compute dtype of the frozen backbone: auto (bf16 on GPUs and AMX CPUs, else fp32), bf16, fp16 or fp32.")
-    attn_implementation: str = _f("auto", "auto (flash_attention_2 with flash-attn on GPU, else sdpa), sdpa, eager or flash_attention_2.")
-    max_seq_len: int = _f(256, "Longest example (virtual tokens + input + target); longer inputs are cut from the left.")
+    name: str = _f(
+        "smollm2-135m", "Backbone: `smollm2-135m` (embedded default), a Hub id, or a local checkpoint dir."
+    )
+    dtype: str = _f(
+        "auto",
+        "Compute dtype of the frozen backbone: auto (bf16 on GPUs and AMX CPUs, else fp32), bf16, fp16 or fp32.",
+    )
+    attn_implementation: str = _f(
+        "auto",
+        "auto (flash_attention_2 with flash-attn on GPU, else sdpa), sdpa, eager or flash_attention_2.",
+    )
+    max_seq_len: int = _f(
+        256, "Longest example (virtual tokens + input + target); longer inputs are cut from the left."
+    )
 
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
-        _choice("model.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
+        _choice(
+            "model.attn_implementation",
+            self.attn_implementation,
+            ("auto", "sdpa", "eager", "flash_attention_2"),
+        )
         _positive("model.max_seq_len", self.max_seq_len)
 
 
 @dataclass
 class PromptConfig:
     num_virtual_tokens: int = _f(20, "Virtual tokens per task (Lester et al. use 20-100).")
-    init: str = _f("class_labels", "Initialisation: random, vocab (sampled vocabulary), text, or class_labels (label words, then vocab).")
+    init: str = _f(
+        "class_labels",
+        "Initialisation: random, vocab (sampled vocabulary), text, or class_labels (label words, then vocab).",
+    )
     init_text: str = _f("", "Text used when init=text (repeated/cut to num_virtual_tokens).")
     init_std: float = _f(0.02, "Std of the normal used when init=random.")
 
@@ -84,7 +101,9 @@ class OptimConfig:
 class DataConfig:
     mixing: str = _f("temperature", "How tasks are mixed into batches: proportional, temperature or uniform.")
     temperature: float = _f(2.0, "T for temperature mixing: p_task ~ n_task^(1/T).")
-    packing: bool = _f(True, "Pack several examples per row without padding (segments never attend to each other).")
+    packing: bool = _f(
+        True, "Pack several examples per row without padding (segments never attend to each other)."
+    )
     max_train_examples: int = _f(0, "Cap on train examples read per task (0 = all).")
     max_eval_examples: int = _f(200, "Eval examples per task (0 = the whole eval split).")
     seed: int = _f(0, "Seed for sampling, few-shot demonstrations and prompt init.")
@@ -100,10 +119,14 @@ class ClusterConfig:
     use_gpu: bool = _f(False, "One GPU per worker (NCCL); CPU workers use gloo.")
     cpus_per_worker: int = _f(1, "CPUs Ray reserves for each worker.")
     address: str = _f("", "Ray address to join; empty starts an embedded local Ray (RAY_ADDRESS also works).")
-    zero_stage: int = _f(3, "DeepSpeed ZeRO stage for the frozen backbone (3 partitions parameters across ranks).")
+    zero_stage: int = _f(
+        3, "DeepSpeed ZeRO stage for the frozen backbone (3 partitions parameters across ranks)."
+    )
     offload_params: str = _f("none", "ZeRO-3 parameter offload: none, cpu or nvme.")
     nvme_path: str = _f("/local_nvme", "Where ZeRO-3 offloads parameters when offload_params=nvme.")
-    max_failures: int = _f(0, "Worker-group restarts Ray Train allows; each resumes from the last checkpoint.")
+    max_failures: int = _f(
+        0, "Worker-group restarts Ray Train allows; each resumes from the last checkpoint."
+    )
     metrics_port: int = _f(0, "Port for the training job's Prometheus metrics on rank 0 (0 = off).")
 
     def __post_init__(self) -> None:
@@ -115,7 +138,9 @@ class ClusterConfig:
 @dataclass
 class JobConfig:
     name: str = _f("promptfleet", "Run name; the output directory is <output_dir>/<name>.")
-    output_dir: str = _f("runs", "Where run directories are written (relative paths resolve against the CWD).")
+    output_dir: str = _f(
+        "runs", "Where run directories are written (relative paths resolve against the CWD)."
+    )
     tasks: list[str] = _f([], "Task files (YAML under configs/tasks/), relative to this job file.")
     model: ModelConfig = _f(None, "The frozen backbone.")
     prompt: PromptConfig = _f(None, "The per-task soft prompts.")
@@ -126,11 +151,18 @@ class JobConfig:
     eval_zero_shot: bool = _f(True, "Also score the untuned backbone (zero-shot) for the report.")
     checkpoint_every: int = _f(50, "Write an atomic checkpoint every N steps (0 = only at the end).")
     log_every: int = _f(1, "Log metrics every N steps.")
-    resume: bool = _f(True, "Resume from the newest complete checkpoint in the run directory if there is one.")
+    resume: bool = _f(
+        True, "Resume from the newest complete checkpoint in the run directory if there is one."
+    )
 
     def __post_init__(self) -> None:
-        for name, cls in (("model", ModelConfig), ("prompt", PromptConfig), ("optim", OptimConfig),
-                          ("data", DataConfig), ("cluster", ClusterConfig)):
+        for name, cls in (
+            ("model", ModelConfig),
+            ("prompt", PromptConfig),
+            ("optim", OptimConfig),
+            ("data", DataConfig),
+            ("cluster", ClusterConfig),
+        ):
             if getattr(self, name) is None:
                 setattr(self, name, cls())
         validate_name("name", self.name)
@@ -144,7 +176,11 @@ def validate_name(what: str, value: str) -> str:
     """Names (runs, tasks) become directory names: letters, digits, `_`, `-`, `.`; no paths."""
     import re
 
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", value) or ".." in value:
+    if (
+        not isinstance(value, str)
+        or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", value)
+        or ".." in value
+    ):
         raise ConfigError(f"{what}={value!r} is not a valid name (letters, digits, '_', '-', '.'; no paths)")
     return value
 

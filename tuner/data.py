@@ -42,9 +42,21 @@ class TaskData:
     eval_text: list[TaskExample]  # the eval examples as text (for generation metrics and reports)
 
     @classmethod
-    def load(cls, spec: TaskSpec, tokenizer, *, max_train: int = 0, max_eval: int = 0, seed: int = 0,
-             need_train: bool = True) -> TaskData:
-        prefix = task_prefix(spec, read_rows(spec, "train"), seed) if spec.few_shot else task_prefix(spec, [], seed)
+    def load(
+        cls,
+        spec: TaskSpec,
+        tokenizer,
+        *,
+        max_train: int = 0,
+        max_eval: int = 0,
+        seed: int = 0,
+        need_train: bool = True,
+    ) -> TaskData:
+        prefix = (
+            task_prefix(spec, read_rows(spec, "train"), seed)
+            if spec.few_shot
+            else task_prefix(spec, [], seed)
+        )
         train_text = build_examples(spec, "train", max_train, seed, prefix) if need_train else []
         eval_text = build_examples(spec, "eval", max_eval, seed, prefix) if spec.data.eval else []
         return cls(spec, prefix, tokenize(train_text, tokenizer), tokenize(eval_text, tokenizer), eval_text)
@@ -53,8 +65,14 @@ class TaskData:
 class MultiTaskSampler:
     """Draws the global batch (a list of (task, example index)) for each optimiser step."""
 
-    def __init__(self, sizes: dict[str, int], batch_size: int, mixing: str = "temperature",
-                 temperature: float = 2.0, seed: int = 0):
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        batch_size: int,
+        mixing: str = "temperature",
+        temperature: float = 2.0,
+        seed: int = 0,
+    ):
         if not sizes or any(n <= 0 for n in sizes.values()):
             raise ValueError(f"every task needs train examples: {sizes}")
         self.tasks = list(sizes)
@@ -97,8 +115,13 @@ class MultiTaskSampler:
         return batch
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "cursor": dict(self.cursor), "epoch": dict(self.epoch),
-                "gen": self.gen.get_state(), "sizes": dict(self.sizes)}
+        return {
+            "step": self.step,
+            "cursor": dict(self.cursor),
+            "epoch": dict(self.epoch),
+            "gen": self.gen.get_state(),
+            "sizes": dict(self.sizes),
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["sizes"] != self.sizes:

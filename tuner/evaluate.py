@@ -59,7 +59,7 @@ def _shard_lockstep(items: list, batch_size: int) -> list[tuple[list, int]]:
     n_batches = math.ceil(math.ceil(len(items) / size) / batch_size) if items else 0
     out = []
     for b in range(n_batches):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
+        chunk = mine[b * batch_size : (b + 1) * batch_size]
         out.append((chunk or items[:1], len(chunk)))  # an empty share runs a throwaway batch
     return out
 
@@ -85,21 +85,41 @@ def _prompt_args(prompt: torch.Tensor | None, device) -> tuple[int, torch.Tensor
 
 
 @torch.no_grad()
-def score_labels(lm: PromptTunedLM, tokenizer, examples: list[TokenizedExample], verbaliser: dict[str, str],
-                 prompt: torch.Tensor | None, max_len: int, batch_size: int = 32, device="cpu") -> list[dict[str, float]]:
+def score_labels(
+    lm: PromptTunedLM,
+    tokenizer,
+    examples: list[TokenizedExample],
+    verbaliser: dict[str, str],
+    prompt: torch.Tensor | None,
+    max_len: int,
+    batch_size: int = 32,
+    device="cpu",
+) -> list[dict[str, float]]:
     """Log-probability of every label's verbaliser tokens for each example."""
     labels = list(verbaliser)
     label_ids = {lab: tokenizer(w, add_special_tokens=False).input_ids for lab, w in verbaliser.items()}
     P, prompts = _prompt_args(prompt, device)
-    single = all(len(v) == 1 for v in label_ids.values()) and len({v[0] for v in label_ids.values()}) == len(labels)
+    single = all(len(v) == 1 for v in label_ids.values()) and len({v[0] for v in label_ids.values()}) == len(
+        labels
+    )
     rows = {examples[0].task: 0} if examples else {}
     results: list[dict[str, float]] = []
     if single:
         cand = torch.tensor([label_ids[lab][0] for lab in labels], device=device)
         for chunk, n_real in _shard_lockstep(examples, batch_size):
-            batch = collate([TokenizedExample(e.task, e.input_ids, [int(cand[0])]) for e in chunk], rows, P,
-                            max_len=max_len, pad_id=tokenizer.pad_token_id).to(device)
-            out = lm(batch, prompts, torch.zeros(batch.num_segments, dtype=torch.long, device=device), return_logits=True)
+            batch = collate(
+                [TokenizedExample(e.task, e.input_ids, [int(cand[0])]) for e in chunk],
+                rows,
+                P,
+                max_len=max_len,
+                pad_id=tokenizer.pad_token_id,
+            ).to(device)
+            out = lm(
+                batch,
+                prompts,
+                torch.zeros(batch.num_segments, dtype=torch.long, device=device),
+                return_logits=True,
+            )
             logp = torch.log_softmax(out.target_logits, dim=-1)[:, cand]  # one target per segment
             results += [dict(zip(labels, r.tolist())) for r in logp[:n_real].cpu()]
     else:
@@ -110,19 +130,29 @@ def score_labels(lm: PromptTunedLM, tokenizer, examples: list[TokenizedExample],
             out = lm(batch, prompts, torch.zeros(batch.num_segments, dtype=torch.long, device=device))
             flat += out.seg_logprob[:n_real].cpu().tolist()
         flat = _gather(flat)
-        return [dict(zip(labels, flat[i * len(labels):(i + 1) * len(labels)])) for i in range(len(examples))]
+        return [
+            dict(zip(labels, flat[i * len(labels) : (i + 1) * len(labels)])) for i in range(len(examples))
+        ]
     return _gather(results)
 
 
 @torch.no_grad()
-def generate_greedy(lm: PromptTunedLM, tokenizer, examples: list[TokenizedExample], prompt: torch.Tensor | None,
-                    max_new_tokens: int, max_len: int, batch_size: int = 16, device="cpu") -> list[str]:
+def generate_greedy(
+    lm: PromptTunedLM,
+    tokenizer,
+    examples: list[TokenizedExample],
+    prompt: torch.Tensor | None,
+    max_new_tokens: int,
+    max_len: int,
+    batch_size: int = 16,
+    device="cpu",
+) -> list[str]:
     """Greedy continuations (left-padded batches through `generate`, synced across ZeRO-3 ranks)."""
     P, prompts = _prompt_args(prompt, device)
     synced = world()[1] > 1
     texts: list[str] = []
     for chunk, n_real in _shard_lockstep(examples, batch_size):
-        seqs = [e.input_ids[-(max_len - P - max_new_tokens):] for e in chunk]
+        seqs = [e.input_ids[-(max_len - P - max_new_tokens) :] for e in chunk]
         width = P + max(len(s) for s in seqs)
         # Left-pad each row; its prompt sits right before its text, after the padding.
         ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -130,7 +160,7 @@ def generate_greedy(lm: PromptTunedLM, tokenizer, examples: list[TokenizedExampl
         starts = []
         for i, s in enumerate(seqs):
             start = width - len(s) - P
-            ids[i, width - len(s):] = torch.tensor(s)
+            ids[i, width - len(s) :] = torch.tensor(s)
             mask[i, start:] = 1
             starts.append(start)
         ids, mask = ids.to(device), mask.to(device)
@@ -138,17 +168,31 @@ def generate_greedy(lm: PromptTunedLM, tokenizer, examples: list[TokenizedExampl
         if P:
             cols = torch.tensor(starts, device=device)[:, None] + torch.arange(P, device=device)[None]
             rows = torch.arange(len(seqs), device=device)[:, None].expand_as(cols)
-            emb = emb.index_put((rows.reshape(-1), cols.reshape(-1)),
-                                prompts[0].to(emb.dtype).repeat(len(seqs), 1))
-        out = lm.backbone.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=tokenizer.eos_token_id, synced_gpus=synced)
+            emb = emb.index_put(
+                (rows.reshape(-1), cols.reshape(-1)), prompts[0].to(emb.dtype).repeat(len(seqs), 1)
+            )
+        out = lm.backbone.generate(
+            inputs_embeds=emb,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            synced_gpus=synced,
+        )
         texts += tokenizer.batch_decode(out[:n_real], skip_special_tokens=True)
     return [t.split("\n")[0] for t in _gather(texts)]
 
 
-def evaluate_task(lm: PromptTunedLM, tokenizer, data: TaskData, prompt: torch.Tensor | None, max_len: int,
-                  device="cpu", batch_size: int = 32) -> dict:
+def evaluate_task(
+    lm: PromptTunedLM,
+    tokenizer,
+    data: TaskData,
+    prompt: torch.Tensor | None,
+    max_len: int,
+    device="cpu",
+    batch_size: int = 32,
+) -> dict:
     """Metrics of one task on its eval split (`prompt=None`: zero-shot)."""
     spec = data.spec
     if not data.eval:
@@ -159,8 +203,9 @@ def evaluate_task(lm: PromptTunedLM, tokenizer, data: TaskData, prompt: torch.Te
         gold = [e.label for e in data.eval]
         m = classification_metrics(gold, pred, spec.labels)
     else:
-        hyps = generate_greedy(lm, tokenizer, data.eval, prompt, spec.max_new_tokens, max_len,
-                               max(1, batch_size // 2), device)
+        hyps = generate_greedy(
+            lm, tokenizer, data.eval, prompt, spec.max_new_tokens, max_len, max(1, batch_size // 2), device
+        )
         refs = [e.target.strip() for e in data.eval_text]
         m = generation_metrics(refs, hyps)
         m["samples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]
@@ -169,6 +214,15 @@ def evaluate_task(lm: PromptTunedLM, tokenizer, data: TaskData, prompt: torch.Te
     return m
 
 
-def evaluate_all(lm: PromptTunedLM, tokenizer, tasks: dict[str, TaskData],
-                 prompt_of: Callable[[str], torch.Tensor | None], max_len: int, device="cpu") -> dict[str, dict]:
-    return {name: evaluate_task(lm, tokenizer, data, prompt_of(name), max_len, device) for name, data in tasks.items()}
+def evaluate_all(
+    lm: PromptTunedLM,
+    tokenizer,
+    tasks: dict[str, TaskData],
+    prompt_of: Callable[[str], torch.Tensor | None],
+    max_len: int,
+    device="cpu",
+) -> dict[str, dict]:
+    return {
+        name: evaluate_task(lm, tokenizer, data, prompt_of(name), max_len, device)
+        for name, data in tasks.items()
+    }

@@ -36,24 +36,44 @@ def evaluate_command(run_dir: str | None, config: str | None, overrides: list[st
     path = resolve_backbone(cfg.model.name)
     tok = load_tokenizer(path)
     device = torch.device("cpu")
-    lm = PromptTunedLM(load_backbone(path, pick_dtype(cfg.model.dtype, device), pick_attention(cfg.model.attn_implementation, device)))
+    lm = PromptTunedLM(
+        load_backbone(
+            path, pick_dtype(cfg.model.dtype, device), pick_attention(cfg.model.attn_implementation, device)
+        )
+    )
     out = {"tasks": {}}
     for task_file in cfg.tasks:
         spec = TaskSpec.load(task_file)
         spec.check_files()
-        data = TaskData.load(spec, tok, max_eval=cfg.data.max_eval_examples, seed=cfg.data.seed, need_train=False)
+        data = TaskData.load(
+            spec, tok, max_eval=cfg.data.max_eval_examples, seed=cfg.data.seed, need_train=False
+        )
         prompt = None
         if not zero_shot:
             adapter = load_adapter(Path(run_dir) / "adapters" / spec.name)
             prompt = adapter.prompt
         m = evaluate_task(lm, tok, data, prompt, cfg.model.max_seq_len, device)
-        out["tasks"][spec.name] = {"metric": spec.metric, "zero_shot" if zero_shot else "tuned": m,
-                                   "zero_shot": m if zero_shot else {}, "tuned": {} if zero_shot else m}
-    table = {"tasks": {n: {"metric": t["metric"], "zero_shot": t["zero_shot"], "tuned": t["tuned"] or {"score": float("nan")}}
-                       for n, t in out["tasks"].items()}}
+        out["tasks"][spec.name] = {
+            "metric": spec.metric,
+            "zero_shot" if zero_shot else "tuned": m,
+            "zero_shot": m if zero_shot else {},
+            "tuned": {} if zero_shot else m,
+        }
+    table = {
+        "tasks": {
+            n: {
+                "metric": t["metric"],
+                "zero_shot": t["zero_shot"],
+                "tuned": t["tuned"] or {"score": float("nan")},
+            }
+            for n, t in out["tasks"].items()
+        }
+    }
     print(render_table(table))
     for name, t in out["tasks"].items():
         m = t["tuned"] or t["zero_shot"]
         for lab, v in (m.get("per_label") or {}).items():
-            print(f"  {name:>12} {lab:>16}  P={v['precision']:.3f} R={v['recall']:.3f} F1={v['f1']:.3f} n={v['support']}")
+            print(
+                f"  {name:>12} {lab:>16}  P={v['precision']:.3f} R={v['recall']:.3f} F1={v['f1']:.3f} n={v['support']}"
+            )
     return out

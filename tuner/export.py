@@ -42,9 +42,13 @@ def peft_config_dict(num_virtual_tokens: int, backbone_config, base_model: str) 
     from peft import PromptTuningConfig
 
     cfg = PromptTuningConfig(
-        task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, token_dim=backbone_config.hidden_size,
-        num_transformer_submodules=1, num_attention_heads=backbone_config.num_attention_heads,
-        num_layers=backbone_config.num_hidden_layers, base_model_name_or_path=base_model,
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=num_virtual_tokens,
+        token_dim=backbone_config.hidden_size,
+        num_transformer_submodules=1,
+        num_attention_heads=backbone_config.num_attention_heads,
+        num_layers=backbone_config.num_hidden_layers,
+        base_model_name_or_path=base_model,
     )
     return cfg.to_dict()
 
@@ -57,7 +61,9 @@ def save_adapter(root: str | os.PathLike, adapter: TaskAdapter, backbone_config)
     tmp = Path(tempfile.mkdtemp(prefix=f".{adapter.name}-", dir=root))
     cfg = peft_config_dict(adapter.prompt.shape[0], backbone_config, adapter.backbone)
     (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
-    save_file({"prompt_embeddings": adapter.prompt.detach().float().contiguous().cpu()}, str(tmp / ADAPTER_WEIGHTS))
+    save_file(
+        {"prompt_embeddings": adapter.prompt.detach().float().contiguous().cpu()}, str(tmp / ADAPTER_WEIGHTS)
+    )
     (tmp / TASK_META).write_text(json.dumps({"name": adapter.name, **adapter.meta}, indent=2, default=str))
     final = root / adapter.name
     old = root / f".{adapter.name}.old"
@@ -83,7 +89,9 @@ def load_adapter(task_dir: str | os.PathLike) -> TaskAdapter:
         raise ValueError(f"{d}: {ADAPTER_WEIGHTS} has no `prompt_embeddings`")
     prompt = tensors["prompt_embeddings"]
     if prompt.ndim != 2 or prompt.shape[0] != cfg.get("num_virtual_tokens"):
-        raise ValueError(f"{d}: prompt_embeddings shape {tuple(prompt.shape)} does not match adapter_config.json")
+        raise ValueError(
+            f"{d}: prompt_embeddings shape {tuple(prompt.shape)} does not match adapter_config.json"
+        )
     meta = json.loads((d / TASK_META).read_text()) if (d / TASK_META).is_file() else {}
     meta.pop("name", None)
     return TaskAdapter(name, prompt, cfg.get("base_model_name_or_path") or "", meta)

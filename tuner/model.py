@@ -39,8 +39,9 @@ class PromptTunedLM(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.backbone.parameters()).dtype
 
-    def embed_with_prompts(self, batch: MultiTaskBatch, prompts: torch.Tensor,
-                           prompt_index: torch.Tensor) -> torch.Tensor:
+    def embed_with_prompts(
+        self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor
+    ) -> torch.Tensor:
         """Token embeddings with each segment's prompt written into its virtual-token slots.
 
         Args:
@@ -54,16 +55,27 @@ class PromptTunedLM(torch.nn.Module):
         cols = batch.seg_start[:, None] + torch.arange(P, device=embeds.device)[None, :]  # [S, P]
         rows = batch.seg_row[:, None].expand_as(cols)
         # index_put (not in-place on the embedding output) keeps the prompt in the autograd graph.
-        return embeds.index_put((rows.reshape(-1), cols.reshape(-1)),
-                                prompts[prompt_index].to(embeds.dtype).reshape(-1, embeds.shape[-1]))
+        return embeds.index_put(
+            (rows.reshape(-1), cols.reshape(-1)),
+            prompts[prompt_index].to(embeds.dtype).reshape(-1, embeds.shape[-1]),
+        )
 
-    def hidden_states(self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+    def hidden_states(
+        self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor
+    ) -> torch.Tensor:
         embeds = self.embed_with_prompts(batch, prompts, prompt_index)
         out = self.decoder(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False)
         return out.last_hidden_state
 
-    def forward(self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor, *,
-                loss_scale: float = 1.0, return_logits: bool = False) -> LossOutput:
+    def forward(
+        self,
+        batch: MultiTaskBatch,
+        prompts: torch.Tensor,
+        prompt_index: torch.Tensor,
+        *,
+        loss_scale: float = 1.0,
+        return_logits: bool = False,
+    ) -> LossOutput:
         """Per-segment target NLL; `loss` = sum over segments of their mean NLL x `loss_scale`."""
         hidden = self.hidden_states(batch, prompts, prompt_index)
         h = hidden[batch.target_row, batch.target_col]  # [N, H]: only positions that predict a target

@@ -16,14 +16,22 @@ import torch
 
 
 class SparseRowAdam:
-    def __init__(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, grad_clip: float = 0.0):
+    def __init__(
+        self,
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        grad_clip: float = 0.0,
+    ):
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
         self.weight_decay, self.grad_clip = weight_decay, grad_clip
         self.state: dict[str, dict] = {}  # task -> {"step": int, "exp_avg": T, "exp_avg_sq": T}
 
     @torch.no_grad()
-    def step(self, names: list[str], values: torch.Tensor, grads: torch.Tensor, lr: float | None = None) -> torch.Tensor:
+    def step(
+        self, names: list[str], values: torch.Tensor, grads: torch.Tensor, lr: float | None = None
+    ) -> torch.Tensor:
         """Return updated `values` ([U, P, H]) for tasks `names` given their gradients."""
         lr = self.lr if lr is None else lr
         b1, b2 = self.betas
@@ -33,14 +41,17 @@ class SparseRowAdam:
             grads = grads * (self.grad_clip / norms).clamp(max=1.0)[:, None, None]
         for name in names:
             if name not in self.state:
-                self.state[name] = {"step": 0, "exp_avg": torch.zeros_like(values[0], dtype=torch.float32),
-                                    "exp_avg_sq": torch.zeros_like(values[0], dtype=torch.float32)}
+                self.state[name] = {
+                    "step": 0,
+                    "exp_avg": torch.zeros_like(values[0], dtype=torch.float32),
+                    "exp_avg_sq": torch.zeros_like(values[0], dtype=torch.float32),
+                }
         states = [self.state[n] for n in names]
         m = torch.stack([s["exp_avg"] for s in states]).mul_(b1).add_(grads, alpha=1 - b1)
         v = torch.stack([s["exp_avg_sq"] for s in states]).mul_(b2).addcmul_(grads, grads, value=1 - b2)
         steps = torch.tensor([s["step"] + 1 for s in states], dtype=torch.float32, device=values.device)
-        bc1 = (1 - b1 ** steps)[:, None, None]
-        bc2 = (1 - b2 ** steps)[:, None, None]
+        bc1 = (1 - b1**steps)[:, None, None]
+        bc2 = (1 - b2**steps)[:, None, None]
         out = values.detach().float() * (1 - lr * self.weight_decay)
         out = out - lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
         for i, s in enumerate(states):

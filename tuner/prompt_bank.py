@@ -64,9 +64,18 @@ class PromptBank:
 # ------------------------------------------------------------------------------------ initialisation
 
 
-def init_prompts(bank: PromptBank, embeddings: torch.nn.Module, tokenizer, method: str, *,
-                 label_words: dict[str, list[str]] | None = None, text: str = "", std: float = 0.02,
-                 seed: int = 0, vocab_limit: int = 5000) -> None:
+def init_prompts(
+    bank: PromptBank,
+    embeddings: torch.nn.Module,
+    tokenizer,
+    method: str,
+    *,
+    label_words: dict[str, list[str]] | None = None,
+    text: str = "",
+    std: float = 0.02,
+    seed: int = 0,
+    vocab_limit: int = 5000,
+) -> None:
     """Initialise every task's prompt in `bank`.
 
     Args:

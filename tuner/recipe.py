@@ -66,10 +66,16 @@ class MultiTaskPromptTuningRecipe:
         cfg = self.cfg
         micro = cfg.optim.batch_size // cfg.optim.grad_accum
         if micro < self.world_size:
-            raise ConfigError(f"optim.batch_size / optim.grad_accum = {micro} is fewer examples than ranks ({self.world_size})")
+            raise ConfigError(
+                f"optim.batch_size / optim.grad_accum = {micro} is fewer examples than ranks ({self.world_size})"
+            )
         if self.is_main:
             claim_run_dir(self.run_dir, cfg)
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cfg.cluster.use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if cfg.cluster.use_gpu and torch.cuda.is_available()
+            else torch.device("cpu")
+        )
         self.dtype = pick_dtype(cfg.model.dtype, self.device)
         path = resolve_backbone(cfg.model.name)
         self.tokenizer = load_tokenizer(path)
@@ -80,8 +86,16 @@ class MultiTaskPromptTuningRecipe:
             raise ConfigError(f"two task files define the same task name: {names}")
         for s in specs:
             s.check_files()
-        self.tasks = {s.name: TaskData.load(s, self.tokenizer, max_train=cfg.data.max_train_examples,
-                                            max_eval=cfg.data.max_eval_examples, seed=cfg.data.seed) for s in specs}
+        self.tasks = {
+            s.name: TaskData.load(
+                s,
+                self.tokenizer,
+                max_train=cfg.data.max_train_examples,
+                max_eval=cfg.data.max_eval_examples,
+                seed=cfg.data.seed,
+            )
+            for s in specs
+        }
 
         # ZeRO-3: HfDeepSpeedConfig must exist *before* from_pretrained so weights are partitioned
         # while they load (no rank ever materialises the whole model).
@@ -89,10 +103,16 @@ class MultiTaskPromptTuningRecipe:
         if self.world_size > 1 and cfg.cluster.zero_stage > 0:
             from transformers.integrations import HfDeepSpeedConfig
 
-            ds = deepspeed_config(cfg.cluster.zero_stage, self.dtype, offload_params=cfg.cluster.offload_params,
-                                  nvme_path=cfg.cluster.nvme_path)
+            ds = deepspeed_config(
+                cfg.cluster.zero_stage,
+                self.dtype,
+                offload_params=cfg.cluster.offload_params,
+                nvme_path=cfg.cluster.nvme_path,
+            )
             self._ds_config = HfDeepSpeedConfig(ds)  # keep a reference: transformers reads it weakly
-        backbone = load_backbone(path, self.dtype, pick_attention(cfg.model.attn_implementation, self.device), self.device)
+        backbone = load_backbone(
+            path, self.dtype, pick_attention(cfg.model.attn_implementation, self.device), self.device
+        )
         if self._ds_config is not None:
             wrap_backbone(backbone, self._ds_config.config)
         self.lm = PromptTunedLM(backbone)
@@ -100,18 +120,34 @@ class MultiTaskPromptTuningRecipe:
 
         hidden = backbone.config.hidden_size
         self.bank = PromptBank(names, cfg.prompt.num_virtual_tokens, hidden)
-        init_prompts(self.bank, self.lm.embed, self.tokenizer, cfg.prompt.init,
-                     label_words={n: list(t.spec.verbaliser.values()) for n, t in self.tasks.items()},
-                     text=cfg.prompt.init_text, std=cfg.prompt.init_std, seed=cfg.data.seed)
+        init_prompts(
+            self.bank,
+            self.lm.embed,
+            self.tokenizer,
+            cfg.prompt.init,
+            label_words={n: list(t.spec.verbaliser.values()) for n, t in self.tasks.items()},
+            text=cfg.prompt.init_text,
+            std=cfg.prompt.init_std,
+            seed=cfg.data.seed,
+        )
         o = cfg.optim
         self.optimizer = SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip)
-        self.sampler = MultiTaskSampler({n: len(t.train) for n, t in self.tasks.items()}, o.batch_size,
-                                        cfg.data.mixing, cfg.data.temperature, cfg.data.seed)
+        self.sampler = MultiTaskSampler(
+            {n: len(t.train) for n, t in self.tasks.items()},
+            o.batch_size,
+            cfg.data.mixing,
+            cfg.data.temperature,
+            cfg.data.seed,
+        )
         torch.manual_seed(cfg.data.seed)
 
-        resume = self.hooks.resume_from or (ckpt.latest_checkpoint(self.run_dir / "checkpoints") if cfg.resume else None)
+        resume = self.hooks.resume_from or (
+            ckpt.latest_checkpoint(self.run_dir / "checkpoints") if cfg.resume else None
+        )
         if resume is not None:
-            state = ckpt.load_checkpoint(resume, bank=self.bank, optimizer=self.optimizer, sampler=self.sampler)
+            state = ckpt.load_checkpoint(
+                resume, bank=self.bank, optimizer=self.optimizer, sampler=self.sampler
+            )
             self.step, self.history = state["step"], state["history"]
             self._log(f"resumed from {resume} at step {self.step}")
 
@@ -125,7 +161,9 @@ class MultiTaskPromptTuningRecipe:
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=o.max_steps, initial=self.step, desc="prompt tuning", unit="step", dynamic_ncols=True)
+            bar = tqdm(
+                total=o.max_steps, initial=self.step, desc="prompt tuning", unit="step", dynamic_ncols=True
+            )
         while self.step < o.max_steps:
             t0 = time.perf_counter()
             metrics = self._train_step()
@@ -133,10 +171,16 @@ class MultiTaskPromptTuningRecipe:
             metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time_s"]
             self.step += 1
             if self.step % cfg.log_every == 0 or self.step == o.max_steps:
-                self.history.append({"step": self.step, **{k: v for k, v in metrics.items() if k != "tokens"}})
+                self.history.append(
+                    {"step": self.step, **{k: v for k, v in metrics.items() if k != "tokens"}}
+                )
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}", lr=f"{metrics['lr']:.3g}")
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.3f}",
+                    tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    lr=f"{metrics['lr']:.3g}",
+                )
             if self.hooks.on_step:
                 self.hooks.on_step(self.step, metrics)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < o.max_steps:
@@ -157,10 +201,16 @@ class MultiTaskPromptTuningRecipe:
         loss_sum = torch.zeros(len(names), 2, dtype=torch.float64)  # per task: (sum of losses, examples)
         tokens = 0
         for m in range(o.grad_accum):
-            shard = global_batch[m * micro:(m + 1) * micro][self.rank::self.world_size]
+            shard = global_batch[m * micro : (m + 1) * micro][self.rank :: self.world_size]
             examples = [self.tasks[t].train[i] for t, i in shard]
-            batch = collate(examples, pos, self.bank.num_virtual_tokens, max_len=self.cfg.model.max_seq_len,
-                            pad_id=self.tokenizer.pad_token_id, packing=self.cfg.data.packing).to(self.device)
+            batch = collate(
+                examples,
+                pos,
+                self.bank.num_virtual_tokens,
+                max_len=self.cfg.model.max_seq_len,
+                pad_id=self.tokenizer.pad_token_id,
+                packing=self.cfg.data.packing,
+            ).to(self.device)
             out = self.lm(batch, prompts, batch.seg_task, loss_scale=1.0 / o.batch_size)
             out.loss.backward()
             seg_task = batch.seg_task.cpu()
@@ -176,8 +226,12 @@ class MultiTaskPromptTuningRecipe:
         new = self.optimizer.step(names, prompts.detach().cpu(), prompts.grad.cpu(), lr=lr)
         self.bank.scatter_(rows, new)
         task_loss = {n: float(loss_sum[i, 0] / loss_sum[i, 1]) for i, n in enumerate(names)}
-        return {"loss": float(loss_sum[:, 0].sum() / loss_sum[:, 1].sum()), "lr": lr, "tokens": tokens,
-                "task_loss": task_loss}
+        return {
+            "loss": float(loss_sum[:, 0].sum() / loss_sum[:, 1].sum()),
+            "lr": lr,
+            "tokens": tokens,
+            "task_loss": task_loss,
+        }
 
     # ------------------------------------------------------------------------------------ eval
 
@@ -185,7 +239,9 @@ class MultiTaskPromptTuningRecipe:
         out = {}
         for name, data in self.tasks.items():
             prompt = self.bank.prompt(name).to(self.device) if tuned else None
-            out[name] = evaluate_task(self.lm, self.tokenizer, data, prompt, self.cfg.model.max_seq_len, self.device)
+            out[name] = evaluate_task(
+                self.lm, self.tokenizer, data, prompt, self.cfg.model.max_seq_len, self.device
+            )
         return out
 
     @staticmethod
@@ -198,10 +254,18 @@ class MultiTaskPromptTuningRecipe:
         t0 = time.perf_counter()
         path = None
         if self.is_main:
-            path = ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, bank=self.bank,
-                                        optimizer=self.optimizer, sampler=self.sampler, history=self.history)
+            path = ckpt.save_checkpoint(
+                self.run_dir / "checkpoints",
+                self.step,
+                bank=self.bank,
+                optimizer=self.optimizer,
+                sampler=self.sampler,
+                history=self.history,
+            )
         if self.hooks.on_checkpoint:
-            self.hooks.on_checkpoint(self.step, path, {"step": self.step, "checkpoint_time_s": time.perf_counter() - t0})
+            self.hooks.on_checkpoint(
+                self.step, path, {"step": self.step, "checkpoint_time_s": time.perf_counter() - t0}
+            )
 
     # ------------------------------------------------------------------------------------ finish
 
@@ -211,21 +275,45 @@ class MultiTaskPromptTuningRecipe:
         self.history.append({"step": self.step, "eval": self._scores(final)})
         zero = next((h["zero_shot"] for h in self.history if "zero_shot" in h), {})
         summary = {
-            "name": self.cfg.name, "backbone": self.cfg.model.name, "steps": self.step,
-            "world_size": self.world_size, "num_virtual_tokens": self.bank.num_virtual_tokens,
+            "name": self.cfg.name,
+            "backbone": self.cfg.model.name,
+            "steps": self.step,
+            "world_size": self.world_size,
+            "num_virtual_tokens": self.bank.num_virtual_tokens,
             "tokens_per_s": _mean([h["tokens_per_s"] for h in self.history if "tokens_per_s" in h]),
-            "tasks": {n: {"kind": self.tasks[n].spec.kind, "metric": self.tasks[n].spec.metric,
-                          "zero_shot": zero.get(n, {}), "tuned": final[n]} for n in self.tasks},
+            "tasks": {
+                n: {
+                    "kind": self.tasks[n].spec.kind,
+                    "metric": self.tasks[n].spec.metric,
+                    "zero_shot": zero.get(n, {}),
+                    "tuned": final[n],
+                }
+                for n in self.tasks
+            },
             "config": to_dict(self.cfg),
         }
         if self.is_main:
             for name, data in self.tasks.items():
                 spec = data.spec
-                save_adapter(self.run_dir / "adapters", TaskAdapter(name, self.bank.prompt(name), self.cfg.model.name, {
-                    "kind": spec.kind, "description": spec.description, "template": spec.template,
-                    "prefix": data.prefix, "verbaliser": spec.verbaliser, "metric": spec.metric,
-                    "max_new_tokens": spec.max_new_tokens, "score": final[name].get("score"),
-                }), self.lm.backbone.config)
+                save_adapter(
+                    self.run_dir / "adapters",
+                    TaskAdapter(
+                        name,
+                        self.bank.prompt(name),
+                        self.cfg.model.name,
+                        {
+                            "kind": spec.kind,
+                            "description": spec.description,
+                            "template": spec.template,
+                            "prefix": data.prefix,
+                            "verbaliser": spec.verbaliser,
+                            "metric": spec.metric,
+                            "max_new_tokens": spec.max_new_tokens,
+                            "score": final[name].get("score"),
+                        },
+                    ),
+                    self.lm.backbone.config,
+                )
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
             (self.run_dir / "report.md").write_text(render_report(summary))
             from tuner.plots import plot_curves
@@ -252,20 +340,35 @@ def render_table(summary: dict) -> str:
     lines = ["| task | metric | zero-shot | tuned |", "|---|---|---:|---:|"]
     for name, t in summary["tasks"].items():
         z = t["zero_shot"].get("score")
-        lines.append(f"| {name} | {t['metric']} | {'' if z is None else f'{z:.4f}'} | {t['tuned'].get('score', 0):.4f} |")
+        lines.append(
+            f"| {name} | {t['metric']} | {'' if z is None else f'{z:.4f}'} | {t['tuned'].get('score', 0):.4f} |"
+        )
     return "\n".join(lines)
 
 
 def render_report(summary: dict) -> str:
-    parts = [f"# Run `{summary['name']}`", "",
-             f"Backbone `{summary['backbone']}`, {summary['steps']} steps on {summary['world_size']} rank(s), "
-             f"{summary['num_virtual_tokens']} virtual tokens per task, {summary['tokens_per_s']:.0f} tokens/s.", "",
-             render_table(summary), ""]
+    parts = [
+        f"# Run `{summary['name']}`",
+        "",
+        f"Backbone `{summary['backbone']}`, {summary['steps']} steps on {summary['world_size']} rank(s), "
+        f"{summary['num_virtual_tokens']} virtual tokens per task, {summary['tokens_per_s']:.0f} tokens/s.",
+        "",
+        render_table(summary),
+        "",
+    ]
     for name, t in summary["tasks"].items():
         per = t["tuned"].get("per_label")
         if per:
-            parts += [f"## {name}: per-label (tuned)", "", "| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
-            parts += [f"| {lab} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |" for lab, v in per.items()]
+            parts += [
+                f"## {name}: per-label (tuned)",
+                "",
+                "| label | precision | recall | F1 | support |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            parts += [
+                f"| {lab} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+                for lab, v in per.items()
+            ]
             parts.append("")
     return "\n".join(parts)
 

@@ -18,8 +18,12 @@ RUN_FILE = "run.json"
 
 def fingerprint(cfg: JobConfig) -> str:
     """What must match to resume: tasks, backbone, prompt shape and data seed (not step counts)."""
-    key = {"tasks": [Path(t).name for t in cfg.tasks], "model": cfg.model.name,
-           "prompt": to_dict(cfg.prompt), "seed": cfg.data.seed}
+    key = {
+        "tasks": [Path(t).name for t in cfg.tasks],
+        "model": cfg.model.name,
+        "prompt": to_dict(cfg.prompt),
+        "seed": cfg.data.seed,
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -30,10 +34,14 @@ def claim_run_dir(run_dir: Path, cfg: JobConfig) -> None:
     if info_path.is_file():
         info = json.loads(info_path.read_text())
         if info.get("fingerprint") != fp:
-            raise ConfigError(f"{run_dir} belongs to another job (different tasks, backbone or prompt settings); "
-                              "pick another name= or output_dir=")
+            raise ConfigError(
+                f"{run_dir} belongs to another job (different tasks, backbone or prompt settings); "
+                "pick another name= or output_dir="
+            )
         if info.get("status") == "finished":
-            raise ConfigError(f"{run_dir} holds a finished run; pick another name= (or delete the directory) to train again")
+            raise ConfigError(
+                f"{run_dir} holds a finished run; pick another name= (or delete the directory) to train again"
+            )
         if not cfg.resume:
             raise ConfigError(f"{run_dir} already exists and resume=false; pick another name=")
         return

@@ -22,37 +22,78 @@ LOCAL_FORMATS = ("tsv", "csv", "jsonl", "txt", "parallel_txt")
 
 @dataclass
 class DataSource:
-    format: str = field(default="jsonl", metadata={"doc": "tsv, csv, jsonl, txt (one example per line), parallel_txt (line-aligned source/target files) or hub."})
-    train: str = field(default="", metadata={"doc": "Train file (relative to the task file), or the Hub split name when format=hub."})
+    format: str = field(
+        default="jsonl",
+        metadata={
+            "doc": "tsv, csv, jsonl, txt (one example per line), parallel_txt (line-aligned source/target files) or hub."
+        },
+    )
+    train: str = field(
+        default="",
+        metadata={"doc": "Train file (relative to the task file), or the Hub split name when format=hub."},
+    )
     eval: str = field(default="", metadata={"doc": "Eval file or Hub split name."})
     train_target: str = field(default="", metadata={"doc": "parallel_txt only: the target-side train file."})
     eval_target: str = field(default="", metadata={"doc": "parallel_txt only: the target-side eval file."})
     hub_id: str = field(default="", metadata={"doc": "format=hub: dataset id, e.g. `glue` or `SetFit/sst2`."})
     hub_config: str = field(default="", metadata={"doc": "format=hub: dataset config name, e.g. `sst2`."})
-    delimiter: str = field(default="", metadata={"doc": "csv/tsv: field separator (default `,` for csv, tab for tsv)."})
-    drop_if_true: list[str] = field(default_factory=list, metadata={"doc": "Drop rows where any of these boolean fields is true."})
+    delimiter: str = field(
+        default="", metadata={"doc": "csv/tsv: field separator (default `,` for csv, tab for tsv)."}
+    )
+    drop_if_true: list[str] = field(
+        default_factory=list, metadata={"doc": "Drop rows where any of these boolean fields is true."}
+    )
 
     def __post_init__(self) -> None:
         if self.format not in (*LOCAL_FORMATS, "hub"):
-            raise ConfigError(f"data.format={self.format!r}: expected one of {', '.join((*LOCAL_FORMATS, 'hub'))}")
+            raise ConfigError(
+                f"data.format={self.format!r}: expected one of {', '.join((*LOCAL_FORMATS, 'hub'))}"
+            )
         if self.format == "hub" and not self.hub_id:
             raise ConfigError("data.format=hub needs data.hub_id")
 
 
 @dataclass
 class TaskSpec:
-    name: str = field(default="", metadata={"doc": "Task name: the prompt's id in training, export and serving."})
-    kind: str = field(default="classification", metadata={"doc": "classification (verbaliser) or generation (target field)."})
+    name: str = field(
+        default="", metadata={"doc": "Task name: the prompt's id in training, export and serving."}
+    )
+    kind: str = field(
+        default="classification",
+        metadata={"doc": "classification (verbaliser) or generation (target field)."},
+    )
     data: DataSource = field(default_factory=DataSource, metadata={"doc": "Where the rows come from."})
-    fields: dict[str, str] = field(default_factory=dict, metadata={"doc": "Rename raw columns: {template_name: raw_column}."})
-    description: str = field(default="", metadata={"doc": "Instruction placed before the demonstrations and the input."})
-    template: str = field(default="{text}", metadata={"doc": "Input template; `{name}` refers to (renamed) columns."})
-    label_field: str = field(default="label", metadata={"doc": "classification: the column holding the label."})
-    verbaliser: dict[str, str] = field(default_factory=dict, metadata={"doc": "classification: label value -> words the model should produce."})
-    target_field: str = field(default="target", metadata={"doc": "generation: the column holding the target text."})
-    target_prefix: str = field(default=" ", metadata={"doc": "generation: text put before the target (e.g. a space)."})
-    few_shot: int = field(default=0, metadata={"doc": "Demonstrations drawn from the train split (fixed seed) and placed before the input."})
-    metric: str = field(default="accuracy", metadata={"doc": "Headline metric: accuracy, macro_f1, chrf or exact_match."})
+    fields: dict[str, str] = field(
+        default_factory=dict, metadata={"doc": "Rename raw columns: {template_name: raw_column}."}
+    )
+    description: str = field(
+        default="", metadata={"doc": "Instruction placed before the demonstrations and the input."}
+    )
+    template: str = field(
+        default="{text}", metadata={"doc": "Input template; `{name}` refers to (renamed) columns."}
+    )
+    label_field: str = field(
+        default="label", metadata={"doc": "classification: the column holding the label."}
+    )
+    verbaliser: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"doc": "classification: label value -> words the model should produce."},
+    )
+    target_field: str = field(
+        default="target", metadata={"doc": "generation: the column holding the target text."}
+    )
+    target_prefix: str = field(
+        default=" ", metadata={"doc": "generation: text put before the target (e.g. a space)."}
+    )
+    few_shot: int = field(
+        default=0,
+        metadata={
+            "doc": "Demonstrations drawn from the train split (fixed seed) and placed before the input."
+        },
+    )
+    metric: str = field(
+        default="accuracy", metadata={"doc": "Headline metric: accuracy, macro_f1, chrf or exact_match."}
+    )
     max_new_tokens: int = field(default=48, metadata={"doc": "generation: tokens generated at evaluation."})
 
     def __post_init__(self) -> None:
@@ -61,10 +102,14 @@ class TaskSpec:
             raise ConfigError(f"task {self.name}: kind={self.kind!r}: expected classification or generation")
         if self.kind == "classification":
             if len(self.verbaliser) < 2:
-                raise ConfigError(f"task {self.name}: a classification task needs a verbaliser with >= 2 labels")
+                raise ConfigError(
+                    f"task {self.name}: a classification task needs a verbaliser with >= 2 labels"
+                )
             self.verbaliser = {str(k): str(v) for k, v in self.verbaliser.items()}
             if self.metric not in ("accuracy", "macro_f1"):
-                raise ConfigError(f"task {self.name}: metric {self.metric!r} does not fit a classification task")
+                raise ConfigError(
+                    f"task {self.name}: metric {self.metric!r} does not fit a classification task"
+                )
         elif self.metric not in ("chrf", "exact_match"):
             raise ConfigError(f"task {self.name}: metric {self.metric!r} does not fit a generation task")
         names = [n for _, n, _, _ in string.Formatter().parse(self.template) if n]
@@ -119,7 +164,9 @@ def read_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
     datasets.disable_progress_bars()
     src = spec.data
     if src.format == "hub":
-        ds = datasets.load_dataset(src.hub_id, src.hub_config or None, split=src.train if split == "train" else src.eval)
+        ds = datasets.load_dataset(
+            src.hub_id, src.hub_config or None, split=src.train if split == "train" else src.eval
+        )
         rows = list(ds)
     else:
         path = src.train if split == "train" else src.eval
@@ -128,13 +175,16 @@ def read_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
         if src.format in ("tsv", "csv"):
             sep = src.delimiter or ("\t" if src.format == "tsv" else ",")
             # quoting=3 (QUOTE_NONE): the GLUE TSVs contain bare quote characters.
-            ds = datasets.load_dataset("csv", data_files=path, sep=sep, quoting=3, split="train",
-                                       keep_default_na=False)
+            ds = datasets.load_dataset(
+                "csv", data_files=path, sep=sep, quoting=3, split="train", keep_default_na=False
+            )
             rows = list(ds)
         elif src.format == "jsonl":
             rows = list(datasets.load_dataset("json", data_files=path, split="train"))
         elif src.format == "txt":
-            rows = [{"text": r["text"]} for r in datasets.load_dataset("text", data_files=path, split="train")]
+            rows = [
+                {"text": r["text"]} for r in datasets.load_dataset("text", data_files=path, split="train")
+            ]
         else:  # parallel_txt
             tgt = src.train_target if split == "train" else src.eval_target
             source = datasets.load_dataset("text", data_files=path, split="train")["text"]
@@ -149,7 +199,9 @@ def read_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
         for r in rows:
             for new, old in spec.fields.items():
                 if old not in r:
-                    raise ConfigError(f"task {spec.name}: column {old!r} not in the data (has {', '.join(r)})")
+                    raise ConfigError(
+                        f"task {spec.name}: column {old!r} not in the data (has {', '.join(r)})"
+                    )
                 r[new] = r[old]
     return rows
 
@@ -158,7 +210,9 @@ def format_input(spec: TaskSpec, row: dict[str, Any]) -> str:
     try:
         return spec.template.format(**{k: ("" if v is None else str(v).strip()) for k, v in row.items()})
     except KeyError as e:
-        raise ConfigError(f"task {spec.name}: template field {e} not in the data (has {', '.join(row)})") from None
+        raise ConfigError(
+            f"task {spec.name}: template field {e} not in the data (has {', '.join(row)})"
+        ) from None
 
 
 def target_text(spec: TaskSpec, row: dict[str, Any]) -> tuple[str, str | None]:
@@ -186,7 +240,9 @@ def task_prefix(spec: TaskSpec, train_rows: list[dict[str, Any]], seed: int = 0)
     return prefix
 
 
-def build_examples(spec: TaskSpec, split: str, limit: int = 0, seed: int = 0, prefix: str = "") -> list[TaskExample]:
+def build_examples(
+    spec: TaskSpec, split: str, limit: int = 0, seed: int = 0, prefix: str = ""
+) -> list[TaskExample]:
     """Turn a split into examples: `prefix` (see `task_prefix`) + templated input -> target.
 
     `limit` keeps a seeded random subset (0 = all).

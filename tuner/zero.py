@@ -18,16 +18,23 @@ import torch
 import torch.distributed as dist
 
 
-def deepspeed_config(stage: int = 3, dtype: torch.dtype = torch.bfloat16, micro_batch_size: int = 1,
-                     offload_params: str = "none", nvme_path: str = "/local_nvme") -> dict:
+def deepspeed_config(
+    stage: int = 3,
+    dtype: torch.dtype = torch.bfloat16,
+    micro_batch_size: int = 1,
+    offload_params: str = "none",
+    nvme_path: str = "/local_nvme",
+) -> dict:
     """A DeepSpeed config for inference-style use of a frozen model (no DeepSpeed optimiser)."""
     zero: dict = {"stage": stage}
     if stage == 3:
-        zero.update({
-            "stage3_param_persistence_threshold": 0,  # partition every weight, even small norms
-            "stage3_prefetch_bucket_size": 5e7,
-            "stage3_max_live_parameters": 1e9,
-        })
+        zero.update(
+            {
+                "stage3_param_persistence_threshold": 0,  # partition every weight, even small norms
+                "stage3_prefetch_bucket_size": 5e7,
+                "stage3_max_live_parameters": 1e9,
+            }
+        )
         if offload_params != "none":
             zero["offload_param"] = {"device": offload_params, "pin_memory": torch.cuda.is_available()}
             if offload_params == "nvme":

@@ -24,8 +24,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
-AGENT_PORTS = ("dashboard-agent-grpc-port", "dashboard-agent-listen-port", "metrics-export-port", "node-manager-port",
-               "object-manager-port", "ray-client-server-port", "runtime-env-agent-port")
+AGENT_PORTS = (
+    "dashboard-agent-grpc-port",
+    "dashboard-agent-listen-port",
+    "metrics-export-port",
+    "node-manager-port",
+    "object-manager-port",
+    "ray-client-server-port",
+    "runtime-env-agent-port",
+)
 
 
 def free_port() -> int:
@@ -83,26 +90,46 @@ class LocalRayCluster:
         return f"127.0.0.1:{self.gcs_port}"
 
     @classmethod
-    def start(cls, num_cpus: int = 2, extra_env: dict[str, str] | None = None, timeout_s: float = 120) -> LocalRayCluster:
+    def start(
+        cls, num_cpus: int = 2, extra_env: dict[str, str] | None = None, timeout_s: float = 120
+    ) -> LocalRayCluster:
         # Short temp path: Ray's unix socket paths must stay under ~107 characters.
         temp_dir = Path(tempfile.mkdtemp(prefix="pfray-", dir="/tmp"))
         token = secrets.token_hex(32)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAY_AUTH_MODE": "token",
-               "RAY_AUTH_TOKEN": token, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
-               # jobs run `python -m cluster.cli`: the venv's python, as on a head started from an activated venv
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra_env or {})}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
+            # jobs run `python -m cluster.cli`: the venv's python, as on a head started from an activated venv
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **(extra_env or {}),
+        }
         env.pop("RAY_ADDRESS", None)
         cluster = cls(free_port(), free_port(), temp_dir, token, env)
-        cmd = [RAY, "start", "--head", f"--port={cluster.gcs_port}", f"--dashboard-port={cluster.dashboard_port}",
-               "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}", "--num-gpus=0", "--include-dashboard=true",
-               f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+        cmd = [
+            RAY,
+            "start",
+            "--head",
+            f"--port={cluster.gcs_port}",
+            f"--dashboard-port={cluster.dashboard_port}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
+            "--disable-usage-stats",
+        ]
         # Every fixed default port may be taken by another Ray on this shared machine.
         cmd += [f"--{name}={free_port()}" for name in AGENT_PORTS]
         subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
         while True:  # the job server comes up a little after `ray start` returns
-            request = urllib.request.Request(f"{cluster.address}/api/version",
-                                             headers={"Authorization": f"Bearer {token}"})
+            request = urllib.request.Request(
+                f"{cluster.address}/api/version", headers={"Authorization": f"Bearer {token}"}
+            )
             try:
                 with urllib.request.urlopen(request, timeout=5):
                     return cluster
@@ -151,7 +178,15 @@ class LocalRayCluster:
             env["RAY_AUTH_TOKEN"] = self.token
         return env
 
-    def promptfleet(self, *args: str, token: bool = True, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    def promptfleet(
+        self, *args: str, token: bool = True, timeout_s: float = 300
+    ) -> subprocess.CompletedProcess:
         """Run the `promptfleet` CLI against this cluster; returns the finished process."""
-        return subprocess.run([sys.executable, "-m", "cluster.cli", *args], env=self.cli_env(token), cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout_s)
+        return subprocess.run(
+            [sys.executable, "-m", "cluster.cli", *args],
+            env=self.cli_env(token),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )

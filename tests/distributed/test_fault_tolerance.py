@@ -35,8 +35,10 @@ STEPS, EVERY = 30, 5
 
 
 def prompts(run_dir: Path) -> dict[str, torch.Tensor]:
-    return {d.name: load_file(str(d / "adapter_model.safetensors"))["prompt_embeddings"]
-            for d in sorted((run_dir / "adapters").iterdir())}
+    return {
+        d.name: load_file(str(d / "adapter_model.safetensors"))["prompt_embeddings"]
+        for d in sorted((run_dir / "adapters").iterdir())
+    }
 
 
 def applied_steps(run_dir: Path) -> list[int]:
@@ -48,9 +50,13 @@ def applied_steps(run_dir: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def job(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ft")
-    return write_tiny_job(root / "job", write_tiny_backbone(root / "backbone"),
-                          optim={"max_steps": STEPS}, checkpoint_every=EVERY,
-                          cluster={"num_workers": 2, "zero_stage": 0, "max_failures": 1})
+    return write_tiny_job(
+        root / "job",
+        write_tiny_backbone(root / "backbone"),
+        optim={"max_steps": STEPS},
+        checkpoint_every=EVERY,
+        cluster={"num_workers": 2, "zero_stage": 0, "max_failures": 1},
+    )
 
 
 # ------------------------------------------------------------------------------ a save killed half way
@@ -80,8 +86,14 @@ def test_save_killed_midway_resumes_from_newest_complete_checkpoint(job, capsys)
 
     over = ["optim.max_steps=6", "checkpoint_every=2", "cluster.num_workers=1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-c", _KILL_IN_SECOND_SAVE, str(job), "name=killed", *over],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILL_IN_SECOND_SAVE, str(job), "name=killed", *over],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
 
     root = job.parent / "runs" / "killed" / "checkpoints"
@@ -115,14 +127,29 @@ def ray_cluster():
 
 
 def train_cmd(job: Path, cluster: LocalRayCluster, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "cluster.cli", "train", str(job), *overrides, "--address", cluster.gcs_address]
+    return [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "train",
+        str(job),
+        *overrides,
+        "--address",
+        cluster.gcs_address,
+    ]
 
 
 @pytest.fixture(scope="module")
 def reference_run(job, ray_cluster) -> Path:
     """The uninterrupted 2-rank run every fault-tolerance run is compared with."""
-    proc = subprocess.run(train_cmd(job, ray_cluster, "name=reference"), cwd=REPO, env=ray_cluster.env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        train_cmd(job, ray_cluster, "name=reference"),
+        cwd=REPO,
+        env=ray_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return job.parent / "runs" / "reference"
 
@@ -133,8 +160,13 @@ def test_killed_worker_resumes_without_losing_or_repeating_steps(job, ray_cluste
     reported = run_dir / "ray" / "killed-worker"  # Ray Train's copy of each reported checkpoint
     log = run_dir.parent / "killed-worker.log"
     with open(log, "w") as out:
-        driver = subprocess.Popen(train_cmd(job, ray_cluster, "name=killed-worker"), cwd=REPO,
-                                  env=ray_cluster.env, stdout=out, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            train_cmd(job, ray_cluster, "name=killed-worker"),
+            cwd=REPO,
+            env=ray_cluster.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             deadline = time.monotonic() + 400
             while not list(reported.glob("checkpoint_*")):  # wait until checkpoint 5 was reported
@@ -167,10 +199,18 @@ def test_checkpoint_of_two_ranks_resumes_on_one(job, ray_cluster, reference_run)
     (run_dir / "checkpoints").mkdir(parents=True)
     info = json.loads((reference_run / "run.json").read_text())
     (run_dir / "run.json").write_text(json.dumps({**info, "name": "fewer-ranks", "status": "running"}))
-    shutil.copytree(reference_run / "checkpoints" / "step_00000025", run_dir / "checkpoints" / "step_00000025")
+    shutil.copytree(
+        reference_run / "checkpoints" / "step_00000025", run_dir / "checkpoints" / "step_00000025"
+    )
 
-    proc = subprocess.run(train_cmd(job, ray_cluster, "name=fewer-ranks", "cluster.num_workers=1"), cwd=REPO,
-                          env=ray_cluster.env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        train_cmd(job, ray_cluster, "name=fewer-ranks", "cluster.num_workers=1"),
+        cwd=REPO,
+        env=ray_cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"resumed from \S+step_00000025 at step 25", proc.stdout + proc.stderr)
     assert applied_steps(run_dir) == list(range(1, STEPS + 1))

@@ -53,9 +53,12 @@ def wait_for_status(cluster, job_id: str, wanted: set[str], timeout_s: float = 3
 
 def test_auth_and_unknown_jobs_are_one_line_errors(ray_cluster):
     proc = ray_cluster.promptfleet("jobs", "list", "--address", ray_cluster.address, token=False)
-    assert proc.returncode == 2 and "pass --token" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    proc = ray_cluster.promptfleet("jobs", "list", "--address", ray_cluster.address, "--token", ray_cluster.token,
-                                   token=False)
+    assert (
+        proc.returncode == 2 and "pass --token" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    )
+    proc = ray_cluster.promptfleet(
+        "jobs", "list", "--address", ray_cluster.address, "--token", ray_cluster.token, token=False
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("ID"), proc.stderr
     proc = ray_cluster.promptfleet("jobs", "status", "no-such-job", "--address", ray_cluster.address)
     assert proc.returncode == 2 and "no job 'no-such-job'" in proc.stderr
@@ -101,8 +104,14 @@ def test_failing_jobs_report_their_error(ray_cluster, backbone, tmp_path):
 
 def test_stop_a_running_job_and_scrape_its_metrics(ray_cluster, backbone, tmp_path):
     port = free_port()
-    job = write_tiny_job(tmp_path, backbone, name="endless", cluster={**WHOLE_CLUSTER, "metrics_port": port},
-                         optim={"max_steps": 1_000_000}, checkpoint_every=5)
+    job = write_tiny_job(
+        tmp_path,
+        backbone,
+        name="endless",
+        cluster={**WHOLE_CLUSTER, "metrics_port": port},
+        optim={"max_steps": 1_000_000},
+        checkpoint_every=5,
+    )
     proc, job_id = submit(ray_cluster, str(job))
     assert proc.returncode == 0, proc.stderr[-2000:]
     checkpoints = tmp_path / "runs" / "endless" / "checkpoints"

@@ -42,7 +42,11 @@ def test_ray_serve_app_answers_like_uvicorn(tmp_path):
             assert r.status_code == 200 and set(r.json()["labels"]) == {"ABBR", "DESC", "LOC"}
             nf = http.post("/v1/completions", json={"model": "../sst2", "prompt": "x"})
             assert nf.status_code == 404 and nf.json()["error"]["code"] == "model_not_found"
-            assert sorted(m["id"] for m in http.get("/v1/models").json()["data"]) == ["samsum", "sst2", "trec"]
+            assert sorted(m["id"] for m in http.get("/v1/models").json()["data"]) == [
+                "samsum",
+                "sst2",
+                "trec",
+            ]
             assert "promptfleet_requests_total" in http.get("/metrics").text
     finally:
         serve.shutdown()

@@ -32,15 +32,23 @@ def _rank_main(rank: int, world_size: int, port: int, job: str, overrides: list[
     from tuner.recipe import MultiTaskPromptTuningRecipe
     from tuner.zero import partitioned_numel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     recipe = MultiTaskPromptTuningRecipe(load_job_config(job, overrides), progress=False)
     recipe.setup()
     local, total = partitioned_numel(recipe.lm.backbone)
     with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump({"local": local, "total": total, "zero": hasattr(next(recipe.lm.backbone.parameters()), "ds_id")}, f)
+        json.dump(
+            {"local": local, "total": total, "zero": hasattr(next(recipe.lm.backbone.parameters()), "ds_id")},
+            f,
+        )
     recipe.train()
     recipe.finish()
     dist.barrier()
@@ -51,8 +59,9 @@ def _rank_main(rank: int, world_size: int, port: int, job: str, overrides: list[
 def job(tmp_path_factory, tiny_backbone_dir):
     root = tmp_path_factory.mktemp("zero3")
     tasks = write_tiny_tasks(root, n_train=48, names=("pos_neg", "colors", "sizes"))
-    return root, tiny_job_yaml(root, tiny_backbone_dir, tasks, **{"optim.grad_accum": 2, "optim.max_steps": 3,
-                                                                  "checkpoint_every": 0})
+    return root, tiny_job_yaml(
+        root, tiny_backbone_dir, tasks, **{"optim.grad_accum": 2, "optim.max_steps": 3, "checkpoint_every": 0}
+    )
 
 
 def test_two_rank_zero3_equals_one_process(job):
@@ -61,7 +70,9 @@ def test_two_rank_zero3_equals_one_process(job):
     out.mkdir()
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, str(path), ["name=two"], str(out))) for r in range(2)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, 2, port, str(path), ["name=two"], str(out))) for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -83,7 +94,9 @@ def test_two_rank_zero3_equals_one_process(job):
         two = load_adapter(root / "runs" / "two" / "adapters" / task).prompt
         one = load_adapter(root / "runs" / "one" / "adapters" / task).prompt
         start = initial.bank.prompt(task)
-        assert (one - start).abs().max() > 0.05, "training did not move the prompt; the comparison would be vacuous"
+        assert (one - start).abs().max() > 0.05, (
+            "training did not move the prompt; the comparison would be vacuous"
+        )
         torch.testing.assert_close(two, one, rtol=0, atol=1e-4)
     s_two = json.loads((root / "runs" / "two" / "summary.json").read_text())
     s_one = json.loads((root / "runs" / "one" / "summary.json").read_text())

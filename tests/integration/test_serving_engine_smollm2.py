@@ -31,14 +31,19 @@ NEW_TOKENS = 6
 @pytest.fixture(scope="module")
 def engine_and_store(tmp_path_factory):
     store = tmp_path_factory.mktemp("prompt_store")
-    engine = Engine(EngineConfig(backbone=BACKBONE, prompt_store=str(store), dtype="fp32", reload_interval_s=0.2))
+    engine = Engine(
+        EngineConfig(backbone=BACKBONE, prompt_store=str(store), dtype="fp32", reload_interval_s=0.2)
+    )
     model = engine.runner.model
     embed = model.get_input_embeddings().weight
     g = torch.Generator().manual_seed(0)
     for name, (P, _) in TASKS.items():
         rows = torch.randint(100, embed.shape[0], (P,), generator=g)
-        save_adapter(store, TaskAdapter(name, embed[rows].detach().clone(), BACKBONE, {"kind": "generation"}),
-                     model.config)
+        save_adapter(
+            store,
+            TaskAdapter(name, embed[rows].detach().clone(), BACKBONE, {"kind": "generation"}),
+            model.config,
+        )
     engine.registry.refresh()
     return engine, store
 
@@ -74,10 +79,15 @@ def test_served_greedy_output_equals_peft_generate(engine_and_store):
         peft_model = PeftModel.from_pretrained(base, str(store / task)).eval()
         ids = torch.tensor([tok(text, add_special_tokens=False).input_ids])
         with torch.inference_mode():
-            out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                      do_sample=False, pad_token_id=tok.pad_token_id)
-        new = out[0, ids.shape[1]:].tolist() if out.shape[1] > NEW_TOKENS else out[0].tolist()
-        want = new[:new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
+            out = peft_model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        new = out[0, ids.shape[1] :].tolist() if out.shape[1] > NEW_TOKENS else out[0].tolist()
+        want = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
         assert served[task] == want, f"{task}: served {served[task]} != PEFT {want}"
         base = peft_model.get_base_model()  # prompt tuning leaves the backbone unchanged
 

@@ -34,11 +34,19 @@ def server(tmp_path_factory):
         prompt = torch.randn(8, backbone_cfg.hidden_size, generator=gen) * 0.02
         save_adapter(root / "store", TaskAdapter(name, prompt, "smollm2-135m", dict(meta)), backbone_cfg)
     tenants = root / "tenants.yaml"
-    tenants.write_text(yaml.safe_dump({"tenants": {
-        "acme": {"key_sha256": [hash_key(KEY)], "tasks": ["sst2", "samsum"]},
-        "globex": {"key_sha256": [hash_key(OTHER_KEY)], "tasks": ["trec"]}}}))
-    engine_cfg = EngineConfig(backbone="smollm2-135m", prompt_store=str(root / "store"), max_batch_size=8,
-                              max_new_tokens_limit=64)
+    tenants.write_text(
+        yaml.safe_dump(
+            {
+                "tenants": {
+                    "acme": {"key_sha256": [hash_key(KEY)], "tasks": ["sst2", "samsum"]},
+                    "globex": {"key_sha256": [hash_key(OTHER_KEY)], "tasks": ["trec"]},
+                }
+            }
+        )
+    )
+    engine_cfg = EngineConfig(
+        backbone="smollm2-135m", prompt_store=str(root / "store"), max_batch_size=8, max_new_tokens_limit=64
+    )
     cfg = server_config(engine_cfg, auth=str(tenants))
     with UvicornThread(create_app(Engine(cfg.engine), cfg)) as url:
         yield url
@@ -61,14 +69,25 @@ def test_completion_and_its_stream_agree(client):
     assert whole.usage.prompt_tokens > 0 and 1 <= whole.usage.completion_tokens <= 4
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
 
-    chunks = list(client.completions.create(model="sst2", prompt="a gripping, beautifully shot film", max_tokens=4,
-                                            stream=True, stream_options={"include_usage": True}))
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text  # greedy: identical
+    chunks = list(
+        client.completions.create(
+            model="sst2",
+            prompt="a gripping, beautifully shot film",
+            max_tokens=4,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert (
+        "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    )  # greedy: identical
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_chat_and_its_stream_agree(client):
-    messages = [{"role": "user", "content": "A: are we still on for lunch?\nB: yes, noon at the usual place."}]
+    messages = [
+        {"role": "user", "content": "A: are we still on for lunch?\nB: yes, noon at the usual place."}
+    ]
     whole = client.chat.completions.create(model="samsum", messages=messages, max_tokens=8)
     assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
     assert whole.usage.completion_tokens >= 1
@@ -90,8 +109,12 @@ def test_errors_surface_as_openai_exceptions(server, client):
 
 
 def test_classify_returns_verbaliser_probabilities(server):
-    r = httpx.post(f"{server}/v1/classify", headers={"Authorization": f"Bearer {KEY}"}, timeout=120,
-                   json={"model": "sst2", "input": "a gripping, beautifully shot film"})
+    r = httpx.post(
+        f"{server}/v1/classify",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=120,
+        json={"model": "sst2", "input": "a gripping, beautifully shot film"},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert set(body["labels"]) == {"0", "1"} and abs(sum(body["labels"].values()) - 1) < 1e-6

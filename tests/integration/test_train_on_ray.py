@@ -16,9 +16,20 @@ pytestmark = [pytest.mark.integration, pytest.mark.distributed, pytest.mark.slow
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("ray_runs")
-    cmd = [sys.executable, "-m", "cluster.cli", "train", "configs/quickstart.yaml", "name=ci", f"output_dir={out}",
-           "optim.max_steps=2", "optim.batch_size=8", "data.max_train_examples=64", "data.max_eval_examples=8",
-           "checkpoint_every=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        "train",
+        "configs/quickstart.yaml",
+        "name=ci",
+        f"output_dir={out}",
+        "optim.max_steps=2",
+        "optim.batch_size=8",
+        "data.max_train_examples=64",
+        "data.max_eval_examples=8",
+        "checkpoint_every=1",
+    ]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -53,9 +64,15 @@ def test_adapters_load_in_peft_with_equal_logits(run_dir):
         assert adapter.prompt.shape == (16, 576) and adapter.backbone == "smollm2-135m"
         from tuner.batching import TokenizedExample, collate
 
-        batch = collate([TokenizedExample(task, ids, [0])], {task: 0}, 16, max_len=256, pad_id=tok.pad_token_id)
+        batch = collate(
+            [TokenizedExample(task, ids, [0])], {task: 0}, 16, max_len=256, pad_id=tok.pad_token_id
+        )
         with torch.no_grad():
-            ours = lm.lm_head(lm.hidden_states(batch, adapter.prompt[None], batch.seg_task)[0, 16:16 + len(ids)])
-            peft_model = PeftModel.from_pretrained(load_backbone(path, torch.float32), str(run_dir / "adapters" / task))
+            ours = lm.lm_head(
+                lm.hidden_states(batch, adapter.prompt[None], batch.seg_task)[0, 16 : 16 + len(ids)]
+            )
+            peft_model = PeftModel.from_pretrained(
+                load_backbone(path, torch.float32), str(run_dir / "adapters" / task)
+            )
             theirs = peft_model(input_ids=torch.tensor([ids])).logits[0, 16:]
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-3)

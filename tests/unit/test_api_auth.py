@@ -25,19 +25,23 @@ def write_tenants(path, tenants: dict) -> str:
 @pytest.fixture(scope="module")
 def tenants_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
-    return write_tenants(path, {
-        "acme": {"key_sha256": [hash_key(KEYS["acme"])], "tasks": ["sst2", "trec"]},
-        "globex": {"key_sha256": [hash_key(KEYS["globex"])], "tasks": ["samsum"]},
-        "root": {"key_sha256": [hash_key(KEYS["root"])], "tasks": "*"},
-    })
+    return write_tenants(
+        path,
+        {
+            "acme": {"key_sha256": [hash_key(KEYS["acme"])], "tasks": ["sst2", "trec"]},
+            "globex": {"key_sha256": [hash_key(KEYS["globex"])], "tasks": ["samsum"]},
+            "root": {"key_sha256": [hash_key(KEYS["root"])], "tasks": "*"},
+        },
+    )
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, tenants_file):
     root = tmp_path_factory.mktemp("api_auth")
     backbone = tiny_backbone_dir(root)
-    cfg = server_config(engine_config(write_prompt_store(root, backbone), backbone), auth=tenants_file,
-                        metrics_public=False)
+    cfg = server_config(
+        engine_config(write_prompt_store(root, backbone), backbone), auth=tenants_file, metrics_public=False
+    )
     with TestClient(create_app(Engine(cfg.engine), cfg)) as c:
         yield c
 
@@ -47,14 +51,27 @@ def bearer(tenant: str) -> dict:
 
 
 def complete(client, task: str, headers: dict):
-    return client.post("/v1/completions", headers=headers, json={"model": task, "prompt": "hello", "max_tokens": 1})
+    return client.post(
+        "/v1/completions", headers=headers, json={"model": task, "prompt": "hello", "max_tokens": 1}
+    )
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": ""}, {"Authorization": "Bearer "},
-                                     {"Authorization": "Basic " + KEYS["acme"]}, {"Authorization": KEYS["acme"]}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": ""},
+        {"Authorization": "Bearer "},
+        {"Authorization": "Basic " + KEYS["acme"]},
+        {"Authorization": KEYS["acme"]},
+    ],
+)
 def test_missing_key_is_401(client, headers):
-    for r in (complete(client, "sst2", headers), client.get("/v1/models", headers=headers),
-              client.post("/v1/classify", headers=headers, json={"model": "sst2", "input": "x"})):
+    for r in (
+        complete(client, "sst2", headers),
+        client.get("/v1/models", headers=headers),
+        client.post("/v1/classify", headers=headers, json={"model": "sst2", "input": "x"}),
+    ):
         assert "Missing API key" in assert_error(r, 401, "invalid_api_key", None)["message"]
         assert r.headers["WWW-Authenticate"] == "Bearer"
 
@@ -80,13 +97,19 @@ def _shape(resp, name: str) -> tuple:
 
 
 def test_another_tenants_task_is_indistinguishable_from_a_missing_one(client):
-    for route, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 1}), ("/v1/classify", {"input": "hi"}),
-                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+    for route, body in (
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+        ("/v1/classify", {"input": "hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ):
         forbidden = client.post(route, headers=bearer("acme"), json={"model": "samsum", **body})
         missing = client.post(route, headers=bearer("acme"), json={"model": "nosuchtask", **body})
         assert_error(forbidden, 404, "model_not_found", "model")
         assert _shape(forbidden, "samsum") == _shape(missing, "nosuchtask")
-        assert forbidden.headers.keys() - {"content-length", "date"} == missing.headers.keys() - {"content-length", "date"}
+        assert forbidden.headers.keys() - {"content-length", "date"} == missing.headers.keys() - {
+            "content-length",
+            "date",
+        }
     forbidden = client.get("/v1/models/samsum", headers=bearer("acme"))
     missing = client.get("/v1/models/nosuchtask", headers=bearer("acme"))
     assert _shape(forbidden, "samsum") == _shape(missing, "nosuchtask")
@@ -111,23 +134,38 @@ def test_health_is_public_and_metrics_needs_a_key_when_configured(client):
 
 
 def test_keyring_checks_every_digest(tmp_path):
-    ring = KeyRing.from_file(write_tenants(tmp_path / "t.yaml", {
-        "a": {"key_sha256": [hash_key("k1"), hash_key("k2")], "tasks": ["x"]},
-        "b": {"key_sha256": [hash_key("k3").upper()], "tasks": "*"}}))
+    ring = KeyRing.from_file(
+        write_tenants(
+            tmp_path / "t.yaml",
+            {
+                "a": {"key_sha256": [hash_key("k1"), hash_key("k2")], "tasks": ["x"]},
+                "b": {"key_sha256": [hash_key("k3").upper()], "tasks": "*"},
+            },
+        )
+    )
     assert ring.authenticate("Bearer k1").name == "a" and ring.authenticate("Bearer k2").name == "a"
     assert ring.authenticate("bearer  k3 ").name == "b" and ring.authenticate("Bearer k3").tasks is None
     assert ring.authenticate("Bearer k4") is None and ring.authenticate(None) is None
 
 
-@pytest.mark.parametrize("tenants, match", [
-    ({"a": {"key_sha256": ["not-a-digest"], "tasks": "*"}}, "SHA-256"),
-    ({"a": {"key_sha256": [hash_key("k")], "tasks": "*"}, "b": {"key_sha256": [hash_key("k")], "tasks": "*"}}, "twice"),
-    ({"a": {"key_sha256": [hash_key("k")], "tasks": ["../etc"]}}, "not a valid name"),
-    ({"a": {"key_sha256": [hash_key("k")]}}, "exactly the keys"),
-    ({"a": {"key_sha256": [], "tasks": "*"}}, "non-empty"),
-    ({"../a": {"key_sha256": [hash_key("k")], "tasks": "*"}}, "not a valid name"),
-    ({}, "tenants"),
-])
+@pytest.mark.parametrize(
+    "tenants, match",
+    [
+        ({"a": {"key_sha256": ["not-a-digest"], "tasks": "*"}}, "SHA-256"),
+        (
+            {
+                "a": {"key_sha256": [hash_key("k")], "tasks": "*"},
+                "b": {"key_sha256": [hash_key("k")], "tasks": "*"},
+            },
+            "twice",
+        ),
+        ({"a": {"key_sha256": [hash_key("k")], "tasks": ["../etc"]}}, "not a valid name"),
+        ({"a": {"key_sha256": [hash_key("k")]}}, "exactly the keys"),
+        ({"a": {"key_sha256": [], "tasks": "*"}}, "non-empty"),
+        ({"../a": {"key_sha256": [hash_key("k")], "tasks": "*"}}, "not a valid name"),
+        ({}, "tenants"),
+    ],
+)
 def test_bad_tenants_files_are_config_errors(tmp_path, tenants, match):
     with pytest.raises(ConfigError, match=match):
         KeyRing.from_file(write_tenants(tmp_path / "t.yaml", tenants))

@@ -36,14 +36,17 @@ def test_overrides_and_relative_auth_path(tmp_path):
     assert load_server_config(cfg_file, ["api.auth=none"]).api.auth_disabled
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["api.bogus=1"], "unknown key"),
-    (["api.port=70000"], "api.port"),
-    (["api.log_level=loud"], "api.log_level"),
-    (["ray.min_replicas=3", "ray.max_replicas=2"], "min_replicas"),
-    (["api.default_max_tokens=600"], "max_new_tokens_limit"),
-    (["api.metrics_public=maybe"], "true/false"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["api.bogus=1"], "unknown key"),
+        (["api.port=70000"], "api.port"),
+        (["api.log_level=loud"], "api.log_level"),
+        (["ray.min_replicas=3", "ray.max_replicas=2"], "min_replicas"),
+        (["api.default_max_tokens=600"], "max_new_tokens_limit"),
+        (["api.metrics_public=maybe"], "true/false"),
+    ],
+)
 def test_bad_values_are_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_server_config(None, overrides)
@@ -57,14 +60,17 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    ([], "no prompt store"),
-    (["--prompt-store", "/nonexistent/store"], "prompt store not found"),
-    (["--prompt-store", "{store}"], "api.auth is not set"),
-    (["--prompt-store", "{store}", "api.auth=/nonexistent/tenants.yaml"], "tenants file not found"),
-    (["--prompt-store", "{store}", "--config", "/nonexistent.yaml"], "config file not found"),
-    (["--prompt-store", "{store}", "engine.bogus=1"], "unknown key"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "no prompt store"),
+        (["--prompt-store", "/nonexistent/store"], "prompt store not found"),
+        (["--prompt-store", "{store}"], "api.auth is not set"),
+        (["--prompt-store", "{store}", "api.auth=/nonexistent/tenants.yaml"], "tenants file not found"),
+        (["--prompt-store", "{store}", "--config", "/nonexistent.yaml"], "config file not found"),
+        (["--prompt-store", "{store}", "engine.bogus=1"], "unknown key"),
+    ],
+)
 def test_serve_config_errors_are_one_line_exit_2(tmp_path, capsys, argv, message):
     rc, err = run_cli(capsys, *[a.replace("{store}", str(tmp_path)) for a in argv])
     assert rc == 2

@@ -41,7 +41,9 @@ def client(dirs):
 
 
 def complete(client, **body):
-    return client.post("/v1/completions", json={"model": "sst2", "prompt": "a fine film", "max_tokens": 2, **body})
+    return client.post(
+        "/v1/completions", json={"model": "sst2", "prompt": "a fine film", "max_tokens": 2, **body}
+    )
 
 
 def test_valid_request_works(client):
@@ -50,44 +52,78 @@ def test_valid_request_works(client):
     assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-@pytest.mark.parametrize("name", ["nope", "../sst2", "a/b", "/etc/passwd", "..", "sst2/../sst2", "", "x" * 300])
+@pytest.mark.parametrize(
+    "name", ["nope", "../sst2", "a/b", "/etc/passwd", "..", "sst2/../sst2", "", "x" * 300]
+)
 def test_unknown_and_path_like_tasks_are_the_same_404(client, name):
     err = assert_error(complete(client, model=name), 404, "model_not_found", "model")
-    assert err["message"] == f"The model '{name if len(name) <= 128 else name[:128] + '...'}' does not exist " \
-                             "or you do not have access to it."
-    assert_error(client.post("/v1/classify", json={"model": name, "input": "x"}), 404, "model_not_found", "model")
-    assert_error(client.post("/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "x"}]}),
-                 404, "model_not_found", "model")
+    assert (
+        err["message"] == f"The model '{name if len(name) <= 128 else name[:128] + '...'}' does not exist "
+        "or you do not have access to it."
+    )
+    assert_error(
+        client.post("/v1/classify", json={"model": name, "input": "x"}), 404, "model_not_found", "model"
+    )
+    assert_error(
+        client.post(
+            "/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "x"}]}
+        ),
+        404,
+        "model_not_found",
+        "model",
+    )
 
 
 def test_invalid_json(client):
-    r = client.post("/v1/completions", content=b'{"model": "sst2", "prompt": ', headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/completions",
+        content=b'{"model": "sst2", "prompt": ',
+        headers={"content-type": "application/json"},
+    )
     assert "JSON" in assert_error(r, 400, "invalid_value", None)["message"]
     assert_error(client.post("/v1/completions", json=["not", "an", "object"]), 400, "invalid_value", None)
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": 123}, "prompt"),
-    ({"prompt": ["a", 5]}, "prompt.1"),
-    ({"max_tokens": "many"}, "max_tokens"),
-    ({"max_tokens": 2.5}, "max_tokens"),
-    ({"temperature": "hot"}, "temperature"),
-    ({"stream": "yes"}, "stream"),
-    ({"model": 7}, "model"),
-    ({"stop": {"a": 1}}, "stop"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": 123}, "prompt"),
+        ({"prompt": ["a", 5]}, "prompt.1"),
+        ({"max_tokens": "many"}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"stream": "yes"}, "stream"),
+        ({"model": 7}, "model"),
+        ({"stop": {"a": 1}}, "stop"),
+    ],
+)
 def test_wrong_types_name_the_field(client, body, param):
     assert_error(complete(client, **body), 400, "invalid_value", param)
 
 
 def test_missing_fields(client):
     assert_error(client.post("/v1/completions", json={"model": "sst2"}), 400, "invalid_value", "prompt")
-    assert_error(client.post("/v1/chat/completions", json={"model": "sst2", "messages": []}), 400, "invalid_value",
-                 "messages")
-    assert_error(client.post("/v1/chat/completions", json={"model": "sst2", "messages": [{"role": "wizard"}]}),
-                 400, "invalid_value", "messages.0.role")
-    assert_error(client.post("/v1/chat/completions", json={"model": "sst2", "messages": [{"role": "system",
-                 "content": "be nice"}]}), 400, "invalid_value", "messages")
+    assert_error(
+        client.post("/v1/chat/completions", json={"model": "sst2", "messages": []}),
+        400,
+        "invalid_value",
+        "messages",
+    )
+    assert_error(
+        client.post("/v1/chat/completions", json={"model": "sst2", "messages": [{"role": "wizard"}]}),
+        400,
+        "invalid_value",
+        "messages.0.role",
+    )
+    assert_error(
+        client.post(
+            "/v1/chat/completions",
+            json={"model": "sst2", "messages": [{"role": "system", "content": "be nice"}]},
+        ),
+        400,
+        "invalid_value",
+        "messages",
+    )
 
 
 def test_empty_and_over_long_prompts(client):
@@ -95,7 +131,9 @@ def test_empty_and_over_long_prompts(client):
     assert_error(complete(client, prompt=[""]), 400, "invalid_value", "prompt")
     assert_error(complete(client, prompt=["a", "b"]), 400, "invalid_value", "prompt")
     assert_error(complete(client, prompt="word " * 500), 400, "context_length_exceeded")
-    assert_error(client.post("/v1/classify", json={"model": "sst2", "input": ""}), 400, "invalid_value", "input")
+    assert_error(
+        client.post("/v1/classify", json={"model": "sst2", "input": ""}), 400, "invalid_value", "input"
+    )
 
 
 @pytest.mark.parametrize("max_tokens", [0, -1, 257, 10**9])
@@ -108,8 +146,12 @@ def test_n_greater_than_one_is_rejected(client):
 
 
 def test_classify_on_a_generation_task_is_400(client):
-    assert_error(client.post("/v1/classify", json={"model": "samsum", "input": "a: hi\nb: hello"}), 400, "invalid_value",
-                 "model")
+    assert_error(
+        client.post("/v1/classify", json={"model": "samsum", "input": "a: hi\nb: hello"}),
+        400,
+        "invalid_value",
+        "model",
+    )
     r = client.post("/v1/classify", json={"model": "sst2", "input": "a fine film"})
     assert r.status_code == 200, r.text
     assert set(r.json()["labels"]) == {"0", "1"} and abs(sum(r.json()["labels"].values()) - 1) < 1e-4
@@ -148,7 +190,12 @@ def test_full_queue_is_429_with_retry_after(dirs):
     with UvicornThread(create_app(Engine(cfg.engine), cfg)) as url:
         responses = asyncio.run(_burst(url, 12, max_tokens=64))
         with httpx.Client(base_url=url) as http:  # still serving afterwards
-            assert http.post("/v1/completions", json={"model": "sst2", "prompt": "ok", "max_tokens": 1}).status_code == 200
+            assert (
+                http.post(
+                    "/v1/completions", json={"model": "sst2", "prompt": "ok", "max_tokens": 1}
+                ).status_code
+                == 200
+            )
     statuses = sorted(r.status_code for r in responses)
     assert 200 in statuses and 429 in statuses and set(statuses) <= {200, 429}, statuses
     for r in responses:
@@ -161,7 +208,10 @@ def test_request_timeout_is_503_with_retry_after(dirs):
     store, backbone = dirs
     # 1,900 tokens take seconds even on the tiny model; the engine expires requests within ~0.25 s.
     cfg = server_config(engine_config(store, backbone, request_timeout_s=0.05, max_new_tokens_limit=1900))
-    with UvicornThread(create_app(Engine(cfg.engine), cfg)) as url, httpx.Client(base_url=url, timeout=60) as http:
+    with (
+        UvicornThread(create_app(Engine(cfg.engine), cfg)) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
         r = http.post("/v1/completions", json={"model": "samsum", "prompt": "a: hi", "max_tokens": 1900})
         assert_error(r, 503, "request_timeout")
         assert int(r.headers["Retry-After"]) >= 1
@@ -169,8 +219,11 @@ def test_request_timeout_is_503_with_retry_after(dirs):
 
 def test_oversized_bodies_are_rejected_before_parsing(client):
     big = b'{"model": "sst2", "prompt": "' + b"x" * (2 << 20) + b'"}'
-    assert_error(client.post("/v1/completions", content=big, headers={"content-type": "application/json"}), 413,
-                 "payload_too_large")
+    assert_error(
+        client.post("/v1/completions", content=big, headers={"content-type": "application/json"}),
+        413,
+        "payload_too_large",
+    )
 
     def chunks():  # no Content-Length: the cap is enforced while the body streams in
         for _ in range(40):

@@ -31,7 +31,10 @@ def samples(family, name: str) -> dict:
 def test_metrics_parse_and_carry_per_task_series(cfg):
     with TestClient(create_app(Engine(cfg.engine), cfg)) as c:
         for task in ("sst2", "samsum", "sst2"):
-            assert c.post("/v1/completions", json={"model": task, "prompt": "hi", "max_tokens": 2}).status_code == 200
+            assert (
+                c.post("/v1/completions", json={"model": task, "prompt": "hi", "max_tokens": 2}).status_code
+                == 200
+            )
         assert c.post("/v1/classify", json={"model": "trec", "input": "who?"}).status_code == 200
         assert c.post("/v1/completions", json={"model": "nope", "prompt": "hi"}).status_code == 404
         assert c.post("/v1/completions", json={"model": "ghost", "prompt": ""}).status_code == 404
@@ -47,9 +50,13 @@ def test_metrics_parse_and_carry_per_task_series(cfg):
     assert requests[(("endpoint", "completions"), ("status", "404"), ("task", "-"))] == 2
     assert not any(dict(k).get("task") in ("nope", "ghost") for k in requests)
 
-    ttft = samples(fams["promptfleet_time_to_first_token_seconds"], "promptfleet_time_to_first_token_seconds_count")
+    ttft = samples(
+        fams["promptfleet_time_to_first_token_seconds"], "promptfleet_time_to_first_token_seconds_count"
+    )
     assert ttft[(("task", "sst2"),)] == 2 and ttft[(("task", "samsum"),)] == 1
-    latency = samples(fams["promptfleet_request_latency_seconds"], "promptfleet_request_latency_seconds_count")
+    latency = samples(
+        fams["promptfleet_request_latency_seconds"], "promptfleet_request_latency_seconds_count"
+    )
     assert latency[(("endpoint", "completions"), ("task", "sst2"))] == 3  # two 200s and the 400
     completion = samples(fams["promptfleet_completion_tokens"], "promptfleet_completion_tokens_total")
     assert 1 <= completion[(("task", "sst2"),)] <= 4
@@ -68,7 +75,10 @@ def test_metrics_parse_and_carry_per_task_series(cfg):
 def test_two_apps_in_one_process_keep_separate_registries(cfg):
     a, b = (create_app(Engine(cfg.engine), cfg) for _ in range(2))
     with TestClient(a) as ca, TestClient(b) as cb:
-        assert ca.post("/v1/completions", json={"model": "sst2", "prompt": "hi", "max_tokens": 1}).status_code == 200
+        assert (
+            ca.post("/v1/completions", json={"model": "sst2", "prompt": "hi", "max_tokens": 1}).status_code
+            == 200
+        )
         in_a = samples(scrape(ca)["promptfleet_requests"], "promptfleet_requests_total")
         in_b = samples(scrape(cb).get("promptfleet_requests"), "promptfleet_requests_total")
     assert sum(in_a.values()) == 1 and sum(in_b.values()) == 0

@@ -33,8 +33,10 @@ class RecordingEngine(Engine):
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("api_streaming")
     backbone = tiny_backbone_dir(root)
-    cfg = server_config(engine_config(write_prompt_store(root, backbone), backbone, max_new_tokens_limit=1900),
-                        disconnect_poll_s=0.05)
+    cfg = server_config(
+        engine_config(write_prompt_store(root, backbone), backbone, max_new_tokens_limit=1900),
+        disconnect_poll_s=0.05,
+    )
     engine = RecordingEngine(cfg.engine)
     with UvicornThread(create_app(engine, cfg)) as url:
         yield url, engine
@@ -46,7 +48,7 @@ def events(resp) -> list[str]:
     for block in resp.text.split("\n\n"):
         if block:
             assert block.startswith("data: "), block
-            out.append(block[len("data: "):])
+            out.append(block[len("data: ") :])
     return out
 
 
@@ -55,8 +57,11 @@ def test_completion_stream_matches_the_non_streamed_text(server):
     body = {"model": "samsum", "prompt": "a: hi\nb: hello", "max_tokens": 6}
     with httpx.Client(base_url=url, timeout=60) as http:
         whole = http.post("/v1/completions", json=body).json()
-        data = events(http.post("/v1/completions", json={**body, "stream": True,
-                                                          "stream_options": {"include_usage": True}}))
+        data = events(
+            http.post(
+                "/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}}
+            )
+        )
     assert data[-1] == "[DONE]"
     chunks = [json.loads(d) for d in data[:-1]]
     usage, chunks = chunks[-1], chunks[:-1]
@@ -71,8 +76,11 @@ def test_completion_stream_matches_the_non_streamed_text(server):
 
 def test_chat_stream_format(server):
     url, _ = server
-    body = {"model": "sst2", "messages": [{"role": "system", "content": "ignored"},
-                                          {"role": "user", "content": "a fine film"}], "max_tokens": 3}
+    body = {
+        "model": "sst2",
+        "messages": [{"role": "system", "content": "ignored"}, {"role": "user", "content": "a fine film"}],
+        "max_tokens": 3,
+    }
     with httpx.Client(base_url=url, timeout=60) as http:
         whole = http.post("/v1/chat/completions", json=body).json()
         data = events(http.post("/v1/chat/completions", json={**body, "stream": True}))
@@ -99,13 +107,19 @@ def wait_for(predicate, timeout_s: float = 20.0) -> bool:
 def test_closing_a_stream_aborts_the_request(server):
     url, engine = server
     body = {"model": "samsum", "prompt": "a: hi", "max_tokens": 1900, "stream": True}
-    with httpx.Client(base_url=url, timeout=60) as http, http.stream("POST", "/v1/completions", json=body) as resp:
+    with (
+        httpx.Client(base_url=url, timeout=60) as http,
+        http.stream("POST", "/v1/completions", json=body) as resp,
+    ):
         request_id = resp.headers["x-request-id"]
         next(resp.iter_lines())  # the first token arrived: the request is running
     assert wait_for(lambda: request_id in engine.aborted)
     assert wait_for(lambda: engine.stats()["running"] == 0)
     with httpx.Client(base_url=url, timeout=60) as http:  # and the server carries on
-        assert http.post("/v1/completions", json={"model": "sst2", "prompt": "ok", "max_tokens": 1}).status_code == 200
+        assert (
+            http.post("/v1/completions", json={"model": "sst2", "prompt": "ok", "max_tokens": 1}).status_code
+            == 200
+        )
 
 
 def test_a_client_that_hangs_up_aborts_a_non_streamed_request(server):

@@ -40,7 +40,9 @@ def test_round_trip_restores_everything(tmp_path):
 def test_partial_saves_are_ignored_and_old_ones_pruned(tmp_path):
     bank, opt, sampler = _state()
     for step in (1, 2, 3):
-        ckpt.save_checkpoint(tmp_path, step, bank=bank, optimizer=opt, sampler=sampler, history=[], keep_last=2)
+        ckpt.save_checkpoint(
+            tmp_path, step, bank=bank, optimizer=opt, sampler=sampler, history=[], keep_last=2
+        )
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
     (tmp_path / ".tmp-killed").mkdir()  # what a save killed mid-way leaves behind
     (tmp_path / ".tmp-killed" / "state.json").write_text("{}")

@@ -17,7 +17,9 @@ TASK_FILES = sorted((REPO / "configs" / "tasks").glob("*.yaml"))
 def test_shipped_configs_exist():
     assert len(JOB_FILES) >= 2 and len(TASK_FILES) >= 6
     first_lines = [p.read_text().splitlines()[0] for p in JOB_FILES]
-    assert all(line.startswith("#") for line in first_lines)  # every job file starts with what it is / how to run it
+    assert all(
+        line.startswith("#") for line in first_lines
+    )  # every job file starts with what it is / how to run it
 
 
 @pytest.mark.parametrize("path", JOB_FILES, ids=lambda p: p.name)
@@ -36,7 +38,9 @@ def test_every_task_config_loads(path):
 
 
 def test_overrides_and_strictness(tmp_path):
-    cfg = load_job_config(REPO / "configs/quickstart.yaml", ["optim.lr=0.05", "cluster.num_workers=1", "name=x1"])
+    cfg = load_job_config(
+        REPO / "configs/quickstart.yaml", ["optim.lr=0.05", "cluster.num_workers=1", "name=x1"]
+    )
     assert cfg.optim.lr == 0.05 and cfg.cluster.num_workers == 1 and cfg.name == "x1"
     with pytest.raises(ConfigError, match="unknown key 'optim.lrr'"):
         load_job_config(REPO / "configs/quickstart.yaml", ["optim.lrr=1"])
@@ -49,7 +53,9 @@ def test_overrides_and_strictness(tmp_path):
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "missing_data", "missing_file", "bad_yaml", "bad_override"])
@@ -63,8 +69,12 @@ def test_cli_bad_config_is_one_line_error(tmp_path, case):
         path.write_text(job + "\nbogus_key: 1\n")
     elif case == "missing_data":
         bad_task = tmp_path / "bad.yaml"
-        bad_task.write_text((task_dir / "sst2.yaml").read_text().replace("sst2/train.tsv", "sst2/nope.tsv")
-                            .replace("../../../shared", str(REPO.parent / "shared")))
+        bad_task.write_text(
+            (task_dir / "sst2.yaml")
+            .read_text()
+            .replace("sst2/train.tsv", "sst2/nope.tsv")
+            .replace("../../../shared", str(REPO.parent / "shared"))
+        )
         path.write_text(job.replace(f"{task_dir}/sst2.yaml", str(bad_task)))
     elif case == "missing_file":
         args = ["train", str(tmp_path / "absent.yaml")]

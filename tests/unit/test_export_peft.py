@@ -16,7 +16,7 @@ def our_logits(lm, prompt, ids):
     P = prompt.shape[0]
     batch = collate([TokenizedExample("t", ids, [0])], {"t": 0}, P, max_len=256, pad_id=0)
     hidden = lm.hidden_states(batch, prompt[None], batch.seg_task)
-    return lm.lm_head(hidden[0, P:P + len(ids)])
+    return lm.lm_head(hidden[0, P : P + len(ids)])
 
 
 def peft_logits(backbone, adapter_dir, ids):
@@ -33,10 +33,16 @@ def test_exported_prompt_matches_peft(tmp_path):
     backbone = tiny_llama()
     lm = PromptTunedLM(backbone)
     prompt = torch.randn(5, 32)
-    d = save_adapter(tmp_path, TaskAdapter("task-1", prompt, "tiny", {"kind": "classification"}), backbone.config)
+    d = save_adapter(
+        tmp_path, TaskAdapter("task-1", prompt, "tiny", {"kind": "classification"}), backbone.config
+    )
     cfg = json.loads((d / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["num_virtual_tokens"] == 5
-    assert sorted(p.name for p in d.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "promptfleet_task.json"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "promptfleet_task.json",
+    ]
     ids = [5, 17, 33, 90, 4, 8, 11]
     with torch.no_grad():
         ours = our_logits(lm, prompt, ids)
@@ -47,7 +53,9 @@ def test_exported_prompt_matches_peft(tmp_path):
 def test_adapter_round_trip_and_validation(tmp_path):
     backbone = tiny_llama()
     prompt = torch.randn(3, 32)
-    save_adapter(tmp_path, TaskAdapter("sst2", prompt, "smollm2-135m", {"verbaliser": {"0": " no"}}), backbone.config)
+    save_adapter(
+        tmp_path, TaskAdapter("sst2", prompt, "smollm2-135m", {"verbaliser": {"0": " no"}}), backbone.config
+    )
     a = load_adapter(tmp_path / "sst2")
     assert a.name == "sst2" and a.backbone == "smollm2-135m" and a.meta["verbaliser"] == {"0": " no"}
     torch.testing.assert_close(a.prompt, prompt)

@@ -17,8 +17,10 @@ pytestmark = pytest.mark.gpu
 def test_flash_attention_packed_matches_sdpa():
     assert pick_attention("auto", torch.device("cuda")) == "flash_attention_2"
     g = torch.Generator().manual_seed(0)
-    examples = [TokenizedExample("ab"[i % 2], torch.randint(3, 128, (n,), generator=g).tolist(), [5, 6])
-                for i, n in enumerate([5, 17, 9, 30, 2, 11])]
+    examples = [
+        TokenizedExample("ab"[i % 2], torch.randint(3, 128, (n,), generator=g).tolist(), [5, 6])
+        for i, n in enumerate([5, 17, 9, 30, 2, 11])
+    ]
     batch = collate(examples, {"a": 0, "b": 1}, 4, max_len=64, pad_id=0).to("cuda")
     prompts = torch.randn(2, 4, 32, device="cuda")
     losses = {}

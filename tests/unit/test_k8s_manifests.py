@@ -29,20 +29,36 @@ JOB_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 KUBERAY_KINDS = ("RayCluster", "RayJob", "RayService")
 
 # prometheus-operator's required structure for the fields we use.
-_ENDPOINT = {"type": "object", "required": ["port"], "additionalProperties": False,
-             "properties": {"port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
-                            "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"}}}
+_ENDPOINT = {
+    "type": "object",
+    "required": ["port"],
+    "additionalProperties": False,
+    "properties": {
+        "port": {"type": "string"},
+        "path": {"type": "string", "pattern": "^/"},
+        "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+    },
+}
 MONITOR_SCHEMA = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
     "properties": {
         "apiVersion": {"const": "monitoring.coreos.com/v1"},
         "metadata": {"type": "object", "required": ["name"]},
-        "spec": {"type": "object", "required": ["selector"], "additionalProperties": False, "properties": {
-            "selector": {"type": "object", "required": ["matchLabels"],
-                         "properties": {"matchLabels": {"type": "object", "minProperties": 1}}},
-            "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
-            "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
-        }},
+        "spec": {
+            "type": "object",
+            "required": ["selector"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "required": ["matchLabels"],
+                    "properties": {"matchLabels": {"type": "object", "minProperties": 1}},
+                },
+                "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+                "endpoints": {"type": "array", "minItems": 1, "items": _ENDPOINT},
+            },
+        },
     },
 }
 MONITOR_ENDPOINTS = {"PodMonitor": "podMetricsEndpoints", "ServiceMonitor": "endpoints"}
@@ -51,8 +67,12 @@ MONITOR_ENDPOINTS = {"PodMonitor": "podMetricsEndpoints", "ServiceMonitor": "end
 def _strict(schema: dict) -> dict:
     """Forbid properties a structural schema does not declare (the API server would prune them)."""
     if isinstance(schema, dict):
-        if (schema.get("type") == "object" and "properties" in schema and "additionalProperties" not in schema
-                and not schema.get("x-kubernetes-preserve-unknown-fields")):
+        if (
+            schema.get("type") == "object"
+            and "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
             schema["additionalProperties"] = False
         for value in schema.values():
             if isinstance(value, (dict, list)):
@@ -66,7 +86,9 @@ def _strict(schema: dict) -> dict:
 @pytest.fixture(scope="module")
 def crd_validators() -> dict[str, jsonschema.Draft7Validator]:
     out = {}
-    for kind, file in zip(KUBERAY_KINDS, ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")):
+    for kind, file in zip(
+        KUBERAY_KINDS, ("ray.io_rayclusters.yaml", "ray.io_rayjobs.yaml", "ray.io_rayservices.yaml")
+    ):
         crd = yaml.safe_load((CRDS / file).read_text())
         assert crd["spec"]["names"]["kind"] == kind
         (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
@@ -88,7 +110,9 @@ def validate(obj: dict, crd_validators) -> None:
     if kind in KUBERAY_KINDS:
         assert obj["apiVersion"] == "ray.io/v1"
         errors = sorted(crd_validators[kind].iter_errors(obj), key=lambda e: list(e.absolute_path))
-        assert not errors, "\n".join(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5])
+        assert not errors, "\n".join(
+            f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in errors[:5]
+        )
     elif kind in MONITOR_ENDPOINTS:
         jsonschema.validate(obj, MONITOR_SCHEMA)
         assert MONITOR_ENDPOINTS[kind] in obj["spec"]
@@ -99,8 +123,11 @@ def validate(obj: dict, crd_validators) -> None:
 def ray_clusters(obj: dict) -> list[dict]:
     """The RayCluster specs inside a KubeRay object."""
     spec = obj.get("spec", {})
-    return {"RayCluster": [spec], "RayJob": [spec.get("rayClusterSpec")],
-            "RayService": [spec.get("rayClusterConfig")]}.get(obj["kind"], [])
+    return {
+        "RayCluster": [spec],
+        "RayJob": [spec.get("rayClusterSpec")],
+        "RayService": [spec.get("rayClusterConfig")],
+    }.get(obj["kind"], [])
 
 
 @pytest.mark.parametrize("name,obj", shipped_objects(), ids=lambda x: x if isinstance(x, str) else x["kind"])
@@ -131,16 +158,21 @@ def test_rendered_rayjob_validates(config, crd_validators):
 
 
 def test_render_follows_the_cluster_section(crd_validators):
-    job = render_rayjob(REPO / "configs" / "quickstart.yaml",
-                        ["cluster.num_workers=3", "cluster.cpus_per_worker=4", "cluster.use_gpu=true"],
-                        RenderOptions(image="registry.example/promptfleet:1.2"))
+    job = render_rayjob(
+        REPO / "configs" / "quickstart.yaml",
+        ["cluster.num_workers=3", "cluster.cpus_per_worker=4", "cluster.use_gpu=true"],
+        RenderOptions(image="registry.example/promptfleet:1.2"),
+    )
     validate(job, crd_validators)
     (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
     assert group["rayStartParams"] == {"num-cpus": "4", "num-gpus": "1"}
     (container,) = group["template"]["spec"]["containers"]
     assert container["image"] == "registry.example/promptfleet:1.2"
-    assert container["resources"]["limits"]["cpu"] == "4" and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert (
+        container["resources"]["limits"]["cpu"] == "4"
+        and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    )
     claims = {v["persistentVolumeClaim"]["claimName"] for v in group["template"]["spec"]["volumes"]}
     assert claims == {"promptfleet-runs", "promptfleet-data"}
     assert "output_dir=/workspace/runs" in job["spec"]["entrypoint"]
@@ -158,8 +190,9 @@ def test_render_rejects_configs_outside_the_project(tmp_path):
 
 def test_shipped_rendered_rayjob_is_up_to_date():
     text = (K8S / "rayjob-quickstart.yaml").read_text()
-    assert text == dump(render_rayjob(REPO / "configs" / "quickstart.yaml"), "configs/quickstart.yaml"), \
+    assert text == dump(render_rayjob(REPO / "configs" / "quickstart.yaml"), "configs/quickstart.yaml"), (
         "regenerate: promptfleet k8s render configs/quickstart.yaml -o k8s/rayjob-quickstart.yaml"
+    )
 
 
 def test_every_ray_cluster_has_token_auth_and_no_external_head():

@@ -13,8 +13,14 @@ P, H = 4, 32
 def _examples(seed=0):
     g = torch.Generator().manual_seed(seed)
     spec = [("a", 5, 1), ("b", 9, 2), ("a", 3, 1), ("c", 12, 3), ("b", 4, 1), ("c", 7, 1), ("a", 20, 2)]
-    return [TokenizedExample(t, torch.randint(3, 128, (n,), generator=g).tolist(),
-                             torch.randint(3, 128, (k,), generator=g).tolist()) for t, n, k in spec]
+    return [
+        TokenizedExample(
+            t,
+            torch.randint(3, 128, (n,), generator=g).tolist(),
+            torch.randint(3, 128, (k,), generator=g).tolist(),
+        )
+        for t, n, k in spec
+    ]
 
 
 def _run(lm, bank, examples, packing, max_len=64):
@@ -72,7 +78,9 @@ def test_loss_matches_full_forward_reference(setup):
     emb[0, :P] = bank["c"]
     logits = lm.backbone(inputs_embeds=emb).logits[0]
     start = P + len(ex.input_ids) - 1
-    ref = torch.nn.functional.cross_entropy(logits[start:start + len(ex.target_ids)], torch.tensor(ex.target_ids))
+    ref = torch.nn.functional.cross_entropy(
+        logits[start : start + len(ex.target_ids)], torch.tensor(ex.target_ids)
+    )
     torch.testing.assert_close(out.seg_loss[0], ref, rtol=1e-5, atol=1e-6)
 
 
@@ -80,7 +88,7 @@ def test_truncation_keeps_the_end_of_the_input():
     ex = TokenizedExample("a", list(range(10, 60)), [5, 6])
     batch = collate([ex], {"a": 0}, P, max_len=20, pad_id=0)
     assert batch.input_ids.shape[1] == 20
-    assert batch.input_ids[0, P:P + 15].tolist() == list(range(45, 60))  # left-truncated input
+    assert batch.input_ids[0, P : P + 15].tolist() == list(range(45, 60))  # left-truncated input
     assert batch.target_ids.tolist() == [5, 6]
 
 

@@ -36,7 +36,7 @@ def test_step_touches_only_present_rows():
     opt = SparseRowAdam(lr=0.1)
     rows = bank.rows_of(["t5", "t900"])
     values = bank.gather(rows)
-    (values ** 2).sum().backward()
+    (values**2).sum().backward()
     bank.scatter_(rows, opt.step(["t5", "t900"], values.detach(), values.grad))
     changed = (bank.weight != before).flatten(1).any(1).nonzero().flatten().tolist()
     assert changed == [5, 900]

@@ -15,8 +15,12 @@ from tuner.recipe import run
 def finished(tmp_path_factory, tiny_backbone_dir):
     root = tmp_path_factory.mktemp("recipe")
     tasks = write_tiny_tasks(root, n_train=64)
-    job = tiny_job_yaml(root, tiny_backbone_dir, tasks, **{"optim.max_steps": 30, "optim.lr": 1.0,
-                                                            "eval_zero_shot": True, "eval_every": 15})
+    job = tiny_job_yaml(
+        root,
+        tiny_backbone_dir,
+        tasks,
+        **{"optim.max_steps": 30, "optim.lr": 1.0, "eval_zero_shot": True, "eval_every": 15},
+    )
     summary = run(load_job_config(job, ["cluster.num_workers=1"]), progress=False)
     return root, job, summary
 
@@ -34,7 +38,9 @@ def test_outputs(finished):
 
 def test_loss_goes_down(finished):
     root, _, _ = finished
-    state = json.loads(sorted((root / "runs" / "tiny" / "checkpoints").glob("step_*/state.json"))[-1].read_text())
+    state = json.loads(
+        sorted((root / "runs" / "tiny" / "checkpoints").glob("step_*/state.json"))[-1].read_text()
+    )
     losses = [h["loss"] for h in state["history"] if "loss" in h]
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5
@@ -52,9 +58,14 @@ def test_finished_and_foreign_runs_are_refused(finished):
 
 def test_eval_cli_rescoring_matches_training_summary(finished):
     root, _, summary = finished
-    res = subprocess.run([sys.executable, "-m", "cluster.cli", "eval", str(root / "runs" / "tiny"), "--json"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "eval", str(root / "runs" / "tiny"), "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout[res.stdout.index("{"):])
+    out = json.loads(res.stdout[res.stdout.index("{") :])
     for name, task in summary["tasks"].items():
         assert out["tasks"][name]["tuned"]["accuracy"] == pytest.approx(task["tuned"]["accuracy"])

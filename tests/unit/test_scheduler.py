@@ -17,8 +17,14 @@ def decode(ids: list[int]) -> str:
 
 
 def make(rid: str, task: str = "t", prompt_len: int = 3, **params) -> Request:
-    return Request(rid, task, [1] * prompt_len, SamplingParams(**params), arrival_time=0.0,
-                   eos_token_ids=frozenset({EOS}))
+    return Request(
+        rid,
+        task,
+        [1] * prompt_len,
+        SamplingParams(**params),
+        arrival_time=0.0,
+        eos_token_ids=frozenset({EOS}),
+    )
 
 
 def sched(**cfg) -> Scheduler:

@@ -65,7 +65,9 @@ def save(root, name, m, meta=None, seed=0):
 
 def make_engine(root, **cfg) -> Engine:
     m = model()
-    return Engine(EngineConfig(backbone="tiny", prompt_store=str(root), **cfg), model=m, tokenizer=CharTokenizer())
+    return Engine(
+        EngineConfig(backbone="tiny", prompt_store=str(root), **cfg), model=m, tokenizer=CharTokenizer()
+    )
 
 
 def request(rid, task, prompt="hello", **params) -> GenerationRequest:
@@ -79,8 +81,11 @@ async def run(engine: Engine, req: GenerationRequest) -> list:
 def test_a_task_directory_written_while_running_is_served_without_restart(tmp_path):
     m = model()
     save(tmp_path, "first", m)
-    engine = Engine(EngineConfig(backbone="tiny", prompt_store=str(tmp_path), reload_interval_s=0.05), model=m,
-                    tokenizer=CharTokenizer())
+    engine = Engine(
+        EngineConfig(backbone="tiny", prompt_store=str(tmp_path), reload_interval_s=0.05),
+        model=m,
+        tokenizer=CharTokenizer(),
+    )
 
     async def main():
         await engine.start()
@@ -149,7 +154,12 @@ def test_requests_are_validated_before_the_first_output(tmp_path):
                 limit = engine.runner.max_positions
                 engine.config.max_new_tokens_limit = limit + 1000
                 await run(engine, request("r", "t", prompt="x" * 8, max_tokens=limit - 10))
-            for bad in ({"max_tokens": 0}, {"max_tokens": limit + 1001}, {"temperature": -1.0}, {"top_p": 0.0}):
+            for bad in (
+                {"max_tokens": 0},
+                {"max_tokens": limit + 1001},
+                {"temperature": -1.0},
+                {"top_p": 0.0},
+            ):
                 with pytest.raises(InvalidRequest):
                     await run(engine, request("r", "t", **bad))
             with pytest.raises(InvalidRequest):
@@ -213,7 +223,11 @@ def test_explicit_abort_ends_the_stream_and_old_requests_time_out(tmp_path):
 
 def test_classify_returns_verbaliser_probabilities(tmp_path):
     engine = make_engine(tmp_path)
-    meta = {"kind": "classification", "template": "Review: {sentence}\nSentiment:", "verbaliser": {"pos": " g", "neg": " ba"}}
+    meta = {
+        "kind": "classification",
+        "template": "Review: {sentence}\nSentiment:",
+        "verbaliser": {"pos": " g", "neg": " ba"},
+    }
     save(tmp_path, "cls", engine.runner.model, meta=meta)
     save(tmp_path, "gen", engine.runner.model)
     engine.registry.refresh()
@@ -229,8 +243,11 @@ def test_classify_returns_verbaliser_probabilities(tmp_path):
 
     result = asyncio.run(main())
     tok = CharTokenizer()
-    scores = ModelRunner(engine.runner.model).score(engine.registry.get("cls"), tok("Review: fine\nSentiment:").input_ids,
-                                                    [tok(" g").input_ids, tok(" ba").input_ids])
+    scores = ModelRunner(engine.runner.model).score(
+        engine.registry.get("cls"),
+        tok("Review: fine\nSentiment:").input_ids,
+        [tok(" g").input_ids, tok(" ba").input_ids],
+    )
     want = torch.softmax(torch.tensor(scores, dtype=torch.float64), 0).tolist()
     assert result.labels["pos"] == pytest.approx(want[0], abs=1e-5)
     assert sum(result.labels.values()) == pytest.approx(1.0)
@@ -241,20 +258,26 @@ def test_classify_returns_verbaliser_probabilities(tmp_path):
 def test_concurrent_classifications_of_many_tasks_equal_each_alone(tmp_path):
     """Pending classifications (any tasks) are scored together with the step's prefills."""
     engine = make_engine(tmp_path)
-    metas = [{"kind": "classification", "template": "Review: {sentence}\nSentiment:", "verbaliser": v}
-             for v in ({"pos": " g", "neg": " b"}, {"yes": " ya", "no": " n", "maybe": " m"})]
+    metas = [
+        {"kind": "classification", "template": "Review: {sentence}\nSentiment:", "verbaliser": v}
+        for v in ({"pos": " g", "neg": " b"}, {"yes": " ya", "no": " n", "maybe": " m"})
+    ]
     for i, meta in enumerate(metas):
         save(tmp_path, f"cls{i}", engine.runner.model, meta=meta, seed=i)
     save(tmp_path, "gen", engine.runner.model, seed=5)
     engine.registry.refresh()
-    inputs = [(f"cls{i % 2}", text) for i, text in enumerate(["fine", "awful film", "so-so", "great", "meh", "ok!"])]
+    inputs = [
+        (f"cls{i % 2}", text) for i, text in enumerate(["fine", "awful film", "so-so", "great", "meh", "ok!"])
+    ]
 
     async def together():
         await engine.start()
         try:
-            gens = [run(engine, request(f"g{i}", "gen", prompt="x" * (3 + i), max_tokens=4)) for i in range(2)]
+            gens = [
+                run(engine, request(f"g{i}", "gen", prompt="x" * (3 + i), max_tokens=4)) for i in range(2)
+            ]
             results = await asyncio.gather(*(engine.classify(t, x) for t, x in inputs), *gens)
-            return results[:len(inputs)]
+            return results[: len(inputs)]
         finally:
             await engine.stop()
 

@@ -19,7 +19,9 @@ CFG = LlamaConfig(hidden_size=HIDDEN, num_attention_heads=4, num_hidden_layers=2
 
 
 def save(root, name, backbone="tiny", hidden=HIDDEN, P=4, meta=None):
-    return save_adapter(root, TaskAdapter(name, torch.randn(P, hidden), backbone, meta or {"kind": "generation"}), CFG)
+    return save_adapter(
+        root, TaskAdapter(name, torch.randn(P, hidden), backbone, meta or {"kind": "generation"}), CFG
+    )
 
 
 def test_refresh_adds_changes_and_removes_tasks(tmp_path):
@@ -31,7 +33,9 @@ def test_refresh_adds_changes_and_removes_tasks(tmp_path):
     version = reg.get("a").version
     save(tmp_path / "store", "a", P=6)
     changes = reg.refresh()
-    assert changes.changed == ["a"] and reg.get("a").num_virtual_tokens == 6 and reg.get("a").version != version
+    assert (
+        changes.changed == ["a"] and reg.get("a").num_virtual_tokens == 6 and reg.get("a").version != version
+    )
     shutil.rmtree(tmp_path / "store" / "a")
     assert reg.refresh().removed == ["a"] and reg.names() == []
 

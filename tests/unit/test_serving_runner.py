@@ -36,7 +36,7 @@ def sharp_llama():
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0.0, module.in_features ** -0.5, generator=g)
+                module.weight.normal_(0.0, module.in_features**-0.5, generator=g)
         embed = model.get_input_embeddings().weight
         embed.normal_(0.0, 1.0, generator=g)
         # An LM head of its own: tied to the input embedding, the last token's own logit dominates
@@ -47,8 +47,10 @@ def sharp_llama():
 
 def make_tasks(n: int, seed: int = 0) -> list[TaskEntry]:
     g = torch.Generator().manual_seed(seed)
-    return [TaskEntry(f"task{i}", torch.randn(3 + i % 5, HIDDEN, generator=g) * 0.5, {}, ((i, 0),))
-            for i in range(n)]
+    return [
+        TaskEntry(f"task{i}", torch.randn(3 + i % 5, HIDDEN, generator=g) * 0.5, {}, ((i, 0),))
+        for i in range(n)
+    ]
 
 
 def make_request(rid: str, task: TaskEntry, text_seed: int, **params) -> Request:
@@ -57,8 +59,12 @@ def make_request(rid: str, task: TaskEntry, text_seed: int, **params) -> Request
     return Request(rid, task.name, ids, SamplingParams(**params), 0.0, frozenset(), task)
 
 
-def serve(runner: ModelRunner, arrivals: dict[int, list[Request]], max_batch_size: int = 32,
-          scores: dict[int, list[ScoreJob]] | None = None) -> dict[str, list[int]]:
+def serve(
+    runner: ModelRunner,
+    arrivals: dict[int, list[Request]],
+    max_batch_size: int = 32,
+    scores: dict[int, list[ScoreJob]] | None = None,
+) -> dict[str, list[int]]:
     """Drive scheduler + runner like the engine does; `arrivals[step]` join at that step, as do the
     classifications `scores[step]` (scored in that step's forwards, as the engine does)."""
     sched = Scheduler(SchedulerConfig(max_batch_size=max_batch_size), lambda ids: "")
@@ -78,12 +84,18 @@ def test_greedy_output_in_mixed_batch_of_many_tasks_equals_solo():
     model, tasks = sharp_llama(), make_tasks(18)
     reqs = {i: make_request(f"r{i}", tasks[i], text_seed=i, max_tokens=4 + i % 5) for i in range(18)}
     # Staggered arrivals and different lengths: rows join (concatenate) and leave (filter) mid-batch.
-    arrivals = {0: [reqs[i] for i in range(10)], 2: [reqs[i] for i in range(10, 14)], 5: [reqs[i] for i in range(14, 18)]}
+    arrivals = {
+        0: [reqs[i] for i in range(10)],
+        2: [reqs[i] for i in range(10, 14)],
+        5: [reqs[i] for i in range(14, 18)],
+    }
     mixed = serve(ModelRunner(model), arrivals)
     solo_runner = ModelRunner(model)
     for i, req in reqs.items():
         alone = make_request(f"solo{i}", tasks[i], text_seed=i, max_tokens=req.params.max_tokens)
-        assert serve(solo_runner, {0: [alone]})[f"solo{i}"] == mixed[f"r{i}"], f"task{i} differs in the mixed batch"
+        assert serve(solo_runner, {0: [alone]})[f"solo{i}"] == mixed[f"r{i}"], (
+            f"task{i} differs in the mixed batch"
+        )
     assert all(len(mixed[f"r{i}"]) == 4 + i % 5 for i in range(18))
 
 
@@ -93,8 +105,12 @@ def test_prefix_cached_logits_equal_recomputed_ones():
     seqs = [torch.randint(3, VOCAB, (1 + 3 * i,), generator=g).tolist() for i in range(5)]
     embed = model.get_input_embeddings()
     with torch.inference_mode():
-        full = torch.stack([model(inputs_embeds=torch.cat([t.prompt, embed(torch.tensor(s))])[None]).logits[0, -1]
-                            for t, s in zip(tasks, seqs)])
+        full = torch.stack(
+            [
+                model(inputs_embeds=torch.cat([t.prompt, embed(torch.tensor(s))])[None]).logits[0, -1]
+                for t, s in zip(tasks, seqs)
+            ]
+        )
     cached = ModelRunner(model)
     first = cached.next_token_logits(tasks, seqs)  # misses: computes and stores each prompt's KV
     again = cached.next_token_logits(tasks, seqs)  # hits
@@ -138,7 +154,9 @@ def test_score_equals_full_forward_log_probs():
     with torch.inference_mode():
         for c, score in zip(conts, got):
             ids = torch.tensor(prompt + c)
-            logp = torch.log_softmax(model(inputs_embeds=torch.cat([task.prompt, embed(ids)])[None]).logits[0], -1)
+            logp = torch.log_softmax(
+                model(inputs_embeds=torch.cat([task.prompt, embed(ids)])[None]).logits[0], -1
+            )
             P = task.prompt.shape[0]
             want = sum(logp[P + len(prompt) - 1 + j, t] for j, t in enumerate(c))
             assert abs(float(want) - score) < 1e-4
@@ -151,7 +169,9 @@ def test_classification_in_a_mixed_batch_equals_classification_alone():
     model, tasks = sharp_llama(), make_tasks(8, seed=6)
 
     def job(i: int) -> ScoreJob:
-        prompt = torch.randint(3, VOCAB, (1 + (5 * i) % 11,), generator=torch.Generator().manual_seed(i)).tolist()
+        prompt = torch.randint(
+            3, VOCAB, (1 + (5 * i) % 11,), generator=torch.Generator().manual_seed(i)
+        ).tolist()
         # Single-token verbalisers (one row per request) and multi-token ones sharing a first token.
         conts = [[10], [11], [12]] if i % 2 else [[10, 20], [10, 21, 22], [13]]
         return ScoreJob(tasks[i % 8], prompt, conts)

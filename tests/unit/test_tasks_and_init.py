@@ -21,9 +21,11 @@ def task_file(tmp_path):
     _write(tmp_path / "train.jsonl", [{"sentence": f"s{i}", "y": i % 2} for i in range(20)])
     _write(tmp_path / "dev.jsonl", [{"sentence": f"d{i}", "y": i % 2} for i in range(6)])
     path = tmp_path / "t.yaml"
-    path.write_text('name: t\ndata: {format: jsonl, train: train.jsonl, eval: dev.jsonl}\nfields: {text: sentence}\n'
-                    'description: "Classify."\ntemplate: "In: {text}\\nOut:"\nlabel_field: y\n'
-                    'verbaliser: {"0": " no", "1": " yes"}\nfew_shot: 2\n')
+    path.write_text(
+        "name: t\ndata: {format: jsonl, train: train.jsonl, eval: dev.jsonl}\nfields: {text: sentence}\n"
+        'description: "Classify."\ntemplate: "In: {text}\\nOut:"\nlabel_field: y\n'
+        'verbaliser: {"0": " no", "1": " yes"}\nfew_shot: 2\n'
+    )
     return path
 
 
@@ -32,7 +34,12 @@ def test_examples_from_template_and_few_shot(task_file):
     prefix = task_prefix(spec, read_rows(spec, "train"), seed=0)
     assert prefix.startswith("Classify.\n\n") and prefix.count("Out:") == 2  # two demonstrations
     ex = build_examples(spec, "eval", seed=0, prefix=prefix)
-    assert len(ex) == 6 and ex[1].prompt == prefix + "In: d1\nOut:" and ex[1].target == " yes" and ex[1].label == "1"
+    assert (
+        len(ex) == 6
+        and ex[1].prompt == prefix + "In: d1\nOut:"
+        and ex[1].target == " yes"
+        and ex[1].label == "1"
+    )
     assert task_prefix(spec, read_rows(spec, "train"), seed=0) == prefix  # deterministic
     sub = build_examples(spec, "train", limit=5, seed=1)
     assert len(sub) == 5 and sub == build_examples(spec, "train", limit=5, seed=1)
@@ -45,19 +52,24 @@ def test_dataset_directory_like_a_hub_id(tmp_path):
     _write(repo / "train.jsonl", [{"text": f"a{i}", "label": "x" if i % 2 else "y"} for i in range(8)])
     _write(repo / "validation.jsonl", [{"text": "b", "label": "x"}])
     path = tmp_path / "h.yaml"
-    path.write_text(f'name: h\ndata: {{format: hub, hub_id: "{repo}", train: train, eval: validation}}\n'
-                    'template: "{text}"\nverbaliser: {x: " X", y: " Y"}\n')
+    path.write_text(
+        f'name: h\ndata: {{format: hub, hub_id: "{repo}", train: train, eval: validation}}\n'
+        'template: "{text}"\nverbaliser: {x: " X", y: " Y"}\n'
+    )
     spec = TaskSpec.load(path)
     assert len(read_rows(spec, "train")) == 8 and read_rows(spec, "eval")[0]["text"] == "b"
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("name: ../x\ntemplate: '{a}'\nverbaliser: {a: b, c: d}\n", "not a valid name"),
-    ("name: x\ntemplate: '{a}'\nverbaliser: {a: b}\n", ">= 2 labels"),
-    ("name: x\ntemplate: 'no fields'\nverbaliser: {a: b, c: d}\n", "uses no field"),
-    ("name: x\nkind: generation\ntemplate: '{a}'\nmetric: accuracy\n", "does not fit"),
-    ("name: x\ntemplate: '{a}'\nverbaliser: {a: b, c: d}\nsurprise: 1\n", "unknown key 'surprise'"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("name: ../x\ntemplate: '{a}'\nverbaliser: {a: b, c: d}\n", "not a valid name"),
+        ("name: x\ntemplate: '{a}'\nverbaliser: {a: b}\n", ">= 2 labels"),
+        ("name: x\ntemplate: 'no fields'\nverbaliser: {a: b, c: d}\n", "uses no field"),
+        ("name: x\nkind: generation\ntemplate: '{a}'\nmetric: accuracy\n", "does not fit"),
+        ("name: x\ntemplate: '{a}'\nverbaliser: {a: b, c: d}\nsurprise: 1\n", "unknown key 'surprise'"),
+    ],
+)
 def test_bad_task_files(tmp_path, bad, message):
     path = tmp_path / "bad.yaml"
     path.write_text(bad)
@@ -77,13 +89,18 @@ def test_prompt_initialisation_methods():
     tok = load_tokenizer(smollm2_tokenizer_dir())
     emb = model.get_input_embeddings()
     bank = PromptBank(["cls", "gen"], 6, 32)
-    init_prompts(bank, emb, tok, "class_labels", label_words={"cls": [" negative", " positive"], "gen": []}, seed=0)
-    ids = tok(" negative", add_special_tokens=False).input_ids + tok(" positive", add_special_tokens=False).input_ids
-    torch.testing.assert_close(bank.prompt("cls")[:len(ids)], emb.weight[ids])
+    init_prompts(
+        bank, emb, tok, "class_labels", label_words={"cls": [" negative", " positive"], "gen": []}, seed=0
+    )
+    ids = (
+        tok(" negative", add_special_tokens=False).input_ids
+        + tok(" positive", add_special_tokens=False).input_ids
+    )
+    torch.testing.assert_close(bank.prompt("cls")[: len(ids)], emb.weight[ids])
     rows = bank.prompt("gen")  # no label words: sampled vocabulary rows
     assert all(any(torch.equal(r, e) for e in emb.weight[:5000]) for r in rows)
     init_prompts(bank, emb, tok, "text", text="Classify the sentiment", seed=0)
     tid = tok("Classify the sentiment", add_special_tokens=False).input_ids
-    torch.testing.assert_close(bank.prompt("cls")[:len(tid)], emb.weight[tid])
+    torch.testing.assert_close(bank.prompt("cls")[: len(tid)], emb.weight[tid])
     init_prompts(bank, emb, tok, "random", std=0.02, seed=0)
     assert 0.01 < bank.weight.std() < 0.03

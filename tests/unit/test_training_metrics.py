@@ -32,10 +32,28 @@ def test_recorder_exposes_every_series():
     port = _free_port()
     m = TrainingMetrics.start(port, addr="127.0.0.1")
     try:
-        m.on_step(1, {"loss": 2.5, "lr": 0.1, "tokens": 100, "tokens_per_s": 50.0, "step_time_s": 2.0,
-                      "task_loss": {"sst2": 2.0, "trec": 3.0}})
-        m.on_step(2, {"loss": 2.0, "lr": 0.05, "tokens": 60, "tokens_per_s": 60.0, "step_time_s": 1.0,
-                      "task_loss": {"sst2": 1.5}})
+        m.on_step(
+            1,
+            {
+                "loss": 2.5,
+                "lr": 0.1,
+                "tokens": 100,
+                "tokens_per_s": 50.0,
+                "step_time_s": 2.0,
+                "task_loss": {"sst2": 2.0, "trec": 3.0},
+            },
+        )
+        m.on_step(
+            2,
+            {
+                "loss": 2.0,
+                "lr": 0.05,
+                "tokens": 60,
+                "tokens_per_s": 60.0,
+                "step_time_s": 1.0,
+                "task_loss": {"sst2": 1.5},
+            },
+        )
         m.on_checkpoint({"step": 2, "checkpoint_time_s": 0.25})
         m.on_restart()
         s = _scrape(port)
@@ -47,7 +65,10 @@ def test_recorder_exposes_every_series():
     assert value["promptfleet_train_learning_rate"] == 0.05
     assert value["promptfleet_train_tokens_total"] == 160
     assert value["promptfleet_train_tokens_per_second"] == 60.0
-    assert value["promptfleet_train_step_seconds_count"] == 2 and value["promptfleet_train_step_seconds_sum"] == 3.0
+    assert (
+        value["promptfleet_train_step_seconds_count"] == 2
+        and value["promptfleet_train_step_seconds_sum"] == 3.0
+    )
     assert value["promptfleet_train_checkpoint_seconds_count"] == 1
     assert value["promptfleet_train_last_checkpoint_step"] == 2
     assert value["promptfleet_train_restarts_total"] == 1
