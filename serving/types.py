@@ -91,14 +91,18 @@ class PromptTooLong(ServingError):
     status, type, code = 400, "invalid_request_error", "context_length_exceeded"
 
 
-class Overloaded(ServingError):
-    """The scheduler's queue is full; the API answers 429 with Retry-After."""
-
-    status, type, code = 429, "rate_limit_error", "queue_full"
+class RetryableError(ServingError):
+    """A refusal the client should retry later; the API sends `Retry-After: retry_after`."""
 
     def __init__(self, message: str, retry_after: float = 1.0):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Overloaded(RetryableError):
+    """The scheduler's queue is full; the API answers 429 with Retry-After."""
+
+    status, type, code = 429, "rate_limit_error", "queue_full"
 
 
 class EngineError(ServingError):
@@ -107,9 +111,5 @@ class EngineError(ServingError):
     status, type, code = 500, "server_error", "internal_error"
 
 
-class RequestTimeout(ServingError):
+class RequestTimeout(RetryableError):
     status, type, code = 503, "timeout_error", "request_timeout"
-
-    def __init__(self, message: str, retry_after: float = 1.0):
-        super().__init__(message)
-        self.retry_after = retry_after

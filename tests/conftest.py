@@ -42,8 +42,12 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, laye
 
 
 @pytest.fixture
-def tiny_model():
-    return tiny_llama()
+def one_thread():
+    """Tiny matmuls: OpenMP thread hand-offs cost more than the maths on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def pytest_collection_modifyitems(config, items):

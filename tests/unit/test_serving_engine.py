@@ -44,12 +44,7 @@ class CharTokenizer:
         return "".join(chr(i + 29) for i in ids if 3 <= i < 98)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model():

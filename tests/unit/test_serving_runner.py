@@ -15,13 +15,7 @@ from serving.types import SamplingParams
 VOCAB, HIDDEN = 128, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: OpenMP thread hand-offs cost more than the maths on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sharp_llama():
