@@ -120,7 +120,9 @@ def score_labels(
                 torch.zeros(batch.num_segments, dtype=torch.long, device=device),
                 return_logits=True,
             )
-            logp = torch.log_softmax(out.target_logits, dim=-1)[:, cand]  # one target per segment
+            # One target per segment, but targets come in packed-row order: put them back in segment order.
+            logp = torch.empty(batch.num_segments, len(labels), device=device)
+            logp[batch.target_seg] = torch.log_softmax(out.target_logits, dim=-1)[:, cand]
             results += [dict(zip(labels, r.tolist())) for r in logp[:n_real].cpu()]
     else:
         segs = [TokenizedExample(e.task, e.input_ids, label_ids[lab]) for e in examples for lab in labels]
