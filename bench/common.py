@@ -49,7 +49,7 @@ def bench_config(
     num_virtual_tokens: int = 16,
     max_train: int = 4000,
     max_eval: int = 200,
-    lr: float = 0.3,
+    lr: float = 0.03,
     warmup: int = 4,
 ) -> JobConfig:
     """A single-process job on the three real tasks: fp32 and SDPA (the fair pair on this CPU)."""

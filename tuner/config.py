@@ -74,7 +74,10 @@ class PromptConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = _f(0.3, "Peak learning rate of the prompt bank (prompt tuning likes large rates: 0.1-0.3).")
+    lr: float = _f(
+        0.03,
+        "Peak learning rate of the prompt bank (Adam moves each coordinate ~lr per step; embeddings here have std ~0.14).",
+    )
     betas: list[float] = _f([0.9, 0.999], "Adam betas.")
     eps: float = _f(1e-8, "Adam epsilon.")
     weight_decay: float = _f(0.0, "Decoupled weight decay applied to the rows that are updated.")
