@@ -55,7 +55,6 @@ def evaluate_command(run_dir: str | None, config: str | None, overrides: list[st
         m = evaluate_task(lm, tok, data, prompt, cfg.model.max_seq_len, device)
         out["tasks"][spec.name] = {
             "metric": spec.metric,
-            "zero_shot" if zero_shot else "tuned": m,
             "zero_shot": m if zero_shot else {},
             "tuned": {} if zero_shot else m,
         }
