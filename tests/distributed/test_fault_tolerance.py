@@ -142,16 +142,22 @@ def train_cmd(job: Path, cluster: LocalRayCluster, *overrides: str) -> list[str]
 @pytest.fixture(scope="module")
 def reference_run(job, ray_cluster) -> Path:
     """The uninterrupted 2-rank run every fault-tolerance run is compared with."""
+    run_train(job, ray_cluster, "name=reference")
+    return job.parent / "runs" / "reference"
+
+
+def run_train(job: Path, cluster: LocalRayCluster, *overrides: str) -> subprocess.CompletedProcess:
+    """Run `promptfleet train` on `cluster` to the end; fail the test with its output if it fails."""
     proc = subprocess.run(
-        train_cmd(job, ray_cluster, "name=reference"),
+        train_cmd(job, cluster, *overrides),
         cwd=REPO,
-        env=ray_cluster.env,
+        env=cluster.env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return job.parent / "runs" / "reference"
+    return proc
 
 
 @pytest.mark.slow
@@ -203,15 +209,7 @@ def test_checkpoint_of_two_ranks_resumes_on_one(job, ray_cluster, reference_run)
         reference_run / "checkpoints" / "step_00000025", run_dir / "checkpoints" / "step_00000025"
     )
 
-    proc = subprocess.run(
-        train_cmd(job, ray_cluster, "name=fewer-ranks", "cluster.num_workers=1"),
-        cwd=REPO,
-        env=ray_cluster.env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_train(job, ray_cluster, "name=fewer-ranks", "cluster.num_workers=1")
     assert re.search(r"resumed from \S+step_00000025 at step 25", proc.stdout + proc.stderr)
     assert applied_steps(run_dir) == list(range(1, STEPS + 1))
     assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 1
