@@ -55,7 +55,8 @@ META = {
     "verbaliser": {"0": " negative", "1": " positive"},
     "max_new_tokens": 8,
 }
-MAX_TOKENS = 8
+MAX_TOKENS = 8  # the issue's workload: short completions
+DECODE_HEAVY_MAX_TOKENS = 32  # the second, decode-heavier workload (same requests otherwise)
 P = 20
 
 
@@ -94,10 +95,12 @@ def make_requests(n: int, n_tasks: int, texts: list[str], seed: int) -> list[tup
     ]
 
 
-def http_body(kind: str, task: str, text: str, stream: bool = False) -> tuple[str, dict]:
+def http_body(
+    kind: str, task: str, text: str, stream: bool = False, max_tokens: int = MAX_TOKENS
+) -> tuple[str, dict]:
     if kind == "classify":
         return "/v1/classify", {"model": task, "input": text}
-    return "/v1/completions", {"model": task, "prompt": text, "max_tokens": MAX_TOKENS, "stream": stream}
+    return "/v1/completions", {"model": task, "prompt": text, "max_tokens": max_tokens, "stream": stream}
 
 
 class Server:
@@ -173,24 +176,25 @@ async def _load(
     url: str,
     requests: list,
     concurrency: int,
-    extra: list | None = None,
-    extra_concurrency: int = 8,
-    extra_pace_s: float = 0.0,
+    junk: list[bytes] = (),
+    junk_over_s: float = 0.0,
+    max_tokens: int = MAX_TOKENS,
 ) -> dict:
-    """Closed loop: `concurrency` clients drain `requests`; optional `extra` (method, path, kwargs) requests
-    from their own clients, paced, at the same time. Returns latencies, statuses and bodies of the extras."""
+    """Closed loop: `concurrency` clients drain `requests`. `junk` (pre-encoded raw requests) is sent
+    open loop at the same time, evenly spread: the i-th at i * junk_over_s / len(junk) seconds, each on
+    its own connection, whatever the server's replies take. Returns latencies, statuses, junk replies."""
     lat, ttft, statuses, tokens, completions = [], [], Counter(), 0, 0
-    extra_results: list[tuple[int, str]] = []
-    todo, extra_todo = list(reversed(requests)), list(reversed(extra or []))
+    todo = list(reversed(requests))
     headers = {"Authorization": f"Bearer {KEY}"}
-    limits = httpx.Limits(max_connections=concurrency + extra_concurrency + 4)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    host, port = httpx.URL(url).host, httpx.URL(url).port
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as http:
 
         async def client() -> None:
             nonlocal tokens, completions
             while todo:
                 kind, task, text, *stream = todo.pop()
-                path, body = http_body(kind, task, text, bool(stream))
+                path, body = http_body(kind, task, text, bool(stream), max_tokens)
                 t0 = time.perf_counter()
                 if stream:
                     first = None
@@ -209,18 +213,15 @@ async def _load(
                         completions += 1
                 lat.append(time.perf_counter() - t0)
 
-        async def bad_client() -> None:
-            while extra_todo:
-                method, path, kwargs = extra_todo.pop()
-                r = await http.request(method, path, **kwargs)
-                extra_results.append((r.status_code, r.text, r.headers.get("content-type", "")))
-                await asyncio.sleep(extra_pace_s)
+        async def junk_sender() -> list:
+            sent = []
+            for i, data in enumerate(junk):
+                await asyncio.sleep(max(0.0, t0 + i * junk_over_s / len(junk) - time.perf_counter()))
+                sent.append(asyncio.ensure_future(send_raw(host, port, data)))
+            return await asyncio.gather(*sent)
 
         t0 = time.perf_counter()
-        await asyncio.gather(
-            *(client() for _ in range(concurrency)),
-            *(bad_client() for _ in range(extra_concurrency if extra else 0)),
-        )
+        *_, junk_results = await asyncio.gather(*(client() for _ in range(concurrency)), junk_sender())
         wall = time.perf_counter() - t0
     return {
         "requests": len(requests),
@@ -232,7 +233,8 @@ async def _load(
         "p99_ms": 1e3 * pct(lat, 99),
         "ttft_p50_ms": 1e3 * pct(ttft, 50),
         "statuses": dict(statuses),
-        "_extra": extra_results,
+        "_latencies": lat,
+        "_junk": list(junk_results),
     }
 
 
@@ -302,6 +304,59 @@ def malformed_requests(n: int, n_tasks: int) -> list[tuple[str, str, dict]]:
     return [kinds[i % len(kinds)] for i in range(n)]
 
 
+def raw_request(method: str, path: str, kwargs: dict) -> bytes:
+    """One malformed request as the bytes on the wire (`Connection: close`), encoded once before the run."""
+    headers = {"Host": "127.0.0.1", "Authorization": f"Bearer {KEY}", "Connection": "close"}
+    headers.update(kwargs.get("headers", {}))
+    if "json" in kwargs:
+        body = json.dumps(kwargs["json"]).encode()
+        headers.setdefault("content-type", "application/json")
+    else:
+        body = kwargs.get("content", b"")
+    if body or method == "POST":
+        headers["Content-Length"] = str(len(body))
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode("latin-1") + body
+
+
+async def send_raw(host: str, port: int, data: bytes) -> tuple[int, str, str]:
+    """Send one pre-encoded request on its own connection; (status, body, content type) of the reply.
+
+    The malformed load must not measure the load generator: an httpx request costs ~2.6 ms of client
+    CPU here (more than the server spends rejecting it) on the same 2 cores as the server, a raw
+    socket write/read about a tenth of that. The reply is read while the body is still being written,
+    because the server may answer (413) before reading a large body and then close the connection.
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+
+    async def read_reply() -> bytes:
+        chunks = []  # kept as they come: a reset after the reply must not lose it
+        try:
+            while chunk := await reader.read(1 << 16):
+                chunks.append(chunk)
+        except ConnectionError:
+            pass
+        return b"".join(chunks)
+
+    reply = asyncio.ensure_future(read_reply())
+    try:
+        writer.write(data)
+        await writer.drain()
+    except ConnectionError:
+        pass  # the server answered early and closed; its reply is still read
+    raw = await reply
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        return 0, "", ""  # no reply at all: counted as a failure
+    fields = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+    content_type = {k.strip().lower(): v.strip() for k, v in fields.items()}.get("content-type", "")
+    return status, body.decode("utf-8", "replace"), content_type
+
+
 def error_shaped(status: int, text: str, content_type: str) -> bool:
     if not (400 <= status < 500) or not content_type.startswith("application/json"):
         return False
@@ -324,7 +379,7 @@ def baseline_requests(requests, tokenizer):
     ]
 
 
-def peft_serving(store: Path, requests: list, backbone, tokenizer) -> dict:
+def peft_serving(store: Path, requests: list, backbone, tokenizer, max_tokens: int = MAX_TOKENS) -> dict:
     """One PeftModel with every adapter in use; per task: set_adapter, batched generate / forward."""
     from peft import PeftModel
 
@@ -356,7 +411,7 @@ def peft_serving(store: Path, requests: list, backbone, tokenizer) -> dict:
                 model.generate(
                     input_ids=ids,
                     attention_mask=mask,
-                    max_new_tokens=MAX_TOKENS,
+                    max_new_tokens=max_tokens,
                     do_sample=False,
                     pad_token_id=pad,
                 )
@@ -365,10 +420,15 @@ def peft_serving(store: Path, requests: list, backbone, tokenizer) -> dict:
                 logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1]
                 torch.softmax(logits[:, label_ids], dim=-1)
     wall = time.perf_counter() - t0
-    return {"requests": len(requests), "wall_s": wall, "req_s": len(requests) / wall}
+    return {
+        "requests": len(requests),
+        "wall_s": wall,
+        "req_s": len(requests) / wall,
+        "max_tokens": max_tokens,
+    }
 
 
-def hf_one_at_a_time(store: Path, requests: list, backbone, tokenizer) -> dict:
+def hf_one_at_a_time(store: Path, requests: list, backbone, tokenizer, max_tokens: int = MAX_TOKENS) -> dict:
     """Plain `generate` per request: [task prompt; text] as inputs_embeds, no batching, no cache reuse."""
     from tuner.export import load_adapter
 
@@ -384,14 +444,19 @@ def hf_one_at_a_time(store: Path, requests: list, backbone, tokenizer) -> dict:
                 backbone.generate(
                     inputs_embeds=x,
                     attention_mask=torch.ones(x.shape[:2], dtype=torch.long),
-                    max_new_tokens=MAX_TOKENS,
+                    max_new_tokens=max_tokens,
                     do_sample=False,
                     pad_token_id=pad,
                 )
             else:
                 torch.softmax(backbone(inputs_embeds=x, logits_to_keep=1).logits[0, -1, label_ids], dim=-1)
     wall = time.perf_counter() - t0
-    return {"requests": len(requests), "wall_s": wall, "req_s": len(requests) / wall}
+    return {
+        "requests": len(requests),
+        "wall_s": wall,
+        "req_s": len(requests) / wall,
+        "max_tokens": max_tokens,
+    }
 
 
 # ------------------------------------------------------------------------------------ the benchmark
@@ -425,11 +490,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--requests", type=int, default=64, help="requests per measured run")
     ap.add_argument("--concurrency", type=int, default=16, help="concurrent HTTP clients")
     ap.add_argument("--port", type=int, default=18777)
+    ap.add_argument(
+        "--robust-requests", type=int, default=400, help="valid requests per robustness run (p99 needs many)"
+    )
+    ap.add_argument("--robust-pairs", type=int, default=2, help="clean/malformed run pairs (A/B/A/B)")
     args = ap.parse_args(argv)
     n = 24 if args.quick else args.requests
     task_counts = [1, 8] if args.quick else [1, 8, 64, 512]
     mixed_k = 8 if args.quick else 64
     n_bad = 50 if args.quick else 1000
+    rn = 24 if args.quick else args.robust_requests
     root = Path(tempfile.mkdtemp(prefix="promptfleet-bench-serving-"))
     texts = sentences(400)
     store = write_store(root, max(task_counts))
@@ -453,39 +523,29 @@ def main(argv: list[str] | None = None) -> dict:
             run = load(srv.url, make_requests(n, k, texts, seed=k), args.concurrency)
             after = srv.metrics()
             run["prefix_cache_hit_rate"] = _rate(before, after)
-            run.pop("_extra")
+            run.pop("_latencies"), run.pop("_junk")
             sweep[str(k)] = run
             print(
                 f"  {k:>3} tasks: {run['req_s']:.2f} req/s  p50 {run['p50_ms']:.0f} ms  p99 {run['p99_ms']:.0f} ms  "
                 f"statuses {run['statuses']}  prefix hit rate {run['prefix_cache_hit_rate']:.2f}"
             )
         warm_tasks(srv.url, mixed_k, texts)  # the 512-task run evicted some of them
-        clean = load(srv.url, make_requests(n, mixed_k, texts, seed=1), args.concurrency)
-        clean.pop("_extra")
-        pace = clean["wall_s"] * 8 / n_bad
-        dirty = load(
+        heavy = load(
             srv.url,
-            make_requests(n, mixed_k, texts, seed=1),
+            make_requests(n, mixed_k, texts, seed=mixed_k),
             args.concurrency,
-            extra=malformed_requests(n_bad, max(task_counts)),
-            extra_pace_s=pace,
+            max_tokens=DECODE_HEAVY_MAX_TOKENS,
         )
-        bad = dirty.pop("_extra")
-        alive = httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
-        robustness = {
-            "malformed": len(bad),
-            "malformed_4xx_json": sum(error_shaped(*b) for b in bad),
-            "malformed_5xx": sum(b[0] >= 500 for b in bad),
-            "status_counts": dict(Counter(b[0] for b in bad)),
-            "valid_statuses": dirty["statuses"],
-            "server_up_after": alive,
-            "valid_p99_ms_clean": clean["p99_ms"],
-            "valid_p99_ms_with_malformed": dirty["p99_ms"],
-            "valid_p99_ratio": dirty["p99_ms"] / clean["p99_ms"],
-            "valid_req_s_clean": clean["req_s"],
-            "valid_req_s_with_malformed": dirty["req_s"],
-        }
-        print(f"  robustness: {robustness}")
+        heavy.pop("_latencies"), heavy.pop("_junk")
+        print(
+            f"  {mixed_k} tasks, max_tokens {DECODE_HEAVY_MAX_TOKENS}: {heavy['req_s']:.2f} req/s  "
+            f"p50 {heavy['p50_ms']:.0f} ms  p99 {heavy['p99_ms']:.0f} ms  statuses {heavy['statuses']}  "
+            f"{heavy['tokens_per_completion']:.1f} tokens/completion"
+        )
+        robustness = robustness_runs(
+            srv, texts, mixed_k, max(task_counts), rn, n_bad, args.robust_pairs, args.concurrency
+        )
+        print(f"  robustness: { {k: v for k, v in robustness.items() if k != 'runs'} }")
         ttft_on = _prefill_and_ttft(srv, n, mixed_k, texts)
     # 2) ours with the prefix KV cache off
     with Server(root, store, args.port + 1, "engine.prefix_cache=false") as srv:
@@ -505,6 +565,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  HF generate, one at a time ({hf_n} requests): {hf['req_s']:.2f} req/s")
     peft = peft_serving(store, mixed_requests, backbone, tokenizer)
     print(f"  PEFT per-task serving: {peft['req_s']:.2f} req/s")
+    hf_heavy = hf_one_at_a_time(
+        store, balanced(mixed_requests, hf_n), backbone, tokenizer, DECODE_HEAVY_MAX_TOKENS
+    )
+    peft_heavy = peft_serving(store, mixed_requests, backbone, tokenizer, DECODE_HEAVY_MAX_TOKENS)
+    print(
+        f"  max_tokens {DECODE_HEAVY_MAX_TOKENS}: HF one at a time {hf_heavy['req_s']:.2f} req/s, "
+        f"PEFT per task {peft_heavy['req_s']:.2f} req/s"
+    )
 
     ours = sweep[str(mixed_k)]
     out.update(
@@ -518,33 +586,58 @@ def main(argv: list[str] | None = None) -> dict:
             "vs_hf_generate": ours["req_s"] / hf["req_s"],
             "prefix_cache": {"on": ttft_on, "off": ttft_off},
             "robustness": robustness,
+            "decode_heavy": {
+                "max_tokens": DECODE_HEAVY_MAX_TOKENS,
+                "ours": heavy,
+                "peft_per_task": peft_heavy,
+                "hf_one_at_a_time": hf_heavy,
+                "vs_peft": heavy["req_s"] / peft_heavy["req_s"],
+                "vs_hf_generate": heavy["req_s"] / hf_heavy["req_s"],
+            },
         }
     )
+    dh = out["decode_heavy"]
     rows = [
-        [f"ours, {mixed_k} tasks mixed (HTTP)", ours["req_s"], ours["p50_ms"], ours["p99_ms"], "1.00x"],
+        [
+            f"ours, {mixed_k} tasks mixed (HTTP)",
+            ours["req_s"],
+            f"{ours['p50_ms']:.0f} / {ours['p99_ms']:.0f}",
+            "1.00x",
+            heavy["req_s"],
+            f"{heavy['p50_ms']:.0f} / {heavy['p99_ms']:.0f}",
+            "1.00x",
+        ],
         [
             "ours, 1 task (HTTP)",
             sweep["1"]["req_s"],
-            sweep["1"]["p50_ms"],
-            sweep["1"]["p99_ms"],
-            f"mixed/single = {out['mixed_vs_single']:.2f} (target >= 0.9)",
+            f"{sweep['1']['p50_ms']:.0f} / {sweep['1']['p99_ms']:.0f}",
+            f"mixed/single {out['mixed_vs_single']:.2f} (target >= 0.9)",
+            "",
+            "",
+            "",
         ],
         [
             "PEFT, set_adapter + batched generate per task (in process)",
             peft["req_s"],
             "",
+            f"ours/PEFT {out['vs_peft']:.1f}x (target >= 5x)",
+            peft_heavy["req_s"],
             "",
-            f"ours/PEFT = {out['vs_peft']:.1f}x (target >= 5x)",
+            f"ours/PEFT {dh['vs_peft']:.1f}x",
         ],
         [
             "HF generate, one request at a time (in process)",
             hf["req_s"],
             "",
+            f"ours/HF {out['vs_hf_generate']:.1f}x (target >= 10x)",
+            hf_heavy["req_s"],
             "",
-            f"ours/HF = {out['vs_hf_generate']:.1f}x (target >= 10x)",
+            f"ours/HF {dh['vs_hf_generate']:.1f}x",
         ],
     ]
-    print(markdown_table(["method", "req/s", "p50 ms", "p99 ms", "ratio"], rows))
+    heads = [f"max_tokens {MAX_TOKENS}: req/s", "p50 / p99 ms", "ratio"]
+    heads += [f"max_tokens {DECODE_HEAVY_MAX_TOKENS}: req/s", "p50 / p99 ms", "ratio"]
+    print(markdown_table(["method", *heads], rows))
     if not args.quick:
         png = REPO / "bench" / "results" / "serving_tasks.png"
         png.parent.mkdir(parents=True, exist_ok=True)
@@ -552,6 +645,64 @@ def main(argv: list[str] | None = None) -> dict:
         out["plot"] = str(png.relative_to(REPO))
     write_result("serving", out, args.quick)
     return out
+
+
+def robustness_runs(
+    srv: Server,
+    texts: list[str],
+    n_tasks: int,
+    store_tasks: int,
+    n: int,
+    n_bad: int,
+    pairs: int,
+    concurrency: int,
+) -> dict:
+    """Valid load alone (A) and with `n_bad` malformed requests spread evenly over it (B), A/B/A/B.
+
+    Every run sends the same `n` valid requests; p99 is taken over each condition's pooled latencies
+    (with n=400 and 2 pairs, p99 is the 8th-worst of 800 samples, not the 2nd-worst of 64). The junk
+    of a B run is spread over the wall time of the A run just before it, so it covers the whole run.
+    """
+    reqs = make_requests(n, n_tasks, texts, seed=1)
+    junk = [raw_request(*r) for r in malformed_requests(n_bad, store_tasks)]
+    runs: list[dict] = []
+    lat = {"clean": [], "malformed": []}
+    replies: list[tuple[int, str, str]] = []
+    for _ in range(pairs):
+        clean = load(srv.url, reqs, concurrency)
+        dirty = load(srv.url, reqs, concurrency, junk=junk, junk_over_s=clean["wall_s"])
+        for name, run in (("clean", clean), ("malformed", dirty)):
+            lat[name] += run.pop("_latencies")
+            replies += run.pop("_junk")
+            runs.append({"condition": name, **run})
+        print(
+            f"  robustness pair: clean {clean['req_s']:.2f} req/s p99 {clean['p99_ms']:.0f} ms | "
+            f"with {n_bad} malformed {dirty['req_s']:.2f} req/s p99 {dirty['p99_ms']:.0f} ms"
+        )
+    alive = httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+    p99 = {k: 1e3 * pct(v, 99) for k, v in lat.items()}
+    pairs_ratio = [b["p99_ms"] / a["p99_ms"] for a, b in zip(runs[::2], runs[1::2])]
+    return {
+        "valid_requests_per_run": n,
+        "malformed_per_run": n_bad,
+        "pairs": pairs,
+        "malformed": len(replies),
+        "malformed_4xx_json": sum(error_shaped(*r) for r in replies),
+        "malformed_5xx": sum(r[0] >= 500 for r in replies),
+        "malformed_no_reply": sum(r[0] == 0 for r in replies),
+        "status_counts": dict(Counter(r[0] for r in replies)),
+        "valid_statuses": dict(sum((Counter(r["statuses"]) for r in runs), Counter())),
+        "server_up_after": alive,
+        "valid_p50_ms_clean": 1e3 * pct(lat["clean"], 50),
+        "valid_p50_ms_with_malformed": 1e3 * pct(lat["malformed"], 50),
+        "valid_p99_ms_clean": p99["clean"],
+        "valid_p99_ms_with_malformed": p99["malformed"],
+        "valid_p99_ratio": p99["malformed"] / p99["clean"],
+        "valid_p99_ratio_per_pair": pairs_ratio,
+        "valid_req_s_clean": sum(r["req_s"] for r in runs[::2]) / pairs,
+        "valid_req_s_with_malformed": sum(r["req_s"] for r in runs[1::2]) / pairs,
+        "runs": runs,
+    }
 
 
 def _rate(before: dict, after: dict) -> float:

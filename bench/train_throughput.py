@@ -4,16 +4,19 @@ Every global step is drawn once by the recipe's sampler (SST-2 + AG News + TREC,
 mixing) and then run by every method on the same examples, in rotating order (the machine is
 shared, so interleaving spreads noise evenly). Methods:
 
-* `ours`: the recipe's own `_train_step` (mixed-task packed rows, LM head at target positions
-  only, SparseRowAdam on the rows of the tasks in the batch);
-* `ours, no packing` and `ours, full-vocab head`: the same step with one idea switched off, to
-  show where the speedup comes from;
+* `ours`: the recipe's own `_train_step` (mixed-task packed rows in which a task's examples share
+  one prompt copy, LM head at target positions only, SparseRowAdam on the rows of the tasks in
+  the batch);
+* `ours, one prompt per example`, `ours, no packing` and `ours, full-vocab head`: the same step
+  with ideas switched off, to show where the speedup comes from;
 * `PEFT`: `PeftPromptTuning` (see `bench.common`): one padded batch per task, full-vocab loss,
   AdamW.
 
 Throughput counts real text tokens (input + target; no virtual tokens, no padding), identical
-for all methods. MFU divides the *useful* model FLOPs of a step (formula in `useful_flops`) by
-the step time and by a matmul peak measured in the same run (fp32 and bf16).
+for all methods. MFU divides the *useful* model FLOPs of a step (formula in `useful_flops`: every
+example run as `[prompt][example]`, no padding) by the step time and by a matmul peak measured in
+the same run (fp32 and bf16). Shared prompt copies compute fewer positions than that numerator
+counts, so ours' "computed / useful positions" can fall below 1.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class FullVocabHeadLM(PromptTunedLM):
     """Ours with the LM head over every position (as Hugging Face models compute logits), then
     the same target-only loss: isolates what the target-only head saves."""
 
-    def forward(self, batch, prompts, prompt_index, *, loss_scale=1.0, return_logits=False) -> LossOutput:
+    def forward(self, batch, prompts, prompt_index=None, *, loss_scale=1.0, return_logits=False) -> LossOutput:
         logits = self.lm_head(self.hidden_states(batch, prompts, prompt_index)).float()  # [R, L, V]
         nll = F.cross_entropy(logits[batch.target_row, batch.target_col], batch.target_ids, reduction="none")
         S = batch.num_segments
@@ -138,17 +141,19 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ours_lm, full_head_lm = recipe.lm, FullVocabHeadLM(recipe.lm.backbone)
 
-    def run_ours(draw, packing: bool, lm) -> None:
-        recipe.cfg.data.packing, recipe.lm, recipe.sampler = packing, lm, ReplayedDraws([draw])
+    def run_ours(draw, lm, packing: bool = True, share: bool = True) -> None:
+        recipe.cfg.data.packing, recipe.cfg.data.share_prompts = packing, share
+        recipe.lm, recipe.sampler = lm, ReplayedDraws([draw])
         recipe._train_step()
 
     def run_peft(draw) -> None:
         peft.step(examples_by_task(recipe, draw), cfg.optim.lr, L, pad)
 
     methods = {
-        "ours": lambda d: run_ours(d, True, ours_lm),
-        "ours, no packing": lambda d: run_ours(d, False, ours_lm),
-        "ours, full-vocab head": lambda d: run_ours(d, True, full_head_lm),
+        "ours": lambda d: run_ours(d, ours_lm),
+        "ours, one prompt per example": lambda d: run_ours(d, ours_lm, share=False),
+        "ours, no packing": lambda d: run_ours(d, ours_lm, packing=False, share=False),
+        "ours, full-vocab head": lambda d: run_ours(d, full_head_lm),
         "PEFT": run_peft,
     }
     shape = model_shape(recipe.lm.backbone)
@@ -174,8 +179,12 @@ def main(argv: list[str] | None = None) -> dict:
         if k >= warmup:
             examples = [recipe.tasks[t].train[i] for t, i in draw]
             by_task = examples_by_task(recipe, draw)
-            packed = collate(examples, {t: 0 for t in names}, P, max_len=L, pad_id=pad, packing=True)
-            unpacked = collate(examples, {t: 0 for t in names}, P, max_len=L, pad_id=pad, packing=False)
+            task_rows = {t: i for i, t in enumerate(names)}
+            packed = collate(examples, task_rows, P, max_len=L, pad_id=pad)
+            unshared = collate(examples, task_rows, P, max_len=L, pad_id=pad, share_prompts=False)
+            unpacked = collate(
+                examples, task_rows, P, max_len=L, pad_id=pad, packing=False, share_prompts=False
+            )
             peft_positions = sum(
                 len(ex) * (P + peft.collate(ex, L, pad)[0]["input_ids"].shape[1]) for ex in by_task.values()
             )
@@ -186,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "flops": useful_flops(examples, P, L, shape),
                     "positions": {
                         "ours": packed.input_ids.numel(),
+                        "ours, one prompt per example": unshared.input_ids.numel(),
                         "ours, no packing": unpacked.input_ids.numel(),
                         "ours, full-vocab head": packed.input_ids.numel(),
                         "PEFT": peft_positions,

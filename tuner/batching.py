@@ -1,19 +1,29 @@
 """Mixed-task batches: many tasks' examples in one batch, optionally packed into rows.
 
-Each example becomes one *segment*: `[P virtual tokens][input tokens][target tokens minus the
-last]`. The virtual-token slots hold a placeholder id; `tuner.model` writes the segment's task
-prompt there. Position ids restart at 0 for every segment, and with no 2-D attention mask
-transformers turns restarting positions into a block-diagonal causal mask (SDPA / eager) or
-varlen `cu_seqlens` (FlashAttention-2), so packed segments never attend to each other. Row
-tails are filled with a padding segment that carries no targets.
+Each example becomes one *segment*: `[input tokens][target tokens minus the last]`, preceded by
+its task's `P` virtual-token slots. The slots hold a placeholder id; `tuner.model` writes the
+task prompt there. Two layouts:
 
-Targets are kept as flat coordinates (row, col, label id, segment), so the loss can gather the
-few hidden states it needs instead of projecting every position onto the vocabulary.
+* **shared prompts** (default; SDPA and eager attention): a packed row holds *groups*, one per
+  task present in the row: `[P virtual slots][segment][segment]...`. Every segment of the group
+  attends to the group's prompt and, causally, to itself; never to the other segments. A soft
+  prompt at positions `0..P-1` under causal attention depends on nothing that follows it, so one
+  copy serves all the group's segments exactly: each segment's loss and gradient are those of
+  `[prompt][segment]` run alone, while the prompt's positions are computed once per group
+  instead of once per example. Segment positions start at `P`. Attention follows the layout
+  (`tuner.span_attention`, or the dense `MultiTaskBatch.attention_mask()`).
+* **one prompt per segment** (`share_prompts=False`; FlashAttention-2 varlen): every segment
+  carries its own prompt copy, positions restart at 0 at each prompt, so transformers can turn
+  restarting positions into a block-diagonal causal mask or varlen `cu_seqlens`.
+
+Row tails are filled with padding that attends only to itself and carries no targets. Targets
+are kept as flat coordinates (row, col, label id, segment), so the loss can gather the few
+hidden states it needs instead of projecting every position onto the vocabulary.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -33,24 +43,51 @@ class TokenizedExample:
 class MultiTaskBatch:
     """A batch of segments from any mix of tasks.
 
-    Shapes: R rows of length L, S segments, N target tokens.
+    Shapes: R rows of length L, S segments, G prompt copies, N target tokens.
     """
 
     input_ids: torch.Tensor  # [R, L] token ids (placeholder at virtual-token slots and padding)
-    position_ids: torch.Tensor  # [R, L] restart at 0 at each segment (and at the padding tail)
+    position_ids: torch.Tensor  # [R, L]
     seg_row: torch.Tensor  # [S] row holding each segment
-    seg_start: torch.Tensor  # [S] column where the segment (its first virtual token) starts
+    seg_start: torch.Tensor  # [S] column of its first token (after its prompt copy)
+    seg_len: torch.Tensor  # [S] its length
     seg_task: torch.Tensor  # [S] prompt-bank row of each segment's task
+    seg_prompt: torch.Tensor  # [S] the prompt copy it attends to
+    prompt_row: torch.Tensor  # [G] row of each prompt copy
+    prompt_start: torch.Tensor  # [G] column of its first virtual token
+    prompt_task: torch.Tensor  # [G] prompt-bank row it holds
     target_row: torch.Tensor  # [N] row of the position that predicts each target token
     target_col: torch.Tensor  # [N] column of that position
     target_ids: torch.Tensor  # [N] the target token ids
     target_seg: torch.Tensor  # [N] segment each target token belongs to
+    shared_prompts: bool  # some prompt copy serves several segments: attention needs `attention_mask`
     num_virtual_tokens: int
     num_text_tokens: int  # real (non-virtual, non-padding) tokens: input + target
 
     @property
     def num_segments(self) -> int:
         return int(self.seg_row.numel())
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.prompt_row.numel())
+
+    def attention_mask(self) -> torch.Tensor:
+        """Dense [R, 1, L, L] boolean mask (True = attend) of this layout; padding sees itself."""
+        R, L = self.input_ids.shape
+        P = self.num_virtual_tokens
+        mask = torch.eye(L, dtype=torch.bool).repeat(R, 1, 1)
+        causal = torch.ones(L, L, dtype=torch.bool).tril()
+        for row, start in zip(self.prompt_row.tolist(), self.prompt_start.tolist()):
+            mask[row, start : start + P, start : start + P] = causal[:P, :P]
+        spans = zip(
+            self.seg_row.tolist(), self.seg_start.tolist(), self.seg_len.tolist(), self.seg_prompt.tolist()
+        )
+        for row, start, n, prompt in spans:
+            mask[row, start : start + n, start : start + n] = causal[:n, :n]
+            pre = int(self.prompt_start[prompt])
+            mask[row, start : start + n, pre : pre + P] = True
+        return mask[:, None].to(self.input_ids.device)
 
     def to(self, device: torch.device | str) -> MultiTaskBatch:
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -67,6 +104,62 @@ def segment_layout(ex: TokenizedExample, num_virtual: int, max_len: int) -> tupl
     return ex.input_ids[-budget:], ex.target_ids
 
 
+@dataclass
+class _Row:
+    members: list[int] = field(default_factory=list)  # segment indices
+    tasks: set[int] = field(default_factory=set)
+    fill: int = 0  # positions used, prompt copies included
+
+
+def _pack(
+    lengths: list[int], tasks: list[int], num_virtual: int, capacity: int, share: bool
+) -> list[list[int]]:
+    """Pack segments into as few, as evenly filled rows as possible: segment indices per row.
+
+    A segment costs its length, plus `num_virtual` unless (sharing) its row already holds its task.
+    First-fit decreasing finds how many rows are needed; a longest-first balancing pass (each
+    segment to the row it leaves shortest) then evens the rows out, since every row is padded to
+    the longest. The cheaper of the layouts (rows x longest row) wins.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+    def cost(row: _Row, i: int) -> int:
+        return lengths[i] + (0 if share and tasks[i] in row.tasks else num_virtual)
+
+    def add(row: _Row, i: int) -> None:
+        row.fill += cost(row, i)
+        row.members.append(i)
+        row.tasks.add(tasks[i])
+
+    def first_fit() -> list[_Row]:
+        rows: list[_Row] = []
+        for i in order:
+            fits = [row for row in rows if row.fill + cost(row, i) <= capacity]
+            fits.sort(key=lambda row: cost(row, i) > lengths[i])  # rows already holding the task first
+            if not fits:
+                rows.append(_Row())
+                fits = rows[-1:]
+            add(fits[0], i)
+        return rows
+
+    def balanced(num_rows: int) -> list[_Row] | None:
+        rows = [_Row() for _ in range(num_rows)]
+        for i in order:
+            row = min(rows, key=lambda row: row.fill + cost(row, i))
+            if row.fill + cost(row, i) > capacity:
+                return None
+            add(row, i)
+        return rows
+
+    def size(rows: list[_Row]) -> int:
+        return len(rows) * max(row.fill for row in rows)
+
+    candidates = [first_fit()]
+    candidates += [balanced(len(candidates[0])), balanced(len(candidates[0]) + 1)]
+    best = min((rows for rows in candidates if rows), key=size)
+    return [row.members for row in best]
+
+
 def collate(
     examples: list[TokenizedExample],
     task_rows: dict[str, int],
@@ -75,69 +168,93 @@ def collate(
     max_len: int,
     pad_id: int,
     packing: bool = True,
+    share_prompts: bool = True,
+    row_len: int = 0,
 ) -> MultiTaskBatch:
     """Build a `MultiTaskBatch`.
 
     Args:
         task_rows: task name -> prompt-bank row.
-        max_len: longest segment; with packing also the row capacity.
-        packing: first-fit-decreasing packing of segments into rows; else one segment per row.
+        max_len: longest `[prompt][segment]` (inputs are cut from the left to fit).
+        packing: pack segments into rows (see `_pack`); else one segment per row.
+        share_prompts: segments of one task in a row share a prompt copy (needs the attention
+            mask this builds; SDPA and eager attention only).
+        row_len: packed row capacity in positions (0 or less than `max_len`: `max_len`). Longer
+            rows share prompt copies among more segments and pad less; span attention
+            (`tuner.span_attention`) makes their length free, a dense mask costs L x L.
     """
     segs = []
     for ex in examples:
         inp, tgt = segment_layout(ex, num_virtual, max_len)
-        tokens = [pad_id] * num_virtual + inp + tgt[:-1]
-        segs.append((tokens, len(inp), tgt, task_rows[ex.task]))
+        segs.append((inp + tgt[:-1], len(inp), tgt, task_rows[ex.task]))
+    share = share_prompts and num_virtual > 0
+    if packing:
+        capacity = max(row_len or max_len, max_len)
+        rows = _pack([len(s[0]) for s in segs], [s[3] for s in segs], num_virtual, capacity, share)
+    else:
+        rows = [[i] for i in range(len(segs))]
 
-    order = sorted(range(len(segs)), key=lambda i: -len(segs[i][0])) if packing else range(len(segs))
-    rows: list[list[int]] = []  # segment indices per row
-    fill: list[int] = []
-    for i in order:
-        n = len(segs[i][0])
-        for r in range(len(rows)) if packing else ():
-            if fill[r] + n <= max_len:
-                rows[r].append(i)
-                fill[r] += n
-                break
-        else:
-            rows.append([i])
-            fill.append(n)
-
-    R, L = len(rows), max(fill)
+    # Lay rows out group by group: [prompt copy][segment][segment]... (one segment per group
+    # unless sharing).
+    layouts = []
+    for members in rows:
+        groups: dict[int, list[int]] = {}
+        for i in members:
+            groups.setdefault(segs[i][3] if share else -1 - i, []).append(i)
+        layouts.append(list(groups.values()))
+    L = max(sum(num_virtual + sum(len(segs[i][0]) for i in g) for g in groups) for groups in layouts)
+    R, S = len(rows), len(segs)
     input_ids = torch.full((R, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, L), dtype=torch.long)
-    S = len(segs)
-    seg_row, seg_start, seg_task = (
-        torch.zeros(S, dtype=torch.long),
-        torch.zeros(S, dtype=torch.long),
-        torch.zeros(S, dtype=torch.long),
-    )
+    seg = {k: torch.zeros(S, dtype=torch.long) for k in ("row", "start", "len", "task", "prompt")}
+    p_row, p_start, p_task = [], [], []
     t_row, t_col, t_ids, t_seg = [], [], [], []
-    for r, members in enumerate(rows):
+    for r, groups in enumerate(layouts):
         col = 0
-        for i in members:
-            tokens, n_inp, tgt, task_row = segs[i]
-            n = len(tokens)
-            input_ids[r, col : col + n] = torch.tensor(tokens)
-            position_ids[r, col : col + n] = torch.arange(n)
-            seg_row[i], seg_start[i], seg_task[i] = r, col, task_row
-            first = col + num_virtual + n_inp - 1  # this position predicts the first target token
-            t_row += [r] * len(tgt)
-            t_col += range(first, first + len(tgt))
-            t_ids += tgt
-            t_seg += [i] * len(tgt)
-            col += n
-        position_ids[r, col:] = torch.arange(L - col)  # padding tail: its own segment, no targets
+        for group in groups:
+            task_row = segs[group[0]][3]
+            p_row.append(r)
+            p_start.append(col)
+            p_task.append(task_row)
+            position_ids[r, col : col + num_virtual] = torch.arange(num_virtual)
+            col += num_virtual
+            for i in group:
+                tokens, n_inp, tgt, _ = segs[i]
+                n = len(tokens)
+                input_ids[r, col : col + n] = torch.tensor(tokens, dtype=torch.long)
+                position_ids[r, col : col + n] = torch.arange(num_virtual, num_virtual + n)
+                for k, v in (
+                    ("row", r),
+                    ("start", col),
+                    ("len", n),
+                    ("task", task_row),
+                    ("prompt", len(p_row) - 1),
+                ):
+                    seg[k][i] = v
+                first = col + n_inp - 1  # this position predicts the first target token
+                t_row += [r] * len(tgt)
+                t_col += range(first, first + len(tgt))
+                t_ids += tgt
+                t_seg += [i] * len(tgt)
+                col += n
+        position_ids[r, col:] = torch.arange(L - col)  # padding tail: its own span, no targets
+
     return MultiTaskBatch(
         input_ids=input_ids,
         position_ids=position_ids,
-        seg_row=seg_row,
-        seg_start=seg_start,
-        seg_task=seg_task,
+        seg_row=seg["row"],
+        seg_start=seg["start"],
+        seg_len=seg["len"],
+        seg_task=seg["task"],
+        seg_prompt=seg["prompt"],
+        prompt_row=torch.tensor(p_row, dtype=torch.long),
+        prompt_start=torch.tensor(p_start, dtype=torch.long),
+        prompt_task=torch.tensor(p_task, dtype=torch.long),
         target_row=torch.tensor(t_row, dtype=torch.long),
         target_col=torch.tensor(t_col, dtype=torch.long),
         target_ids=torch.tensor(t_ids, dtype=torch.long),
         target_seg=torch.tensor(t_seg, dtype=torch.long),
+        shared_prompts=len(p_row) < S,
         num_virtual_tokens=num_virtual,
-        num_text_tokens=sum(len(s[0]) - num_virtual + 1 for s in segs),
+        num_text_tokens=sum(len(s[0]) + 1 for s in segs),
     )

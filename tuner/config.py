@@ -107,6 +107,17 @@ class DataConfig:
     packing: bool = _f(
         True, "Pack several examples per row without padding (segments never attend to each other)."
     )
+    share_prompts: bool = _f(
+        True,
+        "Packed examples of one task share one copy of its prompt (exact under causal attention; "
+        "SDPA/eager only, FlashAttention-2 gives each example its own copy).",
+    )
+    row_len: int = _f(
+        2048,
+        "Packed row capacity in positions (at least model.max_seq_len). Longer rows let more examples "
+        "share a prompt copy and waste less padding; SDPA's span attention makes length free (eager "
+        "attention pays a dense L x L mask).",
+    )
     max_train_examples: int = _f(0, "Cap on train examples read per task (0 = all).")
     max_eval_examples: int = _f(200, "Eval examples per task (0 = the whole eval split).")
     seed: int = _f(0, "Seed for sampling, few-shot demonstrations and prompt init.")
@@ -114,6 +125,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.mixing", self.mixing, ("proportional", "temperature", "uniform"))
         _positive("data.temperature", self.temperature)
+        _positive("data.row_len", self.row_len)
 
 
 @dataclass

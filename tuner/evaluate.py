@@ -113,13 +113,9 @@ def score_labels(
                 P,
                 max_len=max_len,
                 pad_id=tokenizer.pad_token_id,
+                share_prompts=lm.supports_shared_prompts,
             ).to(device)
-            out = lm(
-                batch,
-                prompts,
-                torch.zeros(batch.num_segments, dtype=torch.long, device=device),
-                return_logits=True,
-            )
+            out = lm(batch, prompts, return_logits=True)
             # One target per segment, but targets come in packed-row order: put them back in segment order.
             logp = torch.empty(batch.num_segments, len(labels), device=device)
             logp[batch.target_seg] = torch.log_softmax(out.target_logits, dim=-1)[:, cand]
@@ -128,8 +124,15 @@ def score_labels(
         segs = [TokenizedExample(e.task, e.input_ids, label_ids[lab]) for e in examples for lab in labels]
         flat: list[float] = []
         for chunk, n_real in _shard_lockstep(segs, batch_size * len(labels)):
-            batch = collate(chunk, rows, P, max_len=max_len, pad_id=tokenizer.pad_token_id).to(device)
-            out = lm(batch, prompts, torch.zeros(batch.num_segments, dtype=torch.long, device=device))
+            batch = collate(
+                chunk,
+                rows,
+                P,
+                max_len=max_len,
+                pad_id=tokenizer.pad_token_id,
+                share_prompts=lm.supports_shared_prompts,
+            ).to(device)
+            out = lm(batch, prompts)
             flat += out.seg_logprob[:n_real].cpu().tolist()
         flat = _gather(flat)
         return [

@@ -1,10 +1,11 @@
-"""The model wrapper: a frozen causal LM whose every segment gets its own task's soft prompt.
+"""The model wrapper: a frozen causal LM whose every segment sees its own task's soft prompt.
 
-`PromptTunedLM.forward(batch, prompts)` embeds the batch's tokens, writes each segment's task
-prompt into its virtual-token slots (`inputs_embeds`), runs the decoder with restarting position
-ids (block-diagonal attention when packed), gathers the hidden states at target positions only
-and applies the LM head to those alone. The vocabulary projection is one of the largest matmuls;
-a classification example needs it at one or two positions out of dozens.
+`PromptTunedLM.forward(batch, prompts)` embeds the batch's tokens, writes the task prompts into
+the batch's virtual-token slots (`inputs_embeds`), runs the decoder with the batch's positions and
+attention layout (see `tuner.batching`: segments of one task may share a prompt copy), gathers the
+hidden states at target positions only and applies the LM head to those alone. The vocabulary
+projection is one of the largest matmuls; a classification example needs it at one or two
+positions out of dozens.
 
 It holds no trainable parameters: prompts arrive as a tensor (rows from `PromptBank.gather`).
 """
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tuner.batching import MultiTaskBatch
+from tuner.span_attention import ATTENTION_NAME, SpanAttention
 
 
 @dataclass
@@ -39,21 +41,32 @@ class PromptTunedLM(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.backbone.parameters()).dtype
 
+    @property
+    def attn_implementation(self) -> str:
+        return self.backbone.config._attn_implementation
+
+    @property
+    def supports_shared_prompts(self) -> bool:
+        """Shared prompt copies need span attention or a dense mask; FlashAttention-2 varlen has neither."""
+        return self.attn_implementation in ("sdpa", "eager")
+
     def embed_with_prompts(
-        self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor
+        self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Token embeddings with each segment's prompt written into its virtual-token slots.
+        """Token embeddings with the prompt copies written into their virtual-token slots.
 
         Args:
             prompts: [U, P, H] prompt rows (fp32 master values; cast to the backbone dtype here).
-            prompt_index: [S] which of the U rows each segment uses.
+            prompt_index: [G] which of the U rows each prompt copy uses (default `batch.prompt_task`).
         """
         embeds = self.embed(batch.input_ids)
         P = batch.num_virtual_tokens
-        if P == 0 or batch.num_segments == 0:
+        if P == 0 or batch.num_prompts == 0:
             return embeds
-        cols = batch.seg_start[:, None] + torch.arange(P, device=embeds.device)[None, :]  # [S, P]
-        rows = batch.seg_row[:, None].expand_as(cols)
+        if prompt_index is None:
+            prompt_index = batch.prompt_task
+        cols = batch.prompt_start[:, None] + torch.arange(P, device=embeds.device)[None, :]  # [G, P]
+        rows = batch.prompt_row[:, None].expand_as(cols)
         # index_put (not in-place on the embedding output) keeps the prompt in the autograd graph.
         return embeds.index_put(
             (rows.reshape(-1), cols.reshape(-1)),
@@ -61,17 +74,46 @@ class PromptTunedLM(torch.nn.Module):
         )
 
     def hidden_states(
-        self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor
+        self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor | None = None
     ) -> torch.Tensor:
         embeds = self.embed_with_prompts(batch, prompts, prompt_index)
-        out = self.decoder(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False)
+        impl, config = self.attn_implementation, self.backbone.config
+        if impl == "sdpa" and batch.num_segments:
+            # Each span attends over only what it can see (exact; see tuner.span_attention).
+            config._attn_implementation = ATTENTION_NAME
+            try:
+                spans = SpanAttention.from_batch(batch).to(embeds.device)
+                out = self.decoder(
+                    inputs_embeds=embeds,
+                    position_ids=batch.position_ids,
+                    use_cache=False,
+                    span_attention=spans,
+                )
+            finally:
+                config._attn_implementation = impl
+            return out.last_hidden_state
+        mask = None
+        if impl == "eager":  # eager adds a float mask to the scores
+            allowed = batch.attention_mask()
+            mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+                ~allowed, torch.finfo(embeds.dtype).min
+            )
+        elif batch.shared_prompts:
+            raise ValueError(
+                f"shared prompt copies need SDPA or eager attention, not {impl}; collate with share_prompts=False"
+            )
+        # Otherwise positions restart at every prompt copy: transformers derives the block-diagonal
+        # mask (or FlashAttention-2's cu_seqlens) from them.
+        out = self.decoder(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
+        )
         return out.last_hidden_state
 
     def forward(
         self,
         batch: MultiTaskBatch,
         prompts: torch.Tensor,
-        prompt_index: torch.Tensor,
+        prompt_index: torch.Tensor | None = None,
         *,
         loss_scale: float = 1.0,
         return_logits: bool = False,

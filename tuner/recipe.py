@@ -210,8 +210,10 @@ class MultiTaskPromptTuningRecipe:
                 max_len=self.cfg.model.max_seq_len,
                 pad_id=self.tokenizer.pad_token_id,
                 packing=self.cfg.data.packing,
+                share_prompts=self.cfg.data.share_prompts and self.lm.supports_shared_prompts,
+                row_len=self.cfg.data.row_len,
             ).to(self.device)
-            out = self.lm(batch, prompts, batch.seg_task, loss_scale=1.0 / o.batch_size)
+            out = self.lm(batch, prompts, loss_scale=1.0 / o.batch_size)
             out.loss.backward()
             seg_task = batch.seg_task.cpu()
             loss_sum[:, 0].index_add_(0, seg_task, out.seg_loss.cpu().double())

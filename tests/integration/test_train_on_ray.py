@@ -68,9 +68,7 @@ def test_adapters_load_in_peft_with_equal_logits(run_dir):
             [TokenizedExample(task, ids, [0])], {task: 0}, 16, max_len=256, pad_id=tok.pad_token_id
         )
         with torch.no_grad():
-            ours = lm.lm_head(
-                lm.hidden_states(batch, adapter.prompt[None], batch.seg_task)[0, 16 : 16 + len(ids)]
-            )
+            ours = lm.lm_head(lm.hidden_states(batch, adapter.prompt[None])[0, 16 : 16 + len(ids)])
             peft_model = PeftModel.from_pretrained(
                 load_backbone(path, torch.float32), str(run_dir / "adapters" / task)
             )

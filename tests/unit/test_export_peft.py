@@ -15,7 +15,7 @@ def our_logits(lm, prompt, ids):
     """Logits at every text position from our wrapper (prompt in front, positions from 0)."""
     P = prompt.shape[0]
     batch = collate([TokenizedExample("t", ids, [0])], {"t": 0}, P, max_len=256, pad_id=0)
-    hidden = lm.hidden_states(batch, prompt[None], batch.seg_task)
+    hidden = lm.hidden_states(batch, prompt[None])
     return lm.lm_head(hidden[0, P : P + len(ids)])
 
 

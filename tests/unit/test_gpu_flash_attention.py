@@ -21,11 +21,11 @@ def test_flash_attention_packed_matches_sdpa():
         TokenizedExample("ab"[i % 2], torch.randint(3, 128, (n,), generator=g).tolist(), [5, 6])
         for i, n in enumerate([5, 17, 9, 30, 2, 11])
     ]
-    batch = collate(examples, {"a": 0, "b": 1}, 4, max_len=64, pad_id=0).to("cuda")
+    batch = collate(examples, {"a": 0, "b": 1}, 4, max_len=64, pad_id=0, share_prompts=False).to("cuda")
     prompts = torch.randn(2, 4, 32, device="cuda")
     losses = {}
     for impl in ("sdpa", "flash_attention_2"):
         model = tiny_llama().to("cuda", torch.bfloat16)
         model.config._attn_implementation = impl
-        losses[impl] = PromptTunedLM(model)(batch, prompts, batch.seg_task).seg_loss
+        losses[impl] = PromptTunedLM(model)(batch, prompts).seg_loss
     torch.testing.assert_close(losses["flash_attention_2"], losses["sdpa"], rtol=2e-2, atol=2e-2)

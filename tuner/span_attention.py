@@ -1,0 +1,153 @@
+"""Attention for packed rows that computes only the blocks a segment can see.
+
+In a packed row (see `tuner.batching`) every segment attends to its task's prompt copy and,
+causally, to itself; a prompt copy attends causally to itself. A dense `[L, L]` mask over a long
+row (512 positions holding a dozen segments) makes SDPA compute every pair and throw most away:
+measured on this project's CPU, that wasted attention is a fifth of a training step. Here each
+*span* (a prompt copy or a segment) becomes one short attention problem: its queries, and as
+keys its prompt copy followed by its own positions. Spans of similar length are batched into one
+SDPA call (a few calls per layer), so the work is about the sum over spans of
+`len x (P + len)` instead of `rows x L^2`.
+
+The layout is built once per batch (`SpanAttention.from_batch`) and reaches every attention layer
+as a keyword argument through the transformers attention interface, registered under
+`ATTENTION_NAME`. `tuner.model` selects it only for the duration of its own forward. It is exact:
+the same scores and softmax as the dense mask, so losses and gradients match (tested).
+
+Not here: KV caches and decoding (the serving runner has its own path); GPU varlen kernels
+(FlashAttention-2 gets restarting position ids instead).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from tuner.batching import MultiTaskBatch
+
+ATTENTION_NAME = "promptfleet_spans"
+# A span joins a bucket while its length is at least this fraction of the bucket's longest: bounds
+# the padding each SDPA call computes, while keeping the number of calls per layer small.
+_BUCKET_FILL = 0.6
+
+
+@dataclass
+class _Bucket:
+    q_index: torch.Tensor  # [B, Q] flat (row * L + col) query positions, padded with a valid position
+    k_index: torch.Tensor  # [B, K] flat key positions: prompt copy, then the span itself
+    mask: torch.Tensor  # [B, 1, Q, K] True = attend
+    out_index: torch.Tensor  # [n] flat positions whose output this bucket produces
+    out_select: torch.Tensor  # [n] where those outputs sit in the flattened [B * Q] result
+
+
+@dataclass
+class SpanAttention:
+    """Gather/scatter plan for one batch: every span as its own small attention problem."""
+
+    buckets: list[_Bucket]
+    num_positions: int  # R * L
+
+    @classmethod
+    def from_batch(cls, batch: MultiTaskBatch) -> SpanAttention:
+        R, L = batch.input_ids.shape
+        P = batch.num_virtual_tokens
+        prompt_start = batch.prompt_start.tolist()
+        spans = [(row, start, P, -1) for row, start in zip(batch.prompt_row.tolist(), prompt_start) if P]
+        for row, start, n, prompt in zip(
+            batch.seg_row.tolist(),
+            batch.seg_start.tolist(),
+            batch.seg_len.tolist(),
+            batch.seg_prompt.tolist(),
+        ):
+            spans.append((row, start, n, prompt_start[prompt] if P else -1))
+        spans.sort(key=lambda s: -s[2])
+
+        buckets = []
+        while spans:
+            longest = spans[0][2]
+            take = [s for s in spans if s[2] >= _BUCKET_FILL * longest]
+            spans = spans[len(take) :]
+            buckets.append(cls._bucket(take, P, L))
+        return cls(buckets, R * L)
+
+    @staticmethod
+    def _bucket(spans: list[tuple[int, int, int, int]], P: int, L: int) -> _Bucket:
+        Q = max(n for _, _, n, _ in spans)
+        K = Q + max((P for *_, pre in spans if pre >= 0), default=0)
+        q_index = torch.empty(len(spans), Q, dtype=torch.long)
+        k_index = torch.empty(len(spans), K, dtype=torch.long)
+        mask = torch.zeros(len(spans), 1, Q, K, dtype=torch.bool)
+        out_index, out_select = [], []
+        causal = torch.ones(Q, Q, dtype=torch.bool).tril()
+        for b, (row, start, n, pre) in enumerate(spans):
+            base, p = row * L, P if pre >= 0 else 0
+            own = torch.arange(start, start + n) + base
+            q_index[b] = base + start  # padding queries read (and attend to) the span's first position
+            q_index[b, :n] = own
+            k_index[b] = base + start
+            k_index[b, p : p + n] = own
+            mask[b, 0, :n, p : p + n] = causal[:n, :n]
+            if p:
+                k_index[b, :p] = torch.arange(pre, pre + p) + base
+                mask[b, 0, :n, :p] = True
+            mask[b, 0, n:, 0] = True  # padding queries: one harmless key keeps the softmax finite
+            out_index.append(own)
+            out_select.append(torch.arange(n) + b * Q)
+        return _Bucket(q_index, k_index, mask, torch.cat(out_index), torch.cat(out_select))
+
+    def to(self, device: torch.device | str) -> SpanAttention:
+        moved = [
+            _Bucket(*(getattr(b, f).to(device) for f in _Bucket.__dataclass_fields__)) for b in self.buckets
+        ]
+        return SpanAttention(moved, self.num_positions)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None):
+        """query [R, H, L, D], key/value [R, Hkv, L, D] -> output [R, L, H, D] (zeros at padding)."""
+        R, H, L, D = query.shape
+        q = query.transpose(1, 2).reshape(R * L, H, D)
+        k = key.transpose(1, 2).reshape(R * L, key.shape[1], D)
+        v = value.transpose(1, 2).reshape(R * L, value.shape[1], D)
+        outs, where = [], []
+        for b in self.buckets:
+            o = F.scaled_dot_product_attention(
+                q[b.q_index].transpose(1, 2),  # [B, H, Q, D]
+                k[b.k_index].transpose(1, 2),
+                v[b.k_index].transpose(1, 2),
+                attn_mask=b.mask,
+                scale=scaling,
+                enable_gqa=key.shape[1] != H,
+            )
+            outs.append(o.transpose(1, 2).reshape(-1, H, D)[b.out_select])
+            where.append(b.out_index)
+        out = query.new_zeros(R * L, H, D).index_copy(0, torch.cat(where), torch.cat(outs))
+        return out.view(R, L, H, D)
+
+
+def span_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    span_attention: SpanAttention | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    if span_attention is None:
+        raise ValueError(f"the {ATTENTION_NAME!r} attention needs a span_attention= layout")
+    if dropout:
+        raise ValueError("span attention does not implement dropout (the backbone is frozen, in eval mode)")
+    return span_attention.attend(query, key, value, scaling), None
+
+
+def _no_mask(*args, **kwargs) -> None:
+    return None  # the span layout is the mask
+
+
+AttentionInterface.register(ATTENTION_NAME, span_attention_forward)
+AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
