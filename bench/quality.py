@@ -12,8 +12,9 @@ global step, one optimiser step per global step in which the task appears. So pe
 the same examples in the same order, with the same number of optimiser updates, the same
 learning-rate schedule (value at global step k), Adam betas/eps, per-task gradient clipping and
 the same initial prompt (the tuner's class-label initialisation). What differs is only what each
-method is: ours packs all tasks into one forward/backward and normalises the loss per example;
-PEFT's loss is the token mean of its task batch.
+method is: ours packs all tasks into one forward/backward (shared prompt copies, span attention,
+target-only head) and gives each task the mean loss over its examples in the step; PEFT's loss is
+the token mean of its task batch (the same thing for single-token verbalisers).
 
 Accuracy is scored with `tuner.evaluate.evaluate_task` (verbaliser log-probabilities) on a fixed,
 seeded eval subset per task, for all three methods; PEFT's trained prompt is its adapter's
@@ -46,10 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: 3 steps, 16 eval examples, nothing recorded"
     )
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-seq-len", type=int, default=128)
-    ap.add_argument("--eval-examples", type=int, default=100, help="seeded eval subset per task")
+    ap.add_argument("--eval-examples", type=int, default=200, help="seeded eval subset per task")
     args = ap.parse_args(argv)
     steps, n_eval = (3, 16) if args.quick else (args.steps, args.eval_examples)
 

@@ -7,6 +7,11 @@ through the same packed rows; only the task structure changes:
     A  1 task per batch,   10 tasks registered
     B  1 task per batch,   10,000 tasks registered      (A vs B: registered tasks)
     C  64 tasks per batch, 10,000 tasks registered      (B vs C: tasks per batch)
+    B', C'  as B and C with one prompt copy per example (`data.share_prompts=false`)
+
+With shared prompt copies (the default) a row holds one copy per distinct task in it, so a batch
+of 64 one-example tasks computes 63 more prompt copies than a batch of one task; B' vs C' holds
+the positions fixed and isolates what the task structure itself costs.
 
 Each step is the recipe's own `_train_step` (gather the batch's prompt rows, forward/backward,
 SparseRowAdam on those rows, scatter back). The optimiser already holds state for every
@@ -38,6 +43,7 @@ from bench.common import (
     setup_recipe,
     write_result,
 )
+from tuner.batching import collate
 from tuner.optim import SparseRowAdam
 from tuner.prompt_bank import PromptBank
 
@@ -67,6 +73,11 @@ def relabel(examples, per_batch: int) -> tuple[dict, list[tuple[str, int]]]:
     return {n: SimpleNamespace(train=relabelled) for n in names}, [
         (ex.task, j) for j, ex in enumerate(relabelled)
     ]
+
+
+def examples_of(setup) -> list:
+    tasks, draw = setup[0], setup[1]
+    return [tasks[t].train[i] for t, i in draw]
 
 
 def bank_and_optimiser_time(bank: PromptBank, opt: SparseRowAdam, names: list[str], reps: int = 20) -> float:
@@ -109,16 +120,27 @@ def main(argv: list[str] | None = None) -> dict:
     (draw,) = draw_batches(recipe, 1)
     examples = [recipe.tasks[t].train[i] for t, i in draw]
     P, H = cfg.prompt.num_virtual_tokens, recipe.lm.backbone.config.hidden_size
-    configs = {
-        "A: 1 task/batch, 10 registered": (1, 10),
-        f"B: 1 task/batch, {many:,} registered": (1, many),
-        f"C: {batch} tasks/batch, {many:,} registered": (batch, many),
+    L, row_len, pad = cfg.model.max_seq_len, cfg.data.row_len, recipe.tokenizer.pad_token_id
+    configs = {  # name: (tasks per batch, registered tasks, shared prompt copies)
+        "A: 1 task/batch, 10 registered": (1, 10, True),
+        f"B: 1 task/batch, {many:,} registered": (1, many, True),
+        f"C: {batch} tasks/batch, {many:,} registered": (batch, many, True),
+        "B': B, one prompt per example": (1, many, False),
+        "C': C, one prompt per example": (batch, many, False),
     }
-    banks = {n: registered_bank(n, P, H, recipe.optimizer) for n in {n for _, n in configs.values()}}
-    setups = {name: (*relabel(examples, k), *banks[n]) for name, (k, n) in configs.items()}
+    banks = {n: registered_bank(n, P, H, recipe.optimizer) for n in {n for _, n, _ in configs.values()}}
+    setups = {name: (*relabel(examples, k), *banks[n]) for name, (k, n, _) in configs.items()}
+    positions = {}
+    for name, (_, _, share) in configs.items():
+        rows = {t: i for i, t in enumerate(setups[name][0])}
+        b = collate(
+            examples_of(setups[name]), rows, P, max_len=L, pad_id=pad, share_prompts=share, row_len=row_len
+        )
+        positions[name] = b.input_ids.numel()
 
     def run(name: str) -> dict:
         recipe.tasks, d, recipe.bank, recipe.optimizer = setups[name]
+        recipe.cfg.data.share_prompts = configs[name][2]
         recipe.sampler = ReplayedDraws([d])
         return recipe._train_step()
 
@@ -136,21 +158,28 @@ def main(argv: list[str] | None = None) -> dict:
     assert len(set(tokens.values())) == 1, f"configurations must run the same tokens: {tokens}"
 
     results = {}
-    for name, (k, n) in configs.items():
+    for name, (k, n, share) in configs.items():
         tasks, _, bank, opt = setups[name]
         results[name] = {
             "tasks_per_batch": k,
             "registered_tasks": n,
+            "shared_prompts": share,
+            "positions": positions[name],
             "median_step_s": median(times[name]),
             "median_step_cpu_s": median(cpu[name]),
             "step_times_s": times[name],
             "step_cpu_s": cpu[name],
             "bank_and_optimiser_s": bank_and_optimiser_time(bank, opt, sorted(tasks)),
         }
-    a, b, c = (results[n] for n in configs)
+    a, b, c, b1, c1 = (results[n] for n in configs)
     comparisons = {
         f"{what} ({clock})": y[key] / x[key] - 1
-        for what, x, y in (("registered, B vs A", a, b), ("tasks per batch, C vs B", b, c))
+        for what, x, y in (
+            ("registered, B vs A", a, b),
+            ("tasks per batch, C vs B", b, c),
+            ("tasks per batch, one prompt per example, C' vs B'", b1, c1),
+            ("shared vs one prompt per example at 64 tasks, C vs C'", c1, c),
+        )
         for clock, key in (("wall", "median_step_s"), ("CPU time", "median_step_cpu_s"))
     }
     rows = [
@@ -161,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
             r["median_step_cpu_s"],
             f"{100 * (r['median_step_cpu_s'] / a['median_step_cpu_s'] - 1):+.1f}%",
             f"{1000 * r['bank_and_optimiser_s']:.2f}",
+            r["positions"],
         ]
         for n, r in results.items()
     ]
@@ -172,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
             "median step, CPU (s)",
             "vs A",
             "bank + optimiser (ms)",
+            "positions computed",
         ],
         rows,
     )

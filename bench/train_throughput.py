@@ -48,14 +48,16 @@ class FullVocabHeadLM(PromptTunedLM):
     """Ours with the LM head over every position (as Hugging Face models compute logits), then
     the same target-only loss: isolates what the target-only head saves."""
 
-    def forward(self, batch, prompts, prompt_index=None, *, loss_scale=1.0, return_logits=False) -> LossOutput:
+    def forward(
+        self, batch, prompts, prompt_index=None, *, seg_weight=None, return_logits=False
+    ) -> LossOutput:
         logits = self.lm_head(self.hidden_states(batch, prompts, prompt_index)).float()  # [R, L, V]
         nll = F.cross_entropy(logits[batch.target_row, batch.target_col], batch.target_ids, reduction="none")
         S = batch.num_segments
         seg_sum = torch.zeros(S, dtype=nll.dtype).index_add(0, batch.target_seg, nll)
         seg_mean = seg_sum / torch.bincount(batch.target_seg, minlength=S).clamp(min=1).to(nll.dtype)
         return LossOutput(
-            loss=seg_mean.sum() * loss_scale, seg_loss=seg_mean.detach(), seg_logprob=-seg_sum.detach()
+            loss=(seg_mean * seg_weight).sum(), seg_loss=seg_mean.detach(), seg_logprob=-seg_sum.detach()
         )
 
 

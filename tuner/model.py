@@ -23,7 +23,7 @@ from tuner.span_attention import ATTENTION_NAME, SpanAttention
 
 @dataclass
 class LossOutput:
-    loss: torch.Tensor  # scalar: sum of per-segment mean losses x loss_scale
+    loss: torch.Tensor  # scalar: sum over segments of mean loss x seg_weight
     seg_loss: torch.Tensor  # [S] per-segment mean target NLL (detached)
     seg_logprob: torch.Tensor  # [S] per-segment summed target log-prob (detached)
     target_logits: torch.Tensor | None = None  # [N, V] when asked for
@@ -115,10 +115,10 @@ class PromptTunedLM(torch.nn.Module):
         prompts: torch.Tensor,
         prompt_index: torch.Tensor | None = None,
         *,
-        loss_scale: float = 1.0,
+        seg_weight: torch.Tensor | None = None,
         return_logits: bool = False,
     ) -> LossOutput:
-        """Per-segment target NLL; `loss` = sum over segments of their mean NLL x `loss_scale`."""
+        """Per-segment target NLL; `loss` = sum over segments of their mean NLL x `seg_weight` (default 1)."""
         hidden = self.hidden_states(batch, prompts, prompt_index)
         h = hidden[batch.target_row, batch.target_col]  # [N, H]: only positions that predict a target
         logits = self.lm_head(h).float()
@@ -128,7 +128,7 @@ class PromptTunedLM(torch.nn.Module):
         count = torch.bincount(batch.target_seg, minlength=S).clamp(min=1).to(nll.dtype)
         seg_mean = seg_sum / count
         return LossOutput(
-            loss=seg_mean.sum() * loss_scale,
+            loss=(seg_mean if seg_weight is None else seg_mean * seg_weight).sum(),
             seg_loss=seg_mean.detach(),
             seg_logprob=-seg_sum.detach(),
             target_logits=logits.detach() if return_logits else None,

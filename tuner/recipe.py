@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +198,10 @@ class MultiTaskPromptTuningRecipe:
         rows = self.bank.rows_of(names)
         prompts = self.bank.gather(rows).to(self.device)  # leaf [U, P, H]: the only trainable tensor
         pos = {n: i for i, n in enumerate(names)}
+        # Each task's prompt gets the mean loss over *its* examples in the global batch, as if it
+        # trained alone on them: a task's update does not depend on which other tasks share the step.
+        per_task = Counter(t for t, _ in global_batch)
+        task_weight = torch.tensor([1.0 / per_task[n] for n in names], device=self.device)
         micro = o.batch_size // o.grad_accum
         loss_sum = torch.zeros(len(names), 2, dtype=torch.float64)  # per task: (sum of losses, examples)
         tokens = 0
@@ -213,7 +218,7 @@ class MultiTaskPromptTuningRecipe:
                 share_prompts=self.cfg.data.share_prompts and self.lm.supports_shared_prompts,
                 row_len=self.cfg.data.row_len,
             ).to(self.device)
-            out = self.lm(batch, prompts, loss_scale=1.0 / o.batch_size)
+            out = self.lm(batch, prompts, seg_weight=task_weight[batch.seg_task])
             out.loss.backward()
             seg_task = batch.seg_task.cpu()
             loss_sum[:, 0].index_add_(0, seg_task, out.seg_loss.cpu().double())

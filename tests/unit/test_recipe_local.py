@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO, tiny_job_yaml, write_tiny_tasks
 
 from tuner.config import ConfigError, load_job_config
@@ -69,3 +70,33 @@ def test_eval_cli_rescoring_matches_training_summary(finished):
     out = json.loads(res.stdout[res.stdout.index("{") :])
     for name, task in summary["tasks"].items():
         assert out["tasks"][name]["tuned"]["accuracy"] == pytest.approx(task["tuned"]["accuracy"])
+
+
+def test_a_tasks_gradient_is_the_mean_over_its_own_examples(tmp_path, tiny_backbone_dir):
+    """Each task's prompt gets the mean loss over its examples in the step: other tasks in the batch change nothing."""
+    from tuner.recipe import MultiTaskPromptTuningRecipe
+
+    tasks = write_tiny_tasks(tmp_path, n_train=16)
+
+    def gradient_of_pos_neg(draw):
+        job = tiny_job_yaml(tmp_path, tiny_backbone_dir, tasks, **{"optim.batch_size": len(draw)})
+        recipe = MultiTaskPromptTuningRecipe(load_job_config(job, ["cluster.num_workers=1"]), progress=False)
+        recipe.setup()
+        seen = {}
+        step = recipe.optimizer.step
+
+        def capture(names, values, grads, lr):
+            seen.update(zip(names, grads.clone()))
+            return step(names, values, grads, lr=lr)
+
+        recipe.optimizer.step = capture
+        recipe.sampler = type("Replay", (), {"next_batch": lambda self: draw})()
+        recipe._train_step()
+        return seen["pos_neg"]
+
+    alone = gradient_of_pos_neg([("pos_neg", i) for i in range(3)])
+    mixed = gradient_of_pos_neg(
+        [("colors", 0), ("pos_neg", 0), ("colors", 1), ("pos_neg", 1), ("pos_neg", 2)]
+    )
+    assert alone.abs().sum() > 0
+    torch.testing.assert_close(mixed, alone, rtol=1e-4, atol=1e-7)
