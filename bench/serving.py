@@ -9,7 +9,13 @@ task uniformly and is, with equal odds, a short completion (max_tokens=8) or a c
   httpx async load generator with many concurrent clients on 127.0.0.1 (closed loop).
   - mixed-task (64 tasks) vs single-task throughput; the sweep over 1 / 8 / 64 / 512 tasks (PNG);
   - prefix KV cache on vs off: prefill tokens per request and streamed time to first token;
-  - robustness: 1,000 malformed requests mixed into the valid load.
+  - robustness: the same valid requests alone (A) and with 1,000 malformed requests spread evenly
+    over the run (B), A/B/A/B, p99 over each condition's pooled latencies (`robustness_runs`). The
+    malformed requests are pre-encoded bytes sent open loop on raw sockets: an httpx client spends
+    more CPU per request than the server does rejecting it, on the same 2 cores.
+* a second, decode-heavier workload beside the issue's: the same 64-task requests with
+  max_tokens=32 instead of 8, against the same two baselines, to show how the ratios move when
+  batched decode dominates the work.
 * PEFT per-task serving (in process, no HTTP: favours the baseline): one `PeftModel` holding every
   adapter in use; requests are grouped by task, `set_adapter(task)`, then one batched `generate`
   (left padding) for its completions and one batched forward for its classifications.

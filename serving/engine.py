@@ -81,6 +81,7 @@ class Engine:
             tokenizer = tokenizer or load_tokenizer(path)
             backbone_names = (backbone_names or set()) | {config.backbone, path}
         self.tokenizer = tokenizer
+        self._encode = text_encoder(tokenizer)
         self.runner = ModelRunner(model, config.prefix_cache_bytes, config.prefix_cache)
         self.registry = PromptRegistry(
             config.prompt_store, backbone_names or {config.backbone}, self.runner.hidden_size
@@ -247,7 +248,7 @@ class Engine:
     def _tokenize_prompt(self, entry: TaskEntry, text: str, raw: bool, max_new: int) -> list[int]:
         if not isinstance(text, str):
             raise InvalidRequest("prompt must be a string", param="prompt")
-        ids = self.tokenizer(format_prompt(entry.meta, text, raw), add_special_tokens=False).input_ids
+        ids = self._encode(format_prompt(entry.meta, text, raw))
         if not ids:
             raise InvalidRequest("prompt is empty", param="prompt")
         if len(ids) > self.config.max_prompt_tokens:
@@ -266,10 +267,7 @@ class Engine:
     def _labels(self, entry: TaskEntry) -> dict[str, list[int]]:
         key = (entry.name, entry.version)
         if key not in self._label_ids:
-            self._label_ids[key] = {
-                lab: self.tokenizer(w, add_special_tokens=False).input_ids
-                for lab, w in entry.meta["verbaliser"].items()
-            }
+            self._label_ids[key] = {lab: self._encode(w) for lab, w in entry.meta["verbaliser"].items()}
         return self._label_ids[key]
 
     def _decode(self, ids: list[int]) -> str:
@@ -357,6 +355,19 @@ class Engine:
         return RequestOutput(
             req.request_id, req.task, "", [], True, reason, len(req.prompt_ids), req.num_output_tokens
         )
+
+
+def text_encoder(tokenizer) -> Callable[[str], list[int]]:
+    """`text -> token ids` (no special tokens), for requests tokenized on the event loop thread.
+
+    A fast tokenizer's `encode_batch` releases the GIL while it runs; its `encode` (what
+    `tokenizer(text)` calls) holds it, so a long prompt (~5 ms for 1,500 tokens here) would stall the
+    engine thread, which needs the GIL between every two torch ops. Same ids either way.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch"):
+        return lambda text: backend.encode_batch([text], add_special_tokens=False)[0].ids
+    return lambda text: tokenizer(text, add_special_tokens=False).input_ids
 
 
 def _set_future(fut: asyncio.Future, result: object) -> None:

@@ -287,3 +287,25 @@ def test_concurrent_classifications_of_many_tasks_equal_each_alone(tmp_path):
     for (task, text), got in zip(inputs, mixed):
         want = asyncio.run(alone(task, text))
         assert got.label == want.label and got.labels == pytest.approx(want.labels, abs=1e-5)
+
+
+def test_text_encoder_gives_the_tokenizers_own_ids():
+    """The GIL-free encoder (a fast tokenizer's `encode_batch`) and the fallback (any callable tokenizer)
+    give exactly what `tokenizer(text, add_special_tokens=False)` gives."""
+    from conftest import smollm2_tokenizer_dir
+    from transformers import AutoTokenizer
+
+    from serving.engine import text_encoder
+
+    fast = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    texts = [
+        "Review: fine\nSentiment:",
+        "  spaces  ",
+        "émoji 🤖",
+        "<|im_start|>user\nhi<|im_end|>",
+        "word " * 300,
+    ]
+    for tok in (fast, CharTokenizer()):
+        encode = text_encoder(tok)
+        for text in texts:
+            assert encode(text) == tok(text, add_special_tokens=False).input_ids
