@@ -49,11 +49,10 @@ class SpanAttention:
     """Gather/scatter plan for one batch: every span as its own small attention problem."""
 
     buckets: list[_Bucket]
-    num_positions: int  # R * L
 
     @classmethod
     def from_batch(cls, batch: MultiTaskBatch) -> SpanAttention:
-        R, L = batch.input_ids.shape
+        L = batch.input_ids.shape[1]
         P = batch.num_virtual_tokens
         prompt_start = batch.prompt_start.tolist()
         spans = [(row, start, P, -1) for row, start in zip(batch.prompt_row.tolist(), prompt_start) if P]
@@ -72,7 +71,7 @@ class SpanAttention:
             take = [s for s in spans if s[2] >= _BUCKET_FILL * longest]
             spans = spans[len(take) :]
             buckets.append(cls._bucket(take, P, L))
-        return cls(buckets, R * L)
+        return cls(buckets)
 
     @staticmethod
     def _bucket(spans: list[tuple[int, int, int, int]], P: int, L: int) -> _Bucket:
@@ -103,7 +102,7 @@ class SpanAttention:
         moved = [
             _Bucket(*(getattr(b, f).to(device) for f in _Bucket.__dataclass_fields__)) for b in self.buckets
         ]
-        return SpanAttention(moved, self.num_positions)
+        return SpanAttention(moved)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None):
         """query [R, H, L, D], key/value [R, Hkv, L, D] -> output [R, L, H, D] (zeros at padding)."""
