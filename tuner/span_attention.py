@@ -112,15 +112,19 @@ class SpanAttention:
         v = value.transpose(1, 2).reshape(R * L, value.shape[1], D)
         outs, where = [], []
         for b in self.buckets:
+            # index_select (not advanced indexing): its backward is index_add, where advanced indexing's
+            # is an accumulating index_put that runs several times slower with more than one thread.
+            n, Q = b.q_index.shape
+            K = b.k_index.shape[1]
             o = F.scaled_dot_product_attention(
-                q[b.q_index].transpose(1, 2),  # [B, H, Q, D]
-                k[b.k_index].transpose(1, 2),
-                v[b.k_index].transpose(1, 2),
+                q.index_select(0, b.q_index.view(-1)).view(n, Q, H, D).transpose(1, 2),  # [n, H, Q, D]
+                k.index_select(0, b.k_index.view(-1)).view(n, K, -1, D).transpose(1, 2),
+                v.index_select(0, b.k_index.view(-1)).view(n, K, -1, D).transpose(1, 2),
                 attn_mask=b.mask,
                 scale=scaling,
                 enable_gqa=key.shape[1] != H,
             )
-            outs.append(o.transpose(1, 2).reshape(-1, H, D)[b.out_select])
+            outs.append(o.transpose(1, 2).reshape(-1, H, D).index_select(0, b.out_select))
             where.append(b.out_index)
         out = query.new_zeros(R * L, H, D).index_copy(0, torch.cat(where), torch.cat(outs))
         return out.view(R, L, H, D)
