@@ -60,17 +60,9 @@ class KVBatch(Cache):
         capacity: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
-        zeroed: bool = True,
     ) -> KVBatch:
-        """A batch of `rows` x `capacity` columns, `length` 0, every column masked out.
-
-        Masked columns are still multiplied by 0 in attention and 0 * NaN = NaN, so a column that
-        attention reads must hold finite values: zeros here, unless `zeroed=False`, where the caller
-        writes or zeroes every column below `length` itself, so the tens of MB a step allocates are
-        not first memset and then overwritten. Columns at or beyond `length` are written before read.
-        """
-        alloc = torch.zeros if zeroed else torch.empty
-        kv = alloc(num_layers, 2, rows, heads, capacity, head_dim, dtype=dtype, device=device)
+        # Zeros, not empty: masked columns are still multiplied by 0 in attention, and 0 * NaN = NaN.
+        kv = torch.zeros(num_layers, 2, rows, heads, capacity, head_dim, dtype=dtype, device=device)
         return cls(kv, torch.zeros(rows, capacity, dtype=torch.long, device=device), 0)
 
     @property
@@ -96,7 +88,7 @@ class KVBatch(Cache):
         """Make room for `n` more columns (reallocating with `headroom` extra when full)."""
         if self.length + n <= self.capacity:
             return
-        kv = self.kv.new_empty(*self.kv.shape[:4], self.length + n + headroom, self.kv.shape[5])
+        kv = self.kv.new_zeros(*self.kv.shape[:4], self.length + n + headroom, self.kv.shape[5])
         kv[..., : self.length, :] = self.kv[..., : self.length, :]
         mask = self.mask.new_zeros(self.rows, kv.shape[4])
         mask[:, : self.length] = self.mask[:, : self.length]
@@ -133,12 +125,10 @@ class KVBatch(Cache):
             width + headroom,
             ref.dtype,
             ref.device,
-            zeroed=False,  # columns < width: copied or zeroed below; headroom: written before read
         )
         row = 0
         for b, idx, first in spans:
             n, start = len(idx), width - (b.length - first)
-            out.kv[:, :, row : row + n, :, :start] = 0
             out.kv[:, :, row : row + n, :, start:width] = b.kv[:, :, idx, :, first : b.length]
             out.mask[row : row + n, start:width] = b.mask[idx, first : b.length]
             row += n

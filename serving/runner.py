@@ -269,9 +269,7 @@ class ModelRunner:
     def _prompt_kv(self, prompts: torch.Tensor) -> torch.Tensor:
         """KV of `n` task prompts (same length P), as if they were the first P tokens of a row."""
         n, P, _ = prompts.shape
-        b = KVBatch.empty(  # every column is written by the forward below
-            self.num_layers, n, self.kv_heads, self.head_dim, P, self.dtype, self.device, zeroed=False
-        )
+        b = KVBatch.empty(self.num_layers, n, self.kv_heads, self.head_dim, P, self.dtype, self.device)
         pos = torch.arange(P, device=self.device).expand(n, P)
         self.decoder(
             inputs_embeds=prompts.to(self.device, self.dtype),
@@ -293,23 +291,13 @@ class ModelRunner:
         kvs = self.prefix_cache.get_many([(t.name, t.version, t.prompt) for t in tasks])
         n, pmax, lmax = len(seqs), max(kv.shape[3] for kv in kvs), max(len(s) for s in seqs)
         # No headroom: generation rows are copied into the running batch (`KVBatch.gather`) before they decode.
-        # Text columns are written by the forward (left-pad ones too: token 0's finite K/V, masked out);
-        # prompt columns are copied from the cache; only the gap before a shorter prompt is zeroed.
         b = KVBatch.empty(
-            self.num_layers,
-            n,
-            self.kv_heads,
-            self.head_dim,
-            pmax + lmax,
-            self.dtype,
-            self.device,
-            zeroed=False,
+            self.num_layers, n, self.kv_heads, self.head_dim, pmax + lmax, self.dtype, self.device
         )
         ids = torch.zeros(n, lmax, dtype=torch.long)
         pos = torch.zeros(n, lmax, dtype=torch.long)
         for i, (kv, s) in enumerate(zip(kvs, seqs)):
             P, L = kv.shape[3], len(s)
-            b.kv[:, :, i, :, : pmax - P] = 0
             b.kv[:, :, i, :, pmax - P : pmax] = kv
             b.mask[i, pmax - P : pmax] = 1
             b.mask[i, pmax + lmax - L : pmax + lmax] = 1
