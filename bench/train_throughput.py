@@ -26,7 +26,6 @@ import shutil
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from bench.common import (
@@ -41,24 +40,15 @@ from bench.common import (
     write_result,
 )
 from tuner.batching import collate, segment_layout
-from tuner.model import LossOutput, PromptTunedLM
+from tuner.model import PromptTunedLM
 
 
 class FullVocabHeadLM(PromptTunedLM):
     """Ours with the LM head over every position (as Hugging Face models compute logits), then
     the same target-only loss: isolates what the target-only head saves."""
 
-    def forward(
-        self, batch, prompts, prompt_index=None, *, seg_weight=None, return_logits=False
-    ) -> LossOutput:
-        logits = self.lm_head(self.hidden_states(batch, prompts, prompt_index)).float()  # [R, L, V]
-        nll = F.cross_entropy(logits[batch.target_row, batch.target_col], batch.target_ids, reduction="none")
-        S = batch.num_segments
-        seg_sum = torch.zeros(S, dtype=nll.dtype).index_add(0, batch.target_seg, nll)
-        seg_mean = seg_sum / torch.bincount(batch.target_seg, minlength=S).clamp(min=1).to(nll.dtype)
-        return LossOutput(
-            loss=(seg_mean * seg_weight).sum(), seg_loss=seg_mean.detach(), seg_logprob=-seg_sum.detach()
-        )
+    def target_logits(self, hidden, batch):
+        return self.lm_head(hidden).float()[batch.target_row, batch.target_col]  # [R, L, V], then gather
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:

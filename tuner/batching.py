@@ -60,7 +60,7 @@ class MultiTaskBatch:
     target_col: torch.Tensor  # [N] column of that position
     target_ids: torch.Tensor  # [N] the target token ids
     target_seg: torch.Tensor  # [N] segment each target token belongs to
-    shared_prompts: bool  # some prompt copy serves several segments: attention needs `attention_mask`
+    shared_prompts: bool  # a prompt copy serves several segments: needs span attention or `attention_mask()`
     num_virtual_tokens: int
     num_text_tokens: int  # real (non-virtual, non-padding) tokens: input + target
 
@@ -72,21 +72,30 @@ class MultiTaskBatch:
     def num_prompts(self) -> int:
         return int(self.prompt_row.numel())
 
+    def spans(self) -> list[tuple[int, int, int, int]]:
+        """Every block that attends causally within itself, as (row, start, length, prefix start).
+
+        Prompt copies have no prefix (-1); a segment's prefix is its prompt copy (P positions).
+        Padding is in no span.
+        """
+        P = self.num_virtual_tokens
+        prompt_start = self.prompt_start.tolist()
+        spans = [(row, start, P, -1) for row, start in zip(self.prompt_row.tolist(), prompt_start) if P]
+        segs = zip(
+            self.seg_row.tolist(), self.seg_start.tolist(), self.seg_len.tolist(), self.seg_prompt.tolist()
+        )
+        spans += [(row, start, n, prompt_start[prompt] if P else -1) for row, start, n, prompt in segs]
+        return spans
+
     def attention_mask(self) -> torch.Tensor:
         """Dense [R, 1, L, L] boolean mask (True = attend) of this layout; padding sees itself."""
         R, L = self.input_ids.shape
-        P = self.num_virtual_tokens
         mask = torch.eye(L, dtype=torch.bool).repeat(R, 1, 1)
         causal = torch.ones(L, L, dtype=torch.bool).tril()
-        for row, start in zip(self.prompt_row.tolist(), self.prompt_start.tolist()):
-            mask[row, start : start + P, start : start + P] = causal[:P, :P]
-        spans = zip(
-            self.seg_row.tolist(), self.seg_start.tolist(), self.seg_len.tolist(), self.seg_prompt.tolist()
-        )
-        for row, start, n, prompt in spans:
+        for row, start, n, pre in self.spans():
             mask[row, start : start + n, start : start + n] = causal[:n, :n]
-            pre = int(self.prompt_start[prompt])
-            mask[row, start : start + n, pre : pre + P] = True
+            if pre >= 0:
+                mask[row, start : start + n, pre : pre + self.num_virtual_tokens] = True
         return mask[:, None].to(self.input_ids.device)
 
     def to(self, device: torch.device | str) -> MultiTaskBatch:

@@ -50,33 +50,27 @@ class PromptTunedLM(torch.nn.Module):
         """Shared prompt copies need span attention or a dense mask; FlashAttention-2 varlen has neither."""
         return self.attn_implementation in ("sdpa", "eager")
 
-    def embed_with_prompts(
-        self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def embed_with_prompts(self, batch: MultiTaskBatch, prompts: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the prompt copies written into their virtual-token slots.
 
         Args:
-            prompts: [U, P, H] prompt rows (fp32 master values; cast to the backbone dtype here).
-            prompt_index: [G] which of the U rows each prompt copy uses (default `batch.prompt_task`).
+            prompts: [U, P, H] prompt rows (fp32 master values; cast to the backbone dtype here);
+                prompt copy g holds row `batch.prompt_task[g]`.
         """
         embeds = self.embed(batch.input_ids)
         P = batch.num_virtual_tokens
         if P == 0 or batch.num_prompts == 0:
             return embeds
-        if prompt_index is None:
-            prompt_index = batch.prompt_task
         cols = batch.prompt_start[:, None] + torch.arange(P, device=embeds.device)[None, :]  # [G, P]
         rows = batch.prompt_row[:, None].expand_as(cols)
         # index_put (not in-place on the embedding output) keeps the prompt in the autograd graph.
         return embeds.index_put(
             (rows.reshape(-1), cols.reshape(-1)),
-            prompts[prompt_index].to(embeds.dtype).reshape(-1, embeds.shape[-1]),
+            prompts[batch.prompt_task].to(embeds.dtype).reshape(-1, embeds.shape[-1]),
         )
 
-    def hidden_states(
-        self, batch: MultiTaskBatch, prompts: torch.Tensor, prompt_index: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        embeds = self.embed_with_prompts(batch, prompts, prompt_index)
+    def hidden_states(self, batch: MultiTaskBatch, prompts: torch.Tensor) -> torch.Tensor:
+        embeds = self.embed_with_prompts(batch, prompts)
         impl, config = self.attn_implementation, self.backbone.config
         if impl == "sdpa" and batch.num_segments:
             # Each span attends over only what it can see (exact; see tuner.span_attention).
@@ -109,19 +103,20 @@ class PromptTunedLM(torch.nn.Module):
         )
         return out.last_hidden_state
 
+    def target_logits(self, hidden: torch.Tensor, batch: MultiTaskBatch) -> torch.Tensor:
+        """[N, V] fp32 logits at the positions that predict a target: the LM head runs there only."""
+        return self.lm_head(hidden[batch.target_row, batch.target_col]).float()
+
     def forward(
         self,
         batch: MultiTaskBatch,
         prompts: torch.Tensor,
-        prompt_index: torch.Tensor | None = None,
         *,
         seg_weight: torch.Tensor | None = None,
         return_logits: bool = False,
     ) -> LossOutput:
         """Per-segment target NLL; `loss` = sum over segments of their mean NLL x `seg_weight` (default 1)."""
-        hidden = self.hidden_states(batch, prompts, prompt_index)
-        h = hidden[batch.target_row, batch.target_col]  # [N, H]: only positions that predict a target
-        logits = self.lm_head(h).float()
+        logits = self.target_logits(self.hidden_states(batch, prompts), batch)
         nll = F.cross_entropy(logits, batch.target_ids, reduction="none")
         S = batch.num_segments
         seg_sum = torch.zeros(S, device=nll.device, dtype=nll.dtype).index_add(0, batch.target_seg, nll)

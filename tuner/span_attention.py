@@ -54,15 +54,7 @@ class SpanAttention:
     def from_batch(cls, batch: MultiTaskBatch) -> SpanAttention:
         L = batch.input_ids.shape[1]
         P = batch.num_virtual_tokens
-        prompt_start = batch.prompt_start.tolist()
-        spans = [(row, start, P, -1) for row, start in zip(batch.prompt_row.tolist(), prompt_start) if P]
-        for row, start, n, prompt in zip(
-            batch.seg_row.tolist(),
-            batch.seg_start.tolist(),
-            batch.seg_len.tolist(),
-            batch.seg_prompt.tolist(),
-        ):
-            spans.append((row, start, n, prompt_start[prompt] if P else -1))
+        spans = batch.spans()
         spans.sort(key=lambda s: -s[2])
 
         buckets = []
