@@ -97,29 +97,12 @@ def useful_flops(examples, P: int, max_len: int, shape: dict) -> float:
     return total
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, nothing recorded")
-    ap.add_argument("--steps", type=int, default=8, help="timed global steps (each run by every method)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-seq-len", type=int, default=160)
-    ap.add_argument("--virtual-tokens", type=int, default=16)
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="torch threads for every method (0: torch's default, one per core); another value is "
-        "recorded as train_throughput_<n>thread.json",
-    )
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    steps = 2 if args.quick else args.steps
+def run_batch_size(args, batch_size: int, steps: int, ablations: bool) -> dict:
+    """Time every method on the same `steps` global steps of `batch_size` examples; results by method."""
     warmup = 1
-
     cfg = bench_config(
         "train-throughput",
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         max_steps=10**6,
         max_seq_len=args.max_seq_len,
         num_virtual_tokens=args.virtual_tokens,
@@ -141,21 +124,42 @@ def main(argv: list[str] | None = None) -> dict:
     def run_peft(draw) -> None:
         peft.step(examples_by_task(recipe, draw), cfg.optim.lr, L, pad)
 
-    methods = {
-        "ours": lambda d: run_ours(d, ours_lm),
-        "ours, one prompt per example": lambda d: run_ours(d, ours_lm, share=False),
-        "ours, no packing": lambda d: run_ours(d, ours_lm, packing=False, share=False),
-        "ours, full-vocab head": lambda d: run_ours(d, full_head_lm),
-        "PEFT": run_peft,
-    }
+    methods = {"ours": lambda d: run_ours(d, ours_lm)}
+    if ablations:
+        methods["ours, one prompt per example"] = lambda d: run_ours(d, ours_lm, share=False)
+        methods["ours, no packing"] = lambda d: run_ours(d, ours_lm, packing=False, share=False)
+        methods["ours, full-vocab head"] = lambda d: run_ours(d, full_head_lm)
+    methods["PEFT"] = run_peft
     shape = model_shape(recipe.lm.backbone)
+    row_len = cfg.data.row_len
+
+    def positions(examples, by_task) -> dict[str, int]:
+        """Positions each method pushes through the decoder for these examples (rows x row length)."""
+        task_rows = {t: i for i, t in enumerate(names)}
+
+        def ours_layout(**kw) -> int:
+            return collate(
+                examples, task_rows, P, max_len=L, pad_id=pad, row_len=row_len, **kw
+            ).input_ids.numel()
+
+        peft_positions = sum(
+            len(ex) * (P + peft.collate(ex, L, pad)[0]["input_ids"].shape[1]) for ex in by_task.values()
+        )
+        out = {"ours": ours_layout()}
+        if ablations:
+            out["ours, one prompt per example"] = ours_layout(share_prompts=False)
+            out["ours, no packing"] = ours_layout(packing=False, share_prompts=False)
+            out["ours, full-vocab head"] = out["ours"]
+        out["PEFT"] = peft_positions
+        return out
 
     times: dict[str, list[float]] = {m: [] for m in methods}  # wall-clock seconds per step
     cpu: dict[str, list[float]] = {m: [] for m in methods}  # process CPU seconds per step (all threads)
     peaks = {"fp32": 0.0, "bf16": 0.0}
     per_step = []
     draws = draw_batches(recipe, warmup + steps)
-    for k, draw in enumerate(tqdm(draws, desc="train throughput (steps x methods)", unit="step")):
+    desc = f"train throughput, batch {batch_size} (steps x methods)"
+    for k, draw in enumerate(tqdm(draws, desc=desc, unit="step")):
         order = list(methods)[k % len(methods) :] + list(methods)[: k % len(methods)]  # rotate who goes first
         for m in order:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -170,31 +174,17 @@ def main(argv: list[str] | None = None) -> dict:
         }
         if k >= warmup:
             examples = [recipe.tasks[t].train[i] for t, i in draw]
-            by_task = examples_by_task(recipe, draw)
-            task_rows = {t: i for i, t in enumerate(names)}
-            packed = collate(examples, task_rows, P, max_len=L, pad_id=pad)
-            unshared = collate(examples, task_rows, P, max_len=L, pad_id=pad, share_prompts=False)
-            unpacked = collate(
-                examples, task_rows, P, max_len=L, pad_id=pad, packing=False, share_prompts=False
-            )
-            peft_positions = sum(
-                len(ex) * (P + peft.collate(ex, L, pad)[0]["input_ids"].shape[1]) for ex in by_task.values()
-            )
+            num_text = sum(len(i) + len(t) for i, t in (segment_layout(ex, P, L) for ex in examples))
             per_step.append(
                 {
-                    "text_tokens": packed.num_text_tokens,
-                    "useful_positions": packed.num_text_tokens + len(examples) * (P - 1),
+                    "text_tokens": num_text,
+                    "useful_positions": num_text + len(examples) * (P - 1),
                     "flops": useful_flops(examples, P, L, shape),
-                    "positions": {
-                        "ours": packed.input_ids.numel(),
-                        "ours, one prompt per example": unshared.input_ids.numel(),
-                        "ours, no packing": unpacked.input_ids.numel(),
-                        "ours, full-vocab head": packed.input_ids.numel(),
-                        "PEFT": peft_positions,
-                    },
+                    "positions": positions(examples, examples_by_task(recipe, draw)),
                 }
             )
     recipe.lm = ours_lm
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
 
     tokens = sum(s["text_tokens"] for s in per_step)
     flops = sum(s["flops"] for s in per_step)
@@ -219,6 +209,61 @@ def main(argv: list[str] | None = None) -> dict:
             "step_times_s": ts,
             "step_cpu_s": cpu[m],
         }
+    return {
+        "setup": {
+            "tasks": names,
+            "batch_size": batch_size,
+            "max_seq_len": L,
+            "num_virtual_tokens": P,
+            "row_len": row_len,
+            "timed_steps": steps,
+            "warmup_steps": warmup,
+            "dtype": "fp32",
+            "attention": "sdpa",
+            "threads": torch.get_num_threads(),
+            "backbone": cfg.model.name,
+            "model_shape": shape,
+        },
+        "matmul_peak_flops": peaks,
+        "tokens_per_step": tokens / len(per_step),
+        "flops_per_step": flops / len(per_step),
+        "results": results,
+        "per_step": per_step,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, nothing recorded")
+    ap.add_argument("--steps", type=int, default=8, help="timed global steps (each run by every method)")
+    ap.add_argument(
+        "--batch-size", type=int, default=16, help="global batch of the main run (with ablations)"
+    )
+    ap.add_argument(
+        "--sweep",
+        default="32,64",
+        help="further global batch sizes, comma-separated, timed for ours vs PEFT only ('' for none)",
+    )
+    ap.add_argument("--sweep-steps", type=int, default=4, help="timed global steps per sweep batch size")
+    ap.add_argument("--max-seq-len", type=int, default=160)
+    ap.add_argument("--virtual-tokens", type=int, default=16)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for every method (0: torch's default, one per core); another value is "
+        "recorded as train_throughput_<n>thread.json",
+    )
+    args = ap.parse_args(argv)
+    try:
+        sweep = [int(b) for b in args.sweep.split(",") if b.strip()]
+    except ValueError:
+        ap.error(f"--sweep takes comma-separated integers, got {args.sweep!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    main_run = run_batch_size(args, args.batch_size, 2 if args.quick else args.steps, ablations=True)
+    results, peaks = main_run["results"], main_run["matmul_peak_flops"]
     header = [
         "method",
         "text tokens/s",
@@ -246,35 +291,64 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     print(
         f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
-        f"{tokens / len(per_step):.0f} text tokens and {flops / len(per_step) / 1e12:.3f} TFLOP per step"
+        f"{main_run['tokens_per_step']:.0f} text tokens and {main_run['flops_per_step'] / 1e12:.3f} TFLOP per step"
     )
+
+    # Ours vs PEFT at other global batch sizes: PEFT's per-task batches pad to their longest example,
+    # ours shares one prompt copy among more examples, so the ratio depends on the batch size.
+    sweep_runs = {args.batch_size: main_run}
+    for b in sweep:
+        if b not in sweep_runs:
+            sweep_runs[b] = run_batch_size(args, b, 2 if args.quick else args.sweep_steps, ablations=False)
+    sweep_rows = []
+    for b in sorted(sweep_runs):
+        r = sweep_runs[b]["results"]
+        sweep_rows.append(
+            [
+                b,
+                sweep_runs[b]["setup"]["timed_steps"],
+                r["ours"]["tokens_per_s"],
+                r["PEFT"]["tokens_per_s"],
+                f"{r['ours']['tokens_per_s'] / r['PEFT']['tokens_per_s']:.2f}x",
+                f"{r['ours']['speedup_vs_peft']:.2f}x",
+                f"{r['ours']['speedup_vs_peft_cpu_time']:.2f}x",
+                f"{r['ours']['computed_positions_per_useful']:.2f} / {r['PEFT']['computed_positions_per_useful']:.2f}",
+            ]
+        )
+    sweep_table = markdown_table(
+        [
+            "global batch",
+            "timed steps",
+            "ours tokens/s",
+            "PEFT tokens/s",
+            "tokens/s ratio",
+            "median per-step ratio",
+            "CPU-time ratio",
+            "computed / useful positions (ours / PEFT)",
+        ],
+        sweep_rows,
+    )
+    print(sweep_table)
+
     out = {
         "benchmark": "train_throughput",
         "quick": args.quick,
-        "setup": {
-            "tasks": names,
-            "batch_size": cfg.optim.batch_size,
-            "max_seq_len": L,
-            "num_virtual_tokens": P,
-            "timed_steps": steps,
-            "warmup_steps": warmup,
-            "dtype": "fp32",
-            "attention": "sdpa",
-            "threads": torch.get_num_threads(),
-            "backbone": cfg.model.name,
-            "model_shape": shape,
-        },
-        "matmul_peak_flops": peaks,
-        "tokens_per_step": tokens / len(per_step),
-        "flops_per_step": flops / len(per_step),
-        "results": results,
-        "per_step": per_step,
+        **main_run,
         "table": table,
+        "batch_sweep": {
+            str(b): {
+                "setup": run["setup"],
+                "tokens_per_step": run["tokens_per_step"],
+                "matmul_peak_flops": run["matmul_peak_flops"],
+                "results": {m: run["results"][m] for m in ("ours", "PEFT")},
+            }
+            for b, run in sorted(sweep_runs.items())
+        },
+        "batch_sweep_table": sweep_table,
     }
     write_result(
         f"train_throughput_{args.threads}thread" if args.threads else "train_throughput", out, args.quick
     )
-    shutil.rmtree(cfg.output_dir, ignore_errors=True)
     return out
 
 

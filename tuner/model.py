@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tuner import target_layer
 from tuner.batching import MultiTaskBatch
 from tuner.span_attention import ATTENTION_NAME, SpanAttention
 
@@ -69,8 +70,18 @@ class PromptTunedLM(torch.nn.Module):
             prompts[batch.prompt_task].to(embeds.dtype).reshape(-1, embeds.shape[-1]),
         )
 
-    def hidden_states(self, batch: MultiTaskBatch, prompts: torch.Tensor) -> torch.Tensor:
+    def hidden_states(
+        self, batch: MultiTaskBatch, prompts: torch.Tensor, *, targets_only: bool = False
+    ) -> torch.Tensor:
+        """Final hidden states [R, L, H]. `targets_only`: the last layer runs at the target positions
+        alone (see `tuner.target_layer`), so only those positions hold valid states."""
         embeds = self.embed_with_prompts(batch, prompts)
+        if targets_only and batch.target_row.numel() and target_layer.supports(self.decoder):
+            with target_layer.last_layer_at_targets(self.decoder, batch):
+                return self._decode(batch, embeds)
+        return self._decode(batch, embeds)
+
+    def _decode(self, batch: MultiTaskBatch, embeds: torch.Tensor) -> torch.Tensor:
         impl, config = self.attn_implementation, self.backbone.config
         if impl == "sdpa" and batch.num_segments:
             # Each span attends over only what it can see (exact; see tuner.span_attention).
@@ -116,7 +127,7 @@ class PromptTunedLM(torch.nn.Module):
         return_logits: bool = False,
     ) -> LossOutput:
         """Per-segment target NLL; `loss` = sum over segments of their mean NLL x `seg_weight` (default 1)."""
-        logits = self.target_logits(self.hidden_states(batch, prompts), batch)
+        logits = self.target_logits(self.hidden_states(batch, prompts, targets_only=True), batch)
         nll = F.cross_entropy(logits, batch.target_ids, reduction="none")
         S = batch.num_segments
         seg_sum = torch.zeros(S, device=nll.device, dtype=nll.dtype).index_add(0, batch.target_seg, nll)
