@@ -19,6 +19,13 @@ the token mean of its task batch (the same thing for single-token verbalisers).
 Accuracy is scored with `tuner.evaluate.evaluate_task` (verbaliser log-probabilities) on a fixed,
 seeded eval subset per task, for all three methods; PEFT's trained prompt is its adapter's
 `prompt_embeddings` table, which our wrapper places exactly where PEFT does.
+
+Replicates (`--seeds`, default 0,1,2): at this budget a run's accuracy moves by several points
+under float-level perturbations (reordering an exact computation changed one task by 5 points),
+so one run per method compares two draws of that noise. Each seed draws its own train and eval
+subsets, prompt initialisation and batches; both methods share them within a seed. The table
+gives per-seed numbers and the mean +- sample sd over seeds, of each method and of the paired
+difference ours - PEFT.
 """
 
 from __future__ import annotations
@@ -42,18 +49,8 @@ from tuner.evaluate import evaluate_task
 from tuner.optim import lr_at
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--quick", action="store_true", help="smoke run: 3 steps, 16 eval examples, nothing recorded"
-    )
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-seq-len", type=int, default=128)
-    ap.add_argument("--eval-examples", type=int, default=200, help="seeded eval subset per task")
-    args = ap.parse_args(argv)
-    steps, n_eval = (3, 16) if args.quick else (args.steps, args.eval_examples)
-
+def run_seed(args, seed: int, steps: int, n_eval: int) -> dict:
+    """One replicate: train ours and PEFT on the same draws of `seed`, score all three methods."""
     cfg = bench_config(
         "quality",
         batch_size=args.batch_size,
@@ -62,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_eval=n_eval,
         max_train=400 if args.quick else 4000,
     )
+    cfg.data.seed = seed  # train/eval subsets, prompt init and the sampler's draws
     recipe = setup_recipe(cfg, progress=True)
     o, L = cfg.optim, cfg.model.max_seq_len
     names = list(recipe.tasks)
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     def evaluate(prompt_of, what: str) -> dict[str, dict]:
         return {
             t: evaluate_task(recipe.lm, recipe.tokenizer, recipe.tasks[t], prompt_of(t), L)
-            for t in tqdm(names, desc=f"evaluate {what}", unit="task")
+            for t in tqdm(names, desc=f"seed {seed}: evaluate {what}", unit="task")
         }
 
     scores = {"zero-shot": evaluate(lambda t: None, "zero-shot")}
@@ -82,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     peft = PeftPromptTuning(
         recipe.lm.backbone, names, initial, lr=o.lr, betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip
     )
-    for k, draw in enumerate(tqdm(draws, desc="PEFT per-task prompt tuning", unit="step")):
+    for k, draw in enumerate(tqdm(draws, desc=f"seed {seed}: PEFT per-task prompt tuning", unit="step")):
         peft.step(
             examples_by_task(recipe, draw),
             lr_at(k, o.lr, o.warmup_steps, o.max_steps, o.schedule),
@@ -90,26 +88,92 @@ def main(argv: list[str] | None = None) -> dict:
             recipe.tokenizer.pad_token_id,
         )
     scores["PEFT (per task)"] = evaluate(peft.prompt, "PEFT")
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    return {
+        "seed": seed,
+        "cfg": cfg,
+        "names": names,
+        "eval_files": {t: recipe.tasks[t].spec.data.eval.rsplit("/", 1)[-1] for t in names},
+        "examples_per_task": dict(Counter(t for d in draws for t, _ in d)),
+        "updates_per_task": dict(Counter(t for d in draws for t in {t for t, _ in d})),
+        "accuracy": {m: {t: s[t]["accuracy"] for t in names} for m, s in scores.items()},
+        "macro_f1": {m: {t: s[t]["macro_f1"] for t in names} for m, s in scores.items()},
+        "n_eval": {t: scores["zero-shot"][t]["n"] for t in names},
+    }
 
-    examples = Counter(t for d in draws for t, _ in d)
-    updates = Counter(t for d in draws for t in {t for t, _ in d})
-    header = ["task", "eval split (n)", *scores, "ours - PEFT"]
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 3 steps, 16 eval examples, one seed, nothing recorded",
+    )
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-seq-len", type=int, default=128)
+    ap.add_argument("--eval-examples", type=int, default=200, help="seeded eval subset per task")
+    ap.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="comma-separated replicates; each seed draws its own train/eval subsets, prompt init and batches",
+    )
+    args = ap.parse_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if not seeds:
+        ap.error("--seeds needs at least one seed")
+    steps, n_eval = (3, 16) if args.quick else (args.steps, args.eval_examples)
+    if args.quick:
+        seeds = seeds[:1]
+
+    runs = [run_seed(args, seed, steps, n_eval) for seed in seeds]
+    names, methods = runs[0]["names"], list(runs[0]["accuracy"])
+    ours, peft_name = "ours (multi-task)", "PEFT (per task)"
+
+    # Per seed, then mean +- sample sd over seeds (and of the paired difference ours - PEFT).
+    per_seed_rows = [
+        [
+            r["seed"],
+            t,
+            *(f"{100 * r['accuracy'][m][t]:.1f}" for m in methods),
+            f"{100 * (r['accuracy'][ours][t] - r['accuracy'][peft_name][t]):+.1f}",
+        ]
+        for r in runs
+        for t in names
+    ]
+    per_seed = markdown_table(["seed", "task", *methods, "ours - PEFT"], per_seed_rows)
+    summary: dict[str, dict] = {}
     rows = []
     for t in names:
-        acc = {m: s[t]["accuracy"] for m, s in scores.items()}
+        stats = {m: _mean_sd([100 * r["accuracy"][m][t] for r in runs]) for m in methods}
+        diff = _mean_sd([100 * (r["accuracy"][ours][t] - r["accuracy"][peft_name][t]) for r in runs])
+        summary[t] = {m: {"mean": a, "sd": b} for m, (a, b) in stats.items()}
+        summary[t]["ours - PEFT"] = {"mean": diff[0], "sd": diff[1]}
         rows.append(
             [
                 t,
-                f"{recipe.tasks[t].spec.data.eval.rsplit('/', 1)[-1]} ({scores['zero-shot'][t]['n']})",
-                *(f"{100 * a:.1f}" for a in acc.values()),
-                f"{100 * (acc['ours (multi-task)'] - acc['PEFT (per task)']):+.1f}",
+                f"{runs[0]['eval_files'][t]} ({runs[0]['n_eval'][t]})",
+                *(f"{a:.1f} +- {b:.1f}" for a, b in stats.values()),
+                f"{diff[0]:+.1f} +- {diff[1]:.1f}",
             ]
         )
-    table = markdown_table(header, rows)
+    table = markdown_table(["task", "eval split (n per seed)", *methods, "ours - PEFT"], rows)
+    print(per_seed)
+    print(f"mean +- sd over {len(runs)} seed(s) {seeds}:")
     print(table)
-    print(
-        f"budget: {steps} steps x {o.batch_size} examples; per task examples {dict(examples)}, updates {dict(updates)}"
-    )
+    o = runs[0]["cfg"].optim
+    print(f"budget per seed: {steps} steps x {o.batch_size} examples; per task examples / updates by seed:")
+    for r in runs:
+        print(f"  seed {r['seed']}: {r['examples_per_task']} / {r['updates_per_task']}")
+    cfg = runs[0]["cfg"]
     out = {
         "benchmark": "quality",
         "quick": args.quick,
@@ -120,21 +184,20 @@ def main(argv: list[str] | None = None) -> dict:
             "warmup_steps": o.warmup_steps,
             "schedule": o.schedule,
             "grad_clip": o.grad_clip,
-            "max_seq_len": L,
+            "max_seq_len": cfg.model.max_seq_len,
             "num_virtual_tokens": cfg.prompt.num_virtual_tokens,
             "init": cfg.prompt.init,
             "eval_examples_per_task": n_eval,
-            "examples_per_task": dict(examples),
-            "updates_per_task": dict(updates),
+            "seeds": seeds,
             "dtype": "fp32",
             "attention": "sdpa",
         },
-        "accuracy": {m: {t: s[t]["accuracy"] for t in names} for m, s in scores.items()},
-        "macro_f1": {m: {t: s[t]["macro_f1"] for t in names} for m, s in scores.items()},
+        "summary": summary,
+        "runs": [{k: v for k, v in r.items() if k not in ("cfg", "names")} for r in runs],
         "table": table,
+        "per_seed_table": per_seed,
     }
     write_result("quality", out, args.quick)
-    shutil.rmtree(cfg.output_dir, ignore_errors=True)
     return out
 
 
