@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -336,7 +337,10 @@ class MultiTaskPromptTuningRecipe:
 
     def _log(self, msg: str) -> None:
         if self.is_main:
-            print(msg, flush=True)
+            # Not print(): inside a Ray Train worker print is patched to log *and* tee to the redirected
+            # stdout, so every line would reach the driver twice.
+            sys.stdout.write(msg + "\n")
+            sys.stdout.flush()
 
 
 def _mean(xs: list[float]) -> float:
