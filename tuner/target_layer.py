@@ -61,8 +61,8 @@ class _TargetKeys:
 
 
 def _forward_at_targets(
-    layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys
-):
+    layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: _TargetKeys
+) -> torch.Tensor:
     attn = layer.self_attn
     R, L, H = hidden.shape
     D = attn.head_dim
