@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 from collections import Counter
 
 from tqdm.auto import tqdm
@@ -103,8 +104,7 @@ def run_seed(args, seed: int, steps: int, n_eval: int) -> dict:
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
-    m = sum(xs) / len(xs)
-    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -133,25 +134,7 @@ def run_batch_size(args, batch_size: int, steps: int, ablations: bool) -> dict:
     shape = model_shape(recipe.lm.backbone)
     row_len = cfg.data.row_len
 
-    def positions(examples, by_task) -> dict[str, int]:
-        """Positions each method pushes through the decoder for these examples (rows x row length)."""
-        task_rows = {t: i for i, t in enumerate(names)}
-
-        def ours_layout(**kw) -> int:
-            return collate(
-                examples, task_rows, P, max_len=L, pad_id=pad, row_len=row_len, **kw
-            ).input_ids.numel()
-
-        peft_positions = sum(
-            len(ex) * (P + peft.collate(ex, L, pad)[0]["input_ids"].shape[1]) for ex in by_task.values()
-        )
-        out = {"ours": ours_layout()}
-        if ablations:
-            out["ours, one prompt per example"] = ours_layout(share_prompts=False)
-            out["ours, no packing"] = ours_layout(packing=False, share_prompts=False)
-            out["ours, full-vocab head"] = out["ours"]
-        out["PEFT"] = peft_positions
-        return out
+    task_rows = {t: i for i, t in enumerate(names)}
 
     times: dict[str, list[float]] = {m: [] for m in methods}  # wall-clock seconds per step
     cpu: dict[str, list[float]] = {m: [] for m in methods}  # process CPU seconds per step (all threads)
@@ -174,13 +157,25 @@ def run_batch_size(args, batch_size: int, steps: int, ablations: bool) -> dict:
         }
         if k >= warmup:
             examples = [recipe.tasks[t].train[i] for t, i in draw]
-            num_text = sum(len(i) + len(t) for i, t in (segment_layout(ex, P, L) for ex in examples))
+
+            # The rows ours builds for this step: rows x row length = positions computed.
+            layout = partial(collate, examples, task_rows, P, max_len=L, pad_id=pad, row_len=row_len)
+            packed = layout()
+            positions = {"ours": packed.input_ids.numel()}
+            if ablations:
+                positions["ours, one prompt per example"] = layout(share_prompts=False).input_ids.numel()
+                positions["ours, no packing"] = layout(packing=False, share_prompts=False).input_ids.numel()
+                positions["ours, full-vocab head"] = positions["ours"]
+            positions["PEFT"] = sum(
+                len(ex) * (P + peft.collate(ex, L, pad)[0]["input_ids"].shape[1])
+                for ex in examples_by_task(recipe, draw).values()
+            )
             per_step.append(
                 {
-                    "text_tokens": num_text,
-                    "useful_positions": num_text + len(examples) * (P - 1),
+                    "text_tokens": packed.num_text_tokens,
+                    "useful_positions": packed.num_text_tokens + len(examples) * (P - 1),
                     "flops": useful_flops(examples, P, L, shape),
-                    "positions": positions(examples, examples_by_task(recipe, draw)),
+                    "positions": positions,
                 }
             )
     recipe.lm = ours_lm
