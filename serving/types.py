@@ -37,7 +37,7 @@ class GenerationRequest:
     prompt: str  # raw user text; the engine applies the task's prefix/template if the adapter has one
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = field(default_factory=time.monotonic)
-    tenant: str = ""  # for metrics only; authorisation happens before the engine
+    tenant: str = ""  # quotas, fairness and per-tenant metrics; authorisation happens before the engine
     raw: bool = False  # True: the prompt goes to the model as is (no task prefix/template)
 
 
@@ -53,6 +53,15 @@ class RequestOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
+
+
+@dataclass(frozen=True)
+class TenantLimits:
+    """What one tenant may hold of the engine (from the tenants file); 0 means unlimited."""
+
+    max_concurrent: int = 0  # requests queued or running at once; more get 429 (`QuotaExceeded`)
+    tokens_per_minute: int = 0  # prompt + completion tokens admitted per rolling minute
+    weight: float = 1.0  # share of admissions under contention (weighted round-robin across tenants)
 
 
 @dataclass
@@ -103,6 +112,12 @@ class Overloaded(RetryableError):
     """The scheduler's queue is full; the API answers 429 with Retry-After."""
 
     status, type, code = 429, "rate_limit_error", "queue_full"
+
+
+class QuotaExceeded(RetryableError):
+    """This tenant is over its own limits (`TenantLimits`); other tenants are unaffected. 429 + Retry-After."""
+
+    status, type, code = 429, "rate_limit_error", "tenant_quota_exceeded"
 
 
 class EngineError(ServingError):
