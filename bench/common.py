@@ -2,8 +2,8 @@
 
 * `bench_config` + `setup_recipe`: the tuner's own `MultiTaskPromptTuningRecipe` on SST-2, AG News
   and TREC (fp32, SDPA, one process), set up exactly as `promptfleet train --no-ray` would.
-  Benchmarks then call the recipe's own `_train_step`, fed by `ReplayedDraws` so that every
-  method in a comparison sees the same global batches.
+  Benchmarks then call the recipe's own `train_step(global_batch)` with batches drawn once by its
+  sampler (`draw_batches`), so that every method in a comparison sees the same global batches.
 * `PeftPromptTuning`: the baseline, Hugging Face PEFT prompt tuning (`PromptTuningConfig`) on the
   *same* backbone object, with one adapter per task and a plain PyTorch loop. PEFT puts one prompt
   in a batch, so a global step becomes one padded batch per task (the usual causal-LM collator:
@@ -80,16 +80,6 @@ def setup_recipe(cfg: JobConfig, progress: bool = False) -> MultiTaskPromptTunin
     recipe = MultiTaskPromptTuningRecipe(cfg, progress=progress)
     recipe.setup()
     return recipe
-
-
-class ReplayedDraws:
-    """Stands in for the recipe's sampler: hands out the global batches it is given, in order."""
-
-    def __init__(self, batches: list[list[tuple[str, int]]]):
-        self.batches = list(batches)
-
-    def next_batch(self) -> list[tuple[str, int]]:
-        return self.batches.pop(0)
 
 
 def draw_batches(recipe: MultiTaskPromptTuningRecipe, steps: int) -> list[list[tuple[str, int]]]:

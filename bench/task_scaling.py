@@ -13,7 +13,7 @@ With shared prompt copies (the default) a row holds one copy per distinct task i
 of 64 one-example tasks computes 63 more prompt copies than a batch of one task; B' vs C' holds
 the positions fixed and isolates what the task structure itself costs.
 
-Each step is the recipe's own `_train_step` (gather the batch's prompt rows, forward/backward,
+Each step is the recipe's own `train_step` (gather the batch's prompt rows, forward/backward,
 SparseRowAdam on those rows, scatter back). The optimiser already holds state for every
 registered task, as after a long run. Configurations are interleaved, repetition by
 repetition; medians of wall-clock and of process CPU time are reported, with one torch thread
@@ -35,7 +35,6 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.common import (
-    ReplayedDraws,
     bench_config,
     draw_batches,
     markdown_table,
@@ -141,8 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     def run(name: str) -> dict:
         recipe.tasks, d, recipe.bank, recipe.optimizer = setups[name]
         recipe.cfg.data.share_prompts = configs[name][2]
-        recipe.sampler = ReplayedDraws([d])
-        return recipe._train_step()
+        return recipe.train_step(d)
 
     times: dict[str, list[float]] = {n: [] for n in configs}  # wall-clock seconds
     cpu: dict[str, list[float]] = {n: [] for n in configs}  # process CPU seconds (robust to other load)
@@ -151,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         order = list(configs)[r % len(configs) :] + list(configs)[: r % len(configs)]
         for name in order:
             t0, c0 = time.perf_counter(), time.process_time()
-            tokens[name] = run(name)["tokens"]
+            tokens[name] = run(name).tokens
             if r:
                 times[name].append(time.perf_counter() - t0)
                 cpu[name].append(time.process_time() - c0)

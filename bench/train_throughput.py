@@ -4,7 +4,7 @@ Every global step is drawn once by the recipe's sampler (SST-2 + AG News + TREC,
 mixing) and then run by every method on the same examples, in rotating order (the machine is
 shared, so interleaving spreads noise evenly). Methods:
 
-* `ours`: the recipe's own `_train_step` (mixed-task packed rows in which a task's examples share
+* `ours`: the recipe's own `train_step` (mixed-task packed rows in which a task's examples share
   one prompt copy, LM head at target positions only, SparseRowAdam on the rows of the tasks in
   the batch);
 * `ours, one prompt per example`, `ours, no packing` and `ours, full-vocab head`: the same step
@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 
 from bench.common import (
     PeftPromptTuning,
-    ReplayedDraws,
     bench_config,
     draw_batches,
     examples_by_task,
@@ -119,8 +118,8 @@ def run_batch_size(args, batch_size: int, steps: int, ablations: bool) -> dict:
 
     def run_ours(draw, lm, packing: bool = True, share: bool = True) -> None:
         recipe.cfg.data.packing, recipe.cfg.data.share_prompts = packing, share
-        recipe.lm, recipe.sampler = lm, ReplayedDraws([draw])
-        recipe._train_step()
+        recipe.lm = lm
+        recipe.train_step(draw)
 
     def run_peft(draw) -> None:
         peft.step(examples_by_task(recipe, draw), cfg.optim.lr, L, pad)

@@ -40,26 +40,24 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tuner.evaluate_cli import evaluate_command
+    from tuner.evaluate_cli import evaluate_command, render_results
 
     results = evaluate_command(
         run_dir=args.run_dir, config=args.config, overrides=args.overrides, zero_shot=args.zero_shot
     )
-    if args.json:
-        print(json.dumps(results, indent=2, default=float))
+    # stdout carries one format: JSON alone with --json (pipe it to jq), else the table.
+    print(json.dumps(results, indent=2, default=float) if args.json else render_results(results))
     return 0
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from tuner.tasks import TaskSpec
+    from tuner.job import load_task_specs, prepare_job
 
     for path in args.configs:
         if Path(path).parent.name == "tasks":
-            TaskSpec.load(path).check_files()
+            load_task_specs([path])
         else:
-            cfg = load_job_config(path)
-            for t in cfg.tasks:
-                TaskSpec.load(t).check_files()
+            prepare_job(load_job_config(path))
         print(f"ok  {path}")
     return 0
 

@@ -1,59 +1,81 @@
 """Run the tuner recipe on Ray Train: an embedded local Ray, or an existing cluster.
 
-`train_on_ray(cfg)` starts (or joins) Ray, then runs `tuner.recipe.run` on `num_workers` ranks
-in a `TorchTrainer` (gloo on CPU, NCCL on GPU). Rank 0 reports each checkpoint to Ray Train, so
-when a worker dies and `FailureConfig(max_failures)` replaces the worker group, the new group
-resumes from the last reported checkpoint. `train_local(cfg)` runs the same recipe in this
-process (one rank, no Ray), for debugging and benchmarks. Both export Prometheus metrics
-(`cluster.metrics`) on `cluster.metrics_port` when it is set (on rank 0 under Ray).
+`train_on_ray(cfg)` prepares the job once on the driver (`tuner.job.prepare_job`: tasks checked,
+run directory claimed, embedded backbone converted), starts (or joins) Ray, then runs
+`tuner.recipe.run` on `num_workers` ranks in a `TorchTrainer` (gloo on CPU, NCCL on GPU). Rank 0
+reports each checkpoint to Ray Train, so when a worker dies and `FailureConfig(max_failures)`
+replaces the worker group, the new group resumes from the last reported checkpoint. Rank 0 also
+sends each step's and evaluation's record to the driver through a Ray queue: the driver draws the
+one progress bar and prints the final table; workers print nothing of their own, and Ray's own
+INFO lines are turned off through Ray's logging configuration.
+
+`train_local(cfg)` runs the same recipe in this process (one rank, no Ray), for debugging and
+benchmarks. Both export Prometheus metrics (`cluster.metrics`) on `cluster.metrics_port` when it is
+set (on rank 0 under Ray).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
-from tuner.config import ConfigError, JobConfig, from_dict, to_dict
-from tuner.recipe import RecipeHooks, run
-from tuner.run_dir import claim_run_dir
-from tuner.tasks import TaskSpec
+from tuner.config import JobConfig, from_dict, to_dict
+from tuner.job import prepare_job
+from tuner.metrics import EvalPoint, StepMetrics
+from tuner.recipe import RecipeHooks, render_table, run
+
+# Environment of every Ray worker: quiet libraries, no Hub access unless the driver has it.
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",  # transformers' own logging configuration
+    "DS_LOG_LEVEL": "warning",  # read by cluster.launch._quiet_deepspeed in each worker
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's accelerator-visibility setting (and its FutureWarning)
+}
 
 
-def validate_job(cfg: JobConfig) -> JobConfig:
-    """Check on the driver what would otherwise fail inside a worker: tasks, files, run dir."""
-    names = []
-    for path in cfg.tasks:
-        spec = TaskSpec.load(path)
-        spec.check_files()
-        names.append(spec.name)
-    if len(set(names)) != len(names):
-        raise ConfigError(f"two task files define the same task name: {sorted(names)}")
-    cfg.output_dir = str(Path(cfg.output_dir).resolve())  # workers run in other directories
-    claim_run_dir(Path(cfg.output_dir) / cfg.name, cfg)
-    return cfg
+def _quiet_deepspeed() -> None:
+    import logging
+
+    logging.getLogger("DeepSpeed").setLevel(os.environ.get("DS_LOG_LEVEL", "warning").upper())
 
 
 def _worker(config: dict) -> None:
     """The per-rank entry point Ray Train runs."""
+    from dataclasses import asdict
+
     import ray.train
 
+    _quiet_deepspeed()
+    progress = config.pop("_progress", None)  # a ray.util.queue.Queue to the driver, or None
     cfg = from_dict(JobConfig, config)
+    rank0 = ray.train.get_context().get_world_rank() == 0
     metrics_server = None
-    if cfg.cluster.metrics_port and ray.train.get_context().get_world_rank() == 0:
+    if cfg.cluster.metrics_port and rank0:
         from cluster.metrics import TrainingMetrics
 
         metrics_server = TrainingMetrics.start(cfg.cluster.metrics_port)
 
-    def on_checkpoint(step: int, path: Path | None, metrics: dict) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+    def on_step(metrics: StepMetrics) -> None:
         if metrics_server is not None:
-            metrics_server.on_checkpoint(metrics)
+            metrics_server.on_step(metrics)
+        if progress is not None and rank0:
+            progress.put(("step", asdict(metrics)))
 
-    hooks = RecipeHooks(
-        on_checkpoint=on_checkpoint, on_step=metrics_server.on_step if metrics_server is not None else None
-    )
+    def on_eval(point: EvalPoint) -> None:
+        if progress is not None and rank0:
+            progress.put(("eval", asdict(point)))
+
+    def on_checkpoint(record, path: Path | None) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
+        ray.train.report(asdict(record), checkpoint=checkpoint)
+        if metrics_server is not None:
+            metrics_server.on_checkpoint(record)
+
+    hooks = RecipeHooks(on_step=on_step, on_eval=on_eval, on_checkpoint=on_checkpoint)
     restored = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as tmp:
         if restored is not None:
@@ -61,63 +83,132 @@ def _worker(config: dict) -> None:
             hooks.resume_from = Path(restored.to_directory(tmp))
             if metrics_server is not None:
                 metrics_server.on_restart()
-        run(cfg, hooks)
+        run(cfg, hooks, progress=False)
 
 
-def train_on_ray(cfg: JobConfig, address: str | None = None) -> dict:
+class _DriverProgress:
+    """The driver's progress bar, fed by rank 0's step and eval records through a Ray queue."""
+
+    def __init__(self, queue, total: int, show: bool):
+        self.queue, self.total, self.show = queue, total, show
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="promptfleet-progress", daemon=True)
+        self.bar = None
+
+    def __enter__(self) -> _DriverProgress:
+        if self.show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc="prompt tuning", unit="step", dynamic_ncols=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self._drain()
+        if self.bar is not None:
+            self.bar.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain(timeout=0.5)
+
+    def _drain(self, timeout: float = 0.0) -> None:
+        from ray.util.queue import Empty
+
+        try:
+            items = [self.queue.get(timeout=timeout)] if timeout else []
+            items += self.queue.get_nowait_batch(self.queue.qsize())
+        except (Empty, Exception):  # noqa: BLE001 - the queue's actor may be gone at shutdown
+            return
+        for kind, record in items:
+            if self.bar is None:
+                continue
+            if kind == "step":
+                m = StepMetrics(**record)
+                self.bar.n = m.step
+                self.bar.set_postfix(loss=f"{m.loss:.3f}", tok_s=f"{m.tokens_per_s:.0f}", lr=f"{m.lr:.3g}")
+            else:
+                e = EvalPoint(**record)
+                what = "zero-shot" if e.zero_shot else f"eval @ step {e.step}"
+                self.bar.write(f"{what}: " + ", ".join(f"{t} {v:.3f}" for t, v in e.scores.items()))
+
+
+def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = True) -> dict:
     """Run `cfg` on Ray Train; returns the run summary written by rank 0."""
-    import json
+    import logging
 
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
 
-    cfg = validate_job(cfg)
+    job = prepare_job(cfg, claim=True)
+    cfg = job.cfg
     address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
         ray.init(
             address=address,
             log_to_driver=True,
-            runtime_env={
-                "env_vars": {
-                    "TOKENIZERS_PARALLELISM": "false",
-                    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
-                }
-            },
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+            runtime_env={"env_vars": {**WORKER_ENV, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}},
         )
+    logging.getLogger("ray").setLevel(logging.WARNING)  # the driver's Ray Train controller lines
     c = cfg.cluster
+    queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         _worker,
-        train_loop_config=to_dict(cfg),
+        train_loop_config={**to_dict(cfg), "_progress": queue},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker}
         ),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=str(Path(cfg.output_dir) / cfg.name / "ray"),
+            storage_path=str(job.run_dir / "ray"),
             failure_config=FailureConfig(max_failures=c.max_failures),
         ),
     )
-    trainer.fit()
-    summary = Path(cfg.output_dir) / cfg.name / "summary.json"
-    return json.loads(summary.read_text()) if summary.is_file() else {}
+    with _DriverProgress(queue, cfg.optim.max_steps, show=progress):
+        trainer.fit()
+    summary_path = job.run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if progress and summary:
+        print_outcome(summary, job.run_dir)
+    return summary
 
 
-def train_local(cfg: JobConfig) -> dict:
+def print_outcome(summary: dict, run_dir: Path) -> None:
+    """The tuned-vs-zero-shot table and where the outputs went."""
+    out = sys.stdout
+    out.write("\n" + render_table(summary) + "\n\n")
+    out.write(f"run directory: {run_dir}\n")
+    for what, path in (
+        ("adapters (PEFT format)", "adapters/"),
+        ("report", "report.md"),
+        ("curves", "curves.png"),
+        ("summary", "summary.json"),
+    ):
+        out.write(f"  {what:<24}{run_dir / path}\n")
+    out.flush()
+
+
+def train_local(cfg: JobConfig, progress: bool = True) -> dict:
     """Run `cfg` in this process as a single rank (no Ray, no DeepSpeed); metrics as on Ray."""
-    cfg = validate_job(cfg)
-    if not cfg.cluster.metrics_port:
-        return run(cfg)
-    from cluster.metrics import TrainingMetrics
+    job = prepare_job(cfg, claim=True)
+    hooks = RecipeHooks()
+    metrics = None
+    if job.cfg.cluster.metrics_port:
+        from cluster.metrics import TrainingMetrics
 
-    metrics = TrainingMetrics.start(cfg.cluster.metrics_port)
+        metrics = TrainingMetrics.start(job.cfg.cluster.metrics_port)
+        hooks = RecipeHooks(on_step=metrics.on_step, on_checkpoint=metrics.on_checkpoint)
     try:
-        return run(
-            cfg,
-            RecipeHooks(
-                on_step=metrics.on_step, on_checkpoint=lambda step, path, m: metrics.on_checkpoint(m)
-            ),
-        )
+        summary = run(job.cfg, hooks, progress=progress)
     finally:
-        metrics.stop()
+        if metrics is not None:
+            metrics.stop()
+    if progress:
+        print_outcome(summary, job.run_dir)
+    return summary

@@ -18,9 +18,10 @@ cannot be opened only logs a warning: metrics must never stop a training run.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from tuner.metrics import CheckpointRecord, StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -92,22 +93,22 @@ class TrainingMetrics:
             thread.join(timeout=5)
             self.server = None
 
-    def on_step(self, step: int, metrics: Mapping) -> None:
-        """Record the recipe's per-step metrics (loss, lr, tokens, tokens_per_s, step_time_s, task_loss)."""
-        self.step.set(step)
-        self.loss.set(metrics["loss"])
-        self.lr.set(metrics["lr"])
-        self.tokens.inc(metrics.get("tokens", 0))
-        self.tokens_per_s.set(metrics.get("tokens_per_s", 0.0))
-        if "step_time_s" in metrics:
-            self.step_seconds.observe(metrics["step_time_s"])
-        for task, loss in metrics.get("task_loss", {}).items():
+    def on_step(self, metrics: StepMetrics) -> None:
+        """Record one step of the recipe (`MultiTaskPromptTuningRecipe.train_step`'s record)."""
+        self.step.set(metrics.step)
+        self.loss.set(metrics.loss)
+        self.lr.set(metrics.lr)
+        self.tokens.inc(metrics.tokens)
+        self.tokens_per_s.set(metrics.tokens_per_s)
+        if metrics.step_time_s > 0:
+            self.step_seconds.observe(metrics.step_time_s)
+        for task, loss in metrics.task_loss.items():
             self.task_loss.labels(task).set(loss)
 
-    def on_checkpoint(self, metrics: Mapping) -> None:
-        """Record a finished checkpoint save (`step`, `checkpoint_time_s`)."""
-        self.checkpoint_seconds.observe(metrics["checkpoint_time_s"])
-        self.last_checkpoint_step.set(metrics["step"])
+    def on_checkpoint(self, record: CheckpointRecord, path=None) -> None:
+        """Record a finished checkpoint save (usable directly as the recipe's `on_checkpoint` hook)."""
+        self.checkpoint_seconds.observe(record.checkpoint_time_s)
+        self.last_checkpoint_step.set(record.step)
 
     def on_restart(self) -> None:
         self.restarts.inc()

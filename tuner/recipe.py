@@ -1,16 +1,19 @@
 """Multi-task prompt tuning: the training recipe. Read this file top to bottom.
 
-    setup()  -> tokenizer, tasks, frozen backbone (ZeRO-3 partitioned at load), prompt bank,
-                optimiser, sampler, and the newest checkpoint if there is one
-    train()  -> for each step: draw a global mixed-task batch, take this rank's shard of every
-                micro-batch, pack it, forward/backward into the rows of the tasks in the batch,
-                all-reduce those rows' gradients, step them; log, evaluate, checkpoint
+    setup()       -> tokenizer, tasks, frozen backbone (ZeRO-3 partitioned at load), prompt bank,
+                     optimiser, sampler, and the newest checkpoint if there is one
+    train()       -> for each step: draw a global mixed-task batch, `train_step` it; log, evaluate,
+                     checkpoint
+    train_step(b) -> one optimiser step on global batch `b`: take this rank's shard of every
+                     micro-batch, pack it, forward/backward into the rows of the tasks in the batch,
+                     all-reduce those rows' gradients, step them; returns a `StepMetrics`
     finish() -> final evaluation beside the zero-shot scores, per-task PEFT adapters, summary
                 JSON, Markdown report, loss/score curves (PNG)
 
 Every rank draws the same global batch (same sampler seed) and keeps the full (small) prompt bank,
 so after the all-reduce all ranks apply identical updates; only the frozen backbone is sharded.
 The recipe knows nothing of Ray: `cluster.launch` runs it on Ray Train workers and passes hooks.
+It does not claim the run directory: the entry point does that once (`tuner.job.prepare_job`).
 """
 
 from __future__ import annotations
@@ -34,20 +37,25 @@ from tuner.config import ConfigError, JobConfig, to_dict
 from tuner.data import MultiTaskSampler, TaskData
 from tuner.evaluate import evaluate_task
 from tuner.export import TaskAdapter, save_adapter
+from tuner.job import prepare_job
+from tuner.metrics import CheckpointRecord, EvalPoint, RunHistory, StepMetrics
 from tuner.model import PromptTunedLM
 from tuner.optim import SparseRowAdam, lr_at
 from tuner.prompt_bank import PromptBank, init_prompts
-from tuner.run_dir import claim_run_dir, mark_finished
-from tuner.tasks import TaskSpec
+from tuner.run_dir import mark_finished
 from tuner.zero import allreduce_rows_grad, deepspeed_config, world, wrap_backbone
+
+GlobalBatch = list[tuple[str, int]]  # (task, example index in its train split), as the sampler draws
 
 
 @dataclass
 class RecipeHooks:
-    """Optional callbacks for the orchestration layer (Ray reporting, metrics export)."""
+    """Optional callbacks for the orchestration layer (Ray reporting, metrics export, progress)."""
 
-    on_step: Callable[[int, dict], None] | None = None  # (step, metrics) on every rank after each step
-    on_checkpoint: Callable[[int, Path | None, dict], None] | None = None  # every rank; path on rank 0 only
+    on_step: Callable[[StepMetrics], None] | None = None  # every rank, after each step
+    on_eval: Callable[[EvalPoint], None] | None = None  # every rank, after each evaluation
+    # every rank; the checkpoint directory on rank 0 only
+    on_checkpoint: Callable[[CheckpointRecord, Path | None], None] | None = None
     resume_from: Path | None = None  # a checkpoint directory to resume from (overrides the run dir's newest)
 
 
@@ -60,7 +68,7 @@ class MultiTaskPromptTuningRecipe:
         self.progress = progress and self.is_main
         self.run_dir = Path(cfg.output_dir).resolve() / cfg.name
         self.step = 0
-        self.history: list[dict] = []
+        self.history = RunHistory()
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -71,8 +79,7 @@ class MultiTaskPromptTuningRecipe:
             raise ConfigError(
                 f"optim.batch_size / optim.grad_accum = {micro} is fewer examples than ranks ({self.world_size})"
             )
-        if self.is_main:
-            claim_run_dir(self.run_dir, cfg)
+        job = prepare_job(cfg)  # the entry point claimed the run directory; here the tasks are loaded only
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if cfg.cluster.use_gpu and torch.cuda.is_available()
@@ -82,12 +89,7 @@ class MultiTaskPromptTuningRecipe:
         path = resolve_backbone(cfg.model.name)
         self.tokenizer = load_tokenizer(path)
 
-        specs = [TaskSpec.load(p) for p in cfg.tasks]
-        names = [s.name for s in specs]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"two task files define the same task name: {names}")
-        for s in specs:
-            s.check_files()
+        names = job.task_names
         self.tasks = {
             s.name: TaskData.load(
                 s,
@@ -96,7 +98,7 @@ class MultiTaskPromptTuningRecipe:
                 max_eval=cfg.data.max_eval_examples,
                 seed=cfg.data.seed,
             )
-            for s in specs
+            for s in job.specs
         }
 
         # ZeRO-3: HfDeepSpeedConfig must exist *before* from_pretrained so weights are partitioned
@@ -150,7 +152,7 @@ class MultiTaskPromptTuningRecipe:
             state = ckpt.load_checkpoint(
                 resume, bank=self.bank, optimizer=self.optimizer, sampler=self.sampler
             )
-            self.step, self.history = state["step"], state["history"]
+            self.step, self.history = state["step"], RunHistory.from_json(state["history"])
             self._log(f"resumed from {resume} at step {self.step}")
 
     # ------------------------------------------------------------------------------------ train
@@ -158,7 +160,8 @@ class MultiTaskPromptTuningRecipe:
     def train(self) -> None:
         cfg, o = self.cfg, self.cfg.optim
         if self.step == 0 and cfg.eval_zero_shot:
-            self.history.append({"step": 0, "zero_shot": self._evaluate(tuned=False)})
+            self.history.zero_shot = self._evaluate(tuned=False)
+            self._record_eval(EvalPoint(0, self._scores(self.history.zero_shot), zero_shot=True))
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
@@ -167,34 +170,27 @@ class MultiTaskPromptTuningRecipe:
                 total=o.max_steps, initial=self.step, desc="prompt tuning", unit="step", dynamic_ncols=True
             )
         while self.step < o.max_steps:
-            t0 = time.perf_counter()
-            metrics = self._train_step()
-            metrics["step_time_s"] = time.perf_counter() - t0
-            metrics["tokens_per_s"] = metrics["tokens"] / metrics["step_time_s"]
-            self.step += 1
+            metrics = self.train_step(self.sampler.next_batch())
             if self.step % cfg.log_every == 0 or self.step == o.max_steps:
-                self.history.append(
-                    {"step": self.step, **{k: v for k, v in metrics.items() if k != "tokens"}}
-                )
+                self.history.steps.append(metrics)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{metrics['loss']:.3f}",
-                    tok_s=f"{metrics['tokens_per_s']:.0f}",
-                    lr=f"{metrics['lr']:.3g}",
+                    loss=f"{metrics.loss:.3f}", tok_s=f"{metrics.tokens_per_s:.0f}", lr=f"{metrics.lr:.3g}"
                 )
             if self.hooks.on_step:
-                self.hooks.on_step(self.step, metrics)
+                self.hooks.on_step(metrics)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < o.max_steps:
-                self.history.append({"step": self.step, "eval": self._scores(self._evaluate(tuned=True))})
+                self._record_eval(EvalPoint(self.step, self._scores(self._evaluate(tuned=True))))
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 or self.step == o.max_steps:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()
 
-    def _train_step(self) -> dict:
+    def train_step(self, global_batch: GlobalBatch) -> StepMetrics:
+        """One optimiser step on `global_batch` (identical on every rank); advances `self.step`."""
+        t0 = time.perf_counter()
         o = self.cfg.optim
-        global_batch = self.sampler.next_batch()
         names = sorted({t for t, _ in global_batch})  # identical on every rank
         rows = self.bank.rows_of(names)
         prompts = self.bank.gather(rows).to(self.device)  # leaf [U, P, H]: the only trainable tensor
@@ -203,7 +199,7 @@ class MultiTaskPromptTuningRecipe:
         # trained alone on them: a task's update does not depend on which other tasks share the step.
         per_task = Counter(t for t, _ in global_batch)
         task_weight = torch.tensor([1.0 / per_task[n] for n in names], device=self.device)
-        micro = o.batch_size // o.grad_accum
+        micro = len(global_batch) // o.grad_accum
         loss_sum = torch.zeros(len(names), 2, dtype=torch.float64)  # per task: (sum of losses, examples)
         tokens = 0
         for m in range(o.grad_accum):
@@ -233,13 +229,15 @@ class MultiTaskPromptTuningRecipe:
         lr = lr_at(self.step, o.lr, o.warmup_steps, o.max_steps, o.schedule)
         new = self.optimizer.step(names, prompts.detach().cpu(), prompts.grad.cpu(), lr=lr)
         self.bank.scatter_(rows, new)
-        task_loss = {n: float(loss_sum[i, 0] / loss_sum[i, 1]) for i, n in enumerate(names)}
-        return {
-            "loss": float(loss_sum[:, 0].sum() / loss_sum[:, 1].sum()),
-            "lr": lr,
-            "tokens": tokens,
-            "task_loss": task_loss,
-        }
+        self.step += 1
+        return StepMetrics(
+            step=self.step,
+            loss=float(loss_sum[:, 0].sum() / loss_sum[:, 1].sum()),
+            lr=lr,
+            tokens=tokens,
+            task_loss={n: float(loss_sum[i, 0] / loss_sum[i, 1]) for i, n in enumerate(names)},
+            step_time_s=time.perf_counter() - t0,
+        )
 
     # ------------------------------------------------------------------------------------ eval
 
@@ -256,6 +254,11 @@ class MultiTaskPromptTuningRecipe:
     def _scores(results: dict[str, dict]) -> dict[str, float]:
         return {n: r["score"] for n, r in results.items() if r}
 
+    def _record_eval(self, point: EvalPoint) -> None:
+        self.history.evals.append(point)
+        if self.hooks.on_eval:
+            self.hooks.on_eval(point)
+
     # ------------------------------------------------------------------------------------ checkpoint
 
     def save_checkpoint(self) -> None:
@@ -268,27 +271,25 @@ class MultiTaskPromptTuningRecipe:
                 bank=self.bank,
                 optimizer=self.optimizer,
                 sampler=self.sampler,
-                history=self.history,
+                history=self.history.to_json(),
             )
         if self.hooks.on_checkpoint:
-            self.hooks.on_checkpoint(
-                self.step, path, {"step": self.step, "checkpoint_time_s": time.perf_counter() - t0}
-            )
+            self.hooks.on_checkpoint(CheckpointRecord(self.step, time.perf_counter() - t0), path)
 
     # ------------------------------------------------------------------------------------ finish
 
     def finish(self) -> dict:
         """Final eval, adapters, summary, report and curves. Returns the summary."""
         final = self._evaluate(tuned=True)
-        self.history.append({"step": self.step, "eval": self._scores(final)})
-        zero = next((h["zero_shot"] for h in self.history if "zero_shot" in h), {})
+        self._record_eval(EvalPoint(self.step, self._scores(final)))
+        zero = self.history.zero_shot
         summary = {
             "name": self.cfg.name,
             "backbone": self.cfg.model.name,
             "steps": self.step,
             "world_size": self.world_size,
             "num_virtual_tokens": self.bank.num_virtual_tokens,
-            "tokens_per_s": _mean([h["tokens_per_s"] for h in self.history if "tokens_per_s" in h]),
+            "tokens_per_s": self.history.mean_tokens_per_s(),
             "tasks": {
                 n: {
                     "kind": self.tasks[n].spec.kind,
@@ -328,8 +329,6 @@ class MultiTaskPromptTuningRecipe:
 
             plot_curves(self.history, self.run_dir / "curves.png")
             mark_finished(self.run_dir)
-            self._log("\n" + render_table(summary))
-            self._log(f"run directory: {self.run_dir}")
         return summary
 
     def cleanup(self) -> None:
@@ -341,10 +340,6 @@ class MultiTaskPromptTuningRecipe:
             # stdout, so every line would reach the driver twice.
             sys.stdout.write(msg + "\n")
             sys.stdout.flush()
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else 0.0
 
 
 def render_table(summary: dict) -> str:

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.metrics import TrainingMetrics
+from tuner.metrics import CheckpointRecord, StepMetrics
 
 
 def _free_port() -> int:
@@ -33,28 +34,12 @@ def test_recorder_exposes_every_series():
     m = TrainingMetrics.start(port, addr="127.0.0.1")
     try:
         m.on_step(
-            1,
-            {
-                "loss": 2.5,
-                "lr": 0.1,
-                "tokens": 100,
-                "tokens_per_s": 50.0,
-                "step_time_s": 2.0,
-                "task_loss": {"sst2": 2.0, "trec": 3.0},
-            },
+            StepMetrics(
+                1, loss=2.5, lr=0.1, tokens=100, task_loss={"sst2": 2.0, "trec": 3.0}, step_time_s=2.0
+            )
         )
-        m.on_step(
-            2,
-            {
-                "loss": 2.0,
-                "lr": 0.05,
-                "tokens": 60,
-                "tokens_per_s": 60.0,
-                "step_time_s": 1.0,
-                "task_loss": {"sst2": 1.5},
-            },
-        )
-        m.on_checkpoint({"step": 2, "checkpoint_time_s": 0.25})
+        m.on_step(StepMetrics(2, loss=2.0, lr=0.05, tokens=60, task_loss={"sst2": 1.5}, step_time_s=1.0))
+        m.on_checkpoint(CheckpointRecord(step=2, checkpoint_time_s=0.25))
         m.on_restart()
         s = _scrape(port)
     finally:
@@ -82,7 +67,7 @@ def test_port_in_use_does_not_stop_training():
         busy.listen()
         m = TrainingMetrics.start(busy.getsockname()[1], addr="127.0.0.1")
     assert m.server is None
-    m.on_step(1, {"loss": 1.0, "lr": 0.1, "task_loss": {"a": 1.0}})  # recording still works
+    m.on_step(StepMetrics(1, loss=1.0, lr=0.1, tokens=0, task_loss={"a": 1.0}))  # recording still works
 
 
 def test_endpoint_during_a_run(tmp_path, monkeypatch):
@@ -96,9 +81,9 @@ def test_endpoint_during_a_run(tmp_path, monkeypatch):
     seen: list[dict] = []
     original = TrainingMetrics.on_checkpoint
 
-    def scrape_after_checkpoint(self, metrics):
-        original(self, metrics)
-        seen.append({"step": metrics["step"], "samples": _scrape(port)})
+    def scrape_after_checkpoint(self, record, path=None):
+        original(self, record, path)
+        seen.append({"step": record.step, "samples": _scrape(port)})
 
     monkeypatch.setattr(TrainingMetrics, "on_checkpoint", scrape_after_checkpoint)
     job = write_tiny_job(tmp_path / "job", write_tiny_backbone(tmp_path / "backbone"))

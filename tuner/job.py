@@ -1,0 +1,59 @@
+"""Job preparation: the one place a job's tasks are loaded and checked and its run directory claimed.
+
+`prepare_job(cfg)` loads every task file, checks its data files and that task names are unique,
+makes `output_dir` absolute (workers run in other directories) and returns a `PreparedJob`.
+`prepare_job(cfg, claim=True)` also claims the run directory (`tuner.run_dir`): the entry point
+that starts a run (the CLI's launcher, on the driver) does this exactly once; the recipe on each
+rank prepares the same job without claiming it. The embedded backbone is resolved (converted into
+the model cache) on the claiming process too, so workers never race to convert it.
+
+It reads no data rows and loads no model weights (see `tuner.data`, `tuner.backbone`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuner.config import ConfigError, JobConfig
+from tuner.run_dir import claim_run_dir
+from tuner.tasks import TaskSpec
+
+
+@dataclass
+class PreparedJob:
+    cfg: JobConfig
+    specs: list[TaskSpec]  # in the order of `cfg.tasks`
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.output_dir) / self.cfg.name
+
+    @property
+    def task_names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+
+def load_task_specs(task_files: list[str]) -> list[TaskSpec]:
+    """Load and check task files: data files exist, names are unique."""
+    specs = [TaskSpec.load(p) for p in task_files]
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"two task files define the same task name: {', '.join(dup)}")
+    for s in specs:
+        s.check_files()
+    return specs
+
+
+def prepare_job(cfg: JobConfig, *, claim: bool = False) -> PreparedJob:
+    """Load and check `cfg`'s tasks; with `claim`, also claim the run directory and resolve the backbone."""
+    specs = load_task_specs(cfg.tasks)
+    cfg.output_dir = str(Path(cfg.output_dir).resolve())
+    job = PreparedJob(cfg, specs)
+    if claim:
+        from tuner.backbone import resolve_backbone
+
+        resolve_backbone(cfg.model.name)  # convert the embedded backbone once, here, before any worker
+        claim_run_dir(job.run_dir, cfg)
+    return job

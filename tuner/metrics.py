@@ -1,0 +1,73 @@
+"""Typed records of a training run: what one step did, what one evaluation scored, and the history.
+
+`MultiTaskPromptTuningRecipe.train_step` returns a `StepMetrics`; evaluations during and after
+training become `EvalPoint`s; `RunHistory` keeps both and is what checkpoints store (as JSON), what
+the curves plot and what the summary averages. The Prometheus exporter (`cluster.metrics`), the
+plots (`tuner.plots`) and the driver's progress bar read these fields, never string keys.
+
+Nothing here computes metrics (see `tuner.evaluate`) or writes files (see `tuner.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class StepMetrics:
+    """One optimiser step, as every rank sees it after the all-reduce."""
+
+    step: int  # the step this record closes (1-based)
+    loss: float  # mean target NLL over the global batch's examples
+    lr: float  # learning rate applied in this step
+    tokens: int  # real text tokens (input + target) in the global batch
+    task_loss: dict[str, float]  # mean target NLL of each task in the batch over its own examples
+    step_time_s: float = 0.0  # wall time of the step on this rank
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_time_s if self.step_time_s > 0 else 0.0
+
+
+@dataclass
+class EvalPoint:
+    """Headline scores of every task at one step (`zero_shot`: the untuned backbone)."""
+
+    step: int
+    scores: dict[str, float]
+    zero_shot: bool = False
+
+
+@dataclass
+class CheckpointRecord:
+    """A checkpoint written at `step` (reported to Ray Train and the metrics exporter)."""
+
+    step: int
+    checkpoint_time_s: float
+
+
+@dataclass
+class RunHistory:
+    """Everything logged during a run; saved in every checkpoint so a resumed run keeps its curves."""
+
+    steps: list[StepMetrics] = field(default_factory=list)
+    evals: list[EvalPoint] = field(default_factory=list)
+    zero_shot: dict[str, dict] = field(default_factory=dict)  # full zero-shot metrics per task
+
+    def tuned_evals(self) -> list[EvalPoint]:
+        return [e for e in self.evals if not e.zero_shot]
+
+    def mean_tokens_per_s(self) -> float:
+        rates = [s.tokens_per_s for s in self.steps if s.step_time_s > 0]
+        return sum(rates) / len(rates) if rates else 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunHistory:
+        return cls(
+            steps=[StepMetrics(**s) for s in data.get("steps", [])],
+            evals=[EvalPoint(**e) for e in data.get("evals", [])],
+            zero_shot=dict(data.get("zero_shot", {})),
+        )
