@@ -26,21 +26,22 @@ from pathlib import Path
 from tuner.config import JobConfig, from_dict, to_dict
 from tuner.job import prepare_job
 from tuner.metrics import EvalPoint, StepMetrics
-from tuner.recipe import RecipeHooks, render_table, run
+from tuner.recipe import RecipeHooks, describe_eval, render_table, run
 
-# Environment of every Ray worker: quiet libraries, no Hub access unless the driver has it.
+# Environment of every Ray worker, set through each library's own configuration: no INFO chatter,
+# no deprecation warnings of upstream internals, no Hub access unless the driver has it.
 WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
-    "TRANSFORMERS_VERBOSITY": "error",  # transformers' own logging configuration
-    "DS_LOG_LEVEL": "warning",  # read by cluster.launch._quiet_deepspeed in each worker
+    "TRANSFORMERS_VERBOSITY": "error",  # transformers' logging configuration
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's accelerator-visibility setting (and its FutureWarning)
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",  # e.g. DeepSpeed's calls into torch
 }
 
 
 def _quiet_deepspeed() -> None:
     import logging
 
-    logging.getLogger("DeepSpeed").setLevel(os.environ.get("DS_LOG_LEVEL", "warning").upper())
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
 def _worker(config: dict) -> None:
@@ -130,15 +131,11 @@ class _DriverProgress:
                 self.bar.n = m.step
                 self.bar.set_postfix(loss=f"{m.loss:.3f}", tok_s=f"{m.tokens_per_s:.0f}", lr=f"{m.lr:.3g}")
             else:
-                e = EvalPoint(**record)
-                what = "zero-shot" if e.zero_shot else f"eval @ step {e.step}"
-                self.bar.write(f"{what}: " + ", ".join(f"{t} {v:.3f}" for t, v in e.scores.items()))
+                self.bar.write(describe_eval(EvalPoint(**record)))
 
 
 def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = True) -> dict:
     """Run `cfg` on Ray Train; returns the run summary written by rank 0."""
-    import logging
-
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -146,16 +143,21 @@ def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = Tr
 
     job = prepare_job(cfg, claim=True)
     cfg = job.cfg
-    address = address or cfg.cluster.address or os.environ.get("RAY_ADDRESS") or None
+    c = cfg.cluster
+    address = address or c.address or os.environ.get("RAY_ADDRESS") or None
+    env = {**WORKER_ENV, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    if not c.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's accelerator setting: no GPU probing and its warning
     if not ray.is_initialized():
+        # Ray's logging configuration: its own INFO/WARNING lines (token auth, accelerator set-up, the
+        # core worker's notices) stay in Ray's log files; errors still reach the console.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
         ray.init(
             address=address,
             log_to_driver=True,
-            logging_config=ray.LoggingConfig(log_level="WARNING"),
-            runtime_env={"env_vars": {**WORKER_ENV, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}},
+            logging_config=ray.LoggingConfig(log_level="ERROR"),
+            runtime_env={"env_vars": env},
         )
-    logging.getLogger("ray").setLevel(logging.WARNING)  # the driver's Ray Train controller lines
-    c = cfg.cluster
     queue = Queue(actor_options={"num_cpus": 0})
     trainer = TorchTrainer(
         _worker,
@@ -168,6 +170,8 @@ def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = Tr
             name=cfg.name,
             storage_path=str(job.run_dir / "ray"),
             failure_config=FailureConfig(max_failures=c.max_failures),
+            # Ray Train's logging configuration: no per-report and worker-group INFO lines.
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
         ),
     )
     with _DriverProgress(queue, cfg.optim.max_steps, show=progress):

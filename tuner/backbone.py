@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,8 +61,24 @@ def resolve_backbone(name: str) -> str:
         if not (target / COMPLETE).is_file():  # another process may have finished while we waited
             if target.exists():  # incomplete: rebuild, never trust
                 shutil.rmtree(target)
-            _convert_gguf(Path(spec.origin).parent, gguf_file, target)
+            print(f"promptfleet: converting backbone {name!r} into {target} (once)", file=sys.stderr)
+            with _no_progress_bars():
+                _convert_gguf(Path(spec.origin).parent, gguf_file, target)
     return str(target)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' own progress-bar setting, off for the block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -160,7 +177,10 @@ def load_backbone(
     """Load a causal LM frozen, in eval mode (no dropout) for prompt tuning."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    with _no_progress_bars():  # a 1-second load needs no bar (and Ray workers would print one per rank)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation
+        )
     model.requires_grad_(False)
     model.eval()
     if not _is_zero3_partitioned(model):

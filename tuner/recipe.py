@@ -24,7 +24,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -69,6 +69,7 @@ class MultiTaskPromptTuningRecipe:
         self.run_dir = Path(cfg.output_dir).resolve() / cfg.name
         self.step = 0
         self.history = RunHistory()
+        self._bar = None  # the progress bar while train() runs (rank 0, progress=True)
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -114,11 +115,13 @@ class MultiTaskPromptTuningRecipe:
                 nvme_path=cfg.cluster.nvme_path,
             )
             self._ds_config = HfDeepSpeedConfig(ds)  # keep a reference: transformers reads it weakly
-        backbone = load_backbone(
-            path, self.dtype, pick_attention(cfg.model.attn_implementation, self.device), self.device
-        )
-        if self._ds_config is not None:
-            wrap_backbone(backbone, self._ds_config.config)
+        # DeepSpeed print()s while it sets up (op builds, configs): keep the console to the progress bar.
+        with _quiet_stdout(self._ds_config is not None):
+            backbone = load_backbone(
+                path, self.dtype, pick_attention(cfg.model.attn_implementation, self.device), self.device
+            )
+            if self._ds_config is not None:
+                wrap_backbone(backbone, self._ds_config.config)
         self.lm = PromptTunedLM(backbone)
         self.backbone_path = path
 
@@ -159,23 +162,22 @@ class MultiTaskPromptTuningRecipe:
 
     def train(self) -> None:
         cfg, o = self.cfg, self.cfg.optim
-        if self.step == 0 and cfg.eval_zero_shot:
-            self.history.zero_shot = self._evaluate(tuned=False)
-            self._record_eval(EvalPoint(0, self._scores(self.history.zero_shot), zero_shot=True))
-        bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(
+            self._bar = tqdm(
                 total=o.max_steps, initial=self.step, desc="prompt tuning", unit="step", dynamic_ncols=True
             )
+        if self.step == 0 and cfg.eval_zero_shot:
+            self.history.zero_shot = self._evaluate(tuned=False)
+            self._record_eval(EvalPoint(0, self._scores(self.history.zero_shot), zero_shot=True))
         while self.step < o.max_steps:
             metrics = self.train_step(self.sampler.next_batch())
             if self.step % cfg.log_every == 0 or self.step == o.max_steps:
                 self.history.steps.append(metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
+            if self._bar is not None:
+                self._bar.update(1)
+                self._bar.set_postfix(
                     loss=f"{metrics.loss:.3f}", tok_s=f"{metrics.tokens_per_s:.0f}", lr=f"{metrics.lr:.3g}"
                 )
             if self.hooks.on_step:
@@ -184,8 +186,9 @@ class MultiTaskPromptTuningRecipe:
                 self._record_eval(EvalPoint(self.step, self._scores(self._evaluate(tuned=True))))
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 or self.step == o.max_steps:
                 self.save_checkpoint()
-        if bar is not None:
-            bar.close()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def train_step(self, global_batch: GlobalBatch) -> StepMetrics:
         """One optimiser step on `global_batch` (identical on every rank); advances `self.step`."""
@@ -256,6 +259,8 @@ class MultiTaskPromptTuningRecipe:
 
     def _record_eval(self, point: EvalPoint) -> None:
         self.history.evals.append(point)
+        if self._bar is not None:
+            self._bar.write(describe_eval(point))
         if self.hooks.on_eval:
             self.hooks.on_eval(point)
 
@@ -290,6 +295,7 @@ class MultiTaskPromptTuningRecipe:
             "world_size": self.world_size,
             "num_virtual_tokens": self.bank.num_virtual_tokens,
             "tokens_per_s": self.history.mean_tokens_per_s(),
+            "evals": [asdict(e) for e in self.history.evals],  # every evaluation's scores, by step
             "tasks": {
                 n: {
                     "kind": self.tasks[n].spec.kind,
@@ -340,6 +346,20 @@ class MultiTaskPromptTuningRecipe:
             # stdout, so every line would reach the driver twice.
             sys.stdout.write(msg + "\n")
             sys.stdout.flush()
+
+
+def describe_eval(point: EvalPoint) -> str:
+    """One line for the console: which evaluation, and every task's score."""
+    what = "zero-shot" if point.zero_shot else f"eval @ step {point.step}"
+    return f"{what}: " + ", ".join(f"{t} {v:.3f}" for t, v in point.scores.items())
+
+
+def _quiet_stdout(quiet: bool):
+    """Send stdout to nowhere for the block when `quiet` (errors still raise; stderr is untouched)."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
 
 
 def render_table(summary: dict) -> str:

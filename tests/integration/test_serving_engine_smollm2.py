@@ -1,5 +1,10 @@
-"""The serving engine on the real SmolLM2 backbone (fp32): served greedy output equals PEFT's
-`PeftModel.generate` for the same adapter, and a task's output in a mixed batch equals its output alone.
+"""The serving engine on the real SmolLM2 backbone (fp32).
+
+Oracles, strongest first: (1) a direct reference written here (the prompt's embeddings prepended to
+the text's, a plain greedy loop of full forwards, no cache) that no upstream release can change;
+(2) PEFT at the logits level (`PeftModel.forward` over the served sequence); (3) PEFT's own
+`generate`, which depends on transformers' generation code and holds for the locked versions
+(requirements.lock). A task's output in a mixed batch equals its output alone.
 
 Adapters are written with `tuner.export.save_adapter` from vocabulary-initialised prompts (no
 training needed: the equivalences hold for any prompt). Few tokens, few requests: ~1000 tokens/s here.
@@ -68,11 +73,65 @@ def greedy(rid: str, task: str) -> GenerationRequest:
     return GenerationRequest(rid, task, TASKS[task][1], SamplingParams(max_tokens=NEW_TOKENS), raw=True)
 
 
-def test_served_greedy_output_equals_peft_generate(engine_and_store):
+@torch.no_grad()
+def direct_greedy(model, prompt: torch.Tensor, ids: list[int], new_tokens: int, eos: int) -> list[int]:
+    """Greedy decoding by definition: [prompt embeddings][token embeddings] -> full forward -> argmax."""
+    out: list[int] = []
+    for _ in range(new_tokens):
+        tokens = torch.tensor([ids + out])
+        embeds = torch.cat([prompt[None].to(model.dtype), model.get_input_embeddings()(tokens)], dim=1)
+        positions = torch.arange(embeds.shape[1])[None]
+        logits = model(inputs_embeds=embeds, position_ids=positions, use_cache=False).logits[0, -1]
+        out.append(int(logits.argmax()))
+        if out[-1] == eos:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def served_alone(engine_and_store):
+    engine, _ = engine_and_store
+    return serve(engine, [greedy(t, t) for t in TASKS])
+
+
+def test_served_greedy_output_equals_a_direct_reference(engine_and_store, served_alone):
+    from tuner.export import load_adapter
+
+    engine, store = engine_and_store
+    base = load_backbone(resolve_backbone(BACKBONE), torch.float32)
+    tok = engine.tokenizer
+    for task, (_, text) in TASKS.items():
+        prompt = load_adapter(store / task).prompt
+        ids = tok(text, add_special_tokens=False).input_ids
+        want = direct_greedy(base, prompt, ids, NEW_TOKENS, tok.eos_token_id)
+        assert served_alone[task] == want, f"{task}: served {served_alone[task]} != direct {want}"
+
+
+def test_peft_logits_over_the_served_sequence_equal_the_direct_ones(engine_and_store, served_alone):
+    from peft import PeftModel
+
+    from tuner.export import load_adapter
+
+    engine, store = engine_and_store
+    base = load_backbone(resolve_backbone(BACKBONE), torch.float32)
+    tok = engine.tokenizer
+    for task, (P, text) in TASKS.items():
+        seq = tok(text, add_special_tokens=False).input_ids + served_alone[task]
+        prompt = load_adapter(store / task).prompt
+        with torch.no_grad():
+            embeds = torch.cat([prompt[None], base.get_input_embeddings()(torch.tensor([seq]))], dim=1)
+            direct = base(inputs_embeds=embeds, use_cache=False).logits[0, P:]
+            peft_model = PeftModel.from_pretrained(base, str(store / task)).eval()
+            theirs = peft_model(input_ids=torch.tensor([seq])).logits[0, P:]
+        torch.testing.assert_close(theirs, direct, rtol=1e-4, atol=1e-4)
+        base = peft_model.get_base_model()  # prompt tuning leaves the backbone unchanged
+
+
+def test_served_greedy_output_equals_peft_generate(engine_and_store, served_alone):
+    """A second check against PEFT's `generate`: true for the locked transformers/peft versions."""
     from peft import PeftModel
 
     engine, store = engine_and_store
-    served = serve(engine, [greedy(t, t) for t in TASKS])
     base = load_backbone(resolve_backbone(BACKBONE), torch.float32)
     tok = engine.tokenizer
     for task, (_, text) in TASKS.items():
@@ -88,7 +147,7 @@ def test_served_greedy_output_equals_peft_generate(engine_and_store):
             )
         new = out[0, ids.shape[1] :].tolist() if out.shape[1] > NEW_TOKENS else out[0].tolist()
         want = new[: new.index(tok.eos_token_id) + 1] if tok.eos_token_id in new else new
-        assert served[task] == want, f"{task}: served {served[task]} != PEFT {want}"
+        assert served_alone[task] == want, f"{task}: served {served_alone[task]} != PEFT {want}"
         base = peft_model.get_base_model()  # prompt tuning leaves the backbone unchanged
 
 
