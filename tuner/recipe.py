@@ -196,6 +196,9 @@ class MultiTaskPromptTuningRecipe:
     def _train_step(self) -> dict:
         o = self.cfg.optim
         global_batch = self.sampler.next_batch()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         names = sorted({t for t, _ in global_batch})  # identical on every rank
         rows = self.bank.rows_of(names)
         prompts = self.bank.gather(rows)  # leaf [U, P, H] on the device: the only trainable tensor
@@ -243,6 +246,8 @@ class MultiTaskPromptTuningRecipe:
             "lr": lr,
             "tokens": tokens,
             "task_loss": task_loss,
+            # peak device memory of the step (weights + activations + prompt state); 0 on CPU
+            "max_memory_allocated": torch.cuda.max_memory_allocated(self.device) if cuda else 0,
         }
 
     # ------------------------------------------------------------------------------------ eval
