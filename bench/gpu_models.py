@@ -96,10 +96,14 @@ def num_params(model: torch.nn.Module) -> int:
 
 
 class IdTokenizer:
-    """Prompts are space-separated token ids ("5 17 301"); decode writes ids back the same way."""
+    """Prompts are space-separated token ids ("5 17 301"); decode writes ids back the same way.
 
-    eos_token_id = 2
+    `eos_token_id=None`: nothing ends a generation but its token limit (benchmarks)."""
+
     pad_token_id = 2
+
+    def __init__(self, eos_token_id: int | None = 2):
+        self.eos_token_id = eos_token_id
 
     class _Encoding:
         def __init__(self, ids: list[int]):
