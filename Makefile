@@ -5,7 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: setup demo test test-unit test-slow bench lint format clean
+.PHONY: setup demo test test-unit test-slow bench gpu-check lint format clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,11 @@ test-unit: setup
 
 bench: setup
 	$(BIN)/python -m bench.run_all
+
+## gpu-check: on a CUDA machine, with its own python3 (no venv): tests/gpu and the GPU benchmarks, all
+## results as JSON in $OUT (default gpu-results). Carry gpu-carry/ (see bench/gpu_check.py).
+gpu-check:
+	$(PY) -m bench.gpu_check --out "$${OUT:-gpu-results}"
 
 lint: setup
 	$(BIN)/ruff check .

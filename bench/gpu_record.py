@@ -55,4 +55,5 @@ def write_json(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1, default=str)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
