@@ -39,6 +39,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -142,33 +143,33 @@ class VarlenLayout:
         L, P = batch.input_ids.shape[1], batch.num_virtual_tokens
         if bottom_right is None:
             bottom_right = _bottom_right(kernel, device)
-        repeat_prefix = not bottom_right
-        q_parts, k_parts, sel_parts, out_parts = [], [], [], []
-        cu_q, cu_k = [0], [0]
-        for row, start, n, pre in _spans(batch):
-            base, p = row * L, (P if pre >= 0 else 0)
-            own = torch.arange(start, start + n) + base
-            keys = torch.cat([torch.arange(pre, pre + p) + base, own]) if p else own
-            queries = keys if repeat_prefix else own
-            skip = p if repeat_prefix else 0  # repeated prefix queries: computed, not written back
-            sel_parts.append(torch.arange(cu_q[-1] + skip, cu_q[-1] + skip + n))
-            out_parts.append(own)
-            q_parts.append(queries)
-            k_parts.append(keys)
-            cu_q.append(cu_q[-1] + len(queries))
-            cu_k.append(cu_k[-1] + len(keys))
-        lengths_q = [b - a for a, b in zip(cu_q, cu_q[1:])] or [0]
-        lengths_k = [b - a for a, b in zip(cu_k, cu_k[1:])] or [0]
+        row, start, n, pre = torch.tensor(_spans(batch), dtype=torch.long).view(-1, 4).unbind(1)
+        p = torch.where(pre >= 0, P, 0)  # prefix keys of each span: its prompt copy, if any
+        base = row * L
+        # keys of span i: [pre_i, pre_i + p_i) then [start_i, start_i + n_i), as flat positions
+        k_len = p + n
+        k_span = torch.repeat_interleave(torch.arange(len(n)), k_len)
+        j = torch.arange(int(k_len.sum())) - (torch.cumsum(k_len, 0) - k_len)[k_span]
+        in_prefix = j < p[k_span]
+        k_index = base[k_span] + torch.where(in_prefix, pre[k_span] + j, start[k_span] + j - p[k_span])
+        if bottom_right:  # queries: the span's own positions; causal alignment supplies the prefix
+            q_len = n
+            q_index = k_index[~in_prefix]
+            out_select = torch.arange(len(q_index))
+        else:  # top-left alignment: queries repeat the prefix (computed, not written back)
+            q_len = k_len
+            q_index = k_index
+            out_select = (~in_prefix).nonzero().view(-1)
         return cls(
             kernel=kernel,
-            q_index=torch.cat(q_parts).to(device),
-            k_index=torch.cat(k_parts).to(device),
-            cu_q=torch.tensor(cu_q, dtype=torch.int32, device=device),
-            cu_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
-            max_q=max(lengths_q),
-            max_k=max(lengths_k),
-            out_select=torch.cat(sel_parts).to(device),
-            out_index=torch.cat(out_parts).to(device),
+            q_index=q_index.to(device),
+            k_index=k_index.to(device),
+            cu_q=_cumulative(q_len).to(device),
+            cu_k=_cumulative(k_len).to(device),
+            max_q=int(q_len.max()) if len(q_len) else 0,
+            max_k=int(k_len.max()) if len(k_len) else 0,
+            out_select=out_select.to(device),
+            out_index=q_index[out_select].to(device),
         )
 
     def attend(self, query, key, value, scaling: float | None) -> torch.Tensor:
@@ -181,11 +182,17 @@ class VarlenLayout:
         return out.view(R, L, H, D)
 
 
+def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
+    """[n] lengths -> [n + 1] int32 offsets (the kernels' cu_seqlens)."""
+    return F.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+
+
 def varlen_call(kernel, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scaling: float | None):
     """One causal varlen attention call, [T, H, D] in and out, for either kernel and torch signature.
 
-    torch 2.10's `varlen_attn` takes `is_causal=`, 2.11+ `window_size=(-1, 0)`; GQA is passed as
-    `enable_gqa=` where the signature has it, else the key/value heads are repeated.
+    torch 2.10's `varlen_attn` takes `is_causal=` and no `scale=` (it scales by 1/sqrt(D): another
+    scale is folded into the queries), 2.11+ `window_size=(-1, 0)` and `scale=`; GQA is passed as
+    `enable_gqa=` where the signature has it (2.12+), else the key/value heads are repeated.
     """
     if kernel == "flash_attention_2":
         from flash_attn import flash_attn_varlen_func
@@ -194,7 +201,11 @@ def varlen_call(kernel, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scaling: fl
     from torch.nn.attention.varlen import varlen_attn
 
     params = _varlen_params()
-    kw = {"scale": scaling}
+    kw = {}
+    if "scale" in params:
+        kw["scale"] = scaling
+    elif scaling is not None:
+        q = q * (scaling * q.shape[-1] ** 0.5)
     if "window_size" in params:
         kw["window_size"] = (-1, 0)
     else:
