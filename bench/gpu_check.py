@@ -10,14 +10,16 @@ fits twice in 15 minutes of GPU time). What the folder holds afterwards (at most
 * `summary.json`: environment (torch, CUDA device, transformers, kernels available, the varlen
   kernel's causal alignment), per section its status, seconds and exit code, the test counts, and
   the benchmark ratios against their targets. Rewritten after every section.
-* `pytest.json`: every GPU test (tests/gpu) with outcome, seconds and failure message.
+* `pytest.json`: every GPU test (tests/gpu) with outcome, seconds and failure message, rewritten
+  after each test (`bench.gpu_pytest_plugin`), so a killed session keeps what finished.
 * `train.json`, `serve.json`: `bench.gpu_train`, `bench.gpu_serve` (each rewritten per measurement).
 * `log.txt`: the sections' stdout and stderr.
 
 Wheels: packages missing on the GPU machine travel as wheels in `gpu-carry/wheels/` (carried,
 git-ignored) and are installed with pip into a private target before the sections run. The set is
-`WHEELS` (empty: everything the GPU tier imports is in that machine's image); `--prepare` downloads
-it and copies the SmolLM2 tokenizer files (~3.5 MB, no weights) into `gpu-carry/tokenizer/`.
+`WHEELS` (`datasets` and two of its packages: nothing else the GPU tier imports is missing there);
+`--prepare` downloads it and copies the SmolLM2 tokenizer files (~3.5 MB, no weights) into
+`gpu-carry/tokenizer/`. To change the set, edit `WHEELS` and rerun `--prepare` (keep one version per package).
 
 `--dry-run` runs the same pipeline on a CPU at toy sizes (GPU tests skip), to test this script.
 """
@@ -32,7 +34,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,8 +42,10 @@ from bench.gpu_record import write_json
 REPO = Path(__file__).resolve().parents[1]
 CARRY = REPO / "gpu-carry"
 SITE = Path(tempfile.gettempdir()) / "promptfleet-gpu-site"
-# name==version of every wheel the GPU machine lacks (pure Python or manylinux cp312 builds).
-WHEELS: tuple[str, ...] = ()
+# name==version of every wheel the GPU machine lacks (pure Python or manylinux cp312 builds): `datasets`
+# (+ its two packages not in that image) for the recipe's task loading in tests/gpu/test_train_step.py;
+# versions whose pins accept that image's huggingface-hub 1.x. ~0.9 MB in all.
+WHEELS: tuple[str, ...] = ("datasets==4.4.1", "dill==0.4.0", "multiprocess==0.70.18")
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -146,11 +149,10 @@ def plan(args: argparse.Namespace, out: Path) -> Plan:
     """The sections to run, with their commands and time limits."""
     py, want = sys.executable, args.sections.split(",")
     tests = [str(REPO / "tests" / "gpu" / f) for f in TEST_FILES]
-    junit = out / ".pytest.xml"
     sections = []
     if "tests" in want:
-        argv = [py, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "--timeout", "90"]
-        sections.append(Section("tests", argv + ["--junitxml", str(junit), *tests], 150))
+        argv = [py, "-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", "-p", "bench.gpu_pytest_plugin"]
+        sections.append(Section("tests", argv + ["--timeout", "90", *tests], 150))
     if "train" in want:
         argv = [py, "-m", "bench.gpu_train", "--out", str(out / "train.json"), "--budget-s", "12"]
         if args.dry_run:
@@ -164,29 +166,6 @@ def plan(args: argparse.Namespace, out: Path) -> Plan:
             argv += ["--max-tokens", "2", "--baseline-tasks", "1", "--baseline-requests", "1"]
         sections.append(Section("serve", argv, 120))
     return Plan(out, sections)
-
-
-def junit_to_json(xml_path: Path) -> dict:
-    """pytest's JUnit XML -> {"counts": {...}, "tests": [{name, outcome, seconds, message}]}."""
-    tests, counts = [], {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
-    for case in ET.parse(xml_path).getroot().iter("testcase"):
-        outcome, message = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            node = case.find(tag)
-            if node is not None:
-                outcome = {"failure": "failed"}.get(tag, tag)
-                message = (node.get("message") or node.text or "")[:2000]
-                break
-        counts[outcome] += 1
-        tests.append(
-            {
-                "name": f"{case.get('classname', '')}::{case.get('name', '')}",
-                "outcome": outcome,
-                "seconds": float(case.get("time") or 0.0),
-                "message": message,
-            }
-        )
-    return {"counts": counts, "tests": tests}
 
 
 def run_section(section: Section, log, env: dict, deadline: float) -> None:
@@ -251,8 +230,10 @@ def prepare(folder: str) -> int:
             "--only-binary=:all:",
             "--python-version",
         ]
-        cmd += ["3.12", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64", "--platform"]
-        cmd += ["manylinux2014_x86_64", "-d", str(root / "wheels"), *WHEELS]
+        cmd += ["3.12", "--implementation", "cp"]
+        for platform in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"):
+            cmd += ["--platform", platform]
+        cmd += ["-d", str(root / "wheels"), *WHEELS]
         subprocess.run(cmd, check=True)
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     print(f"{root}: {size / 2**20:.1f} MiB (carry limit 64 MiB)")
@@ -276,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, subprocess.SubprocessError) as e:
         note = f"wheels not installed: {e}"
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PROMPTFLEET_PYTEST_JSON"] = str(out / "pytest.json")  # bench.gpu_pytest_plugin: after every test
     if (CARRY / "tokenizer" / "tokenizer.json").is_file():
         env["PROMPTFLEET_GPU_TOKENIZER"] = str(CARRY / "tokenizer")
     p = plan(args, out)
@@ -290,9 +272,6 @@ def main(argv: list[str] | None = None) -> int:
             section.status = "running"
             write_json(out / "summary.json", summarize(p, started))
             run_section(section, log, env, deadline)
-            if section.name == "tests" and (out / ".pytest.xml").is_file():
-                write_json(out / "pytest.json", junit_to_json(out / ".pytest.xml"))
-                (out / ".pytest.xml").unlink()
             write_json(out / "summary.json", summarize(p, started))
     summary = summarize(p, started)
     write_json(out / "summary.json", summary)

@@ -130,7 +130,11 @@ def test_varlen_top_left_plan_matches_too(monkeypatch):
     assert _rel(loss, ref_loss) < 2e-2 and _rel(grad, ref_grad) < 5e-2
 
 
-def test_auto_picks_varlen_and_the_probe_finds_bottom_right_alignment():
+def test_auto_picks_varlen_and_the_alignment_probe_answers():
     assert attention.pick_kernel("auto", "cuda") == "varlen"
-    # FlashAttention-2 (>= 2.1) aligns causal masks bottom-right; this records what torch's kernel does.
-    assert attention._bottom_right("varlen", torch.device("cuda", torch.cuda.current_device()))
+    # FlashAttention-2 (>= 2.1) aligns causal masks bottom-right; both answers are handled (see the
+    # top-left test above), and bench.gpu_check records which one this torch gives.
+    assert attention._bottom_right("varlen", torch.device("cuda", torch.cuda.current_device())) in (
+        True,
+        False,
+    )

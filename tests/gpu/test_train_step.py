@@ -2,6 +2,7 @@
 state with no host synchronisation, a 1-process NCCL all-reduce, and the real recipe on CUDA
 (checkpoint and export written from CUDA tensors, activation memory reported)."""
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -101,6 +102,9 @@ def _tokenizer_dir() -> Path | None:
 
 @pytest.mark.skipif(
     _tokenizer_dir() is None, reason="needs the SmolLM2 tokenizer files in gpu-carry/tokenizer"
+)
+@pytest.mark.skipif(
+    importlib.util.find_spec("datasets") is None, reason="needs datasets (gpu-carry/wheels) to load tasks"
 )
 def test_recipe_trains_on_cuda_then_checkpoints_and_exports(tmp_path):
     """The real recipe (tiny job) with cluster.use_gpu: bf16 on CUDA, checkpoint + adapters readable on CPU."""
