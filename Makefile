@@ -13,7 +13,7 @@ TORCH   := torch==2.13.0
 PIP_VERSION := pip==26.3
 UV      := uv==0.13.9
 
-.PHONY: setup demo test test-unit test-slow bench lint format clean lock
+.PHONY: setup demo test test-unit test-slow bench gpu-check lint format clean lock
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,11 @@ test-unit: setup
 
 bench: setup
 	$(BIN)/python -m bench.run_all
+
+## gpu-check: on a CUDA machine, with its own python3 (no venv): tests/gpu and the GPU benchmarks, all
+## results as JSON in $OUT (default gpu-results). Carry gpu-carry/ (see bench/gpu_check.py).
+gpu-check:
+	$(PY) -m bench.gpu_check --out "$${OUT:-gpu-results}"
 
 lint: setup
 	$(BIN)/ruff check .

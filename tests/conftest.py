@@ -53,7 +53,8 @@ def one_thread():
 def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+        # get_closest_marker, not `in item.keywords`: keywords also hold directory names (tests/gpu).
+        if item.get_closest_marker("gpu") and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "integration" in item.keywords and not SHARED_DATA.is_dir():
             item.add_marker(pytest.mark.skip(reason=f"needs the shared data at {SHARED_DATA}"))

@@ -151,11 +151,19 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def pick_attention(requested: str, device: torch.device) -> str:
-    """`flash_attention_2` when flash-attn is importable and the model runs on a GPU, else SDPA."""
-    if requested != "auto":
+    """The transformers attention implementation to load the backbone with, for `model.attn_implementation`.
+
+    Packed training rows do not use it: `tuner.attention` picks their kernel (varlen, FlexAttention,
+    span SDPA...). It serves unpacked forwards and KV-cache decoding: `eager` and
+    `flash_attention_2` (flash-attn on a GPU) when asked for, SDPA otherwise (its fused kernels
+    cover both devices).
+    """
+    if requested in ("eager", "flash_attention_2"):
+        if requested == "flash_attention_2" and (
+            device.type != "cuda" or importlib.util.find_spec("flash_attn") is None
+        ):
+            return "sdpa"
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
     return "sdpa"
 
 

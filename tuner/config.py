@@ -39,7 +39,9 @@ class ModelConfig:
     )
     attn_implementation: str = _f(
         "auto",
-        "auto (flash_attention_2 with flash-attn on GPU, else sdpa), sdpa, eager or flash_attention_2.",
+        "Kernel for packed rows (tuner.attention): auto (varlen on CUDA with torch>=2.10, else "
+        "flash_attention_2 with flash-attn, else sdpa), sdpa (span SDPA), eager (dense mask), varlen "
+        "(torch's varlen_attn, CUDA), flex (FlexAttention) or flash_attention_2 (flash-attn, CUDA).",
     )
     max_seq_len: int = _f(
         256, "Longest example (virtual tokens + input + target); longer inputs are cut from the left."
@@ -50,7 +52,7 @@ class ModelConfig:
         _choice(
             "model.attn_implementation",
             self.attn_implementation,
-            ("auto", "sdpa", "eager", "flash_attention_2"),
+            ("auto", "sdpa", "eager", "varlen", "flex", "flash_attention_2"),
         )
         _positive("model.max_seq_len", self.max_seq_len)
 

@@ -23,6 +23,7 @@ class StepMetrics:
     tokens: int  # real text tokens (input + target) in the global batch
     task_loss: dict[str, float]  # mean target NLL of each task in the batch over its own examples
     step_time_s: float = 0.0  # wall time of the step on this rank
+    max_memory_allocated: int = 0  # peak device bytes during the step (CUDA; 0 on CPU)
 
     @property
     def tokens_per_s(self) -> float:

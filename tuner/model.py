@@ -17,9 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tuner import target_layer
+from tuner import attention, target_layer
 from tuner.batching import MultiTaskBatch
-from tuner.span_attention import ATTENTION_NAME, SpanAttention
 
 
 @dataclass
@@ -31,8 +30,15 @@ class LossOutput:
 
 
 class PromptTunedLM(torch.nn.Module):
-    def __init__(self, backbone: torch.nn.Module):
+    def __init__(self, backbone: torch.nn.Module, kernel: str | None = None):
+        """`kernel`: the packed-attention kernel (`tuner.attention.KERNELS`); None follows the
+        backbone's attention implementation (eager -> eager, else auto for the device)."""
         super().__init__()
+        if kernel is not None and kernel not in attention.KERNELS:
+            raise ValueError(
+                f"unknown attention kernel {kernel!r}; expected one of {', '.join(attention.KERNELS)}"
+            )
+        self.kernel = kernel
         self.backbone = backbone
         self.decoder = getattr(backbone, backbone.base_model_prefix)
         self.embed = backbone.get_input_embeddings()
@@ -48,8 +54,16 @@ class PromptTunedLM(torch.nn.Module):
 
     @property
     def supports_shared_prompts(self) -> bool:
-        """Shared prompt copies need span attention or a dense mask; FlashAttention-2 varlen has neither."""
-        return self.attn_implementation in ("sdpa", "eager")
+        """Every packed kernel of `tuner.attention` runs the shared-prompt layout."""
+        return True
+
+    def kernel_for(self, device: torch.device) -> str:
+        """The packed-attention kernel this model runs on `device` (see `tuner.attention.pick_kernel`)."""
+        requested = self.kernel
+        if requested is None:
+            impl = self.attn_implementation
+            requested = impl if impl in ("eager", "flash_attention_2") else "auto"
+        return attention.pick_kernel(requested, device)
 
     def embed_with_prompts(self, batch: MultiTaskBatch, prompts: torch.Tensor) -> torch.Tensor:
         """Token embeddings with the prompt copies written into their virtual-token slots.
@@ -82,37 +96,9 @@ class PromptTunedLM(torch.nn.Module):
         return self._decode(batch, embeds)
 
     def _decode(self, batch: MultiTaskBatch, embeds: torch.Tensor) -> torch.Tensor:
-        impl, config = self.attn_implementation, self.backbone.config
-        if impl == "sdpa" and batch.num_segments:
-            # Each span attends over only what it can see (exact; see tuner.span_attention).
-            config._attn_implementation = ATTENTION_NAME
-            try:
-                spans = SpanAttention.from_batch(batch).to(embeds.device)
-                out = self.decoder(
-                    inputs_embeds=embeds,
-                    position_ids=batch.position_ids,
-                    use_cache=False,
-                    span_attention=spans,
-                )
-            finally:
-                config._attn_implementation = impl
-            return out.last_hidden_state
-        mask = None
-        if impl == "eager":  # eager adds a float mask to the scores
-            allowed = batch.attention_mask()
-            mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
-                ~allowed, torch.finfo(embeds.dtype).min
-            )
-        elif batch.shared_prompts:
-            raise ValueError(
-                f"shared prompt copies need SDPA or eager attention, not {impl}; collate with share_prompts=False"
-            )
-        # Otherwise positions restart at every prompt copy: transformers derives the block-diagonal
-        # mask (or FlashAttention-2's cu_seqlens) from them.
-        out = self.decoder(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=batch.position_ids, use_cache=False
-        )
-        return out.last_hidden_state
+        # Every layout goes through the one dispatch point: each span sees only its prompt copy
+        # and, causally, itself (exact for every kernel; see tuner.attention).
+        return attention.decode(self.decoder, batch, embeds, self.kernel_for(embeds.device))
 
     def target_logits(self, hidden: torch.Tensor, batch: MultiTaskBatch) -> torch.Tensor:
         """[N, V] fp32 logits at the positions that predict a target: the LM head runs there only."""

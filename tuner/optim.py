@@ -6,6 +6,8 @@ own step count for bias correction (a task trained in a mix sees the same Adam a
 alone). A step costs O(tasks in the batch), whatever the number of registered tasks. Each task's
 gradient is clipped by its own norm, so one task's outlier batch cannot shrink another's update.
 State is keyed by task name, not rank or position: checkpoints resume on any number of ranks.
+The moments live on the device of the values they update (a CUDA step never reads them back to
+the host); state loaded from a checkpoint moves there on the task's next step.
 """
 
 from __future__ import annotations
@@ -47,11 +49,20 @@ class SparseRowAdam:
                     "exp_avg_sq": torch.zeros_like(values[0], dtype=torch.float32),
                 }
         states = [self.state[n] for n in names]
-        m = torch.stack([s["exp_avg"] for s in states]).mul_(b1).add_(grads, alpha=1 - b1)
-        v = torch.stack([s["exp_avg_sq"] for s in states]).mul_(b2).addcmul_(grads, grads, value=1 - b2)
-        steps = torch.tensor([s["step"] + 1 for s in states], dtype=torch.float32, device=values.device)
-        bc1 = (1 - b1**steps)[:, None, None]
-        bc2 = (1 - b2**steps)[:, None, None]
+        dev = values.device
+        m = torch.stack([s["exp_avg"] for s in states]).to(dev).mul_(b1).add_(grads, alpha=1 - b1)
+        v = (
+            torch.stack([s["exp_avg_sq"] for s in states])
+            .to(dev)
+            .mul_(b2)
+            .addcmul_(grads, grads, value=1 - b2)
+        )
+        # Bias corrections from the host-side step counts: one small upload, no read-back.
+        steps = torch.tensor([s["step"] + 1 for s in states], dtype=torch.float64)
+        corr = torch.stack([1 - b1**steps, 1 - b2**steps]).float()
+        corr = corr.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else corr
+        bc1 = corr[0][:, None, None]
+        bc2 = corr[1][:, None, None]
         out = values.detach().float() * (1 - lr * self.weight_decay)
         out = out - lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
         for i, s in enumerate(states):
@@ -60,7 +71,13 @@ class SparseRowAdam:
         return out
 
     def state_dict(self) -> dict:
-        return {"state": {k: dict(v) for k, v in self.state.items()}}
+        """Task -> {"step", "exp_avg", "exp_avg_sq"}, moments copied to the host."""
+        return {
+            "state": {
+                k: {f: x.cpu() if torch.is_tensor(x) else x for f, x in v.items()}
+                for k, v in self.state.items()
+            }
+        }
 
     def load_state_dict(self, sd: dict) -> None:
         self.state = {k: dict(v) for k, v in sd["state"].items()}

@@ -3,7 +3,9 @@
 The table is an fp32 master copy held outside autograd. A step works on the rows of the tasks
 in its batch only: `gather(task_rows)` returns a small leaf tensor to train, whose `.grad`
 after backward is exactly those tasks' prompt gradients. Nothing in a step touches the rows of
-tasks that are not in the batch, so 10,000 registered tasks cost a step what 10 do.
+tasks that are not in the batch, so 10,000 registered tasks cost a step what 10 do. The table
+can live on the GPU (`to`): a step's gather, update and scatter then stay on the device, and only
+`state_dict` (checkpoints) copies it to the host.
 
 Initialisation follows Lester et al. (2021): random, sampled vocabulary embeddings, a text, or
 the task's class-label words (then vocabulary). Reads of the (possibly ZeRO-3 sharded) embedding
@@ -38,12 +40,21 @@ class PromptBank:
         except KeyError as e:
             raise KeyError(f"task {e.args[0]!r} is not registered in the prompt bank") from None
 
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def to(self, device: torch.device | str) -> PromptBank:
+        """Move the table to `device` (in place; returns self)."""
+        self.weight = self.weight.to(device)
+        return self
+
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
-        """A trainable copy of `rows` (a leaf tensor); write it back with `scatter_`."""
-        return self.weight.index_select(0, rows).clone().requires_grad_(True)
+        """A trainable copy of `rows` (a leaf tensor on the bank's device); write it back with `scatter_`."""
+        return self.weight.index_select(0, rows.to(self.device)).clone().requires_grad_(True)
 
     def scatter_(self, rows: torch.Tensor, values: torch.Tensor) -> None:
-        self.weight.index_copy_(0, rows, values.detach().to(self.weight.dtype))
+        self.weight.index_copy_(0, rows.to(self.device), values.detach().to(self.device, self.weight.dtype))
 
     def prompt(self, name: str) -> torch.Tensor:
         return self.weight[self.index[name]]
@@ -52,13 +63,13 @@ class PromptBank:
         self.weight[self.index[name]] = value.to(self.weight.dtype)
 
     def state_dict(self) -> dict:
-        return {"task_names": list(self.task_names), "weight": self.weight.clone()}
+        return {"task_names": list(self.task_names), "weight": self.weight.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         """Load rows by task name (tasks absent from `state` keep their current values)."""
         for i, name in enumerate(state["task_names"]):
             if name in self.index:
-                self.weight[self.index[name]] = state["weight"][i]
+                self.weight[self.index[name]] = state["weight"][i].to(self.device)
 
 
 # ------------------------------------------------------------------------------------ initialisation

@@ -122,7 +122,7 @@ class MultiTaskPromptTuningRecipe:
             )
             if self._ds_config is not None:
                 wrap_backbone(backbone, self._ds_config.config)
-        self.lm = PromptTunedLM(backbone)
+        self.lm = PromptTunedLM(backbone, kernel=cfg.model.attn_implementation)
         self.backbone_path = path
 
         hidden = backbone.config.hidden_size
@@ -137,6 +137,7 @@ class MultiTaskPromptTuningRecipe:
             std=cfg.prompt.init_std,
             seed=cfg.data.seed,
         )
+        self.bank.to(self.device)  # fp32 master copy and Adam moments stay on the device
         o = cfg.optim
         self.optimizer = SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip)
         self.sampler = MultiTaskSampler(
@@ -194,16 +195,20 @@ class MultiTaskPromptTuningRecipe:
         """One optimiser step on `global_batch` (identical on every rank); advances `self.step`."""
         t0 = time.perf_counter()
         o = self.cfg.optim
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         names = sorted({t for t, _ in global_batch})  # identical on every rank
         rows = self.bank.rows_of(names)
-        prompts = self.bank.gather(rows).to(self.device)  # leaf [U, P, H]: the only trainable tensor
+        prompts = self.bank.gather(rows)  # leaf [U, P, H] on the device: the only trainable tensor
         pos = {n: i for i, n in enumerate(names)}
         # Each task's prompt gets the mean loss over *its* examples in the global batch, as if it
         # trained alone on them: a task's update does not depend on which other tasks share the step.
         per_task = Counter(t for t, _ in global_batch)
         task_weight = torch.tensor([1.0 / per_task[n] for n in names], device=self.device)
         micro = len(global_batch) // o.grad_accum
-        loss_sum = torch.zeros(len(names), 2, dtype=torch.float64)  # per task: (sum of losses, examples)
+        # per task: (sum of losses, examples), on the device: read back once per step, not per micro-batch
+        loss_sum = torch.zeros(len(names), 2, dtype=torch.float64, device=self.device)
         tokens = 0
         for m in range(o.grad_accum):
             shard = global_batch[m * micro : (m + 1) * micro][self.rank :: self.world_size]
@@ -220,18 +225,20 @@ class MultiTaskPromptTuningRecipe:
             ).to(self.device)
             out = self.lm(batch, prompts, seg_weight=task_weight[batch.seg_task])
             out.loss.backward()
-            seg_task = batch.seg_task.cpu()
-            loss_sum[:, 0].index_add_(0, seg_task, out.seg_loss.cpu().double())
+            seg_task = batch.seg_task
+            loss_sum[:, 0].index_add_(0, seg_task, out.seg_loss.double())
             loss_sum[:, 1].index_add_(0, seg_task, torch.ones_like(seg_task, dtype=torch.float64))
             tokens += batch.num_text_tokens
         allreduce_rows_grad(prompts)
-        stats = torch.cat([loss_sum.flatten(), torch.tensor([float(tokens)], dtype=torch.float64)])
-        if self.world_size > 1:
-            dist.all_reduce(stats)
-        loss_sum, tokens = stats[:-1].view(-1, 2), int(stats[-1])
         lr = lr_at(self.step, o.lr, o.warmup_steps, o.max_steps, o.schedule)
-        new = self.optimizer.step(names, prompts.detach().cpu(), prompts.grad.cpu(), lr=lr)
+        new = self.optimizer.step(names, prompts.detach(), prompts.grad, lr=lr)  # on the bank's device
         self.bank.scatter_(rows, new)
+        tokens_t = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
+        stats = torch.cat([loss_sum.flatten(), tokens_t])
+        if self.world_size > 1:
+            dist.all_reduce(stats)  # a device tensor: NCCL reduces CUDA tensors only
+        stats = stats.cpu()  # the step's one read-back: metrics for the log
+        loss_sum, tokens = stats[:-1].view(-1, 2), int(stats[-1])
         self.step += 1
         return StepMetrics(
             step=self.step,
@@ -240,6 +247,8 @@ class MultiTaskPromptTuningRecipe:
             tokens=tokens,
             task_loss={n: float(loss_sum[i, 0] / loss_sum[i, 1]) for i, n in enumerate(names)},
             step_time_s=time.perf_counter() - t0,
+            # peak device memory of the step (weights + activations + prompt state); 0 on CPU
+            max_memory_allocated=torch.cuda.max_memory_allocated(self.device) if cuda else 0,
         )
 
     # ------------------------------------------------------------------------------------ eval

@@ -10,12 +10,12 @@ SDPA call (a few calls per layer), so the work is about the sum over spans of
 `len x (P + len)` instead of `rows x L^2`.
 
 The layout is built once per batch (`SpanAttention.from_batch`) and reaches every attention layer
-as a keyword argument through the transformers attention interface, registered under
-`ATTENTION_NAME`. `tuner.model` selects it only for the duration of its own forward. It is exact:
-the same scores and softmax as the dense mask, so losses and gradients match (tested).
+through `tuner.attention`, the dispatch point that registers the transformers attention function
+and picks this plan as the `sdpa` kernel. It is exact: the same scores and softmax as the dense
+mask, so losses and gradients match (tested).
 
-Not here: KV caches and decoding (the serving runner has its own path); GPU varlen kernels
-(FlashAttention-2 gets restarting position ids instead).
+Not here: KV caches and decoding (the serving runner has its own path); the GPU varlen and
+FlexAttention plans (`tuner.attention`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from tuner.batching import MultiTaskBatch
 
-ATTENTION_NAME = "promptfleet_spans"
 # A span joins a bucket while its length is at least this fraction of the bucket's longest: bounds
 # the padding each SDPA call computes, while keeping the number of calls per layer small.
 _BUCKET_FILL = 0.6
@@ -120,29 +117,3 @@ class SpanAttention:
             where.append(b.out_index)
         out = query.new_zeros(R * L, H, D).index_copy(0, torch.cat(where), torch.cat(outs))
         return out.view(R, L, H, D)
-
-
-def span_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    span_attention: SpanAttention | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    if span_attention is None:
-        raise ValueError(f"the {ATTENTION_NAME!r} attention needs a span_attention= layout")
-    if dropout:
-        raise ValueError("span attention does not implement dropout (the backbone is frozen, in eval mode)")
-    return span_attention.attend(query, key, value, scaling), None
-
-
-def _no_mask(*args, **kwargs) -> None:
-    return None  # the span layout is the mask
-
-
-AttentionInterface.register(ATTENTION_NAME, span_attention_forward)
-AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
