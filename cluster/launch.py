@@ -76,7 +76,11 @@ def _worker(config: dict) -> None:
         if metrics_server is not None:
             metrics_server.on_checkpoint(record)
 
-    hooks = RecipeHooks(on_step=on_step, on_eval=on_eval, on_checkpoint=on_checkpoint)
+    def on_message(line: str) -> None:
+        if progress is not None:
+            progress.put(("log", line))
+
+    hooks = RecipeHooks(on_step=on_step, on_eval=on_eval, on_checkpoint=on_checkpoint, on_message=on_message)
     restored = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as tmp:
         if restored is not None:
@@ -124,6 +128,9 @@ class _DriverProgress:
         except (Empty, Exception):  # noqa: BLE001 - the queue's actor may be gone at shutdown
             return
         for kind, record in items:
+            if kind == "log":  # rank 0's console lines (e.g. "resumed from ..."): always shown
+                (self.bar.write if self.bar is not None else print)(record)
+                continue
             if self.bar is None:
                 continue
             if kind == "step":
@@ -149,12 +156,12 @@ def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = Tr
     if not c.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's accelerator setting: no GPU probing and its warning
     if not ray.is_initialized():
-        # Ray's logging configuration: its own INFO/WARNING lines (token auth, accelerator set-up, the
-        # core worker's notices) stay in Ray's log files; errors still reach the console.
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+        # Ray's logging configuration: its own INFO/WARNING lines (token auth, accelerator set-up) and the
+        # workers' console output stay in Ray's log files (`cluster.worker_logs=true` forwards the latter).
+        # Progress reaches the driver through the queue below; a worker's error still ends `fit()` with it.
         ray.init(
             address=address,
-            log_to_driver=True,
+            log_to_driver=c.worker_logs,
             logging_config=ray.LoggingConfig(log_level="ERROR"),
             runtime_env={"env_vars": env},
         )

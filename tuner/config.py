@@ -145,6 +145,11 @@ class ClusterConfig:
         0, "Worker-group restarts Ray Train allows; each resumes from the last checkpoint."
     )
     metrics_port: int = _f(0, "Port for the training job's Prometheus metrics on rank 0 (0 = off).")
+    worker_logs: bool = _f(
+        False,
+        "Forward the Ray workers' stdout/stderr to the driver's console (off: they stay in Ray's session logs; "
+        "progress and errors reach the driver either way).",
+    )
 
     def __post_init__(self) -> None:
         _positive("cluster.num_workers", self.num_workers)

@@ -56,6 +56,7 @@ class RecipeHooks:
     on_eval: Callable[[EvalPoint], None] | None = None  # every rank, after each evaluation
     # every rank; the checkpoint directory on rank 0 only
     on_checkpoint: Callable[[CheckpointRecord, Path | None], None] | None = None
+    on_message: Callable[[str], None] | None = None  # rank 0's console lines (default: its stdout)
     resume_from: Path | None = None  # a checkpoint directory to resume from (overrides the run dir's newest)
 
 
@@ -350,7 +351,13 @@ class MultiTaskPromptTuningRecipe:
         self._ds_config = None
 
     def _log(self, msg: str) -> None:
-        if self.is_main:
+        if not self.is_main:
+            return
+        if (
+            self.hooks.on_message
+        ):  # e.g. to the Ray driver's console (workers' own output stays in Ray's logs)
+            self.hooks.on_message(msg)
+        else:
             # Not print(): inside a Ray Train worker print is patched to log *and* tee to the redirected
             # stdout, so every line would reach the driver twice.
             sys.stdout.write(msg + "\n")
