@@ -44,11 +44,14 @@ class _LayerView(CacheLayerMixin):
 
 
 class KVBatch(Cache):
-    def __init__(self, kv: torch.Tensor, mask: torch.Tensor, length: int):
+    def __init__(self, kv: torch.Tensor, mask: torch.Tensor, length: int, first: list[int] | None = None):
         super().__init__(layers=[_LayerView(self, i) for i in range(kv.shape[0])])
         self.kv = kv  # [L, 2, B, H, C, D]
         self.mask = mask  # [B, C] int64: 1 = real token
         self.length = length  # columns in use (the same for every row)
+        # Each row's first real column, kept on the host so that `gather` trims padding without
+        # reading the mask back from the device (0 = unknown: nothing is trimmed).
+        self.first = first if first is not None else [0] * kv.shape[2]
 
     @classmethod
     def empty(
@@ -110,16 +113,15 @@ class KVBatch(Cache):
         Each part is right-aligned to the widest; columns that are padding in every kept row of a part
         are dropped first, so the batch does not keep growing to the left as requests come and go.
         """
-        spans = []  # (batch, row index, first column kept)
+        spans = []  # (batch, rows kept, row index, first column kept)
         for b, keep in parts:
             idx = torch.tensor(keep, dtype=torch.long, device=b.kv.device)
-            valid_cols = b.mask[idx, : b.length].any(0).nonzero()
-            spans.append((b, idx, int(valid_cols[0]) if len(valid_cols) else b.length))
-        width = max(b.length - first for b, _, first in spans)
+            spans.append((b, keep, idx, min((b.first[r] for r in keep), default=b.length)))
+        width = max(b.length - first for b, _, _, first in spans)
         ref = parts[0][0].kv
         out = cls.empty(
             ref.shape[0],
-            sum(len(idx) for _, idx, _ in spans),
+            sum(len(keep) for _, keep, _, _ in spans),
             ref.shape[3],
             ref.shape[5],
             width + headroom,
@@ -127,10 +129,11 @@ class KVBatch(Cache):
             ref.device,
         )
         row = 0
-        for b, idx, first in spans:
+        for b, keep, idx, first in spans:
             n, start = len(idx), width - (b.length - first)
             out.kv[:, :, row : row + n, :, start:width] = b.kv[:, :, idx, :, first : b.length]
             out.mask[row : row + n, start:width] = b.mask[idx, first : b.length]
+            out.first[row : row + n] = [start + b.first[r] - first for r in keep]
             row += n
         out.length = width
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.detokenizer import IncrementalText
+from serving.output import to_output
 from serving.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
 from serving.types import FinishReason, Overloaded, SamplingParams
 
@@ -28,12 +29,18 @@ def make(rid: str, task: str = "t", prompt_len: int = 3, **params) -> Request:
 
 
 def sched(**cfg) -> Scheduler:
-    return Scheduler(SchedulerConfig(**cfg), decode)
+    return Scheduler(SchedulerConfig(**cfg))
 
 
 def step(s: Scheduler, token: int = 1):
+    """One step as the engine runs it: the scheduler's update, then the output path (text, stop strings)."""
     out = s.schedule()
-    return out, s.update(out, {r.request_id: token for r in (*out.prefill, *out.decode)})
+    outputs = []
+    for u in s.update(out, {r.request_id: token for r in (*out.prefill, *out.decode)}):
+        outputs.append(to_output(u, decode))
+        if outputs[-1].finished and u.finish_reason is None:
+            s.finish(u.request.request_id, FinishReason.STOP)
+    return out, outputs
 
 
 def test_requests_of_different_tasks_share_a_step():

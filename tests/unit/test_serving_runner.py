@@ -8,8 +8,8 @@ import torch
 from conftest import tiny_llama
 
 from serving.registry import TaskEntry
-from serving.runner import ModelRunner, ScoreJob, length_groups
-from serving.scheduler import Request, Scheduler, SchedulerConfig
+from serving.runner import ModelRunner, length_groups
+from serving.scheduler import Request, RequestKind, Scheduler, SchedulerConfig
 from serving.types import SamplingParams
 
 VOCAB, HIDDEN = 128, 32
@@ -53,23 +53,41 @@ def make_request(rid: str, task: TaskEntry, text_seed: int, **params) -> Request
     return Request(rid, task.name, ids, SamplingParams(**params), 0.0, frozenset(), task)
 
 
+def classify_request(rid: str, task: TaskEntry, prompt: list[int], continuations: list[list[int]]) -> Request:
+    return Request(
+        rid,
+        task.name,
+        prompt,
+        SamplingParams(),
+        0.0,
+        frozenset(),
+        task,
+        kind=RequestKind.CLASSIFY,
+        continuations=continuations,
+    )
+
+
 def serve(
     runner: ModelRunner,
     arrivals: dict[int, list[Request]],
     max_batch_size: int = 32,
-    scores: dict[int, list[ScoreJob]] | None = None,
+    scores: dict[str, list[float]] | None = None,
 ) -> dict[str, list[int]]:
-    """Drive scheduler + runner like the engine does; `arrivals[step]` join at that step, as do the
-    classifications `scores[step]` (scored in that step's forwards, as the engine does)."""
-    sched = Scheduler(SchedulerConfig(max_batch_size=max_batch_size), lambda ids: "")
+    """Drive scheduler + runner like the engine does; `arrivals[step]` join at that step (generations
+    and classifications; the classifications' scores go into `scores`)."""
+    sched = Scheduler(SchedulerConfig(max_batch_size=max_batch_size))
     outputs: dict[str, list[int]] = {}
     step = 0
     while step <= max(arrivals) or sched.has_work:
         for req in arrivals.get(step, []):
             sched.add(req)
         out = sched.schedule()
-        for o in sched.update(out, runner.step(out, (scores or {}).get(step, []))):
-            outputs.setdefault(o.request_id, []).extend(o.token_ids)
+        result = runner.step(out)
+        assert not result.failed
+        if scores is not None:
+            scores.update(result.scores)
+        for u in sched.update(out, result.tokens):
+            outputs.setdefault(u.request.request_id, []).append(u.token)
         step += 1
     return outputs
 
@@ -162,26 +180,30 @@ def test_classification_in_a_mixed_batch_equals_classification_alone():
     tokens equal those of a run without classifications."""
     model, tasks = sharp_llama(), make_tasks(8, seed=6)
 
-    def job(i: int) -> ScoreJob:
+    def job(i: int) -> Request:
         prompt = torch.randint(
             3, VOCAB, (1 + (5 * i) % 11,), generator=torch.Generator().manual_seed(i)
         ).tolist()
         # Single-token verbalisers (one row per request) and multi-token ones sharing a first token.
         conts = [[10], [11], [12]] if i % 2 else [[10, 20], [10, 21, 22], [13]]
-        return ScoreJob(tasks[i % 8], prompt, conts)
+        return classify_request(f"c{i}", tasks[i % 8], prompt, conts)
 
     jobs = {0: [job(i) for i in range(5)], 2: [job(i) for i in range(5, 9)], 3: [job(9)]}
     reqs = [make_request(f"r{i}", tasks[i], text_seed=10 + i, max_tokens=5) for i in range(6)]
-    arrivals = {0: reqs[:3], 2: reqs[3:]}
-    with_scores = serve(ModelRunner(model), arrivals, scores=jobs)
+    arrivals = {s: reqs[:3] if s == 0 else reqs[3:] if s == 2 else [] for s in range(4)}
+    mixed = {s: arrivals[s] + jobs.get(s, []) for s in arrivals}
+    scores: dict[str, list[float]] = {}
+    with_scores = serve(ModelRunner(model), mixed, scores=scores)
     without = serve(ModelRunner(model), arrivals)
     assert with_scores == without
     solo = ModelRunner(model)
     for step_jobs in jobs.values():
         for j in step_jobs:
-            assert len(j.scores) == len(j.continuations)
-            alone = solo.score(j.task, j.prompt_ids, j.continuations)
-            torch.testing.assert_close(torch.tensor(j.scores), torch.tensor(alone), rtol=1e-5, atol=1e-4)
+            assert len(scores[j.request_id]) == len(j.continuations)
+            alone = solo.score(j.adapter, j.prompt_ids, j.continuations)
+            torch.testing.assert_close(
+                torch.tensor(scores[j.request_id]), torch.tensor(alone), rtol=1e-5, atol=1e-4
+            )
 
 
 def test_length_groups_split_rows_where_padding_costs_more_than_a_forward():
