@@ -6,7 +6,9 @@ tenant's limits (`TenantLimits`: concurrent requests, tokens per rolling minute)
 and a Retry-After for that tenant, and any request when the waiting queue is full (`Overloaded`).
 Each tenant has its own queue; `schedule()` admits across tenants by weighted round-robin (stride
 scheduling: the backlogged tenant that has been served least, per unit of weight, goes next), so a
-tenant with a deep backlog delays nobody else's admission beyond its share.
+tenant with a deep backlog delays nobody else's admission beyond its share. Once tenants are named
+(`set_tenant_limits`), each may also hold only its weighted share of the waiting queue, so one
+tenant's flood ends in its own 429s, not in `Overloaded` for the others.
 
 `schedule()` returns a `SchedulerOutput`: the running generations to decode one token each, and the
 admitted requests to prefill this step (a classification is scored in its prefill and leaves). After
@@ -186,13 +188,24 @@ class Scheduler:
             t.window.popleft()
         return sum(tokens for _, tokens in t.window)
 
+    def _queue_share(self, t: _Tenant) -> int | None:
+        """The waiting requests `t` may hold: its weighted share of the queue, when tenants are named
+        (unnamed tenants share the default's weight), so no tenant can fill the queue for the others."""
+        if not self._limits:
+            return None
+        total = sum(lim.weight for lim in self._limits.values()) + self._default.weight
+        return max(1, int(self.config.max_queue * t.limits.weight / total))
+
     def _check_quota(self, t: _Tenant, req: Request, now: float) -> None:
         limits = t.limits
+        retry = max(1.0, t.queued / max(1, self.config.max_batch_size))  # its own backlog's turnover
         if limits.max_concurrent and t.active >= limits.max_concurrent:
             raise QuotaExceeded(
-                f"tenant limit: {limits.max_concurrent} concurrent requests",
-                retry_after=max(1.0, t.queued / max(1, self.config.max_batch_size)),
+                f"tenant limit: {limits.max_concurrent} concurrent requests", retry_after=retry
             )
+        share = self._queue_share(t)
+        if share is not None and t.queued >= share:
+            raise QuotaExceeded(f"tenant limit: {share} waiting requests", retry_after=retry)
         rate = limits.tokens_per_minute
         if not rate:
             return
