@@ -348,3 +348,61 @@ def test_tenant_limits_apply_to_generation_and_classification_alike(tmp_path):
     tenants = engine.stats()["tenants"]
     assert (tenants["a"].rejected_total, tenants["b"].rejected_total) == (2, 0)
     assert tenants["b"].admitted_total == 2 and tenants["a"].running == 0
+
+
+class SlowCountingTokenizer(CharTokenizer):
+    """CharTokenizer that takes `delay` seconds per call (like a long prompt) and counts its calls."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.calls = delay, 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False):
+        self.calls += 1
+        time.sleep(self.delay)
+        return super().__call__(text, add_special_tokens)
+
+
+def test_prompts_are_checked_before_and_tokenised_off_the_event_loop(tmp_path):
+    m = model()
+    tok = SlowCountingTokenizer()
+    engine = Engine(
+        EngineConfig(backbone="tiny", prompt_store=str(tmp_path), max_prompt_tokens=64),
+        model=m,
+        tokenizer=tok,
+    )
+    save(tmp_path, "t", m)
+    meta = {"kind": "classification", "template": "{sentence}:", "verbaliser": {"pos": " g", "neg": " b"}}
+    save(tmp_path, "cls", m, meta=meta)
+    engine.registry.refresh()
+
+    async def main():
+        await engine.start()
+        try:
+            with pytest.raises(PromptTooLong):  # 1 MB: refused by its length in characters, untokenised
+                await run(engine, request("huge", "t", prompt="x" * 2**20))
+            assert tok.calls == 0
+            for bad in ("\ud800", "ok \udfff ok"):  # lone surrogates: a 400, not a tokenizer TypeError
+                with pytest.raises(InvalidRequest, match="Unicode"):
+                    await run(engine, request("s", "t", prompt=bad))
+                with pytest.raises(InvalidRequest, match="Unicode"):
+                    await engine.classify("cls", bad)
+            tok.delay = 0.4  # a slow tokenisation must not stall the loop
+            gaps, stop = [], asyncio.Event()
+
+            async def tick():
+                last = time.monotonic()
+                while not stop.is_set():
+                    await asyncio.sleep(0.01)
+                    gaps.append(time.monotonic() - last)
+                    last = time.monotonic()
+
+            ticker = asyncio.ensure_future(tick())
+            outs = await run(engine, request("slow", "t", prompt="abc", max_tokens=2))
+            stop.set()
+            await ticker
+            return outs, max(gaps)
+        finally:
+            await engine.stop()
+
+    outs, worst_gap = asyncio.run(main())
+    assert outs[-1].finished and worst_gap < 0.2
