@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from serving.kv_batch import KVBatch
+from serving.kv_batch import KVBatch, to_device
 from serving.sampler import RowSampler
 from serving.scheduler import Request
 
@@ -47,7 +47,7 @@ class DecodeBatch:
     ) -> DecodeBatch:
         """The generation rows `rows` of a prefill's `kv`, with their first sampled `tokens` (one per
         request, in `requests` order) at `positions` (each row's task prompt + text length)."""
-        b = cls(requests, samplers, kv, tokens, torch.tensor(positions, device=tokens.device))
+        b = cls(requests, samplers, kv, tokens, to_device(positions, tokens.device))
         return b if rows == list(range(kv.rows)) else b.filter(rows, headroom=0)
 
     def filter(self, rows: list[int], headroom: int) -> DecodeBatch:
@@ -63,7 +63,7 @@ class DecodeBatch:
     def gather(cls, parts: list[tuple[DecodeBatch, list[int]]], headroom: int) -> DecodeBatch:
         """Rows `rows` of each batch, stacked in order (a step's leavers and joiners in one copy)."""
         device = parts[0][0].last_tokens.device
-        idx = [torch.tensor(rows, dtype=torch.long, device=device) for _, rows in parts]
+        idx = [to_device(rows, device) for _, rows in parts]
         return cls(
             [b.requests[i] for b, rows in parts for i in rows],
             [b.samplers[i] for b, rows in parts for i in rows],

@@ -367,6 +367,8 @@ class Engine:
             with self._lock:
                 out = self.scheduler.schedule() if self.scheduler.has_work else SchedulerOutput()
             if out.empty:
+                if self.runner.batch is not None:  # rows of requests that all left: free their KV
+                    self.runner.reset()
                 self._wake.wait(timeout=min(0.25, self.config.reload_interval_s))
                 self._wake.clear()
                 continue

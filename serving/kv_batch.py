@@ -18,6 +18,15 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 
+def to_device(data: list | torch.Tensor, device: torch.device | str, dtype=torch.long) -> torch.Tensor:
+    """Host data (a list or CPU tensor) on `device`, without waiting for the device: a CUDA copy from
+    pageable memory first synchronises the stream, so it goes through pinned memory, asynchronously."""
+    t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class _LayerView(CacheLayerMixin):
     """One layer's slice of the shared tensor, as the transformers attention code expects."""
 
@@ -115,7 +124,7 @@ class KVBatch(Cache):
         """
         spans = []  # (batch, rows kept, row index, first column kept)
         for b, keep in parts:
-            idx = torch.tensor(keep, dtype=torch.long, device=b.kv.device)
+            idx = to_device(keep, b.kv.device)
             spans.append((b, keep, idx, min((b.first[r] for r in keep), default=b.length)))
         width = max(b.length - first for b, _, _, first in spans)
         ref = parts[0][0].kv

@@ -36,7 +36,7 @@ from typing import Protocol, TypeVar
 import torch
 
 from serving.decode_batch import DecodeBatch
-from serving.kv_batch import KVBatch
+from serving.kv_batch import KVBatch, to_device
 from serving.prefix_cache import PrefixKVCache
 from serving.sampler import RowSampler, sample
 from serving.scheduler import Request, RequestKind, SchedulerOutput
@@ -174,7 +174,9 @@ class ModelRunner:
             failed: list[int] = []
             for _, (b, rows) in isolate(keep, decode, failed):
                 parts.append((b, rows))
-                tokens.append(b.last_tokens if len(rows) == len(b) else b.last_tokens[rows])
+                tokens.append(
+                    b.last_tokens if len(rows) == len(b) else b.last_tokens[to_device(rows, self.device)]
+                )
                 ids += [b.requests[i].request_id for i in rows]
             result.failed += [old.requests[i].request_id for i in failed]
         if out.prefill:
@@ -265,7 +267,7 @@ class ModelRunner:
                 for (row, tok), read in reads.items()
                 if row in local
             ]
-            read_idx, rows, cols = (list(x) for x in zip(*sel))
+            read_idx, rows, cols = (to_device(list(x), self.device) for x in zip(*sel))
             hidden[read_idx] = h[rows, cols]
             gen = [j for j, row in enumerate(group) if row < len(reqs)]
             if gen:
@@ -276,7 +278,7 @@ class ModelRunner:
         if kept:
             at = {r.request_id: i for i, r in enumerate(reqs)}
             samplers = [RowSampler.for_params(r.params) for r in kept]
-            tokens = sample(logits[[at[r.request_id] for r in kept]], samplers)
+            tokens = sample(logits[to_device([at[r.request_id] for r in kept], self.device)], samplers)
             n = 0
             for batch, gen, rs in groups:
                 start = [r.adapter.prompt.shape[0] + len(r.prompt_ids) for r in rs]
@@ -289,7 +291,11 @@ class ModelRunner:
         if jobs:
             flat = [(read - len(reqs), t) for per_cont in picks for cont in per_cont for read, t in cont]
             logp = torch.log_softmax(logits[len(reqs) :], dim=-1)
-            values = iter(logp[[r for r, _ in flat], [t for _, t in flat]].tolist() if flat else [])
+            rows, targets = (
+                to_device([r for r, _ in flat], self.device),
+                to_device([t for _, t in flat], self.device),
+            )
+            values = iter(logp[rows, targets].tolist() if flat else [])
             for job, per_cont in zip(jobs, picks):
                 job.scores = [sum(next(values) for _ in cont) for cont in per_cont]
         self.prefill_tokens_total += sum(len(r.prompt_ids) for r in reqs)
@@ -336,11 +342,11 @@ class ModelRunner:
             b.first[i] = pmax - P
             ids[i, lmax - L :] = torch.tensor(s)
             pos[i, lmax - L :] = torch.arange(P, P + L)
-        b.mask.copy_(mask)
+        b.mask.copy_(to_device(mask, self.device))
         b.length = pmax
         hidden = self.decoder(
-            input_ids=ids.to(self.device),
-            position_ids=pos.to(self.device),
+            input_ids=to_device(ids, self.device),
+            position_ids=to_device(pos, self.device),
             attention_mask=b.mask[:, : pmax + lmax],
             past_key_values=b,
             use_cache=True,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from serving.kv_batch import to_device
 from serving.types import SamplingParams
 
 MIN_TEMPERATURE = 1e-3  # below this, sampling is greedy: the distribution is one-hot to float precision
@@ -48,11 +49,11 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> torch.Tensor:
         return tokens
     device = logits.device
     chosen = [samplers[i] for i in rows]
-    idx = torch.tensor(rows, device=device)
-    temp = torch.tensor([s.temperature for s in chosen], device=device)
+    idx = to_device(rows, device)
+    temp = to_device([s.temperature for s in chosen], device, logits.dtype)
     probs = torch.softmax(logits[idx] / temp[:, None], dim=-1)
     if any(s.top_p < 1.0 for s in chosen):
-        top_p = torch.tensor([s.top_p for s in chosen], device=device)
+        top_p = to_device([s.top_p for s in chosen], device, logits.dtype)
         sorted_p, order = probs.sort(-1, descending=True)
         # Keep the smallest set whose mass reaches top_p (the top token always stays).
         sorted_p = sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p[:, None], 0.0)
@@ -61,7 +62,7 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> torch.Tensor:
     cdf = sorted_p.cumsum(-1)
     # Drawn last, after every op that could fail, so a retried step draws the same numbers.
     u = torch.cat([torch.rand(1, generator=s.generator, dtype=torch.float64) for s in chosen])
-    target = u.to(device, cdf.dtype) * cdf[:, -1]
+    target = to_device(u, device).to(cdf.dtype) * cdf[:, -1]
     pick = torch.searchsorted(cdf, target[:, None]).clamp_(max=cdf.shape[-1] - 1)
     if order is not None:
         pick = order.gather(1, pick)
