@@ -33,7 +33,7 @@ import torch
 from serving.output import to_output
 from serving.prompt_format import format_prompt
 from serving.registry import PromptRegistry, TaskEntry
-from serving.runner import ModelRunner
+from serving.runner import ModelRunner, StepResult
 from serving.scheduler import (
     Request,
     RequestKind,
@@ -383,7 +383,7 @@ class Engine:
                 continue
             self._finish_step(out, result)
 
-    def _finish_step(self, out: SchedulerOutput, result) -> None:
+    def _finish_step(self, out: SchedulerOutput, result: StepResult) -> None:
         """Scheduler bookkeeping under the lock, then the output path (text, stop strings) outside it."""
         with self._lock:
             failed = [req for rid in result.failed if (req := self.scheduler.abort(rid)) is not None]

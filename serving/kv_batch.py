@@ -3,11 +3,12 @@
 `KVBatch` keeps the keys/values of all layers and all rows in `kv[L, 2, B, kv_heads, capacity,
 head_dim]`; `mask[B, capacity]` says which columns of a row hold real tokens (rows are left-padded,
 and a row may also have holes where its task prompt is shorter than another row's). A decode step
-writes the new column in place (no per-step concatenation, unlike `DynamicCache`); rows join
-(`concatenate`) and leave (`filter`) between steps as in TGI's `CausalLMBatch`; `gather` does both
-at once, so a step copies the KV at most once. It implements the transformers `Cache` interface, so it is passed to the model as
-`past_key_values`; the caller advances `length` after each forward (all layers write at the same
-offset during it).
+writes the new column in place (no per-step concatenation, unlike `DynamicCache`); between steps
+`gather` makes the next batch's KV from rows of several batches in one copy (rows leave and join:
+`serving.decode_batch.DecodeBatch` does its filter and concatenate with it). It implements the
+transformers `Cache` interface, so it is passed to the model as `past_key_values`; the caller
+advances `length` after each forward (all layers write at the same offset during it). Everything
+lives on the model's device; `to_device` brings host data there without stalling the stream.
 
 It does not run the model, and knows nothing of tasks, requests or sampling (see `serving.runner`).
 """
@@ -105,15 +106,6 @@ class KVBatch(Cache):
         mask = self.mask.new_zeros(self.rows, kv.shape[4])
         mask[:, : self.length] = self.mask[:, : self.length]
         self.kv, self.mask = kv, mask
-
-    def filter(self, keep: list[int], headroom: int) -> KVBatch:
-        """A batch of rows `keep` (in that order), without the columns now padding in every row."""
-        return KVBatch.gather([(self, keep)], headroom)
-
-    @classmethod
-    def concatenate(cls, batches: list[KVBatch], headroom: int) -> KVBatch:
-        """Stack the rows of `batches`; each is right-aligned to the longest (left padding grows)."""
-        return cls.gather([(b, list(range(b.rows))) for b in batches], headroom)
 
     @classmethod
     def gather(cls, parts: list[tuple[KVBatch, list[int]]], headroom: int) -> KVBatch:

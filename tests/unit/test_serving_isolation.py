@@ -15,7 +15,7 @@ from serving.engine import STEP_FAILED, Engine, EngineConfig
 from serving.runner import ModelRunner
 from serving.sampler import RowSampler, sample
 from serving.scheduler import Scheduler, SchedulerConfig
-from serving.types import EngineError, SamplingParams
+from serving.types import EngineError, GenerationRequest, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,6 +105,8 @@ def test_engine_fails_only_the_request_whose_step_raised(tmp_path, caplog):
     )
     save(tmp_path, "t", m)
     save(tmp_path, "u", m, seed=1)
+    meta = {"kind": "classification", "template": "{sentence}:", "verbaliser": {"pos": " g", "neg": " b"}}
+    save(tmp_path, "cls", m, meta=meta, seed=2)
     engine.registry.refresh()
     sampled = {"temperature": 0.9, "top_p": 0.9, "seed": 2**63 - 1}
     hostile = {"temperature": 1e-300, "seed": 2**63 - 1}
@@ -119,27 +121,33 @@ def test_engine_fails_only_the_request_whose_step_raised(tmp_path, caplog):
             first = [asyncio.ensure_future(run(engine, r)) for r in innocents[:3]]
             await asyncio.sleep(0.05)  # some innocents are decoding when the bad one is prefilled
             bad = asyncio.ensure_future(run(engine, request("bad", "t", prompt="ab\x7fc", max_tokens=8)))
+            bad_cls = asyncio.ensure_future(engine.classify("cls", "so \x7f"))
             rest = [asyncio.ensure_future(run(engine, r)) for r in innocents[3:]]
-            with pytest.raises(EngineError) as err:
-                await bad
-            return err.value, await asyncio.gather(*first, *rest)
+            good_cls = asyncio.ensure_future(engine.classify("cls", "fine"))
+            errors = []
+            for fut in (bad, bad_cls):
+                with pytest.raises(EngineError) as err:
+                    await fut
+                errors.append(err.value)
+            return errors, await good_cls, await asyncio.gather(*first, *rest)
         finally:
             await engine.stop()
 
     async def alone(req):
         await engine.start()
         try:
-            return await run(engine, req)
+            return await (run(engine, req) if isinstance(req, GenerationRequest) else engine.classify(*req))
         finally:
             await engine.stop()
 
     with caplog.at_level(logging.WARNING):
-        error, outs = asyncio.run(together())
-    assert error.message == STEP_FAILED and error.status == 500  # no internal text
-    assert [r.levelname for r in caplog.records] == ["WARNING"]  # logged once, one line
+        errors, label, outs = asyncio.run(together())
+    assert [(e.message, e.status) for e in errors] == [(STEP_FAILED, 500)] * 2  # no internal text
+    assert [r.levelname for r in caplog.records] == ["WARNING"] * 2  # each logged once, one line
+    assert label.labels == pytest.approx(asyncio.run(alone(("cls", "fine"))).labels, abs=1e-6)
     for req, got in zip(innocents, outs):
         assert got[-1].finished
         want = asyncio.run(alone(req))
         assert [t for o in got for t in o.token_ids] == [t for o in want for t in o.token_ids], req.request_id
     stats = engine.stats()
-    assert stats["requests_failed_total"] == 1 and stats["running"] == 0
+    assert stats["requests_failed_total"] == 2 and stats["running"] == 0

@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from serving.decode_batch import DecodeBatch
 from serving.registry import TaskEntry
 from serving.runner import ModelRunner, length_groups
 from serving.scheduler import Request, RequestKind, Scheduler, SchedulerConfig
@@ -212,3 +213,37 @@ def test_length_groups_split_rows_where_padding_costs_more_than_a_forward():
     assert length_groups(lengths, overhead=10) == [[1, 2, 4], [3, 0, 5]]
     groups = length_groups(lengths, overhead=0)
     assert sorted(i for g in groups for i in g) == list(range(6)) and len(groups) == 6
+
+
+def test_decode_batch_filter_and_concatenate_keep_each_rows_state():
+    """Rows keep their request, sampler, last token, position and KV (real columns, in order) through
+    `concatenate` and `filter`, and the trimmed batch has no column that is padding in every row."""
+    model, tasks = sharp_llama(), make_tasks(5, seed=9)
+    runner = ModelRunner(model)
+    batches = []
+    for group in ([0, 1], [2, 3, 4]):
+        sched = Scheduler(SchedulerConfig())
+        for i in group:
+            sched.add(make_request(f"r{i}", tasks[i], text_seed=3 * i, max_tokens=5))
+        runner.reset()
+        runner.step(sched.schedule())
+        batches.append(runner.batch)
+
+    def rows_state(b: DecodeBatch) -> dict:
+        kv, mask = b.kv.kv, b.kv.mask.bool()
+        return {
+            rid: (b.samplers[i], int(b.last_tokens[i]), int(b.positions[i]), kv[:, :, i][..., mask[i], :])
+            for i, rid in enumerate(b.request_ids)
+        }
+
+    before = rows_state(batches[0]) | rows_state(batches[1])
+    joined = DecodeBatch.concatenate(batches, headroom=4)
+    assert joined.request_ids == batches[0].request_ids + batches[1].request_ids
+    kept = joined.filter([joined.request_ids.index(r) for r in ("r4", "r1")], headroom=0)
+    assert kept.request_ids == ["r4", "r1"]
+    assert kept.kv.mask[:, : kept.kv.length].any(0).all()  # trimmed to the rows' own columns
+    for b in (joined, kept):
+        for rid, (sampler, last, pos, kv) in rows_state(b).items():
+            want = before[rid]
+            assert (sampler, last, pos) == want[:3]
+            torch.testing.assert_close(kv, want[3], rtol=0, atol=0)
