@@ -388,26 +388,37 @@ class Engine:
         with self._lock:
             failed = [req for rid in result.failed if (req := self.scheduler.abort(rid)) is not None]
             updates = self.scheduler.update(out, result.tokens)
-        self._fail(failed, lambda: EngineError(STEP_FAILED), failure=True)
         items: list[tuple[str, object]] = [
             (r.request_id, result.scores[r.request_id])
             for r in out.prefill
-            if r.kind is RequestKind.CLASSIFY and r.request_id in result.scores
+            if r.kind is RequestKind.CLASSIFY and r.finish_reason is FinishReason.STOP
         ]
-        outputs = [to_output(u, self._decode) for u in updates]
-        stopped = [o.request_id for o, u in zip(outputs, updates) if o.finished and u.finish_reason is None]
+        outputs, stopped = [], []
+        for u in updates:
+            try:
+                o = to_output(u, self._decode)
+            except Exception as e:  # e.g. the tokenizer cannot decode this request's ids: it alone fails
+                log.warning("detokenising a request failed (%s): %s", type(e).__name__, str(e)[:300])
+                failed.append(u.request)
+                continue
+            outputs.append(o)
+            if o.finished and u.finish_reason is None:
+                stopped.append(o.request_id)  # a stop string
         with self._lock:
-            for rid in stopped:  # a stop string: the request leaves before the next schedule
+            for req in failed:
+                self.scheduler.abort(req.request_id)  # no-op for those the runner reported
+            for rid in stopped:  # leaves before the next schedule
                 self.scheduler.finish(rid, FinishReason.STOP)
-            self._counters["tokens_generated_total"] += len(outputs)
+            self._counters["tokens_generated_total"] += len(updates)
             self._counters["requests_finished_total"] += sum(o.finished for o in outputs) + len(items)
+        self._fail(failed, lambda: EngineError(STEP_FAILED), failure=True)
         self._deliver_threadsafe(items + [(o.request_id, o) for o in outputs])
 
     def _reload(self) -> None:
         try:
             changes = self.registry.refresh()
-        except OSError:  # e.g. the store became unreadable: keep serving what is loaded
-            log.exception("prompt registry refresh failed")
+        except Exception as e:  # e.g. the store became unreadable: keep serving what is loaded
+            log.warning("prompt registry refresh failed (%s): %s", type(e).__name__, str(e)[:300])
             return
         for name in (*changes.changed, *changes.removed):
             self.runner.prefix_cache.invalidate(name)
