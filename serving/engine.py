@@ -1,13 +1,19 @@
 """The serving engine: registry + scheduler + model runner behind an asyncio interface.
 
-`Engine.generate(req)` validates a request (unknown task, too long, bad parameters, queue full)
-before it yields anything, queues it, and streams `RequestOutput` increments; `classify` scores a
-classification task's verbaliser words. One background thread owns the model: each iteration it
-reloads the registry when due, expires timed-out requests, then runs one model step: decode all
-running requests, and prefill the newly admitted ones together with every pending classification
-(any tasks, one row per request when the verbalisers are single tokens), all tasks in one batch;
-it hands the outputs to the event loop with `call_soon_threadsafe`. The scheduler is shared with the
-event loop under a lock held only for bookkeeping, never during a forward.
+`Engine.generate(req)` validates a request (unknown task, too long, bad parameters, tenant quota,
+queue full) before it yields anything, queues it, and streams `RequestOutput` increments;
+`classify` scores a classification task's verbaliser words. Both are requests of the one scheduler
+(one queue, one token budget, the same tenant limits). Prompts are tokenised off the event loop,
+after a character-length check, so a huge prompt never stalls other requests.
+
+One background thread owns the model: each iteration it reloads the registry when due, expires
+timed-out requests, then runs one model step (decode every running generation; prefill the newly
+admitted generations and classifications, any tasks, in one batch), and feeds the sampled tokens
+to the scheduler and then to the output path (`serving.output`: detokenising, stop strings) outside
+the scheduler's lock. A request whose rows make a forward fail is ended alone with `EngineError`
+(the runner isolates it); the others carry on. Results reach the event loop by `call_soon_threadsafe`.
+The scheduler is shared with the event loop under a lock held only for bookkeeping, never during a
+forward.
 
 It does not speak HTTP, authenticate, or export metrics (`serving.api` does, from `stats()`).
 """
@@ -18,30 +24,45 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import torch
 
+from serving.output import to_output
 from serving.prompt_format import format_prompt
 from serving.registry import PromptRegistry, TaskEntry
-from serving.runner import ModelRunner, ScoreJob
-from serving.scheduler import Request, Scheduler, SchedulerConfig, SchedulerOutput
+from serving.runner import ModelRunner, StepResult
+from serving.scheduler import (
+    Request,
+    RequestKind,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+    TenantStats,
+)
 from serving.types import (
     ClassifyResult,
     EngineError,
     FinishReason,
     GenerationRequest,
     InvalidRequest,
-    Overloaded,
     PromptTooLong,
     RequestOutput,
     RequestTimeout,
     SamplingParams,
+    TenantLimits,
 )
 from tuner.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
 
 log = logging.getLogger(__name__)
+
+# A prompt longer than max_prompt_tokens * this many characters is refused before it is tokenised:
+# English averages ~4 characters per token, so no prompt within the token limit comes near it.
+MAX_CHARS_PER_TOKEN = 32
+MAX_SEED = 2**63  # seeds are in [0, 2**63), like the API's
+STEP_FAILED = "the model failed on this request"  # all a client learns; the detail is logged
 
 
 @dataclass
@@ -88,7 +109,7 @@ class Engine:
         )
         self.registry.refresh()
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_batch_size, config.max_queue, config.max_step_tokens), self._decode
+            SchedulerConfig(config.max_batch_size, config.max_queue, config.max_step_tokens)
         )
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -97,12 +118,15 @@ class Engine:
         )
         self._lock = threading.Lock()  # guards the scheduler
         self._wake = threading.Event()
-        self._classify: list[tuple[ScoreJob, asyncio.Future]] = []  # pending; guarded by the lock
         self._streams: dict[str, asyncio.Queue] = {}  # touched on the event loop only
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._counters = {"tokens_generated_total": 0, "requests_finished_total": 0}
+        self._counters = {
+            "tokens_generated_total": 0,
+            "requests_finished_total": 0,
+            "requests_failed_total": 0,
+        }
         self._label_ids: dict[tuple, dict[str, list[int]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -123,10 +147,20 @@ class Engine:
         self._thread = None
         with self._lock:
             left = self.scheduler.abort_all()
-            classify, self._classify = self._classify, []
-        self._deliver([(r.request_id, self._final(r, FinishReason.ABORT)) for r in left])
-        for _, fut in classify:
-            _set_future(fut, EngineError("the engine stopped"))
+            self._counters["requests_finished_total"] += len(left)
+        self._deliver(
+            [
+                (r.request_id, self._final(r, FinishReason.ABORT))
+                if r.kind is RequestKind.GENERATE
+                else (r.request_id, EngineError("the engine stopped"))
+                for r in left
+            ]
+        )
+
+    def set_tenant_limits(self, limits: dict[str, TenantLimits], default: TenantLimits | None = None) -> None:
+        """Per-tenant limits and weights (thread-safe; tenants not named get `default`, else unlimited)."""
+        with self._lock:
+            self.scheduler.set_tenant_limits(limits, default)
 
     # ------------------------------------------------------------------ tasks
     def task_names(self) -> list[str]:
@@ -150,24 +184,28 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
-        """Stream a completion. Errors (UnknownTask, PromptTooLong, InvalidRequest, Overloaded) are
-        raised at the first `__anext__`, before any output; RequestTimeout may end the stream later.
+        """Stream a completion. Errors (UnknownTask, PromptTooLong, InvalidRequest, QuotaExceeded,
+        Overloaded) are raised at the first `__anext__`, before any output; RequestTimeout or
+        EngineError (the model failed on this request) may end the stream later.
         Leaving the iteration early (aclose / cancellation) aborts the request."""
         if self._loop is None:
             raise RuntimeError("Engine.start() has not been called")
         entry = self.registry.get(req.task)
         self._check_params(req.params)
-        prompt_ids = self._tokenize_prompt(entry, req.prompt, req.raw, req.params.max_tokens)
-        sreq = Request(
-            req.request_id, req.task, prompt_ids, req.params, req.arrival_time, self.eos_token_ids, entry
-        )
-        stream: asyncio.Queue = asyncio.Queue()
         if req.request_id in self._streams:
             raise InvalidRequest(f"request id {req.request_id!r} is already in use")
-        with self._lock:
-            self.scheduler.add(sreq)  # raises Overloaded
-        self._streams[req.request_id] = stream
-        self._wake.set()
+        prompt_ids = await self._tokenize_prompt(entry, req.prompt, req.raw, req.params.max_tokens)
+        sreq = Request(
+            req.request_id,
+            req.task,
+            prompt_ids,
+            req.params,
+            req.arrival_time,
+            self.eos_token_ids,
+            entry,
+            tenant=req.tenant,
+        )
+        stream = self._submit(sreq)
         done = False
         try:
             while not done:
@@ -182,8 +220,10 @@ class Engine:
             if not done:
                 self.abort(req.request_id)
 
-    async def classify(self, task: str, text: str, raw: bool = False) -> ClassifyResult:
-        """Label probabilities: softmax over each label's summed verbaliser-token log-probs."""
+    async def classify(self, task: str, text: str, raw: bool = False, tenant: str = "") -> ClassifyResult:
+        """Label probabilities: softmax over each label's summed verbaliser-token log-probs.
+
+        Queued, admitted and limited like a generation of `tenant` (same errors before it runs)."""
         if self._loop is None:
             raise RuntimeError("Engine.start() has not been called")
         entry = self.registry.get(task)
@@ -191,17 +231,42 @@ class Engine:
         if entry.meta.get("kind") != "classification" or not verbaliser:
             raise InvalidRequest(f"task {task!r} is not a classification task", param="model")
         labels = self._labels(entry)
-        prompt_ids = self._tokenize_prompt(entry, text, raw, max(len(v) for v in labels.values()))
-        fut = self._loop.create_future()
-        with self._lock:
-            if len(self._classify) >= self.config.max_queue:
-                raise Overloaded("server busy: too many classification requests waiting")
-            self._classify.append((ScoreJob(entry, prompt_ids, list(labels.values())), fut))
-        self._wake.set()
-        scores = await fut
+        prompt_ids = await self._tokenize_prompt(entry, text, raw, max(len(v) for v in labels.values()))
+        req = Request(
+            f"classify-{uuid.uuid4().hex}",
+            task,
+            prompt_ids,
+            SamplingParams(max_tokens=1),
+            time.monotonic(),
+            adapter=entry,
+            kind=RequestKind.CLASSIFY,
+            continuations=list(labels.values()),
+            tenant=tenant,
+        )
+        stream = self._submit(req)
+        scores = None
+        try:
+            scores = await stream.get()
+        finally:
+            self._streams.pop(req.request_id, None)
+            if scores is None:  # the caller went away
+                self.abort(req.request_id)
+        if isinstance(scores, BaseException):
+            raise scores
+        if isinstance(scores, RequestOutput):  # aborted
+            raise EngineError("the classification was aborted")
         probs = torch.softmax(torch.tensor(scores, dtype=torch.float64), dim=0).tolist()
         by_label = dict(zip(labels, probs))
         return ClassifyResult(task, by_label, max(by_label, key=by_label.get), len(prompt_ids))
+
+    def _submit(self, req: Request) -> asyncio.Queue:
+        """Queue `req` in the scheduler (raises QuotaExceeded / Overloaded) and open its stream."""
+        stream: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            self.scheduler.add(req)
+        self._streams[req.request_id] = stream
+        self._wake.set()
+        return stream
 
     def abort(self, request_id: str) -> None:
         """End a request now (thread-safe); its stream, if still read, gets a final ABORT output."""
@@ -214,9 +279,11 @@ class Engine:
             )
 
     def stats(self) -> dict:
+        """Engine gauges and counters; `tenants` maps each tenant seen to its `TenantStats`."""
         pc = self.runner.prefix_cache.stats
         with self._lock:
-            queued, running = self.scheduler.num_waiting + len(self._classify), len(self.scheduler.running)
+            queued, running = self.scheduler.num_waiting, len(self.scheduler.running)
+            tenants: dict[str, TenantStats] = self.scheduler.tenant_stats()
         return {
             "queue_depth": queued,
             "running": running,
@@ -228,7 +295,9 @@ class Engine:
             "prefix_cache_evictions_total": pc.evictions,
             "prefix_cache_bytes": pc.bytes,
             "requests_finished_total": self._counters["requests_finished_total"],
+            "requests_failed_total": self._counters["requests_failed_total"],
             "tasks": len(self.registry.names()),
+            "tenants": tenants,
         }
 
     # ------------------------------------------------------------------ validation helpers
@@ -240,14 +309,27 @@ class Engine:
             raise InvalidRequest("temperature must be in [0, 2]", param="temperature")
         if not 0.0 < p.top_p <= 1.0:
             raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
-        if p.seed is not None and not isinstance(p.seed, int):
-            raise InvalidRequest("seed must be an integer", param="seed")
+        if p.seed is not None and (not isinstance(p.seed, int) or not 0 <= p.seed < MAX_SEED):
+            raise InvalidRequest("seed must be an integer in [0, 2**63)", param="seed")
         if len(p.stop) > 4 or any(not isinstance(s, str) or not s for s in p.stop):
             raise InvalidRequest("stop must be at most 4 non-empty strings", param="stop")
 
-    def _tokenize_prompt(self, entry: TaskEntry, text: str, raw: bool, max_new: int) -> list[int]:
+    async def _tokenize_prompt(self, entry: TaskEntry, text: str, raw: bool, max_new: int) -> list[int]:
+        """Check and tokenise a prompt, off the event loop (a long prompt takes milliseconds)."""
         if not isinstance(text, str):
             raise InvalidRequest("prompt must be a string", param="prompt")
+        max_chars = self.config.max_prompt_tokens * MAX_CHARS_PER_TOKEN
+        if len(text) > max_chars:  # refused without tokenising
+            raise PromptTooLong(
+                f"prompt has {len(text)} characters, the limit is {max_chars}", param="prompt"
+            )
+        return await asyncio.to_thread(self._prompt_ids, entry, text, raw, max_new)
+
+    def _prompt_ids(self, entry: TaskEntry, text: str, raw: bool, max_new: int) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate such as "\ud800": not text a tokenizer takes
+            raise InvalidRequest("prompt is not valid Unicode", param="prompt") from None
         ids = self._encode(format_prompt(entry.meta, text, raw))
         if not ids:
             raise InvalidRequest("prompt is empty", param="prompt")
@@ -284,46 +366,59 @@ class Engine:
             self._expire(now)  # O(requests) scan: microseconds next to a model step
             with self._lock:
                 out = self.scheduler.schedule() if self.scheduler.has_work else SchedulerOutput()
-                classify = self._take_classify(self.config.max_step_tokens - out.num_tokens)
-            if out.empty and not classify:
+            if out.empty:
+                if self.runner.batch is not None:  # rows of requests that all left: free their KV
+                    self.runner.reset()
                 self._wake.wait(timeout=min(0.25, self.config.reload_interval_s))
                 self._wake.clear()
                 continue
             try:
-                sampled = self.runner.step(out, [job for job, _ in classify])
-            except Exception as e:  # fail this step's requests, keep serving the others
+                result = self.runner.step(out)
+            except Exception:  # not a forward (the runner isolates those): a bug; the batch is suspect
                 log.exception("engine step failed")
-                self.runner.reset()  # the batch state is suspect: every running request ends
+                self.runner.reset()
                 with self._lock:
-                    failed = self.scheduler.abort_all()
-                self._fail(failed, lambda e=e: EngineError(f"model step failed: {e}"))
-                for _, fut in classify:
-                    self._loop.call_soon_threadsafe(
-                        _set_future, fut, EngineError(f"classification failed: {e}")
-                    )
+                    failed = [r for r in (*out.prefill, *out.decode) if self.scheduler.abort(r.request_id)]
+                self._fail(failed, lambda: EngineError(STEP_FAILED), failure=True)
                 continue
-            for job, fut in classify:
-                self._loop.call_soon_threadsafe(_set_future, fut, job.scores)
-            with self._lock:
-                outputs = self.scheduler.update(out, sampled)
-                self._counters["tokens_generated_total"] += len(outputs)
-                self._counters["requests_finished_total"] += sum(o.finished for o in outputs)
-            self._deliver_threadsafe([(o.request_id, o) for o in outputs])
+            self._finish_step(out, result)
 
-    def _take_classify(self, budget: int) -> list[tuple[ScoreJob, asyncio.Future]]:
-        """Pending classifications for this step, FIFO within `budget` tokens (at least one); lock held."""
-        n = 0
-        while n < len(self._classify) and (n == 0 or budget >= len(self._classify[n][0].prompt_ids)):
-            budget -= len(self._classify[n][0].prompt_ids)
-            n += 1
-        taken, self._classify = self._classify[:n], self._classify[n:]
-        return [(job, fut) for job, fut in taken if not fut.done()]  # skip callers that went away
+    def _finish_step(self, out: SchedulerOutput, result: StepResult) -> None:
+        """Scheduler bookkeeping under the lock, then the output path (text, stop strings) outside it."""
+        with self._lock:
+            failed = [req for rid in result.failed if (req := self.scheduler.abort(rid)) is not None]
+            updates = self.scheduler.update(out, result.tokens)
+        items: list[tuple[str, object]] = [
+            (r.request_id, result.scores[r.request_id])
+            for r in out.prefill
+            if r.kind is RequestKind.CLASSIFY and r.finish_reason is FinishReason.STOP
+        ]
+        outputs, stopped = [], []
+        for u in updates:
+            try:
+                o = to_output(u, self._decode)
+            except Exception as e:  # e.g. the tokenizer cannot decode this request's ids: it alone fails
+                log.warning("detokenising a request failed (%s): %s", type(e).__name__, str(e)[:300])
+                failed.append(u.request)
+                continue
+            outputs.append(o)
+            if o.finished and u.finish_reason is None:
+                stopped.append(o.request_id)  # a stop string
+        with self._lock:
+            for req in failed:
+                self.scheduler.abort(req.request_id)  # no-op for those the runner reported
+            for rid in stopped:  # leaves before the next schedule
+                self.scheduler.finish(rid, FinishReason.STOP)
+            self._counters["tokens_generated_total"] += len(updates)
+            self._counters["requests_finished_total"] += sum(o.finished for o in outputs) + len(items)
+        self._fail(failed, lambda: EngineError(STEP_FAILED), failure=True)
+        self._deliver_threadsafe(items + [(o.request_id, o) for o in outputs])
 
     def _reload(self) -> None:
         try:
             changes = self.registry.refresh()
-        except OSError:  # e.g. the store became unreadable: keep serving what is loaded
-            log.exception("prompt registry refresh failed")
+        except Exception as e:  # e.g. the store became unreadable: keep serving what is loaded
+            log.warning("prompt registry refresh failed (%s): %s", type(e).__name__, str(e)[:300])
             return
         for name in (*changes.changed, *changes.removed):
             self.runner.prefix_cache.invalidate(name)
@@ -334,10 +429,11 @@ class Engine:
             expired = self.scheduler.expire(now - timeout)
         self._fail(expired, lambda: RequestTimeout(f"request timed out after {timeout:g}s"))
 
-    def _fail(self, reqs: list[Request], error: Callable[[], Exception]) -> None:
+    def _fail(self, reqs: list[Request], error: Callable[[], Exception], failure: bool = False) -> None:
         """End already-aborted requests by raising `error()` from their streams."""
         with self._lock:
             self._counters["requests_finished_total"] += len(reqs)
+            self._counters["requests_failed_total"] += len(reqs) if failure else 0
         self._deliver_threadsafe([(r.request_id, error()) for r in reqs])
 
     def _deliver_threadsafe(self, items: list[tuple[str, object]]) -> None:

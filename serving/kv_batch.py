@@ -3,11 +3,12 @@
 `KVBatch` keeps the keys/values of all layers and all rows in `kv[L, 2, B, kv_heads, capacity,
 head_dim]`; `mask[B, capacity]` says which columns of a row hold real tokens (rows are left-padded,
 and a row may also have holes where its task prompt is shorter than another row's). A decode step
-writes the new column in place (no per-step concatenation, unlike `DynamicCache`); rows join
-(`concatenate`) and leave (`filter`) between steps as in TGI's `CausalLMBatch`; `gather` does both
-at once, so a step copies the KV at most once. It implements the transformers `Cache` interface, so it is passed to the model as
-`past_key_values`; the caller advances `length` after each forward (all layers write at the same
-offset during it).
+writes the new column in place (no per-step concatenation, unlike `DynamicCache`); between steps
+`gather` makes the next batch's KV from rows of several batches in one copy (rows leave and join:
+`serving.decode_batch.DecodeBatch` does its filter and concatenate with it). It implements the
+transformers `Cache` interface, so it is passed to the model as `past_key_values`; the caller
+advances `length` after each forward (all layers write at the same offset during it). Everything
+lives on the model's device; `to_device` brings host data there without stalling the stream.
 
 It does not run the model, and knows nothing of tasks, requests or sampling (see `serving.runner`).
 """
@@ -16,6 +17,15 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+
+def to_device(data: list | torch.Tensor, device: torch.device | str, dtype=torch.long) -> torch.Tensor:
+    """Host data (a list or CPU tensor) on `device`, without waiting for the device: a CUDA copy from
+    pageable memory first synchronises the stream, so it goes through pinned memory, asynchronously."""
+    t = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class _LayerView(CacheLayerMixin):
@@ -44,11 +54,14 @@ class _LayerView(CacheLayerMixin):
 
 
 class KVBatch(Cache):
-    def __init__(self, kv: torch.Tensor, mask: torch.Tensor, length: int):
+    def __init__(self, kv: torch.Tensor, mask: torch.Tensor, length: int, first: list[int] | None = None):
         super().__init__(layers=[_LayerView(self, i) for i in range(kv.shape[0])])
         self.kv = kv  # [L, 2, B, H, C, D]
         self.mask = mask  # [B, C] int64: 1 = real token
         self.length = length  # columns in use (the same for every row)
+        # Each row's first real column, kept on the host so that `gather` trims padding without
+        # reading the mask back from the device (0 = unknown: nothing is trimmed).
+        self.first = first if first is not None else [0] * kv.shape[2]
 
     @classmethod
     def empty(
@@ -94,15 +107,6 @@ class KVBatch(Cache):
         mask[:, : self.length] = self.mask[:, : self.length]
         self.kv, self.mask = kv, mask
 
-    def filter(self, keep: list[int], headroom: int) -> KVBatch:
-        """A batch of rows `keep` (in that order), without the columns now padding in every row."""
-        return KVBatch.gather([(self, keep)], headroom)
-
-    @classmethod
-    def concatenate(cls, batches: list[KVBatch], headroom: int) -> KVBatch:
-        """Stack the rows of `batches`; each is right-aligned to the longest (left padding grows)."""
-        return cls.gather([(b, list(range(b.rows))) for b in batches], headroom)
-
     @classmethod
     def gather(cls, parts: list[tuple[KVBatch, list[int]]], headroom: int) -> KVBatch:
         """Rows `keep` of each batch, stacked in order, in one copy (a step's leavers and joiners at once).
@@ -110,16 +114,15 @@ class KVBatch(Cache):
         Each part is right-aligned to the widest; columns that are padding in every kept row of a part
         are dropped first, so the batch does not keep growing to the left as requests come and go.
         """
-        spans = []  # (batch, row index, first column kept)
+        spans = []  # (batch, rows kept, row index, first column kept)
         for b, keep in parts:
-            idx = torch.tensor(keep, dtype=torch.long, device=b.kv.device)
-            valid_cols = b.mask[idx, : b.length].any(0).nonzero()
-            spans.append((b, idx, int(valid_cols[0]) if len(valid_cols) else b.length))
-        width = max(b.length - first for b, _, first in spans)
+            idx = to_device(keep, b.kv.device)
+            spans.append((b, keep, idx, min((b.first[r] for r in keep), default=b.length)))
+        width = max(b.length - first for b, _, _, first in spans)
         ref = parts[0][0].kv
         out = cls.empty(
             ref.shape[0],
-            sum(len(idx) for _, idx, _ in spans),
+            sum(len(keep) for _, keep, _, _ in spans),
             ref.shape[3],
             ref.shape[5],
             width + headroom,
@@ -127,10 +130,11 @@ class KVBatch(Cache):
             ref.device,
         )
         row = 0
-        for b, idx, first in spans:
+        for b, keep, idx, first in spans:
             n, start = len(idx), width - (b.length - first)
             out.kv[:, :, row : row + n, :, start:width] = b.kv[:, :, idx, :, first : b.length]
             out.mask[row : row + n, start:width] = b.mask[idx, first : b.length]
+            out.first[row : row + n] = [start + b.first[r] - first for r in keep]
             row += n
         out.length = width
         return out

@@ -1,39 +1,49 @@
 """The model runner: one frozen backbone, every task's soft prompt, a batched KV cache, sampling.
 
-`ModelRunner.step(SchedulerOutput, score_jobs)` runs one engine step:
-  1. decode: one forward over all rows of the running batch, all tasks together (input = each
-     row's last token, position = its own next position, attention over its own KV columns only);
-     rows whose request left since the previous step ride along and are dropped in step 3,
-  2. new rows: the newly admitted requests (prefill) and this step's classifications (`ScoreJob`s,
-     any tasks) go through the model together. Each row starts from its task's prompt KV, gathered
-     from the task prefix cache (`serving.prefix_cache`) at positions 0..P-1, and only its text
-     tokens (positions P..P+L-1) are computed. Rows are grouped by length (`length_groups`) so
-     that padding, which costs as much compute as real tokens, stays small; one forward per group,
+`ModelRunner.step(SchedulerOutput)` runs one engine step and returns a `StepResult`:
+  1. decode: one forward over all rows of the running `DecodeBatch`, all tasks together (input =
+     each row's last token, position = its own next position, attention over its own KV columns
+     only); rows whose request left since the previous step ride along and are dropped in step 3,
+  2. new rows: the newly admitted requests, generations (prefill) and classifications (any tasks),
+     go through the model together. Each row starts from its task's prompt KV, gathered from the
+     task prefix cache (`serving.prefix_cache`) at positions 0..P-1, and only its text tokens
+     (positions P..P+L-1) are computed. Rows are grouped by length (`length_groups`) so that
+     padding, which costs as much compute as real tokens, stays small; one forward per group,
   3. the running rows that stay and the new generation rows form the next batch in one KV copy
-     (`KVBatch.gather`); classification rows are discarded after their logits are read.
+     (`DecodeBatch.gather`); classification rows are discarded after their logits are read.
 This computes what PEFT's prompt tuning computes, `inputs_embeds = cat(prompt, embed(ids))` at
-positions 0..P+L-1, split into a cached prefix and the rest.
+positions 0..P+L-1, split into a cached prefix and the rest. Everything stays on the model's device;
+the step reads the sampled tokens back once (and the scores, when it classified).
 
-Sampling is greedy at temperature 0, else temperature + top-p with a per-request `torch.Generator`
-seeded by the request's seed, so a sampled request gives the same tokens alone or in any batch.
-A classification scores each label's verbaliser tokens: one row per distinct verbaliser prefix, so
-single-token verbalisers cost one row per request whatever the number of labels.
+A request can only fail itself: when a forward raises, the step is retried on each half of the
+rows (recursively), so the rows that fail alone are reported in `StepResult.failed` and every other
+row goes on with the tokens it would have had alone (a retried row draws no extra random numbers:
+sampling happens after its forward succeeded).
+
+Sampling is `serving.sampler`. A classification scores each label's verbaliser tokens: one row per
+distinct verbaliser prefix, so single-token verbalisers cost one row per request.
 
 It does not decide which requests run (the scheduler does) nor detokenise or stop them.
 """
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Hashable
+import logging
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
-from serving.kv_batch import KVBatch
+from serving.decode_batch import DecodeBatch
+from serving.kv_batch import KVBatch, to_device
 from serving.prefix_cache import PrefixKVCache
-from serving.scheduler import Request, SchedulerOutput
+from serving.sampler import RowSampler, sample
+from serving.scheduler import Request, RequestKind, SchedulerOutput
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class TaskPrompt(Protocol):
@@ -51,7 +61,14 @@ class ScoreJob:
     task: TaskPrompt
     prompt_ids: list[int]
     continuations: list[list[int]]
-    scores: list[float] = field(default_factory=list)  # filled by `ModelRunner.step`
+    scores: list[float] = field(default_factory=list)  # filled by `ModelRunner`
+
+
+@dataclass
+class StepResult:
+    tokens: dict[str, int] = field(default_factory=dict)  # generation request id -> sampled token
+    scores: dict[str, list[float]] = field(default_factory=dict)  # classification id -> per continuation
+    failed: list[str] = field(default_factory=list)  # requests whose rows made a forward raise
 
 
 def length_groups(lengths: list[int], overhead: int) -> list[list[int]]:
@@ -76,38 +93,27 @@ def length_groups(lengths: list[int], overhead: int) -> list[list[int]]:
     return groups[::-1]
 
 
+def isolate(items: list[T], run: Callable[[list[T]], R], failed: list[T]) -> list[tuple[list[T], R]]:
+    """`[(items, run(items))]`, or, if that raises, the same for each half (recursively): the items
+    that fail alone go to `failed`, each logged once (type and message, no traceback)."""
+    try:
+        return [(items, run(items))]
+    except Exception as e:
+        if len(items) == 1:
+            log.warning("a model step failed on one request (%s): %s", type(e).__name__, str(e)[:300])
+            failed.append(items[0])
+            return []
+        mid = len(items) // 2
+        return isolate(items[:mid], run, failed) + isolate(items[mid:], run, failed)
+
+
 @dataclass
 class _NewRows:
-    """A step's prefilled requests, in the row order of their KV `parts` (length groups reorder them)."""
+    """A prefill's generation rows (as decode batches) and its classifications' scores."""
 
-    parts: list[tuple[KVBatch, list[int]]] = field(default_factory=list)  # (group batch, its generation rows)
-    requests: list[Request] = field(default_factory=list)
-    samplers: list[RowSampler] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)  # each request's first sampled token
-
-
-@dataclass
-class RowSampler:
-    temperature: float
-    top_p: float
-    generator: torch.Generator | None  # None when greedy
-
-    @classmethod
-    def for_request(cls, req: Request) -> RowSampler:
-        p = req.params
-        if p.temperature <= 0:
-            return cls(0.0, 1.0, None)
-        seed = p.seed if p.seed is not None else secrets.randbits(63)
-        return cls(p.temperature, p.top_p, torch.Generator().manual_seed(seed))
-
-    def sample(self, logits: torch.Tensor) -> int:
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            # Keep the smallest set whose mass reaches top_p (the top token always stays).
-            drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_p.masked_fill(drop, 0.0))
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+    parts: list[DecodeBatch] = field(default_factory=list)
+    tokens: list[torch.Tensor] = field(default_factory=list)  # each part's first sampled tokens
+    scores: dict[str, list[float]] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -142,69 +148,91 @@ class ModelRunner:
         self.group_overhead = group_overhead_tokens
         self.prefix_cache = PrefixKVCache(self._prompt_kv, prefix_cache_bytes, prefix_cache)
         self.prefill_tokens_total = 0
-        # The running batch: row i belongs to row_ids[i].
-        self.batch: KVBatch | None = None
-        self.row_ids: list[str] = []
-        self.samplers: list[RowSampler] = []
-        self.last_tokens = torch.zeros(0, dtype=torch.long, device=self.device)
-        self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.batch: DecodeBatch | None = None  # the running rows
 
     # ------------------------------------------------------------------ one engine step
     @torch.inference_mode()
-    def step(self, out: SchedulerOutput, score_jobs: list[ScoreJob] = ()) -> dict[str, int]:
-        """Run the step; return each scheduled request's sampled token id (scores go into the jobs)."""
-        where = {rid: i for i, rid in enumerate(self.row_ids)}
-        keep = sorted(where[r.request_id] for r in out.decode)  # rows stay in place: no copy unless one left
-        sampled: dict[str, int] = {}
-        if keep:
-            tokens = self._sample(self._decode(), self.samplers)
-            sampled.update((self.row_ids[i], tokens[i]) for i in keep)
-            self.last_tokens = torch.tensor(tokens, dtype=torch.long, device=self.device)
-            self.next_pos = self.next_pos + 1
-        new = self._new_rows(out.prefill, list(score_jobs)) if out.prefill or score_jobs else _NewRows()
-        sampled.update((r.request_id, t) for r, t in zip(new.requests, new.tokens))
-        self._regroup(keep, new)
-        return sampled
+    def step(self, out: SchedulerOutput) -> StepResult:
+        """Run the step: each generation's sampled token, each classification's scores, and the
+        requests that made a forward fail (their rows are gone; every other row carries on)."""
+        result = StepResult()
+        parts: list[tuple[DecodeBatch, list[int]]] = []  # the next batch's rows
+        tokens: list[torch.Tensor] = []  # sampled tokens of `ids`, on the device until the one read
+        ids: list[str] = []
+        if out.decode:
+            old = self.batch
+            where = {rid: i for i, rid in enumerate(old.request_ids)}
+            keep = sorted(where[r.request_id] for r in out.decode)
+
+            def decode(rows: list[int]) -> tuple[DecodeBatch, list[int]]:
+                # First try: the whole batch in place (rows that left ride along: no copy); a retry
+                # runs a copy of just its rows.
+                b = old if rows is keep else old.filter(rows, self.headroom)
+                self._decode(b)
+                return b, rows if rows is keep else list(range(len(rows)))
+
+            failed: list[int] = []
+            for _, (b, rows) in isolate(keep, decode, failed):
+                parts.append((b, rows))
+                tokens.append(
+                    b.last_tokens if len(rows) == len(b) else b.last_tokens[to_device(rows, self.device)]
+                )
+                ids += [b.requests[i].request_id for i in rows]
+            result.failed += [old.requests[i].request_id for i in failed]
+        if out.prefill:
+            failed_reqs: list[Request] = []
+            for _, new in isolate(out.prefill, self._new_rows, failed_reqs):
+                for b, t in zip(new.parts, new.tokens):
+                    parts.append((b, list(range(len(b)))))
+                    tokens.append(t)
+                    ids += b.request_ids
+                result.scores.update(new.scores)
+            result.failed += [r.request_id for r in failed_reqs]
+        if tokens:
+            result.tokens = dict(zip(ids, torch.cat(tokens).tolist()))  # the step's one read-back
+        self._regroup(parts)
+        return result
 
     def reset(self) -> None:
         """Drop every running row."""
-        self.batch, self.row_ids, self.samplers = None, [], []
-        self.last_tokens, self.next_pos = self.last_tokens[:0], self.next_pos[:0]
+        self.batch = None
 
-    def _regroup(self, keep: list[int], new: _NewRows) -> None:
-        """Make the next batch: rows `keep` of the running batch, then the newly prefilled rows."""
-        if not keep and not new.requests:
-            self.reset()
-            return
-        if not new.requests and keep == list(range(len(self.row_ids))):
-            return  # nobody left or joined: no copy
-        self.batch = KVBatch.gather(([(self.batch, keep)] if keep else []) + new.parts, self.headroom)
-        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        start = [r.adapter.prompt.shape[0] + len(r.prompt_ids) for r in new.requests]
-        self.row_ids = [self.row_ids[i] for i in keep] + [r.request_id for r in new.requests]
-        self.samplers = [self.samplers[i] for i in keep] + new.samplers
-        self.last_tokens = torch.cat(
-            [self.last_tokens[idx], torch.tensor(new.tokens, dtype=torch.long, device=self.device)]
-        )
-        self.next_pos = torch.cat(
-            [self.next_pos[idx], torch.tensor(start, dtype=torch.long, device=self.device)]
-        )
+    def _regroup(self, parts: list[tuple[DecodeBatch, list[int]]]) -> None:
+        """Make the next batch from the kept rows of each part, in one KV copy (none if nobody left or joined)."""
+        if not parts:
+            self.batch = None
+        elif len(parts) == 1 and parts[0][0] is self.batch and len(parts[0][1]) == len(self.batch):
+            pass
+        else:
+            self.batch = DecodeBatch.gather(parts, self.headroom)
 
-    def _decode(self) -> torch.Tensor:
-        b = self.batch
-        b.reserve(1, self.headroom)
-        b.mask[:, b.length] = 1
+    def _decode(self, b: DecodeBatch) -> None:
+        """One token for every row of `b`, in place (KV column, last token, position)."""
+        kv = b.kv
+        kv.reserve(1, self.headroom)
+        kv.mask[:, kv.length] = 1
         hidden = self.decoder(
-            input_ids=self.last_tokens[:, None],
-            position_ids=self.next_pos[:, None],
-            attention_mask=b.mask[:, : b.length + 1],
-            past_key_values=b,
+            input_ids=b.last_tokens[:, None],
+            position_ids=b.positions[:, None],
+            attention_mask=kv.mask[:, : kv.length + 1],
+            past_key_values=kv,
             use_cache=True,
         ).last_hidden_state
-        b.length += 1
-        return self.lm_head(hidden[:, -1]).float()
+        tokens = sample(self.lm_head(hidden[:, -1]).float(), b.samplers)
+        # Committed only now: a forward that raised left the batch as it was, ready for a retry.
+        kv.length += 1
+        b.last_tokens, b.positions = tokens, b.positions + 1
 
-    def _new_rows(self, reqs: list[Request], jobs: list[ScoreJob]) -> _NewRows:
+    def _new_rows(self, reqs: list[Request]) -> _NewRows:
+        """Prefill the generations and score the classifications among `reqs`."""
+        gens = [r for r in reqs if r.kind is RequestKind.GENERATE]
+        classify = [r for r in reqs if r.kind is RequestKind.CLASSIFY]
+        jobs = [ScoreJob(r.adapter, r.prompt_ids, r.continuations) for r in classify]
+        new = self._prefill(gens, jobs)
+        new.scores = {r.request_id: job.scores for r, job in zip(classify, jobs)}
+        return new
+
+    def _prefill(self, reqs: list[Request], jobs: list[ScoreJob]) -> _NewRows:
         """Prefill `reqs` and score `jobs` (scores go into the jobs) in as few forwards as padding allows."""
         tasks: list[TaskPrompt] = [r.adapter for r in reqs]
         seqs = [r.prompt_ids for r in reqs]
@@ -230,8 +258,7 @@ class ModelRunner:
             picks.append(per_cont)
 
         hidden = torch.empty(len(reads), self.hidden_size, dtype=self.dtype, device=self.device)
-        new = _NewRows()
-        kept: list[int] = []  # generation rows in the order of `new.parts`
+        groups = []  # (rows' KV, their generation rows, those rows' requests)
         for group in length_groups([len(s) for s in seqs], self.group_overhead):
             batch, h = self.forward_new([tasks[i] for i in group], [seqs[i] for i in group])
             lmax, local = h.shape[1], {row: j for j, row in enumerate(group)}
@@ -240,30 +267,39 @@ class ModelRunner:
                 for (row, tok), read in reads.items()
                 if row in local
             ]
-            read_idx, rows, cols = (list(x) for x in zip(*sel))
+            read_idx, rows, cols = (to_device(list(x), self.device) for x in zip(*sel))
             hidden[read_idx] = h[rows, cols]
             gen = [j for j, row in enumerate(group) if row < len(reqs)]
             if gen:
-                new.parts.append((batch, gen))
-                kept += [group[j] for j in gen]
+                groups.append((batch, gen, [reqs[group[j]] for j in gen]))
         logits = self.lm_head(hidden).float()
-        new.requests = [reqs[i] for i in kept]
-        new.samplers = [RowSampler.for_request(r) for r in new.requests]
-        new.tokens = self._sample(logits[kept], new.samplers) if kept else []
+        new = _NewRows()
+        kept = [r for _, _, rs in groups for r in rs]
+        if kept:
+            at = {r.request_id: i for i, r in enumerate(reqs)}
+            samplers = [RowSampler.for_params(r.params) for r in kept]
+            tokens = sample(logits[to_device([at[r.request_id] for r in kept], self.device)], samplers)
+            n = 0
+            for batch, gen, rs in groups:
+                start = [r.adapter.prompt.shape[0] + len(r.prompt_ids) for r in rs]
+                part_tokens = tokens[n : n + len(rs)]
+                new.parts.append(
+                    DecodeBatch.from_prefill(rs, samplers[n : n + len(rs)], batch, gen, part_tokens, start)
+                )
+                new.tokens.append(part_tokens)
+                n += len(rs)
         if jobs:
-            logp = torch.log_softmax(logits[len(reqs) :], dim=-1).cpu()
+            flat = [(read - len(reqs), t) for per_cont in picks for cont in per_cont for read, t in cont]
+            logp = torch.log_softmax(logits[len(reqs) :], dim=-1)
+            rows, targets = (
+                to_device([r for r, _ in flat], self.device),
+                to_device([t for _, t in flat], self.device),
+            )
+            values = iter(logp[rows, targets].tolist() if flat else [])
             for job, per_cont in zip(jobs, picks):
-                job.scores = [sum(float(logp[read - len(reqs), t]) for read, t in cont) for cont in per_cont]
+                job.scores = [sum(next(values) for _ in cont) for cont in per_cont]
         self.prefill_tokens_total += sum(len(r.prompt_ids) for r in reqs)
         return new
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
-        tokens = logits.argmax(-1).tolist()
-        for i, s in enumerate(samplers):
-            if s.generator is not None:
-                tokens[i] = s.sample(logits[i])
-        return tokens
 
     # ------------------------------------------------------------------ forwards
     def _prompt_kv(self, prompts: torch.Tensor) -> torch.Tensor:
@@ -294,19 +330,23 @@ class ModelRunner:
         b = KVBatch.empty(
             self.num_layers, n, self.kv_heads, self.head_dim, pmax + lmax, self.dtype, self.device
         )
+        # Token ids, positions and mask are built on the host and copied over once each.
         ids = torch.zeros(n, lmax, dtype=torch.long)
         pos = torch.zeros(n, lmax, dtype=torch.long)
+        mask = torch.zeros(n, pmax + lmax, dtype=torch.long)
         for i, (kv, s) in enumerate(zip(kvs, seqs)):
             P, L = kv.shape[3], len(s)
             b.kv[:, :, i, :, pmax - P : pmax] = kv
-            b.mask[i, pmax - P : pmax] = 1
-            b.mask[i, pmax + lmax - L : pmax + lmax] = 1
+            mask[i, pmax - P : pmax] = 1
+            mask[i, pmax + lmax - L :] = 1
+            b.first[i] = pmax - P
             ids[i, lmax - L :] = torch.tensor(s)
             pos[i, lmax - L :] = torch.arange(P, P + L)
+        b.mask.copy_(to_device(mask, self.device))
         b.length = pmax
         hidden = self.decoder(
-            input_ids=ids.to(self.device),
-            position_ids=pos.to(self.device),
+            input_ids=to_device(ids, self.device),
+            position_ids=to_device(pos, self.device),
             attention_mask=b.mask[:, : pmax + lmax],
             past_key_values=b,
             use_cache=True,
@@ -324,5 +364,5 @@ class ModelRunner:
     def score(self, task: TaskPrompt, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
         """Summed log-prob of each continuation's tokens after the task prompt and `prompt_ids`."""
         job = ScoreJob(task, prompt_ids, continuations)
-        self._new_rows([], [job])
+        self._prefill([], [job])
         return job.scores

@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 
 from serving.detokenizer import IncrementalText
+from serving.output import to_output
 from serving.scheduler import Request, RequestStatus, Scheduler, SchedulerConfig
-from serving.types import FinishReason, Overloaded, SamplingParams
+from serving.types import (
+    FinishReason,
+    InvalidRequest,
+    Overloaded,
+    QuotaExceeded,
+    SamplingParams,
+    TenantLimits,
+)
 
 EOS = 0
 
@@ -28,12 +36,18 @@ def make(rid: str, task: str = "t", prompt_len: int = 3, **params) -> Request:
 
 
 def sched(**cfg) -> Scheduler:
-    return Scheduler(SchedulerConfig(**cfg), decode)
+    return Scheduler(SchedulerConfig(**cfg))
 
 
 def step(s: Scheduler, token: int = 1):
+    """One step as the engine runs it: the scheduler's update, then the output path (text, stop strings)."""
     out = s.schedule()
-    return out, s.update(out, {r.request_id: token for r in (*out.prefill, *out.decode)})
+    outputs = []
+    for u in s.update(out, {r.request_id: token for r in (*out.prefill, *out.decode)}):
+        outputs.append(to_output(u, decode))
+        if outputs[-1].finished and u.finish_reason is None:
+            s.finish(u.request.request_id, FinishReason.STOP)
+    return out, outputs
 
 
 def test_requests_of_different_tasks_share_a_step():
@@ -152,3 +166,93 @@ def test_incremental_text_waits_for_complete_characters():
         t.append(tok)
         deltas.append(t.take_delta(final=False))
     assert deltas == ["x", "", "", "\u20ac", "x"]
+
+
+# ------------------------------------------------------------------ tenants
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_t(rid: str, tenant: str, prompt_len: int = 3, max_tokens: int = 10) -> Request:
+    req = make(rid, prompt_len=prompt_len, max_tokens=max_tokens)
+    req.tenant = tenant
+    return req
+
+
+def test_a_flooding_tenant_gets_its_own_429s_and_never_delays_or_rejects_another():
+    s = sched(max_batch_size=4, max_queue=64)
+    s.set_tenant_limits({"a": TenantLimits(max_concurrent=20), "b": TenantLimits(max_concurrent=20)})
+    rejected = 0
+    for i in range(200):  # tenant a floods far past its quota
+        try:
+            s.add(make_t(f"a{i}", "a"))
+        except QuotaExceeded as e:
+            assert e.status == 429 and e.retry_after >= 1.0
+            rejected += 1
+    assert rejected == 180
+    for i in range(3):  # b arrives behind a's backlog: never rejected ...
+        s.add(make_t(f"b{i}", "b"))
+    admitted = [r.request_id for r in s.schedule().prefill]
+    assert admitted == ["a0", "b0", "a1", "b1"]  # ... and admitted alternately with a, not after it
+    stats = s.tenant_stats()
+    assert (stats["a"].rejected_total, stats["b"].rejected_total) == (180, 0)
+    assert (stats["a"].queued, stats["a"].running, stats["b"].queued, stats["b"].running) == (18, 2, 1, 2)
+
+
+def test_no_tenant_fills_the_queue_for_the_others():
+    s = sched(max_batch_size=1, max_queue=30)
+    s.set_tenant_limits({"a": TenantLimits(), "b": TenantLimits()})  # no concurrency limits at all
+    with pytest.raises(QuotaExceeded):
+        for i in range(100):
+            s.add(make_t(f"a{i}", "a"))
+    assert s.num_waiting == 10  # a third of the queue: a, b and unnamed tenants
+    for i in range(10):
+        s.add(make_t(f"b{i}", "b"))  # b's share is still free
+
+
+def test_weighted_round_robin_admits_in_proportion_to_weight():
+    s = sched(max_batch_size=1000, max_step_tokens=10**6)
+    s.set_tenant_limits({"a": TenantLimits(weight=1.0), "b": TenantLimits(weight=3.0)})
+    for i in range(40):
+        s.add(make_t(f"a{i}", "a"))
+        s.add(make_t(f"b{i}", "b"))
+    s.config.max_batch_size = 20
+    first = [r.tenant for r in s.schedule().prefill]
+    assert (first.count("a"), first.count("b")) == (5, 15)
+
+
+def test_token_rate_limit_has_a_retry_after_for_that_tenant():
+    clock = Clock()
+    s = Scheduler(SchedulerConfig(), clock)
+    s.set_tenant_limits({"a": TenantLimits(tokens_per_minute=100)})
+    for i in range(7):  # 3 prompt + 10 max tokens = 13 each: 91 of 100
+        s.add(make_t(f"a{i}", "a"))
+        clock.now += 5
+    with pytest.raises(QuotaExceeded) as err:
+        s.add(make_t("a7", "a"))
+    assert err.value.retry_after == pytest.approx(60 - 35)  # when a0's charge leaves the window
+    s.add(make_t("b0", "b"))  # another tenant is unaffected
+    with pytest.raises(InvalidRequest):  # can never fit: retrying would not help
+        s.add(make_t("huge", "a", max_tokens=200))
+    clock.now += 25
+    s.add(make_t("a7", "a"))
+
+
+def test_a_finished_request_is_charged_the_tokens_it_used():
+    clock = Clock()
+    s = Scheduler(SchedulerConfig(), clock)
+    s.set_tenant_limits({"a": TenantLimits(tokens_per_minute=1000)})
+    s.add(make_t("a0", "a", max_tokens=100))
+    s.add(make_t("a1", "a", max_tokens=100))
+    assert s.tenant_stats()["a"].tokens_last_minute == 206
+    step(s, token=EOS)  # both stop after one token: 3 prompt + 1 each
+    assert s.tenant_stats()["a"].tokens_last_minute == 8
+    s.add(make_t("a2", "a", max_tokens=100))
+    s.abort("a2")  # never ran: free
+    assert s.tenant_stats()["a"].tokens_last_minute == 8

@@ -19,8 +19,10 @@ from serving.types import (
     InvalidRequest,
     Overloaded,
     PromptTooLong,
+    QuotaExceeded,
     RequestTimeout,
     SamplingParams,
+    TenantLimits,
     UnknownTask,
 )
 from tuner.export import TaskAdapter, save_adapter
@@ -309,3 +311,98 @@ def test_text_encoder_gives_the_tokenizers_own_ids():
         encode = text_encoder(tok)
         for text in texts:
             assert encode(text) == tok(text, add_special_tokens=False).input_ids
+
+
+def test_tenant_limits_apply_to_generation_and_classification_alike(tmp_path):
+    engine = make_engine(tmp_path)
+    meta = {"kind": "classification", "template": "{sentence}:", "verbaliser": {"pos": " g", "neg": " b"}}
+    save(tmp_path, "cls", engine.runner.model, meta=meta)
+    save(tmp_path, "gen", engine.runner.model, seed=1)
+    engine.registry.refresh()
+    engine.set_tenant_limits({"a": TenantLimits(max_concurrent=1)})
+
+    def tenant_request(rid, tenant, **params):
+        req = request(rid, "gen", **params)
+        req.tenant = tenant
+        return req
+
+    async def main():
+        await engine.start()
+        try:
+            running = engine.generate(tenant_request("a0", "a", max_tokens=200))
+            await anext(running)  # a's one allowed request is running
+            with pytest.raises(QuotaExceeded) as err:
+                await run(engine, tenant_request("a1", "a"))
+            assert err.value.status == 429 and err.value.retry_after >= 1
+            with pytest.raises(QuotaExceeded):
+                await engine.classify("cls", "fine", tenant="a")
+            b_outs = await run(engine, tenant_request("b0", "b", max_tokens=3))
+            b_label = await engine.classify("cls", "fine", tenant="b")
+            await running.aclose()
+            return b_outs, b_label
+        finally:
+            await engine.stop()
+
+    b_outs, b_label = asyncio.run(main())
+    assert b_outs[-1].finished and b_label.label in ("pos", "neg")
+    tenants = engine.stats()["tenants"]
+    assert (tenants["a"].rejected_total, tenants["b"].rejected_total) == (2, 0)
+    assert tenants["b"].admitted_total == 2 and tenants["a"].running == 0
+
+
+class SlowCountingTokenizer(CharTokenizer):
+    """CharTokenizer that takes `delay` seconds per call (like a long prompt) and counts its calls."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.calls = delay, 0
+
+    def __call__(self, text: str, add_special_tokens: bool = False):
+        self.calls += 1
+        time.sleep(self.delay)
+        return super().__call__(text, add_special_tokens)
+
+
+def test_prompts_are_checked_before_and_tokenised_off_the_event_loop(tmp_path):
+    m = model()
+    tok = SlowCountingTokenizer()
+    engine = Engine(
+        EngineConfig(backbone="tiny", prompt_store=str(tmp_path), max_prompt_tokens=64),
+        model=m,
+        tokenizer=tok,
+    )
+    save(tmp_path, "t", m)
+    meta = {"kind": "classification", "template": "{sentence}:", "verbaliser": {"pos": " g", "neg": " b"}}
+    save(tmp_path, "cls", m, meta=meta)
+    engine.registry.refresh()
+
+    async def main():
+        await engine.start()
+        try:
+            with pytest.raises(PromptTooLong):  # 1 MB: refused by its length in characters, untokenised
+                await run(engine, request("huge", "t", prompt="x" * 2**20))
+            assert tok.calls == 0
+            for bad in ("\ud800", "ok \udfff ok"):  # lone surrogates: a 400, not a tokenizer TypeError
+                with pytest.raises(InvalidRequest, match="Unicode"):
+                    await run(engine, request("s", "t", prompt=bad))
+                with pytest.raises(InvalidRequest, match="Unicode"):
+                    await engine.classify("cls", bad)
+            tok.delay = 0.4  # a slow tokenisation must not stall the loop
+            gaps, stop = [], asyncio.Event()
+
+            async def tick():
+                last = time.monotonic()
+                while not stop.is_set():
+                    await asyncio.sleep(0.01)
+                    gaps.append(time.monotonic() - last)
+                    last = time.monotonic()
+
+            ticker = asyncio.ensure_future(tick())
+            outs = await run(engine, request("slow", "t", prompt="abc", max_tokens=2))
+            stop.set()
+            await ticker
+            return outs, max(gaps)
+        finally:
+            await engine.stop()
+
+    outs, worst_gap = asyncio.run(main())
+    assert outs[-1].finished and worst_gap < 0.2

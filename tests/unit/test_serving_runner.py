@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import tiny_llama
 
+from serving.decode_batch import DecodeBatch
 from serving.registry import TaskEntry
-from serving.runner import ModelRunner, ScoreJob, length_groups
-from serving.scheduler import Request, Scheduler, SchedulerConfig
+from serving.runner import ModelRunner, length_groups
+from serving.scheduler import Request, RequestKind, Scheduler, SchedulerConfig
 from serving.types import SamplingParams
 
 VOCAB, HIDDEN = 128, 32
@@ -53,23 +54,41 @@ def make_request(rid: str, task: TaskEntry, text_seed: int, **params) -> Request
     return Request(rid, task.name, ids, SamplingParams(**params), 0.0, frozenset(), task)
 
 
+def classify_request(rid: str, task: TaskEntry, prompt: list[int], continuations: list[list[int]]) -> Request:
+    return Request(
+        rid,
+        task.name,
+        prompt,
+        SamplingParams(),
+        0.0,
+        frozenset(),
+        task,
+        kind=RequestKind.CLASSIFY,
+        continuations=continuations,
+    )
+
+
 def serve(
     runner: ModelRunner,
     arrivals: dict[int, list[Request]],
     max_batch_size: int = 32,
-    scores: dict[int, list[ScoreJob]] | None = None,
+    scores: dict[str, list[float]] | None = None,
 ) -> dict[str, list[int]]:
-    """Drive scheduler + runner like the engine does; `arrivals[step]` join at that step, as do the
-    classifications `scores[step]` (scored in that step's forwards, as the engine does)."""
-    sched = Scheduler(SchedulerConfig(max_batch_size=max_batch_size), lambda ids: "")
+    """Drive scheduler + runner like the engine does; `arrivals[step]` join at that step (generations
+    and classifications; the classifications' scores go into `scores`)."""
+    sched = Scheduler(SchedulerConfig(max_batch_size=max_batch_size))
     outputs: dict[str, list[int]] = {}
     step = 0
     while step <= max(arrivals) or sched.has_work:
         for req in arrivals.get(step, []):
             sched.add(req)
         out = sched.schedule()
-        for o in sched.update(out, runner.step(out, (scores or {}).get(step, []))):
-            outputs.setdefault(o.request_id, []).extend(o.token_ids)
+        result = runner.step(out)
+        assert not result.failed
+        if scores is not None:
+            scores.update(result.scores)
+        for u in sched.update(out, result.tokens):
+            outputs.setdefault(u.request.request_id, []).append(u.token)
         step += 1
     return outputs
 
@@ -162,26 +181,30 @@ def test_classification_in_a_mixed_batch_equals_classification_alone():
     tokens equal those of a run without classifications."""
     model, tasks = sharp_llama(), make_tasks(8, seed=6)
 
-    def job(i: int) -> ScoreJob:
+    def job(i: int) -> Request:
         prompt = torch.randint(
             3, VOCAB, (1 + (5 * i) % 11,), generator=torch.Generator().manual_seed(i)
         ).tolist()
         # Single-token verbalisers (one row per request) and multi-token ones sharing a first token.
         conts = [[10], [11], [12]] if i % 2 else [[10, 20], [10, 21, 22], [13]]
-        return ScoreJob(tasks[i % 8], prompt, conts)
+        return classify_request(f"c{i}", tasks[i % 8], prompt, conts)
 
     jobs = {0: [job(i) for i in range(5)], 2: [job(i) for i in range(5, 9)], 3: [job(9)]}
     reqs = [make_request(f"r{i}", tasks[i], text_seed=10 + i, max_tokens=5) for i in range(6)]
-    arrivals = {0: reqs[:3], 2: reqs[3:]}
-    with_scores = serve(ModelRunner(model), arrivals, scores=jobs)
+    arrivals = {s: reqs[:3] if s == 0 else reqs[3:] if s == 2 else [] for s in range(4)}
+    mixed = {s: arrivals[s] + jobs.get(s, []) for s in arrivals}
+    scores: dict[str, list[float]] = {}
+    with_scores = serve(ModelRunner(model), mixed, scores=scores)
     without = serve(ModelRunner(model), arrivals)
     assert with_scores == without
     solo = ModelRunner(model)
     for step_jobs in jobs.values():
         for j in step_jobs:
-            assert len(j.scores) == len(j.continuations)
-            alone = solo.score(j.task, j.prompt_ids, j.continuations)
-            torch.testing.assert_close(torch.tensor(j.scores), torch.tensor(alone), rtol=1e-5, atol=1e-4)
+            assert len(scores[j.request_id]) == len(j.continuations)
+            alone = solo.score(j.adapter, j.prompt_ids, j.continuations)
+            torch.testing.assert_close(
+                torch.tensor(scores[j.request_id]), torch.tensor(alone), rtol=1e-5, atol=1e-4
+            )
 
 
 def test_length_groups_split_rows_where_padding_costs_more_than_a_forward():
@@ -190,3 +213,37 @@ def test_length_groups_split_rows_where_padding_costs_more_than_a_forward():
     assert length_groups(lengths, overhead=10) == [[1, 2, 4], [3, 0, 5]]
     groups = length_groups(lengths, overhead=0)
     assert sorted(i for g in groups for i in g) == list(range(6)) and len(groups) == 6
+
+
+def test_decode_batch_filter_and_concatenate_keep_each_rows_state():
+    """Rows keep their request, sampler, last token, position and KV (real columns, in order) through
+    `concatenate` and `filter`, and the trimmed batch has no column that is padding in every row."""
+    model, tasks = sharp_llama(), make_tasks(5, seed=9)
+    runner = ModelRunner(model)
+    batches = []
+    for group in ([0, 1], [2, 3, 4]):
+        sched = Scheduler(SchedulerConfig())
+        for i in group:
+            sched.add(make_request(f"r{i}", tasks[i], text_seed=3 * i, max_tokens=5))
+        runner.reset()
+        runner.step(sched.schedule())
+        batches.append(runner.batch)
+
+    def rows_state(b: DecodeBatch) -> dict:
+        kv, mask = b.kv.kv, b.kv.mask.bool()
+        return {
+            rid: (b.samplers[i], int(b.last_tokens[i]), int(b.positions[i]), kv[:, :, i][..., mask[i], :])
+            for i, rid in enumerate(b.request_ids)
+        }
+
+    before = rows_state(batches[0]) | rows_state(batches[1])
+    joined = DecodeBatch.concatenate(batches, headroom=4)
+    assert joined.request_ids == batches[0].request_ids + batches[1].request_ids
+    kept = joined.filter([joined.request_ids.index(r) for r in ("r4", "r1")], headroom=0)
+    assert kept.request_ids == ["r4", "r1"]
+    assert kept.kv.mask[:, : kept.kv.length].any(0).all()  # trimmed to the rows' own columns
+    for b in (joined, kept):
+        for rid, (sampler, last, pos, kv) in rows_state(b).items():
+            want = before[rid]
+            assert (sampler, last, pos) == want[:3]
+            torch.testing.assert_close(kv, want[3], rtol=0, atol=0)
