@@ -42,12 +42,29 @@ def test_metrics_parse_and_carry_per_task_series(cfg):
         fams = scrape(c)
 
     requests = samples(fams["promptfleet_requests"], "promptfleet_requests_total")
-    assert requests[(("endpoint", "completions"), ("status", "200"), ("task", "sst2"))] == 2
-    assert requests[(("endpoint", "completions"), ("status", "200"), ("task", "samsum"))] == 1
-    assert requests[(("endpoint", "classify"), ("status", "200"), ("task", "trec"))] == 1
-    assert requests[(("endpoint", "completions"), ("status", "400"), ("task", "sst2"))] == 1
+    assert (
+        requests[(("endpoint", "completions"), ("status", "200"), ("task", "sst2"), ("tenant", "anonymous"))]
+        == 2
+    )
+    assert (
+        requests[
+            (("endpoint", "completions"), ("status", "200"), ("task", "samsum"), ("tenant", "anonymous"))
+        ]
+        == 1
+    )
+    assert (
+        requests[(("endpoint", "classify"), ("status", "200"), ("task", "trec"), ("tenant", "anonymous"))]
+        == 1
+    )
+    assert (
+        requests[(("endpoint", "completions"), ("status", "400"), ("task", "sst2"), ("tenant", "anonymous"))]
+        == 1
+    )
     # an unknown name never becomes a label value (no unbounded series from random names)
-    assert requests[(("endpoint", "completions"), ("status", "404"), ("task", "-"))] == 2
+    assert (
+        requests[(("endpoint", "completions"), ("status", "404"), ("task", "-"), ("tenant", "anonymous"))]
+        == 2
+    )
     assert not any(dict(k).get("task") in ("nope", "ghost") for k in requests)
 
     ttft = samples(
@@ -59,7 +76,7 @@ def test_metrics_parse_and_carry_per_task_series(cfg):
     )
     assert latency[(("endpoint", "completions"), ("task", "sst2"))] == 3  # two 200s and the 400
     completion = samples(fams["promptfleet_completion_tokens"], "promptfleet_completion_tokens_total")
-    assert 1 <= completion[(("task", "sst2"),)] <= 4
+    assert 1 <= completion[(("task", "sst2"), ("tenant", "anonymous"))] <= 4
 
     # engine-side numbers, read from engine.stats() at scrape time
     for name in ("promptfleet_queue_depth", "promptfleet_running_requests", "promptfleet_batch_size"):
