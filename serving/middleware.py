@@ -75,9 +75,14 @@ class RequireApiKey:
         self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.public_paths:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["path"] in self.public_paths:  # no key needed, but a valid one may see more (/metrics)
+            tenant = self.keyring.authenticate(headers.get("authorization"))
+            if tenant is not None:
+                scope.setdefault("state", {})["tenant"] = tenant
+            return await self.app(scope, receive, send)
         try:
             tenant = self.keyring.check(headers.get("authorization"))
             length = headers.get("content-length", "0")
