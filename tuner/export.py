@@ -7,6 +7,12 @@ A task directory holds:
 
 `peft.PeftModel.from_pretrained(backbone, task_dir)` loads it as is. Only safetensors is ever
 read; task names are validated before they become directory names.
+
+Publishing is atomic: each save writes a new version directory `root/.versions/<name>/<version>/`
+and then flips ONE pointer, the relative symlink `root/<name>`, with a single `os.replace`. A
+reader (the serving registry, a hot reload) sees the old version or the new one, complete, and the
+task never disappears in between. The previous version is kept (a reader may still be loading it);
+older ones are deleted.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +33,7 @@ from tuner.config import validate_name
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TASK_META = "promptfleet_task.json"
+VERSIONS = ".versions"  # hidden: the registry never mistakes it for a task
 
 
 @dataclass
@@ -54,30 +62,66 @@ def peft_config_dict(num_virtual_tokens: int, backbone_config, base_model: str) 
 
 
 def save_adapter(root: str | os.PathLike, adapter: TaskAdapter, backbone_config) -> Path:
-    """Write `root/<name>/` atomically (temp dir + rename; an existing dir is replaced)."""
+    """Publish `root/<name>` atomically: a new version directory, then one pointer flip.
+
+    Returns `root/<name>` (a symlink to the version directory; read it like a directory).
+    """
     validate_name("task name", adapter.name)
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter.name}-", dir=root))
+    versions = root / VERSIONS / adapter.name
+    versions.mkdir(parents=True, exist_ok=True)
+    # Names sort by time, so "older than the one we replace" is a string comparison.
+    version = Path(tempfile.mkdtemp(prefix=f"{time.time_ns():020d}-", dir=versions))
     cfg = peft_config_dict(adapter.prompt.shape[0], backbone_config, adapter.backbone)
-    (tmp / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
+    _write(version / ADAPTER_CONFIG, json.dumps(cfg, indent=2, default=str).encode())
     save_file(
-        {"prompt_embeddings": adapter.prompt.detach().float().contiguous().cpu()}, str(tmp / ADAPTER_WEIGHTS)
+        {"prompt_embeddings": adapter.prompt.detach().float().contiguous().cpu()},
+        str(version / ADAPTER_WEIGHTS),
     )
-    (tmp / TASK_META).write_text(json.dumps({"name": adapter.name, **adapter.meta}, indent=2, default=str))
+    meta = json.dumps({"name": adapter.name, **adapter.meta}, indent=2, default=str).encode()
+    _write(version / TASK_META, meta)
+    version.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
     final = root / adapter.name
-    old = root / f".{adapter.name}.old"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    previous = os.readlink(final) if final.is_symlink() else None
+    if final.exists() and not final.is_symlink():
+        # A store written before versioned publishing: move the directory under .versions once
+        # (the only moment this task is briefly missing), then flip as usual.
+        legacy = versions / f"{0:020d}-legacy"
+        shutil.rmtree(legacy, ignore_errors=True)
+        os.rename(final, legacy)
+        previous = os.path.relpath(legacy, root)
+    link = root / f".{adapter.name}.link-{version.name}"
+    os.symlink(os.path.relpath(version, root), link)
+    os.replace(link, final)  # the one atomic step: readers see the old version or the new one
+    _prune(versions, version.name, keep=Path(previous).name if previous else "")
     return final
 
 
-def load_adapter(task_dir: str | os.PathLike) -> TaskAdapter:
-    """Read a PEFT prompt-tuning adapter directory (safetensors only)."""
-    d = Path(task_dir)
-    name = validate_name("task name", d.name)
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _prune(versions: Path, current: str, keep: str) -> None:
+    """Delete versions older than `current`, except `keep` (the one it replaced); a newer one
+    belongs to a save still running."""
+    for child in versions.iterdir():
+        if child.name < current and child.name != keep:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def load_adapter(task_dir: str | os.PathLike, name: str | None = None) -> TaskAdapter:
+    """Read a PEFT prompt-tuning adapter directory (safetensors only).
+
+    Args:
+        task_dir: `root/<name>` (or a version directory it points to, then `name` is needed).
+        name: the task's name; defaults to the directory's name.
+    """
+    name = validate_name("task name", name if name is not None else Path(task_dir).name)
+    # Resolve the published pointer once: every file then comes from the same version.
+    d = Path(os.path.realpath(task_dir))
     cfg_path, weights = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{d}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
