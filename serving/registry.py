@@ -27,7 +27,7 @@ import torch
 
 from serving.types import UnknownTask
 from tuner.config import ConfigError, validate_name
-from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META, load_adapter
+from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META, TaskMeta, load_adapter
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class TaskEntry:
 
     name: str
     prompt: torch.Tensor = field(repr=False)  # [P, hidden] fp32
-    meta: dict = field(repr=False)
+    meta: TaskMeta = field(repr=False)
     version: Fingerprint = field(repr=False)  # changes whenever the adapter files change
     path: str = ""
 

@@ -3,7 +3,8 @@
 A task directory holds:
   adapter_config.json        PEFT `PromptTuningConfig` (peft_type PROMPT_TUNING, CAUSAL_LM)
   adapter_model.safetensors  {"prompt_embeddings": [num_virtual_tokens, hidden]}
-  promptfleet_task.json      what serving needs beyond PEFT: kind, template, verbaliser, metrics
+  promptfleet_task.json      what serving needs beyond PEFT (`TaskMeta`): kind, template, prefix,
+                             verbaliser, metric
 
 `peft.PeftModel.from_pretrained(backbone, task_dir)` loads it as is. Only safetensors is ever
 read; task names are validated before they become directory names.
@@ -22,18 +23,108 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from tuner.config import validate_name
+from tuner.tasks import render_input, template_fields
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TASK_META = "promptfleet_task.json"
 VERSIONS = ".versions"  # hidden: the registry never mistakes it for a task
+
+
+@dataclass
+class TaskMeta:
+    """What serving needs of a task beyond its prompt (`promptfleet_task.json`), written by the
+    tuner (`from_spec`) and read by serving (`render` gives the model input of a request with the
+    same function training used, `tuner.tasks.render_input`)."""
+
+    kind: str = "generation"  # classification | generation
+    description: str = ""
+    template: str = ""  # the task's input template; "" = the request text as is
+    prefix: str = ""  # description + demonstrations, before every input (as in training)
+    verbaliser: dict[str, str] = field(default_factory=dict)  # classification: label -> words
+    metric: str = ""
+    max_new_tokens: int | None = None
+    score: float | None = None  # the tuned headline metric at export
+    extra: dict = field(default_factory=dict)  # keys this version does not know, kept as written
+
+    @classmethod
+    def from_spec(cls, spec, prefix: str, score: float | None = None) -> TaskMeta:
+        """The record of a `tuner.tasks.TaskSpec` trained with `prefix`."""
+        return cls(
+            kind=spec.kind,
+            description=spec.description,
+            template=spec.template,
+            prefix=prefix,
+            verbaliser=dict(spec.verbaliser),
+            metric=spec.metric,
+            max_new_tokens=spec.max_new_tokens,
+            score=score,
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TaskMeta:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        meta = cls(**{k: v for k, v in data.items() if k in known})
+        meta.extra = {k: v for k, v in data.items() if k not in known and k != "name"}
+        return meta
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **out}
+
+    @property
+    def input_fields(self) -> list[str]:
+        return template_fields(self.template)
+
+    def render(self, text: str, raw: bool = False) -> str:
+        """The model input for a request's `text`, exactly as training rendered a row.
+
+        A template with one field takes `text` as that field; one with several fields takes a JSON
+        object of them (e.g. `{"premise": ..., "hypothesis": ...}`). Raises ValueError otherwise.
+        """
+        if raw:
+            return text
+        names = self.input_fields
+        if not names:
+            return self.prefix + text
+        if len(names) == 1:
+            values = {names[0]: text}
+        else:
+            try:
+                values = json.loads(text)
+            except ValueError:
+                values = None
+            if not isinstance(values, dict) or set(values) != set(names):
+                raise ValueError(
+                    f"this task's input has the fields {', '.join(names)}: send them as a JSON object"
+                )
+        try:
+            return render_input(self.template, self.prefix, values)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"the task's template cannot be filled: {e}") from None
+
+    # Read access by key, for code written against the former dict (`meta.get("verbaliser")`).
+    def get(self, key: str, default=None):
+        value = getattr(self, key, None) if key in self._keys() else self.extra.get(key)
+        return default if value is None else value
+
+    def __getitem__(self, key: str):
+        if key not in self:
+            raise KeyError(key)
+        return self.get(key)
+
+    def __contains__(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def _keys(self) -> set[str]:
+        return {f.name for f in fields(self)} - {"extra"}
 
 
 @dataclass
@@ -43,7 +134,11 @@ class TaskAdapter:
     name: str
     prompt: torch.Tensor  # [num_virtual_tokens, hidden]
     backbone: str  # base_model_name_or_path as written in adapter_config.json
-    meta: dict = field(default_factory=dict)  # kind, prefix, template, verbaliser, metrics...
+    meta: TaskMeta = field(default_factory=TaskMeta)  # a dict is read with TaskMeta.from_dict
+
+    def __post_init__(self) -> None:
+        if isinstance(self.meta, dict):
+            self.meta = TaskMeta.from_dict(self.meta)
 
 
 def peft_config_dict(num_virtual_tokens: int, backbone_config, base_model: str) -> dict:
@@ -78,7 +173,7 @@ def save_adapter(root: str | os.PathLike, adapter: TaskAdapter, backbone_config)
         {"prompt_embeddings": adapter.prompt.detach().float().contiguous().cpu()},
         str(version / ADAPTER_WEIGHTS),
     )
-    meta = json.dumps({"name": adapter.name, **adapter.meta}, indent=2, default=str).encode()
+    meta = json.dumps({"name": adapter.name, **adapter.meta.to_dict()}, indent=2, default=str).encode()
     _write(version / TASK_META, meta)
     version.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
     final = root / adapter.name
@@ -137,5 +232,6 @@ def load_adapter(task_dir: str | os.PathLike, name: str | None = None) -> TaskAd
             f"{d}: prompt_embeddings shape {tuple(prompt.shape)} does not match adapter_config.json"
         )
     meta = json.loads((d / TASK_META).read_text()) if (d / TASK_META).is_file() else {}
-    meta.pop("name", None)
-    return TaskAdapter(name, prompt, cfg.get("base_model_name_or_path") or "", meta)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{d}: {TASK_META} is not a JSON object")
+    return TaskAdapter(name, prompt, cfg.get("base_model_name_or_path") or "", TaskMeta.from_dict(meta))

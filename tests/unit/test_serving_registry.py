@@ -13,7 +13,7 @@ from transformers import LlamaConfig
 
 from serving.prompt_format import format_prompt
 from serving.registry import PromptRegistry
-from serving.types import UnknownTask
+from serving.types import InvalidRequest, UnknownTask
 from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TaskAdapter, load_adapter, save_adapter
 
 HIDDEN = 32
@@ -69,7 +69,10 @@ def test_format_prompt_fills_the_single_template_field_after_the_prefix():
     meta = {"prefix": "Classify.\n\n", "template": "Review: {sentence}\nSentiment:"}
     assert format_prompt(meta, " great movie! ") == "Classify.\n\nReview: great movie!\nSentiment:"
     assert format_prompt(meta, "as is", raw=True) == "as is"
-    assert format_prompt({"template": "{premise} / {hypothesis}"}, "x") == "x"  # two fields: text unchanged
+    two = {"template": "{premise} / {hypothesis}", "prefix": "P: "}
+    assert format_prompt(two, '{"hypothesis": " b ", "premise": "a"}') == "P: a / b"  # fields as JSON
+    with pytest.raises(InvalidRequest, match="premise, hypothesis"):
+        format_prompt(two, "just text")  # was silently sent unformatted: a train/serve skew
     assert format_prompt({}, "plain") == "plain"
 
 
