@@ -45,11 +45,40 @@ ENGINE_SERIES = {
 }
 
 
-class EngineStatsCollector(Collector):
-    """Reads `stats()` once per scrape and exposes the keys in ENGINE_SERIES."""
+# engine.stats()["tenants"][name] attribute -> (metric name, help, kind), labelled by tenant
+TENANT_SERIES = {
+    "running": ("promptfleet_tenant_running_requests", "Running requests of a tenant.", "gauge"),
+    "queued": ("promptfleet_tenant_queued_requests", "Waiting requests of a tenant.", "gauge"),
+    "tokens_last_minute": (
+        "promptfleet_tenant_tokens_last_minute",
+        "Tokens charged to a tenant in the rolling minute (its tokens_per_minute quota).",
+        "gauge",
+    ),
+    "admitted_total": (
+        "promptfleet_tenant_admitted",
+        "Requests of a tenant admitted to the engine.",
+        "counter",
+    ),
+    "admitted_tokens_total": (
+        "promptfleet_tenant_admitted_tokens",
+        "Tokens charged to a tenant at admission.",
+        "counter",
+    ),
+    "rejected_total": (
+        "promptfleet_tenant_quota_rejections",
+        "Requests of a tenant refused by its quota (429).",
+        "counter",
+    ),
+}
 
-    def __init__(self, stats: Callable[[], dict]):
+
+class EngineStatsCollector(Collector):
+    """Reads `stats()` once per scrape and exposes the keys in ENGINE_SERIES, and with `per_tenant`
+    the engine's per-tenant numbers (`stats()["tenants"]`, when the engine reports them)."""
+
+    def __init__(self, stats: Callable[[], dict], per_tenant: bool = False):
         self._stats = stats
+        self._per_tenant = per_tenant
 
     def collect(self):
         try:
@@ -62,6 +91,17 @@ class EngineStatsCollector(Collector):
                 continue
             family = GaugeMetricFamily(name, doc) if kind == "gauge" else CounterMetricFamily(name, doc)
             family.add_metric([], float(stats[key]))
+            yield family
+        tenants = stats.get("tenants") if self._per_tenant else None
+        if not isinstance(tenants, dict):
+            return
+        for attr, (name, doc, kind) in TENANT_SERIES.items():
+            cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            family = cls(name, doc, labels=["tenant"])
+            for tenant, numbers in sorted(tenants.items()):
+                value = numbers.get(attr) if isinstance(numbers, dict) else getattr(numbers, attr, None)
+                if value is not None:
+                    family.add_metric([str(tenant)], float(value))
             yield family
 
 
@@ -115,9 +155,8 @@ class ApiMetrics:
             ["task", "tenant"],
             registry=self.registry,
         )
-        engine_series = EngineStatsCollector(engine_stats)
-        self.registry.register(engine_series)
-        self.public_registry.register(engine_series)
+        self.registry.register(EngineStatsCollector(engine_stats, per_tenant=True))
+        self.public_registry.register(EngineStatsCollector(engine_stats))
 
     def observe_request(
         self, endpoint: str, task: str, status: int, seconds: float, tenant: str = NO_TENANT

@@ -192,3 +192,33 @@ def scrape_with(client, headers) -> dict:
     r = client.get("/metrics", headers=headers)
     assert r.status_code == 200
     return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+
+def test_engine_per_tenant_numbers_are_exposed_only_with_a_key():
+    """The engine reports each tenant's share (stats()["tenants"]); only the full page shows it."""
+    from dataclasses import dataclass
+
+    from serving.metrics import ENGINE_SERIES, TENANT_SERIES, ApiMetrics
+
+    @dataclass
+    class Share:  # the shape of the scheduler's per-tenant record
+        running: int = 0
+        queued: int = 0
+        tokens_last_minute: int = 0
+        admitted_total: int = 0
+        admitted_tokens_total: int = 0
+        rejected_total: int = 0
+
+    stats = {**dict.fromkeys(ENGINE_SERIES, 0), "tenants": {"acme": Share(2, 1, 50, 9, 400, 3), "b": Share()}}
+    metrics = ApiMetrics(lambda: stats)
+    full = {f.name: f for f in text_string_to_metric_families(metrics.render()[0].decode())}
+    public = metrics.render_public()[0].decode()
+    rejected = samples(
+        full["promptfleet_tenant_quota_rejections"], "promptfleet_tenant_quota_rejections_total"
+    )
+    assert rejected == {(("tenant", "acme"),): 3.0, (("tenant", "b"),): 0.0}
+    assert samples(full["promptfleet_tenant_running_requests"], "promptfleet_tenant_running_requests") == {
+        (("tenant", "acme"),): 2.0,
+        (("tenant", "b"),): 0.0,
+    }
+    assert len(TENANT_SERIES) == 6 and "acme" not in public and "promptfleet_tenant" not in public
