@@ -13,6 +13,12 @@ task uniformly and is, with equal odds, a short completion (max_tokens=8) or a c
     over the run (B), A/B/A/B, p99 over each condition's pooled latencies (`robustness_runs`). The
     malformed requests are pre-encoded bytes sent open loop on raw sockets: an httpx client spends
     more CPU per request than the server does rejecting it, on the same 2 cores.
+* two tenants on one server (`--tenants`, run on its own, a few minutes): tenant B sends the valid
+  load; tenant A floods past its quota (max_concurrent) with valid requests and sends malformed and
+  hostile-but-well-formed requests (extreme seeds and temperatures, oversized prompts, lone
+  surrogates, unsupported parameters) plus slow-header clients, open loop on raw sockets. B alone
+  and B under A, A/B/A/B, p99 over pooled latencies; B's outputs compared with its clean run
+  (`two_tenant_runs`).
 * a second, decode-heavier workload beside the issue's: the same 64-task requests with
   max_tokens=32 instead of 8, against the same two baselines, to show how the ratios move when
   batched decode dominates the work.
@@ -54,7 +60,9 @@ from bench.common import REPO, markdown_table, write_result
 from serving.auth import hash_key
 
 DATA = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
-KEY = "pf-bench-key"
+KEY = "pf-bench-key"  # tenant "bench" (tenant B of the two-tenant run; may read /metrics)
+FLOOD_KEY = "pf-bench-flood-key"  # tenant "flood" (tenant A), limited by FLOOD_LIMITS
+FLOOD_LIMITS = {"max_concurrent": 4, "tokens_per_minute": 60000}
 META = {
     "kind": "classification",
     "template": "Review: {sentence}\nSentiment:",
@@ -86,8 +94,10 @@ def write_store(root: Path, n_tasks: int) -> Path:
     for i in range(n_tasks):
         prompt = torch.randn(P, cfg.hidden_size, generator=gen) * 0.02
         save_adapter(root / "store", TaskAdapter(f"task{i:03d}", prompt, "smollm2-135m", dict(META)), cfg)
+    limits = "".join(f"    {k}: {v}\n" for k, v in FLOOD_LIMITS.items())
     (root / "tenants.yaml").write_text(
-        f"tenants:\n  bench:\n    key_sha256: [{hash_key(KEY)}]\n    tasks: '*'\n"
+        f"tenants:\n  bench:\n    key_sha256: [{hash_key(KEY)}]\n    tasks: '*'\n    metrics: true\n"
+        f"  flood:\n    key_sha256: [{hash_key(FLOOD_KEY)}]\n    tasks: '*'\n{limits}"
     )
     return root / "store"
 
@@ -159,7 +169,7 @@ class Server:
     def metrics(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
 
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
         out: dict[str, float] = {}
         for fam in text_string_to_metric_families(text):
             for s in fam.samples:
@@ -190,7 +200,8 @@ async def _load(
     open loop at the same time, evenly spread: the i-th at i * junk_over_s / len(junk) seconds, each on
     its own connection, whatever the server's replies take. Returns latencies, statuses, junk replies."""
     lat, ttft, statuses, tokens, completions = [], [], Counter(), 0, 0
-    todo = list(reversed(requests))
+    outputs: list = [None] * len(requests)  # completion text or label of each request, by index
+    todo = list(reversed(list(enumerate(requests))))
     headers = {"Authorization": f"Bearer {KEY}"}
     limits = httpx.Limits(max_connections=concurrency + 4)
     host, port = httpx.URL(url).host, httpx.URL(url).port
@@ -199,7 +210,7 @@ async def _load(
         async def client() -> None:
             nonlocal tokens, completions
             while todo:
-                kind, task, text, *stream = todo.pop()
+                i, (kind, task, text, *stream) = todo.pop()
                 path, body = http_body(kind, task, text, bool(stream), max_tokens)
                 t0 = time.perf_counter()
                 if stream:
@@ -217,6 +228,9 @@ async def _load(
                     if r.status_code == 200 and kind == "complete":
                         tokens += r.json()["usage"]["completion_tokens"]
                         completions += 1
+                        outputs[i] = r.json()["choices"][0]["text"]
+                    elif r.status_code == 200:
+                        outputs[i] = r.json()["label"]
                 lat.append(time.perf_counter() - t0)
 
         async def junk_sender() -> list:
@@ -241,6 +255,7 @@ async def _load(
         "statuses": dict(statuses),
         "_latencies": lat,
         "_junk": list(junk_results),
+        "_outputs": outputs,
     }
 
 
@@ -310,12 +325,31 @@ def malformed_requests(n: int, n_tasks: int) -> list[tuple[str, str, dict]]:
     return [kinds[i % len(kinds)] for i in range(n)]
 
 
-def raw_request(method: str, path: str, kwargs: dict) -> bytes:
+def hostile_requests(n: int) -> list[tuple[str, str, dict]]:
+    """`n` well-formed JSON requests with values meant to hurt: each must be a 4xx for its sender only."""
+    ok = {"model": "task000", "prompt": "fine", "max_tokens": 2}
+    kinds = [
+        ("POST", "/v1/completions", {"json": {**ok, "temperature": 0.7, "seed": 2**64}}),
+        ("POST", "/v1/completions", {"json": {**ok, "temperature": 1e-300}}),
+        ("POST", "/v1/completions", {"json": {**ok, "top_p": 0.0}}),
+        ("POST", "/v1/completions", {"json": {**ok, "prompt": "y" * 900_000}}),
+        ("POST", "/v1/classify", {"json": {"model": "task000", "input": "z" * 500_000}}),
+        ("POST", "/v1/completions", {"raw": b'{"model": "task000", "prompt": "a \\ud800 b"}'}),
+        ("POST", "/v1/completions", {"raw": b'{"model": "\\udfff", "prompt": "x"}'}),
+        ("POST", "/v1/completions", {"json": {**ok, "logprobs": 5}}),
+        ("POST", "/v1/completions", {"json": {**ok, "echo": True, "best_of": 3}}),
+        ("POST", "/v1/completions", {"json": {**ok, "logit_bias": {"1": 100}}}),
+        ("POST", "/v1/completions", {"json": {**ok, "stop": ["a", "b", "c", "d", "e"]}}),
+    ]
+    return [kinds[i % len(kinds)] for i in range(n)]
+
+
+def raw_request(method: str, path: str, kwargs: dict, key: str = KEY) -> bytes:
     """One malformed request as the bytes on the wire (`Connection: close`), encoded once before the run."""
-    headers = {"Host": "127.0.0.1", "Authorization": f"Bearer {KEY}", "Connection": "close"}
+    headers = {"Host": "127.0.0.1", "Authorization": f"Bearer {key}", "Connection": "close"}
     headers.update(kwargs.get("headers", {}))
-    if "json" in kwargs:
-        body = json.dumps(kwargs["json"]).encode()
+    if "json" in kwargs or "raw" in kwargs:
+        body = kwargs["raw"] if "raw" in kwargs else json.dumps(kwargs["json"]).encode()
         headers.setdefault("content-type", "application/json")
     else:
         body = kwargs.get("content", b"")
@@ -500,7 +534,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--robust-requests", type=int, default=400, help="valid requests per robustness run (p99 needs many)"
     )
     ap.add_argument("--robust-pairs", type=int, default=2, help="clean/malformed run pairs (A/B/A/B)")
+    ap.add_argument(
+        "--tenants",
+        action="store_true",
+        help="only the two-tenant run (tenant A floods past its quota and is hostile, tenant B is normal)",
+    )
+    ap.add_argument("--tenant-requests", type=int, default=120, help="tenant B's valid requests per run")
     args = ap.parse_args(argv)
+    if args.tenants:
+        return tenants_main(args)
     n = 24 if args.quick else args.requests
     task_counts = [1, 8] if args.quick else [1, 8, 64, 512]
     mixed_k = 8 if args.quick else 64
@@ -529,7 +571,7 @@ def main(argv: list[str] | None = None) -> dict:
             run = load(srv.url, make_requests(n, k, texts, seed=k), args.concurrency)
             after = srv.metrics()
             run["prefix_cache_hit_rate"] = _rate(before, after)
-            run.pop("_latencies"), run.pop("_junk")
+            run.pop("_latencies"), run.pop("_junk"), run.pop("_outputs")
             sweep[str(k)] = run
             print(
                 f"  {k:>3} tasks: {run['req_s']:.2f} req/s  p50 {run['p50_ms']:.0f} ms  p99 {run['p99_ms']:.0f} ms  "
@@ -542,7 +584,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.concurrency,
             max_tokens=DECODE_HEAVY_MAX_TOKENS,
         )
-        heavy.pop("_latencies"), heavy.pop("_junk")
+        heavy.pop("_latencies"), heavy.pop("_junk"), heavy.pop("_outputs")
         print(
             f"  {mixed_k} tasks, max_tokens {DECODE_HEAVY_MAX_TOKENS}: {heavy['req_s']:.2f} req/s  "
             f"p50 {heavy['p50_ms']:.0f} ms  p99 {heavy['p99_ms']:.0f} ms  statuses {heavy['statuses']}  "
@@ -680,6 +722,7 @@ def robustness_runs(
         for name, run in (("clean", clean), ("malformed", dirty)):
             lat[name] += run.pop("_latencies")
             replies += run.pop("_junk")
+            run.pop("_outputs")
             runs.append({"condition": name, **run})
         print(
             f"  robustness pair: clean {clean['req_s']:.2f} req/s p99 {clean['p99_ms']:.0f} ms | "
@@ -707,6 +750,124 @@ def robustness_runs(
         "valid_p99_ratio_per_pair": pairs_ratio,
         "valid_req_s_clean": sum(r["req_s"] for r in runs[::2]) / pairs,
         "valid_req_s_with_malformed": sum(r["req_s"] for r in runs[1::2]) / pairs,
+        "runs": runs,
+    }
+
+
+def tenants_main(args) -> dict:
+    """The two-tenant run on its own server (8 tasks), written to bench/results/serving_tenants.json."""
+    n = 16 if args.quick else args.tenant_requests
+    root = Path(tempfile.mkdtemp(prefix="promptfleet-bench-tenants-"))
+    texts, n_tasks = sentences(400), 8
+    store = write_store(root, n_tasks)
+    with Server(root, store, args.port) as srv:
+        warm_up(srv.url, n_tasks, texts)
+        warm_tasks(srv.url, n_tasks, texts)
+        result = two_tenant_runs(srv, texts, n_tasks, n, args.robust_pairs, args.concurrency, args.quick)
+    out = {"benchmark": "serving_tenants", "quick": args.quick, "flood_limits": FLOOD_LIMITS, **result}
+    print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
+    write_result("serving_tenants", out, args.quick)
+    return out
+
+
+async def _slow_headers(host: str, port: int, hold_s: float) -> float:
+    """A client that sends half a request head and then nothing; seconds until the server closed it
+    (`hold_s` if it never did)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    t0 = time.perf_counter()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+    await writer.drain()
+    try:
+        await asyncio.wait_for(reader.read(), hold_s)
+        closed = time.perf_counter() - t0
+    except (TimeoutError, ConnectionError):
+        closed = hold_s
+    writer.close()
+    return closed
+
+
+async def _tenant_a(url: str, flood: list[bytes], hostile: list[bytes], over_s: float, slow: int) -> dict:
+    """Tenant A, open loop on raw sockets: valid requests past its quota and hostile ones, evenly
+    spread over `over_s` seconds, and `slow` slow-header connections opened at the start."""
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    t0 = time.perf_counter()
+    mixed = [x for pair in zip(flood, hostile) for x in pair]
+    slow_tasks = [asyncio.ensure_future(_slow_headers(host, port, max(over_s, 30.0))) for _ in range(slow)]
+    sent = []
+    for i, data in enumerate(mixed):
+        await asyncio.sleep(max(0.0, t0 + i * over_s / len(mixed) - time.perf_counter()))
+        sent.append(asyncio.ensure_future(send_raw(host, port, data)))
+    replies = await asyncio.gather(*sent)
+    return {
+        "flood": replies[0::2],
+        "hostile": replies[1::2],
+        "slow_closed_after_s": await asyncio.gather(*slow_tasks),
+    }
+
+
+def two_tenant_runs(
+    srv: Server, texts: list[str], n_tasks: int, n: int, pairs: int, concurrency: int, quick: bool
+) -> dict:
+    """Tenant B's valid load alone (clean) and with tenant A at the same time (attacked), A/B/A/B.
+
+    A sends, per attacked run, as many valid completions (max_tokens 32, past its max_concurrent)
+    as hostile requests, interleaved and spread over the wall time of the clean run before, plus
+    4 slow-header clients. B's requests are greedy, so its outputs must equal the clean run's.
+    """
+    reqs = make_requests(n, n_tasks, texts, seed=1)
+    n_bad = 20 if quick else 150
+    flood_body = {"model": "task001", "prompt": "a long and winding review", "max_tokens": 32}
+    flood = [raw_request("POST", "/v1/completions", {"json": flood_body}, FLOOD_KEY)] * n_bad
+    hostile = [raw_request(*r, key=FLOOD_KEY) for r in hostile_requests(n_bad)]
+    lat = {"clean": [], "attacked": []}
+    runs, a_replies, b_outputs = [], {"flood": [], "hostile": []}, []
+    slow_closed = []
+    for _ in range(pairs):
+        clean = load(srv.url, reqs, concurrency)
+
+        async def attacked_run(over_s: float) -> tuple[dict, dict]:
+            return await asyncio.gather(
+                _load(srv.url, reqs, concurrency), _tenant_a(srv.url, flood, hostile, over_s, slow=4)
+            )
+
+        dirty, a = asyncio.run(attacked_run(clean["wall_s"]))
+        for key in ("flood", "hostile"):
+            a_replies[key] += a[key]
+        slow_closed += a["slow_closed_after_s"]
+        b_outputs.append((clean.pop("_outputs"), dirty.pop("_outputs")))
+        for name, run in (("clean", clean), ("attacked", dirty)):
+            lat[name] += run.pop("_latencies")
+            run.pop("_junk")
+            runs.append({"condition": name, **run})
+        print(
+            f"  tenants pair: B alone {clean['req_s']:.2f} req/s p99 {clean['p99_ms']:.0f} ms | "
+            f"B under A {dirty['req_s']:.2f} req/s p99 {dirty['p99_ms']:.0f} ms  A flood "
+            f"{dict(Counter(r[0] for r in a['flood']))} hostile {dict(Counter(r[0] for r in a['hostile']))}"
+        )
+    alive = httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+    reference = b_outputs[0][0]
+    same = sum(o == ref for _, attacked in b_outputs for o, ref in zip(attacked, reference))
+    p99 = {k: 1e3 * pct(v, 99) for k, v in lat.items()}
+    b_statuses = sum((Counter(r["statuses"]) for r in runs), Counter())
+    all_a = a_replies["flood"] + a_replies["hostile"]
+    return {
+        "tenant_b_requests_per_run": n,
+        "pairs": pairs,
+        "tenant_b_statuses": dict(b_statuses),
+        "tenant_b_outputs_same_as_clean": same,
+        "tenant_b_outputs_compared": len(reference) * pairs,
+        "tenant_b_p99_ms_clean": p99["clean"],
+        "tenant_b_p99_ms_attacked": p99["attacked"],
+        "tenant_b_p99_ratio": p99["attacked"] / p99["clean"],
+        "tenant_b_p50_ms_clean": 1e3 * pct(lat["clean"], 50),
+        "tenant_b_p50_ms_attacked": 1e3 * pct(lat["attacked"], 50),
+        "tenant_a_flood_statuses": dict(Counter(r[0] for r in a_replies["flood"])),
+        "tenant_a_hostile_statuses": dict(Counter(r[0] for r in a_replies["hostile"])),
+        "tenant_a_hostile_4xx_json": sum(error_shaped(*r) for r in a_replies["hostile"]),
+        "responses_5xx": sum(r[0] >= 500 for r in all_a) + sum(v for k, v in b_statuses.items() if k >= 500),
+        "tenant_a_no_reply": sum(r[0] == 0 for r in all_a),
+        "slow_header_clients_closed_after_s": slow_closed,
+        "server_up_after": alive,
         "runs": runs,
     }
 

@@ -60,10 +60,37 @@ def _volumes(opts: RenderOptions) -> list[dict]:
     return [
         {"name": "runs", "persistentVolumeClaim": {"claimName": opts.runs_claim}},
         {"name": "data", "persistentVolumeClaim": {"claimName": opts.data_claim, "readOnly": True}},
+        {"name": "tmp", "emptyDir": {}},  # Ray's session dir: the root filesystem is read-only
     ]
 
 
-MOUNTS = [{"name": "runs", "mountPath": RUNS_DIR}, {"name": "data", "mountPath": DATA_DIR, "readOnly": True}]
+MOUNTS = [
+    {"name": "runs", "mountPath": RUNS_DIR},
+    {"name": "data", "mountPath": DATA_DIR, "readOnly": True},
+    {"name": "tmp", "mountPath": "/tmp"},
+]
+# The image's non-root `ray` user; no capabilities, no privilege escalation, read-only root fs.
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 100,
+    "fsGroup": 100,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def _pod_spec(container: dict, opts: RenderOptions) -> dict:
+    return {
+        "automountServiceAccountToken": False,  # Ray pods never talk to the Kubernetes API
+        "securityContext": dict(POD_SECURITY),
+        "containers": [container],
+        "volumes": _volumes(opts),
+    }
 
 
 def _container(name: str, image: str, cpus: int | str, memory: str, gpus: int, ports: list[dict]) -> dict:
@@ -83,6 +110,7 @@ def _container(name: str, image: str, cpus: int | str, memory: str, gpus: int, p
         "ports": ports,
         "resources": {"requests": dict(resources), "limits": dict(resources)},
         "volumeMounts": [dict(m) for m in MOUNTS],
+        "securityContext": dict(CONTAINER_SECURITY),
     }
 
 
@@ -112,10 +140,9 @@ def ray_cluster_spec(cfg: JobConfig, opts: RenderOptions, metrics_port: int) -> 
             "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
             "template": {
                 "metadata": {"labels": {**LABELS, "app.kubernetes.io/component": "ray-head"}},
-                "spec": {
-                    "containers": [_container("ray-head", opts.image, 1, opts.head_memory, 0, head_ports)],
-                    "volumes": _volumes(opts),
-                },
+                "spec": _pod_spec(
+                    _container("ray-head", opts.image, 1, opts.head_memory, 0, head_ports), opts
+                ),
             },
         },
         "workerGroupSpecs": [
@@ -127,19 +154,17 @@ def ray_cluster_spec(cfg: JobConfig, opts: RenderOptions, metrics_port: int) -> 
                 "rayStartParams": worker_params,
                 "template": {
                     "metadata": {"labels": {**LABELS, "app.kubernetes.io/component": "training"}},
-                    "spec": {
-                        "containers": [
-                            _container(
-                                "ray-worker",
-                                opts.image,
-                                c.cpus_per_worker,
-                                opts.worker_memory,
-                                1 if c.use_gpu else 0,
-                                worker_ports,
-                            )
-                        ],
-                        "volumes": _volumes(opts),
-                    },
+                    "spec": _pod_spec(
+                        _container(
+                            "ray-worker",
+                            opts.image,
+                            c.cpus_per_worker,
+                            opts.worker_memory,
+                            1 if c.use_gpu else 0,
+                            worker_ports,
+                        ),
+                        opts,
+                    ),
                 },
             }
         ],

@@ -4,11 +4,16 @@
     POST /v1/chat/completions  chat completion; the task's input is the last user message
     POST /v1/classify          {model, input} -> label probabilities from the task's verbaliser
     GET  /v1/models            the tasks this caller may use;  GET /v1/models/{task}
-    GET  /health               liveness, no key;  GET /metrics  Prometheus (public unless configured)
+    GET  /health               liveness, no key
+    GET  /metrics              Prometheus: a tenant with `metrics: true` sees every series; with
+                               `api.metrics_public` anyone sees a page without task or tenant names
 
 Every error is JSON `{"error": {message, type, param, code}}`. A task the caller may not use, a name
 that is not a valid task name (`../x`, `a/b`) and a task that does not exist get the same 404, and a
-task name is never used as a path. A client that goes away aborts its request in the engine.
+task name is never used as a path. A client that goes away aborts its request in the engine, and a
+streaming client that stops reading for `api.write_timeout_s` is cut off. Prompts longer than
+`api.max_prompt_chars` are refused before anything is tokenized. Each request carries its tenant to
+the engine, which enforces the tenant's limits (`QuotaExceeded`: 429 with that tenant's Retry-After).
 This module does not batch, tokenize or run the model (the engine does) and does not check keys
 (`serving.middleware.RequireApiKey` does, before a body is read).
 """
@@ -34,11 +39,12 @@ from serving import protocol
 from serving.auth import KeyRing, Tenant, load_keyring
 from serving.config import ServerConfig
 from serving.metrics import NO_TASK, ApiMetrics
-from serving.middleware import RecordRequests, RequireApiKey, error_response
-from serving.protocol import ChatBody, ClassifyBody, CompletionBody
+from serving.middleware import INTERNAL_ERROR, RecordRequests, RequireApiKey, error_response, public_message
+from serving.protocol import UNSUPPORTED_ERROR, ChatBody, ClassifyBody, CompletionBody
 from serving.types import (
     GenerationRequest,
     InvalidRequest,
+    PromptTooLong,
     RequestOutput,
     SamplingParams,
     ServingError,
@@ -48,7 +54,6 @@ from serving.types import (
 log = logging.getLogger(__name__)
 
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-MAX_BODY_BYTES = 1 << 20
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; nobody reads it, metrics do
 
 
@@ -57,6 +62,8 @@ class TaskNotFound(UnknownTask):
 
     def __init__(self, name: str):
         shown = name if len(name) <= 128 else name[:128] + "..."
+        # A path parameter may still carry a lone surrogate: show it escaped, never fail to encode it.
+        shown = shown.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(
             f"The model '{shown}' does not exist or you do not have access to it.", param="model"
         )
@@ -68,6 +75,7 @@ def create_app(
     """Build the app. With `manage_engine` the app's lifespan starts and stops the engine."""
     keyring = keyring if keyring is not None else load_keyring(config.api.auth)
     metrics = ApiMetrics(engine.stats)
+    engine.set_tenant_limits(keyring.tenant_limits())  # the engine's scheduler enforces each tenant's limits
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -85,7 +93,11 @@ def create_app(
     app.include_router(router)
     public = {"/health"} | ({"/metrics"} if config.api.metrics_public else set())
     app.add_middleware(
-        RequireApiKey, keyring=keyring, public_paths=frozenset(public), max_body_bytes=MAX_BODY_BYTES
+        RequireApiKey,
+        keyring=keyring,
+        public_paths=frozenset(public),
+        max_body_bytes=config.api.max_body_bytes,
+        body_timeout_s=config.api.body_timeout_s,
     )
     app.add_middleware(RecordRequests, metrics=metrics)  # outermost: also counts 401s
     app.add_exception_handler(ServingError, _serving_error)
@@ -100,6 +112,12 @@ class Serving:
 
     def __init__(self, engine, config: ServerConfig, metrics: ApiMetrics):
         self.engine, self.config, self.metrics = engine, config, metrics
+
+    def check_length(self, text: str, param: str) -> None:
+        """Refuse an over-long prompt by its characters, before any tokenizer sees it."""
+        limit = self.config.api.max_prompt_chars
+        if len(text) > limit:
+            raise PromptTooLong(f"{param} has {len(text)} characters, the limit is {limit}.", param=param)
 
     def resolve_task(self, request: Request, name: str, endpoint: str) -> dict:
         """The task's info if it exists and this caller may use it; else the one 404.
@@ -167,7 +185,7 @@ class Serving:
             pass
         finally:
             await _close(stream)
-        self.metrics.observe_tokens(req.task, last.prompt_tokens, last.completion_tokens)
+        self.metrics.observe_tokens(req.task, req.tenant, last.prompt_tokens, last.completion_tokens)
         return "".join(parts), last
 
     async def events(
@@ -196,18 +214,16 @@ class Serving:
             if include_usage:
                 obj = "chat.completion.chunk" if chat else "text_completion"
                 yield protocol.sse(protocol.usage_chunk(req.request_id, req.task, obj, last))
-            self.metrics.observe_tokens(req.task, last.prompt_tokens, last.completion_tokens)
+            self.metrics.observe_tokens(req.task, req.tenant, last.prompt_tokens, last.completion_tokens)
             yield protocol.sse("[DONE]")
         except ServingError as err:  # e.g. a timeout after the headers were sent: one error event, then stop
-            yield protocol.sse(protocol.error_body(err.message, err.type, err.param, err.code))
+            yield protocol.sse(protocol.error_body(public_message(err), err.type, err.param, err.code))
         except StopAsyncIteration:
             finished = True
             yield protocol.sse("[DONE]")
         except Exception:
             log.exception("stream %s failed", req.request_id)
-            yield protocol.sse(
-                protocol.error_body("Internal server error.", "server_error", None, "internal_error")
-            )
+            yield protocol.sse(protocol.error_body(INTERNAL_ERROR, "server_error", None, "internal_error"))
         finally:
             if not finished:
                 self.engine.abort(req.request_id)
@@ -222,19 +238,30 @@ async def _close(stream) -> None:
 
 class EventStream(StreamingResponse):
     """An SSE response that notices a client going away even between tokens and always closes its
-    generator, whose `finally` aborts the request in the engine."""
+    generator, whose `finally` aborts the request in the engine. A client that stops reading (its
+    socket buffers full, so `send` blocks) is cut off after `write_timeout_s`."""
 
     media_type = "text/event-stream"
 
+    def __init__(self, content, write_timeout_s: float, **kwargs):
+        super().__init__(content, **kwargs)
+        self.write_timeout_s = write_timeout_s
+
     async def __call__(self, scope, receive, send) -> None:
+        async def send_in_time(message) -> None:
+            with anyio.fail_after(self.write_timeout_s):
+                await send(message)
+
         try:
             async with anyio.create_task_group() as tg:
 
                 async def stream_then_stop() -> None:
                     try:
-                        await self.stream_response(send)
+                        await self.stream_response(send_in_time)
                     except OSError:  # the client is gone; uvicorn raises this from send()
                         pass
+                    except TimeoutError:
+                        log.info("stream cut off: the client read nothing for %gs", self.write_timeout_s)
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(stream_then_stop)
@@ -256,7 +283,14 @@ async def health() -> dict:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    body, content_type = request.app.state.serving.metrics.render()
+    srv: Serving = request.app.state.serving
+    tenant: Tenant | None = getattr(request.state, "tenant", None)
+    if tenant is not None and tenant.metrics:
+        body, content_type = srv.metrics.render()
+    elif srv.config.api.metrics_public:
+        body, content_type = srv.metrics.render_public()
+    else:  # a tenant key without `metrics: true`: as if the route did not exist
+        raise HTTPException(404, "Not Found")
     return Response(body, media_type=content_type)
 
 
@@ -288,15 +322,17 @@ async def chat_completions(body: ChatBody, request: Request) -> Response:
 async def classify(body: ClassifyBody, request: Request) -> dict:
     srv: Serving = request.app.state.serving
     task, kind = body.model, srv.resolve_task(request, body.model, "classify").get("kind")
+    srv.check_length(body.input, "input")
     if kind != "classification":
         raise InvalidRequest(
             f"'{task}' is a {kind or 'generation'} task; /v1/classify needs a task with a "
             f"verbaliser (use /v1/completions)",
             param="model",
         )
+    tenant = request.state.tenant.name
     with srv.engine_errors(request, task):
-        result = await srv.engine.classify(task, body.input, raw=body.raw)
-    srv.metrics.observe_tokens(task, result.prompt_tokens, 0)
+        result = await srv.engine.classify(task, body.input, raw=body.raw, tenant=tenant)
+    srv.metrics.observe_tokens(task, tenant, result.prompt_tokens, 0)
     return protocol.classification(
         f"clf-{uuid.uuid4().hex}", task, result.label, result.labels, result.prompt_tokens
     )
@@ -310,6 +346,7 @@ async def _generate(
     srv.resolve_task(request, task, "chat" if chat else "completions")
     if not prompt:
         raise InvalidRequest("The prompt must not be empty.", param=prompt_param)
+    srv.check_length(prompt, prompt_param)
     max_tokens = (
         getattr(body, "max_completion_tokens", None) or body.max_tokens or srv.config.api.default_max_tokens
     )
@@ -338,6 +375,7 @@ async def _generate(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventStream(
             srv.events(req, stream, first, chat, include_usage),
+            write_timeout_s=srv.config.api.write_timeout_s,
             headers={"Cache-Control": "no-cache", "X-Request-Id": req.request_id},
         )
     result = await srv.collect(request, req)
@@ -357,7 +395,12 @@ async def _serving_error(_request: Request, err: ServingError) -> JSONResponse:
 
 async def _validation_error(_request: Request, err: RequestValidationError) -> JSONResponse:
     # For a union field pydantic reports one error per member; the deepest one names the bad element.
-    first = max(err.errors(), key=lambda e: len(e.get("loc", ())), default={})
+    errors = err.errors()
+    unsupported = next((e for e in errors if e.get("type") == UNSUPPORTED_ERROR), None)
+    if unsupported is not None:
+        param = unsupported["ctx"]["param"]
+        return error_response(InvalidRequest(unsupported["msg"], param=param))
+    first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
     if first.get("type") == "json_invalid":
         return error_response(InvalidRequest("The request body is not valid JSON."))
     if tuple(first.get("loc", ())) == ("body",):
@@ -389,5 +432,5 @@ async def _http_error(_request: Request, err: HTTPException) -> JSONResponse:
 async def _unexpected_error(request: Request, err: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=err)
     return JSONResponse(
-        protocol.error_body("Internal server error.", "server_error", None, "internal_error"), status_code=500
+        protocol.error_body(INTERNAL_ERROR, "server_error", None, "internal_error"), status_code=500
     )

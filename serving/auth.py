@@ -6,6 +6,10 @@ The tenants file stores only SHA-256 hex digests of keys, never the keys:
       acme:
         key_sha256: ["<64 hex chars>", ...]
         tasks: [sst2, ag_news]        # or "*" for every task the server holds
+        max_concurrent: 8             # optional limits (`serving.types.TenantLimits`; 0 = unlimited)
+        tokens_per_minute: 20000
+        weight: 1.0                   # share of admissions when tenants contend
+        metrics: false                # true: this tenant's keys may read /metrics (an operator)
 
 A presented key is hashed and compared against every stored digest with `hmac.compare_digest`
 (no early exit), so timing says nothing about which digest matched or how much of it. This module
@@ -22,7 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.types import ServingError
+from serving.types import ServingError, TenantLimits
 from tuner.config import ConfigError, read_yaml, validate_name
 
 log = logging.getLogger(__name__)
@@ -38,16 +42,22 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+REQUIRED_KEYS = {"key_sha256", "tasks"}
+OPTIONAL_KEYS = {"max_concurrent", "tokens_per_minute", "weight", "metrics"}
+
+
 @dataclass(frozen=True)
 class Tenant:
     name: str
     tasks: frozenset[str] | None  # None = every task
+    limits: TenantLimits = TenantLimits()  # enforced by the engine's scheduler
+    metrics: bool = False  # may read every series of /metrics (task and tenant names included)
 
     def may_use(self, task: str) -> bool:
         return self.tasks is None or task in self.tasks
 
 
-ANONYMOUS = Tenant("anonymous", None)  # the only tenant when auth is disabled
+ANONYMOUS = Tenant("anonymous", None, metrics=True)  # the only tenant when auth is disabled
 
 
 def load_keyring(auth: str) -> KeyRing:
@@ -105,6 +115,10 @@ class KeyRing:
                 digests.append((digest, tenant))
         return cls(digests)
 
+    def tenant_limits(self) -> dict[str, TenantLimits]:
+        """Each tenant's limits by name, for `Engine.set_tenant_limits`."""
+        return {tenant.name: tenant.limits for _, tenant in self._digests}
+
     def authenticate(self, authorization: str | None) -> Tenant | None:
         """The tenant for an `Authorization: Bearer <key>` header value, or None."""
         if not self.enabled:
@@ -131,16 +145,40 @@ class KeyRing:
 
 def _parse_tenant(path, name: str, entry) -> Tenant:
     validate_name("tenant name", name)
-    if not isinstance(entry, dict) or set(entry) != {"key_sha256", "tasks"}:
-        raise ConfigError(f"{path}: tenant {name!r} needs exactly the keys key_sha256 and tasks")
+    if (
+        not isinstance(entry, dict)
+        or not REQUIRED_KEYS <= set(entry)
+        or not set(entry) <= REQUIRED_KEYS | OPTIONAL_KEYS
+    ):
+        raise ConfigError(
+            f"{path}: tenant {name!r} needs the keys key_sha256 and tasks, and may have "
+            f"{', '.join(sorted(OPTIONAL_KEYS))}"
+        )
     if not isinstance(entry["key_sha256"], list) or not entry["key_sha256"]:
         raise ConfigError(f"{path}: tenant {name!r}: key_sha256 must be a non-empty list of digests")
+    limits = _parse_limits(path, name, entry)
+    metrics = entry.get("metrics", False)
+    if not isinstance(metrics, bool):
+        raise ConfigError(f"{path}: tenant {name!r}: metrics must be true or false")
     tasks = entry["tasks"]
     if tasks == "*":
-        return Tenant(name, None)
+        return Tenant(name, None, limits, metrics)
     if not isinstance(tasks, list):
         raise ConfigError(f"{path}: tenant {name!r}: tasks must be a list of task names or '*'")
-    return Tenant(name, frozenset(validate_name("task name", str(t)) for t in tasks))
+    return Tenant(name, frozenset(validate_name("task name", str(t)) for t in tasks), limits, metrics)
+
+
+def _parse_limits(path, name: str, entry: dict) -> TenantLimits:
+    values = {}
+    for key in ("max_concurrent", "tokens_per_minute"):
+        value = entry.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{path}: tenant {name!r}: {key} must be an integer >= 0 (0 = unlimited)")
+        values[key] = value
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+        raise ConfigError(f"{path}: tenant {name!r}: weight must be a number > 0")
+    return TenantLimits(values["max_concurrent"], values["tokens_per_minute"], float(weight))
 
 
 def _bearer_key(authorization: str | None) -> str:

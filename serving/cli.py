@@ -87,9 +87,8 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from serving.api import create_app
     from serving.engine import Engine
+    from serving.http_server import uvicorn_config
 
     app = create_app(Engine(cfg.engine), cfg, keyring)
-    uvicorn.run(
-        app, host=cfg.api.host, port=cfg.api.port, log_level=cfg.api.log_level, timeout_graceful_shutdown=5
-    )
+    uvicorn.Server(uvicorn_config(app, cfg.api)).run()
     return 0

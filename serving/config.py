@@ -31,7 +31,24 @@ class ApiConfig:
         "Empty is an error: auth is never off by accident.",
     )
     metrics_public: bool = _f(
-        True, "Serve /metrics without an API key (for a Prometheus scraper inside the cluster)."
+        False,
+        "Serve /metrics without a key. Off by default: then only a tenant with `metrics: true` in the "
+        "tenants file may read it. When on, the public page carries no task or tenant names.",
+    )
+    max_body_bytes: int = _f(1 << 20, "Largest request body; larger (chunked ones too) get 413.")
+    max_prompt_chars: int = _f(
+        32768, "Longest prompt / input in characters, checked before anything is tokenized (400)."
+    )
+    timeout_keep_alive_s: float = _f(5.0, "An idle keep-alive connection is closed after this.")
+    header_timeout_s: float = _f(
+        10.0, "A connection whose request headers are not complete by then is closed."
+    )
+    body_timeout_s: float = _f(10.0, "Longest wait for the next piece of a request body (408 after).")
+    write_timeout_s: float = _f(
+        30.0, "Longest wait for a slow reader to take the next streamed chunk; then the stream is ended."
+    )
+    limit_concurrency: int = _f(
+        1024, "Open connections + in-flight requests before the server answers 503 (uvicorn)."
     )
     default_max_tokens: int = _f(
         16, "max_tokens when a request does not set it (OpenAI's completions default)."
@@ -46,6 +63,16 @@ class ApiConfig:
             raise ConfigError(f"api.port={self.port}: must be in 1..65535")
         _positive("api.default_max_tokens", self.default_max_tokens)
         _positive("api.disconnect_poll_s", self.disconnect_poll_s)
+        for name in (
+            "max_body_bytes",
+            "max_prompt_chars",
+            "timeout_keep_alive_s",
+            "header_timeout_s",
+            "body_timeout_s",
+            "write_timeout_s",
+            "limit_concurrency",
+        ):
+            _positive(f"api.{name}", getattr(self, name))
         _choice("api.log_level", self.log_level, ("debug", "info", "warning", "error"))
 
     @property

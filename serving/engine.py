@@ -83,6 +83,7 @@ class EngineConfig:
     max_step_tokens: int = 4096  # prefill + decode tokens per engine step
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default (all cores)
     device: str = "cpu"  # cpu | cuda
+    prompt_store_symlinks: bool = False  # serve store entries that are symlinks leading outside the store
 
 
 class Engine:
@@ -105,7 +106,10 @@ class Engine:
         self._encode = text_encoder(tokenizer)
         self.runner = ModelRunner(model, config.prefix_cache_bytes, config.prefix_cache)
         self.registry = PromptRegistry(
-            config.prompt_store, backbone_names or {config.backbone}, self.runner.hidden_size
+            config.prompt_store,
+            backbone_names or {config.backbone},
+            self.runner.hidden_size,
+            allow_symlinks=config.prompt_store_symlinks,
         )
         self.registry.refresh()
         self.scheduler = Scheduler(

@@ -1,7 +1,9 @@
 """Prometheus metrics of one API app, in a registry of its own (several apps in one process never clash).
 
-HTTP-side series are recorded by the API as requests finish: request counts by endpoint, task and
-status code, time to first token, end-to-end latency, prompt and completion tokens per task.
+HTTP-side series are recorded by the API as requests finish: request counts by endpoint, task, tenant
+and status code, refusals (4xx/5xx) per tenant, time to first token, end-to-end latency, prompt and
+completion tokens per task and tenant. `render_public()` is the page for callers without a metrics
+key: engine numbers and request counts by endpoint and status only, no task or tenant names.
 Engine-side numbers (queue depth, running batch, tokens, prefix-cache hits) are read from
 `engine.stats()` at scrape time by a custom collector, so they cost nothing between scrapes.
 This module does not serve HTTP; `serving.api` exposes `render()` at /metrics.
@@ -19,6 +21,7 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 NO_TASK = "-"  # task label of requests that never named a task they may use (401, 404, bad body)
+NO_TENANT = "-"  # tenant label of requests without a valid key
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 # engine.stats() key -> (metric name, help, kind)
@@ -42,11 +45,40 @@ ENGINE_SERIES = {
 }
 
 
-class EngineStatsCollector(Collector):
-    """Reads `stats()` once per scrape and exposes the keys in ENGINE_SERIES."""
+# engine.stats()["tenants"][name] attribute -> (metric name, help, kind), labelled by tenant
+TENANT_SERIES = {
+    "running": ("promptfleet_tenant_running_requests", "Running requests of a tenant.", "gauge"),
+    "queued": ("promptfleet_tenant_queued_requests", "Waiting requests of a tenant.", "gauge"),
+    "tokens_last_minute": (
+        "promptfleet_tenant_tokens_last_minute",
+        "Tokens charged to a tenant in the rolling minute (its tokens_per_minute quota).",
+        "gauge",
+    ),
+    "admitted_total": (
+        "promptfleet_tenant_admitted",
+        "Requests of a tenant admitted to the engine.",
+        "counter",
+    ),
+    "admitted_tokens_total": (
+        "promptfleet_tenant_admitted_tokens",
+        "Tokens charged to a tenant at admission.",
+        "counter",
+    ),
+    "rejected_total": (
+        "promptfleet_tenant_quota_rejections",
+        "Requests of a tenant refused by its quota (429).",
+        "counter",
+    ),
+}
 
-    def __init__(self, stats: Callable[[], dict]):
+
+class EngineStatsCollector(Collector):
+    """Reads `stats()` once per scrape and exposes the keys in ENGINE_SERIES, and with `per_tenant`
+    the engine's per-tenant numbers (`stats()["tenants"]`, when the engine reports them)."""
+
+    def __init__(self, stats: Callable[[], dict], per_tenant: bool = False):
         self._stats = stats
+        self._per_tenant = per_tenant
 
     def collect(self):
         try:
@@ -60,6 +92,17 @@ class EngineStatsCollector(Collector):
             family = GaugeMetricFamily(name, doc) if kind == "gauge" else CounterMetricFamily(name, doc)
             family.add_metric([], float(stats[key]))
             yield family
+        tenants = stats.get("tenants") if self._per_tenant else None
+        if not isinstance(tenants, dict):
+            return
+        for attr, (name, doc, kind) in TENANT_SERIES.items():
+            cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            family = cls(name, doc, labels=["tenant"])
+            for tenant, numbers in sorted(tenants.items()):
+                value = numbers.get(attr) if isinstance(numbers, dict) else getattr(numbers, attr, None)
+                if value is not None:
+                    family.add_metric([str(tenant)], float(value))
+            yield family
 
 
 class ApiMetrics:
@@ -67,11 +110,24 @@ class ApiMetrics:
 
     def __init__(self, engine_stats: Callable[[], dict]):
         self.registry = CollectorRegistry(auto_describe=True)
+        self.public_registry = CollectorRegistry(auto_describe=True)  # nothing named by a client or tenant
         self.requests = Counter(
             "promptfleet_requests",
-            "HTTP requests by endpoint, task and status code.",
-            ["endpoint", "task", "status"],
+            "HTTP requests by endpoint, task, tenant and status code.",
+            ["endpoint", "task", "tenant", "status"],
             registry=self.registry,
+        )
+        self.rejections = Counter(
+            "promptfleet_tenant_rejections",
+            "Requests answered with an error status (quota 429s included), by tenant and status.",
+            ["tenant", "status"],
+            registry=self.registry,
+        )
+        self.requests_by_status = Counter(
+            "promptfleet_http_requests",
+            "HTTP requests by endpoint and status code (no task or tenant names).",
+            ["endpoint", "status"],
+            registry=self.public_registry,
         )
         self.ttft = Histogram(
             "promptfleet_time_to_first_token_seconds",
@@ -90,21 +146,35 @@ class ApiMetrics:
         self.prompt_tokens = Counter(
             "promptfleet_prompt_tokens",
             "Prompt tokens of finished requests.",
-            ["task"],
+            ["task", "tenant"],
             registry=self.registry,
         )
         self.completion_tokens = Counter(
-            "promptfleet_completion_tokens", "Completion tokens returned.", ["task"], registry=self.registry
+            "promptfleet_completion_tokens",
+            "Completion tokens returned.",
+            ["task", "tenant"],
+            registry=self.registry,
         )
-        self.registry.register(EngineStatsCollector(engine_stats))
+        self.registry.register(EngineStatsCollector(engine_stats, per_tenant=True))
+        self.public_registry.register(EngineStatsCollector(engine_stats))
 
-    def observe_request(self, endpoint: str, task: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, task, str(status)).inc()
+    def observe_request(
+        self, endpoint: str, task: str, status: int, seconds: float, tenant: str = NO_TENANT
+    ) -> None:
+        self.requests.labels(endpoint, task, tenant, str(status)).inc()
+        self.requests_by_status.labels(endpoint, str(status)).inc()
+        if status >= 400:
+            self.rejections.labels(tenant, str(status)).inc()
         self.latency.labels(endpoint, task).observe(seconds)
 
-    def observe_tokens(self, task: str, prompt_tokens: int, completion_tokens: int) -> None:
-        self.prompt_tokens.labels(task).inc(prompt_tokens)
-        self.completion_tokens.labels(task).inc(completion_tokens)
+    def observe_tokens(self, task: str, tenant: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens.labels(task, tenant).inc(prompt_tokens)
+        self.completion_tokens.labels(task, tenant).inc(completion_tokens)
 
     def render(self) -> tuple[bytes, str]:
+        """Every series (for a caller holding a metrics key)."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def render_public(self) -> tuple[bytes, str]:
+        """The series that name no task and no tenant."""
+        return generate_latest(self.public_registry), CONTENT_TYPE_LATEST

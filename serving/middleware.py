@@ -1,7 +1,10 @@
-"""Pure-ASGI layers in front of the API routes: API-key check, body-size cap, request metrics.
+"""Pure-ASGI layers in front of the API routes: API-key check, body-size cap and timeout, request metrics.
 
 They run before FastAPI parses a body, so an unauthenticated caller gets 401 whatever it sent (never
 a 400 that reveals how the body would be read, never a 404 that reveals which routes exist).
+`RequireApiKey` then reads the whole body itself (at most `max_body_bytes`, each piece within
+`body_timeout_s`) and answers 413 / 408 before any route runs, chunked bodies included; the route
+reads the buffered copy.
 Routes record what they learned (endpoint, task) in `request.state`; `RecordRequests` reads it when
 the response has been sent, so streamed responses are timed to their last byte. Errors are shaped
 by `error_response`, the one place that turns a `ServingError` into the JSON error body.
@@ -9,6 +12,8 @@ by `error_response`, the one place that turns a `ServingError` into the JSON err
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
 import time
 
@@ -16,13 +21,28 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serving.auth import KeyRing
-from serving.metrics import NO_TASK, ApiMetrics
+from serving.metrics import NO_TASK, NO_TENANT, ApiMetrics
 from serving.protocol import error_body
-from serving.types import ServingError
+from serving.types import RetryableError, ServingError
+
+log = logging.getLogger(__name__)
+INTERNAL_ERROR = "Internal server error."
 
 
 class PayloadTooLarge(ServingError):
     status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class BodyTimeout(ServingError):
+    status, type, code = 408, "invalid_request_error", "request_body_timeout"
+
+
+def public_message(err: ServingError) -> str:
+    """What a client may read of `err`: a server fault's text may carry internals (torch's error,
+    another request's data), so it is replaced; client errors and retry hints are ours and kept."""
+    if err.status >= 500 and not isinstance(err, RetryableError):
+        return INTERNAL_ERROR
+    return err.message
 
 
 def error_response(err: ServingError) -> JSONResponse:
@@ -34,49 +54,69 @@ def error_response(err: ServingError) -> JSONResponse:
     if err.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
-        error_body(err.message, err.type, err.param, err.code), status_code=err.status, headers=headers
+        error_body(public_message(err), err.type, err.param, err.code),
+        status_code=err.status,
+        headers=headers,
     )
 
 
 class RequireApiKey:
-    """Puts the caller's `Tenant` in `scope["state"]["tenant"]`, or answers 401 / 413 itself."""
+    """Puts the caller's `Tenant` in `scope["state"]["tenant"]`, or answers 401 / 413 / 408 itself."""
 
-    def __init__(self, app: ASGIApp, keyring: KeyRing, public_paths: frozenset[str], max_body_bytes: int):
-        self.app, self.keyring, self.public_paths, self.max_body_bytes = (
-            app,
-            keyring,
-            public_paths,
-            max_body_bytes,
-        )
+    def __init__(
+        self,
+        app: ASGIApp,
+        keyring: KeyRing,
+        public_paths: frozenset[str],
+        max_body_bytes: int,
+        body_timeout_s: float = 10.0,
+    ):
+        self.app, self.keyring, self.public_paths = app, keyring, public_paths
+        self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self.public_paths:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["path"] in self.public_paths:  # no key needed, but a valid one may see more (/metrics)
+            tenant = self.keyring.authenticate(headers.get("authorization"))
+            if tenant is not None:
+                scope.setdefault("state", {})["tenant"] = tenant
+            return await self.app(scope, receive, send)
         try:
             tenant = self.keyring.check(headers.get("authorization"))
             length = headers.get("content-length", "0")
             if not length.isdigit() or int(length) > self.max_body_bytes:
                 raise PayloadTooLarge(f"Request body larger than {self.max_body_bytes} bytes.")
+            scope.setdefault("state", {})["tenant"] = tenant
+            buffered = await self._read_body(receive)
         except ServingError as err:
-            scope.setdefault("state", {})["endpoint"] = "rejected"  # counted, without trusting the path
+            state = scope.setdefault("state", {})
+            state["endpoint"] = "rejected"  # counted, without trusting the path
             return await error_response(err)(scope, receive, send)
-        scope.setdefault("state", {})["tenant"] = tenant
-        await self.app(scope, self._capped(receive), send)
 
-    def _capped(self, receive: Receive) -> Receive:
-        """A chunked body has no Content-Length: count what arrives and stop at the cap."""
-        seen = 0
+        async def replay():  # the buffered body first, then the connection (for disconnects)
+            return buffered.pop(0) if buffered else await receive()
 
-        async def capped_receive():
-            nonlocal seen
-            message = await receive()
+        await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> list[dict]:
+        """The whole body, counted as it arrives (a chunked body has no Content-Length) and each
+        piece awaited at most `body_timeout_s` (a client trickling bytes holds nothing for long)."""
+        messages, seen = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except TimeoutError:
+                raise BodyTimeout(f"Request body not received within {self.body_timeout_s:g}s.") from None
+            messages.append(message)
+            if message["type"] != "http.request":
+                return messages  # the client went away; the route will notice
             seen += len(message.get("body", b""))
             if seen > self.max_body_bytes:
                 raise PayloadTooLarge(f"Request body larger than {self.max_body_bytes} bytes.")
-            return message
-
-        return capped_receive
+            if not message.get("more_body", False):
+                return messages
 
 
 class RecordRequests:
@@ -101,6 +141,11 @@ class RecordRequests:
         finally:
             state = scope.get("state", {})
             if "endpoint" in state:
+                tenant = state.get("tenant")
                 self.metrics.observe_request(
-                    state["endpoint"], state.get("task", NO_TASK), status, time.perf_counter() - start
+                    state["endpoint"],
+                    state.get("task", NO_TASK),
+                    status,
+                    time.perf_counter() - start,
+                    tenant.name if tenant is not None else NO_TENANT,
                 )

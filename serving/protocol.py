@@ -1,9 +1,13 @@
 """The OpenAI wire format: request bodies (pydantic) and the JSON / SSE shapes of responses.
 
-Request models accept the fields this server uses and ignore the other OpenAI fields a client may
-send (logprobs, user, ...); a known field with a wrong type or an out-of-range value is a
-validation error, which `serving.api` answers with 400 and `param` = that field. Limits that depend
-on the engine's config (max_tokens upper bound) are checked by the API, not here.
+Request models accept the fields this server uses; an OpenAI field it does not implement (logprobs,
+echo, best_of > 1, logit_bias, n > 1, tools...) is a 400 naming it unless it carries its neutral value
+(clients send `n: 1`, `logprobs: null`), and harmless bookkeeping fields (`user`, `metadata`) are
+ignored. A known field with a wrong type or an out-of-range value is a validation error, which
+`serving.api` answers with 400 and `param` = that field. Sampling values are checked here so that
+nothing the model runner cannot take (a seed past 2^63, a denormal temperature, NaN) gets past the
+edge; every string must be valid unicode (no lone surrogates). Limits that depend on the server's
+config (max_tokens upper bound, prompt length) are checked by the API, not here.
 This module does not talk to the engine or know about HTTP status codes.
 """
 
@@ -11,17 +15,90 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from serving.types import FinishReason, InvalidRequest, RequestOutput
 
 # ------------------------------------------------------------------------------------ requests
 
 
+MIN_TEMPERATURE = 1e-2  # below this (but > 0) logits / T overflow to inf and sampling meets NaN
+MAX_SEED = 2**63  # torch.Generator.manual_seed takes a signed 64-bit value
+MAX_TOKENS_BOUND = 2**20  # a sanity bound before the config's own limit (serving.api checks that)
+
+# OpenAI fields this server does not implement -> the values that mean "not used" (accepted).
+UNSUPPORTED = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON may spell a lone surrogate ("\\ud800"); no tokenizer or encoder can take one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid unicode (it contains a lone surrogate)") from None
+    return text
+
+
+def _temperature(value: float) -> float:
+    if 0.0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False), AfterValidator(_temperature)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+
+
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+    model_config = ConfigDict(extra="ignore")  # OpenAI bookkeeping fields (user, metadata) are not used
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        """A field we would otherwise silently ignore changes what the client gets: refuse it."""
+        if isinstance(data, dict):
+            for name, neutral in UNSUPPORTED.items():
+                if name in data and not any(data[name] == v and type(data[name]) is type(v) for v in neutral):
+                    # `serving.api` reads ctx["param"] to name the field in the 400.
+                    raise PydanticCustomError(
+                        UNSUPPORTED_ERROR,
+                        "{param} is not supported by this server (omit it or send its default)",
+                        {"param": name},
+                    )
+        return data
+
+
+UNSUPPORTED_ERROR = "unsupported_parameter"
 
 
 class StreamOptions(_Body):
@@ -29,15 +106,16 @@ class StreamOptions(_Body):
 
 
 class _SamplingFields(_Body):
-    model: StrictStr
-    max_tokens: StrictInt | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)  # None: greedy (tasks want repeatable answers)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    model: Text
+    max_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_BOUND)
+    temperature: Temperature | None = None  # None: greedy (tasks want repeatable answers)
+    top_p: TopP | None = None
     n: StrictInt = Field(1, ge=1, le=1)  # one choice per request
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = Field(None, max_length=4)
-    seed: StrictInt | None = None
+    # OpenAI: one string (any length) is one stop sequence; a list holds up to 4.
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
+    seed: StrictInt | None = Field(None, ge=0, lt=MAX_SEED)
     raw: StrictBool = False  # promptfleet extension: send the prompt as is, without the task's template
 
     def stop_list(self) -> list[str]:
@@ -47,7 +125,7 @@ class _SamplingFields(_Body):
 
 
 class CompletionBody(_SamplingFields):
-    prompt: StrictStr | list[StrictStr]
+    prompt: Text | list[Text]
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
@@ -61,12 +139,12 @@ class CompletionBody(_SamplingFields):
 
 class TextPart(_Body):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -87,8 +165,8 @@ class ChatBody(_SamplingFields):
 
 
 class ClassifyBody(_Body):
-    model: StrictStr
-    input: StrictStr = Field(min_length=1)
+    model: Text
+    input: Text = Field(min_length=1)
     raw: StrictBool = False
 
 

@@ -6,6 +6,9 @@ replica and are batched together by our scheduler inside it; this is deliberatel
 multiplexing, which would pin tasks to replicas and never mix them in a batch. Replicas scale with
 `autoscaling_config` from `ServerConfig.ray`.
 
+`app` is the application builder a Serve config names (`import_path: serving.ray_app:app`, as in
+k8s/rayservice.yaml): Serve calls it with the config's `args` ({config, prompt_store, overrides}).
+
 This module does not parse the command line (`serving.cli` does). The prompt store (and nothing
 else) must be readable at the same path on every node; keys are checked on the driver and the
 parsed key ring travels to the replicas, so the tenants file need not.
@@ -46,6 +49,28 @@ def build_application(config: ServerConfig, keyring: KeyRing) -> serve.Applicati
         ray_actor_options={"num_cpus": config.ray.num_cpus, "num_gpus": config.ray.num_gpus},
     )(PromptfleetReplica)
     return deployment.bind(config, keyring)
+
+
+def app(args: dict) -> serve.Application:
+    """The Serve application builder for a Serve config file / RayService `serveConfigV2`.
+
+    Args:
+        args: `config` (a serving YAML, optional), `prompt_store` (optional, overrides the
+            config's), `overrides` (a list of `key=value`, e.g. `api.auth=/secrets/tenants.yaml`).
+    """
+    import dataclasses
+
+    from serving.auth import load_keyring
+    from serving.config import load_server_config
+    from tuner.config import ConfigError
+
+    unknown = sorted(set(args) - {"config", "prompt_store", "overrides"})
+    if unknown:
+        raise ConfigError(f"serving.ray_app:app: unknown args {unknown} (config, prompt_store, overrides)")
+    config = load_server_config(args.get("config"), list(args.get("overrides") or []))
+    if args.get("prompt_store"):
+        config.engine = dataclasses.replace(config.engine, prompt_store=str(args["prompt_store"]))
+    return build_application(config, load_keyring(config.api.auth))
 
 
 def run_on_ray(config: ServerConfig, keyring: KeyRing, blocking: bool = True) -> None:

@@ -4,9 +4,12 @@ The store holds one sub-directory per task in PEFT prompt-tuning format (`tuner.
 safetensors only). `refresh()` rescans it cheaply (a few `stat` calls per task, compared with the
 last scan) and loads only new or changed directories, so the engine can call it every second or two:
 a task directory that appears becomes servable without a restart, a removed one stops being served.
-A directory is skipped until it is complete (`save_adapter` writes a hidden temp dir and renames it,
-but a hand-copied one may be half-written), and rejected, with the reason logged once, when its
-adapter names another backbone or its prompt width is not the backbone's hidden size.
+`tuner.export.save_adapter` publishes a task as a symlink `<name> -> .versions/<name>/<version>`
+flipped atomically; a hand-copied directory works too. An entry that cannot be served (half-written,
+unreadable, a symlink loop, another backbone, a prompt width that is not the backbone's hidden size)
+is logged once per change and skipped, without stopping the rest of the store; if that task was
+being served, its last good version keeps serving. Symlinks leading out of the store are refused
+unless `allow_symlinks`.
 
 Task names from requests are looked up in a dict, never joined into a path: "../x" or "a/b" is
 simply an unknown task. It does not compute anything with the prompts (the runner does).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,11 +27,11 @@ import torch
 
 from serving.types import UnknownTask
 from tuner.config import ConfigError, validate_name
-from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META, load_adapter
+from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META, TaskMeta, load_adapter
 
 log = logging.getLogger(__name__)
 
-Fingerprint = tuple[tuple[int, int], ...]  # (mtime_ns, size) of each adapter file
+Fingerprint = tuple[tuple[int, int, int], ...]  # (inode, mtime_ns, size) of each adapter file
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class TaskEntry:
 
     name: str
     prompt: torch.Tensor = field(repr=False)  # [P, hidden] fp32
-    meta: dict = field(repr=False)
+    meta: TaskMeta = field(repr=False)
     version: Fingerprint = field(repr=False)  # changes whenever the adapter files change
     path: str = ""
 
@@ -56,18 +60,29 @@ class RegistryChanges:
 
 
 class PromptRegistry:
-    def __init__(self, root: str | os.PathLike, backbone_names: set[str], hidden_size: int):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        backbone_names: set[str],
+        hidden_size: int,
+        allow_symlinks: bool = False,
+    ):
         """Args:
         root: the prompt-store directory (may not exist yet: then no task is served).
         backbone_names: names an adapter's `base_model_name_or_path` may carry for the served
             backbone (e.g. {"smollm2-135m", "/path/it/resolves/to"}).
         hidden_size: the backbone's hidden size (the prompt width).
+        allow_symlinks: serve task entries and adapter files that are symlinks leading anywhere.
+            Off: a task entry may only link inside the store (what `tuner.export` publishes), and
+            an adapter file may not be a link at all.
         """
         self.root = Path(root)
         self.backbone_names = set(backbone_names)
         self.hidden_size = hidden_size
+        self.allow_symlinks = allow_symlinks
         self._tasks: dict[str, TaskEntry] = {}
-        self._rejected: dict[str, Fingerprint] = {}  # name -> fingerprint already logged as bad
+        self._rejected: dict[str, Fingerprint] = {}  # name -> fingerprint that failed to load
+        self._problems: dict[str, str] = {}  # name -> reason last logged ("" = the store itself)
 
     def names(self) -> list[str]:
         return sorted(self._tasks)
@@ -82,50 +97,96 @@ class PromptRegistry:
         return name in self._tasks
 
     def refresh(self) -> RegistryChanges:
-        """Rescan the store; load new/changed complete task directories, drop vanished ones."""
+        """Rescan the store; load new/changed complete task directories, drop vanished ones.
+
+        A broken entry (a symlink loop, an unreadable or half-written file, a bad adapter) is
+        reported once per change and never stops the others; while a served task's entry is
+        broken, its last good version keeps serving. Only an entry that is gone stops being served.
+        """
         changes = RegistryChanges()
+        found = self._scan()
+        if found is None:  # the store itself is unreadable: keep serving what is loaded
+            return changes
         tasks = dict(self._tasks)  # copy-on-write: readers on other threads see old or new, never half
-        seen = set()
-        for name, fp, path in self._scan():
-            seen.add(name)
+        for name, item in found.items():
+            if isinstance(item, str):  # broken: keep its last good version, if any
+                self._problem(name, item)
+                continue
+            fp, path = item
             old = tasks.get(name)
             if (old is not None and old.version == fp) or self._rejected.get(name) == fp:
                 continue
             entry = self._load(name, path, fp)
             if entry is None:
-                if tasks.pop(name, None) is not None:
-                    changes.removed.append(name)
                 continue
             self._rejected.pop(name, None)
+            self._problems.pop(name, None)
             tasks[name] = entry
             (changes.changed if old is not None else changes.added).append(name)
-        for name in [n for n in tasks if n not in seen]:
+        for name in [n for n in tasks if n not in found]:
             del tasks[name]
             changes.removed.append(name)
+        for name in [n for n in self._problems if n not in found]:
+            del self._problems[name]
         self._tasks = tasks
         if changes:
             log.info("prompt registry: +%s ~%s -%s", changes.added, changes.changed, changes.removed)
         return changes
 
-    def _scan(self):
+    def _problem(self, name: str, reason: str) -> None:
+        """Log a broken entry once per distinct reason (the store is rescanned every few seconds)."""
+        if self._problems.get(name) != reason:
+            self._problems[name] = reason
+            kept = " (its last good version keeps serving)" if name in self._tasks else ""
+            log.warning("prompt registry: task %s not loaded: %s%s", name, reason, kept)
+
+    def _scan(self) -> dict[str, tuple[Fingerprint, Path] | str] | None:
+        """Each task entry of the store: (fingerprint, real directory), or why it cannot be read."""
         try:
             children = list(os.scandir(self.root))
         except FileNotFoundError:
-            return
+            return {}
+        except OSError as e:
+            if self._problems.get("") != str(e):
+                self._problems[""] = str(e)
+                log.warning("prompt registry: store %s unreadable, serving what is loaded: %s", self.root, e)
+            return None
+        self._problems.pop("", None)
+        root = os.path.realpath(self.root)
+        found: dict[str, tuple[Fingerprint, Path] | str] = {}
         for child in children:
-            if child.name.startswith(".") or not child.is_dir():
-                continue  # hidden = a temp dir of an atomic save in progress
+            if child.name.startswith("."):
+                continue  # hidden: the versions of atomic publishing, temp dirs, pointer flips
             try:
                 validate_name("task name", child.name)
             except ConfigError:
                 continue
-            fp = _fingerprint(Path(child.path))
-            if fp is not None:
-                yield child.name, fp, Path(child.path)
+            try:
+                task_dir = self._task_dir(child, root)
+                if task_dir is None:
+                    continue  # a plain file: not a task
+                fp = _fingerprint(task_dir, self.allow_symlinks)
+            except (OSError, ValueError) as e:
+                found[child.name] = str(e) or type(e).__name__
+                continue
+            # A required file is missing: a copy in progress. Not an error, but not loadable yet.
+            found[child.name] = (fp, task_dir) if fp is not None else "incomplete (a file is missing)"
+        return found
+
+    def _task_dir(self, child: os.DirEntry, root: str) -> Path | None:
+        """The real directory of a store entry; a symlink must stay inside the store unless allowed."""
+        if child.is_symlink():
+            target = os.path.realpath(child.path, strict=True)  # raises on a loop or a dangling link
+            if not self.allow_symlinks and os.path.commonpath([root, target]) != root:
+                raise ValueError("a symlink leading out of the prompt store (not allowed by the config)")
+            path = Path(target)
+        else:
+            path = Path(child.path)
+        return path if path.is_dir() else None
 
     def _load(self, name: str, path: Path, fp: Fingerprint) -> TaskEntry | None:
         try:
-            adapter = load_adapter(path)
+            adapter = load_adapter(path, name)
             if adapter.backbone not in self.backbone_names:
                 raise ValueError(
                     f"adapter is for backbone {adapter.backbone!r}, this server runs "
@@ -135,24 +196,30 @@ class PromptRegistry:
                 raise ValueError(
                     f"prompt shape {tuple(adapter.prompt.shape)} does not fit hidden size {self.hidden_size}"
                 )
-        except (
-            Exception
-        ) as e:  # any unreadable adapter (bad JSON, truncated safetensors...) is skipped, not fatal
-            log.warning("prompt registry: task %s not served: %s", name, e)
+        except Exception as e:  # any unreadable adapter (bad JSON, truncated safetensors...) is skipped
             self._rejected[name] = fp
+            self._problem(name, str(e) or type(e).__name__)
             return None
         return TaskEntry(name, adapter.prompt.float(), adapter.meta, fp, str(path))
 
 
-def _fingerprint(task_dir: Path) -> Fingerprint | None:
-    """(mtime, size) of the adapter files; None while a required file is missing (half-written dir)."""
+def _fingerprint(task_dir: Path, allow_symlinks: bool) -> Fingerprint | None:
+    """(inode, mtime, size) of the adapter files; None while a required file is missing.
+
+    The inode makes a flip to a new version directory a change even if times and sizes match.
+    """
     fp = []
     for fname, required in ((ADAPTER_CONFIG, True), (ADAPTER_WEIGHTS, True), (TASK_META, False)):
         try:
-            st = os.stat(task_dir / fname)
-            fp.append((st.st_mtime_ns, st.st_size))
+            st = os.lstat(task_dir / fname)
         except FileNotFoundError:
             if required:
                 return None
-            fp.append((0, 0))
+            fp.append((0, 0, 0))
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            if not allow_symlinks:
+                raise ValueError(f"{fname} is a symlink (not allowed by the config)")
+            st = os.stat(task_dir / fname)  # raises on a loop or a dangling link
+        fp.append((st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(fp)

@@ -72,10 +72,14 @@ class UvicornThread:
     def __init__(self, app, startup_timeout_s: float = 120.0):
         import uvicorn
 
+        from serving.http_server import uvicorn_config
+
         self.port = free_port()
+        # The server `promptfleet serve` runs (timeouts, concurrency limit), on a free local port.
         self.server = uvicorn.Server(
-            uvicorn.Config(
+            uvicorn_config(
                 app,
+                app.state.serving.config.api,
                 host="127.0.0.1",
                 port=self.port,
                 log_level="warning",

@@ -36,7 +36,7 @@ from tuner.batching import collate
 from tuner.config import ConfigError, JobConfig, to_dict
 from tuner.data import MultiTaskSampler, TaskData
 from tuner.evaluate import evaluate_task
-from tuner.export import TaskAdapter, save_adapter
+from tuner.export import TaskAdapter, TaskMeta, save_adapter
 from tuner.job import prepare_job
 from tuner.metrics import CheckpointRecord, EvalPoint, RunHistory, StepMetrics
 from tuner.model import PromptTunedLM
@@ -326,16 +326,7 @@ class MultiTaskPromptTuningRecipe:
                         name,
                         self.bank.prompt(name),
                         self.cfg.model.name,
-                        {
-                            "kind": spec.kind,
-                            "description": spec.description,
-                            "template": spec.template,
-                            "prefix": data.prefix,
-                            "verbaliser": spec.verbaliser,
-                            "metric": spec.metric,
-                            "max_new_tokens": spec.max_new_tokens,
-                            "score": final[name].get("score"),
-                        },
+                        TaskMeta.from_spec(spec, data.prefix, final[name].get("score")),
                     ),
                     self.lm.backbone.config,
                 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,9 +207,25 @@ def read_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
     return rows
 
 
-def format_input(spec: TaskSpec, row: dict[str, Any]) -> str:
+def template_fields(template: str) -> list[str]:
+    """The `{field}` names of a template, in order of first use."""
+    return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name))
+
+
+def render_input(template: str, prefix: str, values: Mapping[str, Any]) -> str:
+    """The text the model reads for one input of a task, in training AND in serving.
+
+    `prefix` (description and demonstrations, see `task_prefix`), then `template` with each
+    `{field}` set to its value, stripped (None -> ""). Training calls it with a data row;
+    serving (`tuner.export.TaskMeta.render`) with the fields of a request.
+    """
+    return prefix + template.format(**{k: ("" if v is None else str(v).strip()) for k, v in values.items()})
+
+
+def format_input(spec: TaskSpec, row: dict[str, Any], prefix: str = "") -> str:
+    """`render_input` for a data row of `spec`; a template field missing from the data is a ConfigError."""
     try:
-        return spec.template.format(**{k: ("" if v is None else str(v).strip()) for k, v in row.items()})
+        return render_input(spec.template, prefix, row)
     except KeyError as e:
         raise ConfigError(
             f"task {spec.name}: template field {e} not in the data (has {', '.join(row)})"
@@ -253,5 +270,5 @@ def build_examples(
     out = []
     for r in rows:
         tgt, label = target_text(spec, r)
-        out.append(TaskExample(spec.name, prefix + format_input(spec, r), tgt, label))
+        out.append(TaskExample(spec.name, format_input(spec, r, prefix), tgt, label))
     return out

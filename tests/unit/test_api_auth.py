@@ -12,6 +12,7 @@ from serving_helpers import assert_error, engine_config, server_config, tiny_bac
 from serving.api import create_app
 from serving.auth import ANONYMOUS, KeyRing, hash_key, load_keyring
 from serving.engine import Engine
+from serving.types import TenantLimits
 from tuner.config import ConfigError
 
 KEYS = {"acme": "pf-test-acme", "globex": "pf-test-globex", "root": "pf-test-root"}
@@ -30,7 +31,7 @@ def tenants_file(tmp_path_factory):
         {
             "acme": {"key_sha256": [hash_key(KEYS["acme"])], "tasks": ["sst2", "trec"]},
             "globex": {"key_sha256": [hash_key(KEYS["globex"])], "tasks": ["samsum"]},
-            "root": {"key_sha256": [hash_key(KEYS["root"])], "tasks": "*"},
+            "root": {"key_sha256": [hash_key(KEYS["root"])], "tasks": "*", "metrics": True},
         },
     )
 
@@ -127,10 +128,11 @@ def test_models_lists_only_the_callers_tasks(client):
     assert ids("root") == ["samsum", "sst2", "trec"]
 
 
-def test_health_is_public_and_metrics_needs_a_key_when_configured(client):
+def test_health_is_public_and_metrics_needs_an_operator_key(client):
     assert client.get("/health").json() == {"status": "ok"}
     assert_error(client.get("/metrics"), 401, "invalid_api_key")
-    assert client.get("/metrics", headers=bearer("globex")).status_code == 200
+    assert_error(client.get("/metrics", headers=bearer("globex")), 404)  # a tenant key is not enough
+    assert client.get("/metrics", headers=bearer("root")).status_code == 200
 
 
 def test_keyring_checks_every_digest(tmp_path):
@@ -160,7 +162,12 @@ def test_keyring_checks_every_digest(tmp_path):
             "twice",
         ),
         ({"a": {"key_sha256": [hash_key("k")], "tasks": ["../etc"]}}, "not a valid name"),
-        ({"a": {"key_sha256": [hash_key("k")]}}, "exactly the keys"),
+        ({"a": {"key_sha256": [hash_key("k")]}}, "needs the keys"),
+        ({"a": {"key_sha256": [hash_key("k")], "tasks": "*", "quota": 3}}, "may have"),
+        ({"a": {"key_sha256": [hash_key("k")], "tasks": "*", "max_concurrent": -1}}, "max_concurrent"),
+        ({"a": {"key_sha256": [hash_key("k")], "tasks": "*", "tokens_per_minute": 1.5}}, "tokens_per"),
+        ({"a": {"key_sha256": [hash_key("k")], "tasks": "*", "weight": 0}}, "weight"),
+        ({"a": {"key_sha256": [hash_key("k")], "tasks": "*", "metrics": "yes"}}, "metrics"),
         ({"a": {"key_sha256": [], "tasks": "*"}}, "non-empty"),
         ({"../a": {"key_sha256": [hash_key("k")], "tasks": "*"}}, "not a valid name"),
         ({}, "tenants"),
@@ -180,3 +187,30 @@ def test_auth_is_only_disabled_explicitly(tmp_path, caplog):
         ring = load_keyring("none")
     assert "DISABLED" in caplog.text
     assert ring.authenticate(None) is ANONYMOUS
+
+
+def test_tenant_limits_are_read_from_the_tenants_file(tmp_path):
+    ring = KeyRing.from_file(
+        write_tenants(
+            tmp_path / "t.yaml",
+            {
+                "a": {
+                    "key_sha256": [hash_key("k1")],
+                    "tasks": "*",
+                    "max_concurrent": 4,
+                    "tokens_per_minute": 1000,
+                    "weight": 2,
+                },
+                "b": {"key_sha256": [hash_key("k2")], "tasks": ["x"]},
+            },
+        )
+    )
+    assert ring.tenant_limits() == {"a": TenantLimits(4, 1000, 2.0), "b": TenantLimits()}
+
+
+def test_the_example_tenants_file_loads_with_limits():
+    ring = KeyRing.from_file("configs/serving/tenants.example.yaml")
+    limits = ring.tenant_limits()
+    assert set(limits) == {"acme", "globex", "admin"} and limits["acme"].max_concurrent > 0
+    assert ring.authenticate("Bearer pf-demo-admin-key").metrics
+    assert not ring.authenticate("Bearer pf-demo-acme-key").metrics

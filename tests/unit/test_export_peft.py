@@ -61,7 +61,8 @@ def test_adapter_round_trip_and_validation(tmp_path):
     torch.testing.assert_close(a.prompt, prompt)
     # re-saving replaces atomically and leaves no temp dirs
     save_adapter(tmp_path, TaskAdapter("sst2", prompt * 2, "smollm2-135m"), backbone.config)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["sst2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".versions", "sst2"]
+    assert load_adapter(tmp_path / "sst2").prompt.equal(prompt * 2)
     with pytest.raises(Exception, match="valid name"):
         save_adapter(tmp_path, TaskAdapter("../evil", prompt, "x"), backbone.config)
     (tmp_path / "pickled").mkdir()

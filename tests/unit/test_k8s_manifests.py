@@ -37,6 +37,20 @@ _ENDPOINT = {
         "port": {"type": "string"},
         "path": {"type": "string", "pattern": "^/"},
         "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+        "authorization": {  # prometheus-operator's SafeAuthorization: a key from a Secret
+            "type": "object",
+            "required": ["credentials"],
+            "additionalProperties": False,
+            "properties": {
+                "type": {"type": "string"},
+                "credentials": {
+                    "type": "object",
+                    "required": ["name", "key"],
+                    "additionalProperties": False,
+                    "properties": {"name": {"type": "string"}, "key": {"type": "string"}},
+                },
+            },
+        },
     },
 }
 MONITOR_SCHEMA = {
@@ -173,7 +187,11 @@ def test_render_follows_the_cluster_section(crd_validators):
         container["resources"]["limits"]["cpu"] == "4"
         and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     )
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in group["template"]["spec"]["volumes"]}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in group["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert claims == {"promptfleet-runs", "promptfleet-data"}
     assert "output_dir=/workspace/runs" in job["spec"]["entrypoint"]
     assert "cluster.num_workers=3" in job["spec"]["entrypoint"]
@@ -219,11 +237,161 @@ def test_kustomization_lists_existing_files():
             json.loads((K8S / f).read_text())
 
 
-def test_rayservice_serves_the_ray_app():
+def test_rayservice_import_path_builds_the_serve_application(tmp_path, monkeypatch):
+    """Row 3: the import_path named a module attribute that did not exist. Import it and build the
+    application the way Serve does (its own builder call), with the manifest's args; the paths
+    that live on volumes in the pod point at local stand-ins."""
+    import importlib
+
+    from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    from serving.auth import hash_key
+
     service = next(o for _, o in shipped_objects() if o["kind"] == "RayService")
-    (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
-    module, _, attr = app["import_path"].partition(":")
-    assert (REPO / (module.replace(".", "/") + ".py")).is_file() and attr
+    (spec,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+    module, _, attr = spec["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+
+    (tmp_path / "store").mkdir()
+    tenants = tmp_path / "tenants.yaml"
+    tenants.write_text(yaml.safe_dump({"tenants": {"ops": {"key_sha256": [hash_key("k")], "tasks": "*"}}}))
+    local = {
+        spec["args"]["prompt_store"]: str(tmp_path / "store"),
+        "/workspace/secrets/tenants.yaml": str(tenants),
+    }
+    args = {
+        "config": str(REPO / spec["args"]["config"]),  # workingDir is the project in the pod
+        "prompt_store": local[spec["args"]["prompt_store"]],
+        "overrides": [
+            o.replace("/workspace/secrets/tenants.yaml", str(tenants)) for o in spec["args"]["overrides"]
+        ],
+    }
+    app = call_user_app_builder_with_args_if_necessary(builder, args)
+    assert isinstance(app, serve.Application)
+    deployment = app._bound_deployment
+    config, keyring = deployment.init_args
+    assert config.engine.prompt_store == str(tmp_path / "store") and config.api.host == "0.0.0.0"
+    assert keyring.authenticate("Bearer k").name == "ops"
+
+
+def _pod_specs(obj: dict) -> list[dict]:
+    return [
+        group["template"]["spec"]
+        for cluster in ray_clusters(obj)
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    ]
+
+
+def test_every_pod_runs_unprivileged():
+    objs = [o for _, o in shipped_objects()] + [render_rayjob(p) for p in JOB_CONFIGS]
+    pods = [p for o in objs for p in _pod_specs(o)]
+    assert len(pods) >= 5
+    for pod in pods:
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+            assert sc["readOnlyRootFilesystem"] is True
+            tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+            assert any(v["name"] == tmp["name"] and "emptyDir" in v for v in pod["volumes"])
+
+
+def test_the_image_runs_as_a_non_root_user():
+    users = [
+        line.split()[1] for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("USER ")
+    ]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+
+
+# ---- NetworkPolicy semantics (a direct reading of the Kubernetes rules, for the cases we rely on)
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        assert e["operator"] == "In"
+        if labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def _peer_matches(peer: dict, ns: str, labels: dict) -> bool:
+    ns_labels = {"kubernetes.io/metadata.name": ns}
+    if "namespaceSelector" in peer:
+        ok = _selects(peer["namespaceSelector"], ns_labels)
+    else:
+        ok = ns == "promptfleet"  # a podSelector alone selects in the policy's namespace
+    return ok and _selects(peer.get("podSelector", {}), labels)
+
+
+def _rule_allows(rule: dict, side: str, ns: str, labels: dict, port: int) -> bool:
+    peers = rule.get(side)
+    if peers is not None and not any(_peer_matches(p, ns, labels) for p in peers):
+        return False
+    return "ports" not in rule or any(p["port"] == port for p in rule["ports"])
+
+
+def _allowed(policies, direction: str, pod: dict, peer_ns: str, peer: dict, port: int) -> bool:
+    side, key = ("from", "ingress") if direction == "Ingress" else ("to", "egress")
+    applying = [
+        p
+        for p in policies
+        if _selects(p["spec"]["podSelector"], pod) and direction in p["spec"]["policyTypes"]
+    ]
+    if not applying:
+        return True  # no policy isolates this pod in that direction
+    return any(_rule_allows(r, side, peer_ns, peer, port) for p in applying for r in p["spec"].get(key, []))
+
+
+def _can_connect(policies, src_ns, src, dst, port) -> bool:
+    """src (in src_ns) -> dst (in promptfleet) on `port`: the egress of src and the ingress of dst."""
+    egress = src_ns != "promptfleet" or _allowed(policies, "Egress", src, "promptfleet", dst, port)
+    return egress and _allowed(policies, "Ingress", dst, src_ns, src, port)
+
+
+def test_network_policies_keep_serving_away_from_the_training_head():
+    policies = [o for _, o in shipped_objects() if o["kind"] == "NetworkPolicy"]
+    part = {"app.kubernetes.io/part-of": "promptfleet"}
+    head, worker = (
+        {**part, "app.kubernetes.io/component": "ray-head"},
+        {**part, "app.kubernetes.io/component": "training"},
+    )
+    serving = {**part, "app.kubernetes.io/component": "serving"}
+    prometheus, client = {"app": "prometheus"}, {"app": "some-client"}
+    for port in (6379, 8265, 10001, 52365, 8080):
+        assert not _can_connect(policies, "promptfleet", serving, head, port), port
+        assert _can_connect(policies, "promptfleet", worker, head, port), port
+        assert _can_connect(policies, "promptfleet", serving, serving, port), port  # its own Ray cluster
+    assert not _can_connect(policies, "promptfleet", serving, worker, 9400)
+    assert _can_connect(policies, "default", client, serving, 8000)  # the API, behind its keys
+    assert not _can_connect(policies, "default", client, serving, 6379)
+    assert not _can_connect(policies, "default", client, head, 8265)
+    assert _can_connect(policies, "monitoring", prometheus, serving, 8000)
+    assert _can_connect(policies, "monitoring", prometheus, worker, 9400)
+    assert _can_connect(policies, "kuberay-system", {}, serving, 52365)
+    # serving egress: nothing outside its own pods but cluster DNS
+    serving_egress = [
+        p
+        for p in policies
+        if _selects(p["spec"]["podSelector"], serving) and "Egress" in p["spec"]["policyTypes"]
+    ]
+    assert serving_egress
+    assert not _allowed(policies, "Egress", serving, "default", {"app": "anything"}, 443)
+    assert _allowed(policies, "Egress", serving, "kube-system", {"k8s-app": "kube-dns"}, 53)
+
+
+def test_serving_metrics_are_scraped_with_a_key():
+    monitor = next(
+        o
+        for _, o in shipped_objects()
+        if o["kind"] == "ServiceMonitor" and o["metadata"]["name"] == "promptfleet-serving"
+    )
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["authorization"]["credentials"]["name"]
+    assert "metrics_public: false" in (REPO / "configs" / "serving" / "default.yaml").read_text()
 
 
 def _exposed_names(registry) -> set[str]:
