@@ -166,7 +166,7 @@ def test_unexpected_engine_error_is_a_500_without_traceback(dirs, caplog):
     store, backbone = dirs
 
     class BrokenEngine(Engine):
-        async def classify(self, task, text, raw=False):
+        async def classify(self, task, text, raw=False, tenant=""):
             raise RuntimeError("secret internal detail")
 
     cfg = server_config(engine_config(store, backbone))
