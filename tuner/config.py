@@ -156,7 +156,9 @@ class ClusterConfig:
         50_000_000, "ZeRO-3: elements gathered ahead of the module that needs them (coalesces gathers)."
     )
     zero_max_live_parameters: int = _f(
-        1_000_000_000, "ZeRO-3: cap on gathered elements alive at once (bounds prefetch memory)."
+        1_000_000_000,
+        "ZeRO-3: cap on gathered elements alive at once; the prefetcher runs ahead until it is reached, "
+        "so above the backbone's size the whole model stays gathered during a step (fewest gathers).",
     )
     zero_max_reuse_distance: int = _f(
         1_000_000_000,

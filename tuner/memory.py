@@ -159,17 +159,19 @@ def estimate(
     shape: BackboneShape,
     work: Workload,
     partition: int,
-    prefetch_bucket_size: int = 50_000_000,
+    max_live_parameters: int = 1_000_000_000,
 ) -> MemoryEstimate:
-    """Per-device memory for `work` on `shape`, the weights split over `partition` devices under ZeRO-3."""
+    """Per-device memory for `work` on `shape`, the weights split over `partition` devices under ZeRO-3.
+
+    Gathered buffers: DeepSpeed's prefetcher runs ahead along its trace until the gathered elements
+    reach `max_live_parameters` (measured: with the cap above the model's size the whole model is
+    gathered during a step), plus the module being fetched; the embedding is gathered whole.
+    """
     b = work.dtype_bytes
     tokens = work.seq_len * work.micro_batch
     per_layer = shape.activation_bytes_per_token_layer(b)
-    # Gathered at once: the layer being computed plus what the prefetcher has in flight (at most the
-    # bucket, at least the next layer) -- ZeRO-3 frees each layer after use.
-    live = shape.layer_params + max(min(prefetch_bucket_size, shape.num_params), shape.layer_params)
-    # The LM head runs at target positions only; the embedding (gathered whole) can be the largest piece.
-    live = max(live, shape.embedding_params)
+    live = max(min(max_live_parameters, shape.num_params) + shape.layer_params, shape.embedding_params)
+    live = min(live, shape.num_params)
     return MemoryEstimate(
         weights_replicated=shape.num_params * b,
         weight_shard=-(-shape.num_params // partition) * b,

@@ -32,7 +32,7 @@ class ZeroSettings:
     stage: int = 3
     param_persistence_threshold: int = 100_000  # params this small stay whole on every rank
     prefetch_bucket_size: int = 50_000_000  # elements gathered ahead of use
-    max_live_parameters: int = 1_000_000_000  # cap on gathered elements (limits prefetch)
+    max_live_parameters: int = 1_000_000_000  # cap on gathered elements (prefetch runs ahead up to it)
     max_reuse_distance: int = 1_000_000_000  # keep a gathered param if its next use is this close
     overlap_comm: bool = True
     hpz_partition_size: int = 1  # ZeRO++ hpZ: secondary copy partitioned within this many ranks
@@ -194,7 +194,7 @@ def zero_setup(
             num_virtual_tokens=cfg.prompt.num_virtual_tokens,
             dtype={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
         )
-        mem = estimate(shape, work, world_size, c.zero_prefetch_bucket_size)
+        mem = estimate(shape, work, world_size, c.zero_max_live_parameters)
         choice = choose_zero(mem, budget, nodes, per_node, c.activation_checkpointing)
     else:
         stage = int(c.zero_stage)
