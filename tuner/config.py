@@ -130,7 +130,9 @@ class DataConfig:
 
 @dataclass
 class ClusterConfig:
-    num_workers: int = _f(2, "Ray Train workers (ranks); under ZeRO-3 each holds 1/num_workers of the backbone.")
+    num_workers: int = _f(
+        2, "Ray Train workers (ranks); under ZeRO-3 each holds 1/num_workers of the backbone."
+    )
     use_gpu: bool = _f(False, "One GPU per worker (NCCL); CPU workers use gloo.")
     cpus_per_worker: int = _f(1, "CPUs Ray reserves for each worker.")
     address: str = _f("", "Ray address to join; empty starts an embedded local Ray (RAY_ADDRESS also works).")
