@@ -23,7 +23,7 @@ from pathlib import Path
 from tuner.config import ConfigError, load_job_config
 
 # Modules that add their own sub-commands through `register(subparsers)`.
-COMMAND_MODULES = ["serving.cli", "cluster.jobs", "cluster.k8s"]
+COMMAND_MODULES = ["serving.cli", "cluster.jobs", "cluster.k8s", "cluster.plan"]
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -10,6 +10,9 @@
   DeepSpeed ZeRO-3 the caller creates `HfDeepSpeedConfig` first (see `tuner.zero`), so
   `from_pretrained` partitions weights while they load and no rank holds the whole model.
 
+`checkpoint_layers` (the `cluster.activation_checkpointing` switch) recomputes decoder layers in
+backward.
+
 It does not wrap the model with prompts (`tuner.model`) nor start DeepSpeed (`tuner.zero`).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import json
 import os
@@ -181,8 +185,12 @@ def load_backbone(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     device: torch.device | str = "cpu",
+    activation_checkpointing: bool = False,
 ):
-    """Load a causal LM frozen, in eval mode (no dropout) for prompt tuning."""
+    """Load a causal LM frozen, in eval mode (no dropout) for prompt tuning.
+
+    `activation_checkpointing`: see `checkpoint_layers`.
+    """
     from transformers import AutoModelForCausalLM
 
     with _no_progress_bars():  # a 1-second load needs no bar (and Ray workers would print one per rank)
@@ -193,7 +201,50 @@ def load_backbone(
     model.eval()
     if not _is_zero3_partitioned(model):
         model.to(device)
+    if activation_checkpointing:
+        checkpoint_layers(model)
     return model
+
+
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations.
+
+    Non-reentrant `torch.utils.checkpoint`: the backbone is frozen and the gradient flows in
+    through `inputs_embeds` (the prompts), which the reentrant variant would only track for
+    positional tensor inputs. Transformers' own switch (`gradient_checkpointing_enable`) acts in
+    training mode only, and the backbone stays in eval mode (no dropout), so each layer's
+    `forward` is wrapped here instead (an instance attribute; the class is untouched). Under
+    ZeRO-3 the recompute gathers the layer's weights again, which backward does anyway.
+    The last layer is left alone: `tuner.target_layer` replaces its forward in training, and it
+    computes only the target positions.
+    """
+    from tuner import target_layer
+
+    decoder = getattr(model, model.base_model_prefix)
+    layers = list(decoder.layers)
+    if target_layer.supports(decoder):
+        layers = layers[:-1]
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed, layer.forward, model.config)
+
+
+def _checkpointed(forward, config, *args, **kwargs):
+    if not torch.is_grad_enabled():  # evaluation: nothing to save, nothing to recompute
+        return forward(*args, **kwargs)
+    from torch.utils.checkpoint import checkpoint
+
+    # `tuner.model` switches the attention kernel through the config for the duration of the
+    # forward only; the recompute in backward must run the same kernel.
+    kernel = config._attn_implementation
+
+    def run(*a, **kw):
+        outer, config._attn_implementation = config._attn_implementation, kernel
+        try:
+            return forward(*a, **kw)
+        finally:
+            config._attn_implementation = outer
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 def _is_zero3_partitioned(model: torch.nn.Module) -> bool:

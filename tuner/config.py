@@ -132,12 +132,51 @@ class DataConfig:
 
 @dataclass
 class ClusterConfig:
-    num_workers: int = _f(2, "Ray Train workers (ranks). Each holds 1/num_workers of the backbone (ZeRO-3).")
+    num_workers: int = _f(
+        2, "Ray Train workers (ranks); under ZeRO-3 each holds 1/num_workers of the backbone."
+    )
     use_gpu: bool = _f(False, "One GPU per worker (NCCL); CPU workers use gloo.")
     cpus_per_worker: int = _f(1, "CPUs Ray reserves for each worker.")
     address: str = _f("", "Ray address to join; empty starts an embedded local Ray (RAY_ADDRESS also works).")
-    zero_stage: int = _f(
-        3, "DeepSpeed ZeRO stage for the frozen backbone (3 partitions parameters across ranks)."
+    zero_stage: str = _f(
+        "auto",
+        "Backbone layout: auto (replicate when backbone + activations fit memory_budget_gb, else ZeRO-3; "
+        "printed at start), 0 (replicate), or a DeepSpeed ZeRO stage 1-3 (3 partitions the weights).",
+    )
+    num_nodes: int = _f(1, "Nodes the workers span; auto shares a node's RAM among its ranks and uses hpZ.")
+    memory_budget_gb: float = _f(
+        0.0,
+        "Memory one rank may use, for zero_stage=auto (0: 90% of the GPU, or 80% of host RAM / ranks per node).",
+    )
+    activation_checkpointing: bool = _f(
+        False, "Recompute each frozen decoder layer in backward instead of keeping its activations."
+    )
+    zero_param_persistence_threshold: int = _f(
+        100_000,
+        "ZeRO-3: parameters with at most this many elements stay whole on every rank (norms, small "
+        "projections): fewer, larger gathers for a few MB. 0 partitions everything.",
+    )
+    zero_prefetch_bucket_size: int = _f(
+        50_000_000, "ZeRO-3: elements gathered ahead of the module that needs them (coalesces gathers)."
+    )
+    zero_max_live_parameters: int = _f(
+        1_000_000_000,
+        "ZeRO-3: cap on gathered elements alive at once; the prefetcher runs ahead until it is reached, "
+        "so above the backbone's size the whole model stays gathered during a step (fewest gathers).",
+    )
+    zero_max_reuse_distance: int = _f(
+        1_000_000_000,
+        "ZeRO-3: keep a gathered weight when its next use (in backward) is within this many elements; "
+        ">= 2x the backbone's parameters gathers each weight once per step (peak: the whole model).",
+    )
+    zero_overlap_comm: bool = _f(True, "ZeRO-3: overlap weight gathers with compute.")
+    zero_hpz_partition_size: int = _f(
+        0,
+        "ZeRO++ hpZ: keep a secondary weight copy partitioned within this many ranks (a node) so "
+        "backward gathers stay intra-node; 0 = auto (ranks per node when num_nodes > 1).",
+    )
+    zero_quantized_weights: bool = _f(
+        False, "ZeRO++ qwZ: gather weights as int8 (halves gather bytes; CUDA kernels, GPU only)."
     )
     offload_params: str = _f("none", "ZeRO-3 parameter offload: none, cpu or nvme.")
     nvme_path: str = _f("/local_nvme", "Where ZeRO-3 offloads parameters when offload_params=nvme.")
@@ -153,7 +192,22 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         _positive("cluster.num_workers", self.num_workers)
-        _choice("cluster.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        self.zero_stage = str(self.zero_stage)  # YAML `3` and Python `3` both mean "3"
+        _choice("cluster.zero_stage", self.zero_stage, ("auto", "0", "1", "2", "3"))
+        _positive("cluster.num_nodes", self.num_nodes)
+        if self.memory_budget_gb < 0:
+            raise ConfigError(
+                f"cluster.memory_budget_gb={self.memory_budget_gb!r}: must be >= 0 (0 = from the device)"
+            )
+        for key in (
+            "zero_param_persistence_threshold",
+            "zero_prefetch_bucket_size",
+            "zero_hpz_partition_size",
+            "zero_max_reuse_distance",
+        ):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"cluster.{key}={getattr(self, key)!r}: must be >= 0")
+        _positive("cluster.zero_max_live_parameters", self.zero_max_live_parameters)
         _choice("cluster.offload_params", self.offload_params, ("none", "cpu", "nvme"))
 
 

@@ -43,7 +43,7 @@ from tuner.model import PromptTunedLM
 from tuner.optim import SparseRowAdam, lr_at
 from tuner.prompt_bank import PromptBank, init_prompts
 from tuner.run_dir import mark_finished
-from tuner.zero import allreduce_rows_grad, deepspeed_config, world, wrap_backbone
+from tuner.zero import allreduce_rows_grad, world, zero_setup
 
 GlobalBatch = list[tuple[str, int]]  # (task, example index in its train split), as the sampler draws
 
@@ -103,26 +103,19 @@ class MultiTaskPromptTuningRecipe:
             for s in job.specs
         }
 
-        # ZeRO-3: HfDeepSpeedConfig must exist *before* from_pretrained so weights are partitioned
-        # while they load (no rank ever materialises the whole model).
-        self._ds_config = None
-        if self.world_size > 1 and cfg.cluster.zero_stage > 0:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            ds = deepspeed_config(
-                cfg.cluster.zero_stage,
-                self.dtype,
-                offload_params=cfg.cluster.offload_params,
-                nvme_path=cfg.cluster.nvme_path,
-            )
-            self._ds_config = HfDeepSpeedConfig(ds)  # keep a reference: transformers reads it weakly
+        # Replicate or ZeRO-3 (cluster.zero_stage, auto by default); under ZeRO-3 this must run
+        # before loading so weights are partitioned while they load.
+        self._zero = zero_setup(cfg, path, self.dtype, self.world_size, log=self._log)
         # DeepSpeed print()s while it sets up (op builds, configs): keep the console to the progress bar.
-        with _quiet_stdout(self._ds_config is not None):
+        with _quiet_stdout(self._zero.settings is not None):
             backbone = load_backbone(
-                path, self.dtype, pick_attention(cfg.model.attn_implementation, self.device), self.device
+                path,
+                self.dtype,
+                pick_attention(cfg.model.attn_implementation, self.device),
+                self.device,
+                activation_checkpointing=self._zero.choice.activation_checkpointing,
             )
-            if self._ds_config is not None:
-                wrap_backbone(backbone, self._ds_config.config)
+            self._zero.wrap(backbone)
         self.lm = PromptTunedLM(backbone, kernel=cfg.model.attn_implementation)
         self.backbone_path = path
 
@@ -339,7 +332,7 @@ class MultiTaskPromptTuningRecipe:
         return summary
 
     def cleanup(self) -> None:
-        self._ds_config = None
+        self._zero = None
 
     def _log(self, msg: str) -> None:
         if not self.is_main:

@@ -60,7 +60,15 @@ def job(tmp_path_factory, tiny_backbone_dir):
     root = tmp_path_factory.mktemp("zero3")
     tasks = write_tiny_tasks(root, n_train=48, names=("pos_neg", "colors", "sizes"))
     return root, tiny_job_yaml(
-        root, tiny_backbone_dir, tasks, **{"optim.grad_accum": 2, "optim.max_steps": 3, "checkpoint_every": 0}
+        root,
+        tiny_backbone_dir,
+        tasks,
+        **{
+            "optim.grad_accum": 2,
+            "optim.max_steps": 3,
+            "checkpoint_every": 0,
+            "cluster.zero_stage": 3,  # auto would replicate a model this small
+        },
     )
 
 

@@ -29,6 +29,7 @@ def run_dir(tmp_path_factory):
         "data.max_train_examples=64",
         "data.max_eval_examples=8",
         "checkpoint_every=1",
+        "cluster.zero_stage=3",  # the sharded path (auto would replicate a backbone this small)
     ]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
