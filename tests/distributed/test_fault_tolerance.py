@@ -38,6 +38,7 @@ def prompts(run_dir: Path) -> dict[str, torch.Tensor]:
     return {
         d.name: load_file(str(d / "adapter_model.safetensors"))["prompt_embeddings"]
         for d in sorted((run_dir / "adapters").iterdir())
+        if not d.name.startswith(".")  # `.versions/`: what the task links point into
     }
 
 
