@@ -148,13 +148,14 @@ def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = Tr
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
+    env = {**WORKER_ENV, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
+    if not cfg.cluster.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's accelerator setting: no GPU probing and its warning
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the driver too (it converts the backbone)
     job = prepare_job(cfg, claim=True)
     cfg = job.cfg
     c = cfg.cluster
     address = address or c.address or os.environ.get("RAY_ADDRESS") or None
-    env = {**WORKER_ENV, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
-    if not c.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's accelerator setting: no GPU probing and its warning
     if not ray.is_initialized():
         # Ray's logging configuration: its own INFO/WARNING lines (token auth, accelerator set-up) and the
         # workers' console output stay in Ray's log files (`cluster.worker_logs=true` forwards the latter).

@@ -74,7 +74,7 @@ def test_eval_cli_rescoring_matches_training_summary(finished):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout[res.stdout.index("{") :])
+    out = json.loads(res.stdout)  # --json: stdout is JSON alone (pipe it to jq)
     for name, task in summary["tasks"].items():
         assert out["tasks"][name]["tuned"]["accuracy"] == pytest.approx(task["tuned"]["accuracy"])
 
