@@ -78,7 +78,17 @@ def run_on_ray(config: ServerConfig, keyring: KeyRing, blocking: bool = True) ->
     import ray
 
     ray.init(address=config.ray.address or None, ignore_reinit_error=True)
-    serve.start(http_options={"host": config.api.host, "port": config.api.port})
+    # Serve's own proxy (not our uvicorn) takes the connections here: give it the same keep-alive bound, and
+    # an end-to-end bound a little above the engine's request timeout. Body size and write limits, and the
+    # per-tenant quotas, come with the application (its middleware and engine) either way.
+    serve.start(
+        http_options={
+            "host": config.api.host,
+            "port": config.api.port,
+            "keep_alive_timeout_s": max(1, int(config.api.timeout_keep_alive_s)),
+            "request_timeout_s": config.engine.request_timeout_s + config.api.write_timeout_s,
+        }
+    )
     log.info(
         "deploying %s on Ray Serve at http://%s:%d%s",
         config.ray.app_name,
