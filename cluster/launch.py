@@ -26,7 +26,7 @@ from pathlib import Path
 from tuner.config import JobConfig, from_dict, to_dict
 from tuner.job import prepare_job
 from tuner.metrics import EvalPoint, StepMetrics
-from tuner.recipe import RecipeHooks, describe_eval, render_table, run
+from tuner.recipe import RecipeHooks, describe_eval, render_table, run, step_postfix
 
 # Environment of every Ray worker, set through each library's own configuration: no INFO chatter,
 # no deprecation warnings of upstream internals, no Hub access unless the driver has it.
@@ -122,11 +122,13 @@ class _DriverProgress:
     def _drain(self, timeout: float = 0.0) -> None:
         from ray.util.queue import Empty
 
+        items = []
         try:
-            items = [self.queue.get(timeout=timeout)] if timeout else []
+            if timeout:
+                items.append(self.queue.get(timeout=timeout))
             items += self.queue.get_nowait_batch(self.queue.qsize())
         except (Empty, Exception):  # noqa: BLE001 - the queue's actor may be gone at shutdown
-            return
+            pass  # show what did arrive
         for kind, record in items:
             if kind == "log":  # rank 0's console lines (e.g. "resumed from ..."): always shown
                 (self.bar.write if self.bar is not None else print)(record)
@@ -136,7 +138,7 @@ class _DriverProgress:
             if kind == "step":
                 m = StepMetrics(**record)
                 self.bar.n = m.step
-                self.bar.set_postfix(loss=f"{m.loss:.3f}", tok_s=f"{m.tokens_per_s:.0f}", lr=f"{m.lr:.3g}")
+                self.bar.set_postfix(step_postfix(m))
             else:
                 self.bar.write(describe_eval(EvalPoint(**record)))
 

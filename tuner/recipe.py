@@ -172,9 +172,7 @@ class MultiTaskPromptTuningRecipe:
                 self.history.steps.append(metrics)
             if self._bar is not None:
                 self._bar.update(1)
-                self._bar.set_postfix(
-                    loss=f"{metrics.loss:.3f}", tok_s=f"{metrics.tokens_per_s:.0f}", lr=f"{metrics.lr:.3g}"
-                )
+                self._bar.set_postfix(step_postfix(metrics))
             if self.hooks.on_step:
                 self.hooks.on_step(metrics)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < o.max_steps:
@@ -346,6 +344,11 @@ class MultiTaskPromptTuningRecipe:
             # stdout, so every line would reach the driver twice.
             sys.stdout.write(msg + "\n")
             sys.stdout.flush()
+
+
+def step_postfix(m: StepMetrics) -> dict[str, str]:
+    """What the progress bar shows after a step (the recipe's own bar and the Ray driver's)."""
+    return {"loss": f"{m.loss:.3f}", "tok_s": f"{m.tokens_per_s:.0f}", "lr": f"{m.lr:.3g}"}
 
 
 def describe_eval(point: EvalPoint) -> str:
