@@ -183,6 +183,12 @@ class ClusterConfig:
     max_failures: int = _f(
         0, "Worker-group restarts Ray Train allows; each resumes from the last checkpoint."
     )
+    storage: str = _f(
+        "",
+        "Storage all nodes share, for a multi-node cluster: an absolute path mounted on every node (or "
+        "file://...), or a URI Ray Train understands (s3://, gs://). Ray Train's checkpoints go there, and "
+        "a relative output_dir lies under a path storage. Empty: both stay in the run dir (one machine).",
+    )
     metrics_port: int = _f(0, "Port for the training job's Prometheus metrics on rank 0 (0 = off).")
     worker_logs: bool = _f(
         False,
@@ -209,6 +215,10 @@ class ClusterConfig:
                 raise ConfigError(f"cluster.{key}={getattr(self, key)!r}: must be >= 0")
         _positive("cluster.zero_max_live_parameters", self.zero_max_live_parameters)
         _choice("cluster.offload_params", self.offload_params, ("none", "cpu", "nvme"))
+        if self.storage and "://" not in self.storage and not os.path.isabs(os.path.expanduser(self.storage)):
+            raise ConfigError(
+                f"cluster.storage={self.storage!r}: must be an absolute path shared by the nodes, or a URI"
+            )
 
 
 @dataclass
