@@ -19,7 +19,8 @@ depends on where the job server is (`submission_paths`):
 - a cluster on this machine (loopback address): absolute paths are passed as they are (e.g. data
   in ../shared/data), and a relative `output_dir` is made absolute here (the uploaded copy is
   temporary), unless `cluster.storage` is a shared path, under which the cluster puts it;
-- a remote cluster: the job may only name paths the cluster sees: inside the uploaded project or
+- a remote cluster (any other address, or `--remote` for a tunnelled one such as
+  `kubectl port-forward`): the job may only name paths the cluster sees: inside the uploaded project or
   under `cluster.storage` (a path mounted on every node). Any other file of this machine (config,
   task file, data, local backbone, output_dir) is refused with one line saying how to fix it, and
   a relative `output_dir` stays relative: the cluster puts it under `cluster.storage`.
@@ -367,7 +368,7 @@ def _submit(args: argparse.Namespace) -> int:
         env=env,
         submission_id=args.submission_id,
         entrypoint_num_cpus=args.entrypoint_num_cpus,
-        remote=not is_local_address(job_server_address(args.address)),
+        remote=args.remote or not is_local_address(job_server_address(args.address)),
     )
     client = connect(args.address, args.token)
     job_id = submit(client, sub)
@@ -453,6 +454,12 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job"
+    )
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="the cluster is another machine although its address is local (kubectl port-forward, an SSH "
+        "tunnel): allow only paths it can see (the project, cluster.storage)",
     )
     p.add_argument(
         "--entrypoint-num-cpus",

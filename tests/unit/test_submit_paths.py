@@ -147,3 +147,21 @@ def test_cli_refuses_with_one_line_before_contacting_the_cluster(tmp_path):
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert f"config {job} is on this machine only" in line and "cluster.storage" in line
+    # A tunnelled cluster (kubectl port-forward) has a local address: --remote applies the same rule.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "submit",
+            str(job),
+            "--remote",
+            "--address",
+            "http://127.0.0.1:9",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and f"config {job} is on this machine only" in proc.stderr, proc.stderr
