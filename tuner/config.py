@@ -225,7 +225,9 @@ class ClusterConfig:
 class JobConfig:
     name: str = _f("promptfleet", "Run name; the output directory is <output_dir>/<name>.")
     output_dir: str = _f(
-        "runs", "Where run directories are written (relative paths resolve against the CWD)."
+        "runs",
+        "Where run directories are written (relative paths resolve against the CWD, or on a Ray cluster "
+        "under cluster.storage when that is a path).",
     )
     tasks: list[str] = _f([], "Task files (YAML under configs/tasks/), relative to this job file.")
     model: ModelConfig = _f(None, "The frozen backbone.")
