@@ -6,8 +6,8 @@ several machines, minus the network. The head gets no CPUs, each worker node `cp
 Ray Train worker asking for that many CPUs lands alone on its node. Every port is picked free
 (other Ray clusters may run on this shared machine) and the temp dir is the cluster's own.
 
-`remove(node)` kills a node's raylet and everything on it (a lost machine); `add()` joins a new
-one. `train_workers()` reads from the GCS which node runs each live Ray Train worker.
+`remove(node_id)` stops a node's raylet and everything on it (a lost machine); `add()` joins a
+new one. `train_workers()` reads from the GCS which node runs each live Ray Train worker.
 It does not submit jobs or run training (tests start `promptfleet train --address`).
 """
 
@@ -55,9 +55,14 @@ class RayNodes:
         return self.cluster.add_node(num_cpus=self.cpus_per_node, **_node_ports())
 
     def remove(self, node_id: str) -> None:
-        """Kill the worker node `node_id` and all its processes, as if its machine were lost."""
+        """Take the worker node `node_id` away with all its processes (its workers die with it).
+
+        The raylet is stopped with SIGTERM, so it tells the GCS it is gone (a drained or preempted
+        machine). A SIGKILLed raylet is declared dead only after missed health checks (seconds), and
+        a worker group Ray Train restarts before that may be placed on the dead node and fail again.
+        """
         (node,) = [n for n in self.cluster.worker_nodes if n.node_id == node_id]
-        self.cluster.remove_node(node, allow_graceful=False)
+        self.cluster.remove_node(node, allow_graceful=True)
 
     @property
     def worker_node_ids(self) -> set[str]:
