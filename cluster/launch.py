@@ -6,7 +6,7 @@ run directory claimed, embedded backbone converted), starts (or joins) Ray, then
 reports each checkpoint to Ray Train, so when a worker dies and `FailureConfig(max_failures)`
 replaces the worker group, the new group resumes from the last reported checkpoint. Ray Train
 keeps those in the run directory, or on a multi-node cluster on `cluster.storage`, where the node
-that replaces a lost one reads them (`cluster.storage`). Rank 0 also sends each step's and
+that replaces a lost one reads them (module `cluster.storage`). Rank 0 also sends each step's and
 evaluation's record to the driver through a Ray queue: the driver draws the one progress bar and
 prints the final table; workers print nothing of their own, and Ray's own INFO lines are turned
 off through Ray's logging configuration.
