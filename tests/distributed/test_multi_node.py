@@ -61,7 +61,9 @@ def job(shared) -> Path:
             "num_workers": 2,
             "cpus_per_worker": 1,
             "zero_stage": 3,
-            "max_failures": 1,
+            # Losing a node is one failure; a group restarted while the GCS still counts the stopping
+            # node as alive can be placed there and fail once more (seen on a loaded 2-core machine).
+            "max_failures": 3,
             "storage": str(shared / "storage"),
         },
     )
@@ -126,11 +128,13 @@ def test_node_lost_mid_run_resumes_on_a_new_node(job, nodes, shared, reference_r
 
     assert "cluster.zero_stage=3" in text
     resumed = re.findall(r"resumed from (\S+) at step (\d+)", text)
-    assert len(set(resumed)) == 1, text[-3000:]  # one restart (Ray may echo a worker's line twice)
-    # From Ray Train's committed checkpoint on the shared storage (downloaded to the new worker), not
-    # from the run directory's own copy.
-    path, step = resumed[0]
-    assert not Path(path).is_relative_to(run_dir) and int(step) >= committed[-1], resumed
+    assert resumed, text[-3000:]  # a restart happened
+    # Each restart resumed from Ray Train's committed checkpoint on the shared storage (downloaded to
+    # the new worker), not from the run directory's own copy; the first from the one committed before
+    # the node was lost, or a later one.
+    steps = [int(step) for _, step in resumed]
+    assert all(not Path(path).is_relative_to(run_dir) for path, _ in resumed), resumed
+    assert steps == sorted(steps) and steps[0] >= committed[-1] and all(x % EVERY == 0 for x in steps)
     assert lost not in nodes.worker_node_ids and len(nodes.worker_node_ids) == 2
     assert applied_steps(run_dir) == list(range(1, STEPS + 1))
     summary = json.loads((run_dir / "summary.json").read_text())
