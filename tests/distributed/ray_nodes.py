@@ -57,9 +57,9 @@ class RayNodes:
     def remove(self, node_id: str) -> None:
         """Take the worker node `node_id` away with all its processes (its workers die with it).
 
-        The raylet is stopped with SIGTERM, so it tells the GCS it is gone (a drained or preempted
-        machine). A SIGKILLed raylet is declared dead only after missed health checks (seconds), and
-        a worker group Ray Train restarts before that may be placed on the dead node and fail again.
+        The raylet is stopped with SIGTERM, so it unregisters from the GCS (a drained or preempted
+        machine) instead of being declared dead only after missed health checks: a worker group Ray
+        Train restarts in the meantime would mostly be placed on the dead node and fail again.
         """
         (node,) = [n for n in self.cluster.worker_nodes if n.node_id == node_id]
         self.cluster.remove_node(node, allow_graceful=True)
