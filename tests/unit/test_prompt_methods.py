@@ -7,8 +7,9 @@ from conftest import tiny_llama
 
 from tuner.batching import TokenizedExample, collate
 from tuner.model import PromptTunedLM
+from tuner.optim import SparseRowAdam
 from tuner.prompt_bank import PromptBank
-from tuner.prompt_methods import Multitask, Residual, make_layout, prompt_of
+from tuner.prompt_methods import Multitask, Residual, SharedParams, make_layout, prompt_of
 
 P, H = 4, 32
 METHODS = ["independent", "residual", "multitask"]
@@ -44,10 +45,18 @@ def _examples():
     ]
 
 
-def _run(lm, layout, bank, shared, examples, packing):
+def _run(lm, layout, bank, shared, examples, packing, share=False):
     """The recipe's step path: gather the batch's rows, compose, forward, backward."""
     tasks = sorted({e.task for e in examples})
-    batch = collate(examples, {t: i for i, t in enumerate(tasks)}, P, max_len=64, pad_id=0, packing=packing)
+    batch = collate(
+        examples,
+        {t: i for i, t in enumerate(tasks)},
+        P,
+        max_len=64,
+        pad_id=0,
+        packing=packing,
+        share_prompts=share,
+    )
     rows = bank.gather(bank.rows_of(tasks))
     sh = None if shared is None else shared.clone().requires_grad_(True)
     out = lm(batch, layout.compose(rows, sh))
@@ -56,15 +65,16 @@ def _run(lm, layout, bank, shared, examples, packing):
     return out, grads, None if sh is None else sh.grad
 
 
+@pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("method", METHODS)
-def test_mixed_batch_equals_each_task_alone(method, one_thread):
+def test_mixed_batch_equals_each_task_alone(method, share, one_thread):
     """A task's loss and its own rows' gradient in a mixed packed batch equal those of its examples
     alone; the shared part's gradient equals the sum of the tasks' gradients computed alone."""
     lm = PromptTunedLM(tiny_llama())
     layout = _layout(method)
     bank, shared = _params(layout)
     examples = _examples()
-    mixed, mixed_grad, mixed_shared = _run(lm, layout, bank, shared, examples, packing=True)
+    mixed, mixed_grad, mixed_shared = _run(lm, layout, bank, shared, examples, packing=True, share=share)
     shared_sum = None if shared is None else torch.zeros_like(shared)
     for task in "abc":
         idx = [i for i, e in enumerate(examples) if e.task == task]
@@ -114,8 +124,6 @@ def test_initial_prompt_is_the_configured_initialisation(method):
             b.set_prompt(n, init[n])
 
     shared = layout.initialise(bank, fill, torch.Generator().manual_seed(0))
-    from tuner.optim import SparseRowAdam
-    from tuner.prompt_methods import SharedParams
 
     sp = SharedParams(shared, SparseRowAdam(0.1))
     for n in names:
