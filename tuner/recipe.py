@@ -46,7 +46,7 @@ from tuner.metrics import CheckpointRecord, EvalPoint, RunHistory, StepMetrics
 from tuner.model import PromptTunedLM
 from tuner.optim import SparseRowAdam, lr_at
 from tuner.prompt_bank import PromptBank, init_prompts
-from tuner.prompt_methods import SharedParams, make_layout, prompt_of
+from tuner.prompt_methods import SharedParams, compose_rows, make_layout, prompt_of
 from tuner.run_dir import mark_finished
 from tuner.zero import allreduce_rows_grad, world, zero_setup
 
@@ -124,8 +124,38 @@ class MultiTaskPromptTuningRecipe:
         self.lm = PromptTunedLM(backbone, kernel=cfg.model.attn_implementation)
         self.backbone_path = path
 
-        hidden = backbone.config.hidden_size
-        p, o = cfg.prompt, cfg.optim
+        self._setup_prompts(names, backbone.config.hidden_size)
+        o = cfg.optim
+        self.sampler = MultiTaskSampler(
+            {n: len(t.train) for n, t in self.tasks.items()},
+            o.batch_size,
+            cfg.data.mixing,
+            cfg.data.temperature,
+            cfg.data.seed,
+        )
+        torch.manual_seed(cfg.data.seed)
+
+        resume = self.hooks.resume_from or (
+            ckpt.latest_checkpoint(self.run_dir / "checkpoints") if cfg.resume else None
+        )
+        if resume is None and cfg.prompt.init == "transfer":
+            self._transfer_init()
+        if resume is not None:
+            state = ckpt.load_checkpoint(
+                resume,
+                bank=self.bank,
+                optimizer=self.optimizer,
+                sampler=self.sampler,
+                method=cfg.prompt.method,
+                shared=self.shared,
+            )
+            self.step, self.history = state["step"], RunHistory.from_json(state["history"])
+            self._log(f"resumed from {resume} at step {self.step}")
+
+    def _setup_prompts(self, names: list[str], hidden: int) -> None:
+        """The prompt method's parameters (tuner/prompt_methods.py), initialised, and their optimisers;
+        with `prompt.init_from`, the finished run's rows and frozen shared part next to them."""
+        cfg, p, o = self.cfg, self.cfg.prompt, self.cfg.optim
         self.layout = make_layout(
             p.method, p.num_virtual_tokens, hidden, rank=p.rank, bottleneck=p.bottleneck
         )
@@ -147,23 +177,18 @@ class MultiTaskPromptTuningRecipe:
                 bank,
                 self.lm.embed,
                 self.tokenizer,
-                "vocab" if p.init == "transfer" else p.init,  # transfer overwrites every new row below
+                "vocab" if p.init == "transfer" else p.init,  # transfer overwrites every new row later
                 label_words={n: list(t.spec.verbaliser.values()) for n, t in self.tasks.items()},
                 text=p.init_text,
                 std=p.init_std,
                 seed=cfg.data.seed,
             )
 
+        def adam() -> SparseRowAdam:
+            return SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip)
+
         shared = self.layout.initialise(self.bank, fill, torch.Generator().manual_seed(cfg.data.seed))
-        self.shared = (
-            None
-            if shared is None
-            else SharedParams(
-                shared,
-                SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip),
-                p.shared_lr_scale,
-            )
-        )
+        self.shared = None if shared is None else SharedParams(shared, adam(), p.shared_lr_scale)
         if self.source:
             for name in carried:
                 self.bank.set_prompt(name, self.source.rows[name])
@@ -173,37 +198,12 @@ class MultiTaskPromptTuningRecipe:
         self.bank.to(self.device)  # fp32 master copy and Adam moments stay on the device
         if self.shared is not None:
             self.shared.to(self.device)
-        self.optimizer = SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip)
-        self.sampler = MultiTaskSampler(
-            {n: len(t.train) for n, t in self.tasks.items()},
-            o.batch_size,
-            cfg.data.mixing,
-            cfg.data.temperature,
-            cfg.data.seed,
-        )
-        torch.manual_seed(cfg.data.seed)
-
-        resume = self.hooks.resume_from or (
-            ckpt.latest_checkpoint(self.run_dir / "checkpoints") if cfg.resume else None
-        )
-        if resume is None and p.init == "transfer":
-            self._transfer_init()
-        if resume is not None:
-            state = ckpt.load_checkpoint(
-                resume,
-                bank=self.bank,
-                optimizer=self.optimizer,
-                sampler=self.sampler,
-                method=p.method,
-                shared=self.shared,
-            )
-            self.step, self.history = state["step"], RunHistory.from_json(state["history"])
-            self._log(f"resumed from {resume} at step {self.step}")
+        self.optimizer = adam()
 
     def _transfer_init(self) -> None:
         """Start each new task from the source row whose prompt fits its examples best (tuner/continual.py)."""
         carried = sorted(self.source.rows)
-        candidates = dict(zip(carried, self.compose(carried)))
+        candidates = dict(zip(carried, compose_rows(self.layout, self.bank, self.shared, carried)))
         k = self.cfg.prompt.transfer_examples
         chosen = choose_sources(
             self.lm,
@@ -216,10 +216,6 @@ class MultiTaskPromptTuningRecipe:
         for task, (src, loss) in chosen.items():
             self.bank.set_prompt(task, self.source.rows[src])
             self._log(f"transfer init: {task} starts from {src} (zero-shot loss {loss:.3f} on {k} examples)")
-
-    def compose(self, names: list[str]) -> torch.Tensor:
-        """The composed [U, P, H] prompts of rows `names`, without autograd."""
-        return torch.stack([self.prompt(n) for n in names])
 
     def prompt(self, name: str) -> torch.Tensor:
         """Row `name`'s final [P, H] prompt (composed from its row and the shared part): what is evaluated and exported."""
