@@ -161,12 +161,7 @@ class MultiTaskPromptTuningRecipe:
         )
         self.source: SourceRun | None = None
         if p.init_from:
-            self.source = load_source(p.init_from, p.method, self.layout.row_shape, cfg.model.name)
-            again = sorted(set(names) & set(self.source.rows))
-            if again:
-                raise ConfigError(
-                    f"task {again[0]} is already trained in prompt.init_from: list only new tasks in the job"
-                )
+            self.source = load_source(p.init_from, p.method, self.layout.row_shape, cfg.model.name, names)
         carried = sorted(self.source.rows) if self.source else []
         # Carried rows are registered (so this run's checkpoint can be an init_from too) but never
         # in a batch: they are not in the sampler, so nothing ever updates them.

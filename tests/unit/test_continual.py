@@ -2,10 +2,12 @@
 checkpoint/resume of shared parts, continual training (`prompt.init_from`) and transfer init."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import tiny_job_yaml, write_tiny_tasks
+from conftest import REPO, tiny_job_yaml, write_tiny_tasks
 
 from cluster.launch import train_local
 from tuner import checkpoint as ckpt
@@ -137,17 +139,29 @@ def test_continual_training_keeps_old_adapters_byte_identical(
         assert torch.equal(new["shared"], old["shared"]) and not new_state["shared_adam_steps"]
 
 
-def test_a_job_may_not_retrain_a_task_of_init_from(source_runs, tmp_path, tiny_backbone_dir):
+def test_init_from_mistakes_are_one_line_errors_that_leave_no_run_behind(
+    source_runs, tmp_path, tiny_backbone_dir
+):
+    """Checked before the run directory is claimed: fixing the job and running again just works."""
     job = _job(
         tmp_path, tiny_backbone_dir, ("colors",), **{"prompt.init_from": str(source_runs["independent"])}
     )
     with pytest.raises(ConfigError, match="colors is already trained in prompt.init_from"):
         train_local(_cfg(job), progress=False)
-    job = _job(
-        tmp_path / "b", tiny_backbone_dir, ("sizes",), **{"prompt.init_from": str(source_runs["residual"])}
-    )
     with pytest.raises(ConfigError, match="prompt.method=residual, not independent"):
-        train_local(_cfg(job), progress=False)
+        train_local(_cfg(job, f"prompt.init_from={source_runs['residual']}"), progress=False)
+    with pytest.raises(ConfigError, match="not a finished run directory"):
+        train_local(_cfg(job, f"prompt.init_from={tmp_path}"), progress=False)
+    assert not (tmp_path / "runs").exists()
+    res = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "train", str(job), "--no-ray", "cluster.num_workers=1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "already trained" in lines[0], res.stderr
 
 
 def test_transfer_init_starts_from_the_source_with_the_lowest_loss(source_runs, tmp_path, tiny_backbone_dir):
