@@ -1,7 +1,6 @@
 """Every prompt method end to end on the tiny backbone: export == the composed training prompt,
 checkpoint/resume of shared parts, continual training (`prompt.init_from`) and transfer init."""
 
-import json
 import subprocess
 import sys
 
@@ -164,35 +163,47 @@ def test_init_from_mistakes_are_one_line_errors_that_leave_no_run_behind(
     assert res.returncode == 2 and len(lines) == 1 and "already trained" in lines[0], res.stderr
 
 
-def test_transfer_init_starts_from_the_source_with_the_lowest_loss(source_runs, tmp_path, tiny_backbone_dir):
-    from tuner.recipe import MultiTaskPromptTuningRecipe
+@pytest.mark.parametrize("method", METHODS)
+def test_transfer_init_starts_from_the_source_with_the_lowest_loss(
+    method, source_runs, tmp_path, tiny_backbone_dir
+):
+    from tuner.recipe import MultiTaskPromptTuningRecipe, RecipeHooks
 
-    src = source_runs["independent"]
+    src = source_runs[method]
     job = _job(
         tmp_path,
         tiny_backbone_dir,
         ("sizes",),
-        **{"prompt.init": "transfer", "prompt.init_from": str(src), "prompt.transfer_examples": 4},
+        **{
+            "prompt.method": method,
+            "prompt.init": "transfer",
+            "prompt.init_from": str(src),
+            "prompt.transfer_examples": 4,
+        },
     )
     lines = []
-    from tuner.recipe import RecipeHooks
-
     recipe = MultiTaskPromptTuningRecipe(_cfg(job), RecipeHooks(on_message=lines.append), progress=False)
     recipe.setup()
     state, tensors = _trained_state(src)
-    # direct computation: each source prompt, one example at a time, mean target NLL
+    layout = make_layout(method, 4, 32, rank=2, bottleneck=8)
+    # direct computation: each source's composed prompt, one example at a time, mean target NLL
     losses = {}
     for i, name in enumerate(state["task_names"]):
+        prompt = layout.compose(tensors["bank"][i : i + 1], tensors.get("shared"))
         per = []
         for ex in recipe.tasks["sizes"].train[:4]:
             batch = collate(
                 [TokenizedExample(name, ex.input_ids, ex.target_ids)], {name: 0}, 4, max_len=64, pad_id=2
             )
             with torch.no_grad():
-                per.append(float(recipe.lm(batch, tensors["bank"][i : i + 1]).seg_loss[0]))
+                per.append(float(recipe.lm(batch, prompt).seg_loss[0]))
         losses[name] = sum(per) / len(per)
     assert len(set(losses.values())) == 2  # the choice is not a tie
     best = min(losses, key=losses.get)
+    # the new task starts with the chosen task's parameters, so (shared part frozen) with its very prompt
     assert torch.equal(recipe.bank.prompt("sizes"), tensors["bank"][state["task_names"].index(best)])
+    torch.testing.assert_close(
+        recipe.prompt("sizes"),
+        layout.compose(tensors["bank"][[state["task_names"].index(best)]], tensors.get("shared"))[0],
+    )
     assert any(f"sizes starts from {best}" in line for line in lines), lines
-    assert json.loads((src / "run.json").read_text())["status"] == "finished"
