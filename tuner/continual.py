@@ -6,10 +6,11 @@ A finished run directory holds `adapters/<task>/` (plain PEFT prompts, what was 
   * registers the source's rows next to the new tasks' rows, and never trains them (they are not in
     the sampler), so the new run's checkpoint can itself be an `init_from` later;
   * loads the source's shared vector and freezes it, so every old task's composed prompt stays
-    exactly what was exported (the issue's "freeze the shared part while new tasks train");
+    exactly what was exported (old tasks need no re-evaluation);
   * re-publishes every source adapter unchanged (`carry_adapters`): the same tensor and metadata
     through the same writer, so the files are byte-identical.
 The job lists only new tasks: a task that is already in the source is a configuration error.
+`check_source` runs before the job claims its run directory, `load_source` in the recipe's setup.
 
 Transfer initialisation (`prompt.init=transfer`, SPoT-style): each new task starts from the
 source row whose composed prompt has the lowest zero-shot loss (mean target NLL, the training
