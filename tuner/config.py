@@ -66,12 +66,42 @@ class PromptConfig:
     )
     init_text: str = _f("", "Text used when init=text (repeated/cut to num_virtual_tokens).")
     init_std: float = _f(0.02, "Std of the normal used when init=random.")
+    # --- prompt parameterisations (tuner/prompt_methods.py) and continual training (tuner/continual.py)
+    method: str = _f(
+        "independent",
+        "How task prompts are parameterised: independent (one free prompt per task), residual (each "
+        "task's embedding through one shared MLP with a residual connection, Razdaibiedina et al. 2023) "
+        "or multitask (one shared prompt times a per-task rank-r factor, MPT, Wang et al. 2023).",
+    )
+    rank: int = _f(1, "multitask: rank r of each task's modulation u_k v_k^T (MPT uses 1).")
+    bottleneck: int = _f(128, "residual: hidden width of the shared reparameterisation MLP.")
+    shared_lr_scale: float = _f(
+        1.0, "Learning rate of the shared parts (residual MLP, multitask prompt) as a multiple of optim.lr."
+    )
+    init_from: str = _f(
+        "",
+        "A finished run directory: its tasks are carried into this run's adapters unchanged (and not "
+        "trained again), its shared parts are loaded and frozen; the job lists only new tasks. Also the "
+        "source of init=transfer.",
+    )
+    transfer_examples: int = _f(
+        8,
+        "init=transfer: each new task starts from the init_from task whose prompt has the lowest "
+        "zero-shot loss on this many of the new task's training examples.",
+    )
 
     def __post_init__(self) -> None:
         _positive("prompt.num_virtual_tokens", self.num_virtual_tokens)
-        _choice("prompt.init", self.init, ("random", "vocab", "text", "class_labels"))
+        _choice("prompt.init", self.init, ("random", "vocab", "text", "class_labels", "transfer"))
         if self.init == "text" and not self.init_text:
             raise ConfigError("prompt.init=text needs prompt.init_text")
+        _choice("prompt.method", self.method, ("independent", "residual", "multitask"))
+        _positive("prompt.rank", self.rank)
+        _positive("prompt.bottleneck", self.bottleneck)
+        _positive("prompt.shared_lr_scale", self.shared_lr_scale)
+        _positive("prompt.transfer_examples", self.transfer_examples)
+        if self.init == "transfer" and not self.init_from:
+            raise ConfigError("prompt.init=transfer needs prompt.init_from (a finished run directory)")
 
 
 @dataclass
