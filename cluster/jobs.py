@@ -22,7 +22,7 @@ depends on where the job server is (`submission_paths`):
 - a remote cluster (any other address, or `--remote` for a tunnelled one such as
   `kubectl port-forward`): the job may only name paths the cluster sees: inside the uploaded project or
   under `cluster.storage` (a path mounted on every node). Any other file of this machine (config,
-  task file, data, local backbone, output_dir) is refused with one line saying how to fix it, and
+  task file, data, local backbone, prompt.init_from, output_dir) is refused with one line saying how to fix it, and
   a relative `output_dir` stays relative: the cluster puts it under `cluster.storage`.
 
 Auth. Ray 2.60 clusters use token authentication by default; the token is sent as a bearer
@@ -100,11 +100,11 @@ class JobFile:
 
     what: str  # e.g. "task sst2: data file"
     path: Path  # resolved here
-    written: str  # as the YAML (or override) writes it; a relative one resolves against its YAML
+    written: str  # as a YAML writes it (a relative one resolves against that YAML); "" if not from one
 
 
 def _job_files(config: Path, overrides: list[str], cfg: JobConfig) -> list[JobFile]:
-    """The config, its task files, their data and a local backbone."""
+    """The config, its task files, their data, a local backbone and the run `prompt.init_from` names."""
     raw_tasks = apply_overrides(read_yaml(config), list(overrides)).get("tasks") or []
     files = [JobFile("config", config.resolve(), str(config))]
     files += [JobFile("task file", Path(t), str(w)) for t, w in zip(cfg.tasks, raw_tasks)]
@@ -119,6 +119,8 @@ def _job_files(config: Path, overrides: list[str], cfg: JobConfig) -> list[JobFi
     backbone = Path(cfg.model.name).expanduser()
     if backbone.is_absolute() or backbone.exists():  # not the embedded default or a Hub id
         files.append(JobFile("model.name", backbone.resolve(), cfg.model.name))
+    if cfg.prompt.init_from:  # a finished run directory (continual training)
+        files.append(JobFile("prompt.init_from", Path(cfg.prompt.init_from).expanduser().resolve(), ""))
     return files
 
 
@@ -145,7 +147,7 @@ def submission_paths(
                 continue
             if shared is None or not _inside(f.path, shared):
                 raise ConfigError(_unseen(f.what, f.path, root, shared))
-            if shipped and not Path(f.written).is_absolute():
+            if shipped and f.written and not Path(f.written).is_absolute():
                 raise ConfigError(
                     f"{f.what} {f.written} lies outside the project, which is uploaded without it; "
                     f"name it by its absolute path under cluster.storage={storage}"
@@ -176,6 +178,9 @@ def submission_paths(
     else:
         extra.append(f"output_dir={out.resolve()}")
         notes.append(f"outputs go to {out.resolve()}/{cfg.name} on the cluster's filesystem")
+    init_from = Path(cfg.prompt.init_from).expanduser()
+    if cfg.prompt.init_from and not init_from.is_absolute():  # the job's working dir is the upload
+        extra.append(f"prompt.init_from={init_from.resolve()}")
     return SubmissionPaths(config_arg, extra, notes)
 
 

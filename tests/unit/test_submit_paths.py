@@ -61,8 +61,9 @@ def test_local_cluster_keeps_absolute_paths(layout):
     job = write_tiny_job(shared / "job", shared / "backbone")  # output_dir: absolute
     sub = build_submission(job, [], root=root)
     assert str(job) in sub.entrypoint and "output_dir=" not in sub.entrypoint
-    rel = build_submission(job, ["output_dir=runs"], root=root)
+    rel = build_submission(job, ["output_dir=runs", "prompt.init_from=runs/old"], root=root)
     assert f"output_dir={Path('runs').resolve()}" in rel.entrypoint  # the uploaded copy is temporary
+    assert f"prompt.init_from={Path('runs/old').resolve()}" in rel.entrypoint  # read from here, not the copy
     # With shared storage a relative output_dir stays relative: the cluster puts it under the storage.
     stored = build_submission(job, ["output_dir=runs", f"cluster.storage={shared}"], root=root)
     assert f"output_dir={Path('runs').resolve()}" not in stored.entrypoint
@@ -102,6 +103,17 @@ def test_remote_cluster_gets_no_path_of_the_submitting_checkout(layout):
     assert str(root) not in sub.entrypoint and "output_dir=" not in sub.entrypoint
     assert sub.metadata["config"] == str(job)  # a path on the shared storage, read there
     assert sub.notes == [f"outputs go to {shared}/runs/tiny"]
+    # A finished run to continue from, on this machine: named too; on the storage: fine.
+    laptop_run = root.parent / "laptop" / "runs" / "old"
+    with pytest.raises(ConfigError, match=f"^prompt.init_from {laptop_run} is on this machine only"):
+        build_submission(
+            job, [f"cluster.storage={shared}", f"prompt.init_from={laptop_run}"], root=root, remote=True
+        )
+    over = [f"cluster.storage={shared}", f"prompt.init_from={shared}/runs/old"]
+    assert (
+        f"prompt.init_from={shared}/runs/old"
+        in build_submission(job, over, root=root, remote=True).entrypoint
+    )
     # A relative output_dir without a shared path has no place on a remote cluster.
     inside = write_tiny_job(root / "configs", root / "configs", output_dir="runs")
     with pytest.raises(ConfigError, match="^output_dir=runs is relative and a remote cluster"):
