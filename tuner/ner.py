@@ -68,12 +68,17 @@ def read_conll(
                 raise ConfigError(
                     f"{path}:{lineno}: no column {tag_column} (the line has {len(cols)} columns)"
                 ) from None
-            if tag != "O" and not (tag[:2] in ("B-", "I-") and len(tag) > 2):
+            if not is_iob2(tag):
                 raise ConfigError(f"{path}:{lineno}: tag {tag!r} is not IOB2 (O, B-TYPE or I-TYPE)")
             tokens.append(token)
             tags.append(tag)
     flush()
     return rows[:max_sentences] if max_sentences else rows
+
+
+def is_iob2(tag: object) -> bool:
+    """Whether `tag` is an IOB2 tag: `O`, `B-TYPE` or `I-TYPE`."""
+    return isinstance(tag, str) and (tag == "O" or (tag[:2] in ("B-", "I-") and len(tag) > 2))
 
 
 def iob2_entities(tags: list[str]) -> list[Entity]:

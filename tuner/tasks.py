@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.config import ConfigError, from_dict, read_yaml, validate_name
-from tuner.ner import read_conll, render_entities
+from tuner.ner import is_iob2, read_conll, render_entities
 
 LOCAL_FORMATS = ("tsv", "csv", "jsonl", "txt", "parallel_txt", "conll")
 SPLITS = ("train", "eval")
@@ -385,7 +385,13 @@ def target_text(spec: TaskSpec, row: dict[str, Any]) -> tuple[str, str | None]:
             raise ConfigError(f"task {spec.name}: label {label!r} has no verbaliser entry")
         return spec.verbaliser[label], label
     if spec.kind == "ner":
-        return spec.target_prefix + render_entities(row["tokens"], row["tags"], spec.verbaliser), None
+        words, tags = row["tokens"], row["tags"]
+        if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
+            raise ConfigError(f"task {spec.name}: `tokens` and `tags` must be lists of the same length")
+        bad = next((t for t in tags if not is_iob2(t)), None)
+        if bad is not None:
+            raise ConfigError(f"task {spec.name}: tag {bad!r} is not IOB2 (O, B-TYPE or I-TYPE)")
+        return spec.target_prefix + render_entities(words, tags, spec.verbaliser), None
     first = spec.target_fields[0]
     if first not in row:
         raise ConfigError(f"task {spec.name}: target field {first!r} not in the data")

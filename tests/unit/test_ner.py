@@ -239,3 +239,13 @@ def test_ner_evaluation_scores_what_the_model_wrote(tmp_path, tokenizer):
     hyps = [s["hyp"] for s in m["samples"]]
     pred = [parse_entities(h, e.words, NAMES) for h, e in zip(hyps, data.eval_text)]
     assert m == {**m, **entity_metrics([e.tags for e in data.eval_text], pred), "score": m["entity_f1"]}
+
+
+def test_ner_rows_from_jsonl_need_iob2_string_tags(tmp_path):
+    """Tags as class ids (a Hub dump's `ner_tags`) are a clear error, not a crash."""
+    (tmp_path / "ner.jsonl").write_text('{"tokens": ["EU", "rejects"], "tags": [3, 0]}\n')
+    (tmp_path / "ner.yaml").write_text(
+        'name: n\nkind: ner\ndata: {format: jsonl, train: ner.jsonl}\ntemplate: "{tokens}"\n'
+    )
+    with pytest.raises(ConfigError, match="tag 3 is not IOB2"):
+        build_examples(TaskSpec.load(tmp_path / "ner.yaml"), "train")
