@@ -87,6 +87,7 @@ class StopStrings(StoppingCriteria):
         self.tokenizer, self.stop = tokenizer, list(stop)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        # `generate(inputs_embeds=...)` hands over only the generated tokens: the text is the answer.
         texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
         done = [any(s in t.lstrip() for s in self.stop) for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
