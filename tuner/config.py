@@ -338,7 +338,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(args[0], value, key)
+        if value is None:
+            return None
+        for a in args[:-1]:  # `str | list[str]`: the first type the value fits
+            try:
+                return _coerce(a, value, key)
+            except ConfigError:
+                pass
+        return _coerce(args[-1], value, key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

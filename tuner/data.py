@@ -19,8 +19,12 @@ from tuner.batching import TokenizedExample
 from tuner.tasks import TaskExample, TaskSpec, build_examples, read_rows, task_prefix
 
 
-def tokenize(examples: list[TaskExample], tokenizer) -> list[TokenizedExample]:
-    """Tokenise prompt and target separately (the target must start on a token boundary)."""
+def tokenize(examples: list[TaskExample], tokenizer, eos: bool = False) -> list[TokenizedExample]:
+    """Tokenise prompt and target separately (the target must start on a token boundary).
+
+    `eos` ends every target with the tokenizer's end-of-sequence token: a generated answer's
+    default stop, which a tuned prompt thereby learns to emit.
+    """
     if not examples:
         return []
     prompts = tokenizer([e.prompt for e in examples], add_special_tokens=False).input_ids
@@ -29,6 +33,8 @@ def tokenize(examples: list[TaskExample], tokenizer) -> list[TokenizedExample]:
     for i, (e, p, t) in enumerate(zip(examples, prompts, targets)):
         if not t:
             raise ValueError(f"task {e.task}: empty target for example {i}")
+        if eos and tokenizer.eos_token_id is not None:
+            t = [*t, tokenizer.eos_token_id]
         out.append(TokenizedExample(e.task, p, t, e.label, uid=i))
     return out
 
@@ -39,7 +45,7 @@ class TaskData:
     prefix: str  # description + demonstrations, identical for every example of the task
     train: list[TokenizedExample]
     eval: list[TokenizedExample]
-    eval_text: list[TaskExample]  # the eval examples as text (for generation metrics and reports)
+    eval_text: list[TaskExample]  # the eval examples as text (references, gold tags, reports)
 
     @classmethod
     def load(
@@ -59,7 +65,10 @@ class TaskData:
         )
         train_text = build_examples(spec, "train", max_train, seed, prefix) if need_train else []
         eval_text = build_examples(spec, "eval", max_eval, seed, prefix) if spec.data.eval else []
-        return cls(spec, prefix, tokenize(train_text, tokenizer), tokenize(eval_text, tokenizer), eval_text)
+        eos = spec.kind != "classification"  # answers of free length end with end-of-sequence
+        return cls(
+            spec, prefix, tokenize(train_text, tokenizer, eos), tokenize(eval_text, tokenizer, eos), eval_text
+        )
 
 
 class MultiTaskSampler:

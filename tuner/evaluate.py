@@ -2,8 +2,11 @@
 
 Classification scores every label's verbaliser tokens after the input and predicts the most
 likely label (one forward per example when every label is a single distinct token, else one
-segment per (example, label), packed). Generation decodes greedily and reports chrF and exact
-match. `prompt=None` evaluates the untuned backbone (zero-shot: no virtual tokens).
+segment per (example, label), packed). Generation decodes greedily until end-of-sequence or one
+of the task's stop strings (whitespace before the answer is never a stop) and reports chrF,
+ROUGE-L (`rouge-score`) and exact match against every reference of an example. NER generates
+tagged spans, parses them back to IOB2 tags (`tuner.ner`) and reports entity-level P / R / F1.
+`prompt=None` evaluates the untuned backbone (zero-shot: no virtual tokens).
 
 Under ZeRO-3 every rank must run the same number of forwards (each forward all-gathers weights),
 so ranks split the examples and pad their share to the same number of batches.
@@ -12,14 +15,16 @@ so ranks split the examples and pad their share to the same number of batches.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from tuner.batching import TokenizedExample, collate
 from tuner.data import TaskData
 from tuner.model import PromptTunedLM
+from tuner.ner import entity_metrics, parse_entities
 from tuner.zero import world
 
 
@@ -42,14 +47,50 @@ def classification_metrics(gold: list[str], pred: list[str], labels: list[str]) 
     }
 
 
-def generation_metrics(refs: list[str], hyps: list[str]) -> dict:
-    import sacrebleu
+def generation_metrics(refs: Sequence[str | Sequence[str]], hyps: list[str]) -> dict:
+    """chrF, ROUGE-L F1 (both 0-100) and exact match of `hyps` against one or several references each.
 
+    With several references an example scores against its best one (sacrebleu's chrF and
+    `rouge_score`'s `score_multi` both take the best); exact match needs any one.
+    """
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    multi = [[r] if isinstance(r, str) else list(r) for r in refs]
+    if not multi:
+        return {"chrf": 0.0, "rouge_l": 0.0, "exact_match": 0.0, "n": 0}
+    # sacrebleu reads references as k parallel streams: pad short lists with their first reference
+    # (a duplicate never changes a best-of score).
+    k = max(len(r) for r in multi)
+    streams = [[r[j] if j < len(r) else r[0] for r in multi] for j in range(k)]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score_multi(r, h)["rougeL"].fmeasure for r, h in zip(multi, hyps)]
     return {
-        "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score if refs else 0.0,
-        "exact_match": sum(r.strip() == h.strip() for r, h in zip(refs, hyps)) / max(len(refs), 1),
-        "n": len(refs),
+        "chrf": sacrebleu.corpus_chrf(hyps, streams).score,
+        "rouge_l": 100.0 * sum(rouge) / len(rouge),
+        "exact_match": sum(any(x.strip() == h.strip() for x in r) for r, h in zip(multi, hyps)) / len(multi),
+        "n": len(multi),
     }
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The answer in a generated `text`: from its first non-space character to the first stop string."""
+    body = text.lstrip()
+    ends = [i for i in (body.find(s) for s in stop) if i >= 0]
+    return body[: min(ends)].strip() if ends else body.strip()
+
+
+class StopStrings(StoppingCriteria):
+    """Ends a row of `generate` once its answer (after leading whitespace) holds a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, list(stop)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        # `generate(inputs_embeds=...)` hands over only the generated tokens: the text is the answer.
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        done = [any(s in t.lstrip() for s in self.stop) for t in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _shard_lockstep(items: list, batch_size: int) -> list[tuple[list, int]]:
@@ -151,8 +192,12 @@ def generate_greedy(
     max_len: int,
     batch_size: int = 16,
     device="cpu",
+    stop: Sequence[str] = (),
 ) -> list[str]:
-    """Greedy continuations (left-padded batches through `generate`, synced across ZeRO-3 ranks)."""
+    """Greedy answers (left-padded batches through `generate`, synced across ZeRO-3 ranks).
+
+    A row ends at end-of-sequence or at a `stop` string; the answer is cut there (`cut_at_stop`).
+    """
     P, prompts = _prompt_args(prompt, device)
     synced = world()[1] > 1
     texts: list[str] = []
@@ -183,10 +228,11 @@ def generate_greedy(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([StopStrings(tokenizer, stop)] if stop else []),
             synced_gpus=synced,
         )
         texts += tokenizer.batch_decode(out[:n_real], skip_special_tokens=True)
-    return [t.split("\n")[0] for t in _gather(texts)]
+    return [cut_at_stop(t, stop) for t in _gather(texts)]
 
 
 def evaluate_task(
@@ -209,10 +255,22 @@ def evaluate_task(
         m = classification_metrics(gold, pred, spec.labels)
     else:
         hyps = generate_greedy(
-            lm, tokenizer, data.eval, prompt, spec.max_new_tokens, max_len, max(1, batch_size // 2), device
+            lm,
+            tokenizer,
+            data.eval,
+            prompt,
+            spec.max_new_tokens,
+            max_len,
+            max(1, batch_size // 2),
+            device,
+            spec.stop,
         )
+        if spec.kind == "ner":
+            pred = [parse_entities(h, e.words, spec.verbaliser) for h, e in zip(hyps, data.eval_text)]
+            m = entity_metrics([e.tags for e in data.eval_text], pred)
+        else:
+            m = generation_metrics([e.references or [e.target.strip()] for e in data.eval_text], hyps)
         refs = [e.target.strip() for e in data.eval_text]
-        m = generation_metrics(refs, hyps)
         m["samples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]
     m["metric"] = spec.metric
     m["score"] = m[spec.metric]

@@ -1,13 +1,14 @@
 """Job preparation: the one place a job's tasks are loaded and checked and its run directory claimed.
 
-`prepare_job(cfg)` loads every task file, checks its data files and that task names are unique,
+`prepare_job(cfg)` loads every task file, checks its data files (each split's header or first
+rows must hold every field the task names, see `tuner.tasks.check_columns`) and that task names are unique,
 makes `output_dir` absolute (workers run in other directories) and returns a `PreparedJob`.
 `prepare_job(cfg, claim=True)` also claims the run directory (`tuner.run_dir`): the entry point
 that starts a run (the CLI's launcher, on the driver) does this exactly once; the recipe on each
 rank prepares the same job without claiming it. The embedded backbone is resolved (converted into
 the model cache) on the claiming process too, so workers never race to convert it.
 
-It reads no data rows and loads no model weights (see `tuner.data`, `tuner.backbone`).
+It reads no more than a few rows per file and loads no model weights (see `tuner.data`, `tuner.backbone`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from tuner.config import ConfigError, JobConfig
 from tuner.run_dir import claim_run_dir
-from tuner.tasks import TaskSpec
+from tuner.tasks import TaskSpec, check_columns
 
 
 @dataclass
@@ -35,7 +36,7 @@ class PreparedJob:
 
 
 def load_task_specs(task_files: list[str]) -> list[TaskSpec]:
-    """Load and check task files: data files exist, names are unique."""
+    """Load and check task files: data files exist and hold the fields the task names, names are unique."""
     specs = [TaskSpec.load(p) for p in task_files]
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
@@ -43,6 +44,7 @@ def load_task_specs(task_files: list[str]) -> list[TaskSpec]:
         raise ConfigError(f"two task files define the same task name: {', '.join(dup)}")
     for s in specs:
         s.check_files()
+        check_columns(s)
     return specs
 
 

@@ -1,13 +1,18 @@
 """Task definitions: where a task's data lives, how an example becomes text, what it is scored on.
 
 A task is one YAML file (see `configs/tasks/`); adding a task needs no code. `TaskSpec.load`
-validates it; `load_split` reads rows through `datasets` (local tsv/csv/jsonl/txt files or a
-Hub dataset id) and turns them into `TaskExample`s (prompt text + target text). Tokenisation
-and batching live in `tuner.data`.
+validates it; `read_rows` reads a split's rows through `datasets` (local tsv/csv/jsonl/txt files
+or a Hub dataset id) or `tuner.ner.read_conll` (CoNLL column files), renames its columns (per
+split when the splits name them differently) and `build_examples` turns them into `TaskExample`s
+(prompt text + target text, plus every reference and the gold tags for evaluation).
+`check_columns` reads only each split's header or first rows and names any field the template,
+label or target need that the data lacks (what `promptfleet validate` runs). Tokenisation and
+batching live in `tuner.data`.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import string
@@ -17,8 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from tuner.config import ConfigError, from_dict, read_yaml, validate_name
+from tuner.ner import is_iob2, read_conll, render_entities
 
-LOCAL_FORMATS = ("tsv", "csv", "jsonl", "txt", "parallel_txt")
+LOCAL_FORMATS = ("tsv", "csv", "jsonl", "txt", "parallel_txt", "conll")
+SPLITS = ("train", "eval")
+# The headline metric of each task kind, and the ones it may choose instead.
+KIND_METRICS = {
+    "classification": ("accuracy", "macro_f1"),
+    "generation": ("chrf", "rouge_l", "exact_match"),
+    "ner": ("entity_f1",),
+}
 
 
 @dataclass
@@ -26,7 +39,8 @@ class DataSource:
     format: str = field(
         default="jsonl",
         metadata={
-            "doc": "tsv, csv, jsonl, txt (one example per line), parallel_txt (line-aligned source/target files) or hub."
+            "doc": "tsv, csv, jsonl, txt (one example per line), parallel_txt (line-aligned source/target "
+            "files), conll (CoNLL column files: rows `tokens`, `tags`, `text`) or hub."
         },
     )
     train: str = field(
@@ -43,6 +57,10 @@ class DataSource:
     )
     drop_if_true: list[str] = field(
         default_factory=list, metadata={"doc": "Drop rows where any of these boolean fields is true."}
+    )
+    token_column: int = field(default=0, metadata={"doc": "conll: the column holding the word."})
+    tag_column: int = field(
+        default=-1, metadata={"doc": "conll: the column holding the IOB2 tag (default: the last)."}
     )
 
     def __post_init__(self) -> None:
@@ -61,11 +79,21 @@ class TaskSpec:
     )
     kind: str = field(
         default="classification",
-        metadata={"doc": "classification (verbaliser) or generation (target field)."},
+        metadata={
+            "doc": "classification (verbaliser), generation (target field) or ner (IOB2 tags, "
+            "generated as tagged spans; see tuner.ner)."
+        },
     )
     data: DataSource = field(default_factory=DataSource, metadata={"doc": "Where the rows come from."})
     fields: dict[str, str] = field(
         default_factory=dict, metadata={"doc": "Rename raw columns: {template_name: raw_column}."}
+    )
+    split_fields: dict[str, dict[str, str]] = field(
+        default_factory=dict,
+        metadata={
+            "doc": "Per-split renames over `fields`, for splits that name columns differently: "
+            "{train: {name: column}, eval: {name: column}}."
+        },
     )
     description: str = field(
         default="", metadata={"doc": "Instruction placed before the demonstrations and the input."}
@@ -78,10 +106,17 @@ class TaskSpec:
     )
     verbaliser: dict[str, str] = field(
         default_factory=dict,
-        metadata={"doc": "classification: label value -> words the model should produce."},
+        metadata={
+            "doc": "classification: label value -> words the model should produce. ner (optional): "
+            "entity type -> the word written for it (default: the type itself)."
+        },
     )
-    target_field: str = field(
-        default="target", metadata={"doc": "generation: the column holding the target text."}
+    target_field: str | list[str] = field(
+        default="target",
+        metadata={
+            "doc": "generation: the column holding the target text, or a list of columns holding "
+            "several references (training uses the first; evaluation scores against all)."
+        },
     )
     target_prefix: str = field(
         default=" ", metadata={"doc": "generation: text put before the target (e.g. a space)."}
@@ -93,26 +128,49 @@ class TaskSpec:
         },
     )
     metric: str = field(
-        default="accuracy", metadata={"doc": "Headline metric: accuracy, macro_f1, chrf or exact_match."}
+        default="",
+        metadata={
+            "doc": "Headline metric: accuracy or macro_f1 (classification); chrf, rouge_l or "
+            "exact_match (generation); entity_f1 (ner). Default: the kind's first."
+        },
     )
-    max_new_tokens: int = field(default=48, metadata={"doc": "generation: tokens generated at evaluation."})
+    max_new_tokens: int = field(
+        default=48, metadata={"doc": "generation, ner: tokens generated at evaluation."}
+    )
+    stop: list[str] = field(
+        default_factory=list,
+        metadata={
+            "doc": "generation, ner: strings that end an answer at evaluation (e.g. a newline). "
+            "The end-of-sequence token always does; whitespace before the answer never does."
+        },
+    )
 
     def __post_init__(self) -> None:
         validate_name("task name", self.name)
-        if self.kind not in ("classification", "generation"):
-            raise ConfigError(f"task {self.name}: kind={self.kind!r}: expected classification or generation")
-        if self.kind == "classification":
-            if len(self.verbaliser) < 2:
+        if self.kind not in KIND_METRICS:
+            raise ConfigError(f"task {self.name}: kind={self.kind!r}: expected {', '.join(KIND_METRICS)}")
+        self.metric = self.metric or KIND_METRICS[self.kind][0]
+        if self.metric not in KIND_METRICS[self.kind]:
+            raise ConfigError(f"task {self.name}: metric {self.metric!r} does not fit a {self.kind} task")
+        if self.kind == "classification" and len(self.verbaliser) < 2:
+            raise ConfigError(f"task {self.name}: a classification task needs a verbaliser with >= 2 labels")
+        self.verbaliser = {str(k): str(v) for k, v in self.verbaliser.items()}
+        if isinstance(self.target_field, str):
+            self.target_field = [self.target_field]
+        if not self.target_field or not all(isinstance(t, str) and t for t in self.target_field):
+            raise ConfigError(f"task {self.name}: target_field must name one column or a list of columns")
+        bad = sorted(set(self.split_fields) - set(SPLITS))
+        if bad:
+            raise ConfigError(
+                f"task {self.name}: split_fields.{bad[0]}: expected a split ({', '.join(SPLITS)})"
+            )
+        for split, renames in self.split_fields.items():
+            if not isinstance(renames, dict):
                 raise ConfigError(
-                    f"task {self.name}: a classification task needs a verbaliser with >= 2 labels"
+                    f"task {self.name}: split_fields.{split}: expected a mapping {{name: column}}"
                 )
-            self.verbaliser = {str(k): str(v) for k, v in self.verbaliser.items()}
-            if self.metric not in ("accuracy", "macro_f1"):
-                raise ConfigError(
-                    f"task {self.name}: metric {self.metric!r} does not fit a classification task"
-                )
-        elif self.metric not in ("chrf", "exact_match"):
-            raise ConfigError(f"task {self.name}: metric {self.metric!r} does not fit a generation task")
+        if "" in self.stop:
+            raise ConfigError(f"task {self.name}: stop: an empty string would stop every answer at once")
         names = [n for _, n, _, _ in string.Formatter().parse(self.template) if n]
         if not names:
             raise ConfigError(f"task {self.name}: template uses no field")
@@ -120,6 +178,26 @@ class TaskSpec:
     @property
     def labels(self) -> list[str]:
         return list(self.verbaliser)
+
+    @property
+    def target_fields(self) -> list[str]:
+        """The reference columns (generation): the first is also the training target."""
+        return list(self.target_field)
+
+    def columns_of(self, split: str) -> dict[str, str]:
+        """The renames of `split`: {name: raw column}, `fields` overridden by `split_fields`."""
+        return {**self.fields, **self.split_fields.get(split, {})}
+
+    def required_fields(self, split: str) -> list[str]:
+        """Every field (after renaming) a row of `split` must have."""
+        need = template_fields(self.template)
+        if self.kind == "classification":
+            need.append(self.label_field)
+        elif self.kind == "ner":
+            need += ["tokens", "tags"]
+        else:
+            need += self.target_fields if split == "eval" else self.target_fields[:1]
+        return list(dict.fromkeys(need))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TaskSpec:
@@ -153,58 +231,123 @@ class TaskExample:
     prompt: str
     target: str
     label: str | None = None  # classification: the gold label key of the verbaliser
+    references: list[str] = field(default_factory=list)  # generation, eval: every reference (stripped)
+    words: list[str] = field(default_factory=list)  # ner: the sentence's words
+    tags: list[str] = field(default_factory=list)  # ner: their gold IOB2 tags
 
 
 # ------------------------------------------------------------------------------------ reading rows
 
 
+def split_path(spec: TaskSpec, split: str) -> str:
+    """The file (or Hub split name) `split` reads from."""
+    return spec.data.train if split == "train" else spec.data.eval
+
+
 def read_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
-    """Read the raw rows of `split` ("train" or "eval") as dicts, via `datasets`."""
+    """Read the raw rows of `split` ("train" or "eval") as dicts, renamed per `TaskSpec.columns_of`.
+
+    A column the renames, the template, the label or the target need but the data lacks is a
+    `ConfigError` naming the split, its file and the columns it has (`check_row_columns`).
+    """
     import datasets
 
     datasets.disable_progress_bars()
     src = spec.data
+    path = split_path(spec, split)
+    if not path:
+        raise ConfigError(f"task {spec.name}: no {split} file configured")
     if src.format == "hub":
+        rows = list(datasets.load_dataset(src.hub_id, src.hub_config or None, split=path))
+    elif src.format in ("tsv", "csv"):
+        sep = src.delimiter or ("\t" if src.format == "tsv" else ",")
+        # quoting=3 (QUOTE_NONE): the GLUE TSVs contain bare quote characters.
         ds = datasets.load_dataset(
-            src.hub_id, src.hub_config or None, split=src.train if split == "train" else src.eval
+            "csv", data_files=path, sep=sep, quoting=3, split="train", keep_default_na=False
         )
         rows = list(ds)
-    else:
-        path = src.train if split == "train" else src.eval
-        if not path:
-            raise ConfigError(f"task {spec.name}: no {split} file configured")
-        if src.format in ("tsv", "csv"):
-            sep = src.delimiter or ("\t" if src.format == "tsv" else ",")
-            # quoting=3 (QUOTE_NONE): the GLUE TSVs contain bare quote characters.
-            ds = datasets.load_dataset(
-                "csv", data_files=path, sep=sep, quoting=3, split="train", keep_default_na=False
-            )
-            rows = list(ds)
-        elif src.format == "jsonl":
-            rows = list(datasets.load_dataset("json", data_files=path, split="train"))
-        elif src.format == "txt":
-            rows = [
-                {"text": r["text"]} for r in datasets.load_dataset("text", data_files=path, split="train")
-            ]
-        else:  # parallel_txt
-            tgt = src.train_target if split == "train" else src.eval_target
-            source = datasets.load_dataset("text", data_files=path, split="train")["text"]
-            target = datasets.load_dataset("text", data_files=tgt, split="train")["text"]
-            pairs = [(s, t) for s, t in zip(source, target) if s.strip() or t.strip()]
-            if len(source) - len(target) not in (-1, 0, 1) or not pairs:
-                raise ConfigError(f"task {spec.name}: {path} and {tgt} are not line-aligned")
-            rows = [{"source": s, "target": t} for s, t in pairs]
+    elif src.format == "jsonl":
+        rows = list(datasets.load_dataset("json", data_files=path, split="train"))
+    elif src.format == "txt":
+        rows = [{"text": r["text"]} for r in datasets.load_dataset("text", data_files=path, split="train")]
+    elif src.format == "conll":
+        rows = read_conll(path, src.token_column, src.tag_column)
+    else:  # parallel_txt
+        tgt = src.train_target if split == "train" else src.eval_target
+        source = datasets.load_dataset("text", data_files=path, split="train")["text"]
+        target = datasets.load_dataset("text", data_files=tgt, split="train")["text"]
+        pairs = [(s, t) for s, t in zip(source, target) if s.strip() or t.strip()]
+        if len(source) - len(target) not in (-1, 0, 1) or not pairs:
+            raise ConfigError(f"task {spec.name}: {path} and {tgt} are not line-aligned")
+        rows = [{"source": s, "target": t} for s, t in pairs]
+    if rows:
+        check_row_columns(spec, split, list(rows[0]))
     for flag in src.drop_if_true:
         rows = [r for r in rows if not r.get(flag)]
-    if spec.fields:
-        for r in rows:
-            for new, old in spec.fields.items():
-                if old not in r:
-                    raise ConfigError(
-                        f"task {spec.name}: column {old!r} not in the data (has {', '.join(r)})"
-                    )
-                r[new] = r[old]
+    renames = spec.columns_of(split)
+    for r in rows:
+        for new, old in renames.items():
+            r[new] = r[old]
     return rows
+
+
+def check_row_columns(spec: TaskSpec, split: str, columns: list[str]) -> None:
+    """Raise one-line `ConfigError` if a split whose rows have `columns` lacks a needed field.
+
+    Checks the renames' source columns and, after renaming, every field of
+    `TaskSpec.required_fields`. Shared by `read_rows` (all rows read) and `check_columns`
+    (header or first rows only).
+    """
+    renames = spec.columns_of(split)
+    where = f"task {spec.name}: {split} split ({split_path(spec, split)})"
+    have = ", ".join(columns) or "none"
+    for new, old in renames.items():
+        if old not in columns:
+            raise ConfigError(
+                f"{where}: column {old!r} (renamed to {new!r}) not in the data (columns: {have})"
+            )
+    available = set(columns) | set(renames)
+    for name in spec.required_fields(split):
+        if name not in available:
+            role = "template field" if name in template_fields(spec.template) else "field"
+            raise ConfigError(f"{where}: {role} {name!r} not in the data (columns: {have})")
+
+
+def peek_columns(spec: TaskSpec, split: str, max_rows: int = 20) -> list[str] | None:
+    """The columns of `split` from its header or first rows (None for Hub datasets: not read)."""
+    src = spec.data
+    path = split_path(spec, split)
+    if src.format == "hub":
+        return None
+    if src.format == "txt":
+        return ["text"]
+    if src.format == "parallel_txt":
+        return ["source", "target"]
+    if src.format == "conll":
+        first = read_conll(path, src.token_column, src.tag_column, max_sentences=1)
+        return list(first[0]) if first else []
+    with open(path, encoding="utf-8") as f:
+        if src.format in ("tsv", "csv"):
+            sep = src.delimiter or ("\t" if src.format == "tsv" else ",")
+            return [c.strip() for c in f.readline().rstrip("\r\n").split(sep)]
+        columns: dict[str, None] = {}
+        for line, _ in zip(f, range(max_rows)):
+            if line.strip():
+                try:
+                    columns.update(dict.fromkeys(json.loads(line)))
+                except ValueError:
+                    raise ConfigError(f"task {spec.name}: {path}: not JSON lines: {line[:60]!r}") from None
+        return list(columns)
+
+
+def check_columns(spec: TaskSpec) -> None:
+    """Check every configured split's header or first rows against the task (`promptfleet validate`)."""
+    for split in SPLITS:
+        if not split_path(spec, split):
+            continue
+        columns = peek_columns(spec, split)
+        if columns is not None:
+            check_row_columns(spec, split, columns)
 
 
 def template_fields(template: str) -> list[str]:
@@ -233,6 +376,7 @@ def format_input(spec: TaskSpec, row: dict[str, Any], prefix: str = "") -> str:
 
 
 def target_text(spec: TaskSpec, row: dict[str, Any]) -> tuple[str, str | None]:
+    """The text the model should write for `row` (and its label key, for classification)."""
     if spec.kind == "classification":
         if spec.label_field not in row:
             raise ConfigError(f"task {spec.name}: label field {spec.label_field!r} not in the data")
@@ -240,9 +384,30 @@ def target_text(spec: TaskSpec, row: dict[str, Any]) -> tuple[str, str | None]:
         if label not in spec.verbaliser:
             raise ConfigError(f"task {spec.name}: label {label!r} has no verbaliser entry")
         return spec.verbaliser[label], label
-    if spec.target_field not in row:
-        raise ConfigError(f"task {spec.name}: target field {spec.target_field!r} not in the data")
-    return spec.target_prefix + str(row[spec.target_field]).strip(), None
+    if spec.kind == "ner":
+        words, tags = row["tokens"], row["tags"]
+        if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
+            raise ConfigError(f"task {spec.name}: `tokens` and `tags` must be lists of the same length")
+        bad = next((t for t in tags if not is_iob2(t)), None)
+        if bad is not None:
+            raise ConfigError(f"task {spec.name}: tag {bad!r} is not IOB2 (O, B-TYPE or I-TYPE)")
+        return spec.target_prefix + render_entities(words, tags, spec.verbaliser), None
+    first = spec.target_fields[0]
+    if first not in row:
+        raise ConfigError(f"task {spec.name}: target field {first!r} not in the data")
+    return spec.target_prefix + _text(row[first]), None
+
+
+def references(spec: TaskSpec, row: dict[str, Any]) -> list[str]:
+    """Every reference of an eval row (generation: one per target field, empty ones left out)."""
+    if spec.kind != "generation":
+        return []
+    refs = [_text(row.get(f)) for f in spec.target_fields]
+    return [r for r in refs if r] or refs[:1]
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value).strip()
 
 
 def task_prefix(spec: TaskSpec, train_rows: list[dict[str, Any]], seed: int = 0) -> str:
@@ -270,5 +435,8 @@ def build_examples(
     out = []
     for r in rows:
         tgt, label = target_text(spec, r)
-        out.append(TaskExample(spec.name, format_input(spec, r, prefix), tgt, label))
+        ex = TaskExample(spec.name, format_input(spec, r, prefix), tgt, label, references(spec, r))
+        if spec.kind == "ner":
+            ex.words, ex.tags = list(r["tokens"]), list(r["tags"])
+        out.append(ex)
     return out

@@ -1,4 +1,5 @@
-"""Evaluation scores each example where it is, whatever order packing put the segments in."""
+"""Evaluation scores each example where it is, whatever order packing put the segments in; generation
+stops where the task says (never at leading whitespace) and scores against every reference."""
 
 import pytest
 import torch
@@ -6,8 +7,16 @@ from conftest import smollm2_tokenizer_dir, tiny_llama
 
 from tuner.backbone import load_tokenizer
 from tuner.batching import TokenizedExample
-from tuner.evaluate import classification_metrics, score_labels
+from tuner.evaluate import (
+    StopStrings,
+    classification_metrics,
+    cut_at_stop,
+    generate_greedy,
+    generation_metrics,
+    score_labels,
+)
 from tuner.model import PromptTunedLM
+from tuner.tasks import TaskSpec
 
 
 @pytest.mark.parametrize(
@@ -35,3 +44,76 @@ def test_classification_metrics():
     assert m["accuracy"] == 0.75
     assert m["per_label"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
     assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+# ------------------------------------------------------------------------------------ generation
+
+
+def test_a_leading_newline_is_not_a_stop():
+    """SAMSum zero-shot: the backbone's first token is a newline; the answer is the line after it."""
+    from conftest import REPO
+
+    stop = TaskSpec.load(REPO / "configs/tasks/samsum.yaml").stop
+    generated = "\nAmanda baked cookies and will bring Jerry some tomorrow.\n\nDialogue:\nTom: hi"
+    assert cut_at_stop(generated, stop) == "Amanda baked cookies and will bring Jerry some tomorrow."
+    assert cut_at_stop(" \n\n  Hallo Welt\nEnglish:", ["\n"]) == "Hallo Welt"
+    assert cut_at_stop("a; b. c", [".", ";"]) == "a"  # the earliest stop wins
+    assert cut_at_stop("\n two lines\nkept", []) == "two lines\nkept"  # default: end of sequence only
+    m = generation_metrics(["Amanda baked cookies."], [cut_at_stop(generated, stop)])
+    assert m["chrf"] > 30 and m["rouge_l"] > 40
+
+
+def test_stop_strings_end_a_row_only_after_its_answer_started():
+    tok = load_tokenizer(smollm2_tokenizer_dir())
+    ids = tok("\nHello world\nNext", add_special_tokens=False).input_ids
+    crit = StopStrings(tok, ["\n"])
+    done = [bool(crit(torch.tensor([ids[:n]]), None)[0]) for n in range(1, len(ids) + 1)]
+    text_done = ["\n" in tok.decode(ids[:n]).lstrip() for n in range(1, len(ids) + 1)]
+    assert done == text_done and not done[0] and done[-1]
+
+
+def test_generation_with_stop_equals_the_full_generation_cut():
+    """Stopping early changes nothing before the stop: greedy decoding is the same, only shorter."""
+    tok = load_tokenizer(smollm2_tokenizer_dir())
+    lm = PromptTunedLM(tiny_llama(vocab_size=49152))
+    g = torch.Generator().manual_seed(0)
+    examples = [
+        TokenizedExample("t", torch.randint(10, 4000, (n,), generator=g).tolist(), [0]) for n in (5, 9, 3)
+    ]
+    prompt = torch.randn(4, 32, generator=g)
+    full = generate_greedy(lm, tok, examples, prompt, max_new_tokens=12, max_len=64, batch_size=2)
+    assert all(full)
+    stop = full[0][2]  # a character the first answer really contains after its start
+    stopped = generate_greedy(
+        lm, tok, examples, prompt, max_new_tokens=12, max_len=64, batch_size=2, stop=[stop]
+    )
+    assert stopped == [cut_at_stop(h, [stop]) for h in full]
+    assert len(stopped[0]) < len(full[0])
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
+    return table[-1][-1]
+
+
+def _rouge_l(ref: str, hyp: str) -> float:
+    r, h = ref.lower().split(), hyp.lower().split()
+    lcs = _lcs(r, h)
+    return 0.0 if not lcs else 2 * (lcs / len(h)) * (lcs / len(r)) / (lcs / len(h) + lcs / len(r))
+
+
+def test_generation_metrics_with_several_references():
+    # words that stemming leaves alone, so the direct LCS computation below needs no stemmer
+    refs = [["the cat sat on the mat", "a cat was on a mat"], ["tom will call back", "tom calls later"]]
+    hyps = ["a cat sat on a mat", "tom calls later"]
+    m = generation_metrics(refs, hyps)
+    direct = [max(_rouge_l(r, h) for r in rs) for rs, h in zip(refs, hyps)]
+    assert m["rouge_l"] == pytest.approx(100 * sum(direct) / 2)
+    assert m["exact_match"] == 0.5  # the second hypothesis equals one of its references
+    # one example: the multi-reference chrF is the best single-reference chrF
+    one = [generation_metrics([r], [hyps[0]])["chrf"] for r in refs[0]]
+    assert generation_metrics([refs[0]], [hyps[0]])["chrf"] == pytest.approx(max(one))
+    assert generation_metrics(["x y"], ["x y"]) == generation_metrics([["x y"]], ["x y"])
