@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `step_<N>/` with
   tensors.safetensors  prompt bank, Adam moments per task, sampler and torch RNG states
-  state.json           step, task names, per-task Adam step counts, sampler cursors, metric history
+  state.json           step, task names, per-task Adam step counts, sampler cursors, metric history,
+                       and with in-batch search the live variants and rung results (`tuner.search`)
 It is written to a hidden temp directory, fsynced and renamed into place, so a save killed half
 way leaves only a `.tmp-*` directory that loading ignores: every `step_*` directory is complete.
 Everything is keyed by task name, so a checkpoint written by N ranks resumes on any number.
@@ -33,7 +34,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def save_checkpoint(
-    root: str | os.PathLike, step: int, *, bank, optimizer, sampler, history: list[dict], keep_last: int = 2
+    root: str | os.PathLike,
+    step: int,
+    *,
+    bank,
+    optimizer,
+    sampler,
+    history: list[dict],
+    keep_last: int = 2,
+    search: dict | None = None,
 ) -> Path:
     """Write `root/step_<step>/` atomically and prune older checkpoints beyond `keep_last`."""
     root = Path(root)
@@ -58,6 +67,8 @@ def save_checkpoint(
         "sampler": {"step": sd["step"], "cursor": sd["cursor"], "epoch": sd["epoch"], "sizes": sd["sizes"]},
         "history": history,
     }
+    if search is not None:
+        state["search"] = search
     with open(tmp / "state.json", "w") as f:
         json.dump(state, f)
         f.flush()
@@ -95,7 +106,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def load_checkpoint(path: str | os.PathLike, *, bank, optimizer, sampler) -> dict:
-    """Restore bank, optimiser, sampler and RNG from `path`; returns the JSON state (step, history)."""
+    """Restore bank, optimiser, sampler and RNG from `path`; returns the JSON state (step, history, search)."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "tensors.safetensors"))
