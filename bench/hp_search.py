@@ -65,13 +65,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--job", default=str(REPO / "configs" / "multitask_all.yaml"))
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-train", type=int, default=4000, help="train examples per task (before the held-out slice)")
+    ap.add_argument(
+        "--max-train", type=int, default=4000, help="train examples per task (before the held-out slice)"
+    )
     ap.add_argument("--eval-examples", type=int, default=200, help="seeded eval subset per task")
-    ap.add_argument("--heldout", type=int, default=64, help="held-out train examples per task for (b) and (c)")
+    ap.add_argument(
+        "--heldout", type=int, default=64, help="held-out train examples per task for (b) and (c)"
+    )
     ap.add_argument("--max-seq-len", type=int, default=256)
     ap.add_argument("--eta", type=int, default=3)
     ap.add_argument("--space", nargs="*", default=DEFAULT_SPACE, help="KEY=V1,V2 ... (per-task settings)")
-    ap.add_argument("--tasks", default="", help="comma-separated task names to keep (default: all of the job's)")
+    ap.add_argument(
+        "--tasks", default="", help="comma-separated task names to keep (default: all of the job's)"
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, nothing recorded")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args(argv)
@@ -149,11 +155,18 @@ def main(argv: list[str] | None = None) -> dict:
             ]
         )
     mean = {m: 100 * sum(score[m].values()) / len(names) for m in score}
-    rows.append(
-        ["mean", "", *(f"{mean[m]:.1f}" for m in "abc"), f"{mean['b'] - mean['a']:+.1f}", "", ""]
-    )
+    rows.append(["mean", "", *(f"{mean[m]:.1f}" for m in "abc"), f"{mean['b'] - mean['a']:+.1f}", "", ""])
     table = markdown_table(
-        ["task", "metric", "(a) hand-set", "(b) in-batch", "(c) naive", "(b) - (a)", "(b) chose", "(c) chose"],
+        [
+            "task",
+            "metric",
+            "(a) hand-set",
+            "(b) in-batch",
+            "(c) naive",
+            "(b) - (a)",
+            "(b) chose",
+            "(c) chose",
+        ],
         rows,
     )
     cost = {

@@ -87,20 +87,39 @@ def trial_configs(base: JobConfig, params: dict[str, list], samples: int = 1) ->
     return out
 
 
+def _evaluations_to_tune():
+    """Ray's `TuneReportCallback`, passing on the ranks' evaluation reports only.
+
+    The ranks also report each checkpoint to Ray Train (for restarts after a failure); those carry no
+    score, and Tune refuses results without the metric its scheduler ranks trials by.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EvaluationsToTune(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and "score" in metrics[0]:
+                super().after_report(run_context, metrics, None)
+
+    return EvaluationsToTune()
+
+
 def _trial(config: dict) -> None:
     """Ray Tune's function trainable: one whole job on Ray Train, its evaluations reported to Tune."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from cluster.launch import make_trainer, mean_score
     from tuner.job import prepare_job
 
     cfg = from_dict(JobConfig, config["job"])
     job = prepare_job(cfg, claim=True)
-    make_trainer(job.cfg, {"_progress": None, "_tune": True}, callbacks=[TuneReportCallback()]).fit()
+    make_trainer(job.cfg, {"_progress": None, "_tune": True}, callbacks=[_evaluations_to_tune()]).fit()
     summary = json.loads((job.run_dir / "summary.json").read_text())
     scores = {t: v["tuned"].get("score", 0.0) for t, v in summary["tasks"].items()}
     ray.tune.report({"step": summary["steps"], "score": mean_score(scores), "finished": 1})
+
+
+def _trial_dirname(trial) -> str:
+    return trial.config["job"]["name"]  # the trial's run name, not its whole config
 
 
 def tune_job(
@@ -131,10 +150,16 @@ def tune_job(
         reduction_factor=base.search.eta,
     )
     tuner = tune.Tuner(
-        tune.with_resources(_trial, {"CPU": 0}),  # the trial's driver: its ranks hold the CPUs
+        # The trial function only waits for its Ray Train run: a sliver of a CPU (Tune refuses none), the ranks hold the rest.
+        tune.with_resources(_trial, {"CPU": 0.01}),
         param_space={"job": tune.grid_search([to_dict(cfg) for _, cfg in trials])},
         tune_config=tune.TuneConfig(
-            metric="score", mode="max", scheduler=scheduler, num_samples=1, max_concurrent_trials=concurrent
+            metric="score",
+            mode="max",
+            scheduler=scheduler,
+            num_samples=1,
+            max_concurrent_trials=concurrent,
+            trial_dirname_creator=_trial_dirname,
         ),
         run_config=tune.RunConfig(name="tune", storage_path=str(root / "ray"), verbose=0),
     )

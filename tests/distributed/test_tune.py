@@ -9,10 +9,12 @@ refusals of bad `--param`s.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from local_ray import LocalRayCluster
+from local_ray import REPO, LocalRayCluster
 from safetensors.torch import load_file
 from tiny_job import write_tiny_backbone, write_tiny_job
 
@@ -40,27 +42,31 @@ def ray_cluster():
     cluster.stop()
 
 
+def tune(cluster: LocalRayCluster, *args: str) -> subprocess.CompletedProcess:
+    """`promptfleet tune ARGS --address` this cluster, as a driver on its head node runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "tune", *args, "--address", cluster.gcs_address],
+        cwd=REPO,
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def test_bad_params_are_refused_in_one_line(job, ray_cluster):
     for param, message in (
         ("prompt.num_virtual_tokens=0,4", "prompt.num_virtual_tokens=0: must be > 0"),
         ("optim.nope=1,2", "unknown key 'optim.nope'"),
         ("prompt.num_virtual_tokens", "must look like key=value1,value2"),
     ):
-        proc = ray_cluster.promptfleet("tune", str(job), "--param", param, "--address", ray_cluster.gcs_address)
+        proc = tune(ray_cluster, str(job), "--param", param)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
 
 
 def test_two_trials_run_as_ray_train_jobs_and_are_ranked(job, ray_cluster):
-    proc = ray_cluster.promptfleet(
-        "tune",
-        str(job),
-        "--param",
-        "prompt.num_virtual_tokens=2,4",
-        "--address",
-        ray_cluster.gcs_address,
-        timeout_s=600,
-    )
+    proc = tune(ray_cluster, str(job), "--param", "prompt.num_virtual_tokens=2,4")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| trial | prompt.num_virtual_tokens | steps | mean score | status |" in proc.stdout
     root = job.parent / "runs" / "tiny" / "tune"
@@ -76,5 +82,7 @@ def test_two_trials_run_as_ray_train_jobs_and_are_ranked(job, ray_cluster):
         assert summary["num_virtual_tokens"] == r["params"]["prompt.num_virtual_tokens"]
         assert {t: v["tuned"]["score"] for t, v in summary["tasks"].items()} == r["task_scores"]
         assert set(summary["search"]) == {"tone", "topic"}  # the in-batch variants ran inside the trial
-        prompt = load_file(str(run_dir / "adapters" / "tone" / "adapter_model.safetensors"))["prompt_embeddings"]
+        prompt = load_file(str(run_dir / "adapters" / "tone" / "adapter_model.safetensors"))[
+            "prompt_embeddings"
+        ]
         assert prompt.shape[0] == r["params"]["prompt.num_virtual_tokens"]
