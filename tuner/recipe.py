@@ -424,7 +424,13 @@ class MultiTaskPromptTuningRecipe:
                 self.cfg.model.max_seq_len,
                 self.device,
             )["score"]
-        for r in self.search.apply_rung(self.step, scores, final=final):
+        recent = self.history.steps[-10:]  # every rank logs the same all-reduced losses
+        train_loss = {
+            row: sum(v) / len(v)
+            for row in scores
+            if (v := [m.task_loss[row] for m in recent if row in m.task_loss])
+        }
+        for r in self.search.apply_rung(self.step, scores, final=final, train_loss=train_loss):
             if len(r.scores) == 1:
                 continue  # the final score of a task decided at an earlier rung
             kept = ", ".join(str(k) for k in r.kept)

@@ -87,6 +87,9 @@ class RungResult:
     task: str
     scores: dict[int, float]  # variant index -> held-out score
     kept: list[int]
+    # variant index -> its mean training loss over its last logged steps: breaks ties of held-out score
+    # (a small held-out slice often scores several variants the same)
+    train_loss: dict[int, float] = field(default_factory=dict)
 
 
 def flatten_space(space: dict[str, Any]) -> dict[str, list]:
@@ -198,7 +201,7 @@ class SearchState:
         if not scored or len(self.live[task]) == 1:
             return self.variants[task][self.live[task][0]].row
         last = scored[-1]
-        best = _ranked({k: last.scores[k] for k in self.live[task] if k in last.scores})
+        best = _ranked({k: last.scores[k] for k in self.live[task] if k in last.scores}, last.train_loss)
         return self.variants[task][best[0] if best else self.live[task][0]].row
 
     def expand(self, draw: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -226,8 +229,18 @@ class SearchState:
         so each winner's held-out curve ends at the last step)."""
         return [r for t in self.variants if final or len(self.live[t]) > 1 for r in self.live_rows(t)]
 
-    def apply_rung(self, step: int, scores: dict[str, float], final: bool = False) -> list[RungResult]:
-        """Record `scores` (row -> held-out score) and keep each task's best ceil(n / eta) (1 when `final`)."""
+    def apply_rung(
+        self,
+        step: int,
+        scores: dict[str, float],
+        final: bool = False,
+        train_loss: dict[str, float] | None = None,
+    ) -> list[RungResult]:
+        """Record `scores` (row -> held-out score) and keep each task's best ceil(n / eta) (1 when `final`).
+
+        Equal scores go to the lower `train_loss` (row -> recent training loss), then the lower index.
+        """
+        train_loss = train_loss or {}
         rung = len({r.step for r in self.results})
         out = []
         for task in self.variants:
@@ -235,10 +248,11 @@ class SearchState:
             if len(live) <= 1 and not final:
                 continue
             got = {k: scores[self.variants[task][k].row] for k in live}
+            loss = {k: train_loss[r] for k in live if (r := self.variants[task][k].row) in train_loss}
             keep = 1 if final else max(1, math.ceil(len(live) / self.eta))
-            kept = sorted(_ranked(got)[:keep])
+            kept = sorted(_ranked(got, loss)[:keep])
             self.live[task] = kept
-            out.append(RungResult(rung, step, task, got, kept))
+            out.append(RungResult(rung, step, task, got, kept, loss))
         self.results += out
         return out
 
@@ -253,7 +267,11 @@ class SearchState:
             "rungs": list(self.rungs),
             "live": {t: list(v) for t, v in self.live.items()},
             "results": [
-                {**dataclasses.asdict(r), "scores": {str(k): v for k, v in r.scores.items()}}
+                {
+                    **dataclasses.asdict(r),
+                    "scores": {str(k): v for k, v in r.scores.items()},
+                    "train_loss": {str(k): v for k, v in r.train_loss.items()},
+                }
                 for r in self.results
             ],
         }
@@ -265,7 +283,12 @@ class SearchState:
         self.live = {t: list(v) for t, v in data["live"].items()}
         self.results = [
             RungResult(
-                r["rung"], r["step"], r["task"], {int(k): v for k, v in r["scores"].items()}, r["kept"]
+                r["rung"],
+                r["step"],
+                r["task"],
+                {int(k): v for k, v in r["scores"].items()},
+                r["kept"],
+                {int(k): v for k, v in r.get("train_loss", {}).items()},
             )
             for r in data["results"]
         ]
@@ -299,9 +322,11 @@ class SearchState:
         return out
 
 
-def _ranked(scores: dict[int, float]) -> list[int]:
-    """Variant indices, best held-out score first; ties go to the lower index (deterministic on every rank)."""
-    return sorted(scores, key=lambda k: (-scores[k], k))
+def _ranked(scores: dict[int, float], train_loss: dict[int, float] | None = None) -> list[int]:
+    """Variant indices, best held-out score first; ties go to the lower training loss, then the lower
+    index (every rank holds the same all-reduced numbers, so every rank ranks alike)."""
+    loss = train_loss or {}
+    return sorted(scores, key=lambda k: (-scores[k], loss.get(k, math.inf), k))
 
 
 def render_search_report(search: dict[str, dict]) -> str:

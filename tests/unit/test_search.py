@@ -91,6 +91,19 @@ def test_state_expands_draws_halves_with_deterministic_ties_and_round_trips():
     assert summary["a"]["variants"][3]["heldout"] == [[10, 0.9], [90, 0.7]]
 
 
+def test_tied_scores_go_to_the_lower_training_loss_then_the_lower_index():
+    state = SearchState.build(job_with({"optim.lr": [0.01, 0.1, 1.0]}, optim={"max_steps": 90}), ["a"])
+    tied = {"a~0": 0.5, "a~1": 0.5, "a~2": 0.5}
+    state.apply_rung(10, tied, train_loss={"a~0": 2.0, "a~1": 1.5, "a~2": 1.0})
+    assert state.live["a"] == [2] and state.results[0].train_loss == {0: 2.0, 1: 1.5, 2: 1.0}
+    again = SearchState.build(job_with({"optim.lr": [0.01, 0.1, 1.0]}, optim={"max_steps": 90}), ["a"])
+    again.load_json(json.loads(json.dumps(state.to_json())))
+    assert again.results == state.results
+    no_loss = SearchState.build(job_with({"optim.lr": [0.01, 0.1, 1.0]}, optim={"max_steps": 90}), ["a"])
+    no_loss.apply_rung(10, tied)
+    assert no_loss.live["a"] == [0]
+
+
 # ------------------------------------------------------------------------------ optimiser and data
 
 
