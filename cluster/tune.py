@@ -143,10 +143,13 @@ def tune_job(
     init_ray(base, address)
     resolve_backbone(base.model.name)  # convert the embedded backbone once, before trials run at once
     by_name = {cfg.name: (p, cfg) for p, cfg in trials}
+    # One past the last step of the longest trial: ASHA stops a trial that reaches max_t, and a trial
+    # at its last evaluation is still writing its adapters (stopping it would kill its ranks mid-write).
+    max_t = max(cfg.optim.max_steps for _, cfg in trials) + 1
     scheduler = ASHAScheduler(
         time_attr="step",
-        max_t=base.optim.max_steps,
-        grace_period=grace_steps or base.eval_every or base.optim.max_steps,
+        max_t=max_t,
+        grace_period=min(grace_steps or base.eval_every or max_t, max_t),
         reduction_factor=base.search.eta,
     )
     tuner = tune.Tuner(
@@ -166,7 +169,7 @@ def tune_job(
     grid = tuner.fit()
     results = []
     for r in grid:
-        name = r.config["job"]["name"]
+        name = Path(r.path).name  # `_trial_dirname`: the trial's run name (a failed trial has no config)
         chosen, cfg = by_name[name]
         run_dir = Path(cfg.output_dir) / cfg.name
         summary_path = run_dir / "summary.json"
