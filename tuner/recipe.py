@@ -79,6 +79,7 @@ class MultiTaskPromptTuningRecipe:
         self._bar = None  # the progress bar while train() runs (rank 0, progress=True)
         self.search: SearchState | None = None  # in-batch variants (search.space set)
         self.heldout: dict[str, TaskData] = {}  # task -> its held-out slice (search only)
+        self.search_scoring_s = 0.0  # wall time this process spent scoring variants at rungs
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -342,6 +343,7 @@ class MultiTaskPromptTuningRecipe:
         }
         if self.search:
             summary["search"] = self.search.summary()
+            summary["search_scoring_s"] = self.search_scoring_s  # since this process started (or resumed)
         if self.is_main:
             for name, data in self.tasks.items():
                 spec = data.spec
@@ -413,6 +415,7 @@ class MultiTaskPromptTuningRecipe:
 
     def _search_rung(self, final: bool = False) -> None:
         """Score the live variants of every task on its held-out slice and drop the weaker ones."""
+        t0 = time.perf_counter()
         scores = {}
         for row in self.search.rows_to_score(final):
             task = self.search.variant(row).task
@@ -435,6 +438,7 @@ class MultiTaskPromptTuningRecipe:
                 continue  # the final score of a task decided at an earlier rung
             kept = ", ".join(str(k) for k in r.kept)
             self._log(f"search rung {r.rung} @ step {r.step}: {r.task} keeps variant(s) {kept}")
+        self.search_scoring_s += time.perf_counter() - t0
 
     def cleanup(self) -> None:
         self._zero = None
