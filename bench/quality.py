@@ -64,7 +64,7 @@ def run_seed(args, seed: int, steps: int, n_eval: int) -> dict:
     recipe = setup_recipe(cfg, progress=True)
     o, L = cfg.optim, cfg.model.max_seq_len
     names = list(recipe.tasks)
-    initial = {t: recipe.bank.prompt(t).clone() for t in names}
+    initial = {t: recipe.prompt(t).clone() for t in names}
     draws = draw_batches(recipe, steps)
 
     def evaluate(prompt_of, what: str) -> dict[str, dict]:
@@ -76,7 +76,7 @@ def run_seed(args, seed: int, steps: int, n_eval: int) -> dict:
     scores = {"zero-shot": evaluate(lambda t: None, "zero-shot")}
     recipe.train()  # ours: the recipe's own loop over the same draws
     assert recipe.sampler.step == steps
-    scores["ours (multi-task)"] = evaluate(recipe.bank.prompt, "ours")
+    scores["ours (multi-task)"] = evaluate(recipe.prompt, "ours")
 
     peft = PeftPromptTuning(
         recipe.lm.backbone, names, initial, lr=o.lr, betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip

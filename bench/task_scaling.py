@@ -21,6 +21,12 @@ by default (the comparison is within ours; one thread keeps other load from stal
 barriers, the main source of noise on a shared 2-core machine). The prompt-bank + optimiser
 part of the step is also timed on its own (it is what could scale with tasks; the backbone's
 work cannot).
+
+`--methods` times that part alone for every prompt method (tuner/prompt_methods.py), with 10 and
+with 10,000 registered tasks (optimiser state for all of them) and the same tasks in the batch:
+gather the batch's rows and the shared part, compose the prompts, backward a fixed gradient
+through the composition, Adam on the rows and on the shared part, scatter back. It needs no
+backbone (the backbone's work does not depend on the method's parameters) and runs in a minute.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from bench.common import (
 from tuner.batching import collate
 from tuner.optim import SparseRowAdam
 from tuner.prompt_bank import PromptBank
+from tuner.prompt_methods import SharedParams, make_layout
 
 
 def task_names(n: int) -> list[str]:
@@ -92,6 +99,84 @@ def bank_and_optimiser_time(bank: PromptBank, opt: SparseRowAdam, names: list[st
     return median(ts)
 
 
+def method_step(method: str, registered: int, batch_tasks: int, P: int, H: int, seed: int = 0):
+    """A function that runs one prompt-parameter step of `method` and returns its seconds."""
+    layout = make_layout(method, P, H)
+    names = task_names(registered)
+    bank = PromptBank(names, *layout.row_shape)
+    bank.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed))
+    opt = SparseRowAdam(0.03, grad_clip=1.0)
+    shape = layout.row_shape
+    opt.state = {
+        n: {"step": 1, "exp_avg": torch.zeros(shape), "exp_avg_sq": torch.zeros(shape)} for n in names
+    }
+    shared = None
+    if layout.shared_size:
+        init = layout.init_shared(torch.Generator().manual_seed(seed))
+        shared = SharedParams(init, SparseRowAdam(0.03, grad_clip=1.0))
+    batch = names[:: max(1, registered // batch_tasks)][:batch_tasks]  # spread over the table
+    cotangent = torch.randn(len(batch), P, H, generator=torch.Generator().manual_seed(1))
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        rows = bank.rows_of(batch)
+        leaf = bank.gather(rows)
+        sh = shared.gather() if shared is not None else None
+        prompts = layout.compose(leaf, sh)
+        prompts.backward(cotangent)  # what the backbone's backward hands the prompts
+        bank.scatter_(rows, opt.step(batch, leaf.detach(), leaf.grad))
+        if shared is not None:
+            shared.step(sh, 0.03)
+        return time.perf_counter() - t0
+
+    return step
+
+
+def methods_main(args) -> dict:
+    """Per-step prompt-parameter cost of every method at 10 and at `--registered` tasks."""
+    P, H = 16, 576  # the quickstart's virtual tokens; SmolLM2-135M's hidden size
+    reps = 20 if args.quick else 200
+    many = 1000 if args.quick else args.registered
+    k = 10  # 10 registered tasks can put at most 10 distinct tasks in a batch
+    rows, results = [], {}
+    for method in ("independent", "residual", "multitask"):
+        few, lots = method_step(method, 10, k, P, H), method_step(method, many, k, P, H)
+        few(), lots()  # warm-up
+        few_t, many_t = [], []
+        for _ in range(reps):  # interleaved: a slow spell of the shared machine hits both
+            few_t.append(few())
+            many_t.append(lots())
+        ratio = median([b / a for a, b in zip(few_t, many_t)]) - 1
+        results[method] = {
+            "registered_10_s": median(few_t),
+            f"registered_{many}_s": median(many_t),
+            "median_ratio_minus_1": ratio,
+        }
+        rows.append([method, 1000 * median(few_t), 1000 * median(many_t), f"{100 * ratio:+.1f}%"])
+        del few, lots
+    table = markdown_table(
+        ["method", "10 registered (ms)", f"{many:,} registered (ms)", "per-rep ratio - 1 (median)"], rows
+    )
+    print(table)
+    out = {
+        "benchmark": "task_scaling_methods",
+        "quick": args.quick,
+        "setup": {
+            "tasks_per_batch": k,
+            "num_virtual_tokens": P,
+            "hidden": H,
+            "reps": reps,
+            "threads": torch.get_num_threads(),
+            "rank": 1,
+            "bottleneck": 128,
+        },
+        "results": results,
+        "table": table,
+    }
+    write_result("task_scaling_methods", out, args.quick)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -108,8 +193,15 @@ def main(argv: list[str] | None = None) -> dict:
         default=1,
         help="torch threads (1: no OpenMP barrier stalls, so far less noise on a shared machine)",
     )
+    ap.add_argument(
+        "--methods",
+        action="store_true",
+        help="only the prompt-parameter step of every prompt method (no backbone)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.methods:
+        return methods_main(args)
     batch, reps, many = (16, 1, 1000) if args.quick else (args.batch_size, args.reps, args.registered)
 
     cfg = bench_config(

@@ -13,10 +13,17 @@ workers: a job whose workers do not fit waits (Ray Train retries the worker grou
 until an earlier job frees them.
 
 Paths. A config whose files (the YAML, its task files and their data) all live inside the project
-is passed by its path inside the uploaded copy, so it works on any cluster. Otherwise (e.g. data
-in ../shared/data) the absolute path is passed and must exist on the cluster's nodes (same machine,
-shared filesystem or volume). A relative `output_dir` is made absolute for the same reason: the
-uploaded copy is temporary.
+is passed by its path inside the uploaded copy, so it works on any cluster. Otherwise the rule
+depends on where the job server is (`submission_paths`):
+
+- a cluster on this machine (loopback address): absolute paths are passed as they are (e.g. data
+  in ../shared/data), and a relative `output_dir` is made absolute here (the uploaded copy is
+  temporary), unless `cluster.storage` is a shared path, under which the cluster puts it;
+- a remote cluster (any other address, or `--remote` for a tunnelled one such as
+  `kubectl port-forward`): the job may only name paths the cluster sees: inside the uploaded project or
+  under `cluster.storage` (a path mounted on every node). Any other file of this machine (config,
+  task file, data, local backbone, prompt.init_from, output_dir) is refused with one line saying how to fix it, and
+  a relative `output_dir` stays relative: the cluster puts it under `cluster.storage`.
 
 Auth. Ray 2.60 clusters use token authentication by default; the token is sent as a bearer
 header (see `auth_headers`): `--token`, `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, or for a cluster
@@ -39,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tuner.config import ConfigError, JobConfig, load_job_config
+from cluster.storage import cluster_output_dir, storage_path
+from tuner.config import ConfigError, JobConfig, apply_overrides, load_job_config, read_yaml
 from tuner.tasks import TaskSpec
 
 # Never uploaded: environments, outputs, VCS and caches (Ray also honours .gitignore).
@@ -57,6 +65,7 @@ EXCLUDES = [
 # `promptfleet train` sets these through ray.init(runtime_env=...); Ray refuses a job env that sets them too.
 TRAIN_ENV_VARS = {"TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -82,16 +91,109 @@ class Submission:
 
 
 def _inside(path: Path, root: Path) -> bool:
-    return path.resolve().is_relative_to(root)
+    return path.resolve().is_relative_to(root.resolve())
 
 
-def _job_files(cfg: JobConfig) -> list[Path]:
-    files = [Path(t) for t in cfg.tasks]
+@dataclass
+class JobFile:
+    """A file of this machine the job reads: what it is, where it is, and how its YAML names it."""
+
+    what: str  # e.g. "task sst2: data file"
+    path: Path  # resolved here
+    written: str  # as a YAML writes it (a relative one resolves against that YAML); "" if not from one
+
+
+def _job_files(config: Path, overrides: list[str], cfg: JobConfig) -> list[JobFile]:
+    """The config, its task files, their data, a local backbone and the run `prompt.init_from` names."""
+    raw_tasks = apply_overrides(read_yaml(config), list(overrides)).get("tasks") or []
+    files = [JobFile("config", config.resolve(), str(config))]
+    files += [JobFile("task file", Path(t), str(w)) for t, w in zip(cfg.tasks, raw_tasks)]
     for t in cfg.tasks:
-        data = TaskSpec.load(t).data
-        if data.format != "hub":
-            files += [Path(p) for p in (data.train, data.eval, data.train_target, data.eval_target) if p]
+        spec, raw = TaskSpec.load(t), read_yaml(t).get("data") or {}
+        if spec.data.format != "hub":
+            for key in ("train", "eval", "train_target", "eval_target"):
+                if getattr(spec.data, key):
+                    files.append(
+                        JobFile(f"task {spec.name}: data file", Path(getattr(spec.data, key)), raw[key])
+                    )
+    backbone = Path(cfg.model.name).expanduser()
+    if backbone.is_absolute() or backbone.exists():  # not the embedded default or a Hub id
+        files.append(JobFile("model.name", backbone.resolve(), cfg.model.name))
+    if cfg.prompt.init_from:  # a finished run directory (continual training)
+        files.append(JobFile("prompt.init_from", Path(cfg.prompt.init_from).expanduser().resolve(), ""))
     return files
+
+
+@dataclass
+class SubmissionPaths:
+    """How a job's paths reach the cluster: the config's path there, extra overrides, notes for the user."""
+
+    config_arg: str
+    overrides: list[str]
+    notes: list[str]
+
+
+def submission_paths(
+    config: Path, overrides: list[str], cfg: JobConfig, root: Path, remote: bool
+) -> SubmissionPaths:
+    """Apply the path rule of the module docstring; `ConfigError` names a path a remote cluster cannot see."""
+    files = _job_files(config, overrides, cfg)
+    storage = cfg.cluster.storage
+    shared = storage_path(storage) if storage else None
+    shipped = _inside(config, root)
+    if remote:
+        for f in files:
+            if _inside(f.path, root):
+                continue
+            if shared is None or not _inside(f.path, shared):
+                raise ConfigError(_unseen(f.what, f.path, root, shared))
+            if shipped and f.written and not Path(f.written).is_absolute():
+                raise ConfigError(
+                    f"{f.what} {f.written} lies outside the project, which is uploaded without it; "
+                    f"name it by its absolute path under cluster.storage={storage}"
+                )
+    notes, extra = [], []
+    if all(_inside(f.path, root) for f in files) or (remote and shipped):
+        config_arg = config.resolve().relative_to(root).as_posix()
+    else:
+        config_arg = str(config.resolve())
+        if not remote:
+            notes.append(
+                f"the config or its data lie outside {root}: the cluster reads {config_arg} and its "
+                "data at these absolute paths"
+            )
+    out = Path(cfg.output_dir).expanduser()
+    if out.is_absolute():
+        if remote and shared is not None and not _inside(out, shared):
+            raise ConfigError(_unseen("output_dir", out, root, shared))
+        if remote and shared is None:
+            notes.append(f"outputs go to {out}/{cfg.name} on the filesystem of the cluster's rank-0 node")
+    elif shared is not None:  # the cluster's driver puts it under the shared storage
+        notes.append(f"outputs go to {cluster_output_dir(cfg.output_dir, storage)}/{cfg.name}")
+    elif remote:
+        raise ConfigError(
+            f"output_dir={cfg.output_dir} is relative and a remote cluster has no place for it: set "
+            "cluster.storage=<path mounted on every node> (outputs go under it) or an absolute output_dir"
+        )
+    else:
+        extra.append(f"output_dir={out.resolve()}")
+        notes.append(f"outputs go to {out.resolve()}/{cfg.name} on the cluster's filesystem")
+    init_from = Path(cfg.prompt.init_from).expanduser()
+    if cfg.prompt.init_from and not init_from.is_absolute():  # the job's working dir is the upload
+        extra.append(f"prompt.init_from={init_from.resolve()}")
+    return SubmissionPaths(config_arg, extra, notes)
+
+
+def _unseen(what: str, path: Path, root: Path, shared: Path | None) -> str:
+    where = (
+        f"under cluster.storage={shared}"
+        if shared
+        else "on a filesystem every node mounts (cluster.storage=<its path>)"
+    )
+    return (
+        f"{what} {path} is on this machine only, the cluster cannot read it: put it in the project "
+        f"({root}, uploaded with the job) or {where}"
+    )
 
 
 def build_submission(
@@ -102,25 +204,18 @@ def build_submission(
     env: dict[str, str] | None = None,
     submission_id: str | None = None,
     entrypoint_num_cpus: float = 0.0,
+    remote: bool = False,
 ) -> Submission:
-    """Check the job config and turn it into a Ray job (entrypoint, runtime env, metadata)."""
+    """Check the job config and turn it into a Ray job (entrypoint, runtime env, metadata).
+
+    `remote`: the job server is on another machine, so only paths it can see are allowed (see
+    `submission_paths`).
+    """
     root = (root or project_root()).resolve()
     config = Path(config)
     cfg = load_job_config(config, overrides)  # strict keys and types, task files exist
-    overrides = list(overrides)
-    notes = []
-    if _inside(config, root) and all(_inside(p, root) for p in _job_files(cfg)):
-        config_arg = config.resolve().relative_to(root).as_posix()
-    else:
-        config_arg = str(config.resolve())
-        notes.append(
-            f"the config or its data lie outside {root}: the cluster reads {config_arg} and its "
-            "data at these absolute paths"
-        )
-    if not Path(cfg.output_dir).is_absolute():
-        out = str(Path(cfg.output_dir).resolve())
-        overrides.append(f"output_dir={out}")
-        notes.append(f"outputs go to {out}/{cfg.name} on the cluster's filesystem")
+    paths = submission_paths(config, overrides, cfg, root, remote)
+    config_arg, overrides, notes = paths.config_arg, [*overrides, *paths.overrides], paths.notes
     clash = sorted(TRAIN_ENV_VARS & set(env or {}))
     if clash:
         raise ConfigError(f"--env {clash[0]} is set by `promptfleet train` itself; leave it out")
@@ -157,21 +252,31 @@ def auth_headers(token: str | None = None, address: str = "") -> dict[str, str]:
     if not token and path:
         token = Path(path).expanduser().read_text()
     local = Path.home() / ".ray" / "auth_token"
-    if not token and urlparse(address).hostname in ("127.0.0.1", "localhost", "::1") and local.is_file():
+    if not token and is_local_address(address) and local.is_file():
         token = local.read_text()
     return {"Authorization": f"Bearer {token.strip()}"} if token and token.strip() else {}
 
 
-def connect(address: str | None = None, token: str | None = None):
-    """A `JobSubmissionClient` for `address` (default: RAY_API_SERVER_ADDRESS, RAY_ADDRESS, local head)."""
-    from ray.job_submission import JobSubmissionClient
-
-    address = (
+def job_server_address(address: str | None = None) -> str:
+    """`address`, else RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, or the local head's job server."""
+    return (
         address
         or os.environ.get("RAY_API_SERVER_ADDRESS")
         or _http_address(os.environ.get("RAY_ADDRESS"))
         or DEFAULT_ADDRESS
     )
+
+
+def is_local_address(address: str) -> bool:
+    """Whether a job server URL points at this machine (loopback): then it sees this machine's files."""
+    return urlparse(address).hostname in LOOPBACK
+
+
+def connect(address: str | None = None, token: str | None = None):
+    """A `JobSubmissionClient` for `address` (default: see `job_server_address`)."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = job_server_address(address)
     try:
         return JobSubmissionClient(address, headers=auth_headers(token, address))
     except ConnectionError as e:
@@ -268,6 +373,7 @@ def _submit(args: argparse.Namespace) -> int:
         env=env,
         submission_id=args.submission_id,
         entrypoint_num_cpus=args.entrypoint_num_cpus,
+        remote=args.remote or not is_local_address(job_server_address(args.address)),
     )
     client = connect(args.address, args.token)
     job_id = submit(client, sub)
@@ -353,6 +459,12 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--env", action="append", default=[], metavar="KEY=VALUE", help="environment variable for the job"
+    )
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="the cluster is another machine although its address is local (kubectl port-forward, an SSH "
+        "tunnel): allow only paths it can see (the project, cluster.storage)",
     )
     p.add_argument(
         "--entrypoint-num-cpus",

@@ -4,10 +4,12 @@
 run directory claimed, embedded backbone converted), starts (or joins) Ray, then runs
 `tuner.recipe.run` on `num_workers` ranks in a `TorchTrainer` (gloo on CPU, NCCL on GPU). Rank 0
 reports each checkpoint to Ray Train, so when a worker dies and `FailureConfig(max_failures)`
-replaces the worker group, the new group resumes from the last reported checkpoint. Rank 0 also
-sends each step's and evaluation's record to the driver through a Ray queue: the driver draws the
-one progress bar and prints the final table; workers print nothing of their own, and Ray's own
-INFO lines are turned off through Ray's logging configuration.
+replaces the worker group, the new group resumes from the last reported checkpoint. Ray Train
+keeps those in the run directory, or on a multi-node cluster on `cluster.storage`, where the node
+that replaces a lost one reads them (module `cluster.storage`). Rank 0 also sends each step's and
+evaluation's record to the driver through a Ray queue: the driver draws the one progress bar and
+prints the final table; workers print nothing of their own, and Ray's own INFO lines are turned
+off through Ray's logging configuration.
 
 `train_local(cfg)` runs the same recipe in this process (one rank, no Ray), for debugging and
 benchmarks. Both export Prometheus metrics (`cluster.metrics`) on `cluster.metrics_port` when it is
@@ -23,6 +25,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from cluster.storage import cluster_output_dir, ray_train_storage
 from tuner.config import JobConfig, from_dict, to_dict
 from tuner.job import prepare_job
 from tuner.metrics import EvalPoint, StepMetrics
@@ -174,12 +177,13 @@ def init_ray(cfg: JobConfig, address: str | None = None) -> None:
 
 
 def make_trainer(cfg: JobConfig, loop_config: dict, callbacks: list | None = None):
-    """The Ray Train `TorchTrainer` that runs `cfg` on `cluster.num_workers` ranks (storage in the run dir)."""
+    """The Ray Train `TorchTrainer` that runs the prepared job `cfg` on `cluster.num_workers` ranks."""
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     c = cfg.cluster
+    storage_path, run_name = ray_train_storage(Path(cfg.output_dir) / cfg.name, cfg.name, c.storage)
     return TorchTrainer(
         _worker,
         train_loop_config={**to_dict(cfg), **loop_config},
@@ -188,8 +192,8 @@ def make_trainer(cfg: JobConfig, loop_config: dict, callbacks: list | None = Non
             num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker}
         ),
         run_config=RunConfig(
-            name=cfg.name,
-            storage_path=str(Path(cfg.output_dir) / cfg.name / "ray"),
+            name=run_name,
+            storage_path=storage_path,  # where a replaced worker group finds the last checkpoint
             failure_config=FailureConfig(max_failures=c.max_failures),
             # Ray Train's logging configuration: no per-report and worker-group INFO lines.
             logging_config=ray.LoggingConfig(log_level="WARNING"),
@@ -202,6 +206,8 @@ def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = Tr
     """Run `cfg` on Ray Train; returns the run summary written by rank 0."""
     from ray.util.queue import Queue
 
+    # A relative output_dir lies on the cluster's shared storage when there is one (see cluster.storage).
+    cfg.output_dir = cluster_output_dir(cfg.output_dir, cfg.cluster.storage)
     job = prepare_job(cfg, claim=True)
     cfg = job.cfg
     init_ray(cfg, address)

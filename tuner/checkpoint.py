@@ -3,7 +3,9 @@
 A checkpoint is a directory `step_<N>/` with
   tensors.safetensors  prompt bank, Adam moments per task, sampler and torch RNG states
   state.json           step, task names, per-task Adam step counts, sampler cursors, metric history,
+                       the prompt method (absent in checkpoints written before methods: independent),
                        and with in-batch search the live variants and rung results (`tuner.search`)
+A method with shared parts (tuner/prompt_methods.py) adds its shared vector and that vector's Adam.
 It is written to a hidden temp directory, fsynced and renamed into place, so a save killed half
 way leaves only a `.tmp-*` directory that loading ignores: every `step_*` directory is complete.
 Everything is keyed by task name, so a checkpoint written by N ranks resumes on any number.
@@ -42,9 +44,14 @@ def save_checkpoint(
     sampler,
     history: list[dict],
     keep_last: int = 2,
+    method: str = "independent",
+    shared=None,
     search: dict | None = None,
 ) -> Path:
-    """Write `root/step_<step>/` atomically and prune older checkpoints beyond `keep_last`."""
+    """Write `root/step_<step>/` atomically and prune older checkpoints beyond `keep_last`.
+
+    `method` names the prompt parameterisation; `shared` is its `SharedParams` (None: no shared part).
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
@@ -58,6 +65,7 @@ def save_checkpoint(
         tensors[f"adam.{name}.exp_avg"] = st["exp_avg"].contiguous()
         tensors[f"adam.{name}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
         adam_steps[name] = st["step"]
+    tensors.update(_shared_tensors(shared))
     save_file(tensors, str(tmp / "tensors.safetensors"))
     sd = sampler.state_dict()
     state = {
@@ -66,6 +74,8 @@ def save_checkpoint(
         "adam_steps": adam_steps,
         "sampler": {"step": sd["step"], "cursor": sd["cursor"], "epoch": sd["epoch"], "sizes": sd["sizes"]},
         "history": history,
+        "prompt_method": method,
+        "shared_adam_steps": {k: v["step"] for k, v in shared.optimizer.state.items()} if shared else {},
     }
     if search is not None:
         state["search"] = search
@@ -105,11 +115,17 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | os.PathLike, *, bank, optimizer, sampler) -> dict:
-    """Restore bank, optimiser, sampler and RNG from `path`; returns the JSON state (step, history, search)."""
+def load_checkpoint(
+    path: str | os.PathLike, *, bank, optimizer, sampler, method: str = "independent", shared=None
+) -> dict:
+    """Restore bank, optimiser, sampler, RNG (and a method's shared part) from `path`; returns the
+    JSON state (step, history, and the in-batch search's state when there is one)."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "tensors.safetensors"))
+    written = state.get("prompt_method", "independent")
+    if written != method:
+        raise ValueError(f"checkpoint {path} was written with prompt.method={written}, not {method}")
     missing = sorted(set(state["task_names"]) ^ set(bank.task_names))
     if missing:
         raise ValueError(
@@ -124,8 +140,44 @@ def load_checkpoint(path: str | os.PathLike, *, bank, optimizer, sampler) -> dic
         }
         for name, n in state["adam_steps"].items()
     }
+    if shared is not None:
+        load_shared(shared, tensors, state)
     sd = dict(state["sampler"])
     sd["gen"] = tensors["sampler_gen"]
     sampler.load_state_dict(sd)
     torch.set_rng_state(tensors["torch_rng"])
     return state
+
+
+# ------------------------------------------------------------------------------------ shared parts
+
+
+def _shared_tensors(shared) -> dict[str, torch.Tensor]:
+    if shared is None:
+        return {}
+    out = {"shared": shared.values.contiguous()}
+    for name, st in shared.optimizer.state.items():
+        out[f"shared_adam.{name}.exp_avg"] = st["exp_avg"].contiguous()
+        out[f"shared_adam.{name}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
+    return out
+
+
+def load_shared(shared, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """Set `shared` (a `SharedParams`) to the checkpoint's shared vector and its Adam state."""
+    if "shared" not in tensors or tensors["shared"].shape != shared.values.shape:
+        raise ValueError("the checkpoint's shared prompt parameters do not match this job's prompt method")
+    shared.values = tensors["shared"].to(shared.values.device)
+    shared.optimizer.state = {
+        name: {
+            "step": n,
+            "exp_avg": tensors[f"shared_adam.{name}.exp_avg"],
+            "exp_avg_sq": tensors[f"shared_adam.{name}.exp_avg_sq"],
+        }
+        for name, n in state.get("shared_adam_steps", {}).items()
+    }
+
+
+def read_prompt_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON state and the tensors of checkpoint `path`, without restoring anything (continual training)."""
+    path = Path(path)
+    return json.loads((path / "state.json").read_text()), load_file(str(path / "tensors.safetensors"))

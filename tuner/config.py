@@ -66,12 +66,42 @@ class PromptConfig:
     )
     init_text: str = _f("", "Text used when init=text (repeated/cut to num_virtual_tokens).")
     init_std: float = _f(0.02, "Std of the normal used when init=random.")
+    # --- prompt parameterisations (tuner/prompt_methods.py) and continual training (tuner/continual.py)
+    method: str = _f(
+        "independent",
+        "How task prompts are parameterised: independent (one free prompt per task), residual (each "
+        "task's embedding through one shared MLP with a residual connection, Razdaibiedina et al. 2023) "
+        "or multitask (one shared prompt times a per-task rank-r factor, MPT, Wang et al. 2023).",
+    )
+    rank: int = _f(1, "multitask: rank r of each task's modulation u_k v_k^T (MPT uses 1).")
+    bottleneck: int = _f(128, "residual: hidden width of the shared reparameterisation MLP.")
+    shared_lr_scale: float = _f(
+        1.0, "Learning rate of the shared parts (residual MLP, multitask prompt) as a multiple of optim.lr."
+    )
+    init_from: str = _f(
+        "",
+        "A finished run directory: its tasks are carried into this run's adapters unchanged (and not "
+        "trained again), its shared parts are loaded and frozen; the job lists only new tasks. Also the "
+        "source of init=transfer.",
+    )
+    transfer_examples: int = _f(
+        8,
+        "init=transfer: each new task starts from the init_from task whose prompt has the lowest "
+        "zero-shot loss on this many of the new task's training examples.",
+    )
 
     def __post_init__(self) -> None:
         _positive("prompt.num_virtual_tokens", self.num_virtual_tokens)
-        _choice("prompt.init", self.init, ("random", "vocab", "text", "class_labels"))
+        _choice("prompt.init", self.init, ("random", "vocab", "text", "class_labels", "transfer"))
         if self.init == "text" and not self.init_text:
             raise ConfigError("prompt.init=text needs prompt.init_text")
+        _choice("prompt.method", self.method, ("independent", "residual", "multitask"))
+        _positive("prompt.rank", self.rank)
+        _positive("prompt.bottleneck", self.bottleneck)
+        _positive("prompt.shared_lr_scale", self.shared_lr_scale)
+        _positive("prompt.transfer_examples", self.transfer_examples)
+        if self.init == "transfer" and not self.init_from:
+            raise ConfigError("prompt.init=transfer needs prompt.init_from (a finished run directory)")
 
 
 @dataclass
@@ -183,6 +213,12 @@ class ClusterConfig:
     max_failures: int = _f(
         0, "Worker-group restarts Ray Train allows; each resumes from the last checkpoint."
     )
+    storage: str = _f(
+        "",
+        "Storage all nodes share, for a multi-node cluster: an absolute path mounted on every node (or "
+        "file://...), or a URI Ray Train understands (s3://, gs://). Ray Train's checkpoints go there, and "
+        "a relative output_dir lies under a path storage. Empty: both stay in the run dir (one machine).",
+    )
     metrics_port: int = _f(0, "Port for the training job's Prometheus metrics on rank 0 (0 = off).")
     worker_logs: bool = _f(
         False,
@@ -209,6 +245,10 @@ class ClusterConfig:
                 raise ConfigError(f"cluster.{key}={getattr(self, key)!r}: must be >= 0")
         _positive("cluster.zero_max_live_parameters", self.zero_max_live_parameters)
         _choice("cluster.offload_params", self.offload_params, ("none", "cpu", "nvme"))
+        if self.storage and "://" not in self.storage and not os.path.isabs(os.path.expanduser(self.storage)):
+            raise ConfigError(
+                f"cluster.storage={self.storage!r}: must be an absolute path shared by the nodes, or a URI"
+            )
 
 
 @dataclass
@@ -252,7 +292,9 @@ class SearchConfig:
 class JobConfig:
     name: str = _f("promptfleet", "Run name; the output directory is <output_dir>/<name>.")
     output_dir: str = _f(
-        "runs", "Where run directories are written (relative paths resolve against the CWD)."
+        "runs",
+        "Where run directories are written (relative paths resolve against the CWD, or on a Ray cluster "
+        "under cluster.storage when that is a path).",
     )
     tasks: list[str] = _f([], "Task files (YAML under configs/tasks/), relative to this job file.")
     model: ModelConfig = _f(None, "The frozen backbone.")
@@ -283,6 +325,12 @@ class JobConfig:
         validate_name("name", self.name)
         if self.search.enabled:
             from tuner.search import expand_space
+
+            if self.prompt.method != "independent" or self.prompt.init_from:
+                raise ConfigError(
+                    "search.space works with prompt.method=independent and no prompt.init_from "
+                    "(variants are independent prompt rows)"
+                )
 
             expand_space(self)  # refuses unknown or unsearchable keys and invalid values, in one line
 

@@ -51,6 +51,11 @@ def prepare_job(cfg: JobConfig, *, claim: bool = False) -> PreparedJob:
     specs = load_task_specs(cfg.tasks)
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
     job = PreparedJob(cfg, specs)
+    if cfg.prompt.init_from:  # continual training (tuner/continual.py): absolute, and checked before claiming
+        from tuner.continual import check_source
+
+        cfg.prompt.init_from = str(Path(cfg.prompt.init_from).expanduser().resolve())
+        check_source(cfg.prompt.init_from, cfg.prompt.method, job.task_names)
     if claim:
         from tuner.backbone import resolve_backbone
 

@@ -1,12 +1,15 @@
 """Multi-task prompt tuning: the training recipe. Read this file top to bottom.
 
-    setup()       -> tokenizer, tasks, frozen backbone (ZeRO-3 partitioned at load), prompt bank,
-                     optimiser, sampler, and the newest checkpoint if there is one
+    setup()       -> tokenizer, tasks, frozen backbone (ZeRO-3 partitioned at load), prompt
+                     parameters (per-task rows in the bank + a method's shared part), optimisers,
+                     sampler, a finished run to continue from (`prompt.init_from`), and the newest
+                     checkpoint if there is one
     train()       -> for each step: draw a global mixed-task batch, `train_step` it; log, evaluate,
                      checkpoint
     train_step(b) -> one optimiser step on global batch `b`: take this rank's shard of every
-                     micro-batch, pack it, forward/backward into the rows of the tasks in the batch,
-                     all-reduce those rows' gradients, step them; returns a `StepMetrics`
+                     micro-batch, pack it, compose the batch's prompts from their rows (and the
+                     shared part), forward/backward, all-reduce the gradients, step the rows and the
+                     shared part; returns a `StepMetrics`
     finish() -> final evaluation beside the zero-shot scores, per-task PEFT adapters, summary
                 JSON, Markdown report, loss/score curves (PNG)
 
@@ -39,6 +42,7 @@ from tuner import checkpoint as ckpt
 from tuner.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
 from tuner.batching import collate
 from tuner.config import ConfigError, JobConfig, to_dict
+from tuner.continual import SourceRun, carry_adapters, choose_sources, load_source
 from tuner.data import MultiTaskSampler, TaskData
 from tuner.evaluate import evaluate_task
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
@@ -47,6 +51,7 @@ from tuner.metrics import CheckpointRecord, EvalPoint, RunHistory, StepMetrics
 from tuner.model import PromptTunedLM
 from tuner.optim import SparseRowAdam, lr_at
 from tuner.prompt_bank import PromptBank, init_prompts
+from tuner.prompt_methods import SharedParams, compose_rows, make_layout, prompt_of
 from tuner.run_dir import mark_finished
 from tuner.search import SearchState, plot_search, render_search_report
 from tuner.zero import allreduce_rows_grad, world, zero_setup
@@ -130,26 +135,11 @@ class MultiTaskPromptTuningRecipe:
         self.lm = PromptTunedLM(backbone, kernel=cfg.model.attn_implementation)
         self.backbone_path = path
 
-        hidden = backbone.config.hidden_size
-        rows = self.search.rows() if self.search else names
-        self.bank = PromptBank(rows, cfg.prompt.num_virtual_tokens, hidden)
-        label_words = {n: list(t.spec.verbaliser.values()) for n, t in self.tasks.items()}
-        if self.search:
-            self._init_variant_prompts(label_words)
+        if self.search:  # variant rows of the independent parameterisation (config refuses the others)
+            self._setup_variant_prompts(backbone.config.hidden_size)
         else:
-            init_prompts(
-                self.bank,
-                self.lm.embed,
-                self.tokenizer,
-                cfg.prompt.init,
-                label_words=label_words,
-                text=cfg.prompt.init_text,
-                std=cfg.prompt.init_std,
-                seed=cfg.data.seed,
-            )
-        self.bank.to(self.device)  # fp32 master copy and Adam moments stay on the device
+            self._setup_prompts(names, backbone.config.hidden_size)
         o = cfg.optim
-        self.optimizer = SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip)
         self.sampler = MultiTaskSampler(
             {n: len(t.train) for n, t in self.tasks.items()},
             o.batch_size,
@@ -162,14 +152,85 @@ class MultiTaskPromptTuningRecipe:
         resume = self.hooks.resume_from or (
             ckpt.latest_checkpoint(self.run_dir / "checkpoints") if cfg.resume else None
         )
+        if resume is None and cfg.prompt.init == "transfer":
+            self._transfer_init()
         if resume is not None:
             state = ckpt.load_checkpoint(
-                resume, bank=self.bank, optimizer=self.optimizer, sampler=self.sampler
+                resume,
+                bank=self.bank,
+                optimizer=self.optimizer,
+                sampler=self.sampler,
+                method=cfg.prompt.method,
+                shared=self.shared,
             )
             self.step, self.history = state["step"], RunHistory.from_json(state["history"])
             if self.search:
                 self.search.load_json(state["search"])
             self._log(f"resumed from {resume} at step {self.step}")
+
+    def _setup_prompts(self, names: list[str], hidden: int) -> None:
+        """The prompt method's parameters (tuner/prompt_methods.py), initialised, and their optimisers;
+        with `prompt.init_from`, the finished run's rows and frozen shared part next to them."""
+        cfg, p, o = self.cfg, self.cfg.prompt, self.cfg.optim
+        self.layout = make_layout(
+            p.method, p.num_virtual_tokens, hidden, rank=p.rank, bottleneck=p.bottleneck
+        )
+        self.source: SourceRun | None = None
+        if p.init_from:
+            self.source = load_source(p.init_from, p.method, self.layout.row_shape, cfg.model.name, names)
+        carried = sorted(self.source.rows) if self.source else []
+        # Carried rows are registered (so this run's checkpoint can be an init_from too) but never
+        # in a batch: they are not in the sampler, so nothing ever updates them.
+        self.bank = PromptBank(names + carried, *self.layout.row_shape)
+
+        def fill(bank: PromptBank) -> None:
+            init_prompts(
+                bank,
+                self.lm.embed,
+                self.tokenizer,
+                "vocab" if p.init == "transfer" else p.init,  # transfer overwrites every new row later
+                label_words={n: list(t.spec.verbaliser.values()) for n, t in self.tasks.items()},
+                text=p.init_text,
+                std=p.init_std,
+                seed=cfg.data.seed,
+            )
+
+        def adam() -> SparseRowAdam:
+            return SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip)
+
+        shared = self.layout.initialise(self.bank, fill, torch.Generator().manual_seed(cfg.data.seed))
+        self.shared = None if shared is None else SharedParams(shared, adam(), p.shared_lr_scale)
+        if self.source:
+            for name in carried:
+                self.bank.set_prompt(name, self.source.rows[name])
+            if self.shared is not None:
+                self.shared.values = self.source.shared.float().clone()
+                self.shared.frozen = True  # old tasks' prompts stay exactly as exported
+        self.bank.to(self.device)  # fp32 master copy and Adam moments stay on the device
+        if self.shared is not None:
+            self.shared.to(self.device)
+        self.optimizer = adam()
+
+    def _transfer_init(self) -> None:
+        """Start each new task from the source row whose prompt fits its examples best (tuner/continual.py)."""
+        carried = sorted(self.source.rows)
+        candidates = dict(zip(carried, compose_rows(self.layout, self.bank, self.shared, carried)))
+        k = self.cfg.prompt.transfer_examples
+        chosen = choose_sources(
+            self.lm,
+            {n: t.train[:k] for n, t in self.tasks.items()},
+            candidates,
+            max_len=self.cfg.model.max_seq_len,
+            pad_id=self.tokenizer.pad_token_id,
+            device=self.device,
+        )
+        for task, (src, loss) in chosen.items():
+            self.bank.set_prompt(task, self.source.rows[src])
+            self._log(f"transfer init: {task} starts from {src} (zero-shot loss {loss:.3f} on {k} examples)")
+
+    def prompt(self, name: str) -> torch.Tensor:
+        """Row `name`'s final [P, H] prompt (composed from its row and the shared part): what is evaluated and exported."""
+        return prompt_of(self.layout, self.bank, self.shared, name)
 
     # ------------------------------------------------------------------------------------ train
 
@@ -217,7 +278,8 @@ class MultiTaskPromptTuningRecipe:
         global_batch = [x for mb in micro_batches for x in mb]
         names = sorted({t for t, _ in global_batch})  # identical on every rank
         rows = self.bank.rows_of(names)
-        prompts = self.bank.gather(rows)  # leaf [U, P, H] on the device: the only trainable tensor
+        task_params = self.bank.gather(rows)  # leaf: the batch's per-task rows (independent: prompts)
+        shared = self.shared.gather() if self.shared is not None else None  # leaf unless frozen
         pos = {n: i for i, n in enumerate(names)}
         # Each task's prompt gets the mean loss over *its* examples in the global batch, as if it
         # trained alone on them: a task's update does not depend on which other tasks share the step.
@@ -232,29 +294,36 @@ class MultiTaskPromptTuningRecipe:
             batch = collate(
                 examples,
                 pos,
-                self.bank.num_virtual_tokens,
+                self.cfg.prompt.num_virtual_tokens,
                 max_len=self.cfg.model.max_seq_len,
                 pad_id=self.tokenizer.pad_token_id,
                 packing=self.cfg.data.packing,
                 share_prompts=self.cfg.data.share_prompts and self.lm.supports_shared_prompts,
                 row_len=self.cfg.data.row_len,
             ).to(self.device)
+            # Composed per micro-batch: backward frees the graph (independent: the leaf itself, no graph).
+            prompts = self.layout.compose(task_params, shared)  # [U, P, H]
             out = self.lm(batch, prompts, seg_weight=task_weight[batch.seg_task])
             out.loss.backward()
             seg_task = batch.seg_task
             loss_sum[:, 0].index_add_(0, seg_task, out.seg_loss.double())
             loss_sum[:, 1].index_add_(0, seg_task, torch.ones_like(seg_task, dtype=torch.float64))
             tokens += batch.num_text_tokens
-        allreduce_rows_grad(prompts)
+        allreduce_rows_grad(task_params)
         lr = lr_at(self.step, o.lr, o.warmup_steps, o.max_steps, o.schedule)
         if self.search:  # every variant row with its own learning rate, decay and clipping
             hp = self.search.row_hparams(names, self.step, o.max_steps)
             new = self.optimizer.step(
-                names, prompts.detach(), prompts.grad, hp.lr, hp.weight_decay, hp.grad_clip
+                names, task_params.detach(), task_params.grad, hp.lr, hp.weight_decay, hp.grad_clip
             )
         else:
-            new = self.optimizer.step(names, prompts.detach(), prompts.grad, lr=lr)  # on the bank's device
+            new = self.optimizer.step(
+                names, task_params.detach(), task_params.grad, lr=lr
+            )  # on the bank's device
         self.bank.scatter_(rows, new)
+        if shared is not None and shared.requires_grad:
+            allreduce_rows_grad(shared)  # the sum over ranks of the sum over tasks
+            self.shared.step(shared, lr)
         tokens_t = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
         stats = torch.cat([loss_sum.flatten(), tokens_t])
         if self.world_size > 1:
@@ -278,7 +347,7 @@ class MultiTaskPromptTuningRecipe:
     def _evaluate(self, tuned: bool) -> dict[str, dict]:
         out = {}
         for name, data in self.tasks.items():
-            prompt = self.bank.prompt(self.prompt_row(name)).to(self.device) if tuned else None
+            prompt = self.prompt(self.prompt_row(name)).to(self.device) if tuned else None
             out[name] = evaluate_task(
                 self.lm, self.tokenizer, data, prompt, self.cfg.model.max_seq_len, self.device
             )
@@ -308,6 +377,8 @@ class MultiTaskPromptTuningRecipe:
                 optimizer=self.optimizer,
                 sampler=self.sampler,
                 history=self.history.to_json(),
+                method=self.cfg.prompt.method,
+                shared=self.shared,
                 search=self.search.to_json() if self.search else None,
             )
         if self.hooks.on_checkpoint:
@@ -327,7 +398,10 @@ class MultiTaskPromptTuningRecipe:
             "backbone": self.cfg.model.name,
             "steps": self.step,
             "world_size": self.world_size,
-            "num_virtual_tokens": self.bank.num_virtual_tokens,
+            "num_virtual_tokens": self.cfg.prompt.num_virtual_tokens,
+            "prompt_method": self.cfg.prompt.method,
+            # tasks of prompt.init_from, re-published unchanged (not trained, not re-evaluated)
+            "carried_tasks": sorted(self.source.adapters) if self.source else [],
             "tokens_per_s": self.history.mean_tokens_per_s(),
             "evals": [asdict(e) for e in self.history.evals],  # every evaluation's scores, by step
             "tasks": {
@@ -351,12 +425,14 @@ class MultiTaskPromptTuningRecipe:
                     self.run_dir / "adapters",
                     TaskAdapter(
                         name,
-                        self.bank.prompt(self.prompt_row(name)),
+                        self.prompt(self.prompt_row(name)),
                         self.cfg.model.name,
                         TaskMeta.from_spec(spec, data.prefix, final[name].get("score")),
                     ),
                     self.lm.backbone.config,
                 )
+            if self.source:
+                carry_adapters(self.source, self.run_dir / "adapters", self.lm.backbone.config)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
             (self.run_dir / "report.md").write_text(render_report(summary))
             from tuner.plots import plot_curves
@@ -380,6 +456,16 @@ class MultiTaskPromptTuningRecipe:
                 )
             except ValueError as e:
                 raise ConfigError(f"search: {e}") from None
+
+    def _setup_variant_prompts(self, hidden: int) -> None:
+        """The bank of every task's variant rows, each initialised by its own settings, and the optimiser."""
+        cfg, o = self.cfg, self.cfg.optim
+        self.layout = make_layout("independent", cfg.prompt.num_virtual_tokens, hidden)
+        self.source, self.shared = None, None
+        self.bank = PromptBank(self.search.rows(), *self.layout.row_shape)
+        self._init_variant_prompts({n: list(t.spec.verbaliser.values()) for n, t in self.tasks.items()})
+        self.bank.to(self.device)  # fp32 master copy and Adam moments stay on the device
+        self.optimizer = SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip)
 
     def _init_variant_prompts(self, label_words: dict[str, list[str]]) -> None:
         """Each variant row initialised by its own prompt settings (rows sharing them in one call)."""
@@ -423,7 +509,7 @@ class MultiTaskPromptTuningRecipe:
                 self.lm,
                 self.tokenizer,
                 self.heldout[task],
-                self.bank.prompt(row).to(self.device),
+                self.prompt(row).to(self.device),
                 self.cfg.model.max_seq_len,
                 self.device,
             )["score"]

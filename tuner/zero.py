@@ -283,6 +283,7 @@ def world() -> tuple[int, int]:
 
 
 def allreduce_rows_grad(rows: torch.Tensor) -> None:
-    """Sum the prompt-row gradients over ranks (each rank saw a different shard of the batch)."""
+    """Sum a replicated tensor's gradient over ranks (each rank saw a different shard of the batch):
+    the batch's prompt rows, and a prompt method's shared part."""
     if rows.grad is not None and world()[1] > 1:
         dist.all_reduce(rows.grad, op=dist.ReduceOp.SUM)

@@ -7,13 +7,17 @@ can only run one after the other: Ray queues the second until the first frees it
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import urllib.request
 
 import pytest
-from local_ray import LocalRayCluster, free_port
+from local_ray import REPO, LocalRayCluster, free_port
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_job import write_tiny_backbone, write_tiny_job
+
+from cluster.jobs import build_submission, connect, wait_for
+from cluster.jobs import submit as submit_job
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -81,6 +85,28 @@ def test_two_jobs_queue_and_succeed(ray_cluster, backbone, tmp_path):
     for job_id in ids:
         (line,) = [x for x in listing.splitlines() if x.startswith(job_id)]
         assert "SUCCEEDED" in line and "cluster.cli train" in line
+
+
+def test_remote_style_submit_reads_and_writes_on_shared_storage(ray_cluster, backbone, tmp_path):
+    """A job built for a remote cluster names no path of the submitting checkout; its outputs land
+    under `cluster.storage` (here a directory standing for storage every node mounts)."""
+    shutil.copytree(backbone, tmp_path / "backbone")
+    job = write_tiny_job(
+        tmp_path / "job",
+        tmp_path / "backbone",
+        output_dir="runs",
+        cluster={**WHOLE_CLUSTER, "storage": str(tmp_path)},
+    )
+    sub = build_submission(job, ["name=remote"], remote=True)
+    assert str(REPO) not in sub.entrypoint and "output_dir" not in sub.entrypoint
+    client = connect(ray_cluster.address, ray_cluster.token)
+    job_id = submit_job(client, sub)
+    assert wait_for(client, job_id, timeout_s=300) == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
+    listing = ray_cluster.promptfleet("jobs", "list", "--address", ray_cluster.address).stdout
+    (line,) = [x for x in listing.splitlines() if x.startswith(job_id)]
+    assert str(REPO) not in line and "output_dir" not in line, line
+    assert json.loads((tmp_path / "runs" / "remote" / "summary.json").read_text())["steps"] == 6
+    assert list(tmp_path.glob("remote-*/checkpoint_*"))  # Ray Train's checkpoints on the storage too
 
 
 def test_failing_jobs_report_their_error(ray_cluster, backbone, tmp_path):

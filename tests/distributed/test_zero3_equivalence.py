@@ -26,7 +26,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, job: str, overrides: list[str], out: str) -> None:
+def _rank_main(rank: int, world_size: int, port: int, job: str, runs: list[list[str]], out: str) -> None:
+    """Train each of `runs` (override lists) in turn on this rank, in one process group."""
     import torch.distributed as dist
 
     from tuner.recipe import MultiTaskPromptTuningRecipe
@@ -41,17 +42,23 @@ def _rank_main(rank: int, world_size: int, port: int, job: str, overrides: list[
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    recipe = MultiTaskPromptTuningRecipe(load_job_config(job, overrides), progress=False)
-    recipe.setup()
-    local, total = partitioned_numel(recipe.lm.backbone)
-    with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump(
-            {"local": local, "total": total, "zero": hasattr(next(recipe.lm.backbone.parameters()), "ds_id")},
-            f,
-        )
-    recipe.train()
-    recipe.finish()
-    dist.barrier()
+    for i, overrides in enumerate(runs):
+        recipe = MultiTaskPromptTuningRecipe(load_job_config(job, overrides), progress=False)
+        recipe.setup()
+        local, total = partitioned_numel(recipe.lm.backbone)
+        with open(f"{out}/rank{rank}-{i}.json", "w") as f:
+            json.dump(
+                {
+                    "local": local,
+                    "total": total,
+                    "zero": hasattr(next(recipe.lm.backbone.parameters()), "ds_id"),
+                },
+                f,
+            )
+        recipe.train()
+        recipe.finish()
+        recipe.cleanup()
+        dist.barrier()
     dist.destroy_process_group()
 
 
@@ -72,14 +79,27 @@ def job(tmp_path_factory, tiny_backbone_dir):
     )
 
 
+METHODS = ["independent", "residual", "multitask"]
+
+
+def _method(method: str) -> list[str]:
+    return [f"prompt.method={method}", "prompt.rank=2", "prompt.bottleneck=8"]
+
+
 def test_two_rank_zero3_equals_one_process(job):
+    """For every prompt method (tuner/prompt_methods.py): shared parts are replicated and all-reduced too.
+    The methods train one after another in the same two processes (one process group start)."""
     root, path = job
     out = root / "ranks"
     out.mkdir()
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(r, 2, port, str(path), ["name=two"], str(out))) for r in range(2)
+        ctx.Process(
+            target=_rank_main,
+            args=(r, 2, port, str(path), [[f"name=two-{m}", *_method(m)] for m in METHODS], str(out)),
+        )
+        for r in range(2)
     ]
     for p in procs:
         p.start()
@@ -88,24 +108,30 @@ def test_two_rank_zero3_equals_one_process(job):
     assert [p.exitcode for p in procs] == [0, 0]
 
     # ZeRO-3 really partitioned the backbone: each rank holds ~1/2 of it.
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = [
+        json.loads((out / f"rank{r}-{i}.json").read_text()) for r in range(2) for i in range(len(METHODS))
+    ]
     assert all(r["zero"] for r in ranks)
     for r in ranks:
         assert 0.45 <= r["local"] / r["total"] <= 0.55, r
 
     from tuner.recipe import MultiTaskPromptTuningRecipe, run
 
-    run(load_job_config(path, ["name=one", "cluster.num_workers=1"]), progress=False)
-    initial = MultiTaskPromptTuningRecipe(load_job_config(path, ["name=init"]), progress=False)
-    initial.setup()  # same seed -> the prompts both runs started from
-    for task in ("pos_neg", "colors", "sizes"):
-        two = load_adapter(root / "runs" / "two" / "adapters" / task).prompt
-        one = load_adapter(root / "runs" / "one" / "adapters" / task).prompt
-        start = initial.bank.prompt(task)
-        assert (one - start).abs().max() > 0.05, (
-            "training did not move the prompt; the comparison would be vacuous"
+    for method in METHODS:
+        m = _method(method)
+        run(load_job_config(path, [f"name=one-{method}", "cluster.num_workers=1", *m]), progress=False)
+        initial = MultiTaskPromptTuningRecipe(
+            load_job_config(path, [f"name=init-{method}", *m]), progress=False
         )
-        torch.testing.assert_close(two, one, rtol=0, atol=1e-4)
-    s_two = json.loads((root / "runs" / "two" / "summary.json").read_text())
-    s_one = json.loads((root / "runs" / "one" / "summary.json").read_text())
-    assert (s_two["world_size"], s_one["world_size"]) == (2, 1)
+        initial.setup()  # same seed -> the prompts both runs started from
+        for task in ("pos_neg", "colors", "sizes"):
+            two = load_adapter(root / "runs" / f"two-{method}" / "adapters" / task).prompt
+            one = load_adapter(root / "runs" / f"one-{method}" / "adapters" / task).prompt
+            start = initial.prompt(task)
+            assert (one - start).abs().max() > 0.05, (
+                f"{method}: training did not move the prompt; the comparison would be vacuous"
+            )
+            torch.testing.assert_close(two, one, rtol=0, atol=1e-4, msg=f"{method} {task}")
+        s_two = json.loads((root / "runs" / f"two-{method}" / "summary.json").read_text())
+        s_one = json.loads((root / "runs" / f"one-{method}" / "summary.json").read_text())
+        assert (s_two["world_size"], s_one["world_size"]) == (2, 1)

@@ -1,0 +1,133 @@
+"""Prompt methods (tuner/prompt_methods.py): mixed-batch equivalence, composition against a direct
+computation, and export of the composed prompt as a plain PEFT adapter."""
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from tuner.batching import TokenizedExample, collate
+from tuner.model import PromptTunedLM
+from tuner.optim import SparseRowAdam
+from tuner.prompt_bank import PromptBank
+from tuner.prompt_methods import Multitask, Residual, SharedParams, make_layout, prompt_of
+
+P, H = 4, 32
+METHODS = ["independent", "residual", "multitask"]
+
+
+def _layout(method):
+    return make_layout(method, P, H, rank=2, bottleneck=8)
+
+
+def _params(layout, names=("a", "b", "c"), seed=1):
+    """Rows and a shared vector far from their initialisation (so every part of `compose` matters)."""
+    g = torch.Generator().manual_seed(seed)
+    bank = PromptBank(list(names), *layout.row_shape)
+    bank.weight.normal_(0.0, 0.5, generator=g)
+    shared = None
+    if layout.shared_size:
+        shared = torch.randn(layout.shared_size, generator=g) * 0.5
+    if isinstance(layout, Multitask):
+        bank.weight.add_(1.0)  # modulation around 1, as after its initialisation
+    return bank, shared
+
+
+def _examples():
+    g = torch.Generator().manual_seed(0)
+    spec = [("a", 5, 1), ("b", 9, 2), ("a", 3, 1), ("c", 12, 3), ("b", 4, 1), ("c", 7, 1), ("a", 20, 2)]
+    return [
+        TokenizedExample(
+            t,
+            torch.randint(3, 128, (n,), generator=g).tolist(),
+            torch.randint(3, 128, (k,), generator=g).tolist(),
+        )
+        for t, n, k in spec
+    ]
+
+
+def _run(lm, layout, bank, shared, examples, packing, share=False):
+    """The recipe's step path: gather the batch's rows, compose, forward, backward."""
+    tasks = sorted({e.task for e in examples})
+    batch = collate(
+        examples,
+        {t: i for i, t in enumerate(tasks)},
+        P,
+        max_len=64,
+        pad_id=0,
+        packing=packing,
+        share_prompts=share,
+    )
+    rows = bank.gather(bank.rows_of(tasks))
+    sh = None if shared is None else shared.clone().requires_grad_(True)
+    out = lm(batch, layout.compose(rows, sh))
+    out.loss.backward()
+    grads = {t: rows.grad[i] for i, t in enumerate(tasks)}
+    return out, grads, None if sh is None else sh.grad
+
+
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("method", METHODS)
+def test_mixed_batch_equals_each_task_alone(method, share, one_thread):
+    """A task's loss and its own rows' gradient in a mixed packed batch equal those of its examples
+    alone; the shared part's gradient equals the sum of the tasks' gradients computed alone."""
+    lm = PromptTunedLM(tiny_llama())
+    layout = _layout(method)
+    bank, shared = _params(layout)
+    examples = _examples()
+    mixed, mixed_grad, mixed_shared = _run(lm, layout, bank, shared, examples, packing=True, share=share)
+    shared_sum = None if shared is None else torch.zeros_like(shared)
+    for task in "abc":
+        idx = [i for i, e in enumerate(examples) if e.task == task]
+        alone, grad, shared_grad = _run(lm, layout, bank, shared, [examples[i] for i in idx], packing=False)
+        torch.testing.assert_close(mixed.seg_loss[idx], alone.seg_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mixed_grad[task], grad[task], rtol=1e-4, atol=1e-6)
+        if shared is not None:
+            assert shared_grad.abs().sum() > 0
+            shared_sum += shared_grad
+    if shared is not None:
+        torch.testing.assert_close(mixed_shared, shared_sum, rtol=1e-4, atol=1e-6)
+
+
+def test_compose_matches_the_formulas_written_out():
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randn(3, P, H, generator=g)
+    res = Residual(P, H, 8)
+    shared = torch.randn(res.shared_size, generator=g)
+    p = res.unflatten(shared)
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(H, 8), torch.nn.ReLU(), torch.nn.Linear(8, H), torch.nn.LayerNorm(H)
+    )
+    with torch.no_grad():
+        mlp[0].weight.copy_(p["w_down"]), mlp[0].bias.copy_(p["b_down"])
+        mlp[2].weight.copy_(p["w_up"]), mlp[2].bias.copy_(p["b_up"])
+        mlp[3].weight.copy_(p["ln_weight"]), mlp[3].bias.copy_(p["ln_bias"])
+        torch.testing.assert_close(res.compose(rows, shared), rows + mlp(rows))
+
+    mt = Multitask(P, H, 2)
+    flat = torch.randn(3, *mt.row_shape, generator=g)
+    shared = torch.randn(mt.shared_size, generator=g)
+    for k in range(3):
+        u, v = flat[k, 0, : P * 2].view(P, 2), flat[k, 0, P * 2 :].view(2, H)
+        torch.testing.assert_close(mt.compose(flat, shared)[k], shared.view(P, H) * (u @ v))
+
+
+@pytest.mark.parametrize("method", ["residual", "multitask"])
+def test_initial_prompt_is_the_configured_initialisation(method):
+    """Training starts from the configured init: residual from each E_k, multitask from the shared prompt."""
+    layout = _layout(method)
+    names = ["a", "b"]
+    bank = PromptBank(names, *layout.row_shape)
+    init = {"a": torch.randn(P, H), "b": torch.randn(P, H), "shared": torch.randn(P, H)}
+
+    def fill(b):
+        for n in b.task_names:
+            b.set_prompt(n, init[n])
+
+    shared = layout.initialise(bank, fill, torch.Generator().manual_seed(0))
+
+    sp = SharedParams(shared, SparseRowAdam(0.1))
+    for n in names:
+        want = init[n] if method == "residual" else init["shared"]
+        # multitask: u v^T = 1 up to the symmetry-breaking noise
+        tol = {"rtol": 0, "atol": 0} if method == "residual" else {"rtol": 0.1, "atol": 0.05}
+        torch.testing.assert_close(prompt_of(layout, bank, sp, n), want, **tol)
