@@ -50,6 +50,11 @@ def test_bad_search_spaces_are_one_line_config_errors(space, message):
     assert "\n" not in str(e.value)
 
 
+def test_search_needs_the_independent_method():
+    with pytest.raises(ConfigError, match="prompt.method=independent"):
+        job_with({"optim.lr": [0.1, 0.2]}, prompt={"method": "residual"})
+
+
 def test_halving_rungs():
     # 6 variants, eta 3: 6 -> 2 after T/9, 2 -> 1 after T/3 (the rest of training costs one variant)
     assert halving_rungs(90, 6, 3) == [10, 30]
