@@ -5,6 +5,7 @@
     promptfleet eval runs/quickstart                                  # re-score a finished run
     promptfleet eval --config configs/quickstart.yaml --zero-shot     # the untuned backbone
     promptfleet validate configs/*.yaml                               # check job files
+    promptfleet tune configs/quickstart.yaml --param prompt.num_virtual_tokens=8,16   # Ray Tune
     promptfleet serve | submit | jobs | k8s ...                       # see --help of each
 
 Errors in what the user gave (config, paths, names) print one line and exit 2; set
@@ -23,7 +24,7 @@ from pathlib import Path
 from tuner.config import ConfigError, load_job_config
 
 # Modules that add their own sub-commands through `register(subparsers)`.
-COMMAND_MODULES = ["serving.cli", "cluster.jobs", "cluster.k8s", "cluster.plan"]
+COMMAND_MODULES = ["serving.cli", "cluster.jobs", "cluster.k8s", "cluster.plan", "cluster.tune"]
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ def _worker(config: dict) -> None:
 
     _quiet_deepspeed()
     progress = config.pop("_progress", None)  # a ray.util.queue.Queue to the driver, or None
+    tune = config.pop("_tune", False)  # a `promptfleet tune` trial: evaluations are reported to Ray Tune
     cfg = from_dict(JobConfig, config)
     rank0 = ray.train.get_context().get_world_rank() == 0
     metrics_server = None
@@ -72,6 +73,8 @@ def _worker(config: dict) -> None:
     def on_eval(point: EvalPoint) -> None:
         if progress is not None and rank0:
             progress.put(("eval", asdict(point)))
+        if tune and not point.zero_shot and point.scores:  # every rank reports (Ray Train's contract)
+            ray.train.report({"step": point.step, "score": mean_score(point.scores)})
 
     def on_checkpoint(record, path: Path | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
@@ -146,21 +149,19 @@ class _DriverProgress:
                 self.bar.write(describe_eval(EvalPoint(**record)))
 
 
-def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = True) -> dict:
-    """Run `cfg` on Ray Train; returns the run summary written by rank 0."""
+def mean_score(scores: dict[str, float]) -> float:
+    """The headline number of a run: the mean over tasks of their scores."""
+    return sum(scores.values()) / len(scores) if scores else 0.0
+
+
+def init_ray(cfg: JobConfig, address: str | None = None) -> None:
+    """Start (or join) Ray for `cfg` once per process, with the workers' environment."""
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
 
     env = {**WORKER_ENV, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0")}
     if not cfg.cluster.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's accelerator setting: no GPU probing and its warning
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the driver too (it converts the backbone)
-    # A relative output_dir lies on the cluster's shared storage when there is one (see cluster.storage).
-    cfg.output_dir = cluster_output_dir(cfg.output_dir, cfg.cluster.storage)
-    job = prepare_job(cfg, claim=True)
-    cfg = job.cfg
     c = cfg.cluster
     address = address or c.address or os.environ.get("RAY_ADDRESS") or None
     if not ray.is_initialized():
@@ -173,11 +174,19 @@ def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = Tr
             logging_config=ray.LoggingConfig(log_level="ERROR"),
             runtime_env={"env_vars": env},
         )
-    queue = Queue(actor_options={"num_cpus": 0})
-    storage_path, run_name = ray_train_storage(job.run_dir, cfg.name, c.storage)
-    trainer = TorchTrainer(
+
+
+def make_trainer(cfg: JobConfig, loop_config: dict, callbacks: list | None = None):
+    """The Ray Train `TorchTrainer` that runs the prepared job `cfg` on `cluster.num_workers` ranks."""
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    c = cfg.cluster
+    storage_path, run_name = ray_train_storage(Path(cfg.output_dir) / cfg.name, cfg.name, c.storage)
+    return TorchTrainer(
         _worker,
-        train_loop_config={**to_dict(cfg), "_progress": queue},
+        train_loop_config={**to_dict(cfg), **loop_config},
         torch_config=TorchConfig(backend="nccl" if c.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=c.num_workers, use_gpu=c.use_gpu, resources_per_worker={"CPU": c.cpus_per_worker}
@@ -188,8 +197,22 @@ def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = Tr
             failure_config=FailureConfig(max_failures=c.max_failures),
             # Ray Train's logging configuration: no per-report and worker-group INFO lines.
             logging_config=ray.LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
         ),
     )
+
+
+def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = True) -> dict:
+    """Run `cfg` on Ray Train; returns the run summary written by rank 0."""
+    from ray.util.queue import Queue
+
+    # A relative output_dir lies on the cluster's shared storage when there is one (see cluster.storage).
+    cfg.output_dir = cluster_output_dir(cfg.output_dir, cfg.cluster.storage)
+    job = prepare_job(cfg, claim=True)
+    cfg = job.cfg
+    init_ray(cfg, address)
+    queue = Queue(actor_options={"num_cpus": 0})
+    trainer = make_trainer(cfg, {"_progress": queue})
     with _DriverProgress(queue, cfg.optim.max_steps, show=progress):
         trainer.fit()
     summary_path = job.run_dir / "summary.json"

@@ -3,7 +3,8 @@
 A checkpoint is a directory `step_<N>/` with
   tensors.safetensors  prompt bank, Adam moments per task, sampler and torch RNG states
   state.json           step, task names, per-task Adam step counts, sampler cursors, metric history,
-                       the prompt method (absent in checkpoints written before methods: independent)
+                       the prompt method (absent in checkpoints written before methods: independent),
+                       and with in-batch search the live variants and rung results (`tuner.search`)
 A method with shared parts (tuner/prompt_methods.py) adds its shared vector and that vector's Adam.
 It is written to a hidden temp directory, fsynced and renamed into place, so a save killed half
 way leaves only a `.tmp-*` directory that loading ignores: every `step_*` directory is complete.
@@ -45,6 +46,7 @@ def save_checkpoint(
     keep_last: int = 2,
     method: str = "independent",
     shared=None,
+    search: dict | None = None,
 ) -> Path:
     """Write `root/step_<step>/` atomically and prune older checkpoints beyond `keep_last`.
 
@@ -75,6 +77,8 @@ def save_checkpoint(
         "prompt_method": method,
         "shared_adam_steps": {k: v["step"] for k, v in shared.optimizer.state.items()} if shared else {},
     }
+    if search is not None:
+        state["search"] = search
     with open(tmp / "state.json", "w") as f:
         json.dump(state, f)
         f.flush()
@@ -115,7 +119,7 @@ def load_checkpoint(
     path: str | os.PathLike, *, bank, optimizer, sampler, method: str = "independent", shared=None
 ) -> dict:
     """Restore bank, optimiser, sampler, RNG (and a method's shared part) from `path`; returns the
-    JSON state (step, history)."""
+    JSON state (step, history, and the in-batch search's state when there is one)."""
     path = Path(path)
     state = json.loads((path / "state.json").read_text())
     tensors = load_file(str(path / "tensors.safetensors"))

@@ -252,6 +252,43 @@ class ClusterConfig:
 
 
 @dataclass
+class SearchConfig:
+    """In-batch hyperparameter search (`tuner.search`): every task trains several variants side by side."""
+
+    space: dict[str, Any] = _f(
+        {},
+        "Per-task variants: setting -> list of values, e.g. {optim.lr: [0.003, 0.01, 0.03], prompt.init: "
+        "[class_labels, vocab]}; every task gets the cartesian product. Empty: no search. Settings that cannot "
+        "vary inside one job (prompt length, steps, batch) are searched with `promptfleet tune`.",
+    )
+    eta: int = _f(3, "Successive halving keeps the best ceil(n / eta) live variants of a task at each rung.")
+    rungs: list[int] = _f(
+        [],
+        "Steps after which weaker variants are dropped; empty: ceil(log_eta(variants)) rungs at "
+        "max_steps / eta^k (the last at max_steps / eta).",
+    )
+    heldout_examples: int = _f(
+        64, "Train examples per task held out (never trained on) to score variants at each rung."
+    )
+    heldout_fraction: float = _f(
+        0.2, "Cap on the held-out share of a task's train split (small tasks keep most of it for training)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.eta < 2:
+            raise ConfigError(f"search.eta={self.eta!r}: must be >= 2")
+        _positive("search.heldout_examples", self.heldout_examples)
+        if not 0 < self.heldout_fraction < 1:
+            raise ConfigError(f"search.heldout_fraction={self.heldout_fraction!r}: must be in (0, 1)")
+        if any(r <= 0 for r in self.rungs) or sorted(set(self.rungs)) != list(self.rungs):
+            raise ConfigError(f"search.rungs={self.rungs!r}: must be increasing positive steps")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.space)
+
+
+@dataclass
 class JobConfig:
     name: str = _f("promptfleet", "Run name; the output directory is <output_dir>/<name>.")
     output_dir: str = _f(
@@ -265,6 +302,7 @@ class JobConfig:
     optim: OptimConfig = _f(None, "Optimisation of the prompt bank.")
     data: DataConfig = _f(None, "Task mixing, packing and data limits.")
     cluster: ClusterConfig = _f(None, "Ray and DeepSpeed.")
+    search: SearchConfig = _f(None, "In-batch hyperparameter variants per task with successive halving.")
     eval_every: int = _f(50, "Evaluate every N steps (0 = only at the end).")
     eval_zero_shot: bool = _f(True, "Also score the untuned backbone (zero-shot) for the report.")
     checkpoint_every: int = _f(50, "Write an atomic checkpoint every N steps (0 = only at the end).")
@@ -280,10 +318,21 @@ class JobConfig:
             ("optim", OptimConfig),
             ("data", DataConfig),
             ("cluster", ClusterConfig),
+            ("search", SearchConfig),
         ):
             if getattr(self, name) is None:
                 setattr(self, name, cls())
         validate_name("name", self.name)
+        if self.search.enabled:
+            from tuner.search import expand_space
+
+            if self.prompt.method != "independent" or self.prompt.init_from:
+                raise ConfigError(
+                    "search.space works with prompt.method=independent and no prompt.init_from "
+                    "(variants are independent prompt rows)"
+                )
+
+            expand_space(self)  # refuses unknown or unsearchable keys and invalid values, in one line
 
     @property
     def run_dir(self) -> Path:

@@ -11,7 +11,7 @@ batches an uninterrupted one would have.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +46,34 @@ class TaskData:
     train: list[TokenizedExample]
     eval: list[TokenizedExample]
     eval_text: list[TaskExample]  # the eval examples as text (references, gold tags, reports)
+    train_text: list[TaskExample] = field(default_factory=list)  # the train examples as text
+
+    def split_heldout(self, n: int, fraction: float, seed: int = 0) -> tuple[TaskData, TaskData]:
+        """Hold out min(n, fraction of the train split) train examples, chosen by a seeded shuffle.
+
+        Returns (this task with the rest as its train split, a view whose *eval* split is the
+        held-out slice). Training never sees the slice; scoring it needs no other code than the eval.
+        """
+        k = min(n, int(len(self.train) * fraction))
+        if k < 1 or k >= len(self.train):
+            raise ValueError(
+                f"task {self.spec.name}: {len(self.train)} train examples are too few for a held-out slice"
+            )
+        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/heldout/{self.spec.name}".encode()))
+        held = set(torch.randperm(len(self.train), generator=g)[:k].tolist())
+        keep = [i for i in range(len(self.train)) if i not in held]
+        out = sorted(held)
+        texts = self.train_text or [None] * len(self.train)
+        rest = TaskData(
+            self.spec,
+            self.prefix,
+            [self.train[i] for i in keep],
+            self.eval,
+            self.eval_text,
+            [texts[i] for i in keep] if self.train_text else [],
+        )
+        heldout = TaskData(self.spec, self.prefix, [], [self.train[i] for i in out], [texts[i] for i in out])
+        return rest, heldout
 
     @classmethod
     def load(
@@ -67,7 +95,12 @@ class TaskData:
         eval_text = build_examples(spec, "eval", max_eval, seed, prefix) if spec.data.eval else []
         eos = spec.kind != "classification"  # answers of free length end with end-of-sequence
         return cls(
-            spec, prefix, tokenize(train_text, tokenizer, eos), tokenize(eval_text, tokenizer, eos), eval_text
+            spec,
+            prefix,
+            tokenize(train_text, tokenizer, eos),
+            tokenize(eval_text, tokenizer, eos),
+            eval_text,
+            train_text,
         )
 
 

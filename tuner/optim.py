@@ -5,6 +5,9 @@ moments live in a dict keyed by task name and are created on first use, and each
 own step count for bias correction (a task trained in a mix sees the same Adam as trained
 alone). A step costs O(tasks in the batch), whatever the number of registered tasks. Each task's
 gradient is clipped by its own norm, so one task's outlier batch cannot shrink another's update.
+`lr`, `weight_decay` and `grad_clip` may also be given per row for one step (a sequence, one
+value per name): in-batch hyperparameter variants (`tuner.search`) train rows with their own
+settings in one step, at the same O(rows in the batch) cost.
 State is keyed by task name, not rank or position: checkpoints resume on any number of ranks.
 The moments live on the device of the values they update (a CUDA step never reads them back to
 the host); state loaded from a checkpoint moves there on the task's next step.
@@ -13,6 +16,7 @@ the host); state loaded from a checkpoint moves there on the task's next step.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -32,15 +36,32 @@ class SparseRowAdam:
 
     @torch.no_grad()
     def step(
-        self, names: list[str], values: torch.Tensor, grads: torch.Tensor, lr: float | None = None
+        self,
+        names: list[str],
+        values: torch.Tensor,
+        grads: torch.Tensor,
+        lr: float | Sequence[float] | None = None,
+        weight_decay: float | Sequence[float] | None = None,
+        grad_clip: float | Sequence[float] | None = None,
     ) -> torch.Tensor:
-        """Return updated `values` ([U, P, H]) for tasks `names` given their gradients."""
+        """Return updated `values` ([U, P, H]) for tasks `names` given their gradients.
+
+        `lr`, `weight_decay` and `grad_clip` default to the optimiser's own; a sequence gives each
+        row its own value (in the order of `names`).
+        """
         lr = self.lr if lr is None else lr
+        weight_decay = self.weight_decay if weight_decay is None else weight_decay
+        grad_clip = self.grad_clip if grad_clip is None else grad_clip
         b1, b2 = self.betas
         grads = grads.float()
-        if self.grad_clip > 0:
+        if isinstance(grad_clip, Sequence):
+            clip = torch.tensor(grad_clip, dtype=torch.float32).to(grads.device)
             norms = grads.flatten(1).norm(dim=1).clamp(min=1e-12)
-            grads = grads * (self.grad_clip / norms).clamp(max=1.0)[:, None, None]
+            scale = torch.where(clip > 0, (clip / norms).clamp(max=1.0), torch.ones_like(norms))
+            grads = grads * scale[:, None, None]
+        elif grad_clip > 0:
+            norms = grads.flatten(1).norm(dim=1).clamp(min=1e-12)
+            grads = grads * (grad_clip / norms).clamp(max=1.0)[:, None, None]
         for name in names:
             if name not in self.state:
                 self.state[name] = {
@@ -63,8 +84,15 @@ class SparseRowAdam:
         corr = corr.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else corr
         bc1 = corr[0][:, None, None]
         bc2 = corr[1][:, None, None]
-        out = values.detach().float() * (1 - lr * self.weight_decay)
-        out = out - lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
+        if isinstance(lr, Sequence) or isinstance(weight_decay, Sequence):
+            n = len(names)
+            lr_t = _per_row(lr, n, dev)
+            decay = 1 - lr_t * _per_row(weight_decay, n, dev)
+            out = values.detach().float() * decay
+            out = out - lr_t * (m / bc1) / ((v / bc2).sqrt() + self.eps)
+        else:
+            out = values.detach().float() * (1 - lr * weight_decay)
+            out = out - lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
         for i, s in enumerate(states):
             s["step"] += 1
             s["exp_avg"], s["exp_avg_sq"] = m[i].clone(), v[i].clone()
@@ -81,6 +109,14 @@ class SparseRowAdam:
 
     def load_state_dict(self, sd: dict) -> None:
         self.state = {k: dict(v) for k, v in sd["state"].items()}
+
+
+def _per_row(value: float | Sequence[float], n: int, device) -> torch.Tensor:
+    """A scalar or one value per row as a [n, 1, 1] tensor that broadcasts over a row's prompt."""
+    values = list(value) if isinstance(value, Sequence) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"expected {n} per-row values, got {len(values)}")
+    return torch.tensor(values, dtype=torch.float32).to(device)[:, None, None]
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, schedule: str) -> float:

@@ -13,6 +13,10 @@
     finish() -> final evaluation beside the zero-shot scores, per-task PEFT adapters, summary
                 JSON, Markdown report, loss/score curves (PNG)
 
+With `search.space` set, every task trains several variants (bank rows `<task>~<k>`, `tuner.search`):
+the sampler's draw is expanded to each task's live variants, each row steps with its own settings,
+rungs drop the weaker variants on a held-out slice, and each task's best variant is its prompt.
+
 Every rank draws the same global batch (same sampler seed) and keeps the full (small) prompt bank,
 so after the all-reduce all ranks apply identical updates; only the frozen backbone is sharded.
 The recipe knows nothing of Ray: `cluster.launch` runs it on Ray Train workers and passes hooks.
@@ -21,6 +25,7 @@ It does not claim the run directory: the entry point does that once (`tuner.job.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -48,6 +53,7 @@ from tuner.optim import SparseRowAdam, lr_at
 from tuner.prompt_bank import PromptBank, init_prompts
 from tuner.prompt_methods import SharedParams, compose_rows, make_layout, prompt_of
 from tuner.run_dir import mark_finished
+from tuner.search import SearchState, plot_search, render_search_report
 from tuner.zero import allreduce_rows_grad, world, zero_setup
 
 GlobalBatch = list[tuple[str, int]]  # (task, example index in its train split), as the sampler draws
@@ -76,6 +82,9 @@ class MultiTaskPromptTuningRecipe:
         self.step = 0
         self.history = RunHistory()
         self._bar = None  # the progress bar while train() runs (rank 0, progress=True)
+        self.search: SearchState | None = None  # in-batch variants (search.space set)
+        self.heldout: dict[str, TaskData] = {}  # task -> its held-out slice (search only)
+        self.search_scoring_s = 0.0  # wall time this process spent scoring variants at rungs
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -107,6 +116,8 @@ class MultiTaskPromptTuningRecipe:
             )
             for s in job.specs
         }
+        if cfg.search.enabled:
+            self._setup_search(names)
 
         # Replicate or ZeRO-3 (cluster.zero_stage, auto by default); under ZeRO-3 this must run
         # before loading so weights are partitioned while they load.
@@ -124,7 +135,10 @@ class MultiTaskPromptTuningRecipe:
         self.lm = PromptTunedLM(backbone, kernel=cfg.model.attn_implementation)
         self.backbone_path = path
 
-        self._setup_prompts(names, backbone.config.hidden_size)
+        if self.search:  # variant rows of the independent parameterisation (config refuses the others)
+            self._setup_variant_prompts(backbone.config.hidden_size)
+        else:
+            self._setup_prompts(names, backbone.config.hidden_size)
         o = cfg.optim
         self.sampler = MultiTaskSampler(
             {n: len(t.train) for n, t in self.tasks.items()},
@@ -150,6 +164,8 @@ class MultiTaskPromptTuningRecipe:
                 shared=self.shared,
             )
             self.step, self.history = state["step"], RunHistory.from_json(state["history"])
+            if self.search:
+                self.search.load_json(state["search"])
             self._log(f"resumed from {resume} at step {self.step}")
 
     def _setup_prompts(self, names: list[str], hidden: int) -> None:
@@ -238,6 +254,8 @@ class MultiTaskPromptTuningRecipe:
                 self._bar.set_postfix(step_postfix(metrics))
             if self.hooks.on_step:
                 self.hooks.on_step(metrics)
+            if self.search and self.search.is_rung(self.step):
+                self._search_rung()
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < o.max_steps:
                 self._record_eval(EvalPoint(self.step, self._scores(self._evaluate(tuned=True))))
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 or self.step == o.max_steps:
@@ -253,6 +271,11 @@ class MultiTaskPromptTuningRecipe:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        micro = len(global_batch) // o.grad_accum
+        micro_batches = [global_batch[m * micro : (m + 1) * micro] for m in range(o.grad_accum)]
+        if self.search:  # each drawn example once per live variant of its task, in the same micro-batch
+            micro_batches = [self.search.expand(mb) for mb in micro_batches]
+        global_batch = [x for mb in micro_batches for x in mb]
         names = sorted({t for t, _ in global_batch})  # identical on every rank
         rows = self.bank.rows_of(names)
         task_params = self.bank.gather(rows)  # leaf: the batch's per-task rows (independent: prompts)
@@ -262,13 +285,12 @@ class MultiTaskPromptTuningRecipe:
         # trained alone on them: a task's update does not depend on which other tasks share the step.
         per_task = Counter(t for t, _ in global_batch)
         task_weight = torch.tensor([1.0 / per_task[n] for n in names], device=self.device)
-        micro = len(global_batch) // o.grad_accum
         # per task: (sum of losses, examples), on the device: read back once per step, not per micro-batch
         loss_sum = torch.zeros(len(names), 2, dtype=torch.float64, device=self.device)
         tokens = 0
-        for m in range(o.grad_accum):
-            shard = global_batch[m * micro : (m + 1) * micro][self.rank :: self.world_size]
-            examples = [self.tasks[t].train[i] for t, i in shard]
+        for mb in micro_batches:
+            shard = mb[self.rank :: self.world_size]
+            examples = [self._train_example(t, i) for t, i in shard]
             batch = collate(
                 examples,
                 pos,
@@ -289,9 +311,15 @@ class MultiTaskPromptTuningRecipe:
             tokens += batch.num_text_tokens
         allreduce_rows_grad(task_params)
         lr = lr_at(self.step, o.lr, o.warmup_steps, o.max_steps, o.schedule)
-        new = self.optimizer.step(
-            names, task_params.detach(), task_params.grad, lr=lr
-        )  # on the bank's device
+        if self.search:  # every variant row with its own learning rate, decay and clipping
+            hp = self.search.row_hparams(names, self.step, o.max_steps)
+            new = self.optimizer.step(
+                names, task_params.detach(), task_params.grad, hp.lr, hp.weight_decay, hp.grad_clip
+            )
+        else:
+            new = self.optimizer.step(
+                names, task_params.detach(), task_params.grad, lr=lr
+            )  # on the bank's device
         self.bank.scatter_(rows, new)
         if shared is not None and shared.requires_grad:
             allreduce_rows_grad(shared)  # the sum over ranks of the sum over tasks
@@ -319,7 +347,7 @@ class MultiTaskPromptTuningRecipe:
     def _evaluate(self, tuned: bool) -> dict[str, dict]:
         out = {}
         for name, data in self.tasks.items():
-            prompt = self.prompt(name).to(self.device) if tuned else None
+            prompt = self.prompt(self.prompt_row(name)).to(self.device) if tuned else None
             out[name] = evaluate_task(
                 self.lm, self.tokenizer, data, prompt, self.cfg.model.max_seq_len, self.device
             )
@@ -351,6 +379,7 @@ class MultiTaskPromptTuningRecipe:
                 history=self.history.to_json(),
                 method=self.cfg.prompt.method,
                 shared=self.shared,
+                search=self.search.to_json() if self.search else None,
             )
         if self.hooks.on_checkpoint:
             self.hooks.on_checkpoint(CheckpointRecord(self.step, time.perf_counter() - t0), path)
@@ -359,6 +388,8 @@ class MultiTaskPromptTuningRecipe:
 
     def finish(self) -> dict:
         """Final eval, adapters, summary, report and curves. Returns the summary."""
+        if self.search:
+            self._search_rung(final=True)  # each task keeps one variant: its prompt from here on
         final = self._evaluate(tuned=True)
         self._record_eval(EvalPoint(self.step, self._scores(final)))
         zero = self.history.zero_shot
@@ -384,6 +415,9 @@ class MultiTaskPromptTuningRecipe:
             },
             "config": to_dict(self.cfg),
         }
+        if self.search:
+            summary["search"] = self.search.summary()
+            summary["search_scoring_s"] = self.search_scoring_s  # since this process started (or resumed)
         if self.is_main:
             for name, data in self.tasks.items():
                 spec = data.spec
@@ -391,7 +425,7 @@ class MultiTaskPromptTuningRecipe:
                     self.run_dir / "adapters",
                     TaskAdapter(
                         name,
-                        self.prompt(name),
+                        self.prompt(self.prompt_row(name)),
                         self.cfg.model.name,
                         TaskMeta.from_spec(spec, data.prefix, final[name].get("score")),
                     ),
@@ -404,8 +438,93 @@ class MultiTaskPromptTuningRecipe:
             from tuner.plots import plot_curves
 
             plot_curves(self.history, self.run_dir / "curves.png")
+            if self.search:
+                plot_search(summary["search"], self.run_dir / "search.png")
             mark_finished(self.run_dir)
         return summary
+
+    # ------------------------------------------------------------------------------------ search
+
+    def _setup_search(self, names: list[str]) -> None:
+        """Variants of every task, and each task's held-out slice (taken out of its train split)."""
+        s = self.cfg.search
+        self.search = SearchState.build(self.cfg, names)
+        for n in names:
+            try:
+                self.tasks[n], self.heldout[n] = self.tasks[n].split_heldout(
+                    s.heldout_examples, s.heldout_fraction, self.cfg.data.seed
+                )
+            except ValueError as e:
+                raise ConfigError(f"search: {e}") from None
+
+    def _setup_variant_prompts(self, hidden: int) -> None:
+        """The bank of every task's variant rows, each initialised by its own settings, and the optimiser."""
+        cfg, o = self.cfg, self.cfg.optim
+        self.layout = make_layout("independent", cfg.prompt.num_virtual_tokens, hidden)
+        self.source, self.shared = None, None
+        self.bank = PromptBank(self.search.rows(), *self.layout.row_shape)
+        self._init_variant_prompts({n: list(t.spec.verbaliser.values()) for n, t in self.tasks.items()})
+        self.bank.to(self.device)  # fp32 master copy and Adam moments stay on the device
+        self.optimizer = SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip)
+
+    def _init_variant_prompts(self, label_words: dict[str, list[str]]) -> None:
+        """Each variant row initialised by its own prompt settings (rows sharing them in one call)."""
+        groups: dict[tuple, list[str]] = {}
+        for row in self.search.rows():
+            p = self.search.variant(row).settings.prompt
+            groups.setdefault((p.init, p.init_text, p.init_std), []).append(row)
+        for (init, text, std), rows in groups.items():
+            part = PromptBank(rows, self.bank.num_virtual_tokens, self.bank.hidden_size)
+            words = {r: label_words[self.search.variant(r).task] for r in rows}
+            init_prompts(
+                part,
+                self.lm.embed,
+                self.tokenizer,
+                init,
+                label_words=words,
+                text=text,
+                std=std,
+                seed=self.cfg.data.seed,
+            )
+            for r in rows:
+                self.bank.set_prompt(r, part.prompt(r))
+
+    def _train_example(self, row: str, i: int):
+        """Example `i` of the task behind bank row `row` (a task, or one of its variants)."""
+        if not self.search:
+            return self.tasks[row].train[i]
+        return dataclasses.replace(self.tasks[self.search.variant(row).task].train[i], task=row)
+
+    def prompt_row(self, task: str) -> str:
+        """The bank row that is `task`'s prompt: the task itself, or its best variant so far."""
+        return self.search.leader(task) if self.search else task
+
+    def _search_rung(self, final: bool = False) -> None:
+        """Score the live variants of every task on its held-out slice and drop the weaker ones."""
+        t0 = time.perf_counter()
+        scores = {}
+        for row in self.search.rows_to_score(final):
+            task = self.search.variant(row).task
+            scores[row] = evaluate_task(
+                self.lm,
+                self.tokenizer,
+                self.heldout[task],
+                self.prompt(row).to(self.device),
+                self.cfg.model.max_seq_len,
+                self.device,
+            )["score"]
+        recent = self.history.steps[-10:]  # every rank logs the same all-reduced losses
+        train_loss = {
+            row: sum(v) / len(v)
+            for row in scores
+            if (v := [m.task_loss[row] for m in recent if row in m.task_loss])
+        }
+        for r in self.search.apply_rung(self.step, scores, final=final, train_loss=train_loss):
+            if len(r.scores) == 1:
+                continue  # the final score of a task decided at an earlier rung
+            kept = ", ".join(str(k) for k in r.kept)
+            self._log(f"search rung {r.rung} @ step {r.step}: {r.task} keeps variant(s) {kept}")
+        self.search_scoring_s += time.perf_counter() - t0
 
     def cleanup(self) -> None:
         self._zero = None
@@ -477,6 +596,8 @@ def render_report(summary: dict) -> str:
                 for lab, v in per.items()
             ]
             parts.append("")
+    if summary.get("search"):
+        parts.append(render_search_report(summary["search"]))
     return "\n".join(parts)
 
 

@@ -1,0 +1,246 @@
+"""Benchmark: per-task hyperparameters by in-batch search vs one hand-set configuration vs one job per variant.
+
+On the job's tasks (default: the eight of configs/multitask_all.yaml), the same steps and the same
+global batch for every run, one process each (`tuner.recipe.run`, as `promptfleet train --no-ray`):
+
+* (a) hand-set: today's default, one configuration for every task (the job's optim.lr / prompt.init);
+* (b) in-batch: `search.space` variants per task (default 3 learning rates x 2 initialisations = 6)
+  trained side by side with successive halving on a held-out slice of each task's train split;
+* (c) naive: one job per variant (`search.space` with that one value per setting: the same held-out
+  slice is taken out and scored at the end), then each task takes the variant whose job scored best
+  on its held-out slice: the same search, every variant trained for all the steps.
+
+Scores are each task's eval metric (accuracy / macro-F1 / chrF as its task file says) on the same
+seeded eval subset. Cost: wall time of training + final evaluation of each run (setup, i.e. loading
+the backbone and tokenising, is reported apart: it does not depend on the method); (a) runs first
+and again last, and its cost is the mean of the two (their spread is the machine's load drift). The table shows
+per task (a), (b), (c), (b) - (a), the configuration (b) and (c) chose; then the means and the costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import REPO, markdown_table, write_result
+from tuner.config import JobConfig, load_job_config
+from tuner.recipe import MultiTaskPromptTuningRecipe
+from tuner.search import expand_space
+
+DEFAULT_SPACE = ["optim.lr=0.003,0.01,0.03", "prompt.init=class_labels,vocab"]
+
+
+def timed_run(cfg: JobConfig) -> dict:
+    """Run `cfg` in this process; returns its summary with setup and train(+final eval) wall times."""
+    t0 = time.perf_counter()
+    recipe = MultiTaskPromptTuningRecipe(cfg, progress=False)
+    try:
+        recipe.setup()
+        t1, c1 = time.perf_counter(), time.process_time()
+        recipe.train()
+        summary = recipe.finish()
+    finally:
+        recipe.cleanup()
+    t2, c2 = time.perf_counter(), time.process_time()
+    # CPU seconds of this process beside wall time: far less sensitive to other processes on a shared machine
+    summary["setup_s"], summary["train_s"], summary["train_cpu_s"] = t1 - t0, t2 - t1, c2 - c1
+    shutil.rmtree(Path(cfg.output_dir) / cfg.name, ignore_errors=True)
+    return summary
+
+
+def parse_space(items: list[str]) -> dict[str, list]:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        out[key] = [yaml.safe_load(v) for v in raw.split(",")]
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job", default=str(REPO / "configs" / "multitask_all.yaml"))
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument(
+        "--max-train", type=int, default=4000, help="train examples per task (before the held-out slice)"
+    )
+    ap.add_argument("--eval-examples", type=int, default=200, help="seeded eval subset per task")
+    ap.add_argument(
+        "--heldout", type=int, default=64, help="held-out train examples per task for (b) and (c)"
+    )
+    ap.add_argument("--max-seq-len", type=int, default=256)
+    ap.add_argument("--eta", type=int, default=3)
+    ap.add_argument("--space", nargs="*", default=DEFAULT_SPACE, help="KEY=V1,V2 ... (per-task settings)")
+    ap.add_argument(
+        "--tasks", default="", help="comma-separated task names to keep (default: all of the job's)"
+    )
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, nothing recorded")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch_size, args.max_train = 6, 8, 60
+        args.eval_examples, args.heldout, args.max_seq_len = 8, 6, 128
+    space = parse_space(args.space)
+    out_dir = tempfile.mkdtemp(prefix="promptfleet-hp-search-")
+    common = [
+        f"output_dir={out_dir}",
+        f"optim.max_steps={args.steps}",
+        f"optim.batch_size={args.batch_size}",
+        f"data.max_train_examples={args.max_train}",
+        f"data.max_eval_examples={args.eval_examples}",
+        f"model.max_seq_len={args.max_seq_len}",
+        "model.dtype=fp32",
+        "model.attn_implementation=sdpa",
+        "cluster.num_workers=1",
+        "cluster.zero_stage=0",
+        "eval_every=0",
+        "eval_zero_shot=false",
+        "checkpoint_every=0",
+        "resume=false",
+        f"search.heldout_examples={args.heldout}",
+        f"search.eta={args.eta}",
+        *args.overrides,
+    ]
+    base = load_job_config(args.job, common)
+    if args.tasks:
+        keep = set(args.tasks.split(","))
+        base.tasks = [t for t in base.tasks if Path(t).stem in keep]
+    import copy
+
+    def job(name: str, search: dict | None) -> JobConfig:
+        cfg = copy.deepcopy(base)
+        cfg.name = name
+        cfg.search.space = search or {}
+        return cfg
+
+    runs: dict[str, dict] = {}
+    print(f"(a) hand-set: optim.lr={base.optim.lr}, prompt.init={base.prompt.init}", flush=True)
+    runs["a"] = timed_run(job("hand-set", None))
+    print(f"    {runs['a']['train_s']:.0f} s", flush=True)
+    print(f"(b) in-batch search over {space}", flush=True)
+    runs["b"] = timed_run(job("in-batch", space))
+    print(f"    {runs['b']['train_s']:.0f} s", flush=True)
+    variants = expand_space(job("probe", space))
+    naive = []
+    for k, v in enumerate(variants):
+        print(f"(c) job {k + 1}/{len(variants)}: {v.label()}", flush=True)
+        naive.append(timed_run(job(f"naive-{k}", {key: [val] for key, val in v.values.items()})))
+        print(f"    {naive[-1]['train_s']:.0f} s", flush=True)
+
+    # (a) once more at the end: on a shared machine the load drifts over a long benchmark, and the
+    # spread of the two (a) runs (same work) shows how much.
+    print("(a) again, to see the load's drift", flush=True)
+    a_again = timed_run(job("hand-set-again", None))
+    print(f"    {a_again['train_s']:.0f} s", flush=True)
+
+    names = list(runs["a"]["tasks"])
+    score = {m: {t: runs[m]["tasks"][t]["tuned"]["score"] for t in names} for m in ("a", "b")}
+    chosen_b = {t: runs["b"]["search"][t]["chosen"] for t in names}
+    chosen_c, score["c"], heldout_c = {}, {}, {}
+    for t in names:
+        held = [(r["search"][t]["variants"][0]["heldout"][-1][1], k) for k, r in enumerate(naive)]
+        best = max(held, key=lambda x: (x[0], -x[1]))[1]  # ties: the first variant, as (b) breaks them
+        chosen_c[t], score["c"][t] = variants[best].values, naive[best]["tasks"][t]["tuned"]["score"]
+        heldout_c[t] = {variants[k].label(): h for h, k in held}
+    rows = []
+    for t in names:
+        rows.append(
+            [
+                t,
+                runs["a"]["tasks"][t]["metric"],
+                f"{100 * score['a'][t]:.1f}",
+                f"{100 * score['b'][t]:.1f}",
+                f"{100 * score['c'][t]:.1f}",
+                f"{100 * (score['b'][t] - score['a'][t]):+.1f}",
+                _short(chosen_b[t]),
+                _short(chosen_c[t]),
+            ]
+        )
+    mean = {m: 100 * sum(score[m].values()) / len(names) for m in score}
+    rows.append(["mean", "", *(f"{mean[m]:.1f}" for m in "abc"), f"{mean['b'] - mean['a']:+.1f}", "", ""])
+    table = markdown_table(
+        [
+            "task",
+            "metric",
+            "(a) hand-set",
+            "(b) in-batch",
+            "(c) naive",
+            "(b) - (a)",
+            "(b) chose",
+            "(c) chose",
+        ],
+        rows,
+    )
+    cost = {
+        "a_train_s_first_last": [runs["a"]["train_s"], a_again["train_s"]],
+        "a_train_s": (runs["a"]["train_s"] + a_again["train_s"]) / 2,
+        "b_train_s": runs["b"]["train_s"],
+        "b_rung_scoring_s": runs["b"]["search_scoring_s"],  # part of b_train_s
+        "c_train_s": sum(r["train_s"] for r in naive),
+        "setup_s_each": runs["a"]["setup_s"],
+        "a_cpu_s": (runs["a"]["train_cpu_s"] + a_again["train_cpu_s"]) / 2,
+        "b_cpu_s": runs["b"]["train_cpu_s"],
+        "c_cpu_s": sum(r["train_cpu_s"] for r in naive),
+    }
+    cost["b_over_a_cpu"] = cost["b_cpu_s"] / cost["a_cpu_s"]
+    cost["c_over_b_cpu"] = cost["c_cpu_s"] / cost["b_cpu_s"]
+    cost["b_over_a"] = cost["b_train_s"] / cost["a_train_s"]
+    cost["c_over_b"] = cost["c_train_s"] / cost["b_train_s"]
+    same = sum(chosen_b[t] == chosen_c[t] for t in names)
+    print(table)
+    print(
+        f"wall time (train + final eval): (a) {cost['a_train_s']:.0f} s "
+        f"(first {runs['a']['train_s']:.0f} s, last {a_again['train_s']:.0f} s), (b) {cost['b_train_s']:.0f} s "
+        f"= {cost['b_over_a']:.2f}x (a), (c) {cost['c_train_s']:.0f} s = {cost['c_over_b']:.2f}x (b); "
+        f"(b) and (c) chose the same configuration for {same}/{len(names)} tasks"
+    )
+    print(
+        f"CPU time: (a) {cost['a_cpu_s']:.0f} s, (b) {cost['b_cpu_s']:.0f} s = {cost['b_over_a_cpu']:.2f}x (a), "
+        f"(c) {cost['c_cpu_s']:.0f} s = {cost['c_over_b_cpu']:.2f}x (b); of (b)'s wall time, "
+        f"{cost['b_rung_scoring_s']:.0f} s scored variants at rungs"
+    )
+    load = os.getloadavg()
+    result = {
+        "benchmark": "hp_search",
+        "quick": args.quick,
+        "setup": {
+            "job": str(args.job),
+            "tasks": names,
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "max_train": args.max_train,
+            "eval_examples": args.eval_examples,
+            "heldout": args.heldout,
+            "max_seq_len": args.max_seq_len,
+            "eta": args.eta,
+            "space": space,
+            "hand_set": {"optim.lr": base.optim.lr, "prompt.init": base.prompt.init},
+            "rungs": runs["b"]["config"]["search"]["rungs"] or "auto",
+            "load_avg": list(load),
+        },
+        "scores": score,
+        "mean": mean,
+        "chosen": {"b": chosen_b, "c": chosen_c},
+        "heldout_c": heldout_c,
+        "search_b": runs["b"]["search"],
+        "cost": cost,
+        "same_choice": same,
+        "table": table,
+    }
+    write_result("hp_search", result, args.quick)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result
+
+
+def _short(values: dict) -> str:
+    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""In-batch search under ZeRO-3 on 2 Ray Train ranks: a killed worker resumes mid-search.
+
+The tiny job trains 4 variants per task (2 learning rates x 2 initialisations) with rungs at steps
+3 and 9 of 12, ZeRO-3 forced (the tiny backbone would be replicated by `auto`). A worker killed after
+the first reported checkpoint (step 4, after rung 0) makes Ray Train restart the group from a
+reported checkpoint; the run must end with every step applied once, the same rung results and
+winners as an uninterrupted run, and bitwise the same adapters (same ranks, fp32, gloo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from local_ray import REPO, LocalRayCluster
+from test_fault_tolerance import applied_steps, prompts, run_train, train_cmd
+from tiny_job import write_tiny_backbone, write_tiny_job
+
+pytestmark = pytest.mark.distributed
+
+STEPS, EVERY = 12, 4
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("search-ft")
+    return write_tiny_job(
+        root / "job",
+        write_tiny_backbone(root / "backbone"),
+        optim={"max_steps": STEPS},
+        checkpoint_every=EVERY,
+        cluster={"num_workers": 2, "zero_stage": "3", "max_failures": 1},
+        search={
+            "space": {"optim.lr": [0.03, 0.3], "prompt.init": ["random", "vocab"]},
+            "rungs": [3, 9],
+            "eta": 2,
+            "heldout_examples": 4,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    cluster = LocalRayCluster.start(num_cpus=2)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_a_zero3_search_to_the_same_winners(job, ray_cluster):
+    run_train(job, ray_cluster, "name=reference")
+    reference = job.parent / "runs" / "reference"
+    ref_summary = json.loads((reference / "summary.json").read_text())
+    assert ref_summary["config"]["cluster"]["zero_stage"] == "3"
+
+    run_dir = job.parent / "runs" / "killed"
+    reported = run_dir / "ray" / "killed"
+    log = run_dir.parent / "killed.log"
+    with open(log, "w") as out:
+        driver = subprocess.Popen(
+            train_cmd(job, ray_cluster, "name=killed"),
+            cwd=REPO,
+            env=ray_cluster.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 400
+            while not list(reported.glob("checkpoint_*")):
+                assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            workers = ray_cluster.actor_pids("RayTrainWorker")
+            assert len(workers) == 2, workers
+            os.kill(workers[-1], signal.SIGKILL)
+            assert driver.wait(timeout=400) == 0, log.read_text()[-3000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    text = log.read_text()
+    resumed = re.findall(r"resumed from \S+ at step (\d+)", text)
+    assert len(set(resumed)) == 1 and int(resumed[0]) % EVERY == 0, text[-3000:]
+    assert applied_steps(run_dir) == list(range(1, STEPS + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["search"] == ref_summary["search"]
+    for t in summary["search"].values():
+        assert [v["outcome"] for v in t["variants"]].count("won") == 1
+    ref = prompts(reference)
+    for task, p in prompts(run_dir).items():
+        torch.testing.assert_close(p, ref[task], rtol=0, atol=0)

@@ -1,0 +1,266 @@
+"""In-batch hyperparameter search (`tuner.search`): expansion, halving, per-row Adam, held-out slice,
+and the recipe end to end on the tiny backbone (a variant trains as it would alone; resume keeps the search)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import tiny_job_yaml, write_tiny_tasks
+
+from cluster.launch import train_local
+from tuner.config import ConfigError, JobConfig, from_dict, load_job_config
+from tuner.optim import SparseRowAdam
+from tuner.search import SearchState, expand_space, halving_rungs
+
+SPACE = {"optim.lr": [0.01, 0.1, 1.0], "prompt.init": ["vocab", "random"]}
+
+
+def job_with(space, **over) -> JobConfig:
+    return from_dict(JobConfig, {"search": {"space": space}, **over})
+
+
+# ------------------------------------------------------------------------------ config and expansion
+
+
+def test_space_expands_to_the_cartesian_product_with_validated_sections():
+    cfg = job_with({"optim": {"lr": [0.01, 0.1]}, "prompt.init": ["vocab", "class_labels"]})
+    variants = expand_space(cfg)
+    assert [v.values for v in variants] == [
+        {"optim.lr": a, "prompt.init": b} for a in (0.01, 0.1) for b in ("vocab", "class_labels")
+    ]
+    assert [v.optim.lr for v in variants] == [0.01, 0.01, 0.1, 0.1]
+    assert variants[1].prompt.init == "class_labels" and variants[1].optim.max_steps == cfg.optim.max_steps
+
+
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ({"prompt.num_virtual_tokens": [8, 16]}, "cannot vary inside one job.*promptfleet tune"),
+        ({"optim.batch_size": [8, 16]}, "cannot vary inside one job"),
+        ({"optim.nope": [1, 2]}, "unknown setting 'optim.nope'"),
+        ({"optim.lr": [0.1, -1.0]}, r"optim.lr=-1.0: must be > 0"),
+        ({"prompt.init": ["vocab", "bogus"]}, "prompt.init='bogus'"),
+        ({"optim.lr": [0.1, 0.1]}, "distinct values"),
+    ],
+)
+def test_bad_search_spaces_are_one_line_config_errors(space, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        job_with(space)
+    assert "\n" not in str(e.value)
+
+
+def test_search_needs_the_independent_method():
+    with pytest.raises(ConfigError, match="prompt.method=independent"):
+        job_with({"optim.lr": [0.1, 0.2]}, prompt={"method": "residual"})
+
+
+def test_halving_rungs():
+    # 6 variants, eta 3: 6 -> 2 after T/9, 2 -> 1 after T/3 (the rest of training costs one variant)
+    assert halving_rungs(90, 6, 3) == [10, 30]
+    assert halving_rungs(80, 8, 2) == [10, 20, 40]
+    assert halving_rungs(90, 1, 3) == []
+    assert halving_rungs(10, 6, 3, rungs=[2, 5, 10]) == [2, 5]
+
+
+def test_state_expands_draws_halves_with_deterministic_ties_and_round_trips():
+    cfg = job_with(SPACE, optim={"max_steps": 90})
+    state = SearchState.build(cfg, ["a", "b"])
+    assert state.rungs == [10, 30] and len(state.rows()) == 12 and state.rows()[:2] == ["a~0", "a~1"]
+    assert state.expand([("a", 3)]) == [(f"a~{k}", 3) for k in range(6)]
+    scores = {f"a~{k}": s for k, s in enumerate([0.5, 0.9, 0.5, 0.9, 0.1, 0.2])}
+    scores |= {f"b~{k}": 0.3 for k in range(6)}  # all tied: the lowest indices stay
+    results = state.apply_rung(10, scores)
+    assert state.live == {"a": [1, 3], "b": [0, 1]}
+    assert [r.kept for r in results] == [[1, 3], [0, 1]]
+    assert state.leader("a") == "a~1" and state.expand([("b", 2)]) == [("b~0", 2), ("b~1", 2)]
+    hp = state.row_hparams(["a~1", "a~2"], step=0, max_steps=90)
+    assert hp.lr[0] != hp.lr[1] and len(hp.weight_decay) == 2
+
+    again = SearchState.build(cfg, ["a", "b"])
+    again.load_json(json.loads(json.dumps(state.to_json())))
+    assert again.live == state.live and again.results == state.results
+    other = SearchState.build(job_with({"optim.lr": [0.1, 0.2]}), ["a", "b"])
+    with pytest.raises(ValueError, match="another search space"):
+        other.load_json(state.to_json())
+
+    state.apply_rung(90, {r: 0.7 if r == "a~3" else 0.1 for r in state.rows_to_score(final=True)}, final=True)
+    summary = state.summary()
+    assert summary["a"]["chosen_row"] == "a~3" and summary["a"]["chosen"] == {
+        "optim.lr": 0.1,
+        "prompt.init": "random",
+    }
+    outcomes = {v["index"]: v["outcome"] for v in summary["a"]["variants"]}
+    assert outcomes[3] == "won" and outcomes[1] == "dropped at rung 1 (step 90)"
+    assert outcomes[0] == "dropped at rung 0 (step 10)"
+    assert summary["a"]["variants"][3]["heldout"] == [[10, 0.9], [90, 0.7]]
+
+
+def test_tied_scores_go_to_the_lower_training_loss_then_the_lower_index():
+    state = SearchState.build(job_with({"optim.lr": [0.01, 0.1, 1.0]}, optim={"max_steps": 90}), ["a"])
+    tied = {"a~0": 0.5, "a~1": 0.5, "a~2": 0.5}
+    state.apply_rung(10, tied, train_loss={"a~0": 2.0, "a~1": 1.5, "a~2": 1.0})
+    assert state.live["a"] == [2] and state.results[0].train_loss == {0: 2.0, 1: 1.5, 2: 1.0}
+    again = SearchState.build(job_with({"optim.lr": [0.01, 0.1, 1.0]}, optim={"max_steps": 90}), ["a"])
+    again.load_json(json.loads(json.dumps(state.to_json())))
+    assert again.results == state.results
+    no_loss = SearchState.build(job_with({"optim.lr": [0.01, 0.1, 1.0]}, optim={"max_steps": 90}), ["a"])
+    no_loss.apply_rung(10, tied)
+    assert no_loss.live["a"] == [0]
+
+
+# ------------------------------------------------------------------------------ optimiser and data
+
+
+def test_per_row_settings_equal_separate_steps_with_each_rows_own_settings():
+    torch.manual_seed(0)
+    names, values = ["a", "b", "c"], torch.randn(3, 4, 8)
+    lrs, decays, clips = [0.1, 0.01, 0.5], [0.0, 0.1, 0.01], [1.0, 0.0, 2.0]
+    joint = SparseRowAdam(lr=1.0)
+    alone = [SparseRowAdam(lrs[i], weight_decay=decays[i], grad_clip=clips[i]) for i in range(3)]
+    v_joint, v_alone = values, [values[i : i + 1] for i in range(3)]
+    for _ in range(3):  # a few steps: the moments and bias corrections too
+        g = torch.randn(3, 4, 8) * 5
+        v_joint = joint.step(names, v_joint, g, lrs, decays, clips)
+        v_alone = [opt.step([n], v, g[i : i + 1]) for i, (opt, n, v) in enumerate(zip(alone, names, v_alone))]
+        torch.testing.assert_close(v_joint, torch.cat(v_alone))
+    grads = torch.randn(3, 4, 8)
+    # a direct computation of the first step for row b: no clipping, decay then Adam's lr-sized step
+    ref = SparseRowAdam(lr=1.0)
+    first = ref.step(["b"], values[1:2], grads[1:2], [0.01], [0.1], [0.0])
+    expected = values[1] * (1 - 0.01 * 0.1) - 0.01 * grads[1] / (grads[1].abs() + 1e-8)
+    torch.testing.assert_close(first[0], expected)
+
+
+def test_heldout_slice_is_deterministic_disjoint_and_capped(tmp_path, tiny_backbone_dir):
+    from transformers import AutoTokenizer
+
+    from tuner.data import TaskData
+    from tuner.tasks import TaskSpec
+
+    (spec_path,) = write_tiny_tasks(tmp_path, n_train=40, names=("pos_neg",))
+    data = TaskData.load(TaskSpec.load(spec_path), AutoTokenizer.from_pretrained(tiny_backbone_dir))
+    rest, held = data.split_heldout(64, 0.25, seed=0)
+    rest2, held2 = data.split_heldout(64, 0.25, seed=0)
+    assert len(held.eval) == 10 and len(rest.train) == 30 and not held.train
+    assert [e.uid for e in held.eval] == [e.uid for e in held2.eval]
+    assert {e.uid for e in held.eval} | {e.uid for e in rest.train} == set(range(40))
+    assert not {e.uid for e in held.eval} & {e.uid for e in rest.train}
+    assert [t.target for t in held.eval_text] == [data.train_text[e.uid].target for e in held.eval]
+    assert {e.uid for e in data.split_heldout(64, 0.25, seed=1)[1].eval} != {e.uid for e in held.eval}
+
+
+# ------------------------------------------------------------------------------ the recipe
+
+
+def test_a_variant_steps_exactly_as_its_configuration_would_alone(tmp_path, tiny_backbone_dir):
+    """Variant k of a task, in a batch with the other variants and tasks, gets the update that a
+    plain job with k's settings makes from the same prompt on the same examples."""
+    from tuner.recipe import MultiTaskPromptTuningRecipe
+
+    tasks = write_tiny_tasks(tmp_path, n_train=16)
+    over = {
+        "optim.batch_size": 6,
+        "optim.warmup_steps": 2,
+        "optim.schedule": "linear",
+        "optim.weight_decay": 0.1,
+    }
+
+    def recipe(**more):
+        job = tiny_job_yaml(tmp_path, tiny_backbone_dir, tasks, **over, **more)
+        r = MultiTaskPromptTuningRecipe(load_job_config(job, ["cluster.num_workers=1"]), progress=False)
+        r.setup()
+        return r
+
+    search = recipe(**{"search.space": {"optim.lr": [0.01, 0.3], "optim.grad_clip": [0.0, 1.0]}})
+    assert search.bank.task_names == [f"{t}~{k}" for t in ("pos_neg", "colors") for k in range(4)]
+    draw = [("colors", 0), ("pos_neg", 1), ("colors", 2), ("pos_neg", 3), ("pos_neg", 4), ("colors", 5)]
+    settings = [search.search.variant(f"pos_neg~{k}").settings for k in range(4)]
+    assert sorted((v.optim.lr, v.optim.grad_clip) for v in settings) == [
+        (0.01, 0),
+        (0.01, 1),
+        (0.3, 0),
+        (0.3, 1),
+    ]
+    before = {r: search.bank.prompt(r).clone() for r in search.bank.task_names}
+    metrics = search.train_step(draw)
+    assert set(metrics.task_loss) == set(search.bank.task_names)
+    for k, v in enumerate(settings):
+        plain = recipe(**{"optim.lr": v.optim.lr, "optim.grad_clip": v.optim.grad_clip})
+        plain.bank.set_prompt("pos_neg", before[f"pos_neg~{k}"])
+        # the search job holds examples out of its train split: draw the same examples (by uid) in both
+        plain.train_step([(t, search.tasks[t].train[i].uid) for t, i in draw])
+        got = search.bank.prompt(f"pos_neg~{k}")
+        assert not torch.equal(got, before[f"pos_neg~{k}"])
+        torch.testing.assert_close(got, plain.bank.prompt("pos_neg"), rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, tiny_backbone_dir):
+    root = tmp_path_factory.mktemp("search")
+    tasks = write_tiny_tasks(root, n_train=48)
+    job = tiny_job_yaml(
+        root,
+        tiny_backbone_dir,
+        tasks,
+        **{
+            "optim.max_steps": 8,
+            "checkpoint_every": 4,
+            "search.space": {"optim.lr": [0.01, 0.3, 1.0], "prompt.init": ["vocab", "random"]},
+            "search.rungs": [2, 6],
+            "search.eta": 2,
+            "search.heldout_examples": 8,
+        },
+    )
+    summary = train_local(load_job_config(job, ["cluster.num_workers=1"]), progress=False)
+    return root, job, summary
+
+
+def test_search_run_exports_one_adapter_per_task_and_reports_every_variant(searched):
+    root, _, summary = searched
+    run_dir = root / "runs" / "tiny"
+    adapters = sorted(p.name for p in (run_dir / "adapters").iterdir() if not p.name.startswith("."))
+    assert adapters == ["colors", "pos_neg"]
+    assert (run_dir / "search.png").is_file()
+    report = (run_dir / "report.md").read_text()
+    for task, t in summary["search"].items():
+        outcomes = [v["outcome"] for v in t["variants"]]
+        # 6 -> 3 at step 2, 3 -> 2 at step 6, 2 -> 1 at the end (step 8)
+        assert outcomes.count("won") == 1
+        assert sum(o.startswith("dropped at rung 0") for o in outcomes) == 3
+        assert sum(o.startswith("dropped at rung 1") for o in outcomes) == 1
+        assert sum(o.startswith("dropped at rung 2") for o in outcomes) == 1
+        won = next(v for v in t["variants"] if v["outcome"] == "won")
+        assert [s for s, _ in won["heldout"]] == [2, 6, 8] and t["chosen"] == won["values"]
+        assert f"### {task}: chose" in report
+    # the adapter is the winning variant's row
+    from safetensors.torch import load_file
+
+    state_dir = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    state = json.loads((state_dir / "state.json").read_text())
+    bank = load_file(str(state_dir / "tensors.safetensors"))["bank"]
+    for task, t in summary["search"].items():
+        saved = load_file(str(run_dir / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
+        torch.testing.assert_close(saved.float(), bank[state["task_names"].index(t["chosen_row"])])
+
+
+def test_resume_mid_search_reaches_the_same_variants_and_prompts(searched):
+    """A run resumed from the step-4 checkpoint (after rung 0, before rung 1) ends where the uninterrupted one did."""
+    root, job, summary = searched
+    ref = root / "runs" / "tiny"
+    run_dir = root / "runs" / "resumed"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    info = json.loads((ref / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**info, "name": "resumed", "status": "running"}))
+    shutil.copytree(ref / "checkpoints" / "step_00000004", run_dir / "checkpoints" / "step_00000004")
+    state = json.loads((run_dir / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert [r["step"] for r in state["search"]["results"]] == [2, 2]  # rung 0 of both tasks is in it
+
+    resumed = train_local(load_job_config(job, ["cluster.num_workers=1", "name=resumed"]), progress=False)
+    assert resumed["search"] == json.loads(json.dumps(summary["search"]))
+    from safetensors.torch import load_file
+
+    for task in summary["search"]:
+        a = load_file(str(ref / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
+        b = load_file(str(run_dir / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
