@@ -5,6 +5,9 @@ vLLM, `IncrementalText.append` decodes only a short window `ids[prefix_offset:]`
 text once it no longer ends in an incomplete UTF-8 sequence. Stop strings are searched only in the
 tail that the new text can have completed; text that might be the start of a stop string is held
 back from the stream until it is known not to be one (OpenAI never streams the stop string).
+Two kinds of stop strings: the request's own (`stop`, OpenAI: they match anywhere) and its task's
+(`task_stop`, evaluation's rule `tuner.stops.find_stop`: whitespace before the answer never stops
+it), so a served answer ends where the task's evaluation cut it.
 
 Pure Python: the tokenizer enters as a `decode(ids) -> str` callable. It does not decide when a
 request finishes for other reasons (EOS, max_tokens): that is the scheduler's job.
@@ -15,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from tuner.stops import find_stop
+
 Decode = Callable[[list[int]], str]
 
 
@@ -23,7 +28,8 @@ class IncrementalText:
     """The text of one request's output so far, grown one token at a time."""
 
     decode: Decode
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # the request's (OpenAI `stop`)
+    task_stop: list[str] = field(default_factory=list)  # the task's (`TaskMeta.stop`)
     ids: list[int] = field(default_factory=list)
     text: str = ""  # full output text (cut before a stop string once one matched)
     sent: int = 0  # characters of `text` already streamed
@@ -51,6 +57,8 @@ class IncrementalText:
             i = self.text.find(s, max(0, start - len(s) + 1))
             if i >= 0:
                 hits.append(i)
+        if (i := find_stop(self.text, self.task_stop, since=start)) >= 0:
+            hits.append(i)
         if hits:
             self.text = self.text[: min(hits)]
             self.stopped = True
@@ -58,8 +66,9 @@ class IncrementalText:
     def take_delta(self, final: bool) -> str:
         """Text not yet streamed; keeps back a possible stop-string prefix unless `final`."""
         end = len(self.text)
-        if not final and self.stop:
-            end = max(self.sent, end - (max(len(s) for s in self.stop) - 1))
+        stops = self.stop + self.task_stop
+        if not final and stops:
+            end = max(self.sent, end - (max(len(s) for s in stops) - 1))
         delta = self.text[self.sent : end]
         self.sent = end
         return delta

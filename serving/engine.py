@@ -179,7 +179,7 @@ class Engine:
             "kind": meta.get("kind", "generation"),
             "num_virtual_tokens": entry.num_virtual_tokens,
         }
-        for key in ("description", "template", "verbaliser", "metric", "max_new_tokens", "score"):
+        for key in ("description", "template", "verbaliser", "metric", "max_new_tokens", "score", "stop"):
             if key in meta:
                 info[key] = meta[key]
         if info.get("verbaliser"):
@@ -208,6 +208,8 @@ class Engine:
             self.eos_token_ids,
             entry,
             tenant=req.tenant,
+            # A raw prompt bypasses the task's template, so its answer format is the client's too.
+            task_stop=[] if req.raw else list(entry.meta.stop),
         )
         stream = self._submit(sreq)
         done = False

@@ -2,7 +2,7 @@
 
 Runs on the engine thread after each step, outside the scheduler's lock. Each request's
 `IncrementalText` (created on its first token) detokenises incrementally and watches for stop
-strings; a stop string ends the request here (the caller then tells the scheduler, `finish`). EOS
+strings (the request's and its task's); a stop string ends the request here (the caller then tells the scheduler, `finish`). EOS
 counts as a completion token and is never shown. Pure Python: the tokenizer enters as `decode`.
 """
 
@@ -18,7 +18,7 @@ def to_output(update: TokenUpdate, decode: Decode) -> RequestOutput:
     req, reason = update.request, update.finish_reason
     text = req.output
     if text is None:
-        text = req.output = IncrementalText(decode, list(req.params.stop))
+        text = req.output = IncrementalText(decode, list(req.params.stop), list(req.task_stop))
     if update.token in req.eos_token_ids:
         text.ids.append(update.token)  # keeps the detokeniser's offsets in step with the output ids
     else:

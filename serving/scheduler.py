@@ -71,6 +71,7 @@ class Request:
     finish_reason: FinishReason | None = None
     output_ids: list[int] = field(default_factory=list)
     output: Any = None  # the engine's output-path state (detokeniser); the scheduler never reads it
+    task_stop: list[str] = field(default_factory=list)  # the task's stop strings, for the output path
     charge: list[float] | None = None  # [time, tokens]: this request's entry in its tenant's rate window
 
     @property

@@ -25,7 +25,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
-    stop: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # the client's; a task's own (`TaskMeta.stop`) apply too
 
 
 @dataclass
@@ -38,7 +38,9 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     arrival_time: float = field(default_factory=time.monotonic)
     tenant: str = ""  # quotas, fairness and per-tenant metrics; authorisation happens before the engine
-    raw: bool = False  # True: the prompt goes to the model as is (no task prefix/template)
+    # True: the prompt goes to the model as is (no task prefix/template) and the task's stop strings
+    # do not apply (only `params.stop`): the client owns the input format and the answer's end.
+    raw: bool = False
 
 
 @dataclass

@@ -25,6 +25,7 @@ from tuner.batching import TokenizedExample, collate
 from tuner.data import TaskData
 from tuner.model import PromptTunedLM
 from tuner.ner import entity_metrics, parse_entities
+from tuner.stops import find_stop
 from tuner.zero import world
 
 
@@ -74,10 +75,9 @@ def generation_metrics(refs: Sequence[str | Sequence[str]], hyps: list[str]) -> 
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The answer in a generated `text`: from its first non-space character to the first stop string."""
-    body = text.lstrip()
-    ends = [i for i in (body.find(s) for s in stop) if i >= 0]
-    return body[: min(ends)].strip() if ends else body.strip()
+    """The answer in a generated `text`: cut at the first stop string (`tuner.stops`), stripped."""
+    end = find_stop(text, stop)
+    return (text[:end] if end >= 0 else text).strip()
 
 
 class StopStrings(StoppingCriteria):
@@ -89,7 +89,7 @@ class StopStrings(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         # `generate(inputs_embeds=...)` hands over only the generated tokens: the text is the answer.
         texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        done = [any(s in t.lstrip() for s in self.stop) for t in texts]
+        done = [find_stop(t, self.stop) >= 0 for t in texts]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 

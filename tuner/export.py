@@ -4,7 +4,7 @@ A task directory holds:
   adapter_config.json        PEFT `PromptTuningConfig` (peft_type PROMPT_TUNING, CAUSAL_LM)
   adapter_model.safetensors  {"prompt_embeddings": [num_virtual_tokens, hidden]}
   promptfleet_task.json      what serving needs beyond PEFT (`TaskMeta`): kind, template, prefix,
-                             verbaliser, metric
+                             verbaliser, metric, stop strings
 
 `peft.PeftModel.from_pretrained(backbone, task_dir)` loads it as is. Only safetensors is ever
 read; task names are validated before they become directory names.
@@ -44,7 +44,7 @@ class TaskMeta:
     tuner (`from_spec`) and read by serving (`render` gives the model input of a request with the
     same function training used, `tuner.tasks.render_input`)."""
 
-    kind: str = "generation"  # classification | generation
+    kind: str = "generation"  # classification | generation | ner
     description: str = ""
     template: str = ""  # the task's input template; "" = the request text as is
     prefix: str = ""  # description + demonstrations, before every input (as in training)
@@ -52,6 +52,9 @@ class TaskMeta:
     metric: str = ""
     max_new_tokens: int | None = None
     score: float | None = None  # the tuned headline metric at export
+    # Where the task's answer ends (`tuner.stops`); [] = end of sequence only, as in an adapter
+    # written before stop strings existed.
+    stop: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as written
 
     @classmethod
@@ -66,7 +69,12 @@ class TaskMeta:
             metric=spec.metric,
             max_new_tokens=spec.max_new_tokens,
             score=score,
+            stop=list(spec.stop),
         )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskMeta:
