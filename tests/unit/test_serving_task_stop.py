@@ -66,6 +66,15 @@ def greedy_ids(engine, prompt: str = PROMPT) -> list[int]:
     return out
 
 
+def newline_after_text(engine, tok: NewlineTokenizer) -> tuple[list[int], int]:
+    """The greedy ids and the index `j` of their first token unlike the first, made to decode to "\\n"
+    (so the output is some text, then a newline)."""
+    want = greedy_ids(engine)
+    j = next(i for i, t in enumerate(want) if t != want[0] and t != EOS)
+    tok.newline_ids = frozenset({want[j]})
+    return want, j
+
+
 def serve(engine, *reqs) -> list[str]:
     async def main():
         await engine.start()
@@ -79,10 +88,7 @@ def serve(engine, *reqs) -> list[str]:
 
 def test_served_answer_is_evaluations_cut_answer_and_raw_prompts_are_not_cut(tmp_path):
     engine, tok = engine_with_task(tmp_path, ["\n"])
-    want = greedy_ids(engine)
-    # The first token that differs from the first one becomes "\n": some text, then a newline.
-    j = next(i for i, t in enumerate(want) if t != want[0] and t != EOS)
-    tok.newline_ids = frozenset({want[j]})
+    want, j = newline_after_text(engine, tok)
     text = tok.decode(want)
     assert text.index("\n") == j > 0
     params = SamplingParams(max_tokens=MAX_TOKENS)
@@ -117,9 +123,7 @@ def test_a_leading_newline_is_not_a_task_stop_but_is_a_request_stop(tmp_path):
 
 def test_streamed_and_whole_completions_agree_and_stop_where_evaluation_cuts(tmp_path):
     engine, tok = engine_with_task(tmp_path, ["\n"])
-    want = greedy_ids(engine)
-    j = next(i for i, t in enumerate(want) if t != want[0] and t != EOS)
-    tok.newline_ids = frozenset({want[j]})
+    want, j = newline_after_text(engine, tok)
     expected = evaluation_rule(tok.decode(want), ["\n"])
     cfg = server_config(engine.config)
     body = {"model": "t", "prompt": PROMPT, "max_tokens": MAX_TOKENS}
@@ -135,9 +139,7 @@ def test_streamed_and_whole_completions_agree_and_stop_where_evaluation_cuts(tmp
 
 def test_task_stop_applies_on_top_of_the_requests_four(tmp_path):
     engine, tok = engine_with_task(tmp_path, ["\n"])
-    want = greedy_ids(engine)
-    j = next(i for i, t in enumerate(want) if t != want[0] and t != EOS)
-    tok.newline_ids = frozenset({want[j]})
+    want, j = newline_after_text(engine, tok)
     four = ["@@1", "@@2", "@@3", "@@4"]  # the request's limit is 4; the task's stop is not counted
     (served,) = serve(engine, request("a", "t", PROMPT, max_tokens=MAX_TOKENS, stop=four))
     assert served == tok.decode(want)[:j]
