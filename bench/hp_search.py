@@ -1,7 +1,7 @@
 """Benchmark: per-task hyperparameters by in-batch search vs one hand-set configuration vs one job per variant.
 
-On the job's tasks (default: every task of configs/multitask_all.yaml: the eight shared tasks and CoNLL-2003 NER), the same steps and the same
-global batch for every run, one process each (`tuner.recipe.run`, as `promptfleet train --no-ray`):
+On the job's tasks (default: every task of configs/multitask_all.yaml, the eight shared tasks and
+CoNLL-2003 NER), the same steps and the same global batch for every run, one process each (`tuner.recipe.run`, as `promptfleet train --no-ray`):
 
 * (a) hand-set: today's default, one configuration for every task (the job's optim.lr / prompt.init);
 * (b) in-batch: `search.space` variants per task (default 3 learning rates x 2 initialisations = 6)
