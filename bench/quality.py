@@ -23,8 +23,8 @@ examples of its tasks (a step with none of them advances only the step count, so
 schedule stays on the global step), PEFT on each task's examples of each step, one optimiser step
 per global step in which the task appears. So per task every method sees the same examples in the
 same order with the same number of updates, the same learning-rate schedule, Adam betas/eps and
-per-task gradient clipping. PEFT starts from the tuner's class-label initialisation of the seed;
-its loss is the token mean of its task batch, ours the mean over a task's examples of each
+per-task gradient clipping. PEFT and `independent` start from the same prompts (the tuner's
+class-label initialisation of the seed over all tasks), `residual` from the same rows. PEFT's loss is the token mean of its task batch, ours the mean over a task's examples of each
 example's token mean (the same for single-token verbalisers).
 
 Every task is scored with its own metric (`evaluate_task(...)["score"]`: accuracy, macro-F1,
@@ -45,6 +45,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from bench.common import (
@@ -246,10 +247,19 @@ class SeedBench:
         }
 
     def ours(
-        self, tasks: list[str], draws, method: str, tag: str, source: Path | None = None
+        self,
+        tasks: list[str],
+        draws,
+        method: str,
+        tag: str,
+        *,
+        initial: dict[str, torch.Tensor] | None = None,
+        source: Path | None = None,
     ) -> tuple[dict[str, float], Path, dict[str, str]]:
         """Train `method` on `tasks` with their examples of `draws`; finish the run (a transfer source).
 
+        `initial` (independent only): start each task from this prompt, the one PEFT starts from
+        (a run over fewer tasks would draw the vocabulary tail of a class-label init differently).
         Returns its scores, its finished run directory and, with `source`, each task's source task.
         """
         cfg = self.config(tasks, tag)
@@ -266,6 +276,8 @@ class SeedBench:
 
         recipe = MultiTaskPromptTuningRecipe(cfg, hooks=RecipeHooks(on_message=note), progress=False)
         recipe.setup()
+        for t, prompt in (initial or {}).items():
+            recipe.bank.set_prompt(t, prompt)
         mine = set(tasks)
         for draw in tqdm(draws, desc=f"seed {self.seed}: {tag}", unit="step"):
             batch = [(t, i) for t, i in draw if t in mine]
@@ -311,8 +323,8 @@ class SeedBench:
         sources: dict[str, str] = {}
         if "independent" in methods or "transfer" in methods:
             a, b = halves(self.tasks)
-            sa, dir_a, _ = self.ours(a, draws, "independent", "independent-a")
-            sb, dir_b, _ = self.ours(b, draws, "independent", "independent-b")
+            sa, dir_a, _ = self.ours(a, draws, "independent", "independent-a", initial=initial)
+            sb, dir_b, _ = self.ours(b, draws, "independent", "independent-b", initial=initial)
             if "independent" in methods:
                 scores["independent"] = {**sa, **sb}
             if "transfer" in methods:
