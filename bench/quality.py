@@ -24,8 +24,9 @@ schedule stays on the global step), PEFT on each task's examples of each step, o
 per global step in which the task appears. So per task every method sees the same examples in the
 same order with the same number of updates, the same learning-rate schedule, Adam betas/eps and
 per-task gradient clipping. PEFT and `independent` start from the same prompts (the tuner's
-class-label initialisation of the seed over all tasks), `residual` from the same rows. PEFT's loss is the token mean of its task batch, ours the mean over a task's examples of each
-example's token mean (the same for single-token verbalisers).
+class-label initialisation of the seed over all tasks), `residual` from the same rows. PEFT's loss
+is the token mean of its task batch, ours the mean over a task's examples of each example's token
+mean (the same for single-token verbalisers; PEFT's collator serves multi-token targets as well).
 
 Every task is scored with its own metric (`evaluate_task(...)["score"]`: accuracy, macro-F1,
 chrF or entity F1 as its YAML says), in points, on a fixed seeded eval subset per task, the same
