@@ -277,8 +277,8 @@ class SeedBench:
 
         recipe = MultiTaskPromptTuningRecipe(cfg, hooks=RecipeHooks(on_message=note), progress=False)
         recipe.setup()
-        for t, prompt in (initial or {}).items():
-            recipe.bank.set_prompt(t, prompt)
+        for t in tasks if initial else []:
+            recipe.bank.set_prompt(t, initial[t])
         mine = set(tasks)
         for draw in tqdm(draws, desc=f"seed {self.seed}: {tag}", unit="step"):
             batch = [(t, i) for t, i in draw if t in mine]
@@ -319,6 +319,7 @@ class SeedBench:
                 ref.tokenizer.pad_token_id,
             )
         scores[PEFT] = self.score(ref, peft.prompt, PEFT)
+        print(f"seed {self.seed}: zero-shot {scores[ZERO_SHOT]}, PEFT {scores[PEFT]}", flush=True)
         del ref, peft
 
         sources: dict[str, str] = {}
