@@ -51,14 +51,16 @@ def bench_config(
     max_eval: int = 200,
     lr: float = 0.03,
     warmup: int = 4,
+    tasks: list[str] | None = None,
 ) -> JobConfig:
-    """A single-process job on the three real tasks: fp32 and SDPA (the fair pair on this CPU)."""
+    """A single-process job (fp32 and SDPA, the fair pair on this CPU) on `tasks` (task YAML paths;
+    default the three real tasks SST-2, AG News, TREC)."""
     return from_dict(
         JobConfig,
         {
             "name": name,
             "output_dir": tempfile.mkdtemp(prefix="promptfleet-bench-"),
-            "tasks": TASK_FILES,
+            "tasks": tasks or TASK_FILES,
             "model": {
                 "name": "smollm2-135m",
                 "dtype": "fp32",

@@ -1,0 +1,134 @@
+"""bench/quality.py without a model: arguments, task-set expansion and the summary arithmetic.
+
+The arithmetic is checked against sums written out in the test on hand-made scores.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.quality import (
+    OURS,
+    PEFT,
+    ZERO_SHOT,
+    SeedResult,
+    expand_methods,
+    expand_tasks,
+    halves,
+    paired,
+    parse_args,
+    render,
+    shipped_tasks,
+    verdict,
+)
+
+AVAILABLE = ["ag_news", "cb", "rte", "sst2", "trec"]
+
+
+def test_shipped_tasks_are_the_task_configs():
+    names = shipped_tasks()
+    assert {"cb", "rte", "sst2", "trec", "ag_news", "emotion", "samsum", "multi30k_en_de"} <= set(names)
+    assert names == sorted(names)
+
+
+def test_expand_tasks():
+    assert expand_tasks("all", AVAILABLE) == AVAILABLE
+    assert expand_tasks(" rte, cb ,", AVAILABLE) == ["rte", "cb"]  # order kept, blanks dropped
+    with pytest.raises(ValueError, match="no task 'mnli'"):
+        expand_tasks("cb,mnli", AVAILABLE)
+    with pytest.raises(ValueError, match="twice"):
+        expand_tasks("cb,cb", AVAILABLE)
+    with pytest.raises(ValueError, match="at least one"):
+        expand_tasks(" , ", AVAILABLE)
+
+
+def test_expand_methods_and_halves():
+    assert expand_methods("transfer,independent") == ["independent", "transfer"]  # OURS order
+    assert expand_methods(",".join(OURS)) == list(OURS)
+    with pytest.raises(ValueError, match="unknown method 'lora'"):
+        expand_methods("lora,residual")
+    assert halves(["cb", "rte", "sst2", "trec", "emotion"]) == (["cb", "sst2", "emotion"], ["rte", "trec"])
+
+
+def test_parse_args_defaults_and_errors(capsys):
+    args, tasks, methods, seeds = parse_args([])
+    assert tasks == ["sst2", "ag_news", "trec"] and methods == list(OURS) and seeds == [0, 1, 2, 3, 4, 5]
+    assert (args.steps, args.batch_size) == (80, 16)
+    _, tasks, methods, seeds = parse_args(
+        ["--tasks", "all", "--methods", "residual", "--seeds", "3,1", "--quick"]
+    )
+    assert tasks == shipped_tasks() and methods == ["residual"] and seeds == [3]
+    for argv, message in [
+        (["--tasks", "cb,nope"], "no task 'nope'"),
+        (["--methods", "prefix"], "unknown method 'prefix'"),
+        (["--seeds", "a"], "comma-separated integers"),
+        (["--tasks", "cb"], "at least two tasks"),
+        (["--steps", "0"], "--steps must be positive"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def _runs() -> list[SeedResult]:
+    # two seeds, three tasks, PEFT and two of our methods; scores in points
+    s0 = {
+        ZERO_SHOT: {"cb": 40.0, "rte": 50.0, "sst2": 70.0},
+        PEFT: {"cb": 60.0, "rte": 55.0, "sst2": 80.0},
+        "independent": {"cb": 62.0, "rte": 54.0, "sst2": 80.0},
+        "residual": {"cb": 70.0, "rte": 62.0, "sst2": 81.0},
+    }
+    s1 = {
+        ZERO_SHOT: {"cb": 42.0, "rte": 51.0, "sst2": 71.0},
+        PEFT: {"cb": 58.0, "rte": 57.0, "sst2": 82.0},
+        "independent": {"cb": 57.0, "rte": 58.0, "sst2": 83.0},
+        "residual": {"cb": 66.0, "rte": 64.0, "sst2": 81.0},
+    }
+    return [SeedResult(0, s0), SeedResult(1, s1)]
+
+
+def test_paired_differences_and_wins():
+    p = paired(_runs(), "independent", "cb")
+    assert p.diffs == [2.0, -1.0]
+    assert p.mean == pytest.approx(0.5)
+    assert p.sd == pytest.approx(math.sqrt(((2 - 0.5) ** 2 + (-1 - 0.5) ** 2) / 1))  # sample sd
+    assert p.wins == 1
+    assert paired(_runs(), "independent", "sst2").wins == 2  # a tie counts as >= PEFT
+
+
+def test_verdict_picks_the_best_method_and_checks_the_targets():
+    runs, tasks = _runs(), ["cb", "rte", "sst2"]
+    v = verdict(runs, ["independent", "residual"], tasks)
+    # residual - PEFT: cb (10 + 8) / 2 = 9, rte (7 + 7) / 2 = 7, sst2 (1 - 1) / 2 = 0
+    assert v.best == "residual"
+    assert v.mean_gain["residual"] == pytest.approx((9 + 7 + 0) / 3)
+    # independent - PEFT: cb 0.5, rte 0, sst2 0.5
+    assert v.mean_gain["independent"] == pytest.approx((0.5 + 0 + 0.5) / 3)
+    assert v.tasks_below_peft == []
+    assert v.low_resource_gain == {"cb": pytest.approx(9.0), "rte": pytest.approx(7.0)}
+    assert v.targets_met  # >= PEFT everywhere, +5.3 mean, cb and rte >= +5
+
+    # one task below PEFT fails the targets though the mean gain is large
+    runs[1].scores["residual"]["sst2"] = 70.0
+    v = verdict(runs, ["independent", "residual"], tasks)
+    assert v.best == "residual" and v.tasks_below_peft == ["sst2"] and not v.targets_met
+
+
+def test_render_tables_and_verdict_line():
+    out = render(
+        _runs(),
+        ["independent", "residual"],
+        ["cb", "rte", "sst2"],
+        {"cb": "macro_f1", "rte": "accuracy", "sst2": "accuracy"},
+    )
+    assert "| 0 | cb | macro_f1 | 40.0 | 60.0 | 62.0 | 70.0 | +2.0 | +10.0 |" in out["per_seed"]
+    assert "| cb | macro_f1 | 41.0 +- 1.4 | 59.0 +- 1.4 | 59.5 +- 3.5 | 68.0 +- 2.8 |" in out["means"]
+    assert "| rte | +0.0 +- 1.4 (1/2) | +7.0 +- 0.0 (2/2) |" in out["paired"]
+    assert "| mean over tasks | +0.3 | +5.3 |" in out["paired"]
+    assert out["verdict"].startswith("best method: residual; mean gain over PEFT +5.3 points")
+    assert (
+        "low-resource gains (target >= +5): cb +9.0, rte +7.0; targets met: yes (2 seed(s))" in out["verdict"]
+    )
