@@ -44,7 +44,7 @@ demo: setup
 
 ## test: the default suite (unit + integration + distributed; slow tier included when it fits).
 test: setup
-	$(PYTEST) -q -ra tests
+	$(PYTEST) -q -ra --durations=15 tests
 
 test-unit: setup
 	$(PYTEST) -q tests/unit
