@@ -161,25 +161,27 @@ def run_train(job: Path, cluster: LocalRayCluster, *overrides: str) -> subproces
     return proc
 
 
-@pytest.mark.slow
-def test_killed_worker_resumes_without_losing_or_repeating_steps(job, ray_cluster, reference_run):
-    run_dir = job.parent / "runs" / "killed-worker"
-    reported = run_dir / "ray" / "killed-worker"  # Ray Train's copy of each reported checkpoint
-    log = run_dir.parent / "killed-worker.log"
+def train_killing_a_worker(job: Path, cluster: LocalRayCluster, name: str) -> tuple[Path, str, str]:
+    """Train `name=<name>` on `cluster` and SIGKILL one training worker once Ray Train has recorded
+    its first checkpoint; the driver must still finish. Returns (run directory, the driver's log,
+    the run directory's newest checkpoint when the worker died)."""
+    run_dir = job.parent / "runs" / name
+    reported = run_dir / "ray" / name  # Ray Train's copy of each reported checkpoint
+    log = run_dir.parent / f"{name}.log"
     with open(log, "w") as out:
         driver = subprocess.Popen(
-            train_cmd(job, ray_cluster, "name=killed-worker"),
+            train_cmd(job, cluster, f"name={name}"),
             cwd=REPO,
-            env=ray_cluster.env,
+            env=cluster.env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
         try:
             deadline = time.monotonic() + 400
-            while not list(reported.glob("checkpoint_*")):  # wait until checkpoint 5 was reported
+            while not list(reported.glob("checkpoint_*")):  # wait until a checkpoint was reported
                 assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.05)
-            workers = ray_cluster.actor_pids("RayTrainWorker")
+            workers = cluster.actor_pids("RayTrainWorker")
             assert len(workers) == 2, workers
             os.kill(workers[-1], signal.SIGKILL)
             killed_after = ckpt.latest_checkpoint(run_dir / "checkpoints").name
@@ -187,7 +189,12 @@ def test_killed_worker_resumes_without_losing_or_repeating_steps(job, ray_cluste
         finally:
             if driver.poll() is None:
                 driver.kill()
-    text = log.read_text()
+    return run_dir, log.read_text(), killed_after
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_without_losing_or_repeating_steps(job, ray_cluster, reference_run):
+    run_dir, text, killed_after = train_killing_a_worker(job, ray_cluster, "killed-worker")
     resumed = re.findall(r"resumed from \S+ at step (\d+)", text)
     # One restart, from a reported checkpoint (Ray may echo a worker's line twice, hence the set).
     assert len(set(resumed)) == 1, text[-3000:]

@@ -10,17 +10,13 @@ winners as an uninterrupted run, and bitwise the same adapters (same ranks, fp32
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from local_ray import REPO, LocalRayCluster
-from test_fault_tolerance import applied_steps, prompts, run_train, train_cmd
+from local_ray import LocalRayCluster
+from test_fault_tolerance import applied_steps, prompts, run_train, train_killing_a_worker
 from tiny_job import write_tiny_backbone, write_tiny_job
 
 pytestmark = pytest.mark.distributed
@@ -60,30 +56,7 @@ def test_killed_worker_resumes_a_zero3_search_to_the_same_winners(job, ray_clust
     ref_summary = json.loads((reference / "summary.json").read_text())
     assert ref_summary["config"]["cluster"]["zero_stage"] == "3"
 
-    run_dir = job.parent / "runs" / "killed"
-    reported = run_dir / "ray" / "killed"
-    log = run_dir.parent / "killed.log"
-    with open(log, "w") as out:
-        driver = subprocess.Popen(
-            train_cmd(job, ray_cluster, "name=killed"),
-            cwd=REPO,
-            env=ray_cluster.env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            deadline = time.monotonic() + 400
-            while not list(reported.glob("checkpoint_*")):
-                assert driver.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.05)
-            workers = ray_cluster.actor_pids("RayTrainWorker")
-            assert len(workers) == 2, workers
-            os.kill(workers[-1], signal.SIGKILL)
-            assert driver.wait(timeout=400) == 0, log.read_text()[-3000:]
-        finally:
-            if driver.poll() is None:
-                driver.kill()
-    text = log.read_text()
+    run_dir, text, _ = train_killing_a_worker(job, ray_cluster, "killed")
     resumed = re.findall(r"resumed from \S+ at step (\d+)", text)
     assert len(set(resumed)) == 1 and int(resumed[0]) % EVERY == 0, text[-3000:]
     assert applied_steps(run_dir) == list(range(1, STEPS + 1))
