@@ -1,6 +1,7 @@
 """Benchmark: per-task quality after the same budget, for every prompt method against PEFT and zero-shot.
 
     python -m bench.quality --tasks cb,rte,sst2,trec --seeds 0,1      (JSON: bench/results/quality_methods.json)
+    python -m bench.quality --tasks all --seeds 2,3 --add              (add seeds to the recorded ones)
     python -m bench.quality --quick                                    (smoke run, nothing recorded)
 
 Methods, per seed (`--methods` picks ours; zero-shot and PEFT always run):
@@ -40,8 +41,10 @@ verdict line checks issue 14's targets for the best of our methods (highest mean
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +54,7 @@ from tqdm.auto import tqdm
 
 from bench.common import (
     REPO,
+    RESULTS,
     PeftPromptTuning,
     bench_config,
     draw_batches,
@@ -379,6 +383,12 @@ def parse_args(argv: list[str] | None = None):
         help="comma-separated replicates; each seed draws its own train/eval subsets, prompt init and batches",
     )
     ap.add_argument("--out", default="quality_methods", help="result name: bench/results/<out>.json")
+    ap.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the seeds already in bench/results/<out>.json (same setup required) and add these; "
+        "the file is rewritten after every seed, so a long run can be done a few seeds at a time",
+    )
     args = ap.parse_args(argv)
     try:
         tasks = expand_tasks(args.tasks, shipped_tasks())
@@ -391,6 +401,8 @@ def parse_args(argv: list[str] | None = None):
         ap.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     if not seeds:
         ap.error("--seeds needs at least one seed")
+    if args.add and args.quick:
+        ap.error("--add keeps recorded seeds; a --quick smoke run records nothing")
     if ("transfer" in methods) and len(tasks) < 2:
         ap.error("--methods transfer needs at least two tasks (each half is the other's source)")
     for name in ("steps", "batch_size", "eval_examples"):
@@ -399,16 +411,94 @@ def parse_args(argv: list[str] | None = None):
     return args, tasks, methods, seeds[:1] if args.quick else seeds
 
 
+def setup_of(args, tasks: list[str], methods: list[str], steps: int, n_eval: int) -> dict:
+    """What makes two runs' seeds comparable: everything but the seeds themselves."""
+    cfg = bench_config("setup", batch_size=args.batch_size, max_steps=steps)
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    o = cfg.optim
+    return {
+        "tasks": tasks,
+        "methods": [ZERO_SHOT, PEFT, *methods],
+        "transfer_halves": list(halves(tasks)),
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "lr": o.lr,
+        "warmup_steps": o.warmup_steps,
+        "schedule": o.schedule,
+        "grad_clip": o.grad_clip,
+        "max_seq_len": args.max_seq_len,
+        "num_virtual_tokens": cfg.prompt.num_virtual_tokens,
+        "init": cfg.prompt.init,
+        "eval_examples_per_task": n_eval,
+        "dtype": "fp32",
+        "attention": "sdpa",
+    }
+
+
+def earlier_seeds(path: Path, setup: dict, rerun: list[int]) -> tuple[list[SeedResult], dict[str, str]]:
+    """`--add`: the seeds of an earlier result at `path` with the same setup, less those run again now.
+
+    A long benchmark can so be run a few seeds at a time (one session each); ValueError with a
+    one-line message when the file is missing, unreadable or was run with a different setup.
+    """
+    try:
+        old = json.loads(path.read_text())
+        old_setup = {k: v for k, v in old["setup"].items() if k not in ("seeds", "metrics")}
+        runs = [SeedResult(**r) for r in old["runs"]]
+        metrics = old["setup"]["metrics"]
+    except FileNotFoundError:
+        raise ValueError(f"--add: no earlier result {path} to add to") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"--add: {path} is not a result of this benchmark ({type(e).__name__}: {e})"
+        ) from None
+    differ = sorted(k for k in set(setup) | set(old_setup) if setup.get(k) != old_setup.get(k))
+    if differ:
+        k = differ[0]
+        raise ValueError(
+            f"--add: {path} was run with {k}={old_setup.get(k)!r}, this run has {setup.get(k)!r}; "
+            "seeds of different setups do not pool"
+        )
+    return [r for r in runs if r.seed not in rerun], metrics
+
+
+def result_of(setup: dict, runs: list[SeedResult], metrics: dict[str, str], quick: bool) -> dict:
+    """The JSON record and the printed tables of `runs` (sorted by seed)."""
+    runs = sorted(runs, key=lambda r: r.seed)
+    methods, tasks = setup["methods"][2:], setup["tasks"]
+    return {
+        "benchmark": "quality_methods",
+        "quick": quick,
+        "setup": {**setup, "metrics": metrics, "seeds": [r.seed for r in runs]},
+        "verdict": asdict(verdict(runs, methods, tasks)),
+        "paired": [asdict(paired(runs, m, t)) for m in methods for t in tasks],
+        "runs": [asdict(r) for r in runs],
+        "tables": render(runs, methods, tasks, metrics),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args, tasks, methods, seeds = parse_args(argv)
     steps, n_eval = (3, 16) if args.quick else (args.steps, args.eval_examples)
+    setup = setup_of(args, tasks, methods, steps, n_eval)
     runs, metrics = [], {}
+    if args.add:
+        try:
+            runs, metrics = earlier_seeds(RESULTS / f"{args.out}.json", setup, seeds)
+        except ValueError as e:
+            raise SystemExit(f"bench.quality: {e}") from None
+        print(f"--add: keeping seeds {[r.seed for r in runs]} of bench/results/{args.out}.json", flush=True)
     for seed in seeds:
+        t0 = time.perf_counter()
         result, metrics = SeedBench(args, seed, tasks, steps, n_eval).run(methods)
         runs.append(result)
-    tables = render(runs, methods, tasks, metrics)
+        print(f"seed {seed} done in {time.perf_counter() - t0:.0f} s", flush=True)
+        # written after every seed: a run stopped part-way keeps its finished seeds (continue with --add)
+        out = result_of(setup, runs, metrics, args.quick)
+        write_result(args.out, out, args.quick)
+    tables = out["tables"]
     print(tables["per_seed"])
-    print(f"mean +- sd over {len(runs)} seed(s) {seeds}:")
+    print(f"mean +- sd over {len(runs)} seed(s) {out['setup']['seeds']}:")
     print(tables["means"])
     print("paired differences vs PEFT, mean +- sd (seeds with method >= PEFT):")
     print(tables["paired"])
@@ -416,41 +506,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"budget per seed: {steps} steps x {args.batch_size} examples; per task examples / updates by seed:"
     )
-    for r in runs:
+    for r in sorted(runs, key=lambda r: r.seed):
         print(
             f"  seed {r.seed}: {r.examples_per_task} / {r.updates_per_task}; transfer sources {r.transfer_sources}"
         )
-    cfg = bench_config("setup", batch_size=args.batch_size, max_steps=steps)
-    shutil.rmtree(cfg.output_dir, ignore_errors=True)
-    o = cfg.optim
-    out = {
-        "benchmark": "quality_methods",
-        "quick": args.quick,
-        "setup": {
-            "tasks": tasks,
-            "metrics": metrics,
-            "methods": [ZERO_SHOT, PEFT, *methods],
-            "transfer_halves": list(halves(tasks)),
-            "steps": steps,
-            "batch_size": args.batch_size,
-            "lr": o.lr,
-            "warmup_steps": o.warmup_steps,
-            "schedule": o.schedule,
-            "grad_clip": o.grad_clip,
-            "max_seq_len": args.max_seq_len,
-            "num_virtual_tokens": cfg.prompt.num_virtual_tokens,
-            "init": cfg.prompt.init,
-            "eval_examples_per_task": n_eval,
-            "seeds": seeds,
-            "dtype": "fp32",
-            "attention": "sdpa",
-        },
-        "verdict": asdict(verdict(runs, methods, tasks)),
-        "paired": [asdict(paired(runs, m, t)) for m in methods for t in tasks],
-        "runs": [asdict(r) for r in runs],
-        "tables": tables,
-    }
-    write_result(args.out, out, args.quick)
     return out
 
 

@@ -5,6 +5,7 @@ The arithmetic is checked against sums written out in the test on hand-made scor
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -14,12 +15,14 @@ from bench.quality import (
     PEFT,
     ZERO_SHOT,
     SeedResult,
+    earlier_seeds,
     expand_methods,
     expand_tasks,
     halves,
     paired,
     parse_args,
     render,
+    result_of,
     shipped_tasks,
     verdict,
 )
@@ -132,3 +135,43 @@ def test_render_tables_and_verdict_line():
     assert (
         "low-resource gains (target >= +5): cb +9.0, rte +7.0; targets met: yes (2 seed(s))" in out["verdict"]
     )
+
+
+def _setup(**change) -> dict:
+    setup = {
+        "tasks": ["cb", "rte", "sst2"],
+        "methods": [ZERO_SHOT, PEFT, "independent", "residual"],
+        "steps": 80,
+    }
+    return {**setup, **change}
+
+
+def test_add_keeps_earlier_seeds_of_the_same_setup_and_refuses_others(tmp_path):
+    metrics = {"cb": "macro_f1", "rte": "accuracy", "sst2": "accuracy"}
+    path = tmp_path / "quality_methods.json"
+    path.write_text(json.dumps(result_of(_setup(), _runs(), metrics, quick=False)))
+
+    kept, got_metrics = earlier_seeds(path, _setup(), rerun=[1, 2])
+    assert [r.seed for r in kept] == [0] and got_metrics == metrics  # seed 1 is run again now
+    assert kept[0] == _runs()[0]  # scores survive the JSON round trip exactly
+
+    # pooled: the earlier seed 0 and a new seed 1 give the same tables as one run of both
+    new = _runs()[1]
+    assert (
+        result_of(_setup(), [new, *kept], metrics, False)["tables"]
+        == result_of(_setup(), _runs(), metrics, False)["tables"]
+    )
+
+    with pytest.raises(ValueError, match=r"run with steps=80, this run has 40; seeds of different setups"):
+        earlier_seeds(path, _setup(steps=40), rerun=[])
+    with pytest.raises(ValueError, match="no earlier result"):
+        earlier_seeds(tmp_path / "absent.json", _setup(), rerun=[])
+    (tmp_path / "half.json").write_text('{"setup": {"tasks": ')  # a half-written file
+    with pytest.raises(ValueError, match="not a result of this benchmark"):
+        earlier_seeds(tmp_path / "half.json", _setup(), rerun=[])
+
+
+def test_add_with_quick_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--add", "--quick"])
+    assert "--add keeps recorded seeds" in capsys.readouterr().err
