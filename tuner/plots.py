@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from tuner.metrics import RunHistory
@@ -34,8 +35,9 @@ def plot_curves(history: RunHistory, path: str | Path) -> Path:
             ax_eval.axhline(zero[task], color=line.get_color(), linestyle=":", linewidth=1)
     ax_eval.set(title="eval score per task (dotted: zero-shot)", xlabel="step", ylabel="score")
     for ax in (ax_loss, ax_eval):
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        n = len(ax.get_legend_handles_labels()[0])
+        if n:  # a search job has a line per variant row (8 tasks x 6 variants): columns keep it inside
+            ax.legend(fontsize=8 if n <= 12 else 5, ncol=math.ceil(n / 16))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
