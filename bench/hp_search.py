@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--tasks", default="", help="comma-separated task names to keep (default: all of the job's)"
     )
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, nothing recorded")
+    ap.add_argument(
+        "--skip-naive",
+        action="store_true",
+        help="run (a), (b) and (a) again only: (b)'s cost and scores against (a) without the six (c) jobs "
+        "(written to hp_search_ab.json)",
+    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args(argv)
     if args.quick:
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"    {runs['b']['train_s']:.0f} s", flush=True)
     variants = expand_space(job("probe", space))
     naive = []
-    for k, v in enumerate(variants):
+    for k, v in enumerate([] if args.skip_naive else variants):
         print(f"(c) job {k + 1}/{len(variants)}: {v.label()}", flush=True)
         naive.append(timed_run(job(f"naive-{k}", {key: [val] for key, val in v.values.items()})))
         print(f"    {naive[-1]['train_s']:.0f} s", flush=True)
@@ -143,40 +149,40 @@ def main(argv: list[str] | None = None) -> dict:
     score = {m: {t: runs[m]["tasks"][t]["tuned"]["score"] for t in names} for m in ("a", "b")}
     chosen_b = {t: runs["b"]["search"][t]["chosen"] for t in names}
     chosen_c, score["c"], heldout_c = {}, {}, {}
-    for t in names:
+    for t in names if naive else []:
         held = [(r["search"][t]["variants"][0]["heldout"][-1][1], k) for k, r in enumerate(naive)]
         best = max(held, key=lambda x: (x[0], -x[1]))[1]  # ties: the first variant, as (b) breaks them
         chosen_c[t], score["c"][t] = variants[best].values, naive[best]["tasks"][t]["tuned"]["score"]
         heldout_c[t] = {variants[k].label(): h for h, k in held}
+    if not naive:
+        del score["c"]
+    methods = "abc" if naive else "ab"
     rows = []
     for t in names:
         rows.append(
             [
                 t,
                 runs["a"]["tasks"][t]["metric"],
-                f"{100 * score['a'][t]:.1f}",
-                f"{100 * score['b'][t]:.1f}",
-                f"{100 * score['c'][t]:.1f}",
+                *(f"{100 * score[m][t]:.1f}" for m in methods),
                 f"{100 * (score['b'][t] - score['a'][t]):+.1f}",
                 _short(chosen_b[t]),
-                _short(chosen_c[t]),
+                *([_short(chosen_c[t])] if naive else []),
             ]
         )
     mean = {m: 100 * sum(score[m].values()) / len(names) for m in score}
-    rows.append(["mean", "", *(f"{mean[m]:.1f}" for m in "abc"), f"{mean['b'] - mean['a']:+.1f}", "", ""])
-    table = markdown_table(
+    rows.append(
         [
-            "task",
-            "metric",
-            "(a) hand-set",
-            "(b) in-batch",
-            "(c) naive",
-            "(b) - (a)",
-            "(b) chose",
-            "(c) chose",
-        ],
-        rows,
+            "mean",
+            "",
+            *(f"{mean[m]:.1f}" for m in methods),
+            f"{mean['b'] - mean['a']:+.1f}",
+            "",
+            *([""] if naive else []),
+        ]
     )
+    header = ["task", "metric", "(a) hand-set", "(b) in-batch", *(["(c) naive"] if naive else [])]
+    header += ["(b) - (a)", "(b) chose", *(["(c) chose"] if naive else [])]
+    table = markdown_table(header, rows)
     cost = {
         "a_train_s_first_last": [runs["a"]["train_s"], a_again["train_s"]],
         "a_train_s": (runs["a"]["train_s"] + a_again["train_s"]) / 2,
@@ -188,23 +194,27 @@ def main(argv: list[str] | None = None) -> dict:
         "b_cpu_s": runs["b"]["train_cpu_s"],
         "c_cpu_s": sum(r["train_cpu_s"] for r in naive),
     }
+    if not naive:
+        del cost["c_train_s"], cost["c_cpu_s"]
     cost["b_over_a_cpu"] = cost["b_cpu_s"] / cost["a_cpu_s"]
-    cost["c_over_b_cpu"] = cost["c_cpu_s"] / cost["b_cpu_s"]
     cost["b_over_a"] = cost["b_train_s"] / cost["a_train_s"]
-    cost["c_over_b"] = cost["c_train_s"] / cost["b_train_s"]
-    same = sum(chosen_b[t] == chosen_c[t] for t in names)
+    if naive:
+        cost["c_over_b_cpu"] = cost["c_cpu_s"] / cost["b_cpu_s"]
+        cost["c_over_b"] = cost["c_train_s"] / cost["b_train_s"]
+    same = sum(chosen_b[t] == chosen_c[t] for t in names) if naive else None
     print(table)
-    print(
+    wall = (
         f"wall time (train + final eval): (a) {cost['a_train_s']:.0f} s "
         f"(first {runs['a']['train_s']:.0f} s, last {a_again['train_s']:.0f} s), (b) {cost['b_train_s']:.0f} s "
-        f"= {cost['b_over_a']:.2f}x (a), (c) {cost['c_train_s']:.0f} s = {cost['c_over_b']:.2f}x (b); "
-        f"(b) and (c) chose the same configuration for {same}/{len(names)} tasks"
+        f"= {cost['b_over_a']:.2f}x (a)"
     )
-    print(
-        f"CPU time: (a) {cost['a_cpu_s']:.0f} s, (b) {cost['b_cpu_s']:.0f} s = {cost['b_over_a_cpu']:.2f}x (a), "
-        f"(c) {cost['c_cpu_s']:.0f} s = {cost['c_over_b_cpu']:.2f}x (b); of (b)'s wall time, "
-        f"{cost['b_rung_scoring_s']:.0f} s scored variants at rungs"
-    )
+    cpu = f"CPU time: (a) {cost['a_cpu_s']:.0f} s, (b) {cost['b_cpu_s']:.0f} s = {cost['b_over_a_cpu']:.2f}x (a)"
+    if naive:
+        wall += f", (c) {cost['c_train_s']:.0f} s = {cost['c_over_b']:.2f}x (b); "
+        wall += f"(b) and (c) chose the same configuration for {same}/{len(names)} tasks"
+        cpu += f", (c) {cost['c_cpu_s']:.0f} s = {cost['c_over_b_cpu']:.2f}x (b)"
+    print(wall)
+    print(f"{cpu}; of (b)'s wall time, {cost['b_rung_scoring_s']:.0f} s scored variants at rungs")
     load = os.getloadavg()
     result = {
         "benchmark": "hp_search",
@@ -217,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_train": args.max_train,
             "eval_examples": args.eval_examples,
             "heldout": args.heldout,
+            "criterion": runs["b"]["config"]["search"]["criterion"],
             "max_seq_len": args.max_seq_len,
             "eta": args.eta,
             "space": space,
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         "same_choice": same,
         "table": table,
     }
-    write_result("hp_search", result, args.quick)
+    write_result("hp_search_ab" if args.skip_naive else "hp_search", result, args.quick)
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
 

@@ -251,6 +251,9 @@ class ClusterConfig:
             )
 
 
+SEARCH_CRITERIA = ("auto", "metric", "loss")
+
+
 @dataclass
 class SearchConfig:
     """In-batch hyperparameter search (`tuner.search`): every task trains several variants side by side."""
@@ -273,6 +276,13 @@ class SearchConfig:
     heldout_fraction: float = _f(
         0.2, "Cap on the held-out share of a task's train split (small tasks keep most of it for training)."
     )
+    criterion: str = _f(
+        "auto",
+        "What ranks a task's variants at a rung, on its held-out slice: metric (the task's eval metric; "
+        "generation and NER tasks decode greedily), loss (mean target NLL: one teacher-forced forward per "
+        "example, a task's live variants batched together), or auto: the metric for classification tasks, "
+        "the loss for tasks whose metric needs decoding.",
+    )
 
     def __post_init__(self) -> None:
         if self.eta < 2:
@@ -282,6 +292,10 @@ class SearchConfig:
             raise ConfigError(f"search.heldout_fraction={self.heldout_fraction!r}: must be in (0, 1)")
         if any(r <= 0 for r in self.rungs) or sorted(set(self.rungs)) != list(self.rungs):
             raise ConfigError(f"search.rungs={self.rungs!r}: must be increasing positive steps")
+        if self.criterion not in SEARCH_CRITERIA:
+            raise ConfigError(
+                f"search.criterion={self.criterion!r}: must be one of {', '.join(SEARCH_CRITERIA)}"
+            )
 
     @property
     def enabled(self) -> bool:

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from tuner import checkpoint as ckpt
-from tuner.batching import collate
 from tuner.config import ConfigError
+from tuner.evaluate import mean_target_loss
 from tuner.export import load_adapter, save_adapter
 from tuner.run_dir import RUN_FILE
 
@@ -111,7 +111,6 @@ def carry_adapters(source: SourceRun, root: Path, backbone_config) -> list[str]:
     return list(source.adapters)
 
 
-@torch.no_grad()
 def choose_sources(
     lm,
     examples: dict[str, list],
@@ -120,7 +119,6 @@ def choose_sources(
     max_len: int,
     pad_id: int,
     device: torch.device,
-    chunk: int = 16,
 ) -> dict[str, tuple[str, float]]:
     """For each new task, the candidate prompt with the lowest mean target loss on its examples.
 
@@ -131,20 +129,11 @@ def choose_sources(
         new task -> (chosen source, its mean loss); ties go to the first name in sorted order.
     """
     names = sorted(candidates)
-    P = next(iter(candidates.values())).shape[0]
     out = {}
     for task, exs in examples.items():
-        losses = []
-        for i in range(0, len(names), chunk):
-            group = names[i : i + chunk]
-            relabelled = [type(e)(c, e.input_ids, e.target_ids) for c in group for e in exs]
-            batch = collate(
-                relabelled, {c: j for j, c in enumerate(group)}, P, max_len=max_len, pad_id=pad_id
-            )
-            prompts = torch.stack([candidates[c] for c in group]).to(device)
-            seg = lm(batch.to(device), prompts).seg_loss.float().cpu()
-            per = torch.zeros(len(group)).index_add_(0, batch.seg_task.cpu(), seg)
-            losses += (per / len(exs)).tolist()
-        best = min(range(len(names)), key=lambda j: (losses[j], j))
-        out[task] = (names[best], losses[best])
+        loss = mean_target_loss(
+            lm, exs, {n: candidates[n] for n in names}, max_len=max_len, pad_id=pad_id, device=device
+        )
+        best = min(range(len(names)), key=lambda j: (loss[names[j]], j))
+        out[task] = (names[best], loss[names[best]])
     return out

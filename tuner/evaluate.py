@@ -14,6 +14,7 @@ so ranks split the examples and pad their share to the same number of batches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -233,6 +234,43 @@ def generate_greedy(
         )
         texts += tokenizer.batch_decode(out[:n_real], skip_special_tokens=True)
     return [cut_at_stop(t, stop) for t in _gather(texts)]
+
+
+@torch.no_grad()
+def mean_target_loss(
+    lm: PromptTunedLM,
+    examples: Sequence[TokenizedExample],
+    prompts: dict[str, torch.Tensor],
+    *,
+    max_len: int,
+    pad_id: int,
+    device="cpu",
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """Each prompt's mean target NLL over `examples`: the training loss (mean over examples of each
+    one's token-mean NLL), teacher-forced, so one forward per example whatever the task kind.
+
+    Several prompts share a forward (`prompts`: name -> [P, H]); ranks split the (prompt, example)
+    pairs and sum their parts, so every rank returns the same numbers.
+    """
+    names = list(prompts)
+    index = {n: j for j, n in enumerate(names)}
+    P = next(iter(prompts.values())).shape[0]
+    pairs = [(n, e) for n in names for e in examples]
+    sums = torch.zeros(len(names), dtype=torch.float64)
+    for chunk, n_real in _shard_lockstep(pairs, batch_size):
+        group = sorted({n for n, _ in chunk}, key=index.__getitem__)
+        local = {n: j for j, n in enumerate(group)}
+        batch = collate(
+            [dataclasses.replace(e, task=n) for n, e in chunk], local, P, max_len=max_len, pad_id=pad_id
+        )
+        stacked = torch.stack([prompts[n] for n in group]).to(device)
+        seg = lm(batch.to(device), stacked).seg_loss.double().cpu()
+        if n_real:  # a rank's throwaway batch (it had no pairs left) keeps the ranks in lockstep only
+            owner = torch.tensor([index[group[j]] for j in batch.seg_task.tolist()])
+            sums.index_add_(0, owner, seg)
+    total = [sum(col) for col in zip(*_gather([sums.tolist()]))]
+    return {n: total[j] / len(examples) for j, n in enumerate(names)}
 
 
 def evaluate_task(

@@ -44,7 +44,7 @@ from tuner.batching import collate
 from tuner.config import ConfigError, JobConfig, to_dict
 from tuner.continual import SourceRun, carry_adapters, choose_sources, load_source
 from tuner.data import MultiTaskSampler, TaskData
-from tuner.evaluate import evaluate_task
+from tuner.evaluate import evaluate_task, mean_target_loss
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
 from tuner.job import prepare_job
 from tuner.metrics import CheckpointRecord, EvalPoint, RunHistory, StepMetrics
@@ -417,6 +417,9 @@ class MultiTaskPromptTuningRecipe:
         }
         if self.search:
             summary["search"] = self.search.summary()
+            for task, t in summary["search"].items():  # what its held-out numbers are
+                by = self.rung_criterion(task)
+                t["criterion"] = "-loss" if by == "loss" else self.tasks[task].spec.metric
             summary["search_scoring_s"] = self.search_scoring_s  # since this process started (or resumed)
         if self.is_main:
             for name, data in self.tasks.items():
@@ -499,20 +502,41 @@ class MultiTaskPromptTuningRecipe:
         """The bank row that is `task`'s prompt: the task itself, or its best variant so far."""
         return self.search.leader(task) if self.search else task
 
+    def rung_criterion(self, task: str) -> str:
+        """`metric` or `loss`: what ranks `task`'s variants at a rung (`search.criterion`; auto: the metric
+        where it is one forward per example, the loss where the metric would decode greedily)."""
+        c = self.cfg.search.criterion
+        if c == "auto":
+            return "metric" if self.tasks[task].spec.kind == "classification" else "loss"
+        return c
+
     def _search_rung(self, final: bool = False) -> None:
         """Score the live variants of every task on its held-out slice and drop the weaker ones."""
         t0 = time.perf_counter()
-        scores = {}
+        scores, by_task = {}, {}
         for row in self.search.rows_to_score(final):
-            task = self.search.variant(row).task
-            scores[row] = evaluate_task(
-                self.lm,
-                self.tokenizer,
-                self.heldout[task],
-                self.prompt(row).to(self.device),
-                self.cfg.model.max_seq_len,
-                self.device,
-            )["score"]
+            by_task.setdefault(self.search.variant(row).task, []).append(row)
+        for task, rows in by_task.items():
+            if self.rung_criterion(task) == "loss":  # higher is better, as for a metric
+                loss = mean_target_loss(
+                    self.lm,
+                    self.heldout[task].eval,
+                    {r: self.prompt(r).to(self.device) for r in rows},
+                    max_len=self.cfg.model.max_seq_len,
+                    pad_id=self.tokenizer.pad_token_id,
+                    device=self.device,
+                )
+                scores.update({r: -loss[r] for r in rows})
+                continue
+            for row in rows:
+                scores[row] = evaluate_task(
+                    self.lm,
+                    self.tokenizer,
+                    self.heldout[task],
+                    self.prompt(row).to(self.device),
+                    self.cfg.model.max_seq_len,
+                    self.device,
+                )["score"]
         recent = self.history.steps[-10:]  # every rank logs the same all-reduced losses
         train_loss = {
             row: sum(v) / len(v)

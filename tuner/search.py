@@ -336,7 +336,10 @@ def render_search_report(search: dict[str, dict]) -> str:
         steps = sorted({s for v in t["variants"] for s, _ in v["heldout"]})
         head = "| variant | " + " | ".join(t["variants"][0]["values"]) + " | "
         head += " | ".join(f"held-out @ {s}" for s in steps) + " | outcome |"
-        parts += [f"### {task}: chose {_fmt_values(t['chosen'])}", "", head]
+        by = t.get("criterion", "score")
+        by = "minus the mean target NLL" if by == "-loss" else by
+        n_held = f"ranked at each rung by {by} on the task's held-out slice (higher is better)"
+        parts += [f"### {task}: chose {_fmt_values(t['chosen'])}", "", n_held, "", head]
         parts.append("|---" * (2 + len(t["variants"][0]["values"]) + len(steps)) + "|")
         for v in t["variants"]:
             at = dict((s, x) for s, x in v["heldout"])

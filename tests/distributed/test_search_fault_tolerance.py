@@ -1,9 +1,9 @@
 """In-batch search under ZeRO-3 on 2 Ray Train ranks: a killed worker resumes mid-search.
 
 The tiny job trains 4 variants per task (2 learning rates x 2 initialisations) with rungs at steps
-3 and 9 of 12, ZeRO-3 forced (the tiny backbone would be replicated by `auto`). A worker killed after
-the first reported checkpoint (step 4, after rung 0) makes Ray Train restart the group from a
-reported checkpoint; the run must end with every step applied once, the same rung results and
+3 and 9 of 12, ranked by held-out loss (the ranks split its forwards), ZeRO-3 forced (the tiny
+backbone would be replicated by `auto`). A worker killed after the first reported checkpoint
+(step 4, after rung 0) makes Ray Train restart the group from a reported checkpoint; the run must end with every step applied once, the same rung results and
 winners as an uninterrupted run, and bitwise the same adapters (same ranks, fp32, gloo).
 """
 
@@ -38,6 +38,7 @@ def job(tmp_path_factory) -> Path:
             "rungs": [3, 9],
             "eta": 2,
             "heldout_examples": 4,
+            "criterion": "loss",  # the ranks split the held-out forwards (mean_target_loss) and must agree
         },
     )
 

@@ -13,6 +13,7 @@ from tuner.evaluate import (
     cut_at_stop,
     generate_greedy,
     generation_metrics,
+    mean_target_loss,
     score_labels,
 )
 from tuner.model import PromptTunedLM
@@ -37,6 +38,39 @@ def test_packed_scores_equal_one_at_a_time(verbaliser):
     for ex, scores in zip(examples, batched):
         alone = score_labels(lm, tok, [ex], verbaliser, prompt, max_len=64, batch_size=1)[0]
         assert scores == pytest.approx(alone, abs=1e-4)
+
+
+def test_mean_target_loss_equals_a_direct_computation():
+    """Several prompts per forward (chunks mix them and packing reorders segments) give each prompt the mean
+    over examples of its token-mean target NLL, computed here with a plain forward per (prompt, example)."""
+    torch.manual_seed(0)
+    lm = PromptTunedLM(tiny_llama())
+    g = torch.Generator().manual_seed(1)
+    examples = [
+        TokenizedExample(
+            "t",
+            torch.randint(3, 120, (n,), generator=g).tolist(),
+            torch.randint(3, 120, (k,), generator=g).tolist(),
+        )
+        for n, k in ((3, 1), (17, 4), (8, 2), (30, 1), (5, 6))
+    ]
+    prompts = {name: torch.randn(4, 32, generator=g) * 0.1 for name in ("v0", "v1", "v2")}
+    got = mean_target_loss(lm, examples, prompts, max_len=64, pad_id=0, batch_size=4)
+
+    def direct(prompt, ex) -> float:
+        ids = torch.tensor(ex.input_ids + ex.target_ids[:-1])
+        emb = torch.cat([prompt, lm.embed(ids[None])[0]])[None]
+        logits = lm.backbone(inputs_embeds=emb).logits[0]
+        start = prompt.shape[0] + len(ex.input_ids) - 1
+        return torch.nn.functional.cross_entropy(
+            logits[start : start + len(ex.target_ids)], torch.tensor(ex.target_ids)
+        ).item()
+
+    with torch.no_grad():
+        for name, prompt in prompts.items():
+            want = sum(direct(prompt, ex) for ex in examples) / len(examples)
+            assert got[name] == pytest.approx(want, rel=1e-5)
+    assert len(set(got.values())) == 3  # each prompt scored with its own embeddings
 
 
 def test_classification_metrics():

@@ -264,3 +264,80 @@ def test_resume_mid_search_reaches_the_same_variants_and_prompts(searched):
         a = load_file(str(ref / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
         b = load_file(str(run_dir / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ rung criterion
+
+
+def test_rung_criterion_auto_decodes_only_where_the_metric_is_one_forward():
+    from types import SimpleNamespace
+
+    from tuner.recipe import MultiTaskPromptTuningRecipe as Recipe
+
+    tasks = {
+        k: SimpleNamespace(spec=SimpleNamespace(kind=k)) for k in ("classification", "generation", "ner")
+    }
+    for setting, want in [
+        ("auto", {"classification": "metric", "generation": "loss", "ner": "loss"}),
+        ("metric", dict.fromkeys(tasks, "metric")),
+        ("loss", dict.fromkeys(tasks, "loss")),
+    ]:
+        recipe = SimpleNamespace(
+            cfg=job_with(SPACE, search={"space": SPACE, "criterion": setting}), tasks=tasks
+        )
+        assert {t: Recipe.rung_criterion(recipe, t) for t in tasks} == want
+    with pytest.raises(ConfigError, match="search.criterion='f1': must be one of auto, metric, loss"):
+        job_with(SPACE, search={"space": SPACE, "criterion": "f1"})
+
+
+def test_search_ranked_by_heldout_loss(tmp_path, tiny_backbone_dir):
+    """criterion loss: each rung ranks a task's variants by minus the mean target NLL on its held-out slice,
+    and the winner's last held-out number is that of its exported prompt."""
+    from safetensors.torch import load_file
+
+    from tuner.data import TaskData
+    from tuner.evaluate import mean_target_loss
+    from tuner.recipe import MultiTaskPromptTuningRecipe
+
+    tasks = write_tiny_tasks(tmp_path, n_train=48)
+    job = tiny_job_yaml(
+        tmp_path,
+        tiny_backbone_dir,
+        tasks,
+        **{
+            "optim.max_steps": 4,
+            "checkpoint_every": 0,
+            "search.space": {"optim.lr": [0.001, 0.3, 3.0]},
+            "search.rungs": [2],
+            "search.heldout_examples": 8,
+            "search.criterion": "loss",
+        },
+    )
+    cfg = load_job_config(job, ["cluster.num_workers=1"])
+    summary = train_local(cfg, progress=False)
+    run_dir = tmp_path / "runs" / "tiny"
+    assert "ranked at each rung by minus the mean target NLL" in (run_dir / "report.md").read_text()
+    recipe = MultiTaskPromptTuningRecipe(cfg, progress=False)
+    recipe.setup()  # the same tasks, tokeniser and held-out slices as the run (a fresh run dir is not needed)
+    try:
+        for task, t in summary["search"].items():
+            assert t["criterion"] == "-loss"
+            rung0 = {v["index"]: dict(v["heldout"])[2] for v in t["variants"]}
+            assert all(x < 0 for x in rung0.values())
+            kept = [v["index"] for v in t["variants"] if not v["outcome"].startswith("dropped at rung 0")]
+            assert kept == [max(rung0, key=rung0.get)]  # 3 variants, eta 3: the best one by -loss stays
+            prompt = load_file(str(run_dir / "adapters" / task / "adapter_model.safetensors"))[
+                "prompt_embeddings"
+            ]
+            held: TaskData = recipe.heldout[task]
+            loss = mean_target_loss(
+                recipe.lm,
+                held.eval,
+                {"p": prompt.float()},
+                max_len=cfg.model.max_seq_len,
+                pad_id=recipe.tokenizer.pad_token_id,
+            )["p"]
+            won = next(v for v in t["variants"] if v["outcome"] == "won")
+            assert won["heldout"][-1] == [4, pytest.approx(-loss, rel=1e-4)]
+    finally:
+        recipe.cleanup()
