@@ -1,0 +1,75 @@
+"""bench/hp_search.py without training: how (c) picks a variant per task, the table and the cost ratios.
+
+`timed_run` is replaced by a stand-in that returns summaries shaped like the recipe's, with known numbers;
+the expected values are worked out by hand in the test.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import hp_search
+
+TASKS = ["sst2", "trec"]
+
+
+def fake_runs(monkeypatch, heldout_by_job: dict[str, dict[str, float]]):
+    calls = []
+
+    def timed_run(cfg):
+        calls.append(cfg.name)
+        k = len(calls)
+        summary = {
+            "setup_s": 1.0,
+            "train_s": 10.0 * k,
+            "train_cpu_s": 20.0 * k,
+            "config": {"search": {"rungs": [], "criterion": cfg.search.criterion}},
+            "tasks": {t: {"metric": "accuracy", "tuned": {"score": k / 100}} for t in TASKS},
+            "search_scoring_s": 3.0 if cfg.search.space else 0.0,
+        }
+        if cfg.search.space:
+            held = heldout_by_job.get(cfg.name, {})
+            summary["search"] = {
+                t: {"chosen": {"optim.lr": 0.01}, "variants": [{"heldout": [[6, held.get(t, 0.5)]]}]}
+                for t in TASKS
+            }
+        return summary
+
+    monkeypatch.setattr(hp_search, "timed_run", timed_run)
+    return calls
+
+
+def test_naive_picks_the_best_heldout_job_per_task_and_costs_add_up(monkeypatch):
+    # naive jobs 0..5 (calls 3..8); sst2 best at job 4, trec tied between jobs 1 and 2 (the first wins)
+    held = {
+        f"naive-{k}": {"sst2": 0.1 * k if k != 5 else 0.0, "trec": 0.9 if k in (1, 2) else 0.2}
+        for k in range(6)
+    }
+    calls = fake_runs(monkeypatch, held)
+    out = hp_search.main(
+        ["--quick", "--tasks", "sst2,trec", "--space", "optim.lr=0.003,0.01,0.03", "prompt.init=vocab,random"]
+    )
+    assert calls == ["hand-set", "in-batch", *(f"naive-{k}" for k in range(6)), "hand-set-again"]
+    assert out["chosen"]["c"]["sst2"] == {"optim.lr": 0.03, "prompt.init": "vocab"}  # job 4
+    assert out["chosen"]["c"]["trec"] == {"optim.lr": 0.003, "prompt.init": "random"}  # job 1 (tie with 2)
+    assert out["scores"]["c"] == {"sst2": 0.07, "trec": 0.04}  # scores of calls 7 and 4
+    c = out["cost"]
+    assert (
+        c["a_train_s"] == (10 + 90) / 2 and c["b_train_s"] == 20 and c["c_train_s"] == sum(range(30, 90, 10))
+    )
+    assert c["b_over_a"] == pytest.approx(20 / 50) and c["c_over_b"] == pytest.approx(330 / 20)
+    assert c["c_over_b_cpu"] == pytest.approx(660 / 40) and c["b_rung_scoring_s"] == 3.0
+    assert "| mean |  | 1.0 | 2.0 | 5.5 | +1.0 |  |  |" in out["table"]
+
+
+def test_skip_naive_runs_a_b_a_and_leaves_c_out(monkeypatch):
+    calls = fake_runs(monkeypatch, {})
+    out = hp_search.main(["--quick", "--skip-naive", "--tasks", "sst2,trec"])
+    assert calls == ["hand-set", "in-batch", "hand-set-again"]
+    assert set(out["scores"]) == {"a", "b"} and out["same_choice"] is None
+    assert "c_train_s" not in out["cost"] and out["cost"]["b_over_a"] == pytest.approx(20 / 20)
+    assert (
+        out["table"].splitlines()[0]
+        == "| task | metric | (a) hand-set | (b) in-batch | (b) - (a) | (b) chose |"
+    )
+    assert out["setup"]["criterion"] == "auto"
