@@ -215,6 +215,14 @@ def machine_info() -> dict:
     }
 
 
+PERCENT_METRICS = frozenset({"chrf", "rouge_l"})  # sacrebleu / rouge report these on 0-100 already
+
+
+def points(metric: str, value: float) -> float:
+    """A task's score in points (0-100): metrics on 0-1 (accuracy, F1) times 100, chrF / ROUGE-L as they are."""
+    return value if metric in PERCENT_METRICS else 100 * value
+
+
 def write_result(name: str, result: dict, quick: bool) -> Path:
     """Write `bench/results/<name>.json`; a `--quick` smoke run goes to a temp dir instead (never recorded)."""
     folder = Path(tempfile.gettempdir()) / "promptfleet-bench-quick" if quick else RESULTS

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import REPO, markdown_table, write_result
+from bench.common import REPO, markdown_table, points, write_result
 from tuner.config import JobConfig, load_job_config
 from tuner.recipe import MultiTaskPromptTuningRecipe
 from tuner.search import expand_space
@@ -146,13 +146,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"    {a_again['train_s']:.0f} s", flush=True)
 
     names = list(runs["a"]["tasks"])
-    score = {m: {t: runs[m]["tasks"][t]["tuned"]["score"] for t in names} for m in ("a", "b")}
+
+    def pts(run: dict, t: str) -> float:  # in points: accuracy and F1 x 100, chrF as it is
+        return points(run["tasks"][t]["metric"], run["tasks"][t]["tuned"]["score"])
+
+    score = {m: {t: pts(runs[m], t) for t in names} for m in ("a", "b")}
     chosen_b = {t: runs["b"]["search"][t]["chosen"] for t in names}
     chosen_c, score["c"], heldout_c = {}, {}, {}
     for t in names if naive else []:
         held = [(r["search"][t]["variants"][0]["heldout"][-1][1], k) for k, r in enumerate(naive)]
         best = max(held, key=lambda x: (x[0], -x[1]))[1]  # ties: the first variant, as (b) breaks them
-        chosen_c[t], score["c"][t] = variants[best].values, naive[best]["tasks"][t]["tuned"]["score"]
+        chosen_c[t], score["c"][t] = variants[best].values, pts(naive[best], t)
         heldout_c[t] = {variants[k].label(): h for h, k in held}
     if not naive:
         del score["c"]
@@ -163,13 +167,13 @@ def main(argv: list[str] | None = None) -> dict:
             [
                 t,
                 runs["a"]["tasks"][t]["metric"],
-                *(f"{100 * score[m][t]:.1f}" for m in methods),
-                f"{100 * (score['b'][t] - score['a'][t]):+.1f}",
+                *(f"{score[m][t]:.1f}" for m in methods),
+                f"{score['b'][t] - score['a'][t]:+.1f}",
                 _short(chosen_b[t]),
                 *([_short(chosen_c[t])] if naive else []),
             ]
         )
-    mean = {m: 100 * sum(score[m].values()) / len(names) for m in score}
+    mean = {m: sum(score[m].values()) / len(names) for m in score}
     rows.append(
         [
             "mean",

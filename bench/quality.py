@@ -60,6 +60,7 @@ from bench.common import (
     draw_batches,
     examples_by_task,
     markdown_table,
+    points,
     setup_recipe,
     write_result,
 )
@@ -247,7 +248,10 @@ class SeedBench:
     def score(self, recipe: MultiTaskPromptTuningRecipe, prompt_of, what: str) -> dict[str, float]:
         L = recipe.cfg.model.max_seq_len
         return {
-            t: 100 * evaluate_task(recipe.lm, recipe.tokenizer, recipe.tasks[t], prompt_of(t), L)["score"]
+            t: points(
+                recipe.tasks[t].spec.metric,
+                evaluate_task(recipe.lm, recipe.tokenizer, recipe.tasks[t], prompt_of(t), L)["score"],
+            )
             for t in tqdm(list(recipe.tasks), desc=f"seed {self.seed}: evaluate {what}", unit="task")
         }
 
@@ -292,7 +296,9 @@ class SeedBench:
                 recipe.step += 1  # no example of these tasks: the schedule still follows the global step
         recipe.save_checkpoint()
         summary = recipe.finish()  # evaluates every task with evaluate_task, writes the adapters
-        scores = {t: 100 * summary["tasks"][t]["tuned"]["score"] for t in tasks}
+        scores = {
+            t: points(summary["tasks"][t]["metric"], summary["tasks"][t]["tuned"]["score"]) for t in tasks
+        }
         print(f"seed {self.seed} {tag}: {scores} sources {chosen}", flush=True)
         return scores, recipe.run_dir, chosen
 

@@ -52,7 +52,7 @@ def test_naive_picks_the_best_heldout_job_per_task_and_costs_add_up(monkeypatch)
     assert calls == ["hand-set", "in-batch", *(f"naive-{k}" for k in range(6)), "hand-set-again"]
     assert out["chosen"]["c"]["sst2"] == {"optim.lr": 0.03, "prompt.init": "vocab"}  # job 4
     assert out["chosen"]["c"]["trec"] == {"optim.lr": 0.003, "prompt.init": "random"}  # job 1 (tie with 2)
-    assert out["scores"]["c"] == {"sst2": 0.07, "trec": 0.04}  # scores of calls 7 and 4
+    assert out["scores"]["c"] == pytest.approx({"sst2": 7.0, "trec": 4.0})  # calls 7 and 4, in points
     c = out["cost"]
     assert (
         c["a_train_s"] == (10 + 90) / 2 and c["b_train_s"] == 20 and c["c_train_s"] == sum(range(30, 90, 10))
@@ -73,3 +73,11 @@ def test_skip_naive_runs_a_b_a_and_leaves_c_out(monkeypatch):
         == "| task | metric | (a) hand-set | (b) in-batch | (b) - (a) | (b) chose |"
     )
     assert out["setup"]["criterion"] == "auto"
+
+
+def test_points_put_every_metric_on_0_to_100():
+    from bench.common import points
+
+    assert points("accuracy", 0.731) == pytest.approx(73.1) and points("macro_f1", 0.5) == 50.0
+    assert points("entity_f1", 0.25) == 25.0
+    assert points("chrf", 17.8) == 17.8 and points("rouge_l", 21.0) == 21.0  # already in points
