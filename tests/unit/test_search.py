@@ -195,22 +195,24 @@ def test_a_variant_steps_exactly_as_its_configuration_would_alone(tmp_path, tiny
         torch.testing.assert_close(got, plain.bank.prompt("pos_neg"), rtol=1e-4, atol=1e-6)
 
 
+def tiny_search_job(root, backbone, steps: int, checkpoint_every: int, **search):
+    """A job YAML over the two tiny tasks (48 train examples each, 8 held out) with `search.<key>` settings."""
+    tasks = write_tiny_tasks(root, n_train=48)
+    settings = {"optim.max_steps": steps, "checkpoint_every": checkpoint_every, "search.heldout_examples": 8}
+    return tiny_job_yaml(root, backbone, tasks, **settings, **{f"search.{k}": v for k, v in search.items()})
+
+
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory, tiny_backbone_dir):
     root = tmp_path_factory.mktemp("search")
-    tasks = write_tiny_tasks(root, n_train=48)
-    job = tiny_job_yaml(
+    job = tiny_search_job(
         root,
         tiny_backbone_dir,
-        tasks,
-        **{
-            "optim.max_steps": 8,
-            "checkpoint_every": 4,
-            "search.space": {"optim.lr": [0.01, 0.3, 1.0], "prompt.init": ["vocab", "random"]},
-            "search.rungs": [2, 6],
-            "search.eta": 2,
-            "search.heldout_examples": 8,
-        },
+        steps=8,
+        checkpoint_every=4,
+        space={"optim.lr": [0.01, 0.3, 1.0], "prompt.init": ["vocab", "random"]},
+        rungs=[2, 6],
+        eta=2,
     )
     summary = train_local(load_job_config(job, ["cluster.num_workers=1"]), progress=False)
     return root, job, summary
@@ -299,19 +301,14 @@ def test_search_ranked_by_heldout_loss(tmp_path, tiny_backbone_dir):
     from tuner.evaluate import mean_target_loss
     from tuner.recipe import MultiTaskPromptTuningRecipe
 
-    tasks = write_tiny_tasks(tmp_path, n_train=48)
-    job = tiny_job_yaml(
+    job = tiny_search_job(
         tmp_path,
         tiny_backbone_dir,
-        tasks,
-        **{
-            "optim.max_steps": 4,
-            "checkpoint_every": 0,
-            "search.space": {"optim.lr": [0.001, 0.3, 3.0]},
-            "search.rungs": [2],
-            "search.heldout_examples": 8,
-            "search.criterion": "loss",
-        },
+        steps=4,
+        checkpoint_every=0,
+        space={"optim.lr": [0.001, 0.3, 3.0]},
+        rungs=[2],
+        criterion="loss",
     )
     cfg = load_job_config(job, ["cluster.num_workers=1"])
     summary = train_local(cfg, progress=False)
