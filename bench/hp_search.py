@@ -10,8 +10,9 @@ CoNLL-2003 NER), the same steps and the same global batch for every run, one pro
   slice is taken out and scored at the end), then each task takes the variant whose job scored best
   on its held-out slice: the same search, every variant trained for all the steps.
 
-Scores are each task's eval metric (accuracy / macro-F1 / chrF as its task file says) on the same
-seeded eval subset. Cost: wall time of training + final evaluation of each run (setup, i.e. loading
+Scores are each task's eval metric (accuracy / macro-F1 / chrF as its task file says, in points) on
+the same seeded eval subset; rungs rank variants by `search.criterion` (pass `search.criterion=...`
+as an override to change it for (b) and (c) alike). `--skip-naive` runs (a), (b), (a) only. Cost: wall time of training + final evaluation of each run (setup, i.e. loading
 the backbone and tokenising, is reported apart: it does not depend on the method); (a) runs first
 and again last, and its cost is the mean of the two (their spread is the machine's load drift). The table shows
 per task (a), (b), (c), (b) - (a), the configuration (b) and (c) chose; then the means and the costs.
