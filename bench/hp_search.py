@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
             "eval_examples": args.eval_examples,
             "heldout": args.heldout,
             "criterion": runs["b"]["config"]["search"]["criterion"],
+            "heldout_schedule": runs["b"]["config"]["search"].get("heldout_schedule", "fixed"),
             "max_seq_len": args.max_seq_len,
             "eta": args.eta,
             "space": space,

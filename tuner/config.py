@@ -252,6 +252,7 @@ class ClusterConfig:
 
 
 SEARCH_CRITERIA = ("auto", "metric", "loss")
+HELDOUT_SCHEDULES = ("grow", "fixed")
 
 
 @dataclass
@@ -276,6 +277,13 @@ class SearchConfig:
     heldout_fraction: float = _f(
         0.2, "Cap on the held-out share of a task's train split (small tasks keep most of it for training)."
     )
+    heldout_schedule: str = _f(
+        "grow",
+        "How many held-out examples a rung scores: grow (the first heldout_examples x step / last-rung step "
+        "of the shuffled slice, at least 16: the many variants of early rungs have trained little and are "
+        "scored on fewer examples, as successive halving gives them fewer steps, so scoring stays a bounded "
+        "share of the run; the last rung and the end score the whole slice) or fixed (every rung, all of it).",
+    )
     criterion: str = _f(
         "auto",
         "What ranks a task's variants at a rung, on its held-out slice: metric (the task's eval metric; "
@@ -292,6 +300,10 @@ class SearchConfig:
             raise ConfigError(f"search.heldout_fraction={self.heldout_fraction!r}: must be in (0, 1)")
         if any(r <= 0 for r in self.rungs) or sorted(set(self.rungs)) != list(self.rungs):
             raise ConfigError(f"search.rungs={self.rungs!r}: must be increasing positive steps")
+        if self.heldout_schedule not in HELDOUT_SCHEDULES:
+            raise ConfigError(
+                f"search.heldout_schedule={self.heldout_schedule!r}: must be one of {', '.join(HELDOUT_SCHEDULES)}"
+            )
         if self.criterion not in SEARCH_CRITERIA:
             raise ConfigError(
                 f"search.criterion={self.criterion!r}: must be one of {', '.join(SEARCH_CRITERIA)}"

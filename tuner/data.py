@@ -52,7 +52,8 @@ class TaskData:
         """Hold out min(n, fraction of the train split) train examples, chosen by a seeded shuffle.
 
         Returns (this task with the rest as its train split, a view whose *eval* split is the
-        held-out slice). Training never sees the slice; scoring it needs no other code than the eval.
+        held-out slice, in the shuffled order: any prefix of it is a random sample, so a search rung
+        can score the first k). Training never sees the slice; scoring it needs no other code than the eval.
         """
         k = min(n, int(len(self.train) * fraction))
         if k < 1 or k >= len(self.train):
@@ -60,9 +61,9 @@ class TaskData:
                 f"task {self.spec.name}: {len(self.train)} train examples are too few for a held-out slice"
             )
         g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/heldout/{self.spec.name}".encode()))
-        held = set(torch.randperm(len(self.train), generator=g)[:k].tolist())
+        out = torch.randperm(len(self.train), generator=g)[:k].tolist()
+        held = set(out)
         keep = [i for i in range(len(self.train)) if i not in held]
-        out = sorted(held)
         texts = self.train_text or [None] * len(self.train)
         rest = TaskData(
             self.spec,

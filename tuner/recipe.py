@@ -513,14 +513,17 @@ class MultiTaskPromptTuningRecipe:
     def _search_rung(self, final: bool = False) -> None:
         """Score the live variants of every task on its held-out slice and drop the weaker ones."""
         t0 = time.perf_counter()
-        scores, by_task = {}, {}
+        scores, by_task, examples = {}, {}, {}
         for row in self.search.rows_to_score(final):
             by_task.setdefault(self.search.variant(row).task, []).append(row)
         for task, rows in by_task.items():
+            full = self.heldout[task]
+            n = examples[task] = self.search.heldout_size(self.step, len(full.eval), final)
+            held = dataclasses.replace(full, eval=full.eval[:n], eval_text=full.eval_text[:n])
             if self.rung_criterion(task) == "loss":  # higher is better, as for a metric
                 loss = mean_target_loss(
                     self.lm,
-                    self.heldout[task].eval,
+                    held.eval,
                     {r: self.prompt(r).to(self.device) for r in rows},
                     max_len=self.cfg.model.max_seq_len,
                     pad_id=self.tokenizer.pad_token_id,
@@ -532,7 +535,7 @@ class MultiTaskPromptTuningRecipe:
                 scores[row] = evaluate_task(
                     self.lm,
                     self.tokenizer,
-                    self.heldout[task],
+                    held,
                     self.prompt(row).to(self.device),
                     self.cfg.model.max_seq_len,
                     self.device,
@@ -543,11 +546,17 @@ class MultiTaskPromptTuningRecipe:
             for row in scores
             if (v := [m.task_loss[row] for m in recent if row in m.task_loss])
         }
-        for r in self.search.apply_rung(self.step, scores, final=final, train_loss=train_loss):
+        results = self.search.apply_rung(
+            self.step, scores, final=final, train_loss=train_loss, examples=examples
+        )
+        for r in results:
             if len(r.scores) == 1:
                 continue  # the final score of a task decided at an earlier rung
             kept = ", ".join(str(k) for k in r.kept)
-            self._log(f"search rung {r.rung} @ step {r.step}: {r.task} keeps variant(s) {kept}")
+            self._log(
+                f"search rung {r.rung} @ step {r.step}: {r.task} keeps variant(s) {kept} "
+                f"({r.examples} held-out examples)"
+            )
         self.search_scoring_s += time.perf_counter() - t0
 
     def cleanup(self) -> None:

@@ -10,7 +10,12 @@ mixed batch; each row gets its own learning rate, schedule, weight decay and cli
 
 Successive halving (as ASHA's synchronous form): after each rung step the live variants of a task
 are scored on a held-out slice of its train split (`tuner.data.TaskData.split_heldout`) and the best
-ceil(n / eta) stay (ties: the lower variant index, so every rank agrees). At the end each task
+ceil(n / eta) stay (ties: the lower training loss, then the lower variant index, so every rank
+agrees). With `search.heldout_schedule: grow` (the default) a rung scores only the first
+n x step / last-rung step of the (shuffled) slice, at least 16 (`SearchState.heldout_size`): scoring is
+held-out forwards per live variant, so at fixed n it grows with the number of variants, not with the
+training they had; growing n with the steps keeps it a bounded share of the run, as halving does for
+training. At the end each task
 keeps one variant, whose prompt becomes the task's adapter; everything else (export, serving)
 sees one adapter per task. The state is plain JSON, saved in every checkpoint.
 
@@ -31,6 +36,7 @@ from typing import Any
 
 from tuner.config import ConfigError, JobConfig, OptimConfig, PromptConfig
 
+MIN_HELDOUT = 16  # the fewest held-out examples a rung scores under search.heldout_schedule grow
 SEP = "~"  # variant rows are `<task>~<k>`; `validate_name` keeps `~` out of task names
 
 # Settings each prompt-bank row can have its own value of, in one batch.
@@ -90,6 +96,7 @@ class RungResult:
     # variant index -> its mean training loss over its last logged steps: breaks ties of held-out score
     # (a small held-out slice often scores several variants the same)
     train_loss: dict[int, float] = field(default_factory=dict)
+    examples: int = 0  # held-out examples scored (0: not recorded, a checkpoint from before the schedule)
 
 
 def flatten_space(space: dict[str, Any]) -> dict[str, list]:
@@ -174,13 +181,15 @@ class SearchState:
     rungs: list[int]  # steps after which variants are halved
     live: dict[str, list[int]] = field(default_factory=dict)  # task -> live variant indices
     results: list[RungResult] = field(default_factory=list)
+    heldout_schedule: str = "fixed"  # `search.heldout_schedule`: grow | fixed
 
     @classmethod
     def build(cls, cfg: JobConfig, tasks: Sequence[str]) -> SearchState:
         settings = expand_space(cfg)
         variants = {t: [Variant(t, k, s) for k, s in enumerate(settings)] for t in tasks}
         rungs = halving_rungs(cfg.optim.max_steps, len(settings), cfg.search.eta, cfg.search.rungs)
-        return cls(variants, cfg.search.eta, rungs, {t: list(range(len(settings))) for t in tasks})
+        live = {t: list(range(len(settings))) for t in tasks}
+        return cls(variants, cfg.search.eta, rungs, live, heldout_schedule=cfg.search.heldout_schedule)
 
     # ------------------------------------------------------------------ rows
 
@@ -224,6 +233,16 @@ class SearchState:
     def is_rung(self, step: int) -> bool:
         return step in self.rungs
 
+    def heldout_size(self, step: int, available: int, final: bool = False) -> int:
+        """How many of a task's `available` held-out examples the rung after `step` scores (the first ones).
+
+        grow: available x step / last rung step, at least MIN_HELDOUT (never more than there are); the
+        last rung and the final selection score all of them. fixed: all of them at every rung.
+        """
+        if self.heldout_schedule == "fixed" or final or not self.rungs or step >= self.rungs[-1]:
+            return available
+        return min(available, max(MIN_HELDOUT, math.ceil(available * step / self.rungs[-1])))
+
     def rows_to_score(self, final: bool = False) -> list[str]:
         """Rows a rung scores: the live variants of tasks that still have several (`final`: of every task,
         so each winner's held-out curve ends at the last step)."""
@@ -235,12 +254,14 @@ class SearchState:
         scores: dict[str, float],
         final: bool = False,
         train_loss: dict[str, float] | None = None,
+        examples: dict[str, int] | None = None,
     ) -> list[RungResult]:
         """Record `scores` (row -> held-out score) and keep each task's best ceil(n / eta) (1 when `final`).
 
         Equal scores go to the lower `train_loss` (row -> recent training loss), then the lower index.
+        `examples` (task -> held-out examples scored) is recorded for the report.
         """
-        train_loss = train_loss or {}
+        train_loss, examples = train_loss or {}, examples or {}
         rung = len({r.step for r in self.results})
         out = []
         for task in self.variants:
@@ -252,7 +273,7 @@ class SearchState:
             keep = 1 if final else max(1, math.ceil(len(live) / self.eta))
             kept = sorted(_ranked(got, loss)[:keep])
             self.live[task] = kept
-            out.append(RungResult(rung, step, task, got, kept, loss))
+            out.append(RungResult(rung, step, task, got, kept, loss, examples.get(task, 0)))
         self.results += out
         return out
 
@@ -289,6 +310,7 @@ class SearchState:
                 {int(k): v for k, v in r["scores"].items()},
                 r["kept"],
                 {int(k): v for k, v in r.get("train_loss", {}).items()},
+                r.get("examples", 0),
             )
             for r in data["results"]
         ]
@@ -318,7 +340,13 @@ class SearchState:
                         "outcome": outcome,
                     }
                 )
-            out[task] = {"chosen": win.settings.values, "chosen_row": win.row, "variants": rows}
+            out[task] = {
+                "chosen": win.settings.values,
+                "chosen_row": win.row,
+                "variants": rows,
+                # step -> held-out examples its rung scored (grow: fewer at the early rungs)
+                "heldout_examples": {str(r.step): r.examples for r in results if r.examples},
+            }
         return out
 
 
@@ -339,6 +367,8 @@ def render_search_report(search: dict[str, dict]) -> str:
         by = t.get("criterion", "score")
         by = "minus the mean target NLL" if by == "-loss" else by
         n_held = f"ranked at each rung by {by} on the task's held-out slice (higher is better)"
+        if counts := t.get("heldout_examples"):
+            n_held += "; examples scored: " + ", ".join(f"{n} @ step {s}" for s, n in counts.items())
         parts += [f"### {task}: chose {_fmt_values(t['chosen'])}", "", n_held, "", head]
         parts.append("|---" * (2 + len(t["variants"][0]["values"]) + len(steps)) + "|")
         for v in t["variants"]:

@@ -63,6 +63,22 @@ def test_halving_rungs():
     assert halving_rungs(10, 6, 3, rungs=[2, 5, 10]) == [2, 5]
 
 
+def test_heldout_schedule_grows_with_the_steps_to_the_whole_slice_at_the_last_rung():
+    cfg = job_with(SPACE, optim={"max_steps": 90})  # 6 variants, eta 3: rungs after steps 10 and 30
+    state = SearchState.build(cfg, ["a"])
+    assert state.rungs == [10, 30] and state.heldout_schedule == "grow"
+    assert state.heldout_size(10, 64) == 22  # ceil(64 x 10 / 30)
+    assert state.heldout_size(30, 64) == 64 and state.heldout_size(90, 64, final=True) == 64
+    assert state.heldout_size(10, 30) == 16  # never below 16 ...
+    assert state.heldout_size(10, 9) == 9  # ... nor above what the slice holds
+    fixed = SearchState.build(
+        job_with(SPACE, optim={"max_steps": 90}, search={"space": SPACE, "heldout_schedule": "fixed"}), ["a"]
+    )
+    assert fixed.heldout_size(10, 64) == 64
+    with pytest.raises(ConfigError, match="search.heldout_schedule='half': must be one of grow, fixed"):
+        job_with(SPACE, search={"space": SPACE, "heldout_schedule": "half"})
+
+
 def test_state_expands_draws_halves_with_deterministic_ties_and_round_trips():
     cfg = job_with(SPACE, optim={"max_steps": 90})
     state = SearchState.build(cfg, ["a", "b"])
@@ -144,6 +160,8 @@ def test_heldout_slice_is_deterministic_disjoint_and_capped(tmp_path, tiny_backb
     rest2, held2 = data.split_heldout(64, 0.25, seed=0)
     assert len(held.eval) == 10 and len(rest.train) == 30 and not held.train
     assert [e.uid for e in held.eval] == [e.uid for e in held2.eval]
+    # in the shuffled order, so that a rung scoring the first k scores a random sample
+    assert [e.uid for e in held.eval] != sorted(e.uid for e in held.eval)
     assert {e.uid for e in held.eval} | {e.uid for e in rest.train} == set(range(40))
     assert not {e.uid for e in held.eval} & {e.uid for e in rest.train}
     assert [t.target for t in held.eval_text] == [data.train_text[e.uid].target for e in held.eval]
@@ -195,11 +213,13 @@ def test_a_variant_steps_exactly_as_its_configuration_would_alone(tmp_path, tiny
         torch.testing.assert_close(got, plain.bank.prompt("pos_neg"), rtol=1e-4, atol=1e-6)
 
 
-def tiny_search_job(root, backbone, steps: int, checkpoint_every: int, **search):
-    """A job YAML over the two tiny tasks (48 train examples each, 8 held out) with `search.<key>` settings."""
-    tasks = write_tiny_tasks(root, n_train=48)
+def tiny_search_job(root, backbone, steps: int, checkpoint_every: int, n_train: int = 48, **search):
+    """A job YAML over the two tiny tasks (`n_train` train examples each, 8 held out unless `search`
+    says otherwise) with `search.<key>` settings."""
+    tasks = write_tiny_tasks(root, n_train=n_train)
     settings = {"optim.max_steps": steps, "checkpoint_every": checkpoint_every, "search.heldout_examples": 8}
-    return tiny_job_yaml(root, backbone, tasks, **settings, **{f"search.{k}": v for k, v in search.items()})
+    settings.update({f"search.{k}": v for k, v in search.items()})
+    return tiny_job_yaml(root, backbone, tasks, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -336,5 +356,59 @@ def test_search_ranked_by_heldout_loss(tmp_path, tiny_backbone_dir):
             )["p"]
             won = next(v for v in t["variants"] if v["outcome"] == "won")
             assert won["heldout"][-1] == [4, pytest.approx(-loss, rel=1e-4)]
+    finally:
+        recipe.cleanup()
+
+
+def test_early_rungs_score_the_first_examples_of_the_heldout_slice(tmp_path, tiny_backbone_dir):
+    """heldout_schedule grow: the rung after step 2 (of rungs 2, 3) scores each variant on the first
+    ceil(48 x 2 / 3) = 32 examples of the 48 held out, exactly; the last rung and the end on all 48."""
+    from safetensors.torch import load_file
+
+    from tuner.evaluate import mean_target_loss
+    from tuner.recipe import MultiTaskPromptTuningRecipe
+
+    job = tiny_search_job(
+        tmp_path,
+        tiny_backbone_dir,
+        steps=4,
+        checkpoint_every=2,  # steps 2 and 4 (the last two are kept)
+        n_train=120,
+        space={"optim.lr": [0.01, 0.3, 1.0, 3.0]},
+        rungs=[2, 3],
+        eta=2,
+        criterion="loss",
+        heldout_examples=48,
+        heldout_fraction=0.5,
+    )
+    cfg = load_job_config(job, ["cluster.num_workers=1"])
+    summary = train_local(cfg, progress=False)
+    run_dir = tmp_path / "runs" / "tiny"
+    assert "examples scored: 32 @ step 2, 48 @ step 3, 48 @ step 4" in (run_dir / "report.md").read_text()
+    state_dir = run_dir / "checkpoints" / "step_00000002"  # the prompts rung 0 scored
+    names = json.loads((state_dir / "state.json").read_text())["task_names"]
+    bank = load_file(str(state_dir / "tensors.safetensors"))["bank"]
+    recipe = MultiTaskPromptTuningRecipe(cfg, progress=False)
+    recipe.setup()  # the same tasks, tokeniser and held-out slices as the run
+    try:
+        for task, t in summary["search"].items():
+            assert t["heldout_examples"] == {"2": 32, "3": 48, "4": 48}
+            held = recipe.heldout[task].eval
+            assert len(held) == 48
+            prompts = {v["row"]: bank[names.index(v["row"])] for v in t["variants"]}
+            first = mean_target_loss(
+                recipe.lm,
+                held[:32],
+                prompts,
+                max_len=cfg.model.max_seq_len,
+                pad_id=recipe.tokenizer.pad_token_id,
+            )
+            whole = mean_target_loss(
+                recipe.lm, held, prompts, max_len=cfg.model.max_seq_len, pad_id=recipe.tokenizer.pad_token_id
+            )
+            for v in t["variants"]:
+                got = dict(v["heldout"])[2]
+                assert got == pytest.approx(-first[v["row"]], rel=1e-4)
+                assert abs(got + whole[v["row"]]) > 1e-3  # not the whole slice's number
     finally:
         recipe.cleanup()
