@@ -8,14 +8,21 @@ CoNLL-2003 NER), the same steps and the same global batch for every run, one pro
   trained side by side with successive halving on a held-out slice of each task's train split;
 * (c) naive: one job per variant (`search.space` with that one value per setting: the same held-out
   slice is taken out and scored at the end), then each task takes the variant whose job scored best
-  on its held-out slice: the same search, every variant trained for all the steps.
+  on its held-out slice: the same search, every variant trained for all the steps;
+* (a') hand-set on (b)'s draws: (a)'s configuration as a one-variant search, so it holds out the same
+  slice and trains on exactly the examples (b)'s variants train on (a variant steps as its
+  configuration alone would, `tests/unit/test_search.py`). (b) - (a') is the effect of (b)'s choices
+  alone: 0 where (b) chose the hand-set configuration. (a) - (a') is what a different draw of the same
+  number of examples does to one configuration: the noise floor of (b) - (a) at this size. It is one
+  of the (c) jobs when the hand-set configuration is in the space, an extra run otherwise.
 
 Scores are each task's eval metric (accuracy / macro-F1 / chrF as its task file says, in points) on
 the same seeded eval subset; rungs rank variants by `search.criterion` (pass `search.criterion=...`
-as an override to change it for (b) and (c) alike). `--skip-naive` runs (a), (b), (a) only. Cost: wall time of training + final evaluation of each run (setup, i.e. loading
+as an override to change it for (b) and (c) alike). `--skip-naive` runs (a), (b), (a'), (a) only. Cost: wall time of training + final evaluation of each run (setup, i.e. loading
 the backbone and tokenising, is reported apart: it does not depend on the method); (a) runs first
 and again last, and its cost is the mean of the two (their spread is the machine's load drift). The table shows
-per task (a), (b), (c), (b) - (a), the configuration (b) and (c) chose; then the means and the costs.
+per task (a), (a'), (b), (c), (b) - (a), (b) - (a'), the configuration (b) and (c) chose; then the means and
+the costs.
 """
 
 from __future__ import annotations
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--skip-naive",
         action="store_true",
-        help="run (a), (b) and (a) again only: (b)'s cost and scores against (a) without the six (c) jobs "
+        help="run (a), (b), (a') and (a) again only: (b)'s cost and scores against (a) without the six (c) jobs "
         "(written to hp_search_ab.json)",
     )
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
@@ -134,11 +141,20 @@ def main(argv: list[str] | None = None) -> dict:
     runs["b"] = timed_run(job("in-batch", space))
     print(f"    {runs['b']['train_s']:.0f} s", flush=True)
     variants = expand_space(job("probe", space))
+    hand = hand_set(base, list(space))
     naive = []
     for k, v in enumerate([] if args.skip_naive else variants):
         print(f"(c) job {k + 1}/{len(variants)}: {v.label()}", flush=True)
         naive.append(timed_run(job(f"naive-{k}", {key: [val] for key, val in v.values.items()})))
         print(f"    {naive[-1]['train_s']:.0f} s", flush=True)
+    same_as_hand = [k for k, v in enumerate(variants) if v.values == hand and naive]
+    if same_as_hand:
+        runs["a_held"] = naive[same_as_hand[0]]
+        print(f"(a') hand-set on (b)'s draws: (c) job {same_as_hand[0] + 1}", flush=True)
+    else:
+        print("(a') hand-set on (b)'s draws (one-variant search: the same held-out slice)", flush=True)
+        runs["a_held"] = timed_run(job("hand-set-heldout", {key: [val] for key, val in hand.items()}))
+        print(f"    {runs['a_held']['train_s']:.0f} s", flush=True)
 
     # (a) once more at the end: on a shared machine the load drifts over a long benchmark, and the
     # spread of the two (a) runs (same work) shows how much.
@@ -151,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     def pts(run: dict, t: str) -> float:  # in points: accuracy and F1 x 100, chrF as it is
         return points(run["tasks"][t]["metric"], run["tasks"][t]["tuned"]["score"])
 
-    score = {m: {t: pts(runs[m], t) for t in names} for m in ("a", "b")}
+    score = {m: {t: pts(runs[m], t) for t in names} for m in ("a", "a_held", "b")}
     chosen_b = {t: runs["b"]["search"][t]["chosen"] for t in names}
     chosen_c, score["c"], heldout_c = {}, {}, {}
     for t in names if naive else []:
@@ -161,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         heldout_c[t] = {variants[k].label(): h for h, k in held}
     if not naive:
         del score["c"]
-    methods = "abc" if naive else "ab"
+    methods = ["a", "a_held", "b", *(["c"] if naive else [])]
     rows = []
     for t in names:
         rows.append(
@@ -170,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
                 runs["a"]["tasks"][t]["metric"],
                 *(f"{score[m][t]:.1f}" for m in methods),
                 f"{score['b'][t] - score['a'][t]:+.1f}",
+                f"{score['b'][t] - score['a_held'][t]:+.1f}",
                 _short(chosen_b[t]),
                 *([_short(chosen_c[t])] if naive else []),
             ]
@@ -181,12 +198,14 @@ def main(argv: list[str] | None = None) -> dict:
             "",
             *(f"{mean[m]:.1f}" for m in methods),
             f"{mean['b'] - mean['a']:+.1f}",
+            f"{mean['b'] - mean['a_held']:+.1f}",
             "",
             *([""] if naive else []),
         ]
     )
-    header = ["task", "metric", "(a) hand-set", "(b) in-batch", *(["(c) naive"] if naive else [])]
-    header += ["(b) - (a)", "(b) chose", *(["(c) chose"] if naive else [])]
+    header = ["task", "metric", "(a) hand-set", "(a') on (b)'s draws", "(b) in-batch"]
+    header += [*(["(c) naive"] if naive else []), "(b) - (a)", "(b) - (a')", "(b) chose"]
+    header += ["(c) chose"] if naive else []
     table = markdown_table(header, rows)
     cost = {
         "a_train_s_first_last": [runs["a"]["train_s"], a_again["train_s"]],
@@ -220,6 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
         cpu += f", (c) {cost['c_cpu_s']:.0f} s = {cost['c_over_b_cpu']:.2f}x (b)"
     print(wall)
     print(f"{cpu}; of (b)'s wall time, {cost['b_rung_scoring_s']:.0f} s scored variants at rungs")
+    draw_noise = {t: score["a"][t] - score["a_held"][t] for t in names}
+    print(
+        "(a) - (a'), the same configuration on another draw of examples: "
+        + ", ".join(f"{t} {d:+.1f}" for t, d in draw_noise.items())
+    )
     load = os.getloadavg()
     result = {
         "benchmark": "hp_search",
@@ -237,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_seq_len": args.max_seq_len,
             "eta": args.eta,
             "space": space,
-            "hand_set": {"optim.lr": base.optim.lr, "prompt.init": base.prompt.init},
+            "hand_set": hand,
             "rungs": runs["b"]["config"]["search"]["rungs"] or "auto",
             "load_avg": list(load),
         },
@@ -248,11 +272,21 @@ def main(argv: list[str] | None = None) -> dict:
         "search_b": runs["b"]["search"],
         "cost": cost,
         "same_choice": same,
+        "draw_noise": draw_noise,  # (a) - (a'): one configuration, two draws of the same number of examples
         "table": table,
     }
     write_result("hp_search_ab" if args.skip_naive else "hp_search", result, args.quick)
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
+
+
+def hand_set(cfg: JobConfig, keys: list[str]) -> dict:
+    """The job's own value of each searched setting (`optim.lr` -> cfg.optim.lr): the hand-set configuration."""
+    out = {}
+    for key in keys:
+        section, _, name = key.partition(".")
+        out[key] = getattr(getattr(cfg, section), name)
+    return out
 
 
 def _short(values: dict) -> str:

@@ -46,31 +46,50 @@ def test_naive_picks_the_best_heldout_job_per_task_and_costs_add_up(monkeypatch)
         for k in range(6)
     }
     calls = fake_runs(monkeypatch, held)
+    # the job's hand-set configuration (lr 0.03, class_labels) is outside this space: (a') is a run of its own
     out = hp_search.main(
         ["--quick", "--tasks", "sst2,trec", "--space", "optim.lr=0.003,0.01,0.03", "prompt.init=vocab,random"]
     )
-    assert calls == ["hand-set", "in-batch", *(f"naive-{k}" for k in range(6)), "hand-set-again"]
+    assert calls == [
+        "hand-set",
+        "in-batch",
+        *(f"naive-{k}" for k in range(6)),
+        "hand-set-heldout",
+        "hand-set-again",
+    ]
     assert out["chosen"]["c"]["sst2"] == {"optim.lr": 0.03, "prompt.init": "vocab"}  # job 4
     assert out["chosen"]["c"]["trec"] == {"optim.lr": 0.003, "prompt.init": "random"}  # job 1 (tie with 2)
     assert out["scores"]["c"] == pytest.approx({"sst2": 7.0, "trec": 4.0})  # calls 7 and 4, in points
+    assert out["scores"]["a_held"] == pytest.approx({"sst2": 9.0, "trec": 9.0})  # call 9
+    assert out["draw_noise"] == pytest.approx({"sst2": 1.0 - 9.0, "trec": 1.0 - 9.0})
+    assert out["setup"]["hand_set"] == {"optim.lr": 0.03, "prompt.init": "class_labels"}
     c = out["cost"]
     assert (
-        c["a_train_s"] == (10 + 90) / 2 and c["b_train_s"] == 20 and c["c_train_s"] == sum(range(30, 90, 10))
+        c["a_train_s"] == (10 + 100) / 2 and c["b_train_s"] == 20 and c["c_train_s"] == sum(range(30, 90, 10))
     )
-    assert c["b_over_a"] == pytest.approx(20 / 50) and c["c_over_b"] == pytest.approx(330 / 20)
+    assert c["b_over_a"] == pytest.approx(20 / 55) and c["c_over_b"] == pytest.approx(330 / 20)
     assert c["c_over_b_cpu"] == pytest.approx(660 / 40) and c["b_rung_scoring_s"] == 3.0
-    assert "| mean |  | 1.0 | 2.0 | 5.5 | +1.0 |  |  |" in out["table"]
+    # means: (a) 1, (a') 9, (b) 2, (c) (7 + 4) / 2; (b) - (a) +1, (b) - (a') -7
+    assert "| mean |  | 1.0 | 9.0 | 2.0 | 5.5 | +1.0 | -7.0 |  |  |" in out["table"]
+
+
+def test_a_prime_is_the_naive_job_of_the_hand_set_configuration_when_the_space_has_it(monkeypatch):
+    calls = fake_runs(monkeypatch, {})
+    out = hp_search.main(
+        ["--quick", "--tasks", "sst2,trec", "--space", "optim.lr=0.01,0.03", "prompt.init=class_labels"]
+    )
+    assert calls == ["hand-set", "in-batch", "naive-0", "naive-1", "hand-set-again"]
+    assert out["scores"]["a_held"] == pytest.approx({"sst2": 4.0, "trec": 4.0})  # naive-1 (lr 0.03) is call 4
 
 
 def test_skip_naive_runs_a_b_a_and_leaves_c_out(monkeypatch):
     calls = fake_runs(monkeypatch, {})
     out = hp_search.main(["--quick", "--skip-naive", "--tasks", "sst2,trec"])
-    assert calls == ["hand-set", "in-batch", "hand-set-again"]
-    assert set(out["scores"]) == {"a", "b"} and out["same_choice"] is None
-    assert "c_train_s" not in out["cost"] and out["cost"]["b_over_a"] == pytest.approx(20 / 20)
-    assert (
-        out["table"].splitlines()[0]
-        == "| task | metric | (a) hand-set | (b) in-batch | (b) - (a) | (b) chose |"
+    assert calls == ["hand-set", "in-batch", "hand-set-heldout", "hand-set-again"]
+    assert set(out["scores"]) == {"a", "a_held", "b"} and out["same_choice"] is None
+    assert "c_train_s" not in out["cost"] and out["cost"]["b_over_a"] == pytest.approx(20 / 25)
+    assert out["table"].splitlines()[0] == (
+        "| task | metric | (a) hand-set | (a') on (b)'s draws | (b) in-batch | (b) - (a) | (b) - (a') | (b) chose |"
     )
     assert out["setup"]["criterion"] == "auto"
 
