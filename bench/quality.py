@@ -27,7 +27,8 @@ same order with the same number of updates, the same learning-rate schedule, Ada
 per-task gradient clipping. PEFT and `independent` start from the same prompts (the tuner's
 class-label initialisation of the seed over all tasks), `residual` from the same rows. PEFT's loss
 is the token mean of its task batch, ours the mean over a task's examples of each example's token
-mean (the same for single-token verbalisers; PEFT's collator serves multi-token targets as well).
+mean (the same for single-token verbalisers; PEFT's collator serves multi-token targets as well);
+`--loss-weighting token` gives ours PEFT's token mean (`optim.loss_weighting`).
 
 Every task is scored with its own metric (`evaluate_task(...)["score"]`: accuracy, macro-F1,
 chrF or entity F1 as its YAML says), in points, on a fixed seeded eval subset per task, the same
@@ -242,6 +243,7 @@ class SeedBench:
             tasks=[str(TASK_DIR / f"{t}.yaml") for t in tasks],
         )
         cfg.data.seed = self.seed  # train/eval subsets, prompt init and the sampler's draws
+        cfg.optim.loss_weighting = self.args.loss_weighting  # ours only: PEFT's loss is a token mean
         self.dirs.append(cfg.output_dir)
         return cfg
 
@@ -384,6 +386,12 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument("--max-seq-len", type=int, default=128)
     ap.add_argument("--eval-examples", type=int, default=200, help="seeded eval subset per task")
     ap.add_argument(
+        "--loss-weighting",
+        choices=("example", "token"),
+        default="example",
+        help="our methods' optim.loss_weighting (token: the mean over a task's target tokens, as PEFT's loss)",
+    )
+    ap.add_argument(
         "--seeds",
         default="0,1,2,3,4,5",
         help="comma-separated replicates; each seed draws its own train/eval subsets, prompt init and batches",
@@ -432,6 +440,7 @@ def setup_of(args, tasks: list[str], methods: list[str], steps: int, n_eval: int
         "warmup_steps": o.warmup_steps,
         "schedule": o.schedule,
         "grad_clip": o.grad_clip,
+        "loss_weighting": args.loss_weighting,
         "max_seq_len": args.max_seq_len,
         "num_virtual_tokens": cfg.prompt.num_virtual_tokens,
         "init": cfg.prompt.init,

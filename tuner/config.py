@@ -119,6 +119,13 @@ class OptimConfig:
     max_steps: int = _f(100, "Optimiser steps to run.")
     batch_size: int = _f(32, "Examples per optimiser step across all ranks (the global batch).")
     grad_accum: int = _f(1, "Micro-batches per optimiser step; each holds batch_size / grad_accum examples.")
+    loss_weighting: str = _f(
+        "example",
+        "How a task's loss in a step averages its examples: example (the mean over its examples of each one's "
+        "mean target-token NLL: a 2-token target weighs as much as a 40-token one) or token (the mean over all "
+        "of the task's target tokens in the step, as PEFT's and Hugging Face's causal-LM loss: long targets "
+        "weigh more). The same for single-token verbalisers; it differs for generation and NER tasks.",
+    )
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)
@@ -126,6 +133,7 @@ class OptimConfig:
         _positive("optim.batch_size", self.batch_size)
         _positive("optim.grad_accum", self.grad_accum)
         _choice("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
+        _choice("optim.loss_weighting", self.loss_weighting, ("example", "token"))
         if len(self.betas) != 2:
             raise ConfigError("optim.betas must have two values")
         if self.batch_size % self.grad_accum:

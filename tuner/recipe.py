@@ -285,6 +285,11 @@ class MultiTaskPromptTuningRecipe:
         # trained alone on them: a task's update does not depend on which other tasks share the step.
         per_task = Counter(t for t, _ in global_batch)
         task_weight = torch.tensor([1.0 / per_task[n] for n in names], device=self.device)
+        if o.loss_weighting == "token":  # ... or the mean over all of its target tokens in the global batch
+            task_tokens = Counter()
+            for t, i in global_batch:  # targets are never cut (`segment_layout`): count them here
+                task_tokens[t] += len(self._train_example(t, i).target_ids)
+            per_token = torch.tensor([1.0 / max(task_tokens[n], 1) for n in names], device=self.device)
         # per task: (sum of losses, examples), on the device: read back once per step, not per micro-batch
         loss_sum = torch.zeros(len(names), 2, dtype=torch.float64, device=self.device)
         tokens = 0
@@ -303,7 +308,12 @@ class MultiTaskPromptTuningRecipe:
             ).to(self.device)
             # Composed per micro-batch: backward frees the graph (independent: the leaf itself, no graph).
             prompts = self.layout.compose(task_params, shared)  # [U, P, H]
-            out = self.lm(batch, prompts, seg_weight=task_weight[batch.seg_task])
+            if o.loss_weighting == "token":  # a segment's mean NLL x its targets / its task's targets
+                seg_targets = torch.bincount(batch.target_seg, minlength=batch.num_segments)
+                seg_weight = seg_targets.to(per_token.dtype) * per_token[batch.seg_task]
+            else:
+                seg_weight = task_weight[batch.seg_task]
+            out = self.lm(batch, prompts, seg_weight=seg_weight)
             out.loss.backward()
             seg_task = batch.seg_task
             loss_sum[:, 0].index_add_(0, seg_task, out.seg_loss.double())
