@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"(c) job {k + 1}/{len(variants)}: {v.label()}", flush=True)
         naive.append(timed_run(job(f"naive-{k}", {key: [val] for key, val in v.values.items()})))
         print(f"    {naive[-1]['train_s']:.0f} s", flush=True)
-    same_as_hand = [k for k, v in enumerate(variants) if v.values == hand and naive]
+    same_as_hand = [k for k, v in enumerate(variants) if v.values == hand] if naive else []
     if same_as_hand:
         runs["a_held"] = naive[same_as_hand[0]]
         print(f"(a') hand-set on (b)'s draws: (c) job {same_as_hand[0] + 1}", flush=True)

@@ -308,10 +308,7 @@ class SearchConfig:
             raise ConfigError(f"search.heldout_fraction={self.heldout_fraction!r}: must be in (0, 1)")
         if any(r <= 0 for r in self.rungs) or sorted(set(self.rungs)) != list(self.rungs):
             raise ConfigError(f"search.rungs={self.rungs!r}: must be increasing positive steps")
-        if self.heldout_schedule not in HELDOUT_SCHEDULES:
-            raise ConfigError(
-                f"search.heldout_schedule={self.heldout_schedule!r}: must be one of {', '.join(HELDOUT_SCHEDULES)}"
-            )
+        _choice("search.heldout_schedule", self.heldout_schedule, HELDOUT_SCHEDULES)
         if self.criterion not in SEARCH_CRITERIA:
             raise ConfigError(
                 f"search.criterion={self.criterion!r}: must be one of {', '.join(SEARCH_CRITERIA)}"

@@ -75,7 +75,7 @@ def test_heldout_schedule_grows_with_the_steps_to_the_whole_slice_at_the_last_ru
         job_with(SPACE, optim={"max_steps": 90}, search={"space": SPACE, "heldout_schedule": "fixed"}), ["a"]
     )
     assert fixed.heldout_size(10, 64) == 64
-    with pytest.raises(ConfigError, match="search.heldout_schedule='half': must be one of grow, fixed"):
+    with pytest.raises(ConfigError, match="search.heldout_schedule='half': expected one of grow, fixed"):
         job_with(SPACE, search={"space": SPACE, "heldout_schedule": "half"})
 
 
