@@ -26,9 +26,9 @@ per global step in which the task appears. So per task every method sees the sam
 same order with the same number of updates, the same learning-rate schedule, Adam betas/eps and
 per-task gradient clipping. PEFT and `independent` start from the same prompts (the tuner's
 class-label initialisation of the seed over all tasks), `residual` from the same rows. PEFT's loss
-is the token mean of its task batch, ours the mean over a task's examples of each example's token
-mean (the same for single-token verbalisers; PEFT's collator serves multi-token targets as well);
-`--loss-weighting token` gives ours PEFT's token mean (`optim.loss_weighting`).
+is the token mean of its task batch, and so is ours by default (`optim.loss_weighting: token`);
+`--loss-weighting example` gives ours the mean over a task's examples of each example's token mean
+instead (the same for single-token verbalisers; they differ for generation and NER targets).
 
 Every task is scored with its own metric (`evaluate_task(...)["score"]`: accuracy, macro-F1,
 chrF or entity F1 as its YAML says), in points, on a fixed seeded eval subset per task, the same
@@ -65,7 +65,7 @@ from bench.common import (
     setup_recipe,
     write_result,
 )
-from tuner.config import JobConfig
+from tuner.config import JobConfig, OptimConfig
 from tuner.evaluate import evaluate_task
 from tuner.job import prepare_job
 from tuner.optim import lr_at
@@ -388,8 +388,9 @@ def parse_args(argv: list[str] | None = None):
     ap.add_argument(
         "--loss-weighting",
         choices=("example", "token"),
-        default="example",
-        help="our methods' optim.loss_weighting (token: the mean over a task's target tokens, as PEFT's loss)",
+        default=OptimConfig().loss_weighting,
+        help="our methods' optim.loss_weighting (default: the config's, token: the mean over a task's target "
+        "tokens, as PEFT's loss; example: the mean of each example's token mean)",
     )
     ap.add_argument(
         "--seeds",

@@ -247,8 +247,8 @@ def mean_target_loss(
     device="cpu",
     batch_size: int = 32,
 ) -> dict[str, float]:
-    """Each prompt's mean target NLL over `examples`: the training loss (mean over examples of each
-    one's token-mean NLL), teacher-forced, so one forward per example whatever the task kind.
+    """Each prompt's mean target NLL over `examples` (the mean over examples of each one's token-mean
+    NLL: `optim.loss_weighting: example`), teacher-forced, so one forward per example whatever the task kind.
 
     Several prompts share a forward (`prompts`: name -> [P, H]); ranks split the (prompt, example)
     pairs and sum their parts, so every rank returns the same numbers.

@@ -1,8 +1,8 @@
 """`optim.loss_weighting`: what a task's loss in a step averages, checked against a direct computation.
 
-example: the mean over the task's examples of each one's mean target-token NLL (the default);
-token: the mean over all of the task's target tokens in the step (PEFT's and Hugging Face's causal-LM
-loss). The reference is a plain forward of the backbone per example, prompt embeddings in front.
+token (the default): the mean over all of the task's target tokens in the step (PEFT's and Hugging
+Face's causal-LM loss); example: the mean over the task's examples of each one's mean target-token NLL.
+The reference is a plain forward of the backbone per example, prompt embeddings in front.
 """
 
 import json
@@ -30,7 +30,7 @@ def write_generation_task(root):
     return spec
 
 
-@pytest.mark.parametrize("weighting", ["example", "token"])
+@pytest.mark.parametrize("weighting", ["example", "token", None])  # None: the config's default (token)
 def test_a_tasks_gradient_is_its_weighted_mean_target_nll(tmp_path, tiny_backbone_dir, weighting):
     from tuner.recipe import MultiTaskPromptTuningRecipe
 
@@ -39,8 +39,10 @@ def test_a_tasks_gradient_is_its_weighted_mean_target_nll(tmp_path, tiny_backbon
         tmp_path,
         tiny_backbone_dir,
         tasks,
-        **{"optim.batch_size": 6, "optim.grad_clip": 0.0, "optim.loss_weighting": weighting},
+        **{"optim.batch_size": 6, "optim.grad_clip": 0.0},
+        **({"optim.loss_weighting": weighting} if weighting else {}),
     )
+    weighting = weighting or "token"
     recipe = MultiTaskPromptTuningRecipe(load_job_config(job, ["cluster.num_workers=1"]), progress=False)
     recipe.setup()
     try:
