@@ -62,8 +62,10 @@ def job(shared) -> Path:
             "cpus_per_worker": 1,
             "zero_stage": 3,
             # Losing a node is one failure; a group restarted while the GCS still counts the stopping
-            # node as alive can be placed there and fail once more (seen on a loaded 2-core machine).
-            "max_failures": 3,
+            # node as alive can be placed there and fail once more, and again until the GCS drops it
+            # (seen on a loaded 2-core machine: four failures in 70 s exhausted a budget of 3 once).
+            # The checks below do not depend on how many restarts it took.
+            "max_failures": 10,
             "storage": str(shared / "storage"),
         },
     )
