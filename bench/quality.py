@@ -389,8 +389,8 @@ def parse_args(argv: list[str] | None = None):
         "--loss-weighting",
         choices=("example", "token"),
         default=OptimConfig().loss_weighting,
-        help="our methods' optim.loss_weighting (default: the config's, token: the mean over a task's target "
-        "tokens, as PEFT's loss; example: the mean of each example's token mean)",
+        help="our methods' optim.loss_weighting, default as in the config: token (the mean over a task's "
+        "target tokens, as PEFT's loss) or example (the mean of each example's token mean)",
     )
     ap.add_argument(
         "--seeds",
