@@ -12,9 +12,11 @@ CoNLL-2003 NER), the same steps and the same global batch for every run, one pro
 * (a') hand-set on (b)'s draws: (a)'s configuration as a one-variant search, so it holds out the same
   slice and trains on exactly the examples (b)'s variants train on (a variant steps as its
   configuration alone would, `tests/unit/test_search.py`). (b) - (a') is the effect of (b)'s choices
-  alone: 0 where (b) chose the hand-set configuration. (a) - (a') is what a different draw of the same
-  number of examples does to one configuration: the noise floor of (b) - (a) at this size. It is one
-  of the (c) jobs when the hand-set configuration is in the space, an extra run otherwise.
+  alone: 0 where (b) chose the hand-set configuration. The held-out slice is the end of each task's
+  first-epoch order, which training skips, so (a') draws what (a) draws as long as no task runs past
+  its first epoch: (a) - (a') is then 0 up to float rounding (the one-variant search test), and a
+  non-zero value says a task did (a small pool), i.e. (b) - (a) holds the noise of another draw. It is
+  one of the (c) jobs when the hand-set configuration is in the space, an extra run otherwise.
 
 Scores are each task's eval metric (accuracy / macro-F1 / chrF as its task file says, in points) on
 the same seeded eval subset; rungs rank variants by `search.criterion` (pass `search.criterion=...`
@@ -241,8 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{cpu}; of (b)'s wall time, {cost['b_rung_scoring_s']:.0f} s scored variants at rungs")
     draw_noise = {t: score["a"][t] - score["a_held"][t] for t in names}
     print(
-        "(a) - (a'), the same configuration on another draw of examples: "
-        + ", ".join(f"{t} {d:+.1f}" for t, d in draw_noise.items())
+        "(a) - (a'), the same configuration without and with the held-out slice (0 unless a task ran past "
+        "its first epoch): " + ", ".join(f"{t} {d:+.1f}" for t, d in draw_noise.items())
     )
     load = os.getloadavg()
     result = {

@@ -72,7 +72,7 @@ def save_checkpoint(
         "step": step,
         "task_names": bank.task_names,
         "adam_steps": adam_steps,
-        "sampler": {"step": sd["step"], "cursor": sd["cursor"], "epoch": sd["epoch"], "sizes": sd["sizes"]},
+        "sampler": {k: sd[k] for k in ("step", "cursor", "epoch", "sizes", "held_out")},
         "history": history,
         "prompt_method": method,
         "shared_adam_steps": {k: v["step"] for k, v in shared.optimizer.state.items()} if shared else {},

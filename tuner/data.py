@@ -6,6 +6,12 @@ per slot with proportional, temperature-scaled (p ~ n^(1/T)) or uniform probabil
 task walks through its own reshuffled-per-epoch order. The sampler's whole state is a few
 integers and a generator state, saved in every checkpoint so a resumed run draws exactly the
 batches an uninterrupted one would have.
+
+A hyperparameter search holds out a slice of each task's train split to rank its variants on
+(`MultiTaskSampler.hold_out`): the last examples of the task's first-epoch order, which training then
+skips. So the held-out slice changes no draw before them: a search run trains on exactly the examples
+(and task mix) that the same job without a search trains on, for the first `len(train) - held out`
+draws of each task, and its scores differ from the plain job's only by what the search chose.
 """
 
 from __future__ import annotations
@@ -48,33 +54,22 @@ class TaskData:
     eval_text: list[TaskExample]  # the eval examples as text (references, gold tags, reports)
     train_text: list[TaskExample] = field(default_factory=list)  # the train examples as text
 
-    def split_heldout(self, n: int, fraction: float, seed: int = 0) -> tuple[TaskData, TaskData]:
-        """Hold out min(n, fraction of the train split) train examples, chosen by a seeded shuffle.
-
-        Returns (this task with the rest as its train split, a view whose *eval* split is the
-        held-out slice, in the shuffled order: any prefix of it is a random sample, so a search rung
-        can score the first k). Training never sees the slice; scoring it needs no other code than the eval.
-        """
+    def heldout_count(self, n: int, fraction: float) -> int:
+        """How many train examples a search holds out: min(n, fraction of the train split)."""
         k = min(n, int(len(self.train) * fraction))
         if k < 1 or k >= len(self.train):
             raise ValueError(
                 f"task {self.spec.name}: {len(self.train)} train examples are too few for a held-out slice"
             )
-        g = torch.Generator().manual_seed(zlib.crc32(f"{seed}/heldout/{self.spec.name}".encode()))
-        out = torch.randperm(len(self.train), generator=g)[:k].tolist()
-        held = set(out)
-        keep = [i for i in range(len(self.train)) if i not in held]
+        return k
+
+    def heldout_view(self, indices: list[int]) -> TaskData:
+        """These train examples as the *eval* split of a view (a search's held-out slice, in the given
+        order). The examples stay in `train`; `MultiTaskSampler.hold_out` keeps training off them."""
         texts = self.train_text or [None] * len(self.train)
-        rest = TaskData(
-            self.spec,
-            self.prefix,
-            [self.train[i] for i in keep],
-            self.eval,
-            self.eval_text,
-            [texts[i] for i in keep] if self.train_text else [],
+        return TaskData(
+            self.spec, self.prefix, [], [self.train[i] for i in indices], [texts[i] for i in indices]
         )
-        heldout = TaskData(self.spec, self.prefix, [], [self.train[i] for i in out], [texts[i] for i in out])
-        return rest, heldout
 
     @classmethod
     def load(
@@ -134,7 +129,22 @@ class MultiTaskSampler:
         self.step = 0
         self.cursor = {t: 0 for t in self.tasks}
         self.epoch = {t: 0 for t in self.tasks}
+        # task -> train indices never drawn (a search's held-out slice)
+        self.held_out: dict[str, set[int]] = {}
         self._orders: dict[str, torch.Tensor] = {}
+
+    def hold_out(self, task: str, k: int) -> list[int]:
+        """Keep training off `k` of `task`'s examples, and return them: the last k of its first-epoch
+        order (so a random sample, and any prefix of it too). Draws before them are the ones the
+        sampler makes without a held-out slice. Mixing weights stay those of the whole split."""
+        if self.step:
+            raise RuntimeError("hold_out() must come before the first draw")
+        if not 0 < k < self.sizes[task]:
+            raise ValueError(f"task {task}: cannot hold out {k} of {self.sizes[task]} train examples")
+        order = self._order(task)  # epoch 0: nothing has been drawn yet
+        picked = order[self.sizes[task] - k :].tolist()
+        self.held_out[task] = set(picked)
+        return picked
 
     def _order(self, task: str) -> torch.Tensor:
         key = f"{task}/{self.epoch[task]}"
@@ -149,11 +159,16 @@ class MultiTaskSampler:
         batch = []
         for k in picks:
             t = self.tasks[k]
-            batch.append((t, int(self._order(t)[self.cursor[t]])))
-            self.cursor[t] += 1
-            if self.cursor[t] == self.sizes[t]:
-                self.cursor[t] = 0
-                self.epoch[t] += 1
+            skip = self.held_out.get(t, ())
+            while True:
+                i = int(self._order(t)[self.cursor[t]])
+                self.cursor[t] += 1
+                if self.cursor[t] == self.sizes[t]:
+                    self.cursor[t] = 0
+                    self.epoch[t] += 1
+                if i not in skip:
+                    break
+            batch.append((t, i))
         self.step += 1
         return batch
 
@@ -164,11 +179,14 @@ class MultiTaskSampler:
             "epoch": dict(self.epoch),
             "gen": self.gen.get_state(),
             "sizes": dict(self.sizes),
+            "held_out": {t: len(s) for t, s in sorted(self.held_out.items())},
         }
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["sizes"] != self.sizes:
             raise ValueError("the task data changed since the checkpoint (train split sizes differ)")
+        if sd.get("held_out", {}) != {t: len(s) for t, s in sorted(self.held_out.items())}:
+            raise ValueError("the search's held-out slices changed since the checkpoint (search.heldout_*)")
         self.step, self.cursor, self.epoch = sd["step"], dict(sd["cursor"]), dict(sd["epoch"])
         self.gen.set_state(sd["gen"])
         self._orders = {}

@@ -116,6 +116,13 @@ class MultiTaskPromptTuningRecipe:
             )
             for s in job.specs
         }
+        self.sampler = MultiTaskSampler(
+            {n: len(t.train) for n, t in self.tasks.items()},
+            cfg.optim.batch_size,
+            cfg.data.mixing,
+            cfg.data.temperature,
+            cfg.data.seed,
+        )
         if cfg.search.enabled:
             self._setup_search(names)
 
@@ -139,14 +146,6 @@ class MultiTaskPromptTuningRecipe:
             self._setup_variant_prompts(backbone.config.hidden_size)
         else:
             self._setup_prompts(names, backbone.config.hidden_size)
-        o = cfg.optim
-        self.sampler = MultiTaskSampler(
-            {n: len(t.train) for n, t in self.tasks.items()},
-            o.batch_size,
-            cfg.data.mixing,
-            cfg.data.temperature,
-            cfg.data.seed,
-        )
         torch.manual_seed(cfg.data.seed)
 
         resume = self.hooks.resume_from or (
@@ -459,16 +458,16 @@ class MultiTaskPromptTuningRecipe:
     # ------------------------------------------------------------------------------------ search
 
     def _setup_search(self, names: list[str]) -> None:
-        """Variants of every task, and each task's held-out slice (taken out of its train split)."""
+        """Variants of every task, and each task's held-out slice: the last examples of its first-epoch
+        order, which the sampler then never draws (so every draw before them is the plain job's)."""
         s = self.cfg.search
         self.search = SearchState.build(self.cfg, names)
         for n in names:
             try:
-                self.tasks[n], self.heldout[n] = self.tasks[n].split_heldout(
-                    s.heldout_examples, s.heldout_fraction, self.cfg.data.seed
-                )
+                k = self.tasks[n].heldout_count(s.heldout_examples, s.heldout_fraction)
             except ValueError as e:
                 raise ConfigError(f"search: {e}") from None
+            self.heldout[n] = self.tasks[n].heldout_view(self.sampler.hold_out(n, k))
 
     def _setup_variant_prompts(self, hidden: int) -> None:
         """The bank of every task's variant rows, each initialised by its own settings, and the optimiser."""

@@ -9,7 +9,8 @@ mixed batch; each row gets its own learning rate, schedule, weight decay and cli
 (`SearchState.row_hparams`) and its own initialisation (`init_variant_prompts`).
 
 Successive halving (as ASHA's synchronous form): after each rung step the live variants of a task
-are scored on a held-out slice of its train split (`tuner.data.TaskData.split_heldout`) and the best
+are scored on a held-out slice of its train split (`tuner.data.MultiTaskSampler.hold_out`: the last
+examples of its first-epoch order, never drawn for training) and the best
 ceil(n / eta) stay (ties: the lower training loss, then the lower variant index, so every rank
 agrees). With `search.heldout_schedule: grow` (the default) a rung scores only the first
 n x step / last-rung step of the (shuffled) slice, at least 16 (`SearchState.heldout_size`): scoring is

@@ -148,7 +148,43 @@ def test_per_row_settings_equal_separate_steps_with_each_rows_own_settings():
     torch.testing.assert_close(first[0], expected)
 
 
-def test_heldout_slice_is_deterministic_disjoint_and_capped(tmp_path, tiny_backbone_dir):
+def test_heldout_slice_is_the_end_of_the_first_epoch_and_never_drawn():
+    """The held-out slice is the last k of a task's first-epoch order: every draw before it is the one the
+    sampler makes without a slice (same task mix, same examples), and no epoch ever draws it."""
+    from tuner.data import MultiTaskSampler
+
+    sizes = {"a": 40, "b": 300}
+    plain, held = MultiTaskSampler(sizes, 8, seed=3), MultiTaskSampler(sizes, 8, seed=3)
+    out = held.hold_out("a", 10)
+    assert len(set(out)) == 10 and out != sorted(out)  # shuffled: any prefix is a random sample
+    assert out == MultiTaskSampler(sizes, 8, seed=3).hold_out("a", 10)
+    assert out != MultiTaskSampler(sizes, 8, seed=4).hold_out("a", 10)
+    steps = [(plain.next_batch(), held.next_batch()) for _ in range(60)]
+    assert [[t for t, _ in p] for p, _ in steps] == [[t for t, _ in h] for _, h in steps]  # same task mix
+    seq = lambda k, task: [i for pair in steps for t, i in pair[k] if t == task]  # noqa: E731
+    assert seq(0, "b") == seq(1, "b")  # a task without a slice: untouched
+    a_plain, a_held = seq(0, "a"), seq(1, "a")
+    assert len(a_held) > 3 * 30
+    assert a_held[:30] == a_plain[:30] and a_plain[30:40] == out  # the plain sampler reaches them last
+    kept = set(range(40)) - set(out)
+    for e in range(3):  # each epoch: every kept example once, none held out
+        assert set(a_held[30 * e : 30 * (e + 1)]) == kept
+    with pytest.raises(RuntimeError, match="before the first draw"):
+        held.hold_out("b", 5)
+    with pytest.raises(ValueError, match="cannot hold out 40 of 40"):
+        MultiTaskSampler(sizes, 8).hold_out("a", 40)
+    # a checkpoint's sampler state carries the slice: resuming without it (or with another) is refused
+    state = held.state_dict()
+    assert state["held_out"] == {"a": 10}
+    with pytest.raises(ValueError, match="held-out slices changed"):
+        MultiTaskSampler(sizes, 8, seed=3).load_state_dict(state)
+    again = MultiTaskSampler(sizes, 8, seed=3)
+    again.hold_out("a", 10)
+    again.load_state_dict(state)
+    assert [again.next_batch() for _ in range(5)] == [held.next_batch() for _ in range(5)]
+
+
+def test_heldout_view_and_count(tmp_path, tiny_backbone_dir):
     from transformers import AutoTokenizer
 
     from tuner.data import TaskData
@@ -156,19 +192,42 @@ def test_heldout_slice_is_deterministic_disjoint_and_capped(tmp_path, tiny_backb
 
     (spec_path,) = write_tiny_tasks(tmp_path, n_train=40, names=("pos_neg",))
     data = TaskData.load(TaskSpec.load(spec_path), AutoTokenizer.from_pretrained(tiny_backbone_dir))
-    rest, held = data.split_heldout(64, 0.25, seed=0)
-    rest2, held2 = data.split_heldout(64, 0.25, seed=0)
-    assert len(held.eval) == 10 and len(rest.train) == 30 and not held.train
-    assert [e.uid for e in held.eval] == [e.uid for e in held2.eval]
-    # in the shuffled order, so that a rung scoring the first k scores a random sample
-    assert [e.uid for e in held.eval] != sorted(e.uid for e in held.eval)
-    assert {e.uid for e in held.eval} | {e.uid for e in rest.train} == set(range(40))
-    assert not {e.uid for e in held.eval} & {e.uid for e in rest.train}
-    assert [t.target for t in held.eval_text] == [data.train_text[e.uid].target for e in held.eval]
-    assert {e.uid for e in data.split_heldout(64, 0.25, seed=1)[1].eval} != {e.uid for e in held.eval}
+    assert data.heldout_count(64, 0.25) == 10 and data.heldout_count(4, 0.25) == 4  # capped by the fraction
+    with pytest.raises(ValueError, match="too few for a held-out slice"):
+        data.heldout_count(64, 0.01)
+    view = data.heldout_view([7, 3, 30])
+    assert [e.uid for e in view.eval] == [7, 3, 30] and not view.train and len(data.train) == 40
+    assert [t.target for t in view.eval_text] == [data.train_text[i].target for i in (7, 3, 30)]
 
 
 # ------------------------------------------------------------------------------ the recipe
+
+
+def test_a_one_variant_search_trains_exactly_the_plain_job(tmp_path, tiny_backbone_dir):
+    """The held-out slice costs the plain job's draws nothing: a search whose one variant is the job's own
+    configuration draws the same batches and ends with the same prompts as the job without `search:`
+    (what makes hp_search's (b) - (a) the effect of the search's choices, not of another draw)."""
+    from tuner.recipe import MultiTaskPromptTuningRecipe
+
+    tasks = write_tiny_tasks(tmp_path, n_train=64)
+
+    def run(**more):
+        job = tiny_job_yaml(tmp_path, tiny_backbone_dir, tasks, **{"optim.lr": 0.3, **more})
+        r = MultiTaskPromptTuningRecipe(load_job_config(job, ["cluster.num_workers=1"]), progress=False)
+        r.setup()
+        draws = [r.sampler.next_batch() for _ in range(6)]
+        for d in draws:
+            r.train_step(d)
+        return r, draws
+
+    plain, plain_draws = run()
+    search, search_draws = run(**{"search.space": {"optim.lr": [0.3]}, "search.heldout_examples": 8})
+    assert search.bank.task_names == ["pos_neg~0", "colors~0"] and search_draws == plain_draws
+    held = {t: {e.uid for e in search.heldout[t].eval} for t in ("pos_neg", "colors")}
+    assert all(len(h) == 8 for h in held.values())
+    assert not any(i in held[t] for d in search_draws for t, i in d)
+    for t in ("pos_neg", "colors"):
+        torch.testing.assert_close(search.bank.prompt(f"{t}~0"), plain.bank.prompt(t), rtol=1e-5, atol=1e-6)
 
 
 def test_a_variant_steps_exactly_as_its_configuration_would_alone(tmp_path, tiny_backbone_dir):
@@ -206,8 +265,7 @@ def test_a_variant_steps_exactly_as_its_configuration_would_alone(tmp_path, tiny
     for k, v in enumerate(settings):
         plain = recipe(**{"optim.lr": v.optim.lr, "optim.grad_clip": v.optim.grad_clip})
         plain.bank.set_prompt("pos_neg", before[f"pos_neg~{k}"])
-        # the search job holds examples out of its train split: draw the same examples (by uid) in both
-        plain.train_step([(t, search.tasks[t].train[i].uid) for t, i in draw])
+        plain.train_step(draw)
         got = search.bank.prompt(f"pos_neg~{k}")
         assert not torch.equal(got, before[f"pos_neg~{k}"])
         torch.testing.assert_close(got, plain.bank.prompt("pos_neg"), rtol=1e-4, atol=1e-6)
