@@ -44,7 +44,7 @@ from tuner.batching import collate
 from tuner.config import ConfigError, JobConfig, to_dict
 from tuner.continual import SourceRun, carry_adapters, choose_sources, load_source
 from tuner.data import MultiTaskSampler, TaskData
-from tuner.evaluate import evaluate_task, mean_target_loss
+from tuner.evaluate import evaluate_task, mean_label_nll, mean_target_loss
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
 from tuner.job import prepare_job
 from tuner.metrics import CheckpointRecord, EvalPoint, RunHistory, StepMetrics
@@ -428,7 +428,7 @@ class MultiTaskPromptTuningRecipe:
             summary["search"] = self.search.summary()
             for task, t in summary["search"].items():  # what its held-out numbers are
                 by = self.rung_criterion(task)
-                t["criterion"] = "-loss" if by == "loss" else self.tasks[task].spec.metric
+                t["criterion"] = f"-{by}" if by != "metric" else self.tasks[task].spec.metric
             summary["search_scoring_s"] = self.search_scoring_s  # since this process started (or resumed)
         if self.is_main:
             for name, data in self.tasks.items():
@@ -512,11 +512,14 @@ class MultiTaskPromptTuningRecipe:
         return self.search.leader(task) if self.search else task
 
     def rung_criterion(self, task: str) -> str:
-        """`metric` or `loss`: what ranks `task`'s variants at a rung (`search.criterion`; auto: the metric
-        where it is one forward per example, the loss where the metric would decode greedily)."""
+        """`metric`, `loss` or `label_loss`: what ranks `task`'s variants at a rung (`search.criterion`;
+        auto: the label loss of classification tasks, the loss where the metric would decode greedily)."""
         c = self.cfg.search.criterion
+        classification = self.tasks[task].spec.kind == "classification"
         if c == "auto":
-            return "metric" if self.tasks[task].spec.kind == "classification" else "loss"
+            return "label_loss" if classification else "loss"
+        if c == "label_loss" and not classification:
+            return "loss"  # no label set to renormalise over
         return c
 
     def _search_rung(self, final: bool = False) -> None:
@@ -540,6 +543,18 @@ class MultiTaskPromptTuningRecipe:
                 )
                 scores.update({r: -loss[r] for r in rows})
                 continue
+            if self.rung_criterion(task) == "label_loss":
+                for row in rows:
+                    scores[row] = -mean_label_nll(
+                        self.lm,
+                        self.tokenizer,
+                        held.eval,
+                        held.spec.verbaliser,
+                        self.prompt(row).to(self.device),
+                        self.cfg.model.max_seq_len,
+                        device=self.device,
+                    )
+                continue
             for row in rows:
                 scores[row] = evaluate_task(
                     self.lm,
@@ -560,7 +575,7 @@ class MultiTaskPromptTuningRecipe:
         )
         for r in results:
             if len(r.scores) == 1:
-                continue  # the final score of a task decided at an earlier rung
+                continue  # a one-variant task's held-out number at the end: nothing to choose
             kept = ", ".join(str(k) for k in r.kept)
             self._log(
                 f"search rung {r.rung} @ step {r.step}: {r.task} keeps variant(s) {kept} "

@@ -16,9 +16,11 @@ agrees). With `search.heldout_schedule: grow` (the default) a rung scores only t
 n x step / last-rung step of the (shuffled) slice, at least 16 (`SearchState.heldout_size`): scoring is
 held-out forwards per live variant, so at fixed n it grows with the number of variants, not with the
 training they had; growing n with the steps keeps it a bounded share of the run, as halving does for
-training. At the end each task
-keeps one variant, whose prompt becomes the task's adapter; everything else (export, serving)
-sees one adapter per task. The state is plain JSON, saved in every checkpoint.
+training. A rung ranks by `search.criterion` (auto: for classification the held-out NLL of the gold
+label among the task's labels, the metric's smooth counterpart from the same forward; the target NLL
+for tasks whose metric decodes). At the end each task still undecided is ranked once more on the whole
+slice and keeps one variant (a task a rung has cut to one is not scored again), whose prompt becomes
+the task's adapter; everything else (export, serving) sees one adapter per task. The state is plain JSON, saved in every checkpoint.
 
 This module computes nothing on the model: the recipe scores variants and hands the scores in.
 Settings that cannot vary inside one job (prompt length, steps, batch size) are searched over
@@ -89,7 +91,7 @@ class RowHParams:
 class RungResult:
     """Held-out scores of a task's live variants at one rung, and which of them stayed."""
 
-    rung: int  # 0-based; the final selection after the last step is one rung more
+    rung: int  # 0-based; the final selection after the last step (tasks still undecided) is one rung more
     step: int
     task: str
     scores: dict[int, float]  # variant index -> held-out score
@@ -244,10 +246,15 @@ class SearchState:
             return available
         return min(available, max(MIN_HELDOUT, math.ceil(available * step / self.rungs[-1])))
 
+    def _to_score(self, task: str, final: bool) -> bool:
+        """Whether a rung scores `task`: while it has several live variants. The final selection also
+        scores a task no rung has scored (a one-variant search, e.g. one job of a naive search, which is
+        compared on its held-out number); a task a rung has cut to one is decided and not scored again."""
+        return len(self.live[task]) > 1 or (final and not any(r.task == task for r in self.results))
+
     def rows_to_score(self, final: bool = False) -> list[str]:
-        """Rows a rung scores: the live variants of tasks that still have several (`final`: of every task,
-        so each winner's held-out curve ends at the last step)."""
-        return [r for t in self.variants if final or len(self.live[t]) > 1 for r in self.live_rows(t)]
+        """Rows a rung scores: the live variants of the tasks `_to_score`."""
+        return [r for t in self.variants if self._to_score(t, final) for r in self.live_rows(t)]
 
     def apply_rung(
         self,
@@ -265,10 +272,8 @@ class SearchState:
         train_loss, examples = train_loss or {}, examples or {}
         rung = len({r.step for r in self.results})
         out = []
-        for task in self.variants:
+        for task in [t for t in self.variants if self._to_score(t, final)]:
             live = self.live[task]
-            if len(live) <= 1 and not final:
-                continue
             got = {k: scores[self.variants[task][k].row] for k in live}
             loss = {k: train_loss[r] for k in live if (r := self.variants[task][k].row) in train_loss}
             keep = 1 if final else max(1, math.ceil(len(live) / self.eta))
@@ -366,7 +371,10 @@ def render_search_report(search: dict[str, dict]) -> str:
         head = "| variant | " + " | ".join(t["variants"][0]["values"]) + " | "
         head += " | ".join(f"held-out @ {s}" for s in steps) + " | outcome |"
         by = t.get("criterion", "score")
-        by = "minus the mean target NLL" if by == "-loss" else by
+        by = {
+            "-loss": "minus the mean target NLL",
+            "-label_loss": "minus the mean NLL of the gold label among the task's labels",
+        }.get(by, by)
         n_held = f"ranked at each rung by {by} on the task's held-out slice (higher is better)"
         if counts := t.get("heldout_examples"):
             n_held += "; examples scored: " + ", ".join(f"{n} @ step {s}" for s, n in counts.items())

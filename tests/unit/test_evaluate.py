@@ -13,6 +13,7 @@ from tuner.evaluate import (
     cut_at_stop,
     generate_greedy,
     generation_metrics,
+    mean_label_nll,
     mean_target_loss,
     score_labels,
 )
@@ -71,6 +72,45 @@ def test_mean_target_loss_equals_a_direct_computation():
             want = sum(direct(prompt, ex) for ex in examples) / len(examples)
             assert got[name] == pytest.approx(want, rel=1e-5)
     assert len(set(got.values())) == 3  # each prompt scored with its own embeddings
+
+
+@pytest.mark.parametrize(
+    "verbaliser",
+    [
+        {"a": " no", "b": " yes", "c": " maybe"},
+        {"a": " very negative", "b": " quite positive", "c": " so so"},
+    ],
+)
+def test_mean_label_nll_equals_a_direct_computation(verbaliser):
+    """The rung criterion of classification tasks: minus the log-probability of the gold label among the
+    labels (each label's verbaliser tokens teacher-forced after the example, their log-probabilities summed,
+    renormalised over the labels), averaged over examples; here with a plain forward per (example, label)."""
+    tok = load_tokenizer(smollm2_tokenizer_dir())
+    torch.manual_seed(0)
+    lm = PromptTunedLM(tiny_llama(vocab_size=49152))
+    g = torch.Generator().manual_seed(2)
+    examples = [
+        TokenizedExample("t", torch.randint(10, 4000, (n,), generator=g).tolist(), [0], label=gold)
+        for n, gold in ((3, "a"), (17, "c"), (8, "b"), (30, "a"), (5, "b"))
+    ]
+    prompt = torch.randn(4, 32, generator=g)
+    got = mean_label_nll(lm, tok, examples, verbaliser, prompt, max_len=64, batch_size=2)
+
+    def label_logp(ex, word) -> float:
+        target = tok(word, add_special_tokens=False).input_ids
+        ids = torch.tensor(ex.input_ids + target[:-1])
+        logits = lm.backbone(inputs_embeds=torch.cat([prompt, lm.embed(ids[None])[0]])[None]).logits[0]
+        start = prompt.shape[0] + len(ex.input_ids) - 1
+        logp = torch.log_softmax(logits[start : start + len(target)].double(), dim=-1)
+        return sum(logp[i, t].item() for i, t in enumerate(target))
+
+    with torch.no_grad():
+        want = 0.0
+        for ex in examples:
+            per = {lab: label_logp(ex, w) for lab, w in verbaliser.items()}
+            norm = torch.logsumexp(torch.tensor(list(per.values()), dtype=torch.float64), 0).item()
+            want += norm - per[ex.label]
+    assert got == pytest.approx(want / len(examples), rel=1e-4)
 
 
 def test_classification_metrics():

@@ -324,6 +324,50 @@ def test_search_run_exports_one_adapter_per_task_and_reports_every_variant(searc
         torch.testing.assert_close(saved.float(), bank[state["task_names"].index(t["chosen_row"])])
 
 
+def test_classification_rungs_rank_by_the_gold_labels_nll_among_the_labels(searched):
+    """criterion auto on classification tasks: a rung's number is minus `mean_label_nll` on the held-out
+    slice (the winner's last one: that of its exported prompt), and a task a rung cut to one variant is
+    not scored at the end."""
+    from safetensors.torch import load_file
+
+    from tuner.evaluate import mean_label_nll
+    from tuner.recipe import MultiTaskPromptTuningRecipe
+
+    root, job, summary = searched
+    run_dir = root / "runs" / "tiny"
+    assert "ranked at each rung by minus the mean NLL of the gold label among the task's labels" in (
+        (run_dir / "report.md").read_text()
+    )
+    cfg = load_job_config(job, ["cluster.num_workers=1"])
+    recipe = MultiTaskPromptTuningRecipe(cfg, progress=False)
+    recipe.setup()  # the same tasks, tokeniser and held-out slices as the run
+    try:
+        for task, t in summary["search"].items():
+            assert t["criterion"] == "-label_loss"
+            prompt = load_file(str(run_dir / "adapters" / task / "adapter_model.safetensors"))[
+                "prompt_embeddings"
+            ]
+            held = recipe.heldout[task]
+            nll = mean_label_nll(
+                recipe.lm,
+                recipe.tokenizer,
+                held.eval,
+                held.spec.verbaliser,
+                prompt.float(),
+                cfg.model.max_seq_len,
+            )
+            won = next(v for v in t["variants"] if v["outcome"] == "won")
+            assert won["heldout"][-1] == [8, pytest.approx(-nll, rel=1e-4)]
+    finally:
+        recipe.cleanup()
+
+    state = SearchState.build(job_with({"optim.lr": [0.1, 0.2, 0.3]}, optim={"max_steps": 9}), ["a", "b"])
+    state.apply_rung(3, {"a~0": 0.9, "a~1": 0.1, "a~2": 0.2, "b~0": 0.1, "b~1": 0.2, "b~2": 0.3})
+    assert state.live == {"a": [0], "b": [2]} and state.rows_to_score(final=True) == []
+    alone = SearchState.build(job_with({"optim.lr": [0.1]}), ["a"])  # one variant: scored at the end only
+    assert alone.rows_to_score() == [] and alone.rows_to_score(final=True) == ["a~0"]
+
+
 def test_resume_mid_search_reaches_the_same_variants_and_prompts(searched):
     """A run resumed from the step-4 checkpoint (after rung 0, before rung 1) ends where the uninterrupted one did."""
     root, job, summary = searched
@@ -349,7 +393,7 @@ def test_resume_mid_search_reaches_the_same_variants_and_prompts(searched):
 # ------------------------------------------------------------------------------ rung criterion
 
 
-def test_rung_criterion_auto_decodes_only_where_the_metric_is_one_forward():
+def test_rung_criterion_auto_ranks_classification_by_label_loss_and_never_decodes():
     from types import SimpleNamespace
 
     from tuner.recipe import MultiTaskPromptTuningRecipe as Recipe
@@ -358,15 +402,18 @@ def test_rung_criterion_auto_decodes_only_where_the_metric_is_one_forward():
         k: SimpleNamespace(spec=SimpleNamespace(kind=k)) for k in ("classification", "generation", "ner")
     }
     for setting, want in [
-        ("auto", {"classification": "metric", "generation": "loss", "ner": "loss"}),
+        ("auto", {"classification": "label_loss", "generation": "loss", "ner": "loss"}),
         ("metric", dict.fromkeys(tasks, "metric")),
         ("loss", dict.fromkeys(tasks, "loss")),
+        ("label_loss", {"classification": "label_loss", "generation": "loss", "ner": "loss"}),
     ]:
         recipe = SimpleNamespace(
             cfg=job_with(SPACE, search={"space": SPACE, "criterion": setting}), tasks=tasks
         )
         assert {t: Recipe.rung_criterion(recipe, t) for t in tasks} == want
-    with pytest.raises(ConfigError, match="search.criterion='f1': must be one of auto, metric, loss"):
+    with pytest.raises(
+        ConfigError, match="search.criterion='f1': must be one of auto, metric, loss, label_loss"
+    ):
         job_with(SPACE, search={"space": SPACE, "criterion": "f1"})
 
 
@@ -386,6 +433,7 @@ def test_search_ranked_by_heldout_loss(tmp_path, tiny_backbone_dir):
         checkpoint_every=0,
         space={"optim.lr": [0.001, 0.3, 3.0]},
         rungs=[2],
+        eta=2,  # 3 -> 2 at step 2, 2 -> 1 on the whole slice at the end
         criterion="loss",
     )
     cfg = load_job_config(job, ["cluster.num_workers=1"])
@@ -400,7 +448,9 @@ def test_search_ranked_by_heldout_loss(tmp_path, tiny_backbone_dir):
             rung0 = {v["index"]: dict(v["heldout"])[2] for v in t["variants"]}
             assert all(x < 0 for x in rung0.values())
             kept = [v["index"] for v in t["variants"] if not v["outcome"].startswith("dropped at rung 0")]
-            assert kept == [max(rung0, key=rung0.get)]  # 3 variants, eta 3: the best one by -loss stays
+            assert kept == sorted(
+                sorted(rung0, key=rung0.get)[1:]
+            )  # 3 variants, eta 2: the best two by -loss
             prompt = load_file(str(run_dir / "adapters" / task / "adapter_model.safetensors"))[
                 "prompt_embeddings"
             ]
@@ -442,7 +492,8 @@ def test_early_rungs_score_the_first_examples_of_the_heldout_slice(tmp_path, tin
     cfg = load_job_config(job, ["cluster.num_workers=1"])
     summary = train_local(cfg, progress=False)
     run_dir = tmp_path / "runs" / "tiny"
-    assert "examples scored: 32 @ step 2, 48 @ step 3, 48 @ step 4" in (run_dir / "report.md").read_text()
+    # 4 -> 2 at step 2, 2 -> 1 at step 3: decided, so the end scores nothing more
+    assert "examples scored: 32 @ step 2, 48 @ step 3\n" in (run_dir / "report.md").read_text()
     state_dir = run_dir / "checkpoints" / "step_00000002"  # the prompts rung 0 scored
     names = json.loads((state_dir / "state.json").read_text())["task_names"]
     bank = load_file(str(state_dir / "tensors.safetensors"))["bank"]
@@ -450,7 +501,7 @@ def test_early_rungs_score_the_first_examples_of_the_heldout_slice(tmp_path, tin
     recipe.setup()  # the same tasks, tokeniser and held-out slices as the run
     try:
         for task, t in summary["search"].items():
-            assert t["heldout_examples"] == {"2": 32, "3": 48, "4": 48}
+            assert t["heldout_examples"] == {"2": 32, "3": 48}
             held = recipe.heldout[task].eval
             assert len(held) == 48
             prompts = {v["row"]: bank[names.index(v["row"])] for v in t["variants"]}
