@@ -297,10 +297,10 @@ class SearchConfig:
         "auto",
         "What ranks a task's variants at a rung, on its held-out slice: metric (the task's eval metric; "
         "generation and NER tasks decode greedily), loss (mean target NLL: one teacher-forced forward per "
-        "example, a task's live variants batched together), label_loss (classification: minus the log-probability "
-        "of the gold label among the task's labels, from the metric's own forward; other kinds: loss), or auto: "
-        "label_loss for classification tasks (accuracy or macro-F1 on the few dozen examples of an early rung "
-        "is mostly chance), loss for tasks whose metric needs decoding.",
+        "example, a task's live variants batched together), label_loss (classification: the NLL of the gold "
+        "label among the task's labels, from the metric's own forward; other kinds: loss. Smooth, but early on "
+        "it favours low learning rates, whose prompts are still unconfident: BENCHMARKS.md, hp_search run 5), "
+        "or auto: the metric for classification tasks, the loss for tasks whose metric needs decoding.",
     )
 
     def __post_init__(self) -> None:

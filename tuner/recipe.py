@@ -513,11 +513,11 @@ class MultiTaskPromptTuningRecipe:
 
     def rung_criterion(self, task: str) -> str:
         """`metric`, `loss` or `label_loss`: what ranks `task`'s variants at a rung (`search.criterion`;
-        auto: the label loss of classification tasks, the loss where the metric would decode greedily)."""
+        auto: the metric where it is one forward per example, the loss where it would decode greedily)."""
         c = self.cfg.search.criterion
         classification = self.tasks[task].spec.kind == "classification"
         if c == "auto":
-            return "label_loss" if classification else "loss"
+            return "metric" if classification else "loss"
         if c == "label_loss" and not classification:
             return "loss"  # no label set to renormalise over
         return c

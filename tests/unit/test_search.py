@@ -324,21 +324,41 @@ def test_search_run_exports_one_adapter_per_task_and_reports_every_variant(searc
         torch.testing.assert_close(saved.float(), bank[state["task_names"].index(t["chosen_row"])])
 
 
-def test_classification_rungs_rank_by_the_gold_labels_nll_among_the_labels(searched):
-    """criterion auto on classification tasks: a rung's number is minus `mean_label_nll` on the held-out
-    slice (the winner's last one: that of its exported prompt), and a task a rung cut to one variant is
-    not scored at the end."""
+def test_a_task_cut_to_one_variant_is_not_scored_again():
+    """The final selection scores only tasks still undecided, and a task no rung scored (a one-variant
+    search, e.g. one job of a naive search, compared on its held-out number)."""
+    state = SearchState.build(job_with({"optim.lr": [0.1, 0.2, 0.3]}, optim={"max_steps": 9}), ["a", "b"])
+    state.apply_rung(3, {"a~0": 0.9, "a~1": 0.1, "a~2": 0.2, "b~0": 0.1, "b~1": 0.2, "b~2": 0.3})
+    assert state.live == {"a": [0], "b": [2]} and state.rows_to_score(final=True) == []
+    assert state.apply_rung(9, {}, final=True) == [] and state.winner("b").row == "b~2"
+    alone = SearchState.build(job_with({"optim.lr": [0.1]}), ["a"])
+    assert alone.rows_to_score() == [] and alone.rows_to_score(final=True) == ["a~0"]
+
+
+def test_search_ranked_by_the_gold_labels_nll_among_the_labels(tmp_path, tiny_backbone_dir):
+    """criterion label_loss: a rung's number for a classification task is minus `mean_label_nll` on its
+    held-out slice; the winner's last one is that of its exported prompt."""
     from safetensors.torch import load_file
 
     from tuner.evaluate import mean_label_nll
     from tuner.recipe import MultiTaskPromptTuningRecipe
 
-    root, job, summary = searched
-    run_dir = root / "runs" / "tiny"
+    job = tiny_search_job(
+        tmp_path,
+        tiny_backbone_dir,
+        steps=4,
+        checkpoint_every=0,
+        space={"optim.lr": [0.001, 0.3, 3.0]},
+        rungs=[2],
+        eta=2,  # 3 -> 2 at step 2, 2 -> 1 on the whole slice at the end
+        criterion="label_loss",
+    )
+    cfg = load_job_config(job, ["cluster.num_workers=1"])
+    summary = train_local(cfg, progress=False)
+    run_dir = tmp_path / "runs" / "tiny"
     assert "ranked at each rung by minus the mean NLL of the gold label among the task's labels" in (
         (run_dir / "report.md").read_text()
     )
-    cfg = load_job_config(job, ["cluster.num_workers=1"])
     recipe = MultiTaskPromptTuningRecipe(cfg, progress=False)
     recipe.setup()  # the same tasks, tokeniser and held-out slices as the run
     try:
@@ -357,15 +377,12 @@ def test_classification_rungs_rank_by_the_gold_labels_nll_among_the_labels(searc
                 cfg.model.max_seq_len,
             )
             won = next(v for v in t["variants"] if v["outcome"] == "won")
-            assert won["heldout"][-1] == [8, pytest.approx(-nll, rel=1e-4)]
+            assert won["heldout"][-1] == [4, pytest.approx(-nll, rel=1e-4)]
+            rung0 = {v["index"]: dict(v["heldout"])[2] for v in t["variants"]}
+            kept = [v["index"] for v in t["variants"] if not v["outcome"].startswith("dropped at rung 0")]
+            assert kept == sorted(sorted(rung0, key=rung0.get)[1:])  # the best two by minus the label NLL
     finally:
         recipe.cleanup()
-
-    state = SearchState.build(job_with({"optim.lr": [0.1, 0.2, 0.3]}, optim={"max_steps": 9}), ["a", "b"])
-    state.apply_rung(3, {"a~0": 0.9, "a~1": 0.1, "a~2": 0.2, "b~0": 0.1, "b~1": 0.2, "b~2": 0.3})
-    assert state.live == {"a": [0], "b": [2]} and state.rows_to_score(final=True) == []
-    alone = SearchState.build(job_with({"optim.lr": [0.1]}), ["a"])  # one variant: scored at the end only
-    assert alone.rows_to_score() == [] and alone.rows_to_score(final=True) == ["a~0"]
 
 
 def test_resume_mid_search_reaches_the_same_variants_and_prompts(searched):
@@ -393,7 +410,7 @@ def test_resume_mid_search_reaches_the_same_variants_and_prompts(searched):
 # ------------------------------------------------------------------------------ rung criterion
 
 
-def test_rung_criterion_auto_ranks_classification_by_label_loss_and_never_decodes():
+def test_rung_criterion_auto_decodes_only_where_the_metric_is_one_forward():
     from types import SimpleNamespace
 
     from tuner.recipe import MultiTaskPromptTuningRecipe as Recipe
@@ -402,7 +419,7 @@ def test_rung_criterion_auto_ranks_classification_by_label_loss_and_never_decode
         k: SimpleNamespace(spec=SimpleNamespace(kind=k)) for k in ("classification", "generation", "ner")
     }
     for setting, want in [
-        ("auto", {"classification": "label_loss", "generation": "loss", "ner": "loss"}),
+        ("auto", {"classification": "metric", "generation": "loss", "ner": "loss"}),
         ("metric", dict.fromkeys(tasks, "metric")),
         ("loss", dict.fromkeys(tasks, "loss")),
         ("label_loss", {"classification": "label_loss", "generation": "loss", "ner": "loss"}),
