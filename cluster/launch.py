@@ -7,7 +7,8 @@ reports each checkpoint to Ray Train, so when a worker dies and `FailureConfig(m
 replaces the worker group, the new group resumes from the last reported checkpoint. Ray Train
 keeps those in the run directory, or on a multi-node cluster on `cluster.storage`, where the node
 that replaces a lost one reads them (module `cluster.storage`). Rank 0 also sends each step's and
-evaluation's record to the driver through a Ray queue: the driver draws the one progress bar and
+evaluation's record to the driver through a Ray queue (an actor on the driver's node; a worker that
+finds it gone trains on without it): the driver draws the one progress bar and
 prints the final table; workers print nothing of their own, and Ray's own INFO lines are turned
 off through Ray's logging configuration.
 
@@ -54,7 +55,7 @@ def _worker(config: dict) -> None:
     import ray.train
 
     _quiet_deepspeed()
-    progress = config.pop("_progress", None)  # a ray.util.queue.Queue to the driver, or None
+    progress = _ToDriver(config.pop("_progress", None))  # rank 0's records and log lines to the driver
     tune = config.pop("_tune", False)  # a `promptfleet tune` trial: evaluations are reported to Ray Tune
     cfg = from_dict(JobConfig, config)
     rank0 = ray.train.get_context().get_world_rank() == 0
@@ -67,11 +68,11 @@ def _worker(config: dict) -> None:
     def on_step(metrics: StepMetrics) -> None:
         if metrics_server is not None:
             metrics_server.on_step(metrics)
-        if progress is not None and rank0:
+        if rank0:
             progress.put(("step", asdict(metrics)))
 
     def on_eval(point: EvalPoint) -> None:
-        if progress is not None and rank0:
+        if rank0:
             progress.put(("eval", asdict(point)))
         if tune and not point.zero_shot and point.scores:  # every rank reports (Ray Train's contract)
             ray.train.report({"step": point.step, "score": mean_score(point.scores)})
@@ -83,8 +84,7 @@ def _worker(config: dict) -> None:
             metrics_server.on_checkpoint(record)
 
     def on_message(line: str) -> None:
-        if progress is not None:
-            progress.put(("log", line))
+        progress.put(("log", line))
 
     hooks = RecipeHooks(on_step=on_step, on_eval=on_eval, on_checkpoint=on_checkpoint, on_message=on_message)
     restored = ray.train.get_checkpoint()
@@ -95,6 +95,32 @@ def _worker(config: dict) -> None:
             if metrics_server is not None:
                 metrics_server.on_restart()
         run(cfg, hooks, progress=False)
+
+
+class _ToDriver:
+    """A worker's end of the driver's queue (`ray.util.queue.Queue`, or None: nothing is sent).
+
+    Best effort: the records it carries are also in the run directory, so if the queue's actor is gone
+    (its node lost, the driver exited) the worker says so once on its own stderr and trains on. Before
+    this, a restarted worker group failed at its first log line for as long as the queue was gone.
+    """
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def put(self, item) -> None:
+        if self.queue is None:
+            return
+        from ray.exceptions import RayActorError
+
+        try:
+            self.queue.put(item)
+        except RayActorError as e:
+            print(
+                f"promptfleet: the driver's queue is gone, progress is no longer sent to it ({e!r:.200})",
+                file=sys.stderr,
+            )
+            self.queue = None
 
 
 class _DriverProgress:
@@ -211,7 +237,7 @@ def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = Tr
     job = prepare_job(cfg, claim=True)
     cfg = job.cfg
     init_ray(cfg, address)
-    queue = Queue(actor_options={"num_cpus": 0})
+    queue = Queue(actor_options=driver_node_actor())
     trainer = make_trainer(cfg, {"_progress": queue})
     with _DriverProgress(queue, cfg.optim.max_steps, show=progress):
         trainer.fit()
@@ -220,6 +246,21 @@ def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = Tr
     if progress and summary:
         print_outcome(summary, job.run_dir)
     return summary
+
+
+def driver_node_actor() -> dict:
+    """Actor options that place a driver-side helper actor (the progress queue) on the driver's own node.
+
+    It needs no CPU, so Ray could put it on any node; on a worker node that is lost, the driver's progress
+    would go with it, and every replacement worker group would find its queue dead. The driver's node
+    (the head, for a submitted job) lives as long as the driver does. The affinity is hard: a soft one
+    was seen to spill the actor to a worker node while the head was still starting its first worker.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
 
 def print_outcome(summary: dict, run_dir: Path) -> None:

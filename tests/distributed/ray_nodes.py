@@ -13,8 +13,10 @@ It does not submit jobs or run training (tests start `promptfleet train --addres
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,15 +56,28 @@ class RayNodes:
         """Join one more worker node; returns its `ray._private.node.Node`."""
         return self.cluster.add_node(num_cpus=self.cpus_per_node, **_node_ports())
 
-    def remove(self, node_id: str) -> None:
+    def remove(self, node_id: str, timeout_s: float = 60) -> None:
         """Take the worker node `node_id` away with all its processes (its workers die with it).
 
         The raylet is stopped with SIGTERM, so it unregisters from the GCS (a drained or preempted
         machine) instead of being declared dead only after missed health checks: a worker group Ray
-        Train restarts in the meantime would mostly be placed on the dead node and fail again.
+        Train restarts in the meantime would mostly be placed on the dead node and fail again. It is
+        given until the GCS records the node dead (at most `timeout_s`) before what is left is killed:
+        `Cluster.remove_node` alone gives it one second, then SIGKILLs it, which on a loaded machine
+        can cut the unregistration short and leave the node half-dead for minutes.
         """
+        from ray._private import ray_constants
+
         (node,) = [n for n in self.cluster.worker_nodes if n.node_id == node_id]
-        self.cluster.remove_node(node, allow_graceful=True)
+        node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.terminate()
+        deadline = time.monotonic() + timeout_s
+        while self.is_alive(node_id) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.cluster.remove_node(node, allow_graceful=True)  # whatever is left, and forget the node
+
+    def is_alive(self, node_id: str) -> bool:
+        """Whether the GCS counts node `node_id` alive."""
+        return any(n["NodeID"] == node_id and n["Alive"] for n in self.cluster.global_state.node_table())
 
     @property
     def worker_node_ids(self) -> set[str]:
@@ -70,8 +85,47 @@ class RayNodes:
 
     def train_workers(self) -> list[str]:
         """Node ids of the live Ray Train worker actors, as the GCS records them."""
+        return self.actor_nodes("RayTrainWorker")
+
+    def actor_nodes(self, class_name: str) -> list[str]:
+        """Node ids of the live actors of class `class_name`, as the GCS records them."""
         actors = self.cluster.global_state.actor_table(None, actor_state_name="ALIVE").values()
-        return [a["Address"]["NodeID"] for a in actors if a["ActorClassName"] == "RayTrainWorker"]
+        return [a["Address"]["NodeID"] for a in actors if a["ActorClassName"] == class_name]
+
+    @property
+    def head_node_id(self) -> str:
+        return self.cluster.head_node.node_id
+
+    def diagnostics(self, lines: int = 40) -> str:
+        """Why a run stalled or failed, for a test's failure message: what Ray Train's controllers logged at
+        INFO and above (failure decisions, restarts, startup timeouts), the GCS's node and actor deaths, and
+        the node table (the temp dir, with every log, is removed at `stop`)."""
+        logs = self.temp_dir / "session_latest" / "logs"
+        out = ["-- Ray Train controllers (INFO and above):"]
+        for path in sorted((logs / "train").glob("ray-train-sys-controller-*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("levelname") in ("INFO", "WARNING", "ERROR"):
+                    out.append(
+                        f"{rec.get('asctime')} {rec['levelname']} {rec['message'].splitlines()[0][:240]}"
+                    )
+        out = out[:1] + out[1:][-lines:]
+        gcs = logs / "gcs_server.out"
+        events = [
+            line[:240]
+            for line in (gcs.read_text(errors="replace").splitlines() if gcs.exists() else [])
+            if any(
+                k in line
+                for k in ("is dead", "Actor is failed", "Draining", "drain", "Unregister", "removed")
+            )
+        ]
+        out += ["-- GCS node and actor deaths:", *events[-lines:], "-- nodes:"]
+        for n in self.cluster.global_state.node_table():
+            out.append(f"{n['NodeID'][:12]} alive={n['Alive']} resources={n.get('Resources', {})}")
+        return "\n".join(out)
 
     def stop(self) -> None:
         self.cluster.shutdown()
