@@ -11,6 +11,10 @@ on the shared storage. As in `test_fault_tolerance.py`, "no step lost or repeate
 final checkpoint's history (log_every=1: one entry per applied step) and the final prompts must
 equal the uninterrupted ZeRO-3 run's bitwise (same ranks, CPU fp32, gloo sums of two operands).
 A replicated (ZeRO off) run on the same nodes trains the same prompts up to float rounding.
+
+The driver's progress queue must live on the driver's node (the head), never on a node that can be
+lost: when it was placed on the lost node, every replacement worker group failed at its first log line
+and the run never resumed (the node-loss test failed about half the time in CI for that reason).
 """
 
 from __future__ import annotations

@@ -324,6 +324,23 @@ def test_search_run_exports_one_adapter_per_task_and_reports_every_variant(searc
         torch.testing.assert_close(saved.float(), bank[state["task_names"].index(t["chosen_row"])])
 
 
+def three_rate_search(tmp_path, backbone, criterion: str):
+    """A 4-step search of 3 learning rates per task ranked by `criterion`: 3 -> 2 at step 2, 2 -> 1 on
+    the whole held-out slice at the end. Returns (config, summary, run dir)."""
+    job = tiny_search_job(
+        tmp_path,
+        backbone,
+        steps=4,
+        checkpoint_every=0,
+        space={"optim.lr": [0.001, 0.3, 3.0]},
+        rungs=[2],
+        eta=2,
+        criterion=criterion,
+    )
+    cfg = load_job_config(job, ["cluster.num_workers=1"])
+    return cfg, train_local(cfg, progress=False), tmp_path / "runs" / "tiny"
+
+
 def test_a_task_cut_to_one_variant_is_not_scored_again():
     """The final selection scores only tasks still undecided, and a task no rung scored (a one-variant
     search, e.g. one job of a naive search, compared on its held-out number)."""
@@ -343,19 +360,7 @@ def test_search_ranked_by_the_gold_labels_nll_among_the_labels(tmp_path, tiny_ba
     from tuner.evaluate import mean_label_nll
     from tuner.recipe import MultiTaskPromptTuningRecipe
 
-    job = tiny_search_job(
-        tmp_path,
-        tiny_backbone_dir,
-        steps=4,
-        checkpoint_every=0,
-        space={"optim.lr": [0.001, 0.3, 3.0]},
-        rungs=[2],
-        eta=2,  # 3 -> 2 at step 2, 2 -> 1 on the whole slice at the end
-        criterion="label_loss",
-    )
-    cfg = load_job_config(job, ["cluster.num_workers=1"])
-    summary = train_local(cfg, progress=False)
-    run_dir = tmp_path / "runs" / "tiny"
+    cfg, summary, run_dir = three_rate_search(tmp_path, tiny_backbone_dir, "label_loss")
     assert "ranked at each rung by minus the mean NLL of the gold label among the task's labels" in (
         (run_dir / "report.md").read_text()
     )
@@ -443,19 +448,7 @@ def test_search_ranked_by_heldout_loss(tmp_path, tiny_backbone_dir):
     from tuner.evaluate import mean_target_loss
     from tuner.recipe import MultiTaskPromptTuningRecipe
 
-    job = tiny_search_job(
-        tmp_path,
-        tiny_backbone_dir,
-        steps=4,
-        checkpoint_every=0,
-        space={"optim.lr": [0.001, 0.3, 3.0]},
-        rungs=[2],
-        eta=2,  # 3 -> 2 at step 2, 2 -> 1 on the whole slice at the end
-        criterion="loss",
-    )
-    cfg = load_job_config(job, ["cluster.num_workers=1"])
-    summary = train_local(cfg, progress=False)
-    run_dir = tmp_path / "runs" / "tiny"
+    cfg, summary, run_dir = three_rate_search(tmp_path, tiny_backbone_dir, "loss")
     assert "ranked at each rung by minus the mean target NLL" in (run_dir / "report.md").read_text()
     recipe = MultiTaskPromptTuningRecipe(cfg, progress=False)
     recipe.setup()  # the same tasks, tokeniser and held-out slices as the run (a fresh run dir is not needed)
