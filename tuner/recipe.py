@@ -532,7 +532,8 @@ class MultiTaskPromptTuningRecipe:
             full = self.heldout[task]
             n = examples[task] = self.search.heldout_size(self.step, len(full.eval), final)
             held = dataclasses.replace(full, eval=full.eval[:n], eval_text=full.eval_text[:n])
-            if self.rung_criterion(task) == "loss":  # higher is better, as for a metric
+            by = self.rung_criterion(task)
+            if by == "loss":  # higher is better, as for a metric
                 loss = mean_target_loss(
                     self.lm,
                     held.eval,
@@ -543,7 +544,7 @@ class MultiTaskPromptTuningRecipe:
                 )
                 scores.update({r: -loss[r] for r in rows})
                 continue
-            if self.rung_criterion(task) == "label_loss":
+            if by == "label_loss":
                 for row in rows:
                     scores[row] = -mean_label_nll(
                         self.lm,

@@ -17,9 +17,10 @@ n x step / last-rung step of the (shuffled) slice, at least 16 (`SearchState.hel
 held-out forwards per live variant, so at fixed n it grows with the number of variants, not with the
 training they had; growing n with the steps keeps it a bounded share of the run, as halving does for
 training. A rung ranks by `search.criterion` (auto: the task's metric where it is one forward per
-example, classification; the target NLL where the metric would decode). At the end each task still undecided is ranked once more on the whole
-slice and keeps one variant (a task a rung has cut to one is not scored again), whose prompt becomes
-the task's adapter; everything else (export, serving) sees one adapter per task. The state is plain JSON, saved in every checkpoint.
+example, classification; the target NLL where the metric would decode). At the end each task still
+undecided is ranked once more on the whole slice and keeps one variant (a task a rung has cut to one
+is not scored again), whose prompt becomes the task's adapter; everything else (export, serving) sees
+one adapter per task. The state is plain JSON, saved in every checkpoint.
 
 This module computes nothing on the model: the recipe scores variants and hands the scores in.
 Settings that cannot vary inside one job (prompt length, steps, batch size) are searched over
