@@ -8,6 +8,7 @@ It does not touch torch, Ray or the data files beyond checking that they exist.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -302,6 +303,13 @@ class SearchConfig:
         "it favours low learning rates, whose prompts are still unconfident: BENCHMARKS.md, hp_search run 5), "
         "or auto: the metric for classification tasks, the loss for tasks whose metric needs decoding.",
     )
+    base_margin: float = _f(
+        1.0,
+        "The job's own configuration (its optim / prompt values, when the space holds them) stays at a rung "
+        "while the leader beats it by no more than this many standard errors of their paired difference on "
+        "the held-out examples (bootstrap; the one-standard-error rule). 0: rank by score alone. Not applied "
+        "where the criterion decodes (criterion metric on a generation task).",
+    )
 
     def __post_init__(self) -> None:
         if self.eta < 2:
@@ -312,6 +320,8 @@ class SearchConfig:
         if any(r <= 0 for r in self.rungs) or sorted(set(self.rungs)) != list(self.rungs):
             raise ConfigError(f"search.rungs={self.rungs!r}: must be increasing positive steps")
         _choice("search.heldout_schedule", self.heldout_schedule, HELDOUT_SCHEDULES)
+        if not (isinstance(self.base_margin, int | float) and 0 <= self.base_margin < math.inf):
+            raise ConfigError(f"search.base_margin={self.base_margin!r}: must be a finite number >= 0")
         if self.criterion not in SEARCH_CRITERIA:
             raise ConfigError(
                 f"search.criterion={self.criterion!r}: must be one of {', '.join(SEARCH_CRITERIA)}"

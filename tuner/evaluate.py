@@ -236,7 +236,7 @@ def generate_greedy(
     return [cut_at_stop(t, stop) for t in _gather(texts)]
 
 
-def mean_label_nll(
+def label_nlls(
     lm: PromptTunedLM,
     tokenizer,
     examples: list[TokenizedExample],
@@ -245,8 +245,8 @@ def mean_label_nll(
     max_len: int,
     batch_size: int = 32,
     device="cpu",
-) -> float:
-    """Mean over `examples` of minus the log-probability of the gold label among the task's labels.
+) -> list[float]:
+    """Each example's minus log-probability of its gold label among the task's labels.
 
     The labels' verbaliser log-probabilities (`score_labels`, the same forward as the accuracy / F1)
     are renormalised over the labels: the smooth counterpart of the classification metric. It uses
@@ -254,15 +254,21 @@ def mean_label_nll(
     steadily than accuracy or macro-F1 (a 6-class macro-F1 on 22 examples is mostly chance).
     """
     scores = score_labels(lm, tokenizer, examples, verbaliser, prompt, max_len, batch_size, device)
-    total = 0.0
+    out = []
     for s, e in zip(scores, examples, strict=True):
         logp = torch.tensor(list(s.values()), dtype=torch.float64)
-        total += float(torch.logsumexp(logp, 0)) - s[e.label]
-    return total / len(examples)
+        out.append(float(torch.logsumexp(logp, 0)) - s[e.label])
+    return out
+
+
+def mean_label_nll(*args, **kwargs) -> float:
+    """The mean over the examples of `label_nlls` (same arguments)."""
+    nll = label_nlls(*args, **kwargs)
+    return sum(nll) / len(nll)
 
 
 @torch.no_grad()
-def mean_target_loss(
+def target_losses(
     lm: PromptTunedLM,
     examples: Sequence[TokenizedExample],
     prompts: dict[str, torch.Tensor],
@@ -271,31 +277,41 @@ def mean_target_loss(
     pad_id: int,
     device="cpu",
     batch_size: int = 32,
-) -> dict[str, float]:
-    """Each prompt's mean target NLL over `examples` (the mean over examples of each one's token-mean
-    NLL: `optim.loss_weighting: example`), teacher-forced, so one forward per example whatever the task kind.
+) -> dict[str, list[float]]:
+    """Each prompt's target NLL on each of `examples` (an example's token-mean NLL:
+    `optim.loss_weighting: example`), teacher-forced, so one forward per example whatever the task kind.
 
     Several prompts share a forward (`prompts`: name -> [P, H]); ranks split the (prompt, example)
-    pairs and sum their parts, so every rank returns the same numbers.
+    pairs and each fills in its own, so every rank returns the same numbers.
     """
     names = list(prompts)
     index = {n: j for j, n in enumerate(names)}
     P = next(iter(prompts.values())).shape[0]
-    pairs = [(n, e) for n in names for e in examples]
-    sums = torch.zeros(len(names), dtype=torch.float64)
+    pairs = [(n, i) for n in names for i in range(len(examples))]
+    nll = torch.zeros(len(names), len(examples), dtype=torch.float64)
     for chunk, n_real in _shard_lockstep(pairs, batch_size):
         group = sorted({n for n, _ in chunk}, key=index.__getitem__)
         local = {n: j for j, n in enumerate(group)}
         batch = collate(
-            [dataclasses.replace(e, task=n) for n, e in chunk], local, P, max_len=max_len, pad_id=pad_id
+            [dataclasses.replace(examples[i], task=n) for n, i in chunk],
+            local,
+            P,
+            max_len=max_len,
+            pad_id=pad_id,
         )
         stacked = torch.stack([prompts[n] for n in group]).to(device)
-        seg = lm(batch.to(device), stacked).seg_loss.double().cpu()
+        seg = lm(batch.to(device), stacked).seg_loss.double().cpu()  # segment j is chunk[j]
         if n_real:  # a rank's throwaway batch (it had no pairs left) keeps the ranks in lockstep only
-            owner = torch.tensor([index[group[j]] for j in batch.seg_task.tolist()])
-            sums.index_add_(0, owner, seg)
-    total = [sum(col) for col in zip(*_gather([sums.tolist()]))]
-    return {n: total[j] / len(examples) for j, n in enumerate(names)}
+            for (n, i), loss in zip(chunk, seg.tolist()):
+                nll[index[n], i] = loss
+    # every (prompt, example) was filled in by exactly one rank: the sum over ranks puts them together
+    filled = [sum(col) for col in zip(*_gather([nll.flatten().tolist()]))]
+    return {n: filled[j * len(examples) : (j + 1) * len(examples)] for j, n in enumerate(names)}
+
+
+def mean_target_loss(*args, **kwargs) -> dict[str, float]:
+    """Each prompt's mean over the examples of `target_losses` (same arguments)."""
+    return {n: sum(v) / len(v) for n, v in target_losses(*args, **kwargs).items()}
 
 
 def evaluate_task(

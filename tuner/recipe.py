@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -44,7 +45,7 @@ from tuner.batching import collate
 from tuner.config import ConfigError, JobConfig, to_dict
 from tuner.continual import SourceRun, carry_adapters, choose_sources, load_source
 from tuner.data import MultiTaskSampler, TaskData
-from tuner.evaluate import evaluate_task, mean_label_nll, mean_target_loss
+from tuner.evaluate import classification_metrics, evaluate_task, label_nlls, score_labels, target_losses
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
 from tuner.job import prepare_job
 from tuner.metrics import CheckpointRecord, EvalPoint, RunHistory, StepMetrics
@@ -53,7 +54,7 @@ from tuner.optim import SparseRowAdam, lr_at
 from tuner.prompt_bank import PromptBank, init_prompts
 from tuner.prompt_methods import SharedParams, compose_rows, make_layout, prompt_of
 from tuner.run_dir import mark_finished
-from tuner.search import SearchState, plot_search, render_search_report
+from tuner.search import Evidence, SearchState, plot_search, render_search_report
 from tuner.zero import allreduce_rows_grad, world, zero_setup
 
 GlobalBatch = list[tuple[str, int]]  # (task, example index in its train split), as the sampler draws
@@ -522,49 +523,62 @@ class MultiTaskPromptTuningRecipe:
             return "loss"  # no label set to renormalise over
         return c
 
+    def _score_variants(self, task: str, rows: list[str], held: TaskData) -> dict[str, tuple]:
+        """row -> (its score on `held` by `rung_criterion`, higher is better; its per-example `Evidence`,
+        None where the score is a decoded corpus metric)."""
+        by, spec = self.rung_criterion(task), held.spec
+        if by == "loss":  # every live variant in the same forwards
+            loss = target_losses(
+                self.lm,
+                held.eval,
+                {r: self.prompt(r).to(self.device) for r in rows},
+                max_len=self.cfg.model.max_seq_len,
+                pad_id=self.tokenizer.pad_token_id,
+                device=self.device,
+            )
+            return {r: (-sum(v) / len(v), Evidence(-np.array(v))) for r, v in loss.items()}
+        out = {}
+        for row in rows:
+            prompt = self.prompt(row).to(self.device)
+            args = (self.lm, self.tokenizer, held.eval, spec.verbaliser, prompt, self.cfg.model.max_seq_len)
+            if by == "label_loss":
+                nll = label_nlls(*args, device=self.device)
+                out[row] = (-sum(nll) / len(nll), Evidence(-np.array(nll)))
+            elif spec.kind == "classification":  # the metric, from one forward per example
+                pred = [max(s, key=s.get) for s in score_labels(*args, device=self.device)]
+                gold = [e.label for e in held.eval]
+                score = classification_metrics(gold, pred, spec.labels)[spec.metric]
+                if spec.metric == "accuracy":
+                    ev = Evidence(np.array([float(g == p) for g, p in zip(gold, pred)]))
+                else:
+                    code = {lab: j for j, lab in enumerate(spec.labels)}
+                    ev = Evidence(
+                        np.array([code[p] for p in pred]), np.array([code[g] for g in gold]), len(code)
+                    )
+                out[row] = (score, ev)
+            else:  # decodes: a corpus metric
+                out[row] = (
+                    evaluate_task(
+                        self.lm, self.tokenizer, held, prompt, self.cfg.model.max_seq_len, self.device
+                    )["score"],
+                    None,
+                )
+        return out
+
     def _search_rung(self, final: bool = False) -> None:
         """Score the live variants of every task on its held-out slice and drop the weaker ones."""
         t0 = time.perf_counter()
-        scores, by_task, examples = {}, {}, {}
+        scores, evidence, by_task, examples = {}, {}, {}, {}
         for row in self.search.rows_to_score(final):
             by_task.setdefault(self.search.variant(row).task, []).append(row)
         for task, rows in by_task.items():
             full = self.heldout[task]
             n = examples[task] = self.search.heldout_size(self.step, len(full.eval), final)
             held = dataclasses.replace(full, eval=full.eval[:n], eval_text=full.eval_text[:n])
-            by = self.rung_criterion(task)
-            if by == "loss":  # higher is better, as for a metric
-                loss = mean_target_loss(
-                    self.lm,
-                    held.eval,
-                    {r: self.prompt(r).to(self.device) for r in rows},
-                    max_len=self.cfg.model.max_seq_len,
-                    pad_id=self.tokenizer.pad_token_id,
-                    device=self.device,
-                )
-                scores.update({r: -loss[r] for r in rows})
-                continue
-            if by == "label_loss":
-                for row in rows:
-                    scores[row] = -mean_label_nll(
-                        self.lm,
-                        self.tokenizer,
-                        held.eval,
-                        held.spec.verbaliser,
-                        self.prompt(row).to(self.device),
-                        self.cfg.model.max_seq_len,
-                        device=self.device,
-                    )
-                continue
-            for row in rows:
-                scores[row] = evaluate_task(
-                    self.lm,
-                    self.tokenizer,
-                    held,
-                    self.prompt(row).to(self.device),
-                    self.cfg.model.max_seq_len,
-                    self.device,
-                )["score"]
+            for row, (score, ev) in self._score_variants(task, rows, held).items():
+                scores[row] = score
+                if ev is not None:
+                    evidence[row] = ev
         recent = self.history.steps[-10:]  # every rank logs the same all-reduced losses
         train_loss = {
             row: sum(v) / len(v)
@@ -572,7 +586,7 @@ class MultiTaskPromptTuningRecipe:
             if (v := [m.task_loss[row] for m in recent if row in m.task_loss])
         }
         results = self.search.apply_rung(
-            self.step, scores, final=final, train_loss=train_loss, examples=examples
+            self.step, scores, final=final, train_loss=train_loss, examples=examples, evidence=evidence
         )
         for r in results:
             if len(r.scores) == 1:

@@ -22,6 +22,14 @@ undecided is ranked once more on the whole slice and keeps one variant (a task a
 is not scored again), whose prompt becomes the task's adapter; everything else (export, serving) sees
 one adapter per task. The state is plain JSON, saved in every checkpoint.
 
+The job's own configuration (its `optim` / `prompt` sections, when the space holds that combination:
+the *base* variant) is what the task would train without a search, so a rung drops it only on
+evidence: while the leader beats it by no more than `search.base_margin` standard errors of their
+paired difference (`paired_se`: a bootstrap over the held-out examples, both variants scored on the
+same resample), the base variant takes the last place kept (the one-standard-error rule of CART and
+the lasso). A rung of a few dozen examples is mostly noise; without the rule a task leaves a
+configuration that works for whichever variant was luckiest on them.
+
 This module computes nothing on the model: the recipe scores variants and hands the scores in.
 Settings that cannot vary inside one job (prompt length, steps, batch size) are searched over
 whole jobs by `cluster.tune`.
@@ -37,9 +45,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tuner.config import ConfigError, JobConfig, OptimConfig, PromptConfig
 
 MIN_HELDOUT = 16  # the fewest held-out examples a rung scores under search.heldout_schedule grow
+BOOTSTRAP_ROUNDS = 1000  # resamples behind a paired standard error (`paired_se`)
 SEP = "~"  # variant rows are `<task>~<k>`; `validate_name` keeps `~` out of task names
 
 # Settings each prompt-bank row can have its own value of, in one batch.
@@ -100,6 +111,48 @@ class RungResult:
     # (a small held-out slice often scores several variants the same)
     train_loss: dict[int, float] = field(default_factory=dict)
     examples: int = 0  # held-out examples scored (0: not recorded, a checkpoint from before the schedule)
+    # The base-variant rule, where a rung would have dropped the base variant: the leader, its score
+    # minus the base's, the paired standard error of that gap, and whether the base stayed (gap <= margin x se)
+    base_check: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A variant's held-out results example by example, so its score on any resample of the examples follows.
+
+    `values`: each example's own score, higher is better (accuracy's 0 / 1, minus a loss); the
+    variant's score is their mean. With `gold`: `values` are predicted label indices, `gold` the gold
+    ones, and the score is the macro-F1 over `num_labels` labels (`tuner.evaluate.classification_metrics`).
+    """
+
+    values: np.ndarray
+    gold: np.ndarray | None = None
+    num_labels: int = 0
+
+    def scores(self, idx: np.ndarray) -> np.ndarray:
+        """The score on each resample: `idx` [B, n] example indices -> [B]."""
+        if self.gold is None:
+            return np.asarray(self.values, dtype=np.float64)[idx].mean(axis=1)
+        gold, pred = np.asarray(self.gold)[idx], np.asarray(self.values)[idx]
+        f1 = np.zeros(idx.shape[0])
+        for lab in range(self.num_labels):
+            tp = ((gold == lab) & (pred == lab)).sum(axis=1)
+            wrong = ((gold == lab) != (pred == lab)).sum(axis=1)  # false positives + false negatives
+            f1 += np.where(tp > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0)
+        return f1 / max(self.num_labels, 1)
+
+
+def paired_se(a: Evidence, b: Evidence, seed: int, rounds: int = BOOTSTRAP_ROUNDS) -> float:
+    """Standard error of (score of a) - (score of b) on the same examples: the spread of the gap over
+    `rounds` bootstrap resamples of the examples, both variants scored on each resample (paired, so
+    the examples both get right or both get wrong cancel). Seeded: every rank computes the same."""
+    n = len(a.values)
+    if n < 2 or len(b.values) != n:
+        raise ValueError(
+            f"paired_se needs two variants' results on the same >= 2 examples, got {n} and {len(b.values)}"
+        )
+    idx = np.random.default_rng(seed).integers(0, n, size=(rounds, n))
+    return float(np.std(a.scores(idx) - b.scores(idx), ddof=1))
 
 
 def flatten_space(space: dict[str, Any]) -> dict[str, list]:
@@ -185,6 +238,8 @@ class SearchState:
     live: dict[str, list[int]] = field(default_factory=dict)  # task -> live variant indices
     results: list[RungResult] = field(default_factory=list)
     heldout_schedule: str = "fixed"  # `search.heldout_schedule`: grow | fixed
+    base: int | None = None  # the variant that is the job's own configuration (None: not in the space)
+    base_margin: float = 0.0  # `search.base_margin`: paired standard errors the leader must beat it by
 
     @classmethod
     def build(cls, cfg: JobConfig, tasks: Sequence[str]) -> SearchState:
@@ -192,7 +247,18 @@ class SearchState:
         variants = {t: [Variant(t, k, s) for k, s in enumerate(settings)] for t in tasks}
         rungs = halving_rungs(cfg.optim.max_steps, len(settings), cfg.search.eta, cfg.search.rungs)
         live = {t: list(range(len(settings))) for t in tasks}
-        return cls(variants, cfg.search.eta, rungs, live, heldout_schedule=cfg.search.heldout_schedule)
+        base = next(
+            (k for k, s in enumerate(settings) if s.optim == cfg.optim and s.prompt == cfg.prompt), None
+        )
+        return cls(
+            variants,
+            cfg.search.eta,
+            rungs,
+            live,
+            heldout_schedule=cfg.search.heldout_schedule,
+            base=base if len(settings) > 1 else None,
+            base_margin=cfg.search.base_margin,
+        )
 
     # ------------------------------------------------------------------ rows
 
@@ -212,6 +278,8 @@ class SearchState:
         scored = [r for r in self.results if r.task == task]
         if not scored or len(self.live[task]) == 1:
             return self.variants[task][self.live[task][0]].row
+        if scored[-1].base_check.get("kept"):
+            return self.variants[task][self.base].row  # the leader has not beaten it beyond noise
         last = scored[-1]
         best = _ranked({k: last.scores[k] for k in self.live[task] if k in last.scores}, last.train_loss)
         return self.variants[task][best[0] if best else self.live[task][0]].row
@@ -263,23 +331,37 @@ class SearchState:
         final: bool = False,
         train_loss: dict[str, float] | None = None,
         examples: dict[str, int] | None = None,
+        evidence: dict[str, Evidence] | None = None,
     ) -> list[RungResult]:
         """Record `scores` (row -> held-out score) and keep each task's best ceil(n / eta) (1 when `final`).
 
         Equal scores go to the lower `train_loss` (row -> recent training loss), then the lower index.
-        `examples` (task -> held-out examples scored) is recorded for the report.
+        `examples` (task -> held-out examples scored) is recorded for the report. With `evidence` (row ->
+        its per-example results) the base variant stays while the leader has not beaten it beyond noise
+        (`_keep_base`); a row without evidence (a decoded generation metric) is ranked by score alone.
         """
-        train_loss, examples = train_loss or {}, examples or {}
+        train_loss, examples, evidence = train_loss or {}, examples or {}, evidence or {}
         rung = len({r.step for r in self.results})
         out = []
-        for task in [t for t in self.variants if self._to_score(t, final)]:
+        for pos, task in enumerate(self.variants):
+            if not self._to_score(task, final):
+                continue
             live = self.live[task]
             got = {k: scores[self.variants[task][k].row] for k in live}
             loss = {k: train_loss[r] for k in live if (r := self.variants[task][k].row) in train_loss}
             keep = 1 if final else max(1, math.ceil(len(live) / self.eta))
-            kept = sorted(_ranked(got, loss)[:keep])
-            self.live[task] = kept
-            out.append(RungResult(rung, step, task, got, kept, loss, examples.get(task, 0)))
+            ranked = _ranked(got, loss)
+            kept, check = ranked[:keep], {}
+            if self.base in live and self.base not in kept and self.base_margin > 0:
+                ev = {k: evidence.get(self.variants[task][k].row) for k in (ranked[0], self.base)}
+                if all(e is not None and len(e.values) > 1 for e in ev.values()):
+                    se = paired_se(ev[ranked[0]], ev[self.base], seed=step * 100_003 + pos)
+                    gap = got[ranked[0]] - got[self.base]
+                    check = {"leader": ranked[0], "gap": gap, "se": se, "kept": gap <= self.base_margin * se}
+                    if check["kept"]:  # not beaten beyond noise: the base takes the last place kept
+                        kept = kept[:-1] + [self.base]
+            self.live[task] = sorted(kept)
+            out.append(RungResult(rung, step, task, got, sorted(kept), loss, examples.get(task, 0), check))
         self.results += out
         return out
 
@@ -317,6 +399,7 @@ class SearchState:
                 r["kept"],
                 {int(k): v for k, v in r.get("train_loss", {}).items()},
                 r.get("examples", 0),
+                r.get("base_check", {}),
             )
             for r in data["results"]
         ]
@@ -331,10 +414,22 @@ class SearchState:
             for v in variants:
                 curve = [[r.step, r.scores[v.index]] for r in results if v.index in r.scores]
                 dropped = next((r for r in results if v.index in r.scores and v.index not in r.kept), None)
+                kept_base = [r for r in results if r.base_check.get("kept")]
                 if v.index == win.index:
                     outcome = "won"
+                    if kept_base and v.index == self.base:
+                        c = kept_base[-1].base_check
+                        outcome += (
+                            f" (the job's own configuration; the leader's lead {c['gap']:.4f} <= "
+                            f"{self.base_margin:g} x paired SE {c['se']:.4f})"
+                        )
                 elif dropped is not None:
                     outcome = f"dropped at rung {dropped.rung} (step {dropped.step})"
+                    if dropped.base_check and v.index == self.base:
+                        c = dropped.base_check
+                        outcome += (
+                            f", beaten by {c['gap']:.4f} > {self.base_margin:g} x paired SE {c['se']:.4f}"
+                        )
                 else:
                     outcome = "not scored"
                 rows.append(
@@ -344,6 +439,7 @@ class SearchState:
                         "values": v.settings.values,
                         "heldout": curve,
                         "outcome": outcome,
+                        "base": v.index == self.base,
                     }
                 )
             out[task] = {

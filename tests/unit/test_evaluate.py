@@ -16,6 +16,7 @@ from tuner.evaluate import (
     mean_label_nll,
     mean_target_loss,
     score_labels,
+    target_losses,
 )
 from tuner.model import PromptTunedLM
 from tuner.tasks import TaskSpec
@@ -57,6 +58,7 @@ def test_mean_target_loss_equals_a_direct_computation():
     ]
     prompts = {name: torch.randn(4, 32, generator=g) * 0.1 for name in ("v0", "v1", "v2")}
     got = mean_target_loss(lm, examples, prompts, max_len=64, pad_id=0, batch_size=4)
+    each = target_losses(lm, examples, prompts, max_len=64, pad_id=0, batch_size=4)
 
     def direct(prompt, ex) -> float:
         ids = torch.tensor(ex.input_ids + ex.target_ids[:-1])
@@ -69,8 +71,9 @@ def test_mean_target_loss_equals_a_direct_computation():
 
     with torch.no_grad():
         for name, prompt in prompts.items():
-            want = sum(direct(prompt, ex) for ex in examples) / len(examples)
-            assert got[name] == pytest.approx(want, rel=1e-5)
+            per = [direct(prompt, ex) for ex in examples]
+            assert each[name] == pytest.approx(per, rel=1e-5)  # example by example, in their order
+            assert got[name] == pytest.approx(sum(per) / len(per), rel=1e-5)
     assert len(set(got.values())) == 3  # each prompt scored with its own embeddings
 
 

@@ -4,14 +4,16 @@ and the recipe end to end on the tiny backbone (a variant trains as it would alo
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_job_yaml, write_tiny_tasks
 
 from cluster.launch import train_local
 from tuner.config import ConfigError, JobConfig, from_dict, load_job_config
+from tuner.evaluate import classification_metrics
 from tuner.optim import SparseRowAdam
-from tuner.search import SearchState, expand_space, halving_rungs
+from tuner.search import Evidence, SearchState, expand_space, halving_rungs, paired_se
 
 SPACE = {"optim.lr": [0.01, 0.1, 1.0], "prompt.init": ["vocab", "random"]}
 
@@ -123,6 +125,103 @@ def test_tied_scores_go_to_the_lower_training_loss_then_the_lower_index():
     no_loss = SearchState.build(job_with({"optim.lr": [0.01, 0.1, 1.0]}, optim={"max_steps": 90}), ["a"])
     no_loss.apply_rung(10, tied)
     assert no_loss.live["a"] == [0]
+
+
+# ------------------------------------------------------------------------------ the base variant's protection
+
+
+def test_evidence_scores_each_resample_as_the_metric_would():
+    """Per-example evidence recomputes accuracy and macro-F1 on any resample of the examples exactly as
+    `classification_metrics` does on the resampled lists (labels that never occur in a resample included)."""
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c", "d"]
+    gold, pred = rng.integers(0, 4, 30), rng.integers(0, 4, 30)
+    idx = np.vstack([np.arange(30), rng.integers(0, 30, (5, 30)), np.zeros((1, 30), dtype=int)])
+    f1 = Evidence(pred, gold, len(labels)).scores(idx)
+    acc = Evidence((gold == pred).astype(float)).scores(idx)
+    for b, row in enumerate(idx):
+        m = classification_metrics([labels[g] for g in gold[row]], [labels[p] for p in pred[row]], labels)
+        assert f1[b] == pytest.approx(m["macro_f1"]) and acc[b] == pytest.approx(m["accuracy"])
+
+
+def test_paired_se_is_the_standard_error_of_the_paired_difference():
+    """For a mean, the bootstrap standard error of the gap is the plug-in one, std(a_i - b_i) / sqrt(n);
+    examples both variants get right (or wrong) cancel, so it is below the unpaired one."""
+    rng = np.random.default_rng(1)
+    both = rng.random(200) < 0.6
+    a = (both | (rng.random(200) < 0.3)).astype(float)  # b's right answers and some more
+    b = (both & (rng.random(200) < 0.9)).astype(float)
+    se = paired_se(Evidence(a), Evidence(b), seed=3, rounds=4000)
+    assert se == pytest.approx(np.std(a - b) / np.sqrt(200), rel=0.08)
+    assert se < np.sqrt(np.var(a) / 200 + np.var(b) / 200) * 0.9
+    assert se == paired_se(Evidence(a), Evidence(b), seed=3, rounds=4000)  # seeded: every rank agrees
+    assert paired_se(Evidence(a), Evidence(a), seed=0) == 0.0
+
+
+def base_state(margin: float = 1.0) -> SearchState:
+    """3 learning rates, one rung (step 30) that keeps 1; the job's own lr (0.01) is variant 1."""
+    cfg = job_with({"optim.lr": [0.003, 0.01, 0.03]}, optim={"lr": 0.01, "max_steps": 90})
+    cfg.search.base_margin = margin
+    return SearchState.build(cfg, ["a"])
+
+
+def right(n_right: int, n: int = 20, offset: int = 0) -> Evidence:
+    """Accuracy evidence: examples offset .. offset + n_right - 1 (mod n) right."""
+    return Evidence(np.array([float((i - offset) % n < n_right) for i in range(n)]))
+
+
+def test_the_jobs_own_configuration_stays_unless_beaten_beyond_noise():
+    state = base_state()
+    assert state.base == 1 and state.rungs == [30]
+    # the leader (variant 0) is 1 example of 20 ahead: within one paired standard error, so the base stays
+    scores = {"a~0": 0.55, "a~1": 0.5, "a~2": 0.1}
+    ev = {"a~0": right(11, offset=3), "a~1": right(10), "a~2": right(2)}
+    [r] = state.apply_rung(30, scores, evidence=ev)
+    assert state.live["a"] == [1] and state.winner("a").row == "a~1" and r.kept == [1]
+    check = r.base_check
+    assert check["leader"] == 0 and check["gap"] == pytest.approx(0.05) and check["kept"]
+    assert check["se"] == pytest.approx(paired_se(ev["a~0"], ev["a~1"], seed=30 * 100_003))
+    again = base_state()
+    again.load_json(json.loads(json.dumps(state.to_json())))
+    assert again.results == state.results and again.winner("a").row == "a~1"
+    won = {v["index"]: v for v in state.summary()["a"]["variants"]}[1]
+    assert won["base"] and won["outcome"].startswith(
+        "won (the job's own configuration; the leader's lead 0.0500"
+    )
+
+    # 18 of 20 against 10 of 20: beaten beyond noise
+    beaten = base_state()
+    beaten.apply_rung(30, {**scores, "a~0": 0.9}, evidence={**ev, "a~0": right(18)})
+    assert beaten.live["a"] == [0] and not beaten.results[0].base_check["kept"]
+    outcome = {v["index"]: v["outcome"] for v in beaten.summary()["a"]["variants"]}[1]
+    assert outcome.startswith("dropped at rung 0 (step 30), beaten by 0.4000 > 1 x paired SE")
+
+    plain = base_state(margin=0.0)  # off: rank by score alone
+    plain.apply_rung(30, scores, evidence=ev)
+    assert plain.live["a"] == [0] and plain.results[0].base_check == {}
+    no_evidence = base_state()  # a decoded metric has no per-example evidence: rank by score alone
+    no_evidence.apply_rung(30, scores)
+    assert no_evidence.live["a"] == [0]
+
+
+def test_the_base_takes_the_last_place_kept_and_is_the_tasks_prompt_meanwhile():
+    cfg = job_with({"optim.lr": [0.003, 0.01, 0.03], "prompt.init": ["vocab", "class_labels"]})
+    cfg.optim.lr, cfg.optim.max_steps, cfg.prompt.init = 0.03, 90, "class_labels"
+    state = SearchState.build(cfg, ["a"])
+    assert state.base == 5 and state.rungs == [10, 30]
+    scores = {f"a~{k}": s for k, s in enumerate([0.6, 0.7, 0.65, 0.2, 0.1, 0.6])}
+    ev = {"a~1": right(14), "a~5": right(12, offset=4)}  # 2 of 20 behind the leader: within noise
+    state.apply_rung(10, scores, evidence=ev)
+    assert state.live["a"] == [1, 5] and state.leader("a") == "a~5"  # not 1 and 2
+    # no per-task base: a space without the job's own values, or one variant
+    assert SearchState.build(job_with({"optim.lr": [0.1, 0.2]}), ["a"]).base is None
+    assert SearchState.build(job_with({"optim.lr": [cfg.optim.lr]}), ["a"]).base is None
+
+
+@pytest.mark.parametrize("margin", [-1, float("inf"), "x"])
+def test_base_margin_must_be_a_finite_number_of_standard_errors(margin):
+    with pytest.raises(ConfigError, match="search.base_margin"):
+        job_with({"optim.lr": [0.1, 0.2]}, search={"space": {"optim.lr": [0.1, 0.2]}, "base_margin": margin})
 
 
 # ------------------------------------------------------------------------------ optimiser and data
@@ -339,6 +438,37 @@ def three_rate_search(tmp_path, backbone, criterion: str):
     )
     cfg = load_job_config(job, ["cluster.num_workers=1"])
     return cfg, train_local(cfg, progress=False), tmp_path / "runs" / "tiny"
+
+
+@pytest.mark.parametrize("criterion", ["metric", "loss"])
+def test_a_run_keeps_the_jobs_own_configuration_unless_beaten_beyond_noise(
+    tmp_path, tiny_backbone_dir, criterion
+):
+    """End to end, the recipe hands each rung its per-example evidence: with a margin no gap can clear,
+    every task keeps the job's own learning rate (0.05), and wherever a rung would have dropped it the
+    run records the check (the leader, the gap and its paired standard error) and the report says why."""
+    job = tiny_search_job(
+        tmp_path,
+        tiny_backbone_dir,
+        steps=4,
+        checkpoint_every=0,
+        space={"optim.lr": [0.001, 0.05, 3.0]},
+        rungs=[2],
+        eta=2,
+        criterion=criterion,
+        base_margin=1e6,
+    )
+    summary = train_local(load_job_config(job, ["cluster.num_workers=1"]), progress=False)
+    report = (tmp_path / "runs" / "tiny" / "report.md").read_text()
+    checks = 0
+    for task, t in summary["search"].items():
+        assert t["chosen"] == {"optim.lr": 0.05}, task
+        base = next(v for v in t["variants"] if v["base"])
+        if base["outcome"] != "won":  # a leader was ahead of it where it would have been dropped
+            checks += 1
+            assert base["outcome"].startswith("won (the job's own configuration; the leader's lead")
+            assert base["outcome"] in report
+    assert checks, "no rung put another variant ahead of the base: the test exercised nothing"
 
 
 def test_a_task_cut_to_one_variant_is_not_scored_again():
