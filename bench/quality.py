@@ -270,7 +270,7 @@ class SeedBench:
         """Train `method` on `tasks` with their examples of `draws`; finish the run (a transfer source).
 
         `initial` (independent only): start each task from this prompt, the one PEFT starts from
-        (a run over fewer tasks would draw the vocabulary tail of a class-label init differently).
+        (the same as its own init since each task draws from its own stream; set explicitly all the same).
         Returns its scores, its finished run directory and, with `source`, each task's source task.
         """
         cfg = self.config(tasks, tag)

@@ -9,10 +9,16 @@ can live on the GPU (`to`): a step's gather, update and scatter then stay on the
 
 Initialisation follows Lester et al. (2021): random, sampled vocabulary embeddings, a text, or
 the task's class-label words (then vocabulary). Reads of the (possibly ZeRO-3 sharded) embedding
-matrix go through `tuner.zero.gathered`.
+matrix go through `tuner.zero.gathered`. Each task draws its random numbers from its own stream,
+seeded by (seed, task name): its initial prompt does not depend on which other tasks share the job
+or in what order, and a search's variants of one task that share an initialisation start from the
+same prompt as each other and as the task without a search (`streams`), so they differ only in
+what the search varies.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 
@@ -86,6 +92,7 @@ def init_prompts(
     std: float = 0.02,
     seed: int = 0,
     vocab_limit: int = 5000,
+    streams: dict[str, str] | None = None,
 ) -> None:
     """Initialise every task's prompt in `bank`.
 
@@ -95,11 +102,15 @@ def init_prompts(
         label_words: task name -> verbaliser words (used by class_labels; generation tasks fall back to vocab).
         vocab_limit: vocab init samples from the first `vocab_limit` token ids (BPE vocabularies are
             roughly frequency-ordered, and Lester et al. sample from the most common tokens).
+        streams: row -> the name whose random stream it draws (default: its own; a search's variant
+            rows draw their task's).
     """
-    gen = torch.Generator().manual_seed(seed)
+    streams = streams or {}
     P = bank.num_virtual_tokens
     if method == "random":
-        bank.weight.normal_(0.0, std, generator=gen)
+        for name in bank.task_names:
+            gen = task_generator(seed, streams.get(name, name))
+            bank.set_prompt(name, torch.randn(P, bank.hidden_size, generator=gen) * std)
         return
     with gathered(embeddings.weight):
         table = embeddings.weight.detach().float().cpu()
@@ -113,5 +124,11 @@ def init_prompts(
             for word in label_words[name]:
                 ids += tokenizer(word, add_special_tokens=False).input_ids
             ids = ids[:P]
+        gen = task_generator(seed, streams.get(name, name))
         fill = torch.randint(0, vocab, (P - len(ids),), generator=gen).tolist()
         bank.set_prompt(name, table[torch.tensor(ids + fill, dtype=torch.long)])
+
+
+def task_generator(seed: int, name: str) -> torch.Generator:
+    """A random stream of its own for task `name` (a stable hash: every process and rank agrees)."""
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))

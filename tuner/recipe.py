@@ -488,7 +488,8 @@ class MultiTaskPromptTuningRecipe:
             groups.setdefault((p.init, p.init_text, p.init_std), []).append(row)
         for (init, text, std), rows in groups.items():
             part = PromptBank(rows, self.bank.num_virtual_tokens, self.bank.hidden_size)
-            words = {r: label_words[self.search.variant(r).task] for r in rows}
+            task_of = {r: self.search.variant(r).task for r in rows}
+            words = {r: label_words[task_of[r]] for r in rows}
             init_prompts(
                 part,
                 self.lm.embed,
@@ -498,6 +499,7 @@ class MultiTaskPromptTuningRecipe:
                 text=text,
                 std=std,
                 seed=self.cfg.data.seed,
+                streams=task_of,  # a task's variants start from its own prompt (under their init settings)
             )
             for r in rows:
                 self.bank.set_prompt(r, part.prompt(r))
@@ -592,9 +594,16 @@ class MultiTaskPromptTuningRecipe:
             if len(r.scores) == 1:
                 continue  # a one-variant task's held-out number at the end: nothing to choose
             kept = ", ".join(str(k) for k in r.kept)
+            why = ""
+            if c := r.base_check:
+                why = (
+                    f"; the job's own configuration ({self.search.base}) "
+                    + ("stays" if c["kept"] else "goes")
+                    + f": the leader's lead {c['gap']:.4f} vs paired SE {c['se']:.4f}"
+                )
             self._log(
                 f"search rung {r.rung} @ step {r.step}: {r.task} keeps variant(s) {kept} "
-                f"({r.examples} held-out examples)"
+                f"({r.examples} held-out examples{why})"
             )
         self.search_scoring_s += time.perf_counter() - t0
 

@@ -104,3 +104,31 @@ def test_prompt_initialisation_methods():
     torch.testing.assert_close(bank.prompt("cls")[: len(tid)], emb.weight[tid])
     init_prompts(bank, emb, tok, "random", std=0.02, seed=0)
     assert 0.01 < bank.weight.std() < 0.03
+
+
+@pytest.mark.parametrize("method", ["class_labels", "vocab", "random"])
+def test_a_tasks_initial_prompt_is_its_own_whatever_else_is_in_the_job(method):
+    """Each task draws from its own random stream: its initial prompt is the same alone, beside other
+    tasks in any order, or as a search variant's row drawing its task's stream; another seed moves it."""
+    model = tiny_llama(vocab_size=49152)
+    tok = load_tokenizer(smollm2_tokenizer_dir())
+    emb = model.get_input_embeddings()
+    words = {"cls": [" negative", " positive"], "gen": [], "other": [" yes"]}
+
+    def init(names, seed=0, streams=None) -> PromptBank:
+        bank = PromptBank(names, 16, 32)
+        label_words = {n: words[(streams or {}).get(n, n)] for n in names}
+        init_prompts(bank, emb, tok, method, label_words=label_words, seed=seed, streams=streams)
+        return bank
+
+    alone = {n: init([n]).prompt(n) for n in ("cls", "gen")}
+    for names in (["cls", "gen", "other"], ["other", "gen", "cls"]):
+        bank = init(names)
+        for n in alone:
+            torch.testing.assert_close(bank.prompt(n), alone[n])
+    variants = init(["cls~0", "gen~0", "cls~1"], streams={"cls~0": "cls", "cls~1": "cls", "gen~0": "gen"})
+    for row in ("cls~0", "cls~1"):
+        torch.testing.assert_close(variants.prompt(row), alone["cls"])
+    torch.testing.assert_close(variants.prompt("gen~0"), alone["gen"])
+    assert not torch.equal(init(["gen"], seed=1).prompt("gen"), alone["gen"])
+    assert not torch.equal(bank.prompt("gen"), bank.prompt("other"))  # tasks differ from each other
