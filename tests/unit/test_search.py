@@ -424,7 +424,7 @@ def test_search_run_exports_one_adapter_per_task_and_reports_every_variant(searc
         torch.testing.assert_close(saved.float(), bank[state["task_names"].index(t["chosen_row"])])
 
 
-def three_rate_search(tmp_path, backbone, criterion: str):
+def three_rate_search(tmp_path, backbone, criterion: str, rates=(0.001, 0.3, 3.0), **search):
     """A 4-step search of 3 learning rates per task ranked by `criterion`: 3 -> 2 at step 2, 2 -> 1 on
     the whole held-out slice at the end. Returns (config, summary, run dir)."""
     job = tiny_search_job(
@@ -432,10 +432,11 @@ def three_rate_search(tmp_path, backbone, criterion: str):
         backbone,
         steps=4,
         checkpoint_every=0,
-        space={"optim.lr": [0.001, 0.3, 3.0]},
+        space={"optim.lr": list(rates)},
         rungs=[2],
         eta=2,
         criterion=criterion,
+        **search,
     )
     cfg = load_job_config(job, ["cluster.num_workers=1"])
     return cfg, train_local(cfg, progress=False), tmp_path / "runs" / "tiny"
@@ -448,19 +449,10 @@ def test_a_run_keeps_the_jobs_own_configuration_unless_beaten_beyond_noise(
     """End to end, the recipe hands each rung its per-example evidence: with a margin no gap can clear,
     every task keeps the job's own learning rate (0.05), and wherever a rung would have dropped it the
     run records the check (the leader, the gap and its paired standard error) and the report says why."""
-    job = tiny_search_job(
-        tmp_path,
-        tiny_backbone_dir,
-        steps=4,
-        checkpoint_every=0,
-        space={"optim.lr": [0.001, 0.05, 3.0]},
-        rungs=[2],
-        eta=2,
-        criterion=criterion,
-        base_margin=1e6,
+    _, summary, run_dir = three_rate_search(
+        tmp_path, tiny_backbone_dir, criterion, rates=(0.001, 0.05, 3.0), base_margin=1e6
     )
-    summary = train_local(load_job_config(job, ["cluster.num_workers=1"]), progress=False)
-    report = (tmp_path / "runs" / "tiny" / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
     checks = 0
     for task, t in summary["search"].items():
         assert t["chosen"] == {"optim.lr": 0.05}, task
