@@ -338,7 +338,7 @@ class SearchState:
         Equal scores go to the lower `train_loss` (row -> recent training loss), then the lower index.
         `examples` (task -> held-out examples scored) is recorded for the report. With `evidence` (row ->
         its per-example results) the base variant stays while the leader has not beaten it beyond noise
-        (`_keep_base`); a row without evidence (a decoded generation metric) is ranked by score alone.
+        (the base-variant rule, module docstring); a row without evidence (a decoded generation metric) is ranked by score alone.
         """
         train_loss, examples, evidence = train_loss or {}, examples or {}, evidence or {}
         rung = len({r.step for r in self.results})
@@ -411,10 +411,10 @@ class SearchState:
             results = [r for r in self.results if r.task == task]
             win = self.winner(task)
             rows = []
+            kept_base = [r for r in results if r.base_check.get("kept")]
             for v in variants:
                 curve = [[r.step, r.scores[v.index]] for r in results if v.index in r.scores]
                 dropped = next((r for r in results if v.index in r.scores and v.index not in r.kept), None)
-                kept_base = [r for r in results if r.base_check.get("kept")]
                 if v.index == win.index:
                     outcome = "won"
                     if kept_base and v.index == self.base:
