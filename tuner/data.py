@@ -149,8 +149,7 @@ class MultiTaskSampler:
     def _order(self, task: str) -> torch.Tensor:
         key = f"{task}/{self.epoch[task]}"
         if key not in self._orders:
-            # crc32, not hash(): str hashes differ between processes, and every rank must agree.
-            g = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}/{key}".encode()))
+            g = keyed_generator(self.seed, key)
             self._orders = {key: torch.randperm(self.sizes[task], generator=g)}  # keep only the current epoch
         return self._orders[key]
 
@@ -190,3 +189,11 @@ class MultiTaskSampler:
         self.step, self.cursor, self.epoch = sd["step"], dict(sd["cursor"]), dict(sd["epoch"])
         self.gen.set_state(sd["gen"])
         self._orders = {}
+
+
+def keyed_generator(seed: int, key: str) -> torch.Generator:
+    """A random stream of its own for `key` under `seed` (a task's epoch order, a task's initial prompt).
+
+    crc32, not hash(): str hashes differ between processes, and every rank must agree.
+    """
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{key}".encode()))

@@ -18,10 +18,9 @@ what the search varies.
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 
+from tuner.data import keyed_generator
 from tuner.zero import gathered
 
 
@@ -109,7 +108,7 @@ def init_prompts(
     P = bank.num_virtual_tokens
     if method == "random":
         for name in bank.task_names:
-            gen = task_generator(seed, streams.get(name, name))
+            gen = keyed_generator(seed, streams.get(name, name))
             bank.set_prompt(name, torch.randn(P, bank.hidden_size, generator=gen) * std)
         return
     with gathered(embeddings.weight):
@@ -124,11 +123,6 @@ def init_prompts(
             for word in label_words[name]:
                 ids += tokenizer(word, add_special_tokens=False).input_ids
             ids = ids[:P]
-        gen = task_generator(seed, streams.get(name, name))
+        gen = keyed_generator(seed, streams.get(name, name))
         fill = torch.randint(0, vocab, (P - len(ids),), generator=gen).tolist()
         bank.set_prompt(name, table[torch.tensor(ids + fill, dtype=torch.long)])
-
-
-def task_generator(seed: int, name: str) -> torch.Generator:
-    """A random stream of its own for task `name` (a stable hash: every process and rank agrees)."""
-    return torch.Generator().manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
