@@ -18,6 +18,9 @@ CoNLL-2003 NER), the same steps and the same global batch for every run, one pro
   non-zero value says a task did (a small pool), i.e. (b) - (a) holds the noise of another draw. It is
   one of the (c) jobs when the hand-set configuration is in the space, an extra run otherwise.
 
+Several seeds (`data.seed=N` as an override; seed N > 0 writes hp_search_ab_seedN.json) are paired per task
+by `--pool FILE ...` (no runs): (b) - (a) per seed, mean, sd and seeds with (b) >= (a), in hp_search_pooled.json.
+
 Scores are each task's eval metric (accuracy / macro-F1 / chrF as its task file says, in points) on
 the same seeded eval subset; rungs rank variants by `search.criterion` (pass `search.criterion=...`
 as an override to change it for (b) and (c) alike). `--skip-naive` runs (a), (b), (a'), (a) only. Cost: wall time of training + final evaluation of each run (setup, i.e. loading
@@ -97,8 +100,20 @@ def main(argv: list[str] | None = None) -> dict:
         help="run (a), (b), (a') and (a) again only: (b)'s cost and scores against (a) without the six (c) jobs "
         "(written to hp_search_ab.json)",
     )
+    ap.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="RESULT",
+        help="no runs: pool recorded --skip-naive results of one setup at several seeds (data.seed=N) into "
+        "paired (b) - (a) per task over the seeds (written to hp_search_pooled.json)",
+    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args(argv)
+    if args.pool:
+        try:
+            return pool([load_result(Path(p)) for p in args.pool], quick=args.quick)
+        except ValueError as e:
+            ap.error(str(e))
     if args.quick:
         args.steps, args.batch_size, args.max_train = 6, 8, 60
         args.eval_examples, args.heldout, args.max_seq_len = 8, 6, 128
@@ -265,6 +280,16 @@ def main(argv: list[str] | None = None) -> dict:
             "space": space,
             "hand_set": hand,
             "rungs": runs["b"]["config"]["search"]["rungs"] or "auto",
+            "seed": base.data.seed,
+            # variants each task trains: fewer than the space's where some train alike on it
+            # (`tuner.search.effective`: a generation task's class_labels is its vocab init)
+            "trained_variants": {
+                t: sum(
+                    not v.get("outcome", "").startswith("trains as")
+                    for v in runs["b"]["search"][t]["variants"]
+                )
+                for t in names
+            },
             "load_avg": list(load),
         },
         "scores": score,
@@ -277,9 +302,105 @@ def main(argv: list[str] | None = None) -> dict:
         "draw_noise": draw_noise,  # (a) - (a'): one configuration, two draws of the same number of examples
         "table": table,
     }
-    write_result("hp_search_ab" if args.skip_naive else "hp_search", result, args.quick)
+    name = "hp_search_ab" if args.skip_naive else "hp_search"
+    write_result(name + (f"_seed{base.data.seed}" if base.data.seed else ""), result, args.quick)
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
+
+
+def load_result(path: Path) -> dict:
+    """A recorded (b)-vs-(a) result, or ValueError naming the file."""
+    import json
+
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable result ({e})") from None
+    if result.get("benchmark") != "hp_search" or "a" not in result.get("scores", {}):
+        raise ValueError(f"{path}: not an hp_search result")
+    if "seed" not in result.get("setup", {}):
+        raise ValueError(f"{path}: records no seed (a result from before seeds were recorded)")
+    return result
+
+
+def pool(results: list[dict], quick: bool = False) -> dict:
+    """(b) - (a) per task over several seeds of one setup: mean, sample sd, seeds with (b) >= (a); the
+    mean over tasks per seed; (b)'s cost per seed. One seed cannot resolve the targets: a task's score
+    moves by several points between float orders of the same configuration (BENCHMARKS.md, run 8)."""
+    import statistics
+
+    def comparable(r: dict) -> dict:
+        return {k: v for k, v in r["setup"].items() if k not in ("seed", "load_avg")}
+
+    seeds = [r["setup"]["seed"] for r in results]
+    if len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        raise ValueError(f"--pool needs results of two or more distinct seeds, got seeds {seeds}")
+    for r in results[1:]:
+        if comparable(r) != comparable(results[0]):
+            diff = sorted(
+                k
+                for k in comparable(r).keys() | comparable(results[0]).keys()
+                if comparable(r).get(k) != comparable(results[0]).get(k)
+            )
+            raise ValueError(
+                f"--pool: seeds {seeds[0]} and {r['setup']['seed']} differ in setup ({', '.join(diff)})"
+            )
+    tasks = results[0]["setup"]["tasks"]
+    diff = {t: [r["scores"]["b"][t] - r["scores"]["a"][t] for r in results] for t in tasks}
+    per_seed = [statistics.mean(d[i] for d in diff.values()) for i in range(len(results))]
+    rows = [
+        [
+            t,
+            *(f"{x:+.1f}" for x in d),
+            f"{statistics.mean(d):+.1f}",
+            f"{statistics.stdev(d):.1f}",
+            f"{sum(x >= 0 for x in d)}/{len(d)}",
+        ]
+        for t, d in diff.items()
+    ]
+    rows.append(
+        [
+            "mean over tasks",
+            *(f"{x:+.1f}" for x in per_seed),
+            f"{statistics.mean(per_seed):+.1f}",
+            f"{statistics.stdev(per_seed):.1f}",
+            f"{sum(x >= 0 for x in per_seed)}/{len(per_seed)}",
+        ]
+    )
+    rows.append(
+        [
+            "(b) / (a) wall time",
+            *(f"{r['cost']['b_over_a']:.2f}x" for r in results),
+            f"{statistics.mean(r['cost']['b_over_a'] for r in results):.2f}x",
+            "",
+            "",
+        ]
+    )
+    table = markdown_table(
+        ["(b) - (a)", *(f"seed {s}" for s in seeds), "mean", "sd", "seeds (b) >= (a)"], rows
+    )
+    print(table)
+    mean_gain = statistics.mean(per_seed)
+    verdict = {
+        "mean_gain": mean_gain,
+        "tasks_below_a": [t for t, d in diff.items() if statistics.mean(d) < 0],
+        "b_over_a": [r["cost"]["b_over_a"] for r in results],
+        "targets_met": mean_gain >= 2
+        and all(statistics.mean(d) >= 0 for d in diff.values())
+        and all(r["cost"]["b_over_a"] <= 2 for r in results),
+    }
+    print(f"mean (b) - (a) over {len(seeds)} seeds: {mean_gain:+.2f}; targets met: {verdict['targets_met']}")
+    out = {
+        "benchmark": "hp_search_pooled",
+        "quick": quick,
+        "setup": comparable(results[0]) | {"seeds": seeds},
+        "diff": diff,
+        "per_seed_mean": per_seed,
+        "verdict": verdict,
+        "table": table,
+    }
+    write_result("hp_search_pooled", out, quick)
+    return out
 
 
 def hand_set(cfg: JobConfig, keys: list[str]) -> dict:

@@ -125,6 +125,24 @@ def write_tiny_tasks(
     return paths
 
 
+def write_generation_task(root: Path) -> Path:
+    """A generation task whose targets are 1 to 6 words long (their token counts differ)."""
+    import json
+
+    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
+    with open(root / "echo_train.jsonl", "w") as f:
+        for i in range(12):
+            f.write(json.dumps({"source": words[i % 6], "target": " " + " ".join(words[: 1 + i % 6])}) + "\n")
+    (root / "echo_eval.jsonl").write_text((root / "echo_train.jsonl").read_text())
+    spec = root / "echo.yaml"
+    spec.write_text(
+        "name: echo\nkind: generation\n"
+        "data: {format: jsonl, train: echo_train.jsonl, eval: echo_eval.jsonl}\n"
+        'template: "Word: {source}\\nList:"\ntarget_field: target\nmetric: chrf\n'
+    )
+    return spec
+
+
 def tiny_job_yaml(root: Path, backbone: Path, task_files: list[Path], **overrides) -> Path:
     """A job YAML for the tiny backbone + tasks, fp32, no zero-shot eval; `overrides` are dotted keys."""
     import yaml

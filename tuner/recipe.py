@@ -462,7 +462,8 @@ class MultiTaskPromptTuningRecipe:
         """Variants of every task, and each task's held-out slice: the last examples of its first-epoch
         order, which the sampler then never draws (so every draw before them is the plain job's)."""
         s = self.cfg.search
-        self.search = SearchState.build(self.cfg, names)
+        labelled = {n for n in names if self.tasks[n].spec.verbaliser}  # class_labels has words to use
+        self.search = SearchState.build(self.cfg, names, labelled)
         for n in names:
             try:
                 k = self.tasks[n].heldout_count(s.heldout_examples, s.heldout_fraction)

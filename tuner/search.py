@@ -30,6 +30,9 @@ same resample), the base variant takes the last place kept (the one-standard-err
 the lasso). A rung of a few dozen examples is mostly noise; without the rule a task leaves a
 configuration that works for whichever variant was luckiest on them.
 
+Variants that would train alike on a task are trained once (`effective`: e.g. `class_labels` and
+`vocab` are one initialisation for a task without label words); the report says which they follow.
+
 This module computes nothing on the model: the recipe scores variants and hands the scores in.
 Settings that cannot vary inside one job (prompt length, steps, batch size) are searched over
 whole jobs by `cluster.tune`.
@@ -41,7 +44,7 @@ import dataclasses
 import itertools
 import math
 import typing
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,6 +204,20 @@ def expand_space(cfg: JobConfig) -> list[VariantSettings]:
     return out
 
 
+def effective(settings: VariantSettings, labelled: bool) -> tuple:
+    """What a variant trains with on a task, less settings that make no difference there: without label
+    words (`labelled` False: a generation task) `class_labels` initialises as `vocab`; `init_std` only
+    matters to `random`, `init_text` only to `text`. Variants with equal keys train alike (same stream)."""
+    p = settings.prompt
+    init = "vocab" if p.init == "class_labels" and not labelled else p.init
+    return (
+        repr(settings.optim),  # a dataclass with lists in it: compared by value, not hashable
+        init,
+        p.init_std if init == "random" else None,
+        p.init_text if init == "text" else None,
+    )
+
+
 def _replace(section: Any, changes: dict[str, Any], prefix: str) -> Any:
     """`section` with `changes` applied, coerced and validated as YAML values are (`__post_init__`)."""
     from tuner.config import _coerce
@@ -241,15 +258,32 @@ class SearchState:
     base: int | None = None  # the variant that is the job's own configuration (None: not in the space)
     base_margin: float = 0.0  # `search.base_margin`: paired standard errors the leader must beat it by
 
+    # task -> {variant index: the live variant it trains exactly as, on that task}: not trained twice
+    same: dict[str, dict[int, int]] = field(default_factory=dict)
+
     @classmethod
-    def build(cls, cfg: JobConfig, tasks: Sequence[str]) -> SearchState:
+    def build(
+        cls, cfg: JobConfig, tasks: Sequence[str], labelled: Collection[str] | None = None
+    ) -> SearchState:
+        """Every task's variants of `cfg.search.space`. `labelled`: the tasks with label words (default:
+        all); elsewhere `class_labels` initialises as `vocab` does, so those variants are one (`effective`)."""
         settings = expand_space(cfg)
         variants = {t: [Variant(t, k, s) for k, s in enumerate(settings)] for t in tasks}
         rungs = halving_rungs(cfg.optim.max_steps, len(settings), cfg.search.eta, cfg.search.rungs)
-        live = {t: list(range(len(settings))) for t in tasks}
         base = next(
             (k for k, s in enumerate(settings) if s.optim == cfg.optim and s.prompt == cfg.prompt), None
         )
+        live, same = {}, {}
+        for t in tasks:
+            first: dict[tuple, int] = {}  # effective settings -> the variant that trains them
+            order = sorted(range(len(settings)), key=lambda k: (k != base, k))  # the base first: it stays
+            for k in order:
+                key = effective(settings[k], labelled is None or t in labelled)
+                if key in first:
+                    same.setdefault(t, {})[k] = first[key]
+                else:
+                    first[key] = k
+            live[t] = sorted(first.values())
         return cls(
             variants,
             cfg.search.eta,
@@ -258,6 +292,7 @@ class SearchState:
             heldout_schedule=cfg.search.heldout_schedule,
             base=base if len(settings) > 1 else None,
             base_margin=cfg.search.base_margin,
+            same=same,
         )
 
     # ------------------------------------------------------------------ rows
@@ -318,7 +353,9 @@ class SearchState:
         """Whether a rung scores `task`: while it has several live variants. The final selection also
         scores a task no rung has scored (a one-variant search, e.g. one job of a naive search, which is
         compared on its held-out number); a task a rung has cut to one is decided and not scored again."""
-        return len(self.live[task]) > 1 or (final and not any(r.task == task for r in self.results))
+        if len(self.live[task]) > 1:
+            return True
+        return final and len(self.variants[task]) == 1 and not any(r.task == task for r in self.results)
 
     def rows_to_score(self, final: bool = False) -> list[str]:
         """Rows a rung scores: the live variants of the tasks `_to_score`."""
@@ -333,7 +370,7 @@ class SearchState:
         examples: dict[str, int] | None = None,
         evidence: dict[str, Evidence] | None = None,
     ) -> list[RungResult]:
-        """Record `scores` (row -> held-out score) and keep each task's best ceil(n / eta) (1 when `final`).
+        """Record `scores` (row -> held-out score) and keep each task's best `survivors` (1 when `final`).
 
         Equal scores go to the lower `train_loss` (row -> recent training loss), then the lower index.
         `examples` (task -> held-out examples scored) is recorded for the report. With `evidence` (row ->
@@ -349,7 +386,7 @@ class SearchState:
             live = self.live[task]
             got = {k: scores[self.variants[task][k].row] for k in live}
             loss = {k: train_loss[r] for k in live if (r := self.variants[task][k].row) in train_loss}
-            keep = 1 if final else max(1, math.ceil(len(live) / self.eta))
+            keep = 1 if final else self.survivors(task, rung)
             ranked = _ranked(got, loss)
             kept, check = ranked[:keep], {}
             if self.base in live and self.base not in kept and self.base_margin > 0:
@@ -364,6 +401,13 @@ class SearchState:
             out.append(RungResult(rung, step, task, got, sorted(kept), loss, examples.get(task, 0), check))
         self.results += out
         return out
+
+    def survivors(self, task: str, rung: int) -> int:
+        """How many of `task`'s live variants rung `rung` (0-based) keeps: ceil(n / eta^(rung + 1)) of its n
+        variants, as halving them rung by rung does; a task with variants that train alike (`same`) has
+        fewer live from the start and keeps as many (all, when fewer), so they get the same steps."""
+        designed = math.ceil(len(self.variants[task]) / self.eta ** (rung + 1))
+        return max(1, min(len(self.live[task]), designed))
 
     def winner(self, task: str) -> Variant:
         return self.variant(self.leader(task))
@@ -423,6 +467,8 @@ class SearchState:
                             f" (the job's own configuration; the leader's lead {c['gap']:.4f} <= "
                             f"{self.base_margin:g} x paired SE {c['se']:.4f})"
                         )
+                elif v.index in self.same.get(task, {}):
+                    outcome = f"trains as variant {self.same[task][v.index]} on this task (not trained twice)"
                 elif dropped is not None:
                     outcome = f"dropped at rung {dropped.rung} (step {dropped.step})"
                     if dropped.base_check and v.index == self.base:
@@ -505,7 +551,7 @@ def plot_search(search: dict[str, dict], path) -> None:
         for v in t["variants"]:
             if v["heldout"]:
                 steps, vals = zip(*v["heldout"])
-                style = "-" if v["outcome"] == "won" else "--"
+                style = "-" if v["outcome"].startswith("won") else "--"
                 ax.plot(steps, vals, style, marker="o", label=f"{v['index']}: " + _short(v["values"]))
         ax.set(title=task, xlabel="step", ylabel="held-out score")
         ax.grid(alpha=0.3)

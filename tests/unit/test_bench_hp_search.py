@@ -100,3 +100,48 @@ def test_points_put_every_metric_on_0_to_100():
     assert points("accuracy", 0.731) == pytest.approx(73.1) and points("macro_f1", 0.5) == 50.0
     assert points("entity_f1", 0.25) == 25.0
     assert points("chrf", 17.8) == 17.8 and points("rouge_l", 21.0) == 21.0  # already in points
+
+
+def seed_result(seed: int, a: dict[str, float], b: dict[str, float], b_over_a: float, **setup) -> dict:
+    return {
+        "benchmark": "hp_search",
+        "setup": {"tasks": list(a), "steps": 90, "seed": seed, "load_avg": [seed, 0, 0], **setup},
+        "scores": {"a": a, "b": b},
+        "cost": {"b_over_a": b_over_a},
+    }
+
+
+def test_pool_pairs_b_and_a_per_task_over_the_seeds(tmp_path):
+    runs = [
+        seed_result(0, {"sst2": 80.0, "trec": 60.0}, {"sst2": 84.0, "trec": 58.0}, 1.9),
+        seed_result(1, {"sst2": 70.0, "trec": 50.0}, {"sst2": 72.0, "trec": 54.0}, 2.1),
+        seed_result(2, {"sst2": 75.0, "trec": 55.0}, {"sst2": 75.0, "trec": 52.0}, 1.8),
+    ]
+    out = hp_search.pool(runs, quick=True)
+    assert out["diff"] == {"sst2": [4.0, 2.0, 0.0], "trec": [-2.0, 4.0, -3.0]}
+    assert out["per_seed_mean"] == pytest.approx([1.0, 3.0, -1.5])
+    assert "| sst2 | +4.0 | +2.0 | +0.0 | +2.0 | 2.0 | 3/3 |" in out["table"]
+    assert "| trec | -2.0 | +4.0 | -3.0 | -0.3 | 3.8 | 1/3 |" in out["table"]  # sd of (-2, 4, -3): 3.79
+    v = out["verdict"]
+    assert v["mean_gain"] == pytest.approx(2.5 / 3) and v["tasks_below_a"] == ["trec"]
+    assert v["targets_met"] is False and out["setup"]["seeds"] == [0, 1, 2]
+    assert "load_avg" not in out["setup"]
+
+
+def test_pool_refuses_other_setups_repeated_seeds_and_unseeded_files(tmp_path):
+    one = seed_result(0, {"sst2": 80.0}, {"sst2": 81.0}, 1.9)
+    other = seed_result(1, {"sst2": 80.0}, {"sst2": 81.0}, 1.9, trained_variants={"sst2": 6})
+    with pytest.raises(ValueError, match=r"seeds 0 and 1 differ in setup \(trained_variants\)"):
+        hp_search.pool([one, other])
+    with pytest.raises(ValueError, match="two or more distinct seeds"):
+        hp_search.pool([one, one])
+    import json
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**one, "setup": {"tasks": ["sst2"]}}))
+    with pytest.raises(ValueError, match="records no seed"):
+        hp_search.load_result(old)
+    (tmp_path / "cut.json").write_text('{"bench')
+    with pytest.raises(SystemExit) as e:
+        hp_search.main(["--pool", str(old), str(tmp_path / "cut.json")])
+    assert e.value.code == 2

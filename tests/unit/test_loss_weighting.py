@@ -5,29 +5,11 @@ Face's causal-LM loss); example: the mean over the task's examples of each one's
 The reference is a plain forward of the backbone per example, prompt embeddings in front.
 """
 
-import json
-
 import pytest
 import torch
-from conftest import tiny_job_yaml, write_tiny_tasks
+from conftest import tiny_job_yaml, write_generation_task, write_tiny_tasks
 
 from tuner.config import ConfigError, OptimConfig, load_job_config
-
-
-def write_generation_task(root):
-    """A generation task whose targets are 1 to 6 words long (their token counts differ)."""
-    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
-    with open(root / "echo_train.jsonl", "w") as f:
-        for i in range(12):
-            f.write(json.dumps({"source": words[i % 6], "target": " " + " ".join(words[: 1 + i % 6])}) + "\n")
-    (root / "echo_eval.jsonl").write_text((root / "echo_train.jsonl").read_text())
-    spec = root / "echo.yaml"
-    spec.write_text(
-        "name: echo\nkind: generation\n"
-        "data: {format: jsonl, train: echo_train.jsonl, eval: echo_eval.jsonl}\n"
-        'template: "Word: {source}\\nList:"\ntarget_field: target\nmetric: chrf\n'
-    )
-    return spec
 
 
 @pytest.mark.parametrize("weighting", ["example", "token", None])  # None: the config's default (token)

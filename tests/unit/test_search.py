@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_job_yaml, write_tiny_tasks
+from conftest import tiny_job_yaml, write_generation_task, write_tiny_tasks
 
 from cluster.launch import train_local
 from tuner.config import ConfigError, JobConfig, from_dict, load_job_config
@@ -125,6 +125,76 @@ def test_tied_scores_go_to_the_lower_training_loss_then_the_lower_index():
     no_loss = SearchState.build(job_with({"optim.lr": [0.01, 0.1, 1.0]}, optim={"max_steps": 90}), ["a"])
     no_loss.apply_rung(10, tied)
     assert no_loss.live["a"] == [0]
+
+
+def test_survivors_halve_the_variants_rung_by_rung():
+    state = SearchState.build(job_with({"optim.lr": [0.1 * k for k in range(1, 9)]}), ["a"])  # eta 3
+    assert [state.survivors("a", r) for r in range(3)] == [3, 1, 1]  # ceil(8 / 3), ceil(8 / 9)
+    two = SearchState.build(
+        job_with(
+            {"optim.lr": [0.1 * k for k in range(1, 9)]},
+            search={"eta": 2, "space": {"optim.lr": [0.1 * k for k in range(1, 9)]}},
+        ),
+        ["a"],
+    )
+    assert [two.survivors("a", r) for r in range(4)] == [4, 2, 1, 1]
+
+
+def test_variants_that_train_alike_on_a_task_are_trained_once():
+    """A task without label words (generation) initialises `class_labels` as `vocab`: of 3 learning rates
+    x those 2 inits it trains 3 variants, the job's own configuration among them, and keeps as many at
+    each rung as the 6-variant schedule does (2, then 1); the report says which variant each copy follows."""
+    space = {"optim.lr": [0.01, 0.1, 1.0], "prompt.init": ["class_labels", "vocab"]}
+    cfg = job_with(space, optim={"lr": 0.1, "max_steps": 90}, prompt={"init": "vocab"})
+    state = SearchState.build(cfg, ["cls", "gen"], labelled={"cls"})
+    assert state.base == 3  # lr 0.1, vocab
+    # each pair trains as its lower index does, or as the base where the base is in the pair
+    assert state.live == {"cls": [0, 1, 2, 3, 4, 5], "gen": [0, 3, 4]}
+    assert state.same == {"gen": {1: 0, 2: 3, 5: 4}}
+    assert state.expand([("gen", 7)]) == [("gen~0", 7), ("gen~3", 7), ("gen~4", 7)]
+    scores = {f"cls~{k}": k / 10 for k in range(6)} | {"gen~0": 0.3, "gen~3": 0.2, "gen~4": 0.1}
+    state.apply_rung(10, scores)
+    assert state.live == {"cls": [4, 5], "gen": [0, 3]}
+    state.apply_rung(30, {"cls~4": 0.1, "cls~5": 0.2, "gen~0": 0.1, "gen~3": 0.2})
+    assert state.live == {"cls": [5], "gen": [3]} and state.rows_to_score(final=True) == []
+    outcomes = {v["index"]: v["outcome"] for v in state.summary()["gen"]["variants"]}
+    assert outcomes[1] == "trains as variant 0 on this task (not trained twice)"
+    assert outcomes[3] == "won" and outcomes[0] == "dropped at rung 1 (step 30)"
+    # every task labelled (the default): nothing is merged
+    assert SearchState.build(cfg, ["cls", "gen"]).same == {}
+    # init_std matters only to random init, init_text only to text
+    std = {"prompt.init": ["vocab", "random"], "prompt.init_std": [0.01, 0.02]}
+    merged = SearchState.build(job_with(std, prompt={"init": "vocab", "init_std": 0.02}), ["a"])
+    assert merged.base == 1 and merged.live["a"] == [1, 2, 3] and merged.same == {"a": {0: 1}}
+    # a task left with one variant is decided: no rung and no final selection scores it
+    one = SearchState.build(job_with({"prompt.init": ["class_labels", "vocab"]}), ["gen"], labelled=())
+    assert one.live["gen"] == [0] and one.rows_to_score(final=True) == []
+
+
+def test_a_generation_tasks_class_labels_and_vocab_variants_are_one_prompt_trained_once(
+    tmp_path, tiny_backbone_dir
+):
+    """What makes merging them right: without label words both inits give the task the same prompt (its
+    own stream), and the copy is not in the batch; a classification task's two inits differ."""
+    from tuner.recipe import MultiTaskPromptTuningRecipe
+
+    tasks = [write_generation_task(tmp_path), *write_tiny_tasks(tmp_path, n_train=16, names=("pos_neg",))]
+    space = {"optim.lr": [0.05, 0.3], "prompt.init": ["class_labels", "vocab"]}
+    job = tiny_job_yaml(
+        tmp_path, tiny_backbone_dir, tasks, **{"search.space": space, "search.heldout_examples": 4}
+    )
+    r = MultiTaskPromptTuningRecipe(load_job_config(job, ["cluster.num_workers=1"]), progress=False)
+    r.setup()
+    # the job's own configuration (lr 0.05, vocab) stays; of the other pair the lower index
+    assert r.search.same == {"echo": {0: 1, 3: 2}} and r.search.live["echo"] == [1, 2]
+    before = {row: r.bank.prompt(row).clone() for row in r.bank.task_names}
+    assert torch.equal(before["echo~0"], before["echo~1"]) and torch.equal(before["echo~2"], before["echo~3"])
+    assert not torch.equal(before["pos_neg~0"], before["pos_neg~1"])  # label words vs sampled vocabulary
+    metrics = r.train_step([("echo", 0), ("pos_neg", 1), ("echo", 2)])
+    assert {row for row in metrics.task_loss if row.startswith("echo")} == {"echo~1", "echo~2"}
+    assert len([row for row in metrics.task_loss if row.startswith("pos_neg")]) == 4
+    assert torch.equal(r.bank.prompt("echo~0"), before["echo~0"])
+    assert not torch.equal(r.bank.prompt("echo~1"), before["echo~1"])
 
 
 # ------------------------------------------------------------------------------ the base variant's protection
