@@ -275,7 +275,9 @@ class SearchConfig:
         "[class_labels, vocab]}; every task gets the cartesian product. Empty: no search. Settings that cannot "
         "vary inside one job (prompt length, steps, batch) are searched with `promptfleet tune`.",
     )
-    eta: int = _f(3, "Successive halving keeps the best ceil(n / eta) live variants of a task at each rung.")
+    eta: int = _f(
+        3, "Successive halving: of a task's n variants the best ceil(n / eta^k) are live after rung k."
+    )
     rungs: list[int] = _f(
         [],
         "Steps after which weaker variants are dropped; empty: ceil(log_eta(variants)) rungs at "

@@ -10,8 +10,8 @@ mixed batch; each row gets its own learning rate, schedule, weight decay and cli
 
 Successive halving (as ASHA's synchronous form): after each rung step the live variants of a task
 are scored on a held-out slice of its train split (`tuner.data.MultiTaskSampler.hold_out`: the last
-examples of its first-epoch order, never drawn for training) and the best
-ceil(n / eta) stay (ties: the lower training loss, then the lower variant index, so every rank
+examples of its first-epoch order, never drawn for training) and of its n variants the best
+ceil(n / eta^k) stay after rung k (ties: the lower training loss, then the lower variant index, so every rank
 agrees). With `search.heldout_schedule: grow` (the default) a rung scores only the first
 n x step / last-rung step of the (shuffled) slice, at least 16 (`SearchState.heldout_size`): scoring is
 held-out forwards per live variant, so at fixed n it grows with the number of variants, not with the
@@ -352,7 +352,8 @@ class SearchState:
     def _to_score(self, task: str, final: bool) -> bool:
         """Whether a rung scores `task`: while it has several live variants. The final selection also
         scores a task no rung has scored (a one-variant search, e.g. one job of a naive search, which is
-        compared on its held-out number); a task a rung has cut to one is decided and not scored again."""
+        compared on its held-out number); a task a rung has cut to one, or whose variants all train alike
+        (`same`), is decided and not scored again."""
         if len(self.live[task]) > 1:
             return True
         return final and len(self.variants[task]) == 1 and not any(r.task == task for r in self.results)
