@@ -312,6 +312,13 @@ class SearchConfig:
         "the held-out examples (bootstrap; the one-standard-error rule). 0: rank by score alone. Not applied "
         "where the criterion decodes (criterion metric on a generation task).",
     )
+    base_rungs: str = _f(
+        "last",
+        "Rungs at which the job's own configuration can be dropped at all (with base_margin > 0): last (the "
+        "last rung; at earlier ones it always stays: after a ninth of the schedule a low learning rate still "
+        "near its start outranks it by more than sampling noise and ends worse, BENCHMARKS.md hp_search "
+        "run 9) or every.",
+    )
 
     def __post_init__(self) -> None:
         if self.eta < 2:
@@ -322,6 +329,7 @@ class SearchConfig:
         if any(r <= 0 for r in self.rungs) or sorted(set(self.rungs)) != list(self.rungs):
             raise ConfigError(f"search.rungs={self.rungs!r}: must be increasing positive steps")
         _choice("search.heldout_schedule", self.heldout_schedule, HELDOUT_SCHEDULES)
+        _choice("search.base_rungs", self.base_rungs, ("last", "every"))
         if not (isinstance(self.base_margin, int | float) and 0 <= self.base_margin < math.inf):
             raise ConfigError(f"search.base_margin={self.base_margin!r}: must be a finite number >= 0")
         if self.criterion not in SEARCH_CRITERIA:

@@ -54,7 +54,7 @@ from tuner.optim import SparseRowAdam, lr_at
 from tuner.prompt_bank import PromptBank, init_prompts
 from tuner.prompt_methods import SharedParams, compose_rows, make_layout, prompt_of
 from tuner.run_dir import mark_finished
-from tuner.search import Evidence, SearchState, plot_search, render_search_report
+from tuner.search import Evidence, SearchState, describe_base_check, plot_search, render_search_report
 from tuner.zero import allreduce_rows_grad, world, zero_setup
 
 GlobalBatch = list[tuple[str, int]]  # (task, example index in its train split), as the sampler draws
@@ -600,7 +600,7 @@ class MultiTaskPromptTuningRecipe:
                 why = (
                     f"; the job's own configuration ({self.search.base}) "
                     + ("stays" if c["kept"] else "goes")
-                    + f": the leader's lead {c['gap']:.4f} vs paired SE {c['se']:.4f}"
+                    + f": {describe_base_check(c, self.search.base_margin)}"
                 )
             self._log(
                 f"search rung {r.rung} @ step {r.step}: {r.task} keeps variant(s) {kept} "

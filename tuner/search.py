@@ -257,6 +257,7 @@ class SearchState:
     heldout_schedule: str = "fixed"  # `search.heldout_schedule`: grow | fixed
     base: int | None = None  # the variant that is the job's own configuration (None: not in the space)
     base_margin: float = 0.0  # `search.base_margin`: paired standard errors the leader must beat it by
+    base_rungs: str = "every"  # `search.base_rungs`: last (earlier rungs always keep the base) | every
 
     # task -> {variant index: the live variant it trains exactly as, on that task}: not trained twice
     same: dict[str, dict[int, int]] = field(default_factory=dict)
@@ -292,6 +293,7 @@ class SearchState:
             heldout_schedule=cfg.search.heldout_schedule,
             base=base if len(settings) > 1 else None,
             base_margin=cfg.search.base_margin,
+            base_rungs=cfg.search.base_rungs,
             same=same,
         )
 
@@ -391,13 +393,23 @@ class SearchState:
             ranked = _ranked(got, loss)
             kept, check = ranked[:keep], {}
             if self.base in live and self.base not in kept and self.base_margin > 0:
+                gap = got[ranked[0]] - got[self.base]
                 ev = {k: evidence.get(self.variants[task][k].row) for k in (ranked[0], self.base)}
                 if all(e is not None and len(e.values) > 1 for e in ev.values()):
                     se = paired_se(ev[ranked[0]], ev[self.base], seed=step * 100_003 + pos)
-                    gap = got[ranked[0]] - got[self.base]
                     check = {"leader": ranked[0], "gap": gap, "se": se, "kept": gap <= self.base_margin * se}
-                    if check["kept"]:  # not beaten beyond noise: the base takes the last place kept
-                        kept = kept[:-1] + [self.base]
+                if self.base_rungs == "last" and not final and self.rungs and step < self.rungs[-1]:
+                    # before the last rung the base stays whatever the gap: a ranking after a fraction
+                    # of the schedule favours what has moved least (short-horizon bias), not noise
+                    check = {
+                        "leader": ranked[0],
+                        "gap": gap,
+                        "se": check.get("se"),
+                        "kept": True,
+                        "early": True,
+                    }
+                if check.get("kept"):  # the base takes the last place kept
+                    kept = kept[:-1] + [self.base]
             self.live[task] = sorted(kept)
             out.append(RungResult(rung, step, task, got, sorted(kept), loss, examples.get(task, 0), check))
         self.results += out
@@ -463,11 +475,8 @@ class SearchState:
                 if v.index == win.index:
                     outcome = "won"
                     if kept_base and v.index == self.base:
-                        c = kept_base[-1].base_check
-                        outcome += (
-                            f" (the job's own configuration; the leader's lead {c['gap']:.4f} <= "
-                            f"{self.base_margin:g} x paired SE {c['se']:.4f})"
-                        )
+                        c, at = kept_base[-1].base_check, kept_base[-1].step
+                        outcome += f" (the job's own configuration; {describe_base_check(c, self.base_margin)} at step {at})"
                 elif v.index in self.same.get(task, {}):
                     outcome = f"trains as variant {self.same[task][v.index]} on this task (not trained twice)"
                 elif dropped is not None:
@@ -497,6 +506,15 @@ class SearchState:
                 "heldout_examples": {str(r.step): r.examples for r in results if r.examples},
             }
         return out
+
+
+def describe_base_check(check: dict[str, Any], margin: float) -> str:
+    """Why the base variant stayed at a rung, or went (`RungResult.base_check`), in words."""
+    se = f"paired SE {check['se']:.4f}" if check.get("se") is not None else "no paired SE"
+    if check.get("early"):
+        return f"kept before the last rung (the leader's lead {check['gap']:.4f}, {se})"
+    sign = "<=" if check["kept"] else ">"
+    return f"the leader's lead {check['gap']:.4f} {sign} {margin:g} x {se}"
 
 
 def _ranked(scores: dict[int, float], train_loss: dict[int, float] | None = None) -> list[int]:

@@ -145,7 +145,12 @@ def test_variants_that_train_alike_on_a_task_are_trained_once():
     x those 2 inits it trains 3 variants, the job's own configuration among them, and keeps as many at
     each rung as the 6-variant schedule does (2, then 1); the report says which variant each copy follows."""
     space = {"optim.lr": [0.01, 0.1, 1.0], "prompt.init": ["class_labels", "vocab"]}
-    cfg = job_with(space, optim={"lr": 0.1, "max_steps": 90}, prompt={"init": "vocab"})
+    cfg = job_with(
+        space,
+        optim={"lr": 0.1, "max_steps": 90},
+        prompt={"init": "vocab"},
+        search={"space": space, "base_margin": 0},  # ranked by score alone
+    )
     state = SearchState.build(cfg, ["cls", "gen"], labelled={"cls"})
     assert state.base == 3  # lr 0.1, vocab
     # each pair trains as its lower index does, or as the base where the base is in the pair
@@ -286,6 +291,47 @@ def test_the_base_takes_the_last_place_kept_and_is_the_tasks_prompt_meanwhile():
     # no per-task base: a space without the job's own values, or one variant
     assert SearchState.build(job_with({"optim.lr": [0.1, 0.2]}), ["a"]).base is None
     assert SearchState.build(job_with({"optim.lr": [cfg.optim.lr]}), ["a"]).base is None
+
+
+def test_before_the_last_rung_the_jobs_own_configuration_always_stays():
+    """base_rungs last (the default): at a rung before the last the base stays however far it trails (a
+    lead after a ninth of the schedule is horizon, not noise: BENCHMARKS.md hp_search run 9); the last rung
+    applies the evidence rule; base_rungs every applies it at every rung."""
+    space = {"optim.lr": [0.003, 0.01, 0.03], "prompt.init": ["vocab", "class_labels"]}
+
+    def state(base_rungs: str) -> SearchState:
+        search = {"space": space, "base_rungs": base_rungs}
+        cfg = job_with(
+            space, optim={"lr": 0.03, "max_steps": 90}, prompt={"init": "class_labels"}, search=search
+        )
+        return SearchState.build(cfg, ["a"])
+
+    far = {f"a~{k}": x for k, x in enumerate([0.9, 0.8, 0.3, 0.2, 0.1, 0.1])}
+    ev = {"a~0": right(18), "a~5": right(2)}
+    last = state("last")
+    assert last.base == 5 and last.rungs == [10, 30]
+    [r] = last.apply_rung(10, far, evidence=ev)
+    assert last.live["a"] == [0, 5] and r.base_check["early"] and r.base_check["kept"]
+    assert r.base_check["gap"] == pytest.approx(0.8) and r.base_check["se"] > 0
+    [r] = last.apply_rung(30, {"a~0": 0.9, "a~5": 0.1}, evidence=ev)  # the last rung: the evidence decides
+    assert last.live["a"] == [0] and not r.base_check["kept"] and "early" not in r.base_check
+
+    every = state("every")
+    every.apply_rung(10, far, evidence=ev)
+    assert every.live["a"] == [0, 1] and not every.results[0].base_check["kept"]
+    no_evidence = state("last")  # a decoded metric: no standard error, still kept before the last rung
+    [r] = no_evidence.apply_rung(10, far)
+    assert no_evidence.live["a"] == [0, 5] and r.base_check["se"] is None
+
+    won = state("last")
+    won.apply_rung(10, far, evidence=ev)
+    won.apply_rung(30, {"a~0": 0.5, "a~5": 0.6}, evidence=ev)
+    outcome = {v["index"]: v["outcome"] for v in won.summary()["a"]["variants"]}[5]
+    assert outcome.startswith(
+        "won (the job's own configuration; kept before the last rung (the leader's lead 0.8000, paired SE"
+    ) and outcome.endswith("at step 10)")
+    with pytest.raises(ConfigError, match="search.base_rungs='first'"):
+        job_with(space, search={"space": space, "base_rungs": "first"})
 
 
 @pytest.mark.parametrize("margin", [-1, float("inf"), "x"])
