@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "hp_search",
         "quick": args.quick,
         "setup": {
-            "job": str(args.job),
+            "job": _repo_relative(args.job),  # comparable between clones (--pool)
             "tasks": names,
             "steps": args.steps,
             "batch_size": args.batch_size,
@@ -280,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
             "space": space,
             "hand_set": hand,
             "rungs": runs["b"]["config"]["search"]["rungs"] or "auto",
+            "base_margin": runs["b"]["config"]["search"].get("base_margin", 0.0),
+            "base_rungs": runs["b"]["config"]["search"].get("base_rungs", "every"),
             "seed": base.data.seed,
             # variants each task trains: fewer than the space's where some train alike on it
             # (`tuner.search.effective`: a generation task's class_labels is its vocab init)
@@ -401,6 +403,11 @@ def pool(results: list[dict], quick: bool = False) -> dict:
     }
     write_result("hp_search_pooled", out, quick)
     return out
+
+
+def _repo_relative(path: str) -> str:
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO.resolve())) if p.is_relative_to(REPO.resolve()) else str(p)
 
 
 def hand_set(cfg: JobConfig, keys: list[str]) -> dict:

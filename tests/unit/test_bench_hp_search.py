@@ -63,6 +63,11 @@ def test_naive_picks_the_best_heldout_job_per_task_and_costs_add_up(monkeypatch)
     assert out["scores"]["a_held"] == pytest.approx({"sst2": 9.0, "trec": 9.0})  # call 9
     assert out["draw_noise"] == pytest.approx({"sst2": 1.0 - 9.0, "trec": 1.0 - 9.0})
     assert out["setup"]["hand_set"] == {"optim.lr": 0.03, "prompt.init": "class_labels"}
+    # what --pool compares: the job relative to the clone, the seed, the base rule
+    assert out["setup"]["job"] == "configs/multitask_all.yaml" and out["setup"]["seed"] == 0
+    assert (
+        out["setup"]["base_rungs"] == "every"
+    )  # the stand-in's config names none: the rule before it existed
     c = out["cost"]
     assert (
         c["a_train_s"] == (10 + 100) / 2 and c["b_train_s"] == 20 and c["c_train_s"] == sum(range(30, 90, 10))
