@@ -337,13 +337,10 @@ def pool(results: list[dict], quick: bool = False) -> dict:
     seeds = [r["setup"]["seed"] for r in results]
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
         raise ValueError(f"--pool needs results of two or more distinct seeds, got seeds {seeds}")
+    first = comparable(results[0])
     for r in results[1:]:
-        if comparable(r) != comparable(results[0]):
-            diff = sorted(
-                k
-                for k in comparable(r).keys() | comparable(results[0]).keys()
-                if comparable(r).get(k) != comparable(results[0]).get(k)
-            )
+        if (other := comparable(r)) != first:
+            diff = sorted(k for k in other.keys() | first.keys() if other.get(k) != first.get(k))
             raise ValueError(
                 f"--pool: seeds {seeds[0]} and {r['setup']['seed']} differ in setup ({', '.join(diff)})"
             )
