@@ -468,15 +468,17 @@ class SearchState:
             results = [r for r in self.results if r.task == task]
             win = self.winner(task)
             rows = []
-            kept_base = [r for r in results if r.base_check.get("kept")]
             for v in variants:
                 curve = [[r.step, r.scores[v.index]] for r in results if v.index in r.scores]
                 dropped = next((r for r in results if v.index in r.scores and v.index not in r.kept), None)
                 if v.index == win.index:
                     outcome = "won"
-                    if kept_base and v.index == self.base:
-                        c, at = kept_base[-1].base_check, kept_base[-1].step
-                        outcome += f" (the job's own configuration; {describe_base_check(c, self.base_margin)} at step {at})"
+                    # the rung that decided the task says why: the base kept there by the base-variant
+                    # rule, or (no check) ranked first there on its score
+                    decided = results[-1] if results else None
+                    if decided is not None and v.index == self.base and decided.base_check.get("kept"):
+                        why = describe_base_check(decided.base_check, self.base_margin)
+                        outcome += f" (the job's own configuration; {why} at step {decided.step})"
                 elif v.index in self.same.get(task, {}):
                     outcome = f"trains as variant {self.same[task][v.index]} on this task (not trained twice)"
                 elif dropped is not None:

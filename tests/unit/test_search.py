@@ -323,13 +323,18 @@ def test_before_the_last_rung_the_jobs_own_configuration_always_stays():
     [r] = no_evidence.apply_rung(10, far)
     assert no_evidence.live["a"] == [0, 5] and r.base_check["se"] is None
 
+    # the report says why the base won at the rung that decided the task, not at an earlier one
     won = state("last")
     won.apply_rung(10, far, evidence=ev)
-    won.apply_rung(30, {"a~0": 0.5, "a~5": 0.6}, evidence=ev)
-    outcome = {v["index"]: v["outcome"] for v in won.summary()["a"]["variants"]}[5]
-    assert outcome.startswith(
-        "won (the job's own configuration; kept before the last rung (the leader's lead 0.8000, paired SE"
-    ) and outcome.endswith("at step 10)")
+    won.apply_rung(30, {"a~0": 0.5, "a~5": 0.6}, evidence=ev)  # ranked first at the last rung
+    assert {v["index"]: v["outcome"] for v in won.summary()["a"]["variants"]}[5] == "won"
+    close = state("last")  # trails early, then within noise at the last rung: kept by the rule there
+    close.apply_rung(10, far, evidence=ev)
+    close.apply_rung(30, {"a~0": 0.55, "a~5": 0.5}, evidence={"a~0": right(11, offset=3), "a~5": right(10)})
+    assert close.live["a"] == [5]
+    outcome = {v["index"]: v["outcome"] for v in close.summary()["a"]["variants"]}[5]
+    assert outcome.startswith("won (the job's own configuration; the leader's lead 0.0500 <= 1 x paired SE")
+    assert outcome.endswith("at step 30)")
     with pytest.raises(ConfigError, match="search.base_rungs='first'"):
         job_with(space, search={"space": space, "base_rungs": "first"})
 
