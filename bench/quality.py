@@ -11,12 +11,19 @@ Methods, per seed (`--methods` picks ours; zero-shot and PEFT always run):
 * ours `independent`, `residual`, `multitask` (`prompt.method`): the tuner recipe's own
   `train_step`, one run over all tasks (`independent`: two runs, one per half of the tasks, see
   transfer below; its prompts do not interact, so this is the same computation per task);
-* ours `transfer` (`prompt.init=transfer`, method independent): the tasks are split into two halves
-  (alternating in `--tasks` order); each half starts from the finished `independent` run of the
-  *other* half of the same seed (each task takes the source prompt with the lowest zero-shot loss on
-  its first examples) and then trains with the same budget. Leave-one-out would cost one source run
-  per task; halves cost none beyond the `independent` runs this benchmark trains anyway. What it
-  adds per task is the source's training: the other half's examples of the same S steps.
+* ours `transfer` (transfer initialisation, method independent), leave-one-out (`--transfer loo`,
+  the default): each task starts from the finished `independent` prompt of one of the *other* tasks
+  of the same seed, the one with the lowest zero-shot loss on its first `prompt.transfer_examples`
+  training examples (`tuner.continual.choose_sources`, as `prompt.init=transfer` chooses), and then
+  trains with the same budget, all tasks in one joint run. Per task this is "add this task to a
+  fleet of the others, trained": `promptfleet train <task> prompt.init=transfer
+  prompt.init_from=<run of the others>`. It costs no training beyond the `independent` runs this
+  benchmark trains anyway: independent prompts do not interact, so every task's prompt there is the
+  one a run of the others alone would have trained. `--transfer halves` (seeds 0-1 of
+  bench/results/quality_methods.json) splits the tasks into two alternating halves instead, each
+  half transfer-initialised by `prompt.init_from` from the finished `independent` run of the other
+  half: a task's candidate sources are then the other half only. Either way what a task adds is its
+  source's training: the source task's examples of the same S steps.
 
 Same budget, precisely: the sampler of a recipe over all tasks draws the global batches of S steps
 once per seed. Every method trains on them: a joint run on them as drawn, a half run on the draws'
@@ -66,6 +73,7 @@ from bench.common import (
     write_result,
 )
 from tuner.config import JobConfig, OptimConfig
+from tuner.continual import choose_sources
 from tuner.evaluate import evaluate_task
 from tuner.job import prepare_job
 from tuner.optim import lr_at
@@ -112,9 +120,35 @@ def expand_methods(arg: str) -> list[str]:
     return [m for m in OURS if m in names]
 
 
+TRANSFER_PROTOCOLS = ("loo", "halves")
+
+
 def halves(names: list[str]) -> tuple[list[str], list[str]]:
-    """The two halves of the transfer protocol: alternating, so each mixes big and small tasks."""
+    """The two halves of the `--transfer halves` protocol: alternating, so each mixes big and small tasks."""
     return names[0::2], names[1::2]
+
+
+def leave_one_out_sources(recipe, prompts: dict[str, torch.Tensor]) -> dict[str, tuple[str, float]]:
+    """Each of `recipe`'s tasks -> (the other task whose trained prompt in `prompts` fits it best, its loss).
+
+    "Fits best" is `prompt.init=transfer`'s own rule (`choose_sources`: the lowest mean target loss on
+    the task's first `prompt.transfer_examples` training examples), over every prompt but the task's own.
+    """
+    k = recipe.cfg.prompt.transfer_examples
+    out = {}
+    for task, data in recipe.tasks.items():
+        others = {name: p for name, p in prompts.items() if name != task}
+        if not others:
+            raise ValueError(f"leave-one-out transfer: no other task's prompt for {task}")
+        out |= choose_sources(
+            recipe.lm,
+            {task: data.train[:k]},
+            others,
+            max_len=recipe.cfg.model.max_seq_len,
+            pad_id=recipe.tokenizer.pad_token_id,
+            device=recipe.device,
+        )
+    return out
 
 
 # ------------------------------------------------------------------------------------ results
@@ -266,12 +300,16 @@ class SeedBench:
         *,
         initial: dict[str, torch.Tensor] | None = None,
         source: Path | None = None,
-    ) -> tuple[dict[str, float], Path, dict[str, str]]:
+        loo: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[dict[str, float], Path, dict[str, str], dict[str, torch.Tensor]]:
         """Train `method` on `tasks` with their examples of `draws`; finish the run (a transfer source).
 
         `initial` (independent only): start each task from this prompt, the one PEFT starts from
         (the same as its own init since each task draws from its own stream; set explicitly all the same).
-        Returns its scores, its finished run directory and, with `source`, each task's source task.
+        `source` (halves): transfer-initialise from that finished run (`prompt.init_from`); `loo`
+        (leave-one-out): start each task from the best fitting of the other tasks' prompts in it.
+        Returns its scores, its finished run directory, each task's source task (with `source` or
+        `loo`) and its final prompts.
         """
         cfg = self.config(tasks, tag)
         cfg.prompt.method = method
@@ -289,6 +327,9 @@ class SeedBench:
         recipe.setup()
         for t in tasks if initial else []:
             recipe.bank.set_prompt(t, initial[t])
+        for t, (src, loss) in (leave_one_out_sources(recipe, loo) if loo else {}).items():
+            recipe.bank.set_prompt(t, loo[src])
+            note(f"transfer init: {t} starts from {src} (zero-shot loss {loss:.3f})")
         mine = set(tasks)
         for draw in tqdm(draws, desc=f"seed {self.seed}: {tag}", unit="step"):
             batch = [(t, i) for t, i in draw if t in mine]
@@ -302,7 +343,8 @@ class SeedBench:
             t: points(summary["tasks"][t]["metric"], summary["tasks"][t]["tuned"]["score"]) for t in tasks
         }
         print(f"seed {self.seed} {tag}: {scores} sources {chosen}", flush=True)
-        return scores, recipe.run_dir, chosen
+        final = {t: recipe.prompt(t).detach().cpu().clone() for t in tasks}
+        return scores, recipe.run_dir, chosen, final
 
     def run(self, methods: list[str]) -> tuple[SeedResult, dict[str, str]]:
         """Zero-shot and PEFT on a reference recipe over all tasks (whose sampler draws the batches), then ours."""
@@ -337,13 +379,18 @@ class SeedBench:
         sources: dict[str, str] = {}
         if "independent" in methods or "transfer" in methods:
             a, b = halves(self.tasks)
-            sa, dir_a, _ = self.ours(a, draws, "independent", "independent-a", initial=initial)
-            sb, dir_b, _ = self.ours(b, draws, "independent", "independent-b", initial=initial)
+            sa, dir_a, _, pa = self.ours(a, draws, "independent", "independent-a", initial=initial)
+            sb, dir_b, _, pb = self.ours(b, draws, "independent", "independent-b", initial=initial)
             if "independent" in methods:
                 scores["independent"] = {**sa, **sb}
-            if "transfer" in methods:
-                ta, _, ca = self.ours(a, draws, "independent", "transfer-a", source=dir_b)
-                tb, _, cb = self.ours(b, draws, "independent", "transfer-b", source=dir_a)
+            if "transfer" in methods and self.args.transfer == "loo":
+                t_all, _, sources, _ = self.ours(
+                    self.tasks, draws, "independent", "transfer", loo={**pa, **pb}
+                )
+                scores["transfer"] = t_all
+            elif "transfer" in methods:
+                ta, _, ca, _ = self.ours(a, draws, "independent", "transfer-a", source=dir_b)
+                tb, _, cb, _ = self.ours(b, draws, "independent", "transfer-b", source=dir_a)
                 scores["transfer"], sources = {**ta, **tb}, {**ca, **cb}
         for m in ("residual", "multitask"):
             if m in methods:
@@ -397,6 +444,14 @@ def parse_args(argv: list[str] | None = None):
         default="0,1,2,3,4,5",
         help="comma-separated replicates; each seed draws its own train/eval subsets, prompt init and batches",
     )
+    ap.add_argument(
+        "--transfer",
+        choices=TRANSFER_PROTOCOLS,
+        default="loo",
+        help="the transfer method's sources: loo (each task from the best of every other task's trained "
+        "prompt; default) or halves (each half of the tasks from the other half's run, as seeds 0-1 of "
+        "bench/results/quality_methods.json)",
+    )
     ap.add_argument("--out", default="quality_methods", help="result name: bench/results/<out>.json")
     ap.add_argument(
         "--add",
@@ -419,7 +474,7 @@ def parse_args(argv: list[str] | None = None):
     if args.add and args.quick:
         ap.error("--add keeps recorded seeds; a --quick smoke run records nothing")
     if ("transfer" in methods) and len(tasks) < 2:
-        ap.error("--methods transfer needs at least two tasks (each half is the other's source)")
+        ap.error("--methods transfer needs at least two tasks (each task's source is another task)")
     for name in ("steps", "batch_size", "eval_examples"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be positive")
@@ -434,7 +489,8 @@ def setup_of(args, tasks: list[str], methods: list[str], steps: int, n_eval: int
     return {
         "tasks": tasks,
         "methods": [ZERO_SHOT, PEFT, *methods],
-        "transfer_halves": list(halves(tasks)),
+        "transfer_protocol": "leave-one-out" if args.transfer == "loo" else "halves",
+        **({"transfer_halves": list(halves(tasks))} if args.transfer == "halves" else {}),
         "steps": steps,
         "batch_size": args.batch_size,
         "lr": o.lr,
@@ -460,6 +516,8 @@ def earlier_seeds(path: Path, setup: dict, rerun: list[int]) -> tuple[list[SeedR
     try:
         old = json.loads(path.read_text())
         old_setup = {k: v for k, v in old["setup"].items() if k not in ("seeds", "metrics")}
+        if "transfer_halves" in old_setup:  # written before --transfer existed: the halves protocol
+            old_setup.setdefault("transfer_protocol", "halves")
         runs = [SeedResult(**r) for r in old["runs"]]
         metrics = old["setup"]["metrics"]
     except FileNotFoundError:
@@ -468,7 +526,10 @@ def earlier_seeds(path: Path, setup: dict, rerun: list[int]) -> tuple[list[SeedR
         raise ValueError(
             f"--add: {path} is not a result of this benchmark ({type(e).__name__}: {e})"
         ) from None
-    differ = sorted(k for k in set(setup) | set(old_setup) if setup.get(k) != old_setup.get(k))
+    differ = sorted(  # the transfer protocol first: it explains a difference in transfer_halves too
+        (k for k in set(setup) | set(old_setup) if setup.get(k) != old_setup.get(k)),
+        key=lambda k: (k != "transfer_protocol", k),
+    )
     if differ:
         k = differ[0]
         raise ValueError(

@@ -1,4 +1,5 @@
-"""bench/quality.py without a model: arguments, task-set expansion and the summary arithmetic.
+"""bench/quality.py: arguments, task-set expansion and the summary arithmetic (no model), and the
+leave-one-out transfer sources (tiny backbone).
 
 The arithmetic is checked against sums written out in the test on hand-made scores.
 """
@@ -9,6 +10,8 @@ import json
 import math
 
 import pytest
+import torch
+from conftest import tiny_job_yaml, write_tiny_tasks
 
 from bench.quality import (
     OURS,
@@ -19,10 +22,12 @@ from bench.quality import (
     expand_methods,
     expand_tasks,
     halves,
+    leave_one_out_sources,
     paired,
     parse_args,
     render,
     result_of,
+    setup_of,
     shipped_tasks,
     verdict,
 )
@@ -171,7 +176,64 @@ def test_add_keeps_earlier_seeds_of_the_same_setup_and_refuses_others(tmp_path):
         earlier_seeds(tmp_path / "half.json", _setup(), rerun=[])
 
 
+def test_the_transfer_protocol_is_part_of_the_setup(tmp_path):
+    """Seeds of the two transfer protocols never pool; a file written before `--transfer` existed
+    (it names its halves) counts as `halves`."""
+    tasks, methods = ["cb", "rte", "sst2"], ["independent", "residual"]
+
+    def setup(*argv: str) -> dict:
+        return setup_of(parse_args(["--tasks", ",".join(tasks), *argv])[0], tasks, methods, 80, 200)
+
+    loo, halved = setup(), setup("--transfer", "halves")
+    assert loo["transfer_protocol"] == "leave-one-out" and "transfer_halves" not in loo
+    assert halved["transfer_protocol"] == "halves" and halved["transfer_halves"] == [["cb", "sst2"], ["rte"]]
+    before = {k: v for k, v in halved.items() if k != "transfer_protocol"}  # a file from before --transfer
+    metrics = {"cb": "macro_f1", "rte": "accuracy", "sst2": "accuracy"}
+    path = tmp_path / "quality_methods.json"
+    path.write_text(json.dumps(result_of(before, _runs(), metrics, quick=False)))
+    assert [r.seed for r in earlier_seeds(path, halved, rerun=[])[0]] == [0, 1]
+    with pytest.raises(ValueError, match="run with transfer_protocol='halves', this run has 'leave-one-out'"):
+        earlier_seeds(path, loo, rerun=[])
+
+
 def test_add_with_quick_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--add", "--quick"])
     assert "--add keeps recorded seeds" in capsys.readouterr().err
+
+
+def test_leave_one_out_sources_pick_the_best_other_task_never_the_task_itself(tmp_path, tiny_backbone_dir):
+    """Each task's source is the lowest-loss prompt (direct computation: `mean_target_loss` on its first
+    `prompt.transfer_examples` examples) among the *other* tasks' prompts, even when its own fits best."""
+    from tuner.config import load_job_config
+    from tuner.evaluate import mean_target_loss
+    from tuner.recipe import MultiTaskPromptTuningRecipe
+
+    names = ("pos_neg", "colors", "sizes")
+    job = tiny_job_yaml(tmp_path, tiny_backbone_dir, write_tiny_tasks(tmp_path, n_train=16, names=names))
+    cfg = load_job_config(job, ["cluster.num_workers=1", "prompt.transfer_examples=4"])
+    recipe = MultiTaskPromptTuningRecipe(cfg, progress=False)
+    recipe.setup()
+    gen = torch.Generator().manual_seed(0)
+    candidates = [torch.randn(4, 32, generator=gen) for _ in names]
+
+    def losses(task: str, prompts: dict[str, torch.Tensor]) -> dict[str, float]:
+        exs = recipe.tasks[task].train[:4]
+        return mean_target_loss(recipe.lm, exs, prompts, max_len=64, pad_id=recipe.tokenizer.pad_token_id)
+
+    # name the prompt that fits "sizes" best "sizes", so leaving the task's own prompt out matters
+    fit = losses("sizes", {str(j): p for j, p in enumerate(candidates)})
+    best = min(fit, key=fit.get)
+    order = [best] + [j for j in map(str, range(3)) if j != best]
+    prompts = {"sizes": candidates[int(order[0])], "colors": candidates[int(order[1])]}
+    prompts["pos_neg"] = candidates[int(order[2])]
+    chosen = leave_one_out_sources(recipe, prompts)
+    assert set(chosen) == set(names)
+    for task, (src, loss) in chosen.items():
+        others = losses(task, {n: p for n, p in prompts.items() if n != task})
+        assert src != task and src == min(others, key=others.get), (task, others)
+        assert loss == pytest.approx(others[src])
+    own = losses("sizes", prompts)
+    assert min(own, key=own.get) == "sizes" and chosen["sizes"][0] != "sizes"
+    with pytest.raises(ValueError, match="no other task's prompt for"):
+        leave_one_out_sources(recipe, {"sizes": candidates[0]})
