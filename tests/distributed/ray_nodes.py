@@ -36,7 +36,12 @@ class RayNodes:
 
     @classmethod
     def start(cls, workers: int = 2, cpus_per_node: int = 1) -> RayNodes:
+        from ray._private.utils import get_ray_address_file
         from ray.cluster_utils import Cluster
+
+        # Cluster writes the head's address to Ray's default temp dir (/tmp/ray), whatever temp_dir
+        # says, and fails if that directory does not exist yet (a fresh machine where no Ray has run).
+        Path(get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
 
         # Short temp path: Ray's unix socket paths must stay under ~107 characters.
         temp_dir = Path(tempfile.mkdtemp(prefix="pfnodes-", dir="/tmp"))
