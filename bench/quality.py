@@ -3,6 +3,8 @@
     python -m bench.quality --tasks cb,rte,sst2,trec --seeds 0,1      (JSON: bench/results/quality_methods.json)
     python -m bench.quality --tasks all --seeds 2,3 --add              (add seeds to the recorded ones)
     python -m bench.quality --quick                                    (smoke run, nothing recorded)
+    python -m bench.quality --pool A.json B.json --out quality_methods  (no runs: seeds of one setup, run
+                                                                      apart, into one result)
 
 Methods, per seed (`--methods` picks ours; zero-shot and PEFT always run):
 * zero-shot: the untuned backbone (no virtual tokens);
@@ -452,14 +454,30 @@ def parse_args(argv: list[str] | None = None):
         "prompt; default) or halves (each half of the tasks from the other half's run, as seeds 0-1 of "
         "bench/results/quality_methods.json)",
     )
-    ap.add_argument("--out", default="quality_methods", help="result name: bench/results/<out>.json")
+    ap.add_argument(
+        "--out", help="result name: bench/results/<out>.json (default quality_methods; --pool needs it named)"
+    )
     ap.add_argument(
         "--add",
         action="store_true",
         help="keep the seeds already in bench/results/<out>.json (same setup required) and add these; "
         "the file is rewritten after every seed, so a long run can be done a few seeds at a time",
     )
+    ap.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="FILE",
+        help="no runs: pool the seeds of these result files (one setup, distinct seeds, e.g. run by two "
+        "processes side by side) into bench/results/<out>.json; the other options are ignored",
+    )
     args = ap.parse_args(argv)
+    if args.pool:
+        if args.add or args.quick:
+            ap.error("--pool runs nothing; it takes neither --add nor --quick")
+        if not args.out:
+            ap.error("--pool needs --out NAME: the pooled result's name")
+        return args, [], [], []
+    args.out = args.out or "quality_methods"
     try:
         tasks = expand_tasks(args.tasks, shipped_tasks())
         methods = expand_methods(args.methods)
@@ -507,36 +525,77 @@ def setup_of(args, tasks: list[str], methods: list[str], steps: int, n_eval: int
     }
 
 
+def read_result(path: Path, option: str) -> tuple[dict, list[SeedResult], dict[str, str], dict]:
+    """A recorded result: (setup without its seeds, runs, metrics, machine).
+
+    ValueError with a one-line message, prefixed by the `option` that asked for it, when the file is
+    missing, unreadable or not a result of this benchmark (a half-written file, another benchmark's).
+    """
+    try:
+        old = json.loads(path.read_text())
+        setup = {k: v for k, v in old["setup"].items() if k not in ("seeds", "metrics")}
+        if "transfer_halves" in setup:  # written before --transfer existed: the halves protocol
+            setup.setdefault("transfer_protocol", "halves")
+        runs = [SeedResult(**r) for r in old["runs"]]
+        return setup, runs, old["setup"]["metrics"], old.get("machine", {})
+    except FileNotFoundError:
+        raise ValueError(f"{option}: no earlier result {path}") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"{option}: {path} is not a result of this benchmark ({type(e).__name__}: {e})"
+        ) from None
+
+
+def check_same_setup(path: Path, recorded: dict, setup: dict, option: str, against: str = "this run") -> None:
+    """ValueError naming the first setting in which `path`'s `recorded` setup differs from `setup`
+    (the setup of `against`)."""
+    differ = sorted(  # the transfer protocol first: it explains a difference in transfer_halves too
+        (k for k in set(setup) | set(recorded) if setup.get(k) != recorded.get(k)),
+        key=lambda k: (k != "transfer_protocol", k),
+    )
+    if differ:
+        k = differ[0]
+        raise ValueError(
+            f"{option}: {path} was run with {k}={recorded.get(k)!r}, {against} has {setup.get(k)!r}; "
+            "seeds of different setups do not pool"
+        )
+
+
 def earlier_seeds(path: Path, setup: dict, rerun: list[int]) -> tuple[list[SeedResult], dict[str, str]]:
     """`--add`: the seeds of an earlier result at `path` with the same setup, less those run again now.
 
     A long benchmark can so be run a few seeds at a time (one session each); ValueError with a
     one-line message when the file is missing, unreadable or was run with a different setup.
     """
-    try:
-        old = json.loads(path.read_text())
-        old_setup = {k: v for k, v in old["setup"].items() if k not in ("seeds", "metrics")}
-        if "transfer_halves" in old_setup:  # written before --transfer existed: the halves protocol
-            old_setup.setdefault("transfer_protocol", "halves")
-        runs = [SeedResult(**r) for r in old["runs"]]
-        metrics = old["setup"]["metrics"]
-    except FileNotFoundError:
-        raise ValueError(f"--add: no earlier result {path} to add to") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(
-            f"--add: {path} is not a result of this benchmark ({type(e).__name__}: {e})"
-        ) from None
-    differ = sorted(  # the transfer protocol first: it explains a difference in transfer_halves too
-        (k for k in set(setup) | set(old_setup) if setup.get(k) != old_setup.get(k)),
-        key=lambda k: (k != "transfer_protocol", k),
-    )
-    if differ:
-        k = differ[0]
-        raise ValueError(
-            f"--add: {path} was run with {k}={old_setup.get(k)!r}, this run has {setup.get(k)!r}; "
-            "seeds of different setups do not pool"
-        )
+    recorded, runs, metrics, _ = read_result(path, "--add")
+    check_same_setup(path, recorded, setup, "--add")
     return [r for r in runs if r.seed not in rerun], metrics
+
+
+def pooled(paths: list[Path]) -> tuple[dict, list[SeedResult], dict[str, str], list[dict]]:
+    """`--pool`: the seeds of several result files of one setup, as if one run had made them all
+    (e.g. two processes side by side, each on its own seeds).
+
+    Returns (setup, runs, metrics, sources: file, seeds and machine of each); ValueError with a
+    one-line message when a file is missing or unreadable, the setups differ, or a seed is in two
+    files (two draws under one name would count as two replicates of one).
+    """
+    setup, runs, metrics, sources = None, [], {}, []
+    for path in paths:
+        recorded, kept, metrics, machine = read_result(path, "--pool")
+        if setup is None:
+            setup = recorded  # every other file must have the first one's setup
+        check_same_setup(path, recorded, setup, "--pool", against=str(paths[0]))
+        twice = sorted({r.seed for r in kept} & {r.seed for r in runs})
+        if twice:
+            raise ValueError(
+                f"--pool: seed(s) {twice} of {path} are in an earlier file too; seeds must be distinct"
+            )
+        runs += kept
+        sources.append({"file": path.name, "seeds": sorted(r.seed for r in kept), "machine": machine})
+    if setup is None:
+        raise ValueError("--pool needs at least one result file")
+    return setup, runs, metrics, sources
 
 
 def result_of(setup: dict, runs: list[SeedResult], metrics: dict[str, str], quick: bool) -> dict:
@@ -556,6 +615,23 @@ def result_of(setup: dict, runs: list[SeedResult], metrics: dict[str, str], quic
 
 def main(argv: list[str] | None = None) -> dict:
     args, tasks, methods, seeds = parse_args(argv)
+    if args.pool:
+        paths = [Path(p) for p in args.pool]
+        target = RESULTS / f"{args.out}.json"
+        try:
+            setup, runs, metrics, sources = pooled(paths)  # the files' own errors first
+            if target.exists() and not any(p.resolve() == target.resolve() for p in paths):
+                raise ValueError(
+                    f"--pool: {target} exists and is not one of the pooled files; it would be lost"
+                )
+        except ValueError as e:
+            raise SystemExit(f"bench.quality: {e}") from None
+        out = {**result_of(setup, runs, metrics, quick=False), "pooled_from": sources}
+        write_result(args.out, out, quick=False)
+        print(out["tables"]["means"])
+        print(out["tables"]["paired"])
+        print(out["tables"]["verdict"])
+        return out
     steps, n_eval = (3, 16) if args.quick else (args.steps, args.eval_examples)
     setup = setup_of(args, tasks, methods, steps, n_eval)
     runs, metrics = [], {}

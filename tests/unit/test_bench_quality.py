@@ -196,6 +196,67 @@ def test_the_transfer_protocol_is_part_of_the_setup(tmp_path):
         earlier_seeds(path, loo, rerun=[])
 
 
+def test_pool_joins_seeds_run_apart_and_refuses_what_would_mislead(tmp_path, monkeypatch, capsys):
+    """`--pool`: seeds of one setup run by two processes give the tables of one run of them all;
+    files of another setup, a seed in two files, a broken file or a result it would overwrite are
+    refused with one line, and nothing is written."""
+    import bench.quality as quality
+
+    metrics = {"cb": "macro_f1", "rte": "accuracy", "sst2": "accuracy"}
+    seed0, seed1 = _runs()
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(
+        json.dumps({"machine": {"torch_threads": 1}, **result_of(_setup(), [seed0], metrics, False)})
+    )
+    b.write_text(
+        json.dumps({"machine": {"torch_threads": 2}, **result_of(_setup(), [seed1], metrics, False)})
+    )
+    results = tmp_path / "results"
+    monkeypatch.setattr(quality, "RESULTS", results)
+    monkeypatch.setattr("bench.common.RESULTS", results)
+
+    out = quality.main(["--pool", str(b), str(a), "--out", "joined"])
+    assert out["tables"] == result_of(_setup(), _runs(), metrics, False)["tables"]
+    assert out["setup"]["seeds"] == [0, 1]
+    assert out["pooled_from"] == [
+        {"file": "b.json", "seeds": [1], "machine": {"torch_threads": 2}},
+        {"file": "a.json", "seeds": [0], "machine": {"torch_threads": 1}},
+    ]
+    assert json.loads((results / "joined.json").read_text())["verdict"] == out["verdict"]
+
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(result_of(_setup(steps=40), [seed1], metrics, False)))
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"setup": {"tasks": ')
+    for argv, message in [
+        (
+            [str(a), str(other)],
+            f"--pool: {other} was run with steps=40, {a} has 80; seeds of different setups",
+        ),
+        ([str(a), str(a)], f"--pool: seed(s) [0] of {a} are in an earlier file too"),
+        ([str(a), str(broken)], f"--pool: {broken} is not a result of this benchmark"),
+        ([str(a), str(tmp_path / "gone.json")], "--pool: no earlier result"),
+        ([str(a), str(b)], f"--pool: {results / 'joined.json'} exists and is not one of the pooled files"),
+    ]:
+        before = (results / "joined.json").read_text()
+        with pytest.raises(SystemExit) as e:
+            quality.main(["--pool", *argv, "--out", "joined"])
+        assert str(e.value).startswith("bench.quality: " + message), e.value
+        assert (results / "joined.json").read_text() == before  # nothing written
+    # pooling into one of its own inputs is allowed (the inputs are read first)
+    assert quality.main(["--pool", str(results / "joined.json"), "--out", "joined"])["setup"]["seeds"] == [
+        0,
+        1,
+    ]
+
+    with pytest.raises(SystemExit):
+        parse_args(["--pool", str(a)])
+    assert "--pool needs --out NAME" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--pool", str(a), "--out", "x", "--add"])
+    assert "--pool runs nothing" in capsys.readouterr().err
+
+
 def test_add_with_quick_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--add", "--quick"])
