@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -107,11 +108,18 @@ def main(argv: list[str] | None = None) -> dict:
         help="no runs: pool recorded --skip-naive results of one setup at several seeds (data.seed=N) into "
         "paired (b) - (a) per task over the seeds (written to hp_search_pooled.json)",
     )
+    ap.add_argument(
+        "--name",
+        default="",
+        type=_stem,
+        help="result file stem (default: hp_search, hp_search_ab with --skip-naive, hp_search_pooled with "
+        "--pool; _seedN is appended for seed N > 0): keeps a variant setup's results beside the default's",
+    )
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args(argv)
     if args.pool:
         try:
-            return pool([load_result(Path(p)) for p in args.pool], quick=args.quick)
+            return pool([load_result(Path(p)) for p in args.pool], quick=args.quick, name=args.name)
         except ValueError as e:
             ap.error(str(e))
     if args.quick:
@@ -282,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
             "rungs": runs["b"]["config"]["search"]["rungs"] or "auto",
             "base_margin": runs["b"]["config"]["search"].get("base_margin", 0.0),
             "base_rungs": runs["b"]["config"]["search"].get("base_rungs", "every"),
+            "scoring": runs["b"]["config"]["search"].get("scoring", "heldout"),
             "seed": base.data.seed,
             # variants each task trains: fewer than the space's where some train alike on it
             # (`tuner.search.effective`: a generation task's class_labels is its vocab init)
@@ -304,10 +313,17 @@ def main(argv: list[str] | None = None) -> dict:
         "draw_noise": draw_noise,  # (a) - (a'): one configuration, two draws of the same number of examples
         "table": table,
     }
-    name = "hp_search_ab" if args.skip_naive else "hp_search"
+    name = args.name or ("hp_search_ab" if args.skip_naive else "hp_search")
     write_result(name + (f"_seed{base.data.seed}" if base.data.seed else ""), result, args.quick)
     shutil.rmtree(out_dir, ignore_errors=True)
     return result
+
+
+def _stem(name: str) -> str:
+    """A result file stem: letters, digits, `_`, `-` (a name, never a path)."""
+    if name and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):  # "": the default stem
+        raise argparse.ArgumentTypeError(f"{name!r}: letters, digits, _ and - only (a name, not a path)")
+    return name
 
 
 def load_result(path: Path) -> dict:
@@ -325,14 +341,15 @@ def load_result(path: Path) -> dict:
     return result
 
 
-def pool(results: list[dict], quick: bool = False) -> dict:
+def pool(results: list[dict], quick: bool = False, name: str = "") -> dict:
     """(b) - (a) per task over several seeds of one setup: mean, sample sd, seeds with (b) >= (a); the
     mean over tasks per seed; (b)'s cost per seed. One seed cannot resolve the targets: a task's score
     moves by several points between float orders of the same configuration (BENCHMARKS.md, run 8)."""
     import statistics
 
     def comparable(r: dict) -> dict:
-        return {k: v for k, v in r["setup"].items() if k not in ("seed", "load_avg")}
+        setup = {"scoring": "heldout", **r["setup"]}  # results from before scoring was recorded
+        return {k: v for k, v in setup.items() if k not in ("seed", "load_avg")}
 
     seeds = [r["setup"]["seed"] for r in results]
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
@@ -398,7 +415,7 @@ def pool(results: list[dict], quick: bool = False) -> dict:
         "verdict": verdict,
         "table": table,
     }
-    write_result("hp_search_pooled", out, quick)
+    write_result(f"{name}_pooled" if name else "hp_search_pooled", out, quick)
     return out
 
 

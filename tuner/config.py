@@ -263,6 +263,7 @@ class ClusterConfig:
 
 SEARCH_CRITERIA = ("auto", "metric", "loss", "label_loss")
 HELDOUT_SCHEDULES = ("grow", "fixed")
+SEARCH_SCORING = ("heldout", "prequential")
 
 
 @dataclass
@@ -305,6 +306,15 @@ class SearchConfig:
         "it favours low learning rates, whose prompts are still unconfident: BENCHMARKS.md, hp_search run 5), "
         "or auto: the metric for classification tasks, the loss for tasks whose metric needs decoding.",
     )
+    scoring: str = _f(
+        "heldout",
+        "What a rung scores variants on: heldout (the task's held-out slice: forwards of every live variant at "
+        "each rung) or prequential (the training examples drawn in the latter half of the steps so far, each "
+        "scored by the forward that trains on it, before its update: examples no prompt has seen yet, no "
+        "extra forwards; a task with fewer than 16 such examples is scored on its held-out slice). Prequential "
+        "frees the scoring's share of a run for later rungs (`rungs`), where the ranking says more about the "
+        "end: BENCHMARKS.md, hp_search run 13.",
+    )
     base_margin: float = _f(
         1.0,
         "The job's own configuration (its optim / prompt values, when the space holds them) stays at a rung "
@@ -330,6 +340,7 @@ class SearchConfig:
             raise ConfigError(f"search.rungs={self.rungs!r}: must be increasing positive steps")
         _choice("search.heldout_schedule", self.heldout_schedule, HELDOUT_SCHEDULES)
         _choice("search.base_rungs", self.base_rungs, ("last", "every"))
+        _choice("search.scoring", self.scoring, SEARCH_SCORING)
         if not (isinstance(self.base_margin, int | float) and 0 <= self.base_margin < math.inf):
             raise ConfigError(f"search.base_margin={self.base_margin!r}: must be a finite number >= 0")
         if self.criterion not in SEARCH_CRITERIA:

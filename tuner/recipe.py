@@ -54,7 +54,14 @@ from tuner.optim import SparseRowAdam, lr_at
 from tuner.prompt_bank import PromptBank, init_prompts
 from tuner.prompt_methods import SharedParams, compose_rows, make_layout, prompt_of
 from tuner.run_dir import mark_finished
-from tuner.search import Evidence, SearchState, describe_base_check, plot_search, render_search_report
+from tuner.search import (
+    MIN_PREQUENTIAL,
+    Evidence,
+    SearchState,
+    describe_base_check,
+    plot_search,
+    render_search_report,
+)
 from tuner.zero import allreduce_rows_grad, world, zero_setup
 
 GlobalBatch = list[tuple[str, int]]  # (task, example index in its train split), as the sampler draws
@@ -84,6 +91,9 @@ class MultiTaskPromptTuningRecipe:
         self.history = RunHistory()
         self._bar = None  # the progress bar while train() runs (rank 0, progress=True)
         self.search: SearchState | None = None  # in-batch variants (search.space set)
+        self._label_token_cache: dict[
+            str, list[int] | None
+        ] = {}  # task -> its one-token labels (prequential)
         self.heldout: dict[str, TaskData] = {}  # task -> its held-out slice (search only)
         self.search_scoring_s = 0.0  # wall time this process spent scoring variants at rungs
 
@@ -273,6 +283,11 @@ class MultiTaskPromptTuningRecipe:
             torch.cuda.reset_peak_memory_stats(self.device)
         micro = len(global_batch) // o.grad_accum
         micro_batches = [global_batch[m * micro : (m + 1) * micro] for m in range(o.grad_accum)]
+        draws = [
+            x for mb in micro_batches for x in mb
+        ]  # (task, example) as drawn, before variants multiply them
+        # prequential search: each forward also scores its examples (before this step's update)
+        preq = bool(self.search) and self.search.wants_prequential()
         if self.search:  # each drawn example once per live variant of its task, in the same micro-batch
             micro_batches = [self.search.expand(mb) for mb in micro_batches]
         global_batch = [x for mb in micro_batches for x in mb]
@@ -293,6 +308,8 @@ class MultiTaskPromptTuningRecipe:
         # per task: (sum of losses, examples), on the device: read back once per step, not per micro-batch
         loss_sum = torch.zeros(len(names), 2, dtype=torch.float64, device=self.device)
         tokens = 0
+        drawn = torch.zeros(len(global_batch) if preq else 0, dtype=torch.float64, device=self.device)
+        offset = 0  # of the micro-batch in `global_batch`
         for mb in micro_batches:
             shard = mb[self.rank :: self.world_size]
             examples = [self._train_example(t, i) for t, i in shard]
@@ -313,8 +330,12 @@ class MultiTaskPromptTuningRecipe:
                 seg_weight = seg_targets.to(per_token.dtype) * per_token[batch.seg_task]
             else:
                 seg_weight = task_weight[batch.seg_task]
-            out = self.lm(batch, prompts, seg_weight=seg_weight)
+            out = self.lm(batch, prompts, seg_weight=seg_weight, return_logits=preq)
             out.loss.backward()
+            if preq:  # this rank's examples: positions rank, rank + world, ... of the micro-batch
+                mine = torch.arange(self.rank, len(mb), self.world_size, device=self.device) + offset
+                drawn[mine] = self._prequential_results(batch, out, examples)
+            offset += len(mb)
             seg_task = batch.seg_task
             loss_sum[:, 0].index_add_(0, seg_task, out.seg_loss.double())
             loss_sum[:, 1].index_add_(0, seg_task, torch.ones_like(seg_task, dtype=torch.float64))
@@ -335,11 +356,15 @@ class MultiTaskPromptTuningRecipe:
             allreduce_rows_grad(shared)  # the sum over ranks of the sum over tasks
             self.shared.step(shared, lr)
         tokens_t = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
-        stats = torch.cat([loss_sum.flatten(), tokens_t])
+        stats = torch.cat([loss_sum.flatten(), tokens_t, drawn])  # every rank filled its own `drawn`
         if self.world_size > 1:
             dist.all_reduce(stats)  # a device tensor: NCCL reduces CUDA tensors only
         stats = stats.cpu()  # the step's one read-back: metrics for the log
-        loss_sum, tokens = stats[:-1].view(-1, 2), int(stats[-1])
+        n = loss_sum.numel()
+        loss_sum, tokens = stats[:n].view(-1, 2), int(stats[n])
+        if preq:
+            gold = [self._gold_index(t, i) for t, i in draws]
+            self.search.record(self.step + 1, draws, stats[n + 1 :].tolist(), gold)
         self.step += 1
         return StepMetrics(
             step=self.step,
@@ -526,6 +551,82 @@ class MultiTaskPromptTuningRecipe:
             return "loss"  # no label set to renormalise over
         return c
 
+    def _label_tokens(self, task: str) -> list[int] | None:
+        """The first token of each of `task`'s labels (in `spec.labels` order) where every label is one
+        distinct token, as `score_labels` ranks them; else None."""
+        if task not in self._label_token_cache:
+            spec, ids = self.tasks[task].spec, None
+            if spec.kind == "classification":
+                toks = [
+                    self.tokenizer(spec.verbaliser[lab], add_special_tokens=False).input_ids
+                    for lab in spec.labels
+                ]
+                if all(len(t) == 1 for t in toks) and len({t[0] for t in toks}) == len(toks):
+                    ids = [t[0] for t in toks]
+            self._label_token_cache[task] = ids
+        return self._label_token_cache[task]
+
+    def prequential_criterion(self, task: str) -> str:
+        """What a prequential rung ranks `task`'s variants by: its `rung_criterion` where the training
+        forward has it (the metric and label_loss of one-token labels: the logits at the first target),
+        else the loss."""
+        by = self.rung_criterion(task)
+        return by if by in ("metric", "label_loss") and self._label_tokens(task) else "loss"
+
+    def _gold_index(self, task: str, i: int) -> int:
+        """Example `i` of `task`: its gold label's index in `spec.labels` (-1 where no label ranks it)."""
+        if self.prequential_criterion(task) == "loss":
+            return -1
+        return self.tasks[task].spec.labels.index(self.tasks[task].train[i].label)
+
+    def _prequential_results(self, batch, out, examples) -> torch.Tensor:
+        """Each segment's result under its own row's prompt, from the forward that trains on it (so before
+        this step's update): the predicted label's index (ranked by the metric), the log-probability of
+        the gold label among the labels (label_loss), or minus its mean target NLL (loss)."""
+        res = -out.seg_loss.double()
+        n = batch.target_ids.numel()
+        first = torch.full((batch.num_segments,), n, dtype=torch.long, device=res.device)
+        first.scatter_reduce_(0, batch.target_seg, torch.arange(n, device=res.device), reduce="amin")
+        by_task: dict[str, list[int]] = {}
+        for j, ex in enumerate(examples):
+            by_task.setdefault(self.search.variant(ex.task).task, []).append(j)
+        for task, segs in by_task.items():
+            by = self.prequential_criterion(task)
+            if by == "loss":
+                continue
+            idx = torch.tensor(segs, device=res.device)
+            logits = out.target_logits[first[idx]][:, self._label_tokens(task)].double()
+            if by == "metric":
+                res[idx] = logits.argmax(-1).double()
+            else:
+                labels = self.tasks[task].spec.labels
+                gold = torch.tensor([labels.index(examples[j].label) for j in segs], device=res.device)
+                res[idx] = torch.log_softmax(logits, -1).gather(1, gold[:, None])[:, 0]
+        return res
+
+    def _score_prequential(self, task: str) -> dict[str, tuple] | None:
+        """Like `_score_variants`, on the window of `task`'s drawn examples (`SearchState.window`); None
+        when it holds fewer than MIN_PREQUENTIAL."""
+        gold, results = self.search.window(task, self.step)
+        if len(gold) < MIN_PREQUENTIAL:
+            return None
+        spec, out = self.tasks[task].spec, {}
+        for k, v in results.items():
+            row = self.search.variants[task][k].row
+            if self.prequential_criterion(task) != "metric":
+                out[row] = (float(v.mean()), Evidence(v))
+                continue
+            pred = v.astype(np.int64)
+            names = spec.labels
+            score = classification_metrics([names[g] for g in gold], [names[p] for p in pred], names)[
+                spec.metric
+            ]
+            if spec.metric == "accuracy":
+                out[row] = (score, Evidence((pred == gold).astype(np.float64)))
+            else:
+                out[row] = (score, Evidence(pred, gold, len(names)))
+        return out
+
     def _score_variants(self, task: str, rows: list[str], held: TaskData) -> dict[str, tuple]:
         """row -> (its score on `held` by `rung_criterion`, higher is better; its per-example `Evidence`,
         None where the score is a decoded corpus metric)."""
@@ -571,10 +672,15 @@ class MultiTaskPromptTuningRecipe:
     def _search_rung(self, final: bool = False) -> None:
         """Score the live variants of every task on its held-out slice and drop the weaker ones."""
         t0 = time.perf_counter()
-        scores, evidence, by_task, examples = {}, {}, {}, {}
+        scores, evidence, by_task, examples, sources = {}, {}, {}, {}, {}
         for row in self.search.rows_to_score(final):
             by_task.setdefault(self.search.variant(row).task, []).append(row)
         for task, rows in by_task.items():
+            if len(rows) > 1 and self.search.prequential and (got := self._score_prequential(task)):
+                for row, (score, ev) in got.items():
+                    scores[row], evidence[row] = score, ev
+                examples[task], sources[task] = len(next(iter(got.values()))[1].values), "prequential"
+                continue
             full = self.heldout[task]
             n = examples[task] = self.search.heldout_size(self.step, len(full.eval), final)
             held = dataclasses.replace(full, eval=full.eval[:n], eval_text=full.eval_text[:n])
@@ -589,8 +695,15 @@ class MultiTaskPromptTuningRecipe:
             if (v := [m.task_loss[row] for m in recent if row in m.task_loss])
         }
         results = self.search.apply_rung(
-            self.step, scores, final=final, train_loss=train_loss, examples=examples, evidence=evidence
+            self.step,
+            scores,
+            final=final,
+            train_loss=train_loss,
+            examples=examples,
+            evidence=evidence,
+            sources=sources,
         )
+        self.search.forget_before(self.step)
         for r in results:
             if len(r.scores) == 1:
                 continue  # a one-variant task's held-out number at the end: nothing to choose
@@ -604,7 +717,7 @@ class MultiTaskPromptTuningRecipe:
                 )
             self._log(
                 f"search rung {r.rung} @ step {r.step}: {r.task} keeps variant(s) {kept} "
-                f"({r.examples} held-out examples{why})"
+                f"({r.examples} {'drawn' if r.source == 'prequential' else 'held-out'} examples{why})"
             )
         self.search_scoring_s += time.perf_counter() - t0
 

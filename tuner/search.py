@@ -30,6 +30,14 @@ same resample), the base variant takes the last place kept (the one-standard-err
 the lasso). A rung of a few dozen examples is mostly noise; without the rule a task leaves a
 configuration that works for whichever variant was luckiest on them.
 
+With `search.scoring: prequential` a rung scores no held-out forwards: every training forward already
+scores each drawn example under each live variant of its task, before the update that example causes
+(in the first epoch, an example none of the task's prompts has seen), and `SearchState.record` keeps
+those results; a rung ranks the live variants on the examples drawn in the latter half of the steps so
+far (`SearchState.window`), paired as held-out examples are (every live variant saw each of them). It
+is the progressive validation of online learning. The scoring's share of a run is then free for later
+rungs; a task with too few examples in its window is scored on its held-out slice as before.
+
 Variants that would train alike on a task are trained once (`effective`: e.g. `class_labels` and
 `vocab` are one initialisation for a task without label words); the report says which they follow.
 
@@ -53,6 +61,7 @@ import numpy as np
 from tuner.config import ConfigError, JobConfig, OptimConfig, PromptConfig
 
 MIN_HELDOUT = 16  # the fewest held-out examples a rung scores under search.heldout_schedule grow
+MIN_PREQUENTIAL = 16  # the fewest window examples a prequential rung ranks on (fewer: the held-out slice)
 BOOTSTRAP_ROUNDS = 1000  # resamples behind a paired standard error (`paired_se`)
 SEP = "~"  # variant rows are `<task>~<k>`; `validate_name` keeps `~` out of task names
 
@@ -113,10 +122,12 @@ class RungResult:
     # variant index -> its mean training loss over its last logged steps: breaks ties of held-out score
     # (a small held-out slice often scores several variants the same)
     train_loss: dict[int, float] = field(default_factory=dict)
-    examples: int = 0  # held-out examples scored (0: not recorded, a checkpoint from before the schedule)
+    examples: int = 0  # examples scored (0: not recorded, a checkpoint from before the schedule)
     # The base-variant rule, where a rung would have dropped the base variant: the leader, its score
     # minus the base's, the paired standard error of that gap, and whether the base stayed (gap <= margin x se)
     base_check: dict[str, Any] = field(default_factory=dict)
+    # what was scored: the held-out slice (heldout), or the window of drawn examples (prequential)
+    source: str = "heldout"
 
 
 @dataclass(frozen=True)
@@ -261,6 +272,10 @@ class SearchState:
 
     # task -> {variant index: the live variant it trains exactly as, on that task}: not trained twice
     same: dict[str, dict[int, int]] = field(default_factory=dict)
+    prequential: bool = False  # `search.scoring: prequential`: `record` the drawn examples' results
+    # task -> {"step": [...], "gold": [...], "values": {variant index: [...]}}: one entry per drawn example
+    # of the window to come (the step it was drawn at, its gold label index or -1, each live variant's result)
+    drawn: dict[str, dict] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -295,6 +310,7 @@ class SearchState:
             base_margin=cfg.search.base_margin,
             base_rungs=cfg.search.base_rungs,
             same=same,
+            prequential=cfg.search.scoring == "prequential",
         )
 
     # ------------------------------------------------------------------ rows
@@ -336,6 +352,59 @@ class SearchState:
             grad_clip=[o.grad_clip for o in opts],
         )
 
+    # ------------------------------------------------------------------ prequential results
+
+    def wants_prequential(self) -> bool:
+        """Whether training forwards should score their examples: prequential, and a task still undecided."""
+        return self.prequential and any(len(v) > 1 for v in self.live.values())
+
+    def record(
+        self, step: int, draws: Sequence[tuple[str, int]], values: Sequence[float], gold: Sequence[int]
+    ):
+        """Keep the results of step `step`'s draws (task, example), in the order `expand` laid them out:
+        `values` holds one result per live variant of each draw (higher is better, or a predicted label
+        index where `gold` >= 0), `gold` one gold label index per draw (-1: not a label)."""
+        want = sum(len(self.live[t]) for t, _ in draws)
+        if want != len(values) or len(gold) != len(draws):
+            raise ValueError(
+                f"record: {len(values)} results and {len(gold)} gold labels for {len(draws)} draws "
+                f"({want} (draw, live variant) pairs)"
+            )
+        pos = 0
+        for (task, _), g in zip(draws, gold):
+            live = self.live[task]
+            if len(live) > 1:
+                d = self.drawn.setdefault(task, {"step": [], "gold": [], "values": {}})
+                d["step"].append(step)
+                d["gold"].append(int(g))
+                for j, k in enumerate(live):
+                    d["values"].setdefault(k, []).append(float(values[pos + j]))
+            pos += len(live)
+
+    @staticmethod
+    def window_start(step: int) -> int:
+        """A rung after `step` ranks the examples drawn after step `step // 2`: the latter half so far."""
+        return step // 2
+
+    def window(self, task: str, step: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """The gold label indices of `task`'s examples drawn in the window of a rung after `step`, and each
+        live variant's results on them (every live variant was live for the whole window)."""
+        d = self.drawn.get(task, {"step": [], "gold": [], "values": {}})
+        keep = np.asarray(d["step"], dtype=np.int64) > self.window_start(step)
+        return np.asarray(d["gold"], dtype=np.int64)[keep], {
+            k: np.asarray(d["values"][k], dtype=np.float64)[keep] for k in self.live[task]
+        }
+
+    def forget_before(self, step: int) -> None:
+        """Drop drawn results no later window reads (a later rung's window starts later), and dropped
+        variants' results."""
+        start = self.window_start(step)
+        for task, d in self.drawn.items():
+            keep = [i for i, s in enumerate(d["step"]) if s > start]
+            d["step"] = [d["step"][i] for i in keep]
+            d["gold"] = [d["gold"][i] for i in keep]
+            d["values"] = {k: [v[i] for i in keep] for k, v in d["values"].items() if k in self.live[task]}
+
     # ------------------------------------------------------------------ halving
 
     def is_rung(self, step: int) -> bool:
@@ -372,15 +441,22 @@ class SearchState:
         train_loss: dict[str, float] | None = None,
         examples: dict[str, int] | None = None,
         evidence: dict[str, Evidence] | None = None,
+        sources: dict[str, str] | None = None,
     ) -> list[RungResult]:
         """Record `scores` (row -> held-out score) and keep each task's best `survivors` (1 when `final`).
 
         Equal scores go to the lower `train_loss` (row -> recent training loss), then the lower index.
-        `examples` (task -> held-out examples scored) is recorded for the report. With `evidence` (row ->
+        `examples` (task -> examples scored) and `sources` (task -> heldout or prequential, what they were) are
+        recorded for the report. With `evidence` (row ->
         its per-example results) the base variant stays while the leader has not beaten it beyond noise
         (the base-variant rule, module docstring); a row without evidence (a decoded generation metric) is ranked by score alone.
         """
-        train_loss, examples, evidence = train_loss or {}, examples or {}, evidence or {}
+        train_loss, examples, evidence, sources = (
+            train_loss or {},
+            examples or {},
+            evidence or {},
+            sources or {},
+        )
         rung = len({r.step for r in self.results})
         out = []
         for pos, task in enumerate(self.variants):
@@ -411,7 +487,19 @@ class SearchState:
                 if check.get("kept"):  # the base takes the last place kept
                     kept = kept[:-1] + [self.base]
             self.live[task] = sorted(kept)
-            out.append(RungResult(rung, step, task, got, sorted(kept), loss, examples.get(task, 0), check))
+            out.append(
+                RungResult(
+                    rung,
+                    step,
+                    task,
+                    got,
+                    sorted(kept),
+                    loss,
+                    examples.get(task, 0),
+                    check,
+                    sources.get(task, "heldout"),
+                )
+            )
         self.results += out
         return out
 
@@ -440,6 +528,9 @@ class SearchState:
                 }
                 for r in self.results
             ],
+            "drawn": {
+                t: {**d, "values": {str(k): v for k, v in d["values"].items()}} for t, d in self.drawn.items()
+            },
         }
 
     def load_json(self, data: dict) -> None:
@@ -457,9 +548,14 @@ class SearchState:
                 {int(k): v for k, v in r.get("train_loss", {}).items()},
                 r.get("examples", 0),
                 r.get("base_check", {}),
+                r.get("source", "heldout"),
             )
             for r in data["results"]
         ]
+        self.drawn = {
+            t: {**d, "values": {int(k): v for k, v in d["values"].items()}}
+            for t, d in data.get("drawn", {}).items()
+        }
 
     def summary(self) -> dict[str, dict]:
         """Per task: its chosen variant and every variant's values, held-out curve and outcome."""
@@ -506,6 +602,8 @@ class SearchState:
                 "variants": rows,
                 # step -> held-out examples its rung scored (grow: fewer at the early rungs)
                 "heldout_examples": {str(r.step): r.examples for r in results if r.examples},
+                # step -> what its rung scored: heldout (the slice) or prequential (the window's drawn examples)
+                "scored_on": {str(r.step): r.source for r in results},
             }
         return out
 
@@ -538,9 +636,19 @@ def render_search_report(search: dict[str, dict]) -> str:
             "-loss": "minus the mean target NLL",
             "-label_loss": "minus the mean NLL of the gold label among the task's labels",
         }.get(by, by)
-        n_held = f"ranked at each rung by {by} on the task's held-out slice (higher is better)"
+        on = t.get("scored_on", {})
+        where = {
+            "heldout": "the task's held-out slice",
+            "prequential": "the training examples drawn in the latter half of the steps before the rung, each "
+            "scored before its update (prequential)",
+        }
+        sources = sorted(set(on.values())) or ["heldout"]
+        n_held = f"ranked at each rung by {by} on " + " or ".join(where[x] for x in sources)
+        n_held += " (higher is better)"
         if counts := t.get("heldout_examples"):
-            n_held += "; examples scored: " + ", ".join(f"{n} @ step {s}" for s, n in counts.items())
+            n_held += "; examples scored: " + ", ".join(
+                f"{n} @ step {s}" + (f" ({on[s]})" if len(sources) > 1 else "") for s, n in counts.items()
+            )
         parts += [f"### {task}: chose {_fmt_values(t['chosen'])}", "", n_held, "", head]
         parts.append("|---" * (2 + len(t["variants"][0]["values"]) + len(steps)) + "|")
         for v in t["variants"]:

@@ -150,3 +150,20 @@ def test_pool_refuses_other_setups_repeated_seeds_and_unseeded_files(tmp_path):
     with pytest.raises(SystemExit) as e:
         hp_search.main(["--pool", str(old), str(tmp_path / "cut.json")])
     assert e.value.code == 2
+
+
+def test_pool_tells_scoring_apart_and_reads_old_results_as_heldout(capsys):
+    old = seed_result(0, {"sst2": 80.0}, {"sst2": 81.0}, 1.9)  # recorded before `scoring` was
+    heldout = seed_result(1, {"sst2": 80.0}, {"sst2": 79.0}, 1.9, scoring="heldout")
+    preq = seed_result(2, {"sst2": 80.0}, {"sst2": 82.0}, 1.7, scoring="prequential")
+    assert hp_search.pool([old, heldout], quick=True)["diff"] == {"sst2": [1.0, -1.0]}
+    with pytest.raises(ValueError, match=r"differ in setup \(scoring\)"):
+        hp_search.pool([old, preq], quick=True)
+
+
+def test_result_name_is_a_stem_not_a_path(capsys):
+    for bad in ("../x", "a/b", "x" * 65, "a b"):
+        with pytest.raises(SystemExit) as e:
+            hp_search.main(["--pool", "x.json", "y.json", "--name", bad])
+        assert e.value.code == 2
+        assert "letters, digits, _ and - only (a name, not a path)" in capsys.readouterr().err

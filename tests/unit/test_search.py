@@ -775,3 +775,167 @@ def test_early_rungs_score_the_first_examples_of_the_heldout_slice(tmp_path, tin
                 assert abs(got + whole[v["row"]]) > 1e-3  # not the whole slice's number
     finally:
         recipe.cleanup()
+
+
+# ------------------------------------------------------------------------------ prequential scoring
+
+
+def test_prequential_window_is_the_latter_half_and_survives_a_checkpoint():
+    """`record` keeps each draw's result under every live variant (in `expand`'s order); a rung after step
+    s reads the draws after step s // 2; `forget_before` drops what no later rung reads; the JSON keeps it."""
+    cfg = job_with(
+        {"optim.lr": [0.1, 0.2, 0.3]},
+        optim={"max_steps": 12},
+        search={"space": {"optim.lr": [0.1, 0.2, 0.3]}, "scoring": "prequential", "eta": 2},
+    )
+    state = SearchState.build(cfg, ["a", "b"])
+    assert state.prequential and state.wants_prequential()
+    for step in range(1, 7):  # a drawn twice, b once per step; results: step + variant / 10 (b: minus)
+        draws = [("a", step), ("b", step), ("a", step + 100)]
+        values = [step + k / 10 for k in range(3)] + [-(step + k / 10) for k in range(3)] + [step] * 3
+        state.record(step, draws, values, gold=[step % 2, -1, 0])
+    gold, results = state.window("a", 6)  # steps 4, 5, 6
+    assert gold.tolist() == [0, 0, 1, 0, 0, 0]
+    np.testing.assert_allclose(results[2], [4.2, 4, 5.2, 5, 6.2, 6])
+    np.testing.assert_allclose(state.window("b", 6)[1][0], [-4, -5, -6])
+    kept = json.dumps(state.to_json())
+    with pytest.raises(ValueError, match=r"7 results and 3 gold labels for 3 draws \(9 "):
+        state.record(7, [("a", 1), ("b", 1), ("a", 2)], [0.0] * 7, [0, 0, 0])
+    assert json.dumps(state.to_json()) == kept  # refused whole: nothing half-recorded
+    state.apply_rung(6, {"a~0": 0.1, "a~1": 0.3, "a~2": 0.2, "b~0": 0.3, "b~1": 0.2, "b~2": 0.1})
+    state.forget_before(6)
+    assert state.drawn["a"]["step"] == [4, 4, 5, 5, 6, 6] and set(state.drawn["a"]["values"]) == {1, 2}
+    copy = SearchState.build(cfg, ["a", "b"])
+    copy.load_json(json.loads(json.dumps(state.to_json())))
+    assert copy.drawn == state.drawn and copy.live == state.live
+    np.testing.assert_allclose(copy.window("a", 8)[1][1], [5.1, 5, 6.1, 6])  # after step 4 only
+    state.apply_rung(9, {"a~1": 0.5, "a~2": 0.4, "b~0": 0.1, "b~1": 0.2})
+    assert not state.wants_prequential()  # every task decided: forwards need not score their examples
+
+
+def prequential_recipe(tmp_path, backbone, tasks, criterion="auto", steps=12, rungs=(8,), **over):
+    from tuner.recipe import MultiTaskPromptTuningRecipe
+
+    job = tiny_job_yaml(
+        tmp_path,
+        backbone,
+        tasks,
+        **{
+            "optim.max_steps": steps,
+            "optim.batch_size": 8,
+            "search.space": {"optim.lr": [0.01, 0.3]},
+            "search.scoring": "prequential",
+            "search.criterion": criterion,
+            "search.rungs": list(rungs),
+            "search.heldout_examples": 8,
+            **over,
+        },
+    )
+    recipe = MultiTaskPromptTuningRecipe(load_job_config(job, ["cluster.num_workers=1"]), progress=False)
+    recipe.setup()
+    return recipe
+
+
+@pytest.mark.parametrize("criterion", ["metric", "label_loss", "loss"])
+def test_prequential_results_are_each_examples_score_before_its_update(
+    tmp_path, tiny_backbone_dir, criterion
+):
+    """What a training step records for a drawn example under a variant is what that variant's prompt
+    scored on it before the step, computed directly: the arg-max over the labels' tokens at the answer
+    position (metric), the gold label's log-probability among them (label_loss), minus the mean target
+    NLL (loss; and for a generation task under any criterion)."""
+    from tuner.evaluate import score_labels, target_losses
+
+    tasks = [*write_tiny_tasks(tmp_path, n_train=24), write_generation_task(tmp_path)]
+    recipe = prequential_recipe(tmp_path, tiny_backbone_dir, tasks, criterion)
+    try:
+        assert recipe._label_tokens("pos_neg") is not None  # one token per label: ranked from the logits
+        before = {r: recipe.bank.prompt(r).clone() for r in recipe.bank.task_names}
+        draw = [("pos_neg", 0), ("echo", 1), ("colors", 2), ("pos_neg", 3), ("echo", 4), ("pos_neg", 5)]
+        recipe.train_step(draw)
+        for task in ("pos_neg", "colors", "echo"):
+            data, idx = recipe.tasks[task], [i for t, i in draw if t == task]
+            examples = [data.train[i] for i in idx]
+            gold, results = recipe.search.window(task, recipe.step)  # step 1: all of it
+            assert len(gold) == len(idx)
+            for k, got in results.items():
+                prompt = before[f"{task}~{k}"]
+                if task == "echo" or criterion == "loss":
+                    nll = target_losses(
+                        recipe.lm, examples, {"p": prompt}, max_len=64, pad_id=recipe.tokenizer.pad_token_id
+                    )["p"]
+                    np.testing.assert_allclose(got, -np.array(nll), rtol=1e-4)
+                    assert gold.tolist() == [-1] * len(idx)
+                    continue
+                labels = data.spec.labels
+                logp = score_labels(recipe.lm, recipe.tokenizer, examples, data.spec.verbaliser, prompt, 64)
+                assert gold.tolist() == [labels.index(e.label) for e in examples]
+                if criterion == "metric":
+                    assert got.tolist() == [labels.index(max(s, key=s.get)) for s in logp]
+                else:
+                    want = [
+                        s[e.label] - np.logaddexp.reduce(list(s.values())) for s, e in zip(logp, examples)
+                    ]
+                    np.testing.assert_allclose(got, want, rtol=1e-4)
+    finally:
+        recipe.cleanup()
+
+
+def test_a_prequential_search_ranks_on_the_window_and_resumes_to_the_same_winners(
+    tmp_path, tiny_backbone_dir
+):
+    """End to end: rungs rank on the drawn examples (their count is every draw of the task after step
+    s // 2), a task with too few of them on its held-out slice; a run resumed from a checkpoint between
+    the rungs ends on the same variants and prompts."""
+    from safetensors.torch import load_file
+
+    tasks = write_tiny_tasks(tmp_path, n_train=48, names=("pos_neg", "colors", "sizes"))
+    job = tiny_job_yaml(
+        tmp_path,
+        tiny_backbone_dir,
+        tasks,
+        **{
+            "optim.max_steps": 10,
+            "optim.batch_size": 12,
+            "checkpoint_every": 5,
+            "search.space": {"optim.lr": [0.01, 0.1, 1.0], "prompt.init": ["vocab", "random"]},
+            "search.scoring": "prequential",
+            "search.rungs": [4, 8],
+            "search.eta": 2,
+            "search.heldout_examples": 8,
+            "data.mixing": "uniform",
+        },
+    )
+    cfg = load_job_config(job, ["cluster.num_workers=1"])
+    summary = train_local(cfg, progress=False)
+    run_dir = tmp_path / "runs" / "tiny"
+    report = (run_dir / "report.md").read_text()
+    assert "scored before its update (prequential)" in report
+    sources = {s for t in summary["search"].values() for s in t["scored_on"].values()}
+    assert sources == {"heldout", "prequential"}, summary["search"]  # and the fallback where too few
+    for t in summary["search"].values():
+        for step, n in t["heldout_examples"].items():
+            if t["scored_on"][step] == "prequential":
+                assert n >= 16  # 12 draws a step over 3 tasks: ~4 per step, 2 to 4 steps in the window
+            else:
+                assert n <= 8  # the held-out slice
+        assert sum(v["outcome"] == "won" for v in t["variants"]) == 1
+    state = json.loads((run_dir / "checkpoints" / "step_00000005" / "state.json").read_text())
+    assert state["search"]["drawn"], "the checkpoint must carry the drawn results of the next rung's window"
+
+    resumed_dir = tmp_path / "runs" / "resumed"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    info = json.loads((run_dir / "run.json").read_text())
+    (resumed_dir / "run.json").write_text(json.dumps({**info, "name": "resumed", "status": "running"}))
+    shutil.copytree(run_dir / "checkpoints" / "step_00000005", resumed_dir / "checkpoints" / "step_00000005")
+    resumed = train_local(load_job_config(job, ["cluster.num_workers=1", "name=resumed"]), progress=False)
+    assert resumed["search"] == json.loads(json.dumps(summary["search"]))
+    for task in summary["search"]:
+        a = load_file(str(run_dir / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
+        b = load_file(str(resumed_dir / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_search_scoring_is_validated():
+    with pytest.raises(ConfigError, match="search.scoring='later'"):
+        job_with(SPACE, search={"space": SPACE, "scoring": "later"})
