@@ -4,7 +4,8 @@ The tiny job trains 4 variants per task (2 learning rates x 2 initialisations) w
 3 and 9 of 12, ranked by held-out loss (the ranks split its forwards), ZeRO-3 forced (the tiny
 backbone would be replicated by `auto`). A worker killed after the first reported checkpoint
 (step 4, after rung 0) makes Ray Train restart the group from a reported checkpoint; the run must end with every step applied once, the same rung results and
-winners as an uninterrupted run, and bitwise the same adapters (same ranks, fp32, gloo).
+winners as an uninterrupted run, and bitwise the same adapters (same ranks, fp32, gloo). With
+`search.scoring: prequential` the ranks' scored shards of the drawn examples are gathered at every step.
 """
 
 from __future__ import annotations
@@ -68,3 +69,27 @@ def test_killed_worker_resumes_a_zero3_search_to_the_same_winners(job, ray_clust
     ref = prompts(reference)
     for task, p in prompts(run_dir).items():
         torch.testing.assert_close(p, ref[task], rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_prequential_zero3_search_ranks_on_every_ranks_examples(job, ray_cluster):
+    """`search.scoring: prequential` under ZeRO-3: each rank scores its shard of the drawn examples and the
+    step's all-reduce gathers them, so 2 ranks rank each task's variants on what 1 process ranks them on
+    (the same window of examples and the same results, to float rounding), and pick the same winners."""
+    over = ("search.scoring=prequential", "optim.batch_size=16")  # 8 draws per task a step: windows >= 16
+    run_train(job, ray_cluster, "name=preq2", *over)
+    run_train(job, ray_cluster, "name=preq1", "cluster.num_workers=1", *over)
+    two, one = (
+        json.loads((job.parent / "runs" / n / "summary.json").read_text()) for n in ("preq2", "preq1")
+    )
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    for task, t in two["search"].items():
+        ref = one["search"][task]
+        assert set(t["scored_on"].values()) == {"prequential"}, t["scored_on"]
+        assert t["heldout_examples"] == ref["heldout_examples"]  # every rank's examples, none twice
+        assert t["chosen"] == ref["chosen"]
+        for v, w in zip(t["variants"], ref["variants"]):
+            assert [s for s, _ in v["heldout"]] == [s for s, _ in w["heldout"]]
+            assert [x for _, x in v["heldout"]] == pytest.approx(
+                [x for _, x in w["heldout"]], rel=1e-4, abs=1e-5
+            )
