@@ -638,18 +638,24 @@ def test_resume_mid_search_reaches_the_same_variants_and_prompts(searched):
     """A run resumed from the step-4 checkpoint (after rung 0, before rung 1) ends where the uninterrupted one did."""
     root, job, summary = searched
     ref = root / "runs" / "tiny"
-    run_dir = root / "runs" / "resumed"
+    state = json.loads((ref / "checkpoints" / "step_00000004" / "state.json").read_text())
+    assert [r["step"] for r in state["search"]["results"]] == [2, 2]  # rung 0 of both tasks is in it
+    assert_resumes_to_the_same_search(job, ref, 4, summary)
+
+
+def assert_resumes_to_the_same_search(job, ref, step: int, summary: dict) -> None:
+    """Run `resumed`, started from a copy of run `ref`'s step-`step` checkpoint, ends with `summary`'s search
+    results and bitwise the same adapters."""
+    from safetensors.torch import load_file
+
+    run_dir = ref.parent / "resumed"
     (run_dir / "checkpoints").mkdir(parents=True)
     info = json.loads((ref / "run.json").read_text())
     (run_dir / "run.json").write_text(json.dumps({**info, "name": "resumed", "status": "running"}))
-    shutil.copytree(ref / "checkpoints" / "step_00000004", run_dir / "checkpoints" / "step_00000004")
-    state = json.loads((run_dir / "checkpoints" / "step_00000004" / "state.json").read_text())
-    assert [r["step"] for r in state["search"]["results"]] == [2, 2]  # rung 0 of both tasks is in it
-
+    name = f"step_{step:08d}"
+    shutil.copytree(ref / "checkpoints" / name, run_dir / "checkpoints" / name)
     resumed = train_local(load_job_config(job, ["cluster.num_workers=1", "name=resumed"]), progress=False)
     assert resumed["search"] == json.loads(json.dumps(summary["search"]))
-    from safetensors.torch import load_file
-
     for task in summary["search"]:
         a = load_file(str(ref / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
         b = load_file(str(run_dir / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
@@ -887,7 +893,6 @@ def test_a_prequential_search_ranks_on_the_window_and_resumes_to_the_same_winner
     """End to end: rungs rank on the drawn examples (their count is every draw of the task after step
     s // 2), a task with too few of them on its held-out slice; a run resumed from a checkpoint between
     the rungs ends on the same variants and prompts."""
-    from safetensors.torch import load_file
 
     tasks = write_tiny_tasks(tmp_path, n_train=48, names=("pos_neg", "colors", "sizes"))
     job = tiny_job_yaml(
@@ -923,17 +928,7 @@ def test_a_prequential_search_ranks_on_the_window_and_resumes_to_the_same_winner
     state = json.loads((run_dir / "checkpoints" / "step_00000005" / "state.json").read_text())
     assert state["search"]["drawn"], "the checkpoint must carry the drawn results of the next rung's window"
 
-    resumed_dir = tmp_path / "runs" / "resumed"
-    (resumed_dir / "checkpoints").mkdir(parents=True)
-    info = json.loads((run_dir / "run.json").read_text())
-    (resumed_dir / "run.json").write_text(json.dumps({**info, "name": "resumed", "status": "running"}))
-    shutil.copytree(run_dir / "checkpoints" / "step_00000005", resumed_dir / "checkpoints" / "step_00000005")
-    resumed = train_local(load_job_config(job, ["cluster.num_workers=1", "name=resumed"]), progress=False)
-    assert resumed["search"] == json.loads(json.dumps(summary["search"]))
-    for task in summary["search"]:
-        a = load_file(str(run_dir / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
-        b = load_file(str(resumed_dir / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_resumes_to_the_same_search(job, run_dir, 5, summary)
 
 
 def test_search_scoring_is_validated():
