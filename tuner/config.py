@@ -312,8 +312,7 @@ class SearchConfig:
         "each rung) or prequential (the training examples drawn in the latter half of the steps so far, each "
         "scored by the forward that trains on it, before its update: examples no prompt has seen yet, no "
         "extra forwards; a task with fewer than 16 such examples is scored on its held-out slice). Prequential "
-        "frees the scoring's share of a run for later rungs (`rungs`), where the ranking says more about the "
-        "end: BENCHMARKS.md, hp_search run 13.",
+        "frees the scoring's share of a run for later rungs (`rungs`): BENCHMARKS.md, hp_search run 13.",
     )
     base_margin: float = _f(
         1.0,

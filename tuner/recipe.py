@@ -91,9 +91,8 @@ class MultiTaskPromptTuningRecipe:
         self.history = RunHistory()
         self._bar = None  # the progress bar while train() runs (rank 0, progress=True)
         self.search: SearchState | None = None  # in-batch variants (search.space set)
-        self._label_token_cache: dict[
-            str, list[int] | None
-        ] = {}  # task -> its one-token labels (prequential)
+        # task -> its labels' token ids where each is one token (prequential scoring reads their logits)
+        self._label_token_cache: dict[str, list[int] | None] = {}
         self.heldout: dict[str, TaskData] = {}  # task -> its held-out slice (search only)
         self.search_scoring_s = 0.0  # wall time this process spent scoring variants at rungs
 
@@ -283,9 +282,8 @@ class MultiTaskPromptTuningRecipe:
             torch.cuda.reset_peak_memory_stats(self.device)
         micro = len(global_batch) // o.grad_accum
         micro_batches = [global_batch[m * micro : (m + 1) * micro] for m in range(o.grad_accum)]
-        draws = [
-            x for mb in micro_batches for x in mb
-        ]  # (task, example) as drawn, before variants multiply them
+        # (task, example) as drawn, before variants multiply them
+        draws = [x for mb in micro_batches for x in mb]
         # prequential search: each forward also scores its examples (before this step's update)
         preq = bool(self.search) and self.search.wants_prequential()
         if self.search:  # each drawn example once per live variant of its task, in the same micro-batch
@@ -670,7 +668,8 @@ class MultiTaskPromptTuningRecipe:
         return out
 
     def _search_rung(self, final: bool = False) -> None:
-        """Score the live variants of every task on its held-out slice and drop the weaker ones."""
+        """Score the live variants of every task on its held-out slice (or, with prequential scoring, on
+        the window of its drawn examples) and drop the weaker ones."""
         t0 = time.perf_counter()
         scores, evidence, by_task, examples, sources = {}, {}, {}, {}, {}
         for row in self.search.rows_to_score(final):

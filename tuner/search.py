@@ -392,7 +392,7 @@ class SearchState:
         d = self.drawn.get(task, {"step": [], "gold": [], "values": {}})
         keep = np.asarray(d["step"], dtype=np.int64) > self.window_start(step)
         return np.asarray(d["gold"], dtype=np.int64)[keep], {
-            k: np.asarray(d["values"][k], dtype=np.float64)[keep] for k in self.live[task]
+            k: np.asarray(d["values"].get(k, []), dtype=np.float64)[keep] for k in self.live[task]
         }
 
     def forget_before(self, step: int) -> None:

@@ -804,6 +804,12 @@ def test_prequential_window_is_the_latter_half_and_survives_a_checkpoint():
     assert gold.tolist() == [0, 0, 1, 0, 0, 0]
     np.testing.assert_allclose(results[2], [4.2, 4, 5.2, 5, 6.2, 6])
     np.testing.assert_allclose(state.window("b", 6)[1][0], [-4, -5, -6])
+    fresh = SearchState.build(cfg, ["a", "b"])  # nothing drawn yet: an empty window, not an error
+    assert len(fresh.window("a", 6)[0]) == 0 and {k: len(v) for k, v in fresh.window("a", 6)[1].items()} == {
+        0: 0,
+        1: 0,
+        2: 0,
+    }
     kept = json.dumps(state.to_json())
     with pytest.raises(ValueError, match=r"7 results and 3 gold labels for 3 draws \(9 "):
         state.record(7, [("a", 1), ("b", 1), ("a", 2)], [0.0] * 7, [0, 0, 0])
