@@ -35,10 +35,21 @@ AGENT_PORTS = (
 )
 
 
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: every socket stays bound until all are chosen, so the kernel cannot hand
+    the same port out twice (one `free_port()` after another can, and Ray then fails to start)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _process_table() -> tuple[dict[int, int], dict[int, bytes]]:
@@ -108,7 +119,8 @@ class LocalRayCluster:
             **(extra_env or {}),
         }
         env.pop("RAY_ADDRESS", None)
-        cluster = cls(free_port(), free_port(), temp_dir, token, env)
+        gcs_port, dashboard_port, *agent_ports = free_ports(2 + len(AGENT_PORTS))
+        cluster = cls(gcs_port, dashboard_port, temp_dir, token, env)
         cmd = [
             RAY,
             "start",
@@ -123,7 +135,7 @@ class LocalRayCluster:
             "--disable-usage-stats",
         ]
         # Every fixed default port may be taken by another Ray on this shared machine.
-        cmd += [f"--{name}={free_port()}" for name in AGENT_PORTS]
+        cmd += [f"--{name}={port}" for name, port in zip(AGENT_PORTS, agent_ports)]
         subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True, timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
         while True:  # the job server comes up a little after `ray start` returns

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from local_ray import free_port
+from local_ray import free_ports
 
 
 @dataclass
@@ -48,9 +48,8 @@ class RayNodes:
         head = {
             "num_cpus": 0,  # the driver and Ray Train's controller need none; workers go to worker nodes
             "include_dashboard": False,
-            "gcs_server_port": free_port(),
             "temp_dir": str(temp_dir),
-            **_node_ports(),
+            **_node_ports(gcs=True),
         }
         nodes = cls(Cluster(initialize_head=True, head_node_args=head), temp_dir, cpus_per_node)
         for _ in range(workers):
@@ -137,6 +136,10 @@ class RayNodes:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-def _node_ports() -> dict[str, int]:
-    # Ray's fixed defaults for these may be taken by another Ray on this shared machine.
-    return {"dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port()}
+def _node_ports(gcs: bool = False) -> dict[str, int]:
+    # Ray's fixed defaults for these may be taken by another Ray on this shared machine; one `free_ports`
+    # call, so no two of them are the same port.
+    listen, metrics, *head = free_ports(3 if gcs else 2)
+    return {"dashboard_agent_listen_port": listen, "metrics_export_port": metrics} | (
+        {"gcs_server_port": head[0]} if gcs else {}
+    )
