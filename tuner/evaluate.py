@@ -127,6 +127,15 @@ def _prompt_args(prompt: torch.Tensor | None, device) -> tuple[int, torch.Tensor
 
 
 @torch.no_grad()
+def one_token_labels(tokenizer, verbaliser: dict[str, str]) -> list[int] | None:
+    """Each label's token id, in the verbaliser's order, where every label is one distinct token (a label's
+    log-probability is then read off the logits at the answer position); else None."""
+    ids = [tokenizer(w, add_special_tokens=False).input_ids for w in verbaliser.values()]
+    if all(len(t) == 1 for t in ids) and len({t[0] for t in ids}) == len(ids):
+        return [t[0] for t in ids]
+    return None
+
+
 def score_labels(
     lm: PromptTunedLM,
     tokenizer,
@@ -141,13 +150,11 @@ def score_labels(
     labels = list(verbaliser)
     label_ids = {lab: tokenizer(w, add_special_tokens=False).input_ids for lab, w in verbaliser.items()}
     P, prompts = _prompt_args(prompt, device)
-    single = all(len(v) == 1 for v in label_ids.values()) and len({v[0] for v in label_ids.values()}) == len(
-        labels
-    )
+    single = one_token_labels(tokenizer, verbaliser)
     rows = {examples[0].task: 0} if examples else {}
     results: list[dict[str, float]] = []
-    if single:
-        cand = torch.tensor([label_ids[lab][0] for lab in labels], device=device)
+    if single is not None:
+        cand = torch.tensor(single, device=device)
         for chunk, n_real in _shard_lockstep(examples, batch_size):
             batch = collate(
                 [TokenizedExample(e.task, e.input_ids, [int(cand[0])]) for e in chunk],

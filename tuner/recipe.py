@@ -45,7 +45,14 @@ from tuner.batching import collate
 from tuner.config import ConfigError, JobConfig, to_dict
 from tuner.continual import SourceRun, carry_adapters, choose_sources, load_source
 from tuner.data import MultiTaskSampler, TaskData
-from tuner.evaluate import classification_metrics, evaluate_task, label_nlls, score_labels, target_losses
+from tuner.evaluate import (
+    classification_metrics,
+    evaluate_task,
+    label_nlls,
+    one_token_labels,
+    score_labels,
+    target_losses,
+)
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
 from tuner.job import prepare_job
 from tuner.metrics import CheckpointRecord, EvalPoint, RunHistory, StepMetrics
@@ -553,14 +560,9 @@ class MultiTaskPromptTuningRecipe:
         """The first token of each of `task`'s labels (in `spec.labels` order) where every label is one
         distinct token, as `score_labels` ranks them; else None."""
         if task not in self._label_token_cache:
-            spec, ids = self.tasks[task].spec, None
-            if spec.kind == "classification":
-                toks = [
-                    self.tokenizer(spec.verbaliser[lab], add_special_tokens=False).input_ids
-                    for lab in spec.labels
-                ]
-                if all(len(t) == 1 for t in toks) and len({t[0] for t in toks}) == len(toks):
-                    ids = [t[0] for t in toks]
+            spec = self.tasks[task].spec  # spec.labels: the verbaliser's keys, in its order
+            classification = spec.kind == "classification"
+            ids = one_token_labels(self.tokenizer, spec.verbaliser) if classification else None
             self._label_token_cache[task] = ids
         return self._label_token_cache[task]
 
