@@ -102,6 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
         "(written to hp_search_ab.json)",
     )
     ap.add_argument(
+        "--ab-only",
+        action="store_true",
+        help="with --skip-naive: (a) and (b) once each, no (a') and no second (a). (a') has equalled (a) on every "
+        "task since the held-out slice stopped changing the draws (BENCHMARKS.md, hp_search run 4), and the "
+        "second (a) only measures the load's drift: 40 %% less time for a paired (b) - (a)",
+    )
+    ap.add_argument(
         "--pool",
         nargs="+",
         metavar="RESULT",
@@ -117,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
     args = ap.parse_args(argv)
+    if args.ab_only and not args.skip_naive:
+        ap.error("--ab-only needs --skip-naive: (c)'s six jobs are what the naive search costs")
     if args.pool:
         try:
             return pool([load_result(Path(p)) for p in args.pool], quick=args.quick, name=args.name)
@@ -176,23 +185,27 @@ def main(argv: list[str] | None = None) -> dict:
     if same_as_hand:
         runs["a_held"] = naive[same_as_hand[0]]
         print(f"(a') hand-set on (b)'s draws: (c) job {same_as_hand[0] + 1}", flush=True)
-    else:
+    elif not args.ab_only:  # --ab-only: no (a'), whose draws are (a)'s
         print("(a') hand-set on (b)'s draws (one-variant search: the same held-out slice)", flush=True)
         runs["a_held"] = timed_run(job("hand-set-heldout", {key: [val] for key, val in hand.items()}))
         print(f"    {runs['a_held']['train_s']:.0f} s", flush=True)
 
     # (a) once more at the end: on a shared machine the load drifts over a long benchmark, and the
     # spread of the two (a) runs (same work) shows how much.
-    print("(a) again, to see the load's drift", flush=True)
-    a_again = timed_run(job("hand-set-again", None))
-    print(f"    {a_again['train_s']:.0f} s", flush=True)
+    if args.ab_only:
+        a_again = runs["a"]
+    else:
+        print("(a) again, to see the load's drift", flush=True)
+        a_again = timed_run(job("hand-set-again", None))
+        print(f"    {a_again['train_s']:.0f} s", flush=True)
 
     names = list(runs["a"]["tasks"])
 
     def pts(run: dict, t: str) -> float:  # in points: accuracy and F1 x 100, chrF as it is
         return points(run["tasks"][t]["metric"], run["tasks"][t]["tuned"]["score"])
 
-    score = {m: {t: pts(runs[m], t) for t in names} for m in ("a", "a_held", "b")}
+    ours = [m for m in ("a", "a_held", "b") if m in runs]
+    score = {m: {t: pts(runs[m], t) for t in names} for m in ours}
     chosen_b = {t: runs["b"]["search"][t]["chosen"] for t in names}
     chosen_c, score["c"], heldout_c = {}, {}, {}
     for t in names if naive else []:
@@ -202,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
         heldout_c[t] = {variants[k].label(): h for h, k in held}
     if not naive:
         del score["c"]
-    methods = ["a", "a_held", "b", *(["c"] if naive else [])]
+    methods = [*ours, *(["c"] if naive else [])]
+    held = "a_held" in runs
     rows = []
     for t in names:
         rows.append(
@@ -211,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
                 runs["a"]["tasks"][t]["metric"],
                 *(f"{score[m][t]:.1f}" for m in methods),
                 f"{score['b'][t] - score['a'][t]:+.1f}",
-                f"{score['b'][t] - score['a_held'][t]:+.1f}",
+                *([f"{score['b'][t] - score['a_held'][t]:+.1f}"] if held else []),
                 _short(chosen_b[t]),
                 *([_short(chosen_c[t])] if naive else []),
             ]
@@ -223,17 +237,17 @@ def main(argv: list[str] | None = None) -> dict:
             "",
             *(f"{mean[m]:.1f}" for m in methods),
             f"{mean['b'] - mean['a']:+.1f}",
-            f"{mean['b'] - mean['a_held']:+.1f}",
+            *([f"{mean['b'] - mean['a_held']:+.1f}"] if held else []),
             "",
             *([""] if naive else []),
         ]
     )
-    header = ["task", "metric", "(a) hand-set", "(a') on (b)'s draws", "(b) in-batch"]
-    header += [*(["(c) naive"] if naive else []), "(b) - (a)", "(b) - (a')", "(b) chose"]
+    header = ["task", "metric", "(a) hand-set", *(["(a') on (b)'s draws"] if held else []), "(b) in-batch"]
+    header += [*(["(c) naive"] if naive else []), "(b) - (a)", *(["(b) - (a')"] if held else []), "(b) chose"]
     header += ["(c) chose"] if naive else []
     table = markdown_table(header, rows)
     cost = {
-        "a_train_s_first_last": [runs["a"]["train_s"], a_again["train_s"]],
+        "a_train_s_first_last": [runs["a"]["train_s"], *([] if args.ab_only else [a_again["train_s"]])],
         "a_train_s": (runs["a"]["train_s"] + a_again["train_s"]) / 2,
         "b_train_s": runs["b"]["train_s"],
         "b_rung_scoring_s": runs["b"]["search_scoring_s"],  # part of b_train_s
@@ -254,7 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(table)
     wall = (
         f"wall time (train + final eval): (a) {cost['a_train_s']:.0f} s "
-        f"(first {runs['a']['train_s']:.0f} s, last {a_again['train_s']:.0f} s), (b) {cost['b_train_s']:.0f} s "
+        + (
+            "(one run)"
+            if args.ab_only
+            else f"(first {runs['a']['train_s']:.0f} s, last {a_again['train_s']:.0f} s)"
+        )
+        + f", (b) {cost['b_train_s']:.0f} s "
         f"= {cost['b_over_a']:.2f}x (a)"
     )
     cpu = f"CPU time: (a) {cost['a_cpu_s']:.0f} s, (b) {cost['b_cpu_s']:.0f} s = {cost['b_over_a_cpu']:.2f}x (a)"
@@ -264,11 +283,12 @@ def main(argv: list[str] | None = None) -> dict:
         cpu += f", (c) {cost['c_cpu_s']:.0f} s = {cost['c_over_b_cpu']:.2f}x (b)"
     print(wall)
     print(f"{cpu}; of (b)'s wall time, {cost['b_rung_scoring_s']:.0f} s scored variants at rungs")
-    draw_noise = {t: score["a"][t] - score["a_held"][t] for t in names}
-    print(
-        "(a) - (a'), the same configuration without and with the held-out slice (0 unless a task ran past "
-        "its first epoch): " + ", ".join(f"{t} {d:+.1f}" for t, d in draw_noise.items())
-    )
+    draw_noise = {t: score["a"][t] - score["a_held"][t] for t in names} if held else None
+    if draw_noise is not None:
+        print(
+            "(a) - (a'), the same configuration without and with the held-out slice (0 unless a task ran past "
+            "its first epoch): " + ", ".join(f"{t} {d:+.1f}" for t, d in draw_noise.items())
+        )
     load = os.getloadavg()
     result = {
         "benchmark": "hp_search",

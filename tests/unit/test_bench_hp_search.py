@@ -99,6 +99,21 @@ def test_skip_naive_runs_a_b_a_and_leaves_c_out(monkeypatch):
     assert out["setup"]["criterion"] == "auto"
 
 
+def test_ab_only_runs_a_and_b_once_and_shows_no_a_prime(monkeypatch):
+    calls = fake_runs(monkeypatch, {})
+    out = hp_search.main(["--quick", "--skip-naive", "--ab-only", "--tasks", "sst2,trec"])
+    assert calls == ["hand-set", "in-batch"]
+    assert set(out["scores"]) == {"a", "b"} and out["draw_noise"] is None
+    assert out["cost"]["a_train_s_first_last"] == [out["cost"]["a_train_s"]]
+    assert (
+        out["table"].splitlines()[0]
+        == "| task | metric | (a) hand-set | (b) in-batch | (b) - (a) | (b) chose |"
+    )
+    # (c) is what the naive search costs: --ab-only leaves out (a') and the repeat only
+    with pytest.raises(SystemExit):
+        hp_search.main(["--quick", "--ab-only"])
+
+
 def test_points_put_every_metric_on_0_to_100():
     from bench.common import points
 
