@@ -126,7 +126,6 @@ def _prompt_args(prompt: torch.Tensor | None, device) -> tuple[int, torch.Tensor
     return prompt.shape[0], prompt[None].to(device)
 
 
-@torch.no_grad()
 def one_token_labels(tokenizer, verbaliser: dict[str, str]) -> list[int] | None:
     """Each label's token id, in the verbaliser's order, where every label is one distinct token (a label's
     log-probability is then read off the logits at the answer position); else None."""
@@ -136,6 +135,7 @@ def one_token_labels(tokenizer, verbaliser: dict[str, str]) -> list[int] | None:
     return None
 
 
+@torch.no_grad()
 def score_labels(
     lm: PromptTunedLM,
     tokenizer,

@@ -42,6 +42,20 @@ def test_packed_scores_equal_one_at_a_time(verbaliser):
         assert scores == pytest.approx(alone, abs=1e-4)
 
 
+def test_scoring_builds_no_autograd_graph():
+    """Evaluation is inference: with a prompt that requires grad, no forward of it records a graph."""
+    tok = load_tokenizer(smollm2_tokenizer_dir())
+    lm = PromptTunedLM(tiny_llama(vocab_size=49152))
+    seen = []
+    lm.register_forward_hook(lambda mod, args, out: seen.append(torch.is_grad_enabled()))
+    prompt = torch.randn(4, 32, requires_grad=True)
+    ex = [TokenizedExample("t", [11, 12, 13], [0])]
+    for verbaliser in ({"0": " no", "1": " yes"}, {"0": " very negative", "1": " quite positive"}):
+        score_labels(lm, tok, ex, verbaliser, prompt, max_len=64)
+    target_losses(lm, [TokenizedExample("t", [11, 12], [13, 14])], {"p": prompt}, max_len=64, pad_id=0)
+    assert seen and not any(seen), seen
+
+
 def test_mean_target_loss_equals_a_direct_computation():
     """Several prompts per forward (chunks mix them and packing reorders segments) give each prompt the mean
     over examples of its token-mean target NLL, computed here with a plain forward per (prompt, example)."""
