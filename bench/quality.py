@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import time
@@ -185,6 +186,11 @@ class Verdict:
 
     best: str
     mean_gain: dict[str, float]  # method -> mean over tasks of its mean paired difference
+    # method -> standard error of mean_gain over seeds (sd of the per-seed means over tasks / sqrt(seeds));
+    # 0 with one seed. Seeds, not tasks, are the replicates: a seed's tasks share its draws.
+    mean_gain_se: dict[str, float]
+    # method -> seeds for a +2 gain to lie 2 SE from 0 at the per-seed spread seen (None: one seed)
+    seeds_to_resolve: dict[str, int | None]
     tasks_below_peft: list[str]  # tasks where the best method's mean is below PEFT's
     low_resource_gain: dict[str, float]  # cb / rte (those run) -> the best method's mean gain
     targets_met: bool
@@ -201,14 +207,24 @@ def paired(runs: list[SeedResult], method: str, task: str, baseline: str = PEFT)
     return Paired(method, task, diffs, m, sd, sum(d >= 0 for d in diffs))
 
 
+def seed_gains(runs: list[SeedResult], method: str, tasks: list[str]) -> list[float]:
+    """Per seed, the mean over `tasks` of `method` - PEFT: the replicates of the mean-over-tasks gain."""
+    return [statistics.mean(r.scores[method][t] - r.scores[PEFT][t] for t in tasks) for r in runs]
+
+
 def verdict(runs: list[SeedResult], methods: list[str], tasks: list[str]) -> Verdict:
     gains = {m: statistics.mean(paired(runs, m, t).mean for t in tasks) for m in methods}
+    spread = {m: mean_sd(seed_gains(runs, m, tasks))[1] for m in methods}
+    n = len(runs)
+    se = {m: spread[m] / math.sqrt(n) for m in methods}
+    # 2 * sd / sqrt(k) <= 2 points  <=>  k >= sd^2
+    needed = {m: max(2, math.ceil(spread[m] ** 2)) if n > 1 else None for m in methods}
     best = max(methods, key=lambda m: gains[m])  # ties: the first in OURS order
     per_task = {t: paired(runs, best, t).mean for t in tasks}
     below = [t for t, g in per_task.items() if g < 0]
     low = {t: per_task[t] for t in LOW_RESOURCE if t in per_task}
     met = not below and gains[best] >= 2.0 and all(g >= 5.0 for g in low.values())
-    return Verdict(best, gains, below, low, met)
+    return Verdict(best, gains, se, needed, below, low, met)
 
 
 def render(
@@ -248,14 +264,32 @@ def render(
         diff_rows.append([t, *(f"{p.mean:+.1f} +- {p.sd:.1f} ({p.wins}/{n})" for p in cells)])
     v = verdict(runs, methods, tasks)
     diff_rows.append(["mean over tasks", *(f"{v.mean_gain[m]:+.1f}" for m in methods)])
+    per_seed_cells = []
+    for m in methods:
+        g = seed_gains(runs, m, tasks)
+        per_seed_cells.append(
+            " ".join(f"{x:+.1f}" for x in g) + f" (sd {mean_sd(g)[1]:.1f}, SE {v.mean_gain_se[m]:.1f})"
+        )
+    diff_rows.append(["mean over tasks, per seed", *per_seed_cells])
     diffs = markdown_table(["task", *(f"{m} - PEFT (seeds >= PEFT)" for m in methods)], diff_rows)
     low = ", ".join(f"{t} {g:+.1f}" for t, g in v.low_resource_gain.items()) or "none run"
     line = (
-        f"best method: {v.best}; mean gain over PEFT {v.mean_gain[v.best]:+.1f} points (target >= +2); "
+        f"best method: {v.best}; mean gain over PEFT {v.mean_gain[v.best]:+.1f} points "
+        f"({resolve(v, n)}; target >= +2); "
         f">= PEFT on every task: {'yes' if not v.tasks_below_peft else 'no, below on ' + ', '.join(v.tasks_below_peft)}; "
         f"low-resource gains (target >= +5): {low}; targets met: {'yes' if v.targets_met else 'no'} ({n} seed(s))"
     )
     return {"per_seed": per_seed, "means": means, "paired": diffs, "verdict": line}
+
+
+def resolve(v: Verdict, n: int) -> str:
+    """The mean gain's standard error and, where more seeds are needed, how many would tell +2 from 0."""
+    if n < 2:
+        return "one seed: no standard error"
+    se, k = v.mean_gain_se[v.best], v.seeds_to_resolve[v.best]
+    return f"SE {se:.1f} over {n} seeds" + (
+        f"; about {k} seeds would put +2 two SE from 0 at this spread" if k > n else ""
+    )
 
 
 # ------------------------------------------------------------------------------------ one seed

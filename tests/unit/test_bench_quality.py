@@ -27,6 +27,7 @@ from bench.quality import (
     parse_args,
     render,
     result_of,
+    seed_gains,
     setup_of,
     shipped_tasks,
     verdict,
@@ -125,6 +126,31 @@ def test_verdict_picks_the_best_method_and_checks_the_targets():
     assert v.best == "residual" and v.tasks_below_peft == ["sst2"] and not v.targets_met
 
 
+def test_standard_error_of_the_mean_gain_is_over_seeds():
+    runs, tasks = _runs(), ["cb", "rte", "sst2"]
+    # residual - PEFT, mean over the three tasks: seed 0 (10 + 7 + 1) / 3 = 6, seed 1 (8 + 7 - 1) / 3 = 14 / 3
+    g = seed_gains(runs, "residual", tasks)
+    assert g == [pytest.approx(6.0), pytest.approx(14 / 3)]
+    sd = abs(6.0 - 14 / 3) / math.sqrt(2)  # sample sd of two values
+    v = verdict(runs, ["independent", "residual"], tasks)
+    assert v.mean_gain_se["residual"] == pytest.approx(sd / math.sqrt(2))
+    assert v.seeds_to_resolve["residual"] == 2  # sd < 1.4: two seeds already put +2 two SE from 0
+    # a wide spread: seed gains +7 and -2 (sd 6.36) -> 2 * 6.36 / sqrt(k) <= 2 needs k >= 40.5
+    runs[0].scores["residual"] = {t: runs[0].scores[PEFT][t] + 7 for t in tasks}
+    runs[1].scores["residual"] = {t: runs[1].scores[PEFT][t] - 2 for t in tasks}
+    v = verdict(runs, ["independent", "residual"], tasks)
+    assert v.seeds_to_resolve["residual"] == 41
+    line = render(runs, ["residual"], tasks, {t: "accuracy" for t in tasks})["verdict"]
+    assert "mean gain over PEFT +2.5 points (SE 4.5 over 2 seeds; about 41 seeds would put +2" in line
+    # one seed has no spread to estimate
+    one = verdict(runs[:1], ["residual"], tasks)
+    assert one.mean_gain_se["residual"] == 0.0 and one.seeds_to_resolve["residual"] is None
+    assert (
+        "(one seed: no standard error; target >= +2)"
+        in render(runs[:1], ["residual"], tasks, {t: "accuracy" for t in tasks})["verdict"]
+    )
+
+
 def test_render_tables_and_verdict_line():
     out = render(
         _runs(),
@@ -136,6 +162,10 @@ def test_render_tables_and_verdict_line():
     assert "| cb | macro_f1 | 41.0 +- 1.4 | 59.0 +- 1.4 | 59.5 +- 3.5 | 68.0 +- 2.8 |" in out["means"]
     assert "| rte | +0.0 +- 1.4 (1/2) | +7.0 +- 0.0 (2/2) |" in out["paired"]
     assert "| mean over tasks | +0.3 | +5.3 |" in out["paired"]
+    assert (
+        "| mean over tasks, per seed | +0.3 +0.3 (sd 0.0, SE 0.0) | +6.0 +4.7 (sd 0.9, SE 0.7) |"
+        in out["paired"]
+    )
     assert out["verdict"].startswith("best method: residual; mean gain over PEFT +5.3 points")
     assert (
         "low-resource gains (target >= +5): cb +9.0, rte +7.0; targets met: yes (2 seed(s))" in out["verdict"]
