@@ -98,6 +98,7 @@ def create_app(
         public_paths=frozenset(public),
         max_body_bytes=config.api.max_body_bytes,
         body_timeout_s=config.api.body_timeout_s,
+        body_deadline_s=config.api.body_deadline_s,
     )
     app.add_middleware(RecordRequests, metrics=metrics)  # outermost: also counts 401s
     app.add_exception_handler(ServingError, _serving_error)

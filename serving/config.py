@@ -44,6 +44,15 @@ class ApiConfig:
         10.0, "A connection whose request headers are not complete by then is closed."
     )
     body_timeout_s: float = _f(10.0, "Longest wait for the next piece of a request body (408 after).")
+    body_deadline_s: float = _f(
+        30.0, "Longest time a whole request body may take after its headers, however it trickles (408)."
+    )
+    max_connections_per_client: int = _f(
+        64,
+        "Open connections one client address may hold; more are answered 429 and closed, so one "
+        "client cannot use up limit_concurrency for all. Behind a proxy every client has its address: "
+        "raise it there.",
+    )
     write_timeout_s: float = _f(
         30.0, "Longest wait for a slow reader to take the next streamed chunk; then the stream is ended."
     )
@@ -69,6 +78,8 @@ class ApiConfig:
             "timeout_keep_alive_s",
             "header_timeout_s",
             "body_timeout_s",
+            "body_deadline_s",
+            "max_connections_per_client",
             "write_timeout_s",
             "limit_concurrency",
         ):

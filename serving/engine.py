@@ -110,6 +110,7 @@ class Engine:
             backbone_names or {config.backbone},
             self.runner.hidden_size,
             allow_symlinks=config.prompt_store_symlinks,
+            max_virtual_tokens=self.runner.max_positions - 1,  # room for one prompt token at least
         )
         self.registry.refresh()
         self.scheduler = Scheduler(

@@ -3,7 +3,7 @@
 They run before FastAPI parses a body, so an unauthenticated caller gets 401 whatever it sent (never
 a 400 that reveals how the body would be read, never a 404 that reveals which routes exist).
 `RequireApiKey` then reads the whole body itself (at most `max_body_bytes`, each piece within
-`body_timeout_s`) and answers 413 / 408 before any route runs, chunked bodies included; the route
+`body_timeout_s`, all of it within `body_deadline_s`) and answers 413 / 408 before any route runs, chunked bodies included; the route
 reads the buffered copy.
 Routes record what they learned (endpoint, task) in `request.state`; `RecordRequests` reads it when
 the response has been sent, so streamed responses are timed to their last byte. Errors are shaped
@@ -70,9 +70,11 @@ class RequireApiKey:
         public_paths: frozenset[str],
         max_body_bytes: int,
         body_timeout_s: float = 10.0,
+        body_deadline_s: float = 30.0,
     ):
         self.app, self.keyring, self.public_paths = app, keyring, public_paths
         self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
+        self.body_deadline_s = body_deadline_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,10 +87,10 @@ class RequireApiKey:
             return await self.app(scope, receive, send)
         try:
             tenant = self.keyring.check(headers.get("authorization"))
+            scope.setdefault("state", {})["tenant"] = tenant  # its errors below count as its own
             length = headers.get("content-length", "0")
             if not length.isdigit() or int(length) > self.max_body_bytes:
                 raise PayloadTooLarge(f"Request body larger than {self.max_body_bytes} bytes.")
-            scope.setdefault("state", {})["tenant"] = tenant
             buffered = await self._read_body(receive)
         except ServingError as err:
             state = scope.setdefault("state", {})
@@ -101,14 +103,22 @@ class RequireApiKey:
         await self.app(scope, replay, send)
 
     async def _read_body(self, receive: Receive) -> list[dict]:
-        """The whole body, counted as it arrives (a chunked body has no Content-Length) and each
-        piece awaited at most `body_timeout_s` (a client trickling bytes holds nothing for long)."""
+        """The whole body, counted as it arrives (a chunked body has no Content-Length), each piece
+        awaited at most `body_timeout_s` and the whole body at most `body_deadline_s` from the
+        headers: a client trickling a byte now and then holds its connection for that long at most."""
         messages, seen = [], 0
+        deadline = time.monotonic() + self.body_deadline_s
         while True:
+            left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+                if left <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), min(self.body_timeout_s, left))
             except TimeoutError:
-                raise BodyTimeout(f"Request body not received within {self.body_timeout_s:g}s.") from None
+                raise BodyTimeout(
+                    f"Request body not received in time (each piece within {self.body_timeout_s:g}s, "
+                    f"all of it within {self.body_deadline_s:g}s)."
+                ) from None
             messages.append(message)
             if message["type"] != "http.request":
                 return messages  # the client went away; the route will notice

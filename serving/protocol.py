@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     model_validator,
@@ -75,8 +76,9 @@ def _temperature(value: float) -> float:
 
 
 Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False), AfterValidator(_temperature)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+# Strict: a JSON number only (an integer is one), never "0.5" or true, as max_tokens and seed.
+Temperature = Annotated[StrictFloat, Field(ge=0.0, le=2.0, allow_inf_nan=False), AfterValidator(_temperature)]
+TopP = Annotated[StrictFloat, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 
 
 class _Body(BaseModel):

@@ -6,7 +6,9 @@ last scan) and loads only new or changed directories, so the engine can call it 
 a task directory that appears becomes servable without a restart, a removed one stops being served.
 `tuner.export.save_adapter` publishes a task as a symlink `<name> -> .versions/<name>/<version>`
 flipped atomically; a hand-copied directory works too. An entry that cannot be served (half-written,
-unreadable, a symlink loop, another backbone, a prompt width that is not the backbone's hidden size)
+unreadable, a symlink loop, a FIFO or other non-regular file, another backbone, a prompt width that
+is not the backbone's hidden size, a prompt too long for the backbone's context, a bad field in its
+`promptfleet_task.json`, non-finite values)
 is logged once per change and skipped, without stopping the rest of the store; if that task was
 being served, its last good version keeps serving. Symlinks leading out of the store are refused
 unless `allow_symlinks`.
@@ -66,6 +68,7 @@ class PromptRegistry:
         backbone_names: set[str],
         hidden_size: int,
         allow_symlinks: bool = False,
+        max_virtual_tokens: int | None = None,
     ):
         """Args:
         root: the prompt-store directory (may not exist yet: then no task is served).
@@ -75,11 +78,14 @@ class PromptRegistry:
         allow_symlinks: serve task entries and adapter files that are symlinks leading anywhere.
             Off: a task entry may only link inside the store (what `tuner.export` publishes), and
             an adapter file may not be a link at all.
+        max_virtual_tokens: the longest prompt a task may have (the backbone's context leaves no
+            room for a request beyond it); None: no bound.
         """
         self.root = Path(root)
         self.backbone_names = set(backbone_names)
         self.hidden_size = hidden_size
         self.allow_symlinks = allow_symlinks
+        self.max_virtual_tokens = max_virtual_tokens
         self._tasks: dict[str, TaskEntry] = {}
         self._rejected: dict[str, Fingerprint] = {}  # name -> fingerprint that failed to load
         self._problems: dict[str, str] = {}  # name -> reason last logged ("" = the store itself)
@@ -196,6 +202,11 @@ class PromptRegistry:
                 raise ValueError(
                     f"prompt shape {tuple(adapter.prompt.shape)} does not fit hidden size {self.hidden_size}"
                 )
+            if self.max_virtual_tokens is not None and adapter.prompt.shape[0] > self.max_virtual_tokens:
+                raise ValueError(
+                    f"{adapter.prompt.shape[0]} virtual tokens leave no room for a request in the "
+                    f"backbone's context (at most {self.max_virtual_tokens})"
+                )
         except Exception as e:  # any unreadable adapter (bad JSON, truncated safetensors...) is skipped
             self._rejected[name] = fp
             self._problem(name, str(e) or type(e).__name__)
@@ -221,5 +232,7 @@ def _fingerprint(task_dir: Path, allow_symlinks: bool) -> Fingerprint | None:
             if not allow_symlinks:
                 raise ValueError(f"{fname} is a symlink (not allowed by the config)")
             st = os.stat(task_dir / fname)  # raises on a loop or a dangling link
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the engine's reader until someone writes
+            raise ValueError(f"{fname} is not a regular file")
         fp.append((st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(fp)

@@ -19,23 +19,28 @@ older ones are deleted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from tuner.config import validate_name
-from tuner.tasks import render_input, template_fields
+from tuner.tasks import KIND_METRICS, check_template, render_input, template_fields
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TASK_META = "promptfleet_task.json"
 VERSIONS = ".versions"  # hidden: the registry never mistakes it for a task
+TASK_KINDS = tuple(KIND_METRICS)
+MAX_JSON_BYTES = 16 << 20  # adapter_config.json / promptfleet_task.json (a prefix holds demonstrations)
+MAX_WEIGHTS_BYTES = 1 << 30  # e.g. 2,048 virtual tokens x 16,384 wide in fp32 is 128 MiB
 
 
 @dataclass
@@ -73,11 +78,32 @@ class TaskMeta:
         )
 
     def __post_init__(self) -> None:
+        """A `promptfleet_task.json` is read from a prompt store that others write: every field is
+        checked here, so a bad one refuses the adapter at load instead of failing each request."""
+        for name in ("kind", "description", "template", "prefix", "metric"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(TASK_KINDS)}, got {self.kind[:40]!r}")
+        if not isinstance(self.verbaliser, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and (v or self.kind != "classification")
+            for k, v in self.verbaliser.items()
+        ):
+            raise ValueError("verbaliser must map labels to non-empty strings")
+        if self.max_new_tokens is not None and not _positive_int(self.max_new_tokens):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.score is not None and not _finite_number(self.score):
+            raise ValueError(f"score must be a finite number, got {self.score!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if not isinstance(self.extra, dict):
+            raise ValueError("extra must be a mapping")
+        check_template(self.template)
 
     @classmethod
     def from_dict(cls, data: dict) -> TaskMeta:
+        if not isinstance(data, dict):
+            raise ValueError(f"{TASK_META} is not a JSON object")
         known = {f.name for f in fields(cls)} - {"extra"}
         meta = cls(**{k: v for k, v in data.items() if k in known})
         meta.extra = {k: v for k, v in data.items() if k not in known and k != "name"}
@@ -107,16 +133,20 @@ class TaskMeta:
         else:
             try:
                 values = json.loads(text)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: arrays nested a thousand deep
                 values = None
             if not isinstance(values, dict) or set(values) != set(names):
                 raise ValueError(
                     f"this task's input has the fields {', '.join(names)}: send them as a JSON object"
                 )
         try:
-            return render_input(self.template, self.prefix, values)
-        except (KeyError, IndexError, ValueError) as e:
+            rendered = render_input(self.template, self.prefix, values)
+            rendered.encode("utf-8")  # JSON may spell a lone surrogate ("\\ud800") inside a field
+        except UnicodeEncodeError:
+            raise ValueError("the input is not valid unicode (it contains a lone surrogate)") from None
+        except (KeyError, IndexError, ValueError, RecursionError) as e:
             raise ValueError(f"the task's template cannot be filled: {e}") from None
+        return rendered
 
     # Read access by key, for code written against the former dict (`meta.get("verbaliser")`).
     def get(self, key: str, default=None):
@@ -133,6 +163,14 @@ class TaskMeta:
 
     def _keys(self) -> set[str]:
         return {f.name for f in fields(self)} - {"extra"}
+
+
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def _finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass
@@ -225,13 +263,14 @@ def load_adapter(task_dir: str | os.PathLike, name: str | None = None) -> TaskAd
     name = validate_name("task name", name if name is not None else Path(task_dir).name)
     # Resolve the published pointer once: every file then comes from the same version.
     d = Path(os.path.realpath(task_dir))
-    cfg_path, weights = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
-    if not weights.is_file():
+    weights = _read_regular(d / ADAPTER_WEIGHTS, MAX_WEIGHTS_BYTES)
+    if weights is None:
         raise FileNotFoundError(f"{d}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type") != "PROMPT_TUNING":
-        raise ValueError(f"{d}: peft_type {cfg.get('peft_type')!r} is not PROMPT_TUNING")
-    tensors = load_file(str(weights))
+    cfg = json.loads(_read_regular(d / ADAPTER_CONFIG, MAX_JSON_BYTES) or b"null")
+    if not isinstance(cfg, dict) or cfg.get("peft_type") != "PROMPT_TUNING":
+        peft_type = cfg.get("peft_type") if isinstance(cfg, dict) else None
+        raise ValueError(f"{d}: peft_type {peft_type!r} is not PROMPT_TUNING")
+    tensors = load(weights)
     if "prompt_embeddings" not in tensors:
         raise ValueError(f"{d}: {ADAPTER_WEIGHTS} has no `prompt_embeddings`")
     prompt = tensors["prompt_embeddings"]
@@ -239,7 +278,30 @@ def load_adapter(task_dir: str | os.PathLike, name: str | None = None) -> TaskAd
         raise ValueError(
             f"{d}: prompt_embeddings shape {tuple(prompt.shape)} does not match adapter_config.json"
         )
-    meta = json.loads((d / TASK_META).read_text()) if (d / TASK_META).is_file() else {}
-    if not isinstance(meta, dict):
-        raise ValueError(f"{d}: {TASK_META} is not a JSON object")
-    return TaskAdapter(name, prompt, cfg.get("base_model_name_or_path") or "", TaskMeta.from_dict(meta))
+    if not prompt.is_floating_point() or not torch.isfinite(prompt).all():
+        raise ValueError(f"{d}: prompt_embeddings holds non-finite (or non-float) values")
+    meta = _read_regular(d / TASK_META, MAX_JSON_BYTES)
+    meta = TaskMeta.from_dict(json.loads(meta) if meta is not None else {})
+    return TaskAdapter(name, prompt, cfg.get("base_model_name_or_path") or "", meta)
+
+
+def _read_regular(path: Path, limit: int) -> bytes | None:
+    """The bytes of `path`, or None if it does not exist; ValueError unless it is a regular file of at
+    most `limit` bytes. Opened non-blocking and checked on the open descriptor: a FIFO or device
+    swapped in would otherwise block the reader (the serving engine's thread) or never end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{path.name} is not a regular file")
+        if st.st_size > limit:
+            raise ValueError(
+                f"{path.name} has {st.st_size} bytes, more than the {limit} an adapter file may have"
+            )
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path.name} grew past {limit} bytes while it was read")
+    return data

@@ -171,7 +171,10 @@ class TaskSpec:
                 )
         if "" in self.stop:
             raise ConfigError(f"task {self.name}: stop: an empty string would stop every answer at once")
-        names = [n for _, n, _, _ in string.Formatter().parse(self.template) if n]
+        try:
+            names = check_template(self.template)
+        except ValueError as e:
+            raise ConfigError(f"task {self.name}: {e}") from None
         if not names:
             raise ConfigError(f"task {self.name}: template uses no field")
 
@@ -353,6 +356,28 @@ def check_columns(spec: TaskSpec) -> None:
 def template_fields(template: str) -> list[str]:
     """The `{field}` names of a template, in order of first use."""
     return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name))
+
+
+def check_template(template: str) -> list[str]:
+    """`template`'s field names, if it uses only plain `{name}` fields; ValueError otherwise.
+
+    `str.format` would also take `{name:>99999999}` (a width that allocates gigabytes per row),
+    `{name!r}`, `{name.attr}`, `{name[0]}` and positional `{}`; a task's template names columns, so
+    none of these is needed and each is refused (in the task YAML and in a served adapter alike).
+    """
+    if not isinstance(template, str):
+        raise ValueError(f"template must be a string, got {type(template).__name__}")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:  # an unmatched brace
+        raise ValueError(f"template {template[:80]!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name or name.isdigit() or "." in name or "[" in name or spec or conversion:
+            raw = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(f"template field {raw[:80]!r}: only plain {{name}} fields are allowed")
+    return template_fields(template)
 
 
 def render_input(template: str, prefix: str, values: Mapping[str, Any]) -> str:

@@ -71,6 +71,9 @@ def no_tracebacks(caplog) -> None:
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"max_tokens": 2**40}, "max_tokens"),
+        ({"temperature": "0.5"}, "temperature"),  # numbers only, as max_tokens and seed are
+        ({"temperature": True}, "temperature"),
+        ({"top_p": "0.9"}, "top_p"),
     ],
 )
 def test_sampling_values_out_of_range_are_400(client, body, param, caplog):
@@ -253,6 +256,67 @@ def test_slow_headers_and_slow_bodies_are_cut_off(dirs):
             assert http.post("/v1/completions", json={"model": "sst2", "prompt": "x"}).status_code == 200
 
 
+def test_a_body_trickled_within_every_piece_timeout_still_ends_at_the_body_deadline(dirs):
+    """A byte every 0.3 s never trips the 0.5 s piece timeout; it used to hold the connection (and a
+    slot of limit_concurrency) for as long as the client liked."""
+    store, backbone = dirs
+    cfg = server_config(engine_config(store, backbone), body_timeout_s=0.5, body_deadline_s=1.5)
+    with UvicornThread(create_app(Engine(cfg.engine), cfg)) as url:
+        sock = _raw_connection(url)
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n"
+        )
+        start, answer = time.monotonic(), b""
+        sock.settimeout(0.3)
+        while time.monotonic() - start < 10 and not answer:
+            try:
+                answer = sock.recv(65536)  # waits 0.3 s, then one more byte
+            except TimeoutError:
+                sock.sendall(b" ")
+        assert answer.startswith(b"HTTP/1.1 408") and b"request_body_timeout" in answer, answer
+        assert time.monotonic() - start < 5
+
+
+def test_one_client_cannot_hold_every_connection(dirs):
+    """One address opening more connections than `max_connections_per_client` gets a JSON 429 on each
+    extra one; before, a thousand idle sockets from anyone (no key needed) made every client's request
+    a 503 until they were closed. Its own connections, and everyone else's requests, still work."""
+    store, backbone = dirs
+    cfg = server_config(engine_config(store, backbone), max_connections_per_client=4, limit_concurrency=8)
+    with UvicornThread(create_app(Engine(cfg.engine), cfg)) as url:
+        held = [_raw_connection(url) for _ in range(4)]
+        for s in held:
+            s.sendall(b"G")  # a request that never finishes (cut at header_timeout_s)
+        extra = [_raw_connection(url) for _ in range(6)]  # enough to pass limit_concurrency
+        for s in extra:
+            s.settimeout(5)
+            answer = s.recv(65536).decode()
+            head, _, body = answer.partition("\r\n\r\n")
+            assert head.startswith("HTTP/1.1 429") and "application/json" in head, answer
+            assert json.loads(body)["error"]["code"] == "too_many_connections"
+            assert _closed_within(s, 5)
+        # another client address (127.0.0.2 is loopback too) is served as usual meanwhile
+        port = int(url.rsplit(":", 1)[1])
+        other = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+        other.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert other.recv(65536).startswith(b"HTTP/1.1 200")
+        other.close()
+        for s in held:
+            s.close()
+        deadline = time.monotonic() + 5  # the closed ones are counted out again
+        while time.monotonic() < deadline:
+            with httpx.Client(base_url=url) as http:
+                try:
+                    if http.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.1)
+        else:
+            raise AssertionError("the client's closed connections were never counted out")
+
+
 def test_server_has_keep_alive_and_concurrency_limits(dirs):
     from serving.http_server import uvicorn_config
 
@@ -261,6 +325,7 @@ def test_server_has_keep_alive_and_concurrency_limits(dirs):
     config = uvicorn_config(create_app(Engine(cfg.engine), cfg), cfg.api)
     assert config.timeout_keep_alive == 3 and config.limit_concurrency == 7
     assert config.http.header_timeout_s == cfg.api.header_timeout_s
+    assert config.http.max_connections_per_client == cfg.api.max_connections_per_client == 64
 
 
 def test_a_stream_nobody_reads_is_ended_and_aborted():

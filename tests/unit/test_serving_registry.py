@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -9,12 +10,13 @@ import threading
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import LlamaConfig
 
 from serving.prompt_format import format_prompt
 from serving.registry import PromptRegistry
 from serving.types import InvalidRequest, UnknownTask
-from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TaskAdapter, load_adapter, save_adapter
+from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META, TaskAdapter, load_adapter, save_adapter
 
 HIDDEN = 32
 CFG = LlamaConfig(hidden_size=HIDDEN, num_attention_heads=4, num_hidden_layers=2)
@@ -175,3 +177,106 @@ def test_a_store_written_before_versioning_is_migrated(tmp_path):
     save(tmp_path, "a", P=5)
     assert (tmp_path / "a").is_symlink() and reg.refresh().changed == ["a"]
     assert reg.get("a").num_virtual_tokens == 5
+
+
+def hand_copied(root, name, prompt=None, meta=None, P=4):
+    """A task directory written by hand (no versioned publishing), with any meta or prompt."""
+    d = root / name
+    d.mkdir()
+    save(root / ".src", name, P=P)
+    src = (root / ".src" / name).resolve()
+    shutil.copy(src / ADAPTER_CONFIG, d / ADAPTER_CONFIG)
+    if prompt is None:
+        shutil.copy(src / ADAPTER_WEIGHTS, d / ADAPTER_WEIGHTS)
+    else:
+        save_file({"prompt_embeddings": prompt}, str(d / ADAPTER_WEIGHTS))
+    if meta is not None:
+        (d / TASK_META).write_text(json.dumps(meta))
+    return d
+
+
+def test_a_fifo_in_the_store_is_refused_without_blocking_the_scan(tmp_path, caplog):
+    """A FIFO named like an adapter file used to block the engine thread in open() until a writer
+    came: every request of every tenant hung. It is now refused by its file type, like a link."""
+    save(tmp_path, "good")
+    for fname in (ADAPTER_CONFIG, TASK_META):
+        d = hand_copied(tmp_path, f"fifo_{fname.split('.')[0]}")
+        if (d / fname).exists():
+            (d / fname).unlink()
+        os.mkfifo(d / fname)
+    reg = PromptRegistry(tmp_path, {"tiny"}, HIDDEN)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (reg.refresh(), done.set()), daemon=True)
+    with caplog.at_level(logging.WARNING):
+        worker.start()
+        assert done.wait(30), "the scan blocked on a FIFO"
+    assert reg.names() == ["good"]
+    assert sum("not a regular file" in r.getMessage() for r in caplog.records) == 2
+    # load_adapter (also what training's init_from reads) checks the open descriptor itself
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_adapter(tmp_path / f"fifo_{TASK_META.split('.')[0]}")
+
+
+@pytest.mark.parametrize(
+    "meta, reason",
+    [
+        (
+            {"kind": "classification", "prefix": 5, "verbaliser": {"0": " a", "1": " b"}},
+            "prefix must be a string",
+        ),
+        ({"template": None}, "template must be a string"),
+        ({"template": "{text:>99999999999}"}, "only plain"),
+        ({"template": "{text!r}"}, "only plain"),
+        ({"template": "{text.__class__}"}, "only plain"),
+        ({"template": "{0}"}, "only plain"),
+        ({"template": "{text"}, "template"),
+        ({"kind": "classification", "verbaliser": [" a", " b"]}, "verbaliser"),
+        ({"kind": "classification", "verbaliser": {"0": 5, "1": 6}}, "verbaliser"),
+        ({"kind": 5}, "kind must be a string"),
+        ({"kind": "regression"}, "kind must be one of"),
+        ({"max_new_tokens": True}, "max_new_tokens"),
+        ({"score": "high"}, "score"),
+        ({"stop": "\n"}, "stop"),
+    ],
+)
+def test_bad_task_metadata_refuses_the_adapter_at_load(tmp_path, caplog, meta, reason):
+    """Each of these used to load, be listed in /v1/models, then answer every request with a 500
+    (or allocate gigabytes per request, for the width): now the task is refused once, at load."""
+    save(tmp_path, "good")
+    hand_copied(tmp_path, "bad", meta=meta)
+    reg = PromptRegistry(tmp_path, {"tiny"}, HIDDEN)
+    with caplog.at_level(logging.WARNING):
+        reg.refresh()
+    assert reg.names() == ["good"]
+    assert [r.getMessage() for r in caplog.records if reason in r.getMessage()], caplog.text
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_prompt_is_refused(tmp_path, value):
+    prompt = torch.randn(4, HIDDEN)
+    prompt[1, 3] = value
+    hand_copied(tmp_path, "bad", prompt=prompt)
+    save(tmp_path, "good")
+    reg = PromptRegistry(tmp_path, {"tiny"}, HIDDEN)
+    reg.refresh()
+    assert reg.names() == ["good"]
+
+
+def test_a_prompt_that_fills_the_context_is_refused(tmp_path):
+    save(tmp_path, "fits", P=7)
+    save(tmp_path, "too_long", P=8)
+    reg = PromptRegistry(tmp_path, {"tiny"}, HIDDEN, max_virtual_tokens=7)
+    reg.refresh()
+    assert reg.names() == ["fits"]
+
+
+def test_multi_field_input_that_json_cannot_hold_as_text_is_a_400():
+    """Fields sent as a JSON object are parsed inside the task's renderer: a lone surrogate there, or
+    arrays nested past Python's recursion limit, used to escape as a 500."""
+    two = {"template": "{premise} / {hypothesis}"}
+    with pytest.raises(InvalidRequest, match="not valid unicode"):
+        format_prompt(two, '{"premise": "\\ud800", "hypothesis": "b"}')
+    deep = '{"premise": ' + "[" * 5000 + "]" * 5000 + ', "hypothesis": "b"}'
+    with pytest.raises(InvalidRequest, match="premise, hypothesis"):
+        format_prompt(two, deep)
+    assert format_prompt(two, '{"premise": "\\u00e9", "hypothesis": "b"}') == "é / b"

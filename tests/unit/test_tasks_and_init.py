@@ -68,6 +68,13 @@ def test_dataset_directory_like_a_hub_id(tmp_path):
         ("name: x\ntemplate: 'no fields'\nverbaliser: {a: b, c: d}\n", "uses no field"),
         ("name: x\nkind: generation\ntemplate: '{a}'\nmetric: accuracy\n", "does not fit"),
         ("name: x\ntemplate: '{a}'\nverbaliser: {a: b, c: d}\nsurprise: 1\n", "unknown key 'surprise'"),
+        # str.format's specs and lookups: a width like this allocated gigabytes for every row
+        ("name: x\ntemplate: '{a:>99999999999}'\nverbaliser: {a: b, c: d}\n", "only plain"),
+        ("name: x\ntemplate: '{a!r}'\nverbaliser: {a: b, c: d}\n", "only plain"),
+        ("name: x\ntemplate: '{a.__class__}'\nverbaliser: {a: b, c: d}\n", "only plain"),
+        ("name: x\ntemplate: '{a[0]}'\nverbaliser: {a: b, c: d}\n", "only plain"),
+        ("name: x\ntemplate: '{} {a}'\nverbaliser: {a: b, c: d}\n", "only plain"),
+        ("name: x\ntemplate: '{a} }'\nverbaliser: {a: b, c: d}\n", "literal brace"),
     ],
 )
 def test_bad_task_files(tmp_path, bad, message):
