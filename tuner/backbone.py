@@ -194,8 +194,8 @@ def load_backbone(
     from transformers import AutoModelForCausalLM
 
     with _no_progress_bars():  # a 1-second load needs no bar (and Ray workers would print one per rank)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(  # safetensors only: a pickle is never unpickled
+            path, dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True
         )
     model.requires_grad_(False)
     model.eval()

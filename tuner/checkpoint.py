@@ -115,14 +115,30 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The checkpoint's JSON state and tensors; a damaged one is a ValueError that says what to do
+    (checkpoints are written atomically, so this is a disk fault or a hand edit, not a killed save)."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "tensors.safetensors"))
+        if not isinstance(state, dict) or "task_names" not in state:
+            raise ValueError("state.json is not a checkpoint state")
+    except Exception as e:  # JSON, safetensors' own error type, a missing file
+        reason = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ValueError(
+            f"checkpoint {path} is damaged ({type(e).__name__}: {reason}); delete that directory to "
+            "resume from the checkpoint before it"
+        ) from None
+    return state, tensors
+
+
 def load_checkpoint(
     path: str | os.PathLike, *, bank, optimizer, sampler, method: str = "independent", shared=None
 ) -> dict:
     """Restore bank, optimiser, sampler, RNG (and a method's shared part) from `path`; returns the
     JSON state (step, history, and the in-batch search's state when there is one)."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "tensors.safetensors"))
+    state, tensors = _read(path)
     written = state.get("prompt_method", "independent")
     if written != method:
         raise ValueError(f"checkpoint {path} was written with prompt.method={written}, not {method}")
@@ -179,5 +195,4 @@ def load_shared(shared, tensors: dict[str, torch.Tensor], state: dict) -> None:
 
 def read_prompt_state(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """The JSON state and the tensors of checkpoint `path`, without restoring anything (continual training)."""
-    path = Path(path)
-    return json.loads((path / "state.json").read_text()), load_file(str(path / "tensors.safetensors"))
+    return _read(Path(path))

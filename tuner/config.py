@@ -49,6 +49,8 @@ class ModelConfig:
     )
 
     def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ConfigError("model.name is empty: give smollm2-135m, a Hub id or a checkpoint directory")
         _choice("model.dtype", self.dtype, ("auto", "bf16", "fp16", "fp32"))
         _choice(
             "model.attn_implementation",
@@ -97,6 +99,7 @@ class PromptConfig:
         if self.init == "text" and not self.init_text:
             raise ConfigError("prompt.init=text needs prompt.init_text")
         _choice("prompt.method", self.method, ("independent", "residual", "multitask"))
+        _positive("prompt.init_std", self.init_std)
         _positive("prompt.rank", self.rank)
         _positive("prompt.bottleneck", self.bottleneck)
         _positive("prompt.shared_lr_scale", self.shared_lr_scale)
@@ -131,13 +134,16 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)
+        _positive("optim.eps", self.eps)
+        for key in ("weight_decay", "warmup_steps", "grad_clip"):
+            _non_negative(f"optim.{key}", getattr(self, key))
         _positive("optim.max_steps", self.max_steps)
         _positive("optim.batch_size", self.batch_size)
         _positive("optim.grad_accum", self.grad_accum)
         _choice("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
         _choice("optim.loss_weighting", self.loss_weighting, ("example", "token"))
-        if len(self.betas) != 2:
-            raise ConfigError("optim.betas must have two values")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas={self.betas!r}: must be two values in [0, 1)")
         if self.batch_size % self.grad_accum:
             raise ConfigError("optim.batch_size must be divisible by optim.grad_accum")
 
@@ -168,6 +174,8 @@ class DataConfig:
         _choice("data.mixing", self.mixing, ("proportional", "temperature", "uniform"))
         _positive("data.temperature", self.temperature)
         _positive("data.row_len", self.row_len)
+        _non_negative("data.max_train_examples", self.max_train_examples)
+        _non_negative("data.max_eval_examples", self.max_eval_examples)
 
 
 @dataclass
@@ -387,6 +395,9 @@ class JobConfig:
             if getattr(self, name) is None:
                 setattr(self, name, cls())
         validate_name("name", self.name)
+        _positive("log_every", self.log_every)
+        _non_negative("eval_every", self.eval_every)
+        _non_negative("checkpoint_every", self.checkpoint_every)
         if self.search.enabled:
             from tuner.search import expand_space
 
@@ -422,8 +433,13 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
 
 
 def _positive(key: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{key}={value!r}: must be > 0")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{key}={value!r}: must be > 0 (and finite)")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if not (value >= 0 and math.isfinite(value)):
+        raise ConfigError(f"{key}={value!r}: must be >= 0 (and finite)")
 
 
 # ---------------------------------------------------------------------------- building from dicts
@@ -479,7 +495,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         try:
             out = tp(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(.inf)
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
         if tp is int and isinstance(value, float) and value != out:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -487,7 +503,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+        return "" if value is None else str(value)  # YAML `key:` / `~` is empty, never "None"
     return value
 
 
@@ -501,7 +517,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML (quote a string: {key}='\"...\"')"
+            ) from None
         node = data
         parts = key.strip().split(".")
         for p in parts[:-1]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -72,6 +73,10 @@ from tuner.search import (
 from tuner.zero import allreduce_rows_grad, world, zero_setup
 
 GlobalBatch = list[tuple[str, int]]  # (task, example index in its train split), as the sampler draws
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: the prompts are garbage from this step on, so nothing is saved."""
 
 
 @dataclass
@@ -263,6 +268,12 @@ class MultiTaskPromptTuningRecipe:
             self._record_eval(EvalPoint(0, self._scores(self.history.zero_shot), zero_shot=True))
         while self.step < o.max_steps:
             metrics = self.train_step(self.sampler.next_batch())
+            if not math.isfinite(metrics.loss):  # the same all-reduced value on every rank
+                raise TrainingDiverged(
+                    f"step {self.step}: the training loss is {metrics.loss} (per task: "
+                    + ", ".join(f"{t} {v:.4g}" for t, v in metrics.task_loss.items())
+                    + "); stopped before checkpointing or exporting it (lower optim.lr?)"
+                )
             if self.step % cfg.log_every == 0 or self.step == o.max_steps:
                 self.history.steps.append(metrics)
             if self._bar is not None:

@@ -32,7 +32,14 @@ def claim_run_dir(run_dir: Path, cfg: JobConfig) -> None:
     info_path = run_dir / RUN_FILE
     fp = fingerprint(cfg)
     if info_path.is_file():
-        info = json.loads(info_path.read_text())
+        try:
+            info = json.loads(info_path.read_text())
+        except (ValueError, OSError) as e:
+            raise ConfigError(
+                f"{info_path} is unreadable ({type(e).__name__}); repair or delete it"
+            ) from None
+        if not isinstance(info, dict):
+            raise ConfigError(f"{info_path} is not a run record (a JSON object); repair or delete it")
         if info.get("fingerprint") != fp:
             raise ConfigError(
                 f"{run_dir} belongs to another job (different tasks, backbone or prompt settings); "
@@ -45,6 +52,10 @@ def claim_run_dir(run_dir: Path, cfg: JobConfig) -> None:
         if not cfg.resume:
             raise ConfigError(f"{run_dir} already exists and resume=false; pick another name=")
         return
+    if run_dir.is_dir() and any(run_dir.iterdir()):  # someone's files, not a run: never write over them
+        raise ConfigError(
+            f"{run_dir} exists, is not empty and holds no run; pick another name= or output_dir="
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     info_path.write_text(json.dumps({"name": cfg.name, "fingerprint": fp, "status": "running"}, indent=2))
 

@@ -155,6 +155,15 @@ class TaskSpec:
         if self.kind == "classification" and len(self.verbaliser) < 2:
             raise ConfigError(f"task {self.name}: a classification task needs a verbaliser with >= 2 labels")
         self.verbaliser = {str(k): str(v) for k, v in self.verbaliser.items()}
+        if self.kind == "classification":
+            words = list(self.verbaliser.values())
+            if not all(w.strip() for w in words):
+                raise ConfigError(f"task {self.name}: every verbaliser word must be non-empty")
+            if len(set(words)) < len(words):
+                same = next(w for w in words if words.count(w) > 1)
+                raise ConfigError(
+                    f"task {self.name}: two labels have the verbaliser word {same!r} (one could never be predicted)"
+                )
         if isinstance(self.target_field, str):
             self.target_field = [self.target_field]
         if not self.target_field or not all(isinstance(t, str) and t for t in self.target_field):
@@ -262,7 +271,35 @@ def read_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
         raise ConfigError(f"task {spec.name}: no {split} file configured")
     if src.format == "hub":
         rows = list(datasets.load_dataset(src.hub_id, src.hub_config or None, split=path))
-    elif src.format in ("tsv", "csv"):
+    else:
+        try:
+            rows = _read_local(spec, split, path)
+        except ConfigError:
+            raise
+        except Exception as e:  # bad bytes, ragged rows, a line that is not a JSON object...
+            while e.__cause__ is not None:  # `datasets` wraps the parser's own error, which says where
+                e = e.__cause__
+            reason = (str(e).strip().splitlines() or [""])[-1][:200]
+            raise ConfigError(
+                f"task {spec.name}: cannot read its {split} file {path} ({type(e).__name__}: {reason})"
+            ) from None
+    if rows:
+        check_row_columns(spec, split, list(rows[0]))
+    for flag in src.drop_if_true:
+        rows = [r for r in rows if not r.get(flag)]
+    renames = spec.columns_of(split)
+    for r in rows:
+        for new, old in renames.items():
+            r[new] = r[old]
+    return rows
+
+
+def _read_local(spec: TaskSpec, split: str, path: str) -> list[dict[str, Any]]:
+    """The rows of a local data file of `spec`'s format (`read_rows`)."""
+    import datasets
+
+    src = spec.data
+    if src.format in ("tsv", "csv"):
         sep = src.delimiter or ("\t" if src.format == "tsv" else ",")
         # quoting=3 (QUOTE_NONE): the GLUE TSVs contain bare quote characters.
         ds = datasets.load_dataset(
@@ -283,14 +320,6 @@ def read_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
         if len(source) - len(target) not in (-1, 0, 1) or not pairs:
             raise ConfigError(f"task {spec.name}: {path} and {tgt} are not line-aligned")
         rows = [{"source": s, "target": t} for s, t in pairs]
-    if rows:
-        check_row_columns(spec, split, list(rows[0]))
-    for flag in src.drop_if_true:
-        rows = [r for r in rows if not r.get(flag)]
-    renames = spec.columns_of(split)
-    for r in rows:
-        for new, old in renames.items():
-            r[new] = r[old]
     return rows
 
 

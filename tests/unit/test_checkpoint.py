@@ -60,3 +60,19 @@ def test_checkpoint_for_other_tasks_is_refused(tmp_path):
         assert "other tasks" in str(e)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_a_damaged_checkpoint_is_named_with_what_to_do(tmp_path):
+    """A truncated tensors file used to surface as `SafetensorError: ... invalid header length`,
+    naming neither the checkpoint nor the way out."""
+    import pytest
+
+    bank, opt, sampler = _state()
+    path = ckpt.save_checkpoint(tmp_path, 1, bank=bank, optimizer=opt, sampler=sampler, history=[])
+    with open(path / "tensors.safetensors", "r+b") as f:
+        f.truncate(20)
+    with pytest.raises(ValueError, match=f"checkpoint {path} is damaged .*delete that directory"):
+        ckpt.load_checkpoint(path, bank=bank, optimizer=SparseRowAdam(0.1), sampler=sampler)
+    (path / "state.json").write_text('{"step": ')
+    with pytest.raises(ValueError, match="is damaged"):
+        ckpt.read_prompt_state(path)

@@ -1,5 +1,6 @@
 """Every shipped YAML loads and validates; bad configs fail with one line and a non-zero exit."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,36 @@ def test_cli_help_explains_commands():
         assert cmd in res.stdout
     res = _cli("train", "--help")
     assert "key=value" in res.stdout and "--address" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        # each of these used to be accepted: inf and betas outside [0, 1) trained NaN prompts to rc=0
+        ("optim.lr=.inf", "optim.lr=inf: must be > 0"),
+        ("optim.betas=[1, 2]", "optim.betas"),
+        ("optim.eps=0", "optim.eps"),
+        ("optim.grad_clip=-1", "optim.grad_clip"),
+        ("optim.weight_decay=-5", "optim.weight_decay"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps"),
+        ("optim.max_steps=.inf", "optim.max_steps: expected int"),  # was an OverflowError
+        ("data.temperature=.inf", "data.temperature"),
+        ("data.max_train_examples=-1", "data.max_train_examples"),
+        ("data.max_eval_examples=-1", "data.max_eval_examples"),
+        ("prompt.init_std=-1", "prompt.init_std"),
+        ("log_every=0", "log_every"),  # was a ZeroDivisionError at step 0, after the run dir was claimed
+        ("eval_every=-1", "eval_every"),
+        ("checkpoint_every=-1", "checkpoint_every"),
+        ("model.name=", "model.name is empty"),
+        ("name=~", "not a valid name"),  # YAML null: was the run name "None"
+        ("optim.lr=[1", "not valid YAML"),  # was "ParserError: ^"
+    ],
+)
+def test_values_that_cannot_train_are_refused_by_the_config(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_job_config(REPO / "configs/quickstart.yaml", [override])
+
+
+def test_yaml_null_is_an_empty_string_not_none():
+    cfg = load_job_config(REPO / "configs/quickstart.yaml", ["prompt.init_text=~", "cluster.address="])
+    assert cfg.prompt.init_text == "" and cfg.cluster.address == ""

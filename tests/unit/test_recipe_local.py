@@ -1,6 +1,7 @@
 """The recipe end to end in one process on a tiny backbone: outputs, learning, resume rules, `promptfleet eval`."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -155,3 +156,53 @@ def test_train_step_takes_its_batch_and_returns_a_typed_record(tmp_path, tiny_ba
     assert set(m.task_loss) == {"colors", "pos_neg"} and m.loss > 0 and m.tokens > 0 and m.step_time_s > 0
     assert recipe.sampler.step == 0  # the step trained the batch it was given; the sampler drew nothing
     assert not torch.equal(recipe.bank.prompt("colors"), before)
+
+
+def test_a_non_empty_directory_that_holds_no_run_is_never_written_over(tmp_path, tiny_backbone_dir):
+    """`claim_run_dir` used to claim any directory without a run.json: a user's report.md and
+    summary.json there were overwritten and their adapters/ moved aside."""
+    job = tiny_job_yaml(
+        tmp_path, tiny_backbone_dir, write_tiny_tasks(tmp_path, n_train=8), **{"optim.max_steps": 2}
+    )
+    mine = tmp_path / "runs" / "mywork"
+    mine.mkdir(parents=True)
+    (mine / "report.md").write_text("MY REPORT")
+    res = _cli_train(job, "name=mywork")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds no run" in lines[0], res.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md"]
+    assert (mine / "report.md").read_text() == "MY REPORT"
+
+
+def test_a_diverged_loss_stops_the_run_and_exports_nothing(tmp_path, tiny_backbone_dir):
+    """A finite but absurd learning rate makes the loss non-finite within a few steps. The run used to
+    finish with rc 0 and publish NaN adapters (that eval and serving then refuse)."""
+    from tuner.recipe import TrainingDiverged
+
+    job = tiny_job_yaml(
+        tmp_path,
+        tiny_backbone_dir,
+        write_tiny_tasks(tmp_path, n_train=16),
+        **{"optim.max_steps": 50, "optim.lr": 1e38, "checkpoint_every": 1},
+    )
+    with pytest.raises(TrainingDiverged, match="training loss is"):
+        run(load_job_config(job, ["cluster.num_workers=1"]))
+    run_dir = tmp_path / "runs" / "tiny"
+    assert not (run_dir / "adapters").exists()
+    for state in run_dir.glob("checkpoints/step_*/state.json"):  # every checkpoint kept is finite
+        assert all(math.isfinite(h["loss"]) for h in json.loads(state.read_text())["history"]["steps"])
+
+
+def test_a_backbone_stored_as_a_pickle_is_never_unpickled(tmp_path):
+    """Safetensors only: a checkpoint directory with pytorch_model.bin used to load through torch.load."""
+    from conftest import tiny_llama
+
+    from tuner.backbone import load_backbone
+
+    model, path = tiny_llama(), tmp_path / "pickled"
+    model.save_pretrained(path)  # then its weights as a pickle instead, as an older checkpoint has them
+    (path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        load_backbone(str(tmp_path / "pickled"))

@@ -1,6 +1,7 @@
 """Task files -> examples (templates, few-shot, Hub-style dataset ids) and prompt initialisation."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -75,6 +76,8 @@ def test_dataset_directory_like_a_hub_id(tmp_path):
         ("name: x\ntemplate: '{a[0]}'\nverbaliser: {a: b, c: d}\n", "only plain"),
         ("name: x\ntemplate: '{} {a}'\nverbaliser: {a: b, c: d}\n", "only plain"),
         ("name: x\ntemplate: '{a} }'\nverbaliser: {a: b, c: d}\n", "literal brace"),
+        ("name: x\ntemplate: '{a}'\nverbaliser: {a: ' same', c: ' same'}\n", "two labels have"),
+        ("name: x\ntemplate: '{a}'\nverbaliser: {a: '', c: d}\n", "non-empty"),
     ],
 )
 def test_bad_task_files(tmp_path, bad, message):
@@ -139,3 +142,23 @@ def test_a_tasks_initial_prompt_is_its_own_whatever_else_is_in_the_job(method):
     torch.testing.assert_close(variants.prompt("gen~0"), alone["gen"])
     assert not torch.equal(init(["gen"], seed=1).prompt("gen"), alone["gen"])
     assert not torch.equal(bank.prompt("gen"), bank.prompt("other"))  # tasks differ from each other
+
+
+@pytest.mark.parametrize(
+    "fmt, content, message",
+    [
+        ("jsonl", b'{"text": "caf\xe9", "label": "x"}\n', "UnicodeDecodeError"),
+        ("tsv", b"text\tlabel\nfine\tx\n1\t2\t3\t4\n", "Expected 2 fields in line 3"),
+    ],
+)
+def test_unreadable_data_files_are_one_line_errors_naming_the_file(tmp_path, fmt, content, message):
+    """Bad bytes or ragged rows used to surface as the parser's bare error, naming no file."""
+    data = tmp_path / f"d.{fmt}"
+    data.write_bytes(content)
+    spec_path = tmp_path / "t.yaml"
+    spec_path.write_text(
+        f"name: t\ndata: {{format: {fmt}, train: {data.name}, eval: {data.name}}}\n"
+        "template: '{text}'\nverbaliser: {x: ' a', y: ' b'}\n"
+    )
+    with pytest.raises(ConfigError, match=f"cannot read its train file {re.escape(str(data))} .*{message}"):
+        read_rows(TaskSpec.load(spec_path), "train")
