@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict
 
 from tuner.memory import DTYPE_BYTES, GB, MemoryEstimate, Workload, estimate, load_shape
@@ -27,8 +28,8 @@ def plan(args: argparse.Namespace) -> tuple[MemoryEstimate, ZeroChoice, int]:
     for name in ("nodes", "devices_per_node", "seq_len", "batch", "tasks", "virtual_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.memory_gb <= 0:
-        raise ValueError(f"--memory-gb must be > 0, got {args.memory_gb}")
+    if not 0 < args.memory_gb < math.inf:  # NaN fails this too
+        raise ValueError(f"--memory-gb must be a finite number > 0, got {args.memory_gb}")
     shape = load_shape(args.backbone)
     world = args.nodes * args.devices_per_node
     work = Workload(args.seq_len, args.batch, args.tasks, args.virtual_tokens, args.dtype)

@@ -332,7 +332,11 @@ async def classify(body: ClassifyBody, request: Request) -> dict:
         )
     tenant = request.state.tenant.name
     with srv.engine_errors(request, task):
-        result = await srv.engine.classify(task, body.input, raw=body.raw, tenant=tenant)
+        try:
+            result = await srv.engine.classify(task, body.input, raw=body.raw, tenant=tenant)
+        except ServingError as err:  # the engine names a request's text "prompt"; here it is `input`
+            err.param = "input" if err.param == "prompt" else err.param
+            raise
     srv.metrics.observe_tokens(task, tenant, result.prompt_tokens, 0)
     return protocol.classification(
         f"clf-{uuid.uuid4().hex}", task, result.label, result.labels, result.prompt_tokens
@@ -353,9 +357,8 @@ async def _generate(
     )
     limit = srv.config.engine.max_new_tokens_limit
     if max_tokens > limit:
-        raise InvalidRequest(
-            f"max_tokens must be between 1 and {limit}, got {max_tokens}.", param="max_tokens"
-        )
+        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+        raise InvalidRequest(f"{field} must be between 1 and {limit}, got {max_tokens}.", param=field)
     params = SamplingParams(
         max_tokens=max_tokens,
         seed=body.seed,

@@ -91,6 +91,8 @@ def save_checkpoint(
     _fsync_dir(root)
     for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    for killed in root.glob(".tmp-*"):  # what saves killed mid-way left (one writer: rank 0)
+        shutil.rmtree(killed, ignore_errors=True)
     return final
 
 

@@ -28,7 +28,11 @@ def evaluate_command(run_dir: str | None, config: str | None, overrides: list[st
         summary_path = Path(run_dir) / "summary.json"
         if not summary_path.is_file():
             raise ConfigError(f"{run_dir} has no summary.json (not a finished run directory)")
-        cfg = from_dict(JobConfig, apply_overrides(json.loads(summary_path.read_text())["config"], overrides))
+        try:
+            saved = json.loads(summary_path.read_text())["config"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{summary_path} is damaged (no readable job config in it)") from None
+        cfg = from_dict(JobConfig, apply_overrides(saved, overrides))
     else:
         raise ConfigError("give a run directory or --config")
     if not zero_shot and not run_dir:
@@ -50,8 +54,19 @@ def evaluate_command(run_dir: str | None, config: str | None, overrides: list[st
         )
         prompt = None
         if not zero_shot:
-            adapter = load_adapter(Path(run_dir) / "adapters" / spec.name)
-            prompt = adapter.prompt
+            task_dir = Path(run_dir) / "adapters" / spec.name
+            try:
+                prompt = load_adapter(task_dir).prompt
+            except Exception as e:  # truncated safetensors, bad JSON, a non-regular file...
+                reason = (str(e).splitlines() or [""])[0][:200]
+                raise ConfigError(
+                    f"adapter {task_dir} is unreadable ({type(e).__name__}: {reason})"
+                ) from None
+            width = lm.embed.weight.shape[1]
+            if prompt.shape[1] != width:
+                raise ConfigError(
+                    f"adapter {task_dir} has prompts {prompt.shape[1]} wide; the backbone's embeddings are {width}"
+                )
         m = evaluate_task(lm, tok, data, prompt, cfg.model.max_seq_len, device)
         out["tasks"][spec.name] = {
             "metric": spec.metric,

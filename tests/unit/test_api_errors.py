@@ -134,11 +134,25 @@ def test_empty_and_over_long_prompts(client):
     assert_error(
         client.post("/v1/classify", json={"model": "sst2", "input": ""}), 400, "invalid_value", "input"
     )
+    assert_error(  # over the engine's token limit: the field is `input` here, not `prompt`
+        client.post("/v1/classify", json={"model": "sst2", "input": "word " * 500}),
+        400,
+        "context_length_exceeded",
+        "input",
+    )
 
 
 @pytest.mark.parametrize("max_tokens", [0, -1, 257, 10**9])
 def test_max_tokens_out_of_range(client, max_tokens):
     assert_error(complete(client, max_tokens=max_tokens), 400, "invalid_value", "max_tokens")
+    chat = {
+        "model": "sst2",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_completion_tokens": max_tokens,
+    }
+    assert_error(
+        client.post("/v1/chat/completions", json=chat), 400, "invalid_value", "max_completion_tokens"
+    )
 
 
 def test_n_greater_than_one_is_rejected(client):

@@ -48,6 +48,8 @@ def test_partial_saves_are_ignored_and_old_ones_pruned(tmp_path):
     (tmp_path / ".tmp-killed" / "state.json").write_text("{}")
     (tmp_path / "step_00000009").mkdir()  # a directory without its files is not a checkpoint either
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000003"
+    ckpt.save_checkpoint(tmp_path, 4, bank=bank, optimizer=opt, sampler=sampler, history=[], keep_last=2)
+    assert not (tmp_path / ".tmp-killed").exists()  # the next save clears what a killed one left
 
 
 def test_checkpoint_for_other_tasks_is_refused(tmp_path):

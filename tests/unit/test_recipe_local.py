@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -78,6 +79,38 @@ def test_eval_cli_rescoring_matches_training_summary(finished):
     out = json.loads(res.stdout)  # --json: stdout is JSON alone (pipe it to jq)
     for name, task in summary["tasks"].items():
         assert out["tasks"][name]["tuned"]["accuracy"] == pytest.approx(task["tuned"]["accuracy"])
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "wrong_width", "bad_summary"])
+def test_eval_of_a_damaged_run_directory_is_one_line_naming_the_file(finished, tmp_path, damage):
+    """These used to end in a bare SafetensorError, a broadcast RuntimeError or a KeyError: 'config'."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    root, _, _ = finished
+    run_dir = tmp_path / "copy"
+    shutil.copytree(root / "runs" / "tiny", run_dir, symlinks=True)
+    weights = (run_dir / "adapters" / "colors").resolve() / "adapter_model.safetensors"
+    if damage == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[:40])
+        expected = "adapter .*colors is unreadable"
+    elif damage == "wrong_width":
+        save_file({"prompt_embeddings": torch.zeros(4, 64)}, str(weights))
+        expected = "64 wide"
+    else:
+        (run_dir / "summary.json").write_text("{}")
+        expected = "summary.json is damaged"
+    res = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "eval", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert re.search(expected, lines[0]), lines[0]
 
 
 def test_a_tasks_gradient_is_the_mean_over_its_own_examples(tmp_path, tiny_backbone_dir):

@@ -145,6 +145,8 @@ def test_plan_help(capsys):
         ["plan", "no-such-model"],
         ["plan", "llama-3-8b", "--nodes", "0"],
         ["plan", "llama-3-8b", "--memory-gb", "-1"],
+        ["plan", "llama-3-8b", "--memory-gb", "nan"],  # was a ValueError traceback line from int(nan)
+        ["plan", "llama-3-8b", "--memory-gb", "inf"],  # was an OverflowError, exit 1
     ],
 )
 def test_plan_bad_input_is_one_line_and_exit_2(argv, capsys):
