@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from tuner.config import ConfigError, load_job_config
+from tuner.config import ConfigError, load_job_config, one_line
 
 # Modules that add their own sub-commands through `register(subparsers)`.
 COMMAND_MODULES = ["serving.cli", "cluster.jobs", "cluster.k8s", "cluster.plan", "cluster.tune"]
@@ -128,18 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI's contract is one line, not a traceback
         if os.environ.get("PROMPTFLEET_DEBUG"):
             raise
-        print(f"promptfleet: error: {_one_line(e)}", file=sys.stderr)
+        print(f"promptfleet: error: {one_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, FileNotFoundError, KeyError, ValueError)) else 1
-
-
-def _one_line(e: BaseException) -> str:
-    # Ray wraps worker exceptions; report the innermost cause the user can act on.
-    inner = e
-    while getattr(inner, "cause", None) is not None or inner.__cause__ is not None:
-        inner = getattr(inner, "cause", None) or inner.__cause__
-    msg = str(inner).strip().splitlines()
-    text = msg[-1] if msg else type(inner).__name__
-    return text if isinstance(inner, ConfigError) else f"{type(inner).__name__}: {text}"
 
 
 if __name__ == "__main__":

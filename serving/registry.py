@@ -232,7 +232,5 @@ def _fingerprint(task_dir: Path, allow_symlinks: bool) -> Fingerprint | None:
             if not allow_symlinks:
                 raise ValueError(f"{fname} is a symlink (not allowed by the config)")
             st = os.stat(task_dir / fname)  # raises on a loop or a dangling link
-        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the engine's reader until someone writes
-            raise ValueError(f"{fname} is not a regular file")
         fp.append((st.st_ino, st.st_mtime_ns, st.st_size))
     return tuple(fp)

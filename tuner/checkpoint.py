@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tuner.config import one_line
+
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -126,10 +128,9 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if not isinstance(state, dict) or "task_names" not in state:
             raise ValueError("state.json is not a checkpoint state")
     except Exception as e:  # JSON, safetensors' own error type, a missing file
-        reason = str(e).splitlines()[0][:200] if str(e) else ""
         raise ValueError(
-            f"checkpoint {path} is damaged ({type(e).__name__}: {reason}); delete that directory to "
-            "resume from the checkpoint before it"
+            f"checkpoint {path} is damaged ({one_line(e)}); delete that directory to resume from the "
+            "checkpoint before it"
         ) from None
     return state, tensors
 

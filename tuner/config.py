@@ -23,6 +23,17 @@ class ConfigError(ValueError):
     """A configuration problem, reported to the user as one line."""
 
 
+def one_line(e: BaseException) -> str:
+    """`e` as one line a user can act on: the innermost cause (Ray and `datasets` wrap the error that
+    says what is wrong), its last line, with its type unless it is our own ConfigError."""
+    inner = e
+    while getattr(inner, "cause", None) is not None or inner.__cause__ is not None:
+        inner = getattr(inner, "cause", None) or inner.__cause__
+    msg = str(inner).strip().splitlines()
+    text = msg[-1] if msg else type(inner).__name__
+    return text if isinstance(inner, ConfigError) else f"{type(inner).__name__}: {text}"
+
+
 def _f(default: Any, doc: str, **kw: Any) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"doc": doc}, **kw)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from tuner.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
-from tuner.config import ConfigError, JobConfig, apply_overrides, from_dict, load_job_config
+from tuner.config import ConfigError, JobConfig, apply_overrides, from_dict, load_job_config, one_line
 from tuner.data import TaskData
 from tuner.evaluate import evaluate_task
 from tuner.export import load_adapter
@@ -58,10 +58,7 @@ def evaluate_command(run_dir: str | None, config: str | None, overrides: list[st
             try:
                 prompt = load_adapter(task_dir).prompt
             except Exception as e:  # truncated safetensors, bad JSON, a non-regular file...
-                reason = (str(e).splitlines() or [""])[0][:200]
-                raise ConfigError(
-                    f"adapter {task_dir} is unreadable ({type(e).__name__}: {reason})"
-                ) from None
+                raise ConfigError(f"adapter {task_dir} is unreadable ({one_line(e)})") from None
             width = lm.embed.weight.shape[1]
             if prompt.shape[1] != width:
                 raise ConfigError(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.config import ConfigError, from_dict, read_yaml, validate_name
+from tuner.config import ConfigError, from_dict, one_line, read_yaml, validate_name
 from tuner.ner import is_iob2, read_conll, render_entities
 
 LOCAL_FORMATS = ("tsv", "csv", "jsonl", "txt", "parallel_txt", "conll")
@@ -277,11 +277,8 @@ def read_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
         except ConfigError:
             raise
         except Exception as e:  # bad bytes, ragged rows, a line that is not a JSON object...
-            while e.__cause__ is not None:  # `datasets` wraps the parser's own error, which says where
-                e = e.__cause__
-            reason = (str(e).strip().splitlines() or [""])[-1][:200]
             raise ConfigError(
-                f"task {spec.name}: cannot read its {split} file {path} ({type(e).__name__}: {reason})"
+                f"task {spec.name}: cannot read its {split} file {path} ({one_line(e)})"
             ) from None
     if rows:
         check_row_columns(spec, split, list(rows[0]))
@@ -406,7 +403,7 @@ def check_template(template: str) -> list[str]:
         if not name or name.isdigit() or "." in name or "[" in name or spec or conversion:
             raw = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
             raise ValueError(f"template field {raw[:80]!r}: only plain {{name}} fields are allowed")
-    return template_fields(template)
+    return list(dict.fromkeys(name for _, name, _, _ in parsed if name))
 
 
 def render_input(template: str, prefix: str, values: Mapping[str, Any]) -> str:
