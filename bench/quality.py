@@ -16,7 +16,7 @@ Methods, per seed (`--methods` picks ours; zero-shot and PEFT always run):
 * ours `transfer` (transfer initialisation, method independent), leave-one-out (`--transfer loo`,
   the default): each task starts from the finished `independent` prompt of one of the *other* tasks
   of the same seed, the one with the lowest zero-shot loss on its first `prompt.transfer_examples`
-  training examples (`tuner.continual.choose_sources`, as `prompt.init=transfer` chooses), and then
+  training examples (`tuner.prompts.continual.choose_sources`, as `prompt.init=transfer` chooses), and then
   trains with the same budget, all tasks in one joint run. Per task this is "add this task to a
   fleet of the others, trained": `promptfleet train <task> prompt.init=transfer
   prompt.init_from=<run of the others>`. It costs no training beyond the `independent` runs this
@@ -76,10 +76,10 @@ from bench.common import (
     write_result,
 )
 from tuner.config import JobConfig, OptimConfig
-from tuner.continual import choose_sources
 from tuner.evaluate import evaluate_task
 from tuner.job import prepare_job
-from tuner.optim import lr_at
+from tuner.prompts.continual import choose_sources
+from tuner.prompts.optim import lr_at
 from tuner.recipe import MultiTaskPromptTuningRecipe, RecipeHooks
 
 TASK_DIR = REPO / "configs" / "tasks"

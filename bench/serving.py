@@ -86,8 +86,8 @@ def sentences(n: int) -> list[str]:
 def write_store(root: Path, n_tasks: int) -> Path:
     from transformers import AutoConfig
 
-    from tuner.backbone import resolve_backbone
     from tuner.export import TaskAdapter, save_adapter
+    from tuner.model.backbone import resolve_backbone
 
     cfg = AutoConfig.from_pretrained(resolve_backbone("smollm2-135m"))
     gen = torch.Generator().manual_seed(0)
@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  prefix cache on: {ttft_on}\n  prefix cache off: {ttft_off}")
 
     # 3) baselines, in process, after the server has gone
-    from tuner.backbone import load_backbone, load_tokenizer, resolve_backbone
+    from tuner.model.backbone import load_backbone, load_tokenizer, resolve_backbone
 
     path = resolve_backbone("smollm2-135m")
     tokenizer = load_tokenizer(path)

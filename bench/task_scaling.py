@@ -22,7 +22,7 @@ barriers, the main source of noise on a shared 2-core machine). The prompt-bank 
 part of the step is also timed on its own (it is what could scale with tasks; the backbone's
 work cannot).
 
-`--methods` times that part alone for every prompt method (tuner/prompt_methods.py), with 10 and
+`--methods` times that part alone for every prompt method (tuner/prompts/methods.py), with 10 and
 with 10,000 registered tasks (optimiser state for all of them) and the same tasks in the batch:
 gather the batch's rows and the shared part, compose the prompts, backward a fixed gradient
 through the composition, Adam on the rows and on the shared part, scatter back. It needs no
@@ -48,10 +48,10 @@ from bench.common import (
     setup_recipe,
     write_result,
 )
-from tuner.batching import collate
-from tuner.optim import SparseRowAdam
-from tuner.prompt_bank import PromptBank
-from tuner.prompt_methods import SharedParams, make_layout
+from tuner.prompts.bank import PromptBank
+from tuner.prompts.methods import SharedParams, make_layout
+from tuner.prompts.optim import SparseRowAdam
+from tuner.tasks.batching import collate
 
 
 def task_names(n: int) -> list[str]:

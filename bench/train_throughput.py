@@ -39,8 +39,8 @@ from bench.common import (
     setup_recipe,
     write_result,
 )
-from tuner.batching import collate, segment_layout
-from tuner.model import PromptTunedLM
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.tasks.batching import collate, segment_layout
 
 
 class FullVocabHeadLM(PromptTunedLM):

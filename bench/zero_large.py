@@ -5,13 +5,13 @@
 A randomly initialised Llama shaped like Llama-3.2-3B (hidden 3072, MLP 8192, 28 layers, 24/8 heads;
 32k vocabulary to keep the embedding small) in bf16: about 2.9 B parameters, 5.8 GB. Each rank
 builds it inside `deepspeed.zero.Init`, so every module is partitioned as it is created and no
-rank ever holds the whole model; then the recipe's own pieces (`tuner.zero.wrap_backbone`,
+rank ever holds the whole model; then the recipe's own pieces (`tuner.model.zero.wrap_backbone`,
 `PromptTunedLM`, `collate`) run a few prompt-tuning steps on one short synthetic example per rank.
 
 Recorded per rank: the RSS after partitioned construction and the peak RSS (VmHWM) over the steps,
 both above the RSS before construction; step time; all-gather calls and bytes per step. The
 benchmark checks that each rank's peak stays below 75 % of the full weights (half of them, plus
-gather buffers bounded by `max_live_parameters`) and compares it with `tuner.memory.estimate` (what `promptfleet plan`
+gather buffers bounded by `max_live_parameters`) and compares it with `tuner.model.memory.estimate` (what `promptfleet plan`
 prints). Results: bench/results/zero_large.json.
 """
 
@@ -61,9 +61,9 @@ def _rank_main(rank: int, port: int, offload: str, steps: int, layers: int, out:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from tuner.batching import TokenizedExample, collate
-    from tuner.model import PromptTunedLM
-    from tuner.zero import ZeroSettings, deepspeed_config, partitioned_numel, wrap_backbone
+    from tuner.model.prompt_lm import PromptTunedLM
+    from tuner.model.zero import ZeroSettings, deepspeed_config, partitioned_numel, wrap_backbone
+    from tuner.tasks.batching import TokenizedExample, collate
 
     torch.set_num_threads(1)
     os.environ.update(
@@ -146,7 +146,7 @@ def run(offload: str, steps: int, layers: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tuner.memory import BackboneShape, Workload, estimate
+    from tuner.model.memory import BackboneShape, Workload, estimate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2)

@@ -16,7 +16,7 @@ the load other users put on the machine falls on all of them alike.
 Settings:
 * `1 process` and `1 process + activation checkpointing` (the activation memory saved);
 * `2 ranks, replicated` (`cluster.zero_stage=0`);
-* `2 ranks, ZeRO-3 untuned`: what the recipe ran before (`tuner.zero.UNTUNED`: every weight
+* `2 ranks, ZeRO-3 untuned`: what the recipe ran before (`tuner.model.zero.UNTUNED`: every weight
   partitioned, no DeepSpeed trace, so no prefetch and a second gather of every weight in backward);
 * `2 ranks, ZeRO-3 tuned, bounded gathers` (`zero_max_live_parameters=2e7`,
   `zero_max_reuse_distance=0`): small weights resident and traced prefetch, but at most ~6 layers
@@ -59,7 +59,7 @@ class Setting:
     name: str
     world_size: int
     overrides: dict = field(default_factory=dict)  # cluster.* keys
-    untuned: bool = False  # ZeRO-3 with tuner.zero.UNTUNED instead of the config's settings
+    untuned: bool = False  # ZeRO-3 with tuner.model.zero.UNTUNED instead of the config's settings
 
 
 SETTINGS = [
@@ -125,7 +125,7 @@ def _train_step(recipe) -> tuple[float, int]:
 def _build(setting: Setting, rank: int, out: str, max_train: int):
     from tuner import recipe as recipe_module
     from tuner.config import load_job_config
-    from tuner.zero import UNTUNED, zero_setup
+    from tuner.model.zero import UNTUNED, zero_setup
 
     overrides = [f"cluster.{k}={v}" for k, v in setting.overrides.items()] + [
         f"cluster.num_workers={setting.world_size}",
@@ -155,7 +155,7 @@ def _rank_main(rank: int, settings: list[Setting], port: int, steps: int, out: s
     counter.install()  # before DeepSpeed binds its all-gather function
     import torch.distributed as dist
 
-    from tuner.zero import partitioned_numel
+    from tuner.model.zero import partitioned_numel
 
     world_size = settings[0].world_size
     torch.set_num_threads(1)

@@ -48,7 +48,7 @@ from urllib.parse import urlparse
 
 from cluster.storage import cluster_output_dir, storage_path
 from tuner.config import ConfigError, JobConfig, apply_overrides, load_job_config, read_yaml
-from tuner.tasks import TaskSpec
+from tuner.tasks.spec import TaskSpec
 
 # Never uploaded: environments, outputs, VCS and caches (Ray also honours .gitignore).
 EXCLUDES = [

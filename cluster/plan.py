@@ -4,9 +4,9 @@
     promptfleet plan ~/models/my-llama --nodes 1 --devices-per-node 2 --memory-gb 9 --dtype fp32
 
 The backbone is a directory holding `config.json`, `smollm2-135m`, or one of the built-in named
-shapes (`tuner.memory.BUILTIN_SHAPES`: llama-3.2-1b, llama-3.2-3b, llama-3-8b, llama-3-70b,
-llama-3.1-405b), so planning needs no network. The numbers come from `tuner.memory.estimate`
-and the recommendation from `tuner.zero.choose_zero`: the same function that resolves
+shapes (`tuner.model.memory.BUILTIN_SHAPES`: llama-3.2-1b, llama-3.2-3b, llama-3-8b, llama-3-70b,
+llama-3.1-405b), so planning needs no network. The numbers come from `tuner.model.memory.estimate`
+and the recommendation from `tuner.model.zero.choose_zero`: the same function that resolves
 `cluster.zero_stage: auto` when a job starts.
 
 It starts nothing and reads no weights.
@@ -19,8 +19,8 @@ import json
 import math
 from dataclasses import asdict
 
-from tuner.memory import DTYPE_BYTES, GB, MemoryEstimate, Workload, estimate, load_shape
-from tuner.zero import ZeroChoice, choose_zero
+from tuner.model.memory import DTYPE_BYTES, GB, MemoryEstimate, Workload, estimate, load_shape
+from tuner.model.zero import ZeroChoice, choose_zero
 
 
 def plan(args: argparse.Namespace) -> tuple[MemoryEstimate, ZeroChoice, int]:

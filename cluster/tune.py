@@ -4,7 +4,7 @@
         --param optim.batch_size=16,32 --samples 1 eval_every=25
 
 Settings that are one value for a whole job (prompt length of the bank, steps, batch size) cannot
-vary inside one batch the way `search.space` variants do (`tuner.search`); here every combination
+vary inside one batch the way `search.space` variants do (`tuner.search.state`); here every combination
 of the `--param` values (a grid, repeated `--samples` times) is its own job. A Ray Tune `Tuner`
 runs a function trainable per trial that starts the job's Ray Train `TorchTrainer` (as Ray
 documents for Train inside Tune) with `TuneReportCallback`, so the ranks' periodic evaluations
@@ -135,7 +135,7 @@ def tune_job(
     from ray.tune.schedulers import ASHAScheduler
 
     from cluster.launch import init_ray
-    from tuner.backbone import resolve_backbone
+    from tuner.model.backbone import resolve_backbone
 
     trials = trial_configs(base, params, samples)
     root = Path(trials[0][1].output_dir)

@@ -6,7 +6,7 @@ text once it no longer ends in an incomplete UTF-8 sequence. Stop strings are se
 tail that the new text can have completed; text that might be the start of a stop string is held
 back from the stream until it is known not to be one (OpenAI never streams the stop string).
 Two kinds of stop strings: the request's own (`stop`, OpenAI: they match anywhere) and its task's
-(`task_stop`, evaluation's rule `tuner.stops.find_stop`: whitespace before the answer never stops
+(`task_stop`, evaluation's rule `tuner.tasks.stops.find_stop`: whitespace before the answer never stops
 it), so a served answer ends where the task's evaluation cut it.
 
 Pure Python: the tokenizer enters as a `decode(ids) -> str` callable. It does not decide when a
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tuner.stops import find_stop
+from tuner.tasks.stops import find_stop
 
 Decode = Callable[[list[int]], str]
 

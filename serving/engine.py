@@ -54,7 +54,7 @@ from serving.types import (
     SamplingParams,
     TenantLimits,
 )
-from tuner.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
+from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
 
 log = logging.getLogger(__name__)
 

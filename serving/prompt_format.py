@@ -1,6 +1,6 @@
 """How a request's raw text becomes the text the model sees for a task: the tuner's own renderer.
 
-`tuner.export.TaskMeta.render` fills the task's template with `tuner.tasks.render_input`, the one
+`tuner.export.TaskMeta.render` fills the task's template with `tuner.tasks.spec.render_input`, the one
 function training used, so served and trained inputs cannot drift apart. This module only adapts it
 to the engine's call (`format_prompt(entry.meta, text, raw)`) and turns a request that cannot fill
 the template into a 400. To be folded into the engine (`entry.meta.render(...)`).

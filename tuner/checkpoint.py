@@ -4,8 +4,8 @@ A checkpoint is a directory `step_<N>/` with
   tensors.safetensors  prompt bank, Adam moments per task, sampler and torch RNG states
   state.json           step, task names, per-task Adam step counts, sampler cursors, metric history,
                        the prompt method (absent in checkpoints written before methods: independent),
-                       and with in-batch search the live variants and rung results (`tuner.search`)
-A method with shared parts (tuner/prompt_methods.py) adds its shared vector and that vector's Adam.
+                       and with in-batch search the live variants and rung results (`tuner.search.state`)
+A method with shared parts (tuner/prompts/methods.py) adds its shared vector and that vector's Adam.
 It is written to a hidden temp directory, fsynced and renamed into place, so a save killed half
 way leaves only a `.tmp-*` directory that loading ignores: every `step_*` directory is complete.
 Everything is keyed by task name, so a checkpoint written by N ranks resumes on any number.

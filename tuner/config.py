@@ -51,7 +51,7 @@ class ModelConfig:
     )
     attn_implementation: str = _f(
         "auto",
-        "Kernel for packed rows (tuner.attention): auto (varlen on CUDA with torch>=2.10, else "
+        "Kernel for packed rows (tuner.model.attention): auto (varlen on CUDA with torch>=2.10, else "
         "flash_attention_2 with flash-attn, else sdpa), sdpa (span SDPA), eager (dense mask), varlen "
         "(torch's varlen_attn, CUDA), flex (FlexAttention) or flash_attention_2 (flash-attn, CUDA).",
     )
@@ -80,7 +80,7 @@ class PromptConfig:
     )
     init_text: str = _f("", "Text used when init=text (repeated/cut to num_virtual_tokens).")
     init_std: float = _f(0.02, "Std of the normal used when init=random.")
-    # --- prompt parameterisations (tuner/prompt_methods.py) and continual training (tuner/continual.py)
+    # --- prompt parameterisations (tuner/prompts/methods.py) and continual training (tuner/prompts/continual.py)
     method: str = _f(
         "independent",
         "How task prompts are parameterised: independent (one free prompt per task), residual (each "
@@ -287,7 +287,7 @@ SEARCH_SCORING = ("heldout", "prequential")
 
 @dataclass
 class SearchConfig:
-    """In-batch hyperparameter search (`tuner.search`): every task trains several variants side by side."""
+    """In-batch hyperparameter search (`tuner.search.state`): every task trains several variants side by side."""
 
     space: dict[str, Any] = _f(
         {},
@@ -410,7 +410,7 @@ class JobConfig:
         _non_negative("eval_every", self.eval_every)
         _non_negative("checkpoint_every", self.checkpoint_every)
         if self.search.enabled:
-            from tuner.search import expand_space
+            from tuner.search.state import expand_space
 
             if self.prompt.method != "independent" or self.prompt.init_from:
                 raise ConfigError(

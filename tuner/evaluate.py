@@ -5,7 +5,7 @@ likely label (one forward per example when every label is a single distinct toke
 segment per (example, label), packed). Generation decodes greedily until end-of-sequence or one
 of the task's stop strings (whitespace before the answer is never a stop) and reports chrF,
 ROUGE-L (`rouge-score`) and exact match against every reference of an example. NER generates
-tagged spans, parses them back to IOB2 tags (`tuner.ner`) and reports entity-level P / R / F1.
+tagged spans, parses them back to IOB2 tags (`tuner.tasks.ner`) and reports entity-level P / R / F1.
 `prompt=None` evaluates the untuned backbone (zero-shot: no virtual tokens).
 
 Under ZeRO-3 every rank must run the same number of forwards (each forward all-gathers weights),
@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from tuner.batching import TokenizedExample, collate
-from tuner.data import TaskData
-from tuner.model import PromptTunedLM
-from tuner.ner import entity_metrics, parse_entities
-from tuner.stops import find_stop
-from tuner.zero import world
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.model.zero import world
+from tuner.tasks.batching import TokenizedExample, collate
+from tuner.tasks.data import TaskData
+from tuner.tasks.ner import entity_metrics, parse_entities
+from tuner.tasks.stops import find_stop
 
 
 def classification_metrics(gold: list[str], pred: list[str], labels: list[str]) -> dict:
@@ -76,7 +76,7 @@ def generation_metrics(refs: Sequence[str | Sequence[str]], hyps: list[str]) -> 
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The answer in a generated `text`: cut at the first stop string (`tuner.stops`), stripped."""
+    """The answer in a generated `text`: cut at the first stop string (`tuner.tasks.stops`), stripped."""
     end = find_stop(text, stop)
     return (text[:end] if end >= 0 else text).strip()
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tuner.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
 from tuner.config import ConfigError, JobConfig, apply_overrides, from_dict, load_job_config, one_line
-from tuner.data import TaskData
 from tuner.evaluate import evaluate_task
 from tuner.export import load_adapter
 from tuner.job import load_task_specs
-from tuner.model import PromptTunedLM
+from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
+from tuner.model.prompt_lm import PromptTunedLM
 from tuner.recipe import render_table
+from tuner.tasks.data import TaskData
 
 
 def evaluate_command(run_dir: str | None, config: str | None, overrides: list[str], zero_shot: bool) -> dict:

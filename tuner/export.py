@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load, save_file
 
 from tuner.config import validate_name
-from tuner.tasks import KIND_METRICS, check_template, render_input, template_fields
+from tuner.tasks.spec import KIND_METRICS, check_template, render_input, template_fields
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -47,7 +47,7 @@ MAX_WEIGHTS_BYTES = 1 << 30  # e.g. 2,048 virtual tokens x 16,384 wide in fp32 i
 class TaskMeta:
     """What serving needs of a task beyond its prompt (`promptfleet_task.json`), written by the
     tuner (`from_spec`) and read by serving (`render` gives the model input of a request with the
-    same function training used, `tuner.tasks.render_input`)."""
+    same function training used, `tuner.tasks.spec.render_input`)."""
 
     kind: str = "generation"  # classification | generation | ner
     description: str = ""
@@ -57,14 +57,14 @@ class TaskMeta:
     metric: str = ""
     max_new_tokens: int | None = None
     score: float | None = None  # the tuned headline metric at export
-    # Where the task's answer ends (`tuner.stops`); [] = end of sequence only, as in an adapter
+    # Where the task's answer ends (`tuner.tasks.stops`); [] = end of sequence only, as in an adapter
     # written before stop strings existed.
     stop: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as written
 
     @classmethod
     def from_spec(cls, spec, prefix: str, score: float | None = None) -> TaskMeta:
-        """The record of a `tuner.tasks.TaskSpec` trained with `prefix`."""
+        """The record of a `tuner.tasks.spec.TaskSpec` trained with `prefix`."""
         return cls(
             kind=spec.kind,
             description=spec.description,

@@ -1,14 +1,14 @@
 """Job preparation: the one place a job's tasks are loaded and checked and its run directory claimed.
 
 `prepare_job(cfg)` loads every task file, checks its data files (each split's header or first
-rows must hold every field the task names, see `tuner.tasks.check_columns`) and that task names are unique,
+rows must hold every field the task names, see `tuner.tasks.spec.check_columns`) and that task names are unique,
 makes `output_dir` absolute (workers run in other directories) and returns a `PreparedJob`.
 `prepare_job(cfg, claim=True)` also claims the run directory (`tuner.run_dir`): the entry point
 that starts a run (the CLI's launcher, on the driver) does this exactly once; the recipe on each
 rank prepares the same job without claiming it. The embedded backbone is resolved (converted into
 the model cache) on the claiming process too, so workers never race to convert it.
 
-It reads no more than a few rows per file and loads no model weights (see `tuner.data`, `tuner.backbone`).
+It reads no more than a few rows per file and loads no model weights (see `tuner.tasks.data`, `tuner.model.backbone`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tuner.config import ConfigError, JobConfig
 from tuner.run_dir import claim_run_dir
-from tuner.tasks import TaskSpec, check_columns
+from tuner.tasks.spec import TaskSpec, check_columns
 
 
 @dataclass
@@ -53,13 +53,15 @@ def prepare_job(cfg: JobConfig, *, claim: bool = False) -> PreparedJob:
     specs = load_task_specs(cfg.tasks)
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
     job = PreparedJob(cfg, specs)
-    if cfg.prompt.init_from:  # continual training (tuner/continual.py): absolute, and checked before claiming
-        from tuner.continual import check_source
+    if (
+        cfg.prompt.init_from
+    ):  # continual training (tuner/prompts/continual.py): absolute, and checked before claiming
+        from tuner.prompts.continual import check_source
 
         cfg.prompt.init_from = str(Path(cfg.prompt.init_from).expanduser().resolve())
         check_source(cfg.prompt.init_from, cfg.prompt.method, job.task_names)
     if claim:
-        from tuner.backbone import resolve_backbone
+        from tuner.model.backbone import resolve_backbone
 
         resolve_backbone(cfg.model.name)  # convert the embedded backbone once, here, before any worker
         claim_run_dir(job.run_dir, cfg)

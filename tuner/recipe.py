@@ -13,7 +13,7 @@
     finish() -> final evaluation beside the zero-shot scores, per-task PEFT adapters, summary
                 JSON, Markdown report, loss/score curves (PNG)
 
-With `search.space` set, every task trains several variants (bank rows `<task>~<k>`, `tuner.search`):
+With `search.space` set, every task trains several variants (bank rows `<task>~<k>`, `tuner.search.state`):
 the sampler's draw is expanded to each task's live variants, each row steps with its own settings,
 rungs drop the weaker variants on a held-out slice, and each task's best variant is its prompt.
 
@@ -41,11 +41,7 @@ import torch
 import torch.distributed as dist
 
 from tuner import checkpoint as ckpt
-from tuner.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
-from tuner.batching import collate
 from tuner.config import ConfigError, JobConfig, to_dict
-from tuner.continual import SourceRun, carry_adapters, choose_sources, load_source
-from tuner.data import MultiTaskSampler, TaskData
 from tuner.evaluate import (
     classification_metrics,
     evaluate_task,
@@ -57,12 +53,15 @@ from tuner.evaluate import (
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
 from tuner.job import prepare_job
 from tuner.metrics import CheckpointRecord, EvalPoint, RunHistory, StepMetrics
-from tuner.model import PromptTunedLM
-from tuner.optim import SparseRowAdam, lr_at
-from tuner.prompt_bank import PromptBank, init_prompts
-from tuner.prompt_methods import SharedParams, compose_rows, make_layout, prompt_of
+from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.model.zero import allreduce_rows_grad, world, zero_setup
+from tuner.prompts.bank import PromptBank, init_prompts
+from tuner.prompts.continual import SourceRun, carry_adapters, choose_sources, load_source
+from tuner.prompts.methods import SharedParams, compose_rows, make_layout, prompt_of
+from tuner.prompts.optim import SparseRowAdam, lr_at
 from tuner.run_dir import mark_finished
-from tuner.search import (
+from tuner.search.state import (
     MIN_PREQUENTIAL,
     Evidence,
     SearchState,
@@ -70,7 +69,8 @@ from tuner.search import (
     plot_search,
     render_search_report,
 )
-from tuner.zero import allreduce_rows_grad, world, zero_setup
+from tuner.tasks.batching import collate
+from tuner.tasks.data import MultiTaskSampler, TaskData
 
 GlobalBatch = list[tuple[str, int]]  # (task, example index in its train split), as the sampler draws
 
@@ -190,7 +190,7 @@ class MultiTaskPromptTuningRecipe:
             self._log(f"resumed from {resume} at step {self.step}")
 
     def _setup_prompts(self, names: list[str], hidden: int) -> None:
-        """The prompt method's parameters (tuner/prompt_methods.py), initialised, and their optimisers;
+        """The prompt method's parameters (tuner/prompts/methods.py), initialised, and their optimisers;
         with `prompt.init_from`, the finished run's rows and frozen shared part next to them."""
         cfg, p, o = self.cfg, self.cfg.prompt, self.cfg.optim
         self.layout = make_layout(
@@ -233,7 +233,7 @@ class MultiTaskPromptTuningRecipe:
         self.optimizer = adam()
 
     def _transfer_init(self) -> None:
-        """Start each new task from the source row whose prompt fits its examples best (tuner/continual.py)."""
+        """Start each new task from the source row whose prompt fits its examples best (tuner/prompts/continual.py)."""
         carried = sorted(self.source.rows)
         candidates = dict(zip(carried, compose_rows(self.layout, self.bank, self.shared, carried)))
         k = self.cfg.prompt.transfer_examples

@@ -30,8 +30,8 @@ def _rank_main(rank: int, world_size: int, port: int, job: str, runs: list[list[
     """Train each of `runs` (override lists) in turn on this rank, in one process group."""
     import torch.distributed as dist
 
+    from tuner.model.zero import partitioned_numel
     from tuner.recipe import MultiTaskPromptTuningRecipe
-    from tuner.zero import partitioned_numel
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -87,7 +87,7 @@ def _method(method: str) -> list[str]:
 
 
 def test_two_rank_zero3_equals_one_process(job):
-    """For every prompt method (tuner/prompt_methods.py): shared parts are replicated and all-reduced too.
+    """For every prompt method (tuner/prompts/methods.py): shared parts are replicated and all-reduced too.
     The methods train one after another in the same two processes (one process group start)."""
     root, path = job
     out = root / "ranks"

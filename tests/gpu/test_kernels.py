@@ -1,4 +1,4 @@
-"""On a GPU: every packed-attention kernel of `tuner.attention` against the dense-mask reference.
+"""On a GPU: every packed-attention kernel of `tuner.model.attention` against the dense-mask reference.
 
 The reference is written here: the decoder under transformers' eager attention with the layout's
 dense mask (`MultiTaskBatch.attention_mask`), fp32. Kernels that run fp32 (span SDPA, FlexAttention)
@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tuner import attention
-from tuner.batching import TokenizedExample, collate
-from tuner.model import PromptTunedLM
+from tuner.model import attention
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.tasks.batching import TokenizedExample, collate
 
 pytestmark = pytest.mark.gpu
 P, HIDDEN, VOCAB = 8, 256, 1000

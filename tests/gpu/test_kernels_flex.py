@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_kernels import _batch, _reference, _rel, _run
 
-from tuner import attention
+from tuner.model import attention
 
 pytestmark = pytest.mark.gpu
 

@@ -11,10 +11,10 @@ import torch
 import torch.distributed as dist
 
 from bench.gpu_models import task_mix
-from tuner.batching import collate
-from tuner.model import PromptTunedLM
-from tuner.optim import SparseRowAdam
-from tuner.prompt_bank import PromptBank
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.prompts.bank import PromptBank
+from tuner.prompts.optim import SparseRowAdam
+from tuner.tasks.batching import collate
 
 pytestmark = pytest.mark.gpu
 P, LR = 8, 0.01

@@ -1,7 +1,7 @@
 """Train/serve skew: for every shipped task, a served request's input token ids equal the ids
 training fed for the same data row.
 
-Training side: `tuner.tasks.build_examples` (prefix + rendered row) tokenized by `tuner.data.tokenize`,
+Training side: `tuner.tasks.spec.build_examples` (prefix + rendered row) tokenized by `tuner.tasks.data.tokenize`,
 with the task's real prefix (description and seeded demonstrations from the real train split).
 Serving side: the adapter's `TaskMeta` written by `save_adapter` and read back by the prompt
 registry, the request's raw text (the row's field; a JSON object of the fields for a
@@ -21,10 +21,10 @@ from transformers import AutoConfig
 from serving.engine import text_encoder
 from serving.prompt_format import format_prompt
 from serving.registry import PromptRegistry
-from tuner.backbone import load_tokenizer, resolve_backbone
-from tuner.data import tokenize
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
-from tuner.tasks import TaskSpec, build_examples, read_rows, task_prefix, template_fields
+from tuner.model.backbone import load_tokenizer, resolve_backbone
+from tuner.tasks.data import tokenize
+from tuner.tasks.spec import TaskSpec, build_examples, read_rows, task_prefix, template_fields
 
 REPO = Path(__file__).resolve().parents[2]
 TASK_CONFIGS = sorted((REPO / "configs" / "tasks").glob("*.yaml"))

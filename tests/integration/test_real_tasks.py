@@ -6,10 +6,10 @@ from collections import Counter
 import pytest
 from conftest import REPO
 
-from tuner.data import TaskData
 from tuner.evaluate import evaluate_task
-from tuner.ner import iob2_entities, parse_entities
-from tuner.tasks import TaskSpec, build_examples, check_columns, read_rows
+from tuner.tasks.data import TaskData
+from tuner.tasks.ner import iob2_entities, parse_entities
+from tuner.tasks.spec import TaskSpec, build_examples, check_columns, read_rows
 
 pytestmark = pytest.mark.integration
 TASKS = sorted((REPO / "configs" / "tasks").glob("*.yaml"))
@@ -55,8 +55,8 @@ def test_conll2003_counts_and_lossless_targets():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tuner.backbone import load_backbone, load_tokenizer, resolve_backbone
-    from tuner.model import PromptTunedLM
+    from tuner.model.backbone import load_backbone, load_tokenizer, resolve_backbone
+    from tuner.model.prompt_lm import PromptTunedLM
 
     path = resolve_backbone("smollm2-135m")
     return PromptTunedLM(load_backbone(path)), load_tokenizer(path)

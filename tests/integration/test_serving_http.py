@@ -16,8 +16,8 @@ from serving_helpers import TASKS, UvicornThread, server_config
 from serving.api import create_app
 from serving.auth import hash_key
 from serving.engine import Engine, EngineConfig
-from tuner.backbone import resolve_backbone
 from tuner.export import TaskAdapter, save_adapter
+from tuner.model.backbone import resolve_backbone
 
 pytestmark = pytest.mark.integration
 KEY, OTHER_KEY = "pf-it-acme", "pf-it-globex"

@@ -52,9 +52,9 @@ def test_outputs_are_complete(run_dir):
 def test_adapters_load_in_peft_with_equal_logits(run_dir):
     from peft import PeftModel
 
-    from tuner.backbone import load_backbone, load_tokenizer, resolve_backbone
     from tuner.export import load_adapter
-    from tuner.model import PromptTunedLM
+    from tuner.model.backbone import load_backbone, load_tokenizer, resolve_backbone
+    from tuner.model.prompt_lm import PromptTunedLM
 
     path = resolve_backbone("smollm2-135m")
     tok = load_tokenizer(path)
@@ -63,7 +63,7 @@ def test_adapters_load_in_peft_with_equal_logits(run_dir):
     for task in ("sst2", "ag_news", "trec"):
         adapter = load_adapter(run_dir / "adapters" / task)
         assert adapter.prompt.shape == (16, 576) and adapter.backbone == "smollm2-135m"
-        from tuner.batching import TokenizedExample, collate
+        from tuner.tasks.batching import TokenizedExample, collate
 
         batch = collate(
             [TokenizedExample(task, ids, [0])], {task: 0}, 16, max_len=256, pad_id=tok.pad_token_id

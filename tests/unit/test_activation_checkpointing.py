@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from tuner.backbone import checkpoint_layers
-from tuner.batching import TokenizedExample, collate
-from tuner.model import PromptTunedLM
+from tuner.model.backbone import checkpoint_layers
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.tasks.batching import TokenizedExample, collate
 
 P, H = 4, 32
 

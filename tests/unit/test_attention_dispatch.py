@@ -1,4 +1,4 @@
-"""`tuner.attention`: kernel choice, and every CPU-runnable kernel against the dense-mask reference.
+"""`tuner.model.attention`: kernel choice, and every CPU-runnable kernel against the dense-mask reference.
 
 The reference is the decoder run with the layout's dense mask (`MultiTaskBatch.attention_mask`)
 under transformers' eager attention. The varlen plan's index construction is checked on CPU
@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from tuner import attention
-from tuner.batching import TokenizedExample, collate
-from tuner.model import PromptTunedLM
+from tuner.model import attention
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.tasks.batching import TokenizedExample, collate
 
 P, H = 4, 32
 

@@ -335,7 +335,7 @@ def test_the_peft_baseline_and_ours_take_the_same_steps(tmp_path, tiny_backbone_
     end apart: tiny float differences grow step by step (BENCHMARKS.md, issue 14 run 4), not an update rule."""
     from bench.common import PeftPromptTuning, draw_batches, examples_by_task
     from tuner.config import load_job_config
-    from tuner.optim import lr_at
+    from tuner.prompts.optim import lr_at
     from tuner.recipe import MultiTaskPromptTuningRecipe
 
     names = ("pos_neg", "colors", "sizes")

@@ -3,9 +3,9 @@
 import torch
 
 from tuner import checkpoint as ckpt
-from tuner.data import MultiTaskSampler
-from tuner.optim import SparseRowAdam
-from tuner.prompt_bank import PromptBank
+from tuner.prompts.bank import PromptBank
+from tuner.prompts.optim import SparseRowAdam
+from tuner.tasks.data import MultiTaskSampler
 
 
 def _state():

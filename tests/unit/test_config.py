@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO, SHARED_DATA
 
 from tuner.config import ConfigError, JobConfig, from_dict, load_job_config
-from tuner.tasks import TaskSpec
+from tuner.tasks.spec import TaskSpec
 
 JOB_FILES = sorted(p for p in (REPO / "configs").glob("*.yaml"))
 TASK_FILES = sorted((REPO / "configs" / "tasks").glob("*.yaml"))

@@ -10,10 +10,10 @@ from conftest import REPO, tiny_job_yaml, write_tiny_tasks
 
 from cluster.launch import train_local
 from tuner import checkpoint as ckpt
-from tuner.batching import TokenizedExample, collate
 from tuner.config import ConfigError, load_job_config
 from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META
-from tuner.prompt_methods import make_layout
+from tuner.prompts.methods import make_layout
+from tuner.tasks.batching import TokenizedExample, collate
 
 METHODS = ["independent", "residual", "multitask"]
 SHAPE = {"prompt.rank": 2, "prompt.bottleneck": 8}
@@ -54,7 +54,7 @@ def test_exported_adapter_gives_the_logits_of_the_composed_prompt(method, source
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tuner.model import PromptTunedLM
+    from tuner.model.prompt_lm import PromptTunedLM
 
     run_dir = source_runs[method]
     state, tensors = _trained_state(run_dir)

@@ -5,8 +5,6 @@ import pytest
 import torch
 from conftest import smollm2_tokenizer_dir, tiny_llama
 
-from tuner.backbone import load_tokenizer
-from tuner.batching import TokenizedExample
 from tuner.evaluate import (
     StopStrings,
     classification_metrics,
@@ -18,8 +16,10 @@ from tuner.evaluate import (
     score_labels,
     target_losses,
 )
-from tuner.model import PromptTunedLM
-from tuner.tasks import TaskSpec
+from tuner.model.backbone import load_tokenizer
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.tasks.batching import TokenizedExample
+from tuner.tasks.spec import TaskSpec
 
 
 @pytest.mark.parametrize(

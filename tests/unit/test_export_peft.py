@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from tuner.batching import TokenizedExample, collate
 from tuner.export import TaskAdapter, load_adapter, save_adapter
-from tuner.model import PromptTunedLM
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.tasks.batching import TokenizedExample, collate
 
 
 def our_logits(lm, prompt, ids):

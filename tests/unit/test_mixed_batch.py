@@ -1,6 +1,6 @@
 """Mixed-task and packed batches: each task's loss and prompt gradient equal those of its examples run alone.
 
-Covers both layouts of `tuner.batching`: one prompt copy per segment, and segments of a task sharing
+Covers both layouts of `tuner.tasks.batching`: one prompt copy per segment, and segments of a task sharing
 one prompt copy per packed row (the default).
 """
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from tuner.batching import TokenizedExample, collate
-from tuner.model import PromptTunedLM
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.tasks.batching import TokenizedExample, collate
 
 P, H = 4, 32
 
@@ -105,7 +105,7 @@ def test_truncation_keeps_the_end_of_the_input():
 
 
 def test_unknown_task_in_batch_is_a_clear_error():
-    from tuner.prompt_bank import PromptBank
+    from tuner.prompts.bank import PromptBank
 
     bank = PromptBank(["a", "b"], P, H)
     with pytest.raises(KeyError, match="'zzz' is not registered"):
@@ -133,7 +133,7 @@ def test_shared_prompt_layout():
 
 
 def test_span_attention_equals_dense_mask(setup):
-    """SDPA over spans (tuner.span_attention) == SDPA over the layout's dense mask, values and gradients."""
+    """SDPA over spans (tuner.model.span_attention) == SDPA over the layout's dense mask, values and gradients."""
     lm, bank = setup
     g = torch.Generator().manual_seed(3)
     examples = [
@@ -172,7 +172,7 @@ def test_span_attention_equals_dense_mask(setup):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("packing,share", [(True, True), (True, False), (False, False)])
 def test_last_layer_at_targets_equals_the_full_layer(setup, packing, share, attn):
-    """`tuner.target_layer`: the last layer computed at target positions only gives the same target
+    """`tuner.model.target_layer`: the last layer computed at target positions only gives the same target
     logits and prompt gradients as the whole layer, in every layout (multi-token targets, several rows)."""
     lm, bank = setup
     lm.backbone.config._attn_implementation = attn

@@ -7,13 +7,13 @@ from conftest import smollm2_tokenizer_dir, tiny_llama
 from seqeval.metrics import f1_score, precision_score, recall_score
 from seqeval.metrics.sequence_labeling import get_entities
 
-from tuner.backbone import load_tokenizer
-from tuner.batching import collate
 from tuner.config import ConfigError
-from tuner.data import TaskData
 from tuner.evaluate import evaluate_task
-from tuner.model import PromptTunedLM
-from tuner.ner import (
+from tuner.model.backbone import load_tokenizer
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.tasks.batching import collate
+from tuner.tasks.data import TaskData
+from tuner.tasks.ner import (
     NO_ENTITIES,
     Entity,
     entity_metrics,
@@ -22,7 +22,7 @@ from tuner.ner import (
     read_conll,
     render_entities,
 )
-from tuner.tasks import TaskSpec, build_examples, check_columns
+from tuner.tasks.spec import TaskSpec, build_examples, check_columns
 
 NAMES = {"PER": "person", "ORG": "organization", "LOC": "location", "MISC": "misc"}
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from tuner.data import MultiTaskSampler
-from tuner.optim import SparseRowAdam, lr_at
-from tuner.prompt_bank import PromptBank
+from tuner.prompts.bank import PromptBank
+from tuner.prompts.optim import SparseRowAdam, lr_at
+from tuner.tasks.data import MultiTaskSampler
 
 
 def test_sparse_adam_matches_torch_adam_per_task():

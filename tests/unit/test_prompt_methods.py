@@ -1,15 +1,15 @@
-"""Prompt methods (tuner/prompt_methods.py): mixed-batch equivalence, composition against a direct
+"""Prompt methods (tuner/prompts/methods.py): mixed-batch equivalence, composition against a direct
 computation, and export of the composed prompt as a plain PEFT adapter."""
 
 import pytest
 import torch
 from conftest import tiny_llama
 
-from tuner.batching import TokenizedExample, collate
-from tuner.model import PromptTunedLM
-from tuner.optim import SparseRowAdam
-from tuner.prompt_bank import PromptBank
-from tuner.prompt_methods import Multitask, Residual, SharedParams, make_layout, prompt_of
+from tuner.model.prompt_lm import PromptTunedLM
+from tuner.prompts.bank import PromptBank
+from tuner.prompts.methods import Multitask, Residual, SharedParams, make_layout, prompt_of
+from tuner.prompts.optim import SparseRowAdam
+from tuner.tasks.batching import TokenizedExample, collate
 
 P, H = 4, 32
 METHODS = ["independent", "residual", "multitask"]

@@ -231,7 +231,7 @@ def test_a_backbone_stored_as_a_pickle_is_never_unpickled(tmp_path):
     """Safetensors only: a checkpoint directory with pytorch_model.bin used to load through torch.load."""
     from conftest import tiny_llama
 
-    from tuner.backbone import load_backbone
+    from tuner.model.backbone import load_backbone
 
     model, path = tiny_llama(), tmp_path / "pickled"
     model.save_pretrained(path)  # then its weights as a pickle instead, as an older checkpoint has them

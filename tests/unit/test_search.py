@@ -1,4 +1,4 @@
-"""In-batch hyperparameter search (`tuner.search`): expansion, halving, per-row Adam, held-out slice,
+"""In-batch hyperparameter search (`tuner.search.state`): expansion, halving, per-row Adam, held-out slice,
 and the recipe end to end on the tiny backbone (a variant trains as it would alone; resume keeps the search)."""
 
 import json
@@ -12,8 +12,8 @@ from conftest import tiny_job_yaml, write_generation_task, write_tiny_tasks
 from cluster.launch import train_local
 from tuner.config import ConfigError, JobConfig, from_dict, load_job_config
 from tuner.evaluate import classification_metrics
-from tuner.optim import SparseRowAdam
-from tuner.search import Evidence, SearchState, expand_space, halving_rungs, paired_se
+from tuner.prompts.optim import SparseRowAdam
+from tuner.search.state import Evidence, SearchState, expand_space, halving_rungs, paired_se
 
 SPACE = {"optim.lr": [0.01, 0.1, 1.0], "prompt.init": ["vocab", "random"]}
 
@@ -371,7 +371,7 @@ def test_per_row_settings_equal_separate_steps_with_each_rows_own_settings():
 def test_heldout_slice_is_the_end_of_the_first_epoch_and_never_drawn():
     """The held-out slice is the last k of a task's first-epoch order: every draw before it is the one the
     sampler makes without a slice (same task mix, same examples), and no epoch ever draws it."""
-    from tuner.data import MultiTaskSampler
+    from tuner.tasks.data import MultiTaskSampler
 
     sizes = {"a": 40, "b": 300}
     plain, held = MultiTaskSampler(sizes, 8, seed=3), MultiTaskSampler(sizes, 8, seed=3)
@@ -407,8 +407,8 @@ def test_heldout_slice_is_the_end_of_the_first_epoch_and_never_drawn():
 def test_heldout_view_and_count(tmp_path, tiny_backbone_dir):
     from transformers import AutoTokenizer
 
-    from tuner.data import TaskData
-    from tuner.tasks import TaskSpec
+    from tuner.tasks.data import TaskData
+    from tuner.tasks.spec import TaskSpec
 
     (spec_path,) = write_tiny_tasks(tmp_path, n_train=40, names=("pos_neg",))
     data = TaskData.load(TaskSpec.load(spec_path), AutoTokenizer.from_pretrained(tiny_backbone_dir))
@@ -694,9 +694,9 @@ def test_search_ranked_by_heldout_loss(tmp_path, tiny_backbone_dir):
     and the winner's last held-out number is that of its exported prompt."""
     from safetensors.torch import load_file
 
-    from tuner.data import TaskData
     from tuner.evaluate import mean_target_loss
     from tuner.recipe import MultiTaskPromptTuningRecipe
+    from tuner.tasks.data import TaskData
 
     cfg, summary, run_dir = three_rate_search(tmp_path, tiny_backbone_dir, "loss")
     assert "ranked at each rung by minus the mean target NLL" in (run_dir / "report.md").read_text()

@@ -22,7 +22,7 @@ from serving.runner import ModelRunner
 from serving.types import GenerationRequest, InvalidRequest, SamplingParams
 from tuner.evaluate import cut_at_stop
 from tuner.export import TASK_META, TaskAdapter, TaskMeta, load_adapter, save_adapter
-from tuner.tasks import TaskSpec
+from tuner.tasks.spec import TaskSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,10 +8,10 @@ import pytest
 from conftest import smollm2_tokenizer_dir
 
 from cluster.cli import main
-from tuner.backbone import load_tokenizer
 from tuner.config import ConfigError
-from tuner.data import TaskData
-from tuner.tasks import TaskSpec, build_examples, check_columns, read_rows
+from tuner.model.backbone import load_tokenizer
+from tuner.tasks.data import TaskData
+from tuner.tasks.spec import TaskSpec, build_examples, check_columns, read_rows
 
 
 def _jsonl(path, rows):

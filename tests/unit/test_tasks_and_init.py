@@ -7,10 +7,10 @@ import pytest
 import torch
 from conftest import smollm2_tokenizer_dir, tiny_llama
 
-from tuner.backbone import load_tokenizer
 from tuner.config import ConfigError
-from tuner.prompt_bank import PromptBank, init_prompts
-from tuner.tasks import TaskSpec, build_examples, read_rows, task_prefix
+from tuner.model.backbone import load_tokenizer
+from tuner.prompts.bank import PromptBank, init_prompts
+from tuner.tasks.spec import TaskSpec, build_examples, read_rows, task_prefix
 
 
 def _write(path, rows):

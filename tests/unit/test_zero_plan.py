@@ -10,8 +10,8 @@ from conftest import REPO, tiny_llama
 
 from cluster.cli import main as cli_main
 from tuner.config import ConfigError, load_job_config
-from tuner.memory import GB, BackboneShape, Workload, estimate, load_shape
-from tuner.zero import ZeroSettings, choose_zero, deepspeed_config, zero_setup
+from tuner.model.memory import GB, BackboneShape, Workload, estimate, load_shape
+from tuner.model.zero import ZeroSettings, choose_zero, deepspeed_config, zero_setup
 
 
 def _shape(model) -> BackboneShape:
@@ -62,7 +62,7 @@ def _smollm2_job(*overrides):
 
 
 def test_auto_replicates_smollm2_on_this_machine():
-    from tuner.backbone import resolve_backbone
+    from tuner.model.backbone import resolve_backbone
 
     logged = []
     setup = zero_setup(_smollm2_job(), resolve_backbone("smollm2-135m"), torch.float32, 2, logged.append)
@@ -73,7 +73,7 @@ def test_auto_replicates_smollm2_on_this_machine():
 def test_auto_shards_when_the_budget_is_below_the_model():
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from tuner.backbone import resolve_backbone
+    from tuner.model.backbone import resolve_backbone
 
     logged = []
     # SmolLM2 in fp32 is 0.5 GiB: a 0.3 GiB budget cannot hold it whole.

@@ -1,6 +1,6 @@
 """Attention for packed rows that computes only the blocks a segment can see.
 
-In a packed row (see `tuner.batching`) every segment attends to its task's prompt copy and,
+In a packed row (see `tuner.tasks.batching`) every segment attends to its task's prompt copy and,
 causally, to itself; a prompt copy attends causally to itself. A dense `[L, L]` mask over a long
 row (512 positions holding a dozen segments) makes SDPA compute every pair and throw most away:
 measured on this project's CPU, that wasted attention is a fifth of a training step. Here each
@@ -10,12 +10,12 @@ SDPA call (a few calls per layer), so the work is about the sum over spans of
 `len x (P + len)` instead of `rows x L^2`.
 
 The layout is built once per batch (`SpanAttention.from_batch`) and reaches every attention layer
-through `tuner.attention`, the dispatch point that registers the transformers attention function
+through `tuner.model.attention`, the dispatch point that registers the transformers attention function
 and picks this plan as the `sdpa` kernel. It is exact: the same scores and softmax as the dense
 mask, so losses and gradients match (tested).
 
 Not here: KV caches and decoding (the serving runner has its own path); the GPU varlen and
-FlexAttention plans (`tuner.attention`).
+FlexAttention plans (`tuner.model.attention`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tuner.batching import MultiTaskBatch
+from tuner.tasks.batching import MultiTaskBatch
 
 # A span joins a bucket while its length is at least this fraction of the bucket's longest: bounds
 # the padding each SDPA call computes, while keeping the number of calls per layer small.

@@ -1,6 +1,6 @@
 """The one dispatch point for attention over packed mixed-task rows.
 
-A packed row (see `tuner.batching`) holds *spans*: prompt copies, which attend causally to
+A packed row (see `tuner.tasks.batching`) holds *spans*: prompt copies, which attend causally to
 themselves, and segments, which attend to their prompt copy and causally to themselves. Padding
 belongs to no span. `pick_kernel(requested, device)` chooses how that layout is computed and
 `PackedLayout.build(kernel, batch, device)` turns a batch into the kernel's plan, once per forward;
@@ -9,7 +9,7 @@ attention interface (registered here under `ATTENTION_NAME`) and calls `plan.att
 
 Kernels (the values of `model.attn_implementation`):
 
-* `sdpa`: span SDPA (`tuner.span_attention`): spans of similar length batched into a few SDPA
+* `sdpa`: span SDPA (`tuner.model.span_attention`): spans of similar length batched into a few SDPA
   calls. The CPU default; exact in fp32.
 * `eager`: the dense `[R, 1, L, L]` layout mask (`MultiTaskBatch.attention_mask`) and plain
   softmax attention: the reference, L x L work per row.
@@ -27,7 +27,7 @@ Kernels (the values of `model.attn_implementation`):
   installed, else `sdpa`.
 
 Not here: KV caches and decoding (the serving runner keeps transformers' own attention), and the
-last layer computed at target positions only (`tuner.target_layer`, plain SDPA over gathered keys).
+last layer computed at target positions only (`tuner.model.target_layer`, plain SDPA over gathered keys).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from tuner.batching import MultiTaskBatch
-from tuner.span_attention import SpanAttention
+from tuner.model.span_attention import SpanAttention
+from tuner.tasks.batching import MultiTaskBatch
 
 ATTENTION_NAME = "promptfleet_packed"
 KERNELS = ("auto", "sdpa", "eager", "varlen", "flex", "flash_attention_2")

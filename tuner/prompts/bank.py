@@ -9,7 +9,7 @@ can live on the GPU (`to`): a step's gather, update and scatter then stay on the
 
 Initialisation follows Lester et al. (2021): random, sampled vocabulary embeddings, a text, or
 the task's class-label words (then vocabulary). Reads of the (possibly ZeRO-3 sharded) embedding
-matrix go through `tuner.zero.gathered`. Each task draws its random numbers from its own stream,
+matrix go through `tuner.model.zero.gathered`. Each task draws its random numbers from its own stream,
 seeded by (seed, task name): its initial prompt does not depend on which other tasks share the job
 or in what order, and a search's variants of one task that share an initialisation start from the
 same prompt as each other and as the task without a search (`streams`), so they differ only in
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from tuner.data import keyed_generator
-from tuner.zero import gathered
+from tuner.model.zero import gathered
+from tuner.tasks.data import keyed_generator
 
 
 class PromptBank:

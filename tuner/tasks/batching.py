@@ -1,7 +1,7 @@
 """Mixed-task batches: many tasks' examples in one batch, optionally packed into rows.
 
 Each example becomes one *segment*: `[input tokens][target tokens minus the last]`, preceded by
-its task's `P` virtual-token slots. The slots hold a placeholder id; `tuner.model` writes the
+its task's `P` virtual-token slots. The slots hold a placeholder id; `tuner.model.prompt_lm` writes the
 task prompt there. Two layouts:
 
 * **shared prompts** (default; SDPA and eager attention): a packed row holds *groups*, one per
@@ -11,7 +11,7 @@ task prompt there. Two layouts:
   copy serves all the group's segments exactly: each segment's loss and gradient are those of
   `[prompt][segment]` run alone, while the prompt's positions are computed once per group
   instead of once per example. Segment positions start at `P`. Attention follows the layout
-  (`tuner.span_attention`, or the dense `MultiTaskBatch.attention_mask()`).
+  (`tuner.model.span_attention`, or the dense `MultiTaskBatch.attention_mask()`).
 * **one prompt per segment** (`share_prompts=False`; FlashAttention-2 varlen): every segment
   carries its own prompt copy, positions restart at 0 at each prompt, so transformers can turn
   restarting positions into a block-diagonal causal mask or varlen `cu_seqlens`.
@@ -190,7 +190,7 @@ def collate(
             mask this builds; SDPA and eager attention only).
         row_len: packed row capacity in positions (0 or less than `max_len`: `max_len`). Longer
             rows share prompt copies among more segments and pad less; span attention
-            (`tuner.span_attention`) makes their length free, a dense mask costs L x L.
+            (`tuner.model.span_attention`) makes their length free, a dense mask costs L x L.
     """
     segs = []
     for ex in examples:

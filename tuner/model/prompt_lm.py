@@ -2,7 +2,7 @@
 
 `PromptTunedLM.forward(batch, prompts)` embeds the batch's tokens, writes the task prompts into
 the batch's virtual-token slots (`inputs_embeds`), runs the decoder with the batch's positions and
-attention layout (see `tuner.batching`: segments of one task may share a prompt copy), gathers the
+attention layout (see `tuner.tasks.batching`: segments of one task may share a prompt copy), gathers the
 hidden states at target positions only and applies the LM head to those alone. The vocabulary
 projection is one of the largest matmuls; a classification example needs it at one or two
 positions out of dozens.
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tuner import attention, target_layer
-from tuner.batching import MultiTaskBatch
+from tuner.model import attention, target_layer
+from tuner.tasks.batching import MultiTaskBatch
 
 
 @dataclass
@@ -31,7 +31,7 @@ class LossOutput:
 
 class PromptTunedLM(torch.nn.Module):
     def __init__(self, backbone: torch.nn.Module, kernel: str | None = None):
-        """`kernel`: the packed-attention kernel (`tuner.attention.KERNELS`); None follows the
+        """`kernel`: the packed-attention kernel (`tuner.model.attention.KERNELS`); None follows the
         backbone's attention implementation (eager -> eager, else auto for the device)."""
         super().__init__()
         if kernel is not None and kernel not in attention.KERNELS:
@@ -54,11 +54,11 @@ class PromptTunedLM(torch.nn.Module):
 
     @property
     def supports_shared_prompts(self) -> bool:
-        """Every packed kernel of `tuner.attention` runs the shared-prompt layout."""
+        """Every packed kernel of `tuner.model.attention` runs the shared-prompt layout."""
         return True
 
     def kernel_for(self, device: torch.device) -> str:
-        """The packed-attention kernel this model runs on `device` (see `tuner.attention.pick_kernel`)."""
+        """The packed-attention kernel this model runs on `device` (see `tuner.model.attention.pick_kernel`)."""
         requested = self.kernel
         if requested is None:
             impl = self.attn_implementation
@@ -88,7 +88,7 @@ class PromptTunedLM(torch.nn.Module):
         self, batch: MultiTaskBatch, prompts: torch.Tensor, *, targets_only: bool = False
     ) -> torch.Tensor:
         """Final hidden states [R, L, H]. `targets_only`: the last layer runs at the target positions
-        alone (see `tuner.target_layer`), so only those positions hold valid states."""
+        alone (see `tuner.model.target_layer`), so only those positions hold valid states."""
         embeds = self.embed_with_prompts(batch, prompts)
         if targets_only and batch.target_row.numel() and target_layer.supports(self.decoder):
             with target_layer.last_layer_at_targets(self.decoder, batch):
@@ -97,7 +97,7 @@ class PromptTunedLM(torch.nn.Module):
 
     def _decode(self, batch: MultiTaskBatch, embeds: torch.Tensor) -> torch.Tensor:
         # Every layout goes through the one dispatch point: each span sees only its prompt copy
-        # and, causally, itself (exact for every kernel; see tuner.attention).
+        # and, causally, itself (exact for every kernel; see tuner.model.attention).
         return attention.decode(self.decoder, batch, embeds, self.kernel_for(embeds.device))
 
     def target_logits(self, hidden: torch.Tensor, batch: MultiTaskBatch) -> torch.Tensor:

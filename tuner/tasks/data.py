@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tuner.batching import TokenizedExample
-from tuner.tasks import TaskExample, TaskSpec, build_examples, read_rows, task_prefix
+from tuner.tasks.batching import TokenizedExample
+from tuner.tasks.spec import TaskExample, TaskSpec, build_examples, read_rows, task_prefix
 
 
 def tokenize(examples: list[TaskExample], tokenizer, eos: bool = False) -> list[TokenizedExample]:

@@ -5,7 +5,7 @@
 turns a shape, a workload and a device count into a `MemoryEstimate`: the weights a rank holds
 replicated or as a ZeRO-3 shard, the gathered-layer buffers, activations with and without
 activation checkpointing, the prompt bank with its optimiser state, and the serving KV cache per
-request. `tuner.zero.choose_zero` decides from it (the same numbers drive `cluster.zero_stage:
+request. `tuner.model.zero.choose_zero` decides from it (the same numbers drive `cluster.zero_stage:
 auto` at train time and `promptfleet plan`).
 
 Activation arithmetic for a *frozen* backbone: a Linear whose weight needs no gradient saves
@@ -14,7 +14,7 @@ the two RMSNorms' fp32 inputs and normalised values (16 H bytes), SDPA's q, k, v
 the MLP's gate, SiLU and up tensors. With checkpointing each layer keeps only its input (H per
 token), and one layer's activations live at a time while backward recomputes it.
 
-It does not measure anything (`bench/zero_scaling.py` does) nor configure DeepSpeed (`tuner.zero`).
+It does not measure anything (`bench/zero_scaling.py` does) nor configure DeepSpeed (`tuner.model.zero`).
 """
 
 from __future__ import annotations
@@ -103,12 +103,12 @@ BUILTIN_SHAPES: dict[str, BackboneShape] = {
 
 
 def load_shape(name: str) -> BackboneShape:
-    """A built-in name, a directory holding `config.json`, or a backbone `tuner.backbone` resolves."""
+    """A built-in name, a directory holding `config.json`, or a backbone `tuner.model.backbone` resolves."""
     if name in BUILTIN_SHAPES:
         return BUILTIN_SHAPES[name]
     path = Path(name)
     if not path.is_dir():
-        from tuner.backbone import EMBEDDED, resolve_backbone
+        from tuner.model.backbone import EMBEDDED, resolve_backbone
 
         if name not in EMBEDDED:
             raise ValueError(

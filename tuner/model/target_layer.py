@@ -12,7 +12,7 @@ the MLP are needed at the target positions alone. That is ~95% of the last layer
 `q/k/v/o_proj` and rotary embeddings, `post_attention_layernorm`, `mlp`). The layer then returns
 its *input* at every non-target position and its output at the targets: only the targets of
 `last_hidden_state` are valid. Each target query attends to its segment's prompt copy and, causally,
-to its segment up to itself, as in `tuner.span_attention`.
+to its segment up to itself, as in `tuner.model.span_attention`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import rotate_half
 
-from tuner.batching import MultiTaskBatch
+from tuner.tasks.batching import MultiTaskBatch
 
 # Layer classes whose forward is exactly input_layernorm -> self_attn (q/k/v/o, rotary) -> residual ->
 # post_attention_layernorm -> mlp -> residual, with no extra norms, biases aside (the Linear modules own them).

@@ -6,7 +6,7 @@ own step count for bias correction (a task trained in a mix sees the same Adam a
 alone). A step costs O(tasks in the batch), whatever the number of registered tasks. Each task's
 gradient is clipped by its own norm, so one task's outlier batch cannot shrink another's update.
 `lr`, `weight_decay` and `grad_clip` may also be given per row for one step (a sequence, one
-value per name): in-batch hyperparameter variants (`tuner.search`) train rows with their own
+value per name): in-batch hyperparameter variants (`tuner.search.state`) train rows with their own
 settings in one step, at the same O(rows in the batch) cost.
 State is keyed by task name, not rank or position: checkpoints resume on any number of ranks.
 The moments live on the device of the values they update (a CUDA step never reads them back to

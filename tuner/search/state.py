@@ -9,7 +9,7 @@ mixed batch; each row gets its own learning rate, schedule, weight decay and cli
 (`SearchState.row_hparams`) and its own initialisation (`init_variant_prompts`).
 
 Successive halving (as ASHA's synchronous form): after each rung step the live variants of a task
-are scored on a held-out slice of its train split (`tuner.data.MultiTaskSampler.hold_out`: the last
+are scored on a held-out slice of its train split (`tuner.tasks.data.MultiTaskSampler.hold_out`: the last
 examples of its first-epoch order, never drawn for training) and of its n variants the best
 ceil(n / eta^k) stay after rung k (ties: the lower training loss, then the lower variant index, so every rank
 agrees). With `search.heldout_schedule: grow` (the default) a rung scores only the first
@@ -343,7 +343,7 @@ class SearchState:
 
     def row_hparams(self, rows: Sequence[str], step: int, max_steps: int) -> RowHParams:
         """Each row's learning rate at `step` (its own peak, warm-up, schedule), weight decay and clipping."""
-        from tuner.optim import lr_at
+        from tuner.prompts.optim import lr_at
 
         opts = [self.variant(r).settings.optim for r in rows]
         return RowHParams(

@@ -7,13 +7,13 @@
   directory whose completion marker is written last, and the directory is renamed into place.
   A cached directory without the marker (a crash, an older version) is rebuilt, never trusted.
 * `load_backbone` loads model + tokenizer, frozen, in the chosen dtype and attention kernel. Under
-  DeepSpeed ZeRO-3 the caller creates `HfDeepSpeedConfig` first (see `tuner.zero`), so
+  DeepSpeed ZeRO-3 the caller creates `HfDeepSpeedConfig` first (see `tuner.model.zero`), so
   `from_pretrained` partitions weights while they load and no rank holds the whole model.
 
 `checkpoint_layers` (the `cluster.activation_checkpointing` switch) recomputes decoder layers in
 backward.
 
-It does not wrap the model with prompts (`tuner.model`) nor start DeepSpeed (`tuner.zero`).
+It does not wrap the model with prompts (`tuner.model.prompt_lm`) nor start DeepSpeed (`tuner.model.zero`).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def pick_attention(requested: str, device: torch.device) -> str:
     """The transformers attention implementation to load the backbone with, for `model.attn_implementation`.
 
-    Packed training rows do not use it: `tuner.attention` picks their kernel (varlen, FlexAttention,
+    Packed training rows do not use it: `tuner.model.attention` picks their kernel (varlen, FlexAttention,
     span SDPA...). It serves unpacked forwards and KV-cache decoding: `eager` and
     `flash_attention_2` (flash-attn on a GPU) when asked for, SDPA otherwise (its fused kernels
     cover both devices).
@@ -215,10 +215,10 @@ def checkpoint_layers(model: torch.nn.Module) -> None:
     training mode only, and the backbone stays in eval mode (no dropout), so each layer's
     `forward` is wrapped here instead (an instance attribute; the class is untouched). Under
     ZeRO-3 the recompute gathers the layer's weights again, which backward does anyway.
-    The last layer is left alone: `tuner.target_layer` replaces its forward in training, and it
+    The last layer is left alone: `tuner.model.target_layer` replaces its forward in training, and it
     computes only the target positions.
     """
-    from tuner import target_layer
+    from tuner.model import target_layer
 
     decoder = getattr(model, model.base_model_prefix)
     layers = list(decoder.layers)
@@ -233,7 +233,7 @@ def _checkpointed(forward, config, *args, **kwargs):
         return forward(*args, **kwargs)
     from torch.utils.checkpoint import checkpoint
 
-    # `tuner.model` switches the attention kernel through the config for the duration of the
+    # `tuner.model.prompt_lm` switches the attention kernel through the config for the duration of the
     # forward only; the recompute in backward must run the same kernel.
     kernel = config._attn_implementation
 

@@ -2,12 +2,12 @@
 
 A task is one YAML file (see `configs/tasks/`); adding a task needs no code. `TaskSpec.load`
 validates it; `read_rows` reads a split's rows through `datasets` (local tsv/csv/jsonl/txt files
-or a Hub dataset id) or `tuner.ner.read_conll` (CoNLL column files), renames its columns (per
+or a Hub dataset id) or `tuner.tasks.ner.read_conll` (CoNLL column files), renames its columns (per
 split when the splits name them differently) and `build_examples` turns them into `TaskExample`s
 (prompt text + target text, plus every reference and the gold tags for evaluation).
 `check_columns` reads only each split's header or first rows and names any field the template,
 label or target need that the data lacks (what `promptfleet validate` runs). Tokenisation and
-batching live in `tuner.data`.
+batching live in `tuner.tasks.data`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.config import ConfigError, from_dict, one_line, read_yaml, validate_name
-from tuner.ner import is_iob2, read_conll, render_entities
+from tuner.tasks.ner import is_iob2, read_conll, render_entities
 
 LOCAL_FORMATS = ("tsv", "csv", "jsonl", "txt", "parallel_txt", "conll")
 SPLITS = ("train", "eval")
@@ -81,7 +81,7 @@ class TaskSpec:
         default="classification",
         metadata={
             "doc": "classification (verbaliser), generation (target field) or ner (IOB2 tags, "
-            "generated as tagged spans; see tuner.ner)."
+            "generated as tagged spans; see tuner.tasks.ner)."
         },
     )
     data: DataSource = field(default_factory=DataSource, metadata={"doc": "Where the rows come from."})

@@ -8,7 +8,7 @@ overlap); a piece that is malformed, names an unknown type or is not found gives
 nothing a model writes can make it raise. `entity_metrics` scores the tags with `seqeval`
 (entity-level precision / recall / F1 and the per-type table).
 
-It does not tokenise, generate or batch (see `tuner.data`, `tuner.evaluate`).
+It does not tokenise, generate or batch (see `tuner.tasks.data`, `tuner.evaluate`).
 """
 
 from __future__ import annotations

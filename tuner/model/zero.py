@@ -4,7 +4,7 @@ Why the prompt bank is not handed to DeepSpeed: ZeRO flattens and partitions eve
 parameter and its optimiser steps the whole flat buffer, i.e. O(all registered tasks) per step.
 Prompts are tiny, so every rank keeps the full bank replicated, gathers only the rows of tasks in
 the batch, all-reduces those rows' gradients itself (`allreduce_rows_grad`) and steps them with
-`tuner.optim.SparseRowAdam`. DeepSpeed owns what it is good at: partitioning the large frozen
+`tuner.prompts.optim.SparseRowAdam`. DeepSpeed owns what it is good at: partitioning the large frozen
 backbone across ranks (ZeRO-3) and gathering each layer's weights just in time in forward and
 backward.
 """
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from tuner.memory import GB, BackboneShape, MemoryEstimate, Workload, device_memory_budget, estimate
+from tuner.model.memory import GB, BackboneShape, MemoryEstimate, Workload, device_memory_budget, estimate
 
 if TYPE_CHECKING:
     from tuner.config import JobConfig
@@ -103,7 +103,7 @@ def choose_zero(
     """Replicate when the whole backbone plus activations fit `budget`; ZeRO-3 otherwise.
 
     Args:
-        mem: per-device estimate with the weights split over every rank (`tuner.memory.estimate`).
+        mem: per-device estimate with the weights split over every rank (`tuner.model.memory.estimate`).
         budget: bytes one rank may use.
         num_nodes, ranks_per_node: with several nodes, ZeRO-3 also keeps a secondary copy
             partitioned within the node (hpZ) when that fits, so gathers stay on the node's links.
@@ -229,7 +229,7 @@ def wrap_backbone(model: torch.nn.Module, ds_config: dict, trace_steps: bool = T
     `get_input_embeddings()` / `get_output_embeddings()` directly.
 
     `trace_steps`: DeepSpeed starts a "step" (records, then follows, its trace of module order) in
-    a forward pre-hook on the top module, but `tuner.model` calls the embedding, decoder and LM
+    a forward pre-hook on the top module, but `tuner.model.prompt_lm` calls the embedding, decoder and LM
     head directly, so without this the trace never completes: no prefetch, and every weight
     gathered in forward is freed and gathered again in backward. Starting the step at the input
     embedding (the first module of every forward) lets DeepSpeed prefetch along the trace and keep

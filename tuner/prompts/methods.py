@@ -17,7 +17,7 @@ shared vector's gradient is the sum of the tasks' own gradients. `independent` c
 itself (no graph), so it trains bitwise as the plain prompt bank does. `prompt_of` gives a row's
 final [P, H] prompt, which is what evaluation uses and what is exported as a plain PEFT prompt.
 
-This module does not know tasks' data, the backbone or files (see tuner/continual.py for loading a
+This module does not know tasks' data, the backbone or files (see tuner/prompts/continual.py for loading a
 finished run, tuner/checkpoint.py for saving these parts).
 """
 
@@ -29,8 +29,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from tuner.optim import SparseRowAdam
-from tuner.prompt_bank import PromptBank
+from tuner.prompts.bank import PromptBank
+from tuner.prompts.optim import SparseRowAdam
 
 SHARED = "shared"  # the shared vector's single key in its own optimiser
 
