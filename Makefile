@@ -13,7 +13,7 @@ TORCH   := torch==2.13.0
 PIP_VERSION := pip==26.3
 UV      := uv==0.13.9
 
-.PHONY: setup demo test test-unit test-slow bench gpu-check lint format clean lock
+.PHONY: setup demo test test-unit bench gpu-check lint format clean lock
 
 setup: $(VENV)/.installed
 

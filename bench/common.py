@@ -9,7 +9,7 @@
   in a batch, so a global step becomes one padded batch per task (the usual causal-LM collator:
   right padding, labels -100 off-target), forward with labels (PEFT's full-vocabulary loss),
   backward, then one `torch.optim.AdamW` step.
-* `machine_info`, `write_result`, `median`: what every JSON result records.
+* `machine_info`, `write_result`, `markdown_table`, `points`: what every result records and how.
 
 It does not time anything itself, nor decide what is compared: each benchmark module does.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections import defaultdict
@@ -187,10 +186,6 @@ class PeftPromptTuning:
 
 
 # ------------------------------------------------------------------------------------ recording
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
 
 
 def machine_info() -> dict:

@@ -132,14 +132,14 @@ def environment() -> dict:
 
     env["varlen_attn"] = attention.varlen_available()
     if env["varlen_attn"]:
-        env["varlen_params"] = sorted(attention._varlen_params())
+        env["varlen_params"] = sorted(attention.varlen_params())
     if env["cuda"]:
         device = torch.device("cuda", 0)
         env["device"] = torch.cuda.get_device_name(device)
         env["auto_kernel"] = attention.pick_kernel("auto", device)
         for kernel in ("varlen", "flash_attention_2"):
             try:
-                env[f"{kernel}_bottom_right"] = attention._bottom_right(kernel, device)
+                env[f"{kernel}_bottom_right"] = attention.aligns_bottom_right(kernel, device)
             except Exception as e:  # recorded: the tests say what fails
                 env[f"{kernel}_bottom_right"] = f"{type(e).__name__}: {e}"[:300]
     return env

@@ -91,10 +91,6 @@ def llama(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", 
     return model.eval()
 
 
-def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 class IdTokenizer:
     """Prompts are space-separated token ids ("5 17 301"); decode writes ids back the same way.
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -37,13 +38,15 @@ def write_store(
     root: Path, model, num_tasks: int, backbone: str, num_virtual: int = P, seed: int = 1
 ) -> Path:
     """`num_tasks` PEFT prompt-tuning adapters (random prompts at the embeddings' scale), as training writes them."""
-    from tuner.export import TaskAdapter, save_adapter
+    from tuner.export import TaskAdapter, TaskMeta, save_adapter
 
     g = torch.Generator().manual_seed(seed)
     scale = float(model.get_input_embeddings().weight.float().std())
     for i in range(num_tasks):
         prompt = torch.randn(num_virtual, model.config.hidden_size, generator=g) * scale
-        save_adapter(root, TaskAdapter(f"task{i}", prompt, backbone, {"kind": "generation"}), model.config)
+        save_adapter(
+            root, TaskAdapter(f"task{i}", prompt, backbone, TaskMeta(kind="generation")), model.config
+        )
     return root
 
 
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                     out.update(
                         tokens_per_s=tokens / seconds, tokens=tokens, seconds=seconds, requests=len(reqs)
                     )
-                    out["stats"] = engine.stats()
+                    out["stats"] = dataclasses.asdict(engine.stats())
             with rec.section(f"{name}/peft_per_task") as out:
                 tasks = [f"task{i}" for i in range(min(args.baseline_tasks, args.tasks))]
                 out.update(bench_peft(model, store, mixed, args.max_tokens, tasks))

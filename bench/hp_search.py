@@ -33,30 +33,36 @@ the costs.
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import os
 import re
 import shutil
+import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import REPO, markdown_table, points, write_result
+from bench.stats import PairedDifference
 from tuner.config import JobConfig, load_job_config
 from tuner.recipe import MultiTaskPromptTuningRecipe
-from tuner.search.state import expand_space
+from tuner.search.space import expand_space
 
 DEFAULT_SPACE = ["optim.lr=0.003,0.01,0.03", "prompt.init=class_labels,vocab"]
 
 
 def timed_run(cfg: JobConfig) -> dict:
-    """Run `cfg` in this process; returns its summary with setup and train(+final eval) wall times."""
+    """Run `cfg` in this process; returns its summary (as summary.json holds it) with setup and
+    train(+final eval) wall times."""
     t0 = time.perf_counter()
     recipe = MultiTaskPromptTuningRecipe(cfg, progress=False)
     try:
         recipe.setup()
         t1, c1 = time.perf_counter(), time.process_time()
         recipe.train()
-        summary = recipe.finish()
+        summary = recipe.finish().to_json()
     finally:
         recipe.cleanup()
     t2, c2 = time.perf_counter(), time.process_time()
@@ -76,7 +82,7 @@ def parse_space(items: list[str]) -> dict[str, list]:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", default=str(REPO / "configs" / "multitask_all.yaml"))
     ap.add_argument("--steps", type=int, default=300)
@@ -123,6 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--pool; _seedN is appended for seed N > 0): keeps a variant setup's results beside the default's",
     )
     ap.add_argument("overrides", nargs="*", help="key=value overrides for every run")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = _parser()
     args = ap.parse_args(argv)
     if args.ab_only and not args.skip_naive:
         ap.error("--ab-only needs --skip-naive: (c)'s six jobs are what the naive search costs")
@@ -136,6 +147,48 @@ def main(argv: list[str] | None = None) -> dict:
         args.eval_examples, args.heldout, args.max_seq_len = 8, 6, 128
     space = parse_space(args.space)
     out_dir = tempfile.mkdtemp(prefix="promptfleet-hp-search-")
+    base = base_config(args, out_dir)
+    hand = hand_set(base, list(space))
+    runs = run_jobs(args, base, space, hand)
+    names = list(runs.a["tasks"])
+    score = {m: {t: _points(run, t) for t in names} for m, run in runs.compared().items()}
+    chosen_b = {t: runs.b["search"][t]["chosen"] for t in names}
+    chosen_c, heldout_c = {}, {}
+    if runs.naive:
+        chosen_c, score["c"], heldout_c = naive_choice(names, runs.naive, runs.variants)
+    table, mean = score_table(runs, score, chosen_b, chosen_c)
+    cost = costs(runs, args.ab_only)
+    same = sum(chosen_b[t] == chosen_c[t] for t in names) if runs.naive else None
+    print(table)
+    print_costs(runs, cost, same, len(names), args.ab_only)
+    draw_noise = {t: score["a"][t] - score["a_held"][t] for t in names} if runs.a_held is not None else None
+    if draw_noise is not None:
+        print(
+            "(a) - (a'), the same configuration without and with the held-out slice (0 unless a task ran past "
+            "its first epoch): " + ", ".join(f"{t} {d:+.1f}" for t, d in draw_noise.items())
+        )
+    result = {
+        "benchmark": "hp_search",
+        "quick": args.quick,
+        "setup": setup_record(args, base, runs, space, hand),
+        "scores": score,
+        "mean": mean,
+        "chosen": {"b": chosen_b, "c": chosen_c},
+        "heldout_c": heldout_c,
+        "search_b": runs.b["search"],
+        "cost": cost,
+        "same_choice": same,
+        "draw_noise": draw_noise,  # (a) - (a'): one configuration, two draws of the same number of examples
+        "table": table,
+    }
+    name = args.name or ("hp_search_ab" if args.skip_naive else "hp_search")
+    write_result(name + (f"_seed{base.data.seed}" if base.data.seed else ""), result, args.quick)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result
+
+
+def base_config(args, out_dir: str) -> JobConfig:
+    """The job every run starts from: `--job` at the benchmark's sizes, one process, fp32, no checkpoints."""
     common = [
         f"output_dir={out_dir}",
         f"optim.max_steps={args.steps}",
@@ -159,7 +212,27 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tasks:
         keep = set(args.tasks.split(","))
         base.tasks = [t for t in base.tasks if Path(t).stem in keep]
-    import copy
+    return base
+
+
+@dataclass
+class Runs:
+    """The summaries (`timed_run`) of the benchmark's runs."""
+
+    a: dict  # (a) hand-set
+    b: dict  # (b) in-batch search
+    a_again: dict  # (a) once more at the end (with --ab-only: (a) itself)
+    naive: list[dict]  # (c): one job per variant of the space, in `variants` order (none with --skip-naive)
+    variants: list  # the space's variants (`expand_space`)
+    a_held: dict | None  # (a') hand-set on (b)'s draws (None with --ab-only)
+
+    def compared(self) -> dict[str, dict]:
+        """The runs whose scores the table shows beside (c), by their key in the result."""
+        return {"a": self.a, **({"a_held": self.a_held} if self.a_held else {}), "b": self.b}
+
+
+def run_jobs(args, base: JobConfig, space: dict[str, list], hand: dict) -> Runs:
+    """(a), (b), (c)'s jobs, (a') where no (c) job is it, and (a) again, in that order."""
 
     def job(name: str, search: dict | None) -> JobConfig:
         cfg = copy.deepcopy(base)
@@ -167,62 +240,66 @@ def main(argv: list[str] | None = None) -> dict:
         cfg.search.space = search or {}
         return cfg
 
-    runs: dict[str, dict] = {}
+    def timed(cfg: JobConfig) -> dict:
+        summary = timed_run(cfg)
+        print(f"    {summary['train_s']:.0f} s", flush=True)
+        return summary
+
     print(f"(a) hand-set: optim.lr={base.optim.lr}, prompt.init={base.prompt.init}", flush=True)
-    runs["a"] = timed_run(job("hand-set", None))
-    print(f"    {runs['a']['train_s']:.0f} s", flush=True)
+    a = timed(job("hand-set", None))
     print(f"(b) in-batch search over {space}", flush=True)
-    runs["b"] = timed_run(job("in-batch", space))
-    print(f"    {runs['b']['train_s']:.0f} s", flush=True)
+    b = timed(job("in-batch", space))
     variants = expand_space(job("probe", space))
-    hand = hand_set(base, list(space))
     naive = []
     for k, v in enumerate([] if args.skip_naive else variants):
         print(f"(c) job {k + 1}/{len(variants)}: {v.label()}", flush=True)
-        naive.append(timed_run(job(f"naive-{k}", {key: [val] for key, val in v.values.items()})))
-        print(f"    {naive[-1]['train_s']:.0f} s", flush=True)
+        naive.append(timed(job(f"naive-{k}", {key: [val] for key, val in v.values.items()})))
     same_as_hand = [k for k, v in enumerate(variants) if v.values == hand] if naive else []
+    a_held = None
     if same_as_hand:
-        runs["a_held"] = naive[same_as_hand[0]]
+        a_held = naive[same_as_hand[0]]
         print(f"(a') hand-set on (b)'s draws: (c) job {same_as_hand[0] + 1}", flush=True)
     elif not args.ab_only:  # --ab-only: no (a'), whose draws are (a)'s
         print("(a') hand-set on (b)'s draws (one-variant search: the same held-out slice)", flush=True)
-        runs["a_held"] = timed_run(job("hand-set-heldout", {key: [val] for key, val in hand.items()}))
-        print(f"    {runs['a_held']['train_s']:.0f} s", flush=True)
-
+        a_held = timed(job("hand-set-heldout", {key: [val] for key, val in hand.items()}))
     # (a) once more at the end: on a shared machine the load drifts over a long benchmark, and the
     # spread of the two (a) runs (same work) shows how much.
-    if args.ab_only:
-        a_again = runs["a"]
-    else:
+    a_again = a
+    if not args.ab_only:
         print("(a) again, to see the load's drift", flush=True)
-        a_again = timed_run(job("hand-set-again", None))
-        print(f"    {a_again['train_s']:.0f} s", flush=True)
+        a_again = timed(job("hand-set-again", None))
+    return Runs(a, b, a_again, naive, variants, a_held)
 
-    names = list(runs["a"]["tasks"])
 
-    def pts(run: dict, t: str) -> float:  # in points: accuracy and F1 x 100, chrF as it is
-        return points(run["tasks"][t]["metric"], run["tasks"][t]["tuned"]["score"])
+def _points(run: dict, task: str) -> float:
+    """`task`'s final score in `run`, in points: accuracy and F1 x 100, chrF as it is."""
+    return points(run["tasks"][task]["metric"], run["tasks"][task]["tuned"]["score"])
 
-    ours = [m for m in ("a", "a_held", "b") if m in runs]
-    score = {m: {t: pts(runs[m], t) for t in names} for m in ours}
-    chosen_b = {t: runs["b"]["search"][t]["chosen"] for t in names}
-    chosen_c, score["c"], heldout_c = {}, {}, {}
-    for t in names if naive else []:
+
+def naive_choice(names: list[str], naive: list[dict], variants: list) -> tuple[dict, dict, dict]:
+    """(c): per task, the variant whose job scored best on the task's held-out slice.
+
+    Returns (task -> chosen settings, task -> that job's score in points, task -> held-out score by variant).
+    """
+    chosen, score, heldout = {}, {}, {}
+    for t in names:
         held = [(r["search"][t]["variants"][0]["heldout"][-1][1], k) for k, r in enumerate(naive)]
         best = max(held, key=lambda x: (x[0], -x[1]))[1]  # ties: the first variant, as (b) breaks them
-        chosen_c[t], score["c"][t] = variants[best].values, pts(naive[best], t)
-        heldout_c[t] = {variants[k].label(): h for h, k in held}
-    if not naive:
-        del score["c"]
-    methods = [*ours, *(["c"] if naive else [])]
-    held = "a_held" in runs
+        chosen[t], score[t] = variants[best].values, _points(naive[best], t)
+        heldout[t] = {variants[k].label(): h for h, k in held}
+    return chosen, score, heldout
+
+
+def score_table(runs: Runs, score: dict, chosen_b: dict, chosen_c: dict) -> tuple[str, dict[str, float]]:
+    """The Markdown table of every task's scores, differences and choices; and each method's mean."""
+    names, naive, held = list(score["a"]), bool(runs.naive), runs.a_held is not None
+    methods = list(score)
     rows = []
     for t in names:
         rows.append(
             [
                 t,
-                runs["a"]["tasks"][t]["metric"],
+                runs.a["tasks"][t]["metric"],
                 *(f"{score[m][t]:.1f}" for m in methods),
                 f"{score['b'][t] - score['a'][t]:+.1f}",
                 *([f"{score['b'][t] - score['a_held'][t]:+.1f}"] if held else []),
@@ -245,16 +322,21 @@ def main(argv: list[str] | None = None) -> dict:
     header = ["task", "metric", "(a) hand-set", *(["(a') on (b)'s draws"] if held else []), "(b) in-batch"]
     header += [*(["(c) naive"] if naive else []), "(b) - (a)", *(["(b) - (a')"] if held else []), "(b) chose"]
     header += ["(c) chose"] if naive else []
-    table = markdown_table(header, rows)
+    return markdown_table(header, rows), mean
+
+
+def costs(runs: Runs, ab_only: bool) -> dict:
+    """Wall and CPU seconds of training + final evaluation per method, and their ratios."""
+    a, a_again, naive = runs.a, runs.a_again, runs.naive
     cost = {
-        "a_train_s_first_last": [runs["a"]["train_s"], *([] if args.ab_only else [a_again["train_s"]])],
-        "a_train_s": (runs["a"]["train_s"] + a_again["train_s"]) / 2,
-        "b_train_s": runs["b"]["train_s"],
-        "b_rung_scoring_s": runs["b"]["search_scoring_s"],  # part of b_train_s
+        "a_train_s_first_last": [a["train_s"], *([] if ab_only else [a_again["train_s"]])],
+        "a_train_s": (a["train_s"] + a_again["train_s"]) / 2,
+        "b_train_s": runs.b["train_s"],
+        "b_rung_scoring_s": runs.b["search_scoring_s"],  # part of b_train_s
         "c_train_s": sum(r["train_s"] for r in naive),
-        "setup_s_each": runs["a"]["setup_s"],
-        "a_cpu_s": (runs["a"]["train_cpu_s"] + a_again["train_cpu_s"]) / 2,
-        "b_cpu_s": runs["b"]["train_cpu_s"],
+        "setup_s_each": a["setup_s"],
+        "a_cpu_s": (a["train_cpu_s"] + a_again["train_cpu_s"]) / 2,
+        "b_cpu_s": runs.b["train_cpu_s"],
         "c_cpu_s": sum(r["train_cpu_s"] for r in naive),
     }
     if not naive:
@@ -264,79 +346,60 @@ def main(argv: list[str] | None = None) -> dict:
     if naive:
         cost["c_over_b_cpu"] = cost["c_cpu_s"] / cost["b_cpu_s"]
         cost["c_over_b"] = cost["c_train_s"] / cost["b_train_s"]
-    same = sum(chosen_b[t] == chosen_c[t] for t in names) if naive else None
-    print(table)
+    return cost
+
+
+def print_costs(runs: Runs, cost: dict, same: int | None, num_tasks: int, ab_only: bool) -> None:
     wall = (
         f"wall time (train + final eval): (a) {cost['a_train_s']:.0f} s "
         + (
             "(one run)"
-            if args.ab_only
-            else f"(first {runs['a']['train_s']:.0f} s, last {a_again['train_s']:.0f} s)"
+            if ab_only
+            else f"(first {runs.a['train_s']:.0f} s, last {runs.a_again['train_s']:.0f} s)"
         )
         + f", (b) {cost['b_train_s']:.0f} s "
         f"= {cost['b_over_a']:.2f}x (a)"
     )
     cpu = f"CPU time: (a) {cost['a_cpu_s']:.0f} s, (b) {cost['b_cpu_s']:.0f} s = {cost['b_over_a_cpu']:.2f}x (a)"
-    if naive:
+    if runs.naive:
         wall += f", (c) {cost['c_train_s']:.0f} s = {cost['c_over_b']:.2f}x (b); "
-        wall += f"(b) and (c) chose the same configuration for {same}/{len(names)} tasks"
+        wall += f"(b) and (c) chose the same configuration for {same}/{num_tasks} tasks"
         cpu += f", (c) {cost['c_cpu_s']:.0f} s = {cost['c_over_b_cpu']:.2f}x (b)"
     print(wall)
     print(f"{cpu}; of (b)'s wall time, {cost['b_rung_scoring_s']:.0f} s scored variants at rungs")
-    draw_noise = {t: score["a"][t] - score["a_held"][t] for t in names} if held else None
-    if draw_noise is not None:
-        print(
-            "(a) - (a'), the same configuration without and with the held-out slice (0 unless a task ran past "
-            "its first epoch): " + ", ".join(f"{t} {d:+.1f}" for t, d in draw_noise.items())
-        )
-    load = os.getloadavg()
-    result = {
-        "benchmark": "hp_search",
-        "quick": args.quick,
-        "setup": {
-            "job": _repo_relative(args.job),  # comparable between clones (--pool)
-            "tasks": names,
-            "steps": args.steps,
-            "batch_size": args.batch_size,
-            "max_train": args.max_train,
-            "eval_examples": args.eval_examples,
-            "heldout": args.heldout,
-            "criterion": runs["b"]["config"]["search"]["criterion"],
-            "heldout_schedule": runs["b"]["config"]["search"].get("heldout_schedule", "fixed"),
-            "max_seq_len": args.max_seq_len,
-            "eta": args.eta,
-            "space": space,
-            "hand_set": hand,
-            "rungs": runs["b"]["config"]["search"]["rungs"] or "auto",
-            "base_margin": runs["b"]["config"]["search"].get("base_margin", 0.0),
-            "base_rungs": runs["b"]["config"]["search"].get("base_rungs", "every"),
-            "scoring": runs["b"]["config"]["search"].get("scoring", "heldout"),
-            "seed": base.data.seed,
-            # variants each task trains: fewer than the space's where some train alike on it
-            # (`tuner.search.state.effective`: a generation task's class_labels is its vocab init)
-            "trained_variants": {
-                t: sum(
-                    not v.get("outcome", "").startswith("trains as")
-                    for v in runs["b"]["search"][t]["variants"]
-                )
-                for t in names
-            },
-            "load_avg": list(load),
+
+
+def setup_record(args, base: JobConfig, runs: Runs, space: dict, hand: dict) -> dict:
+    """What the result records of its setup (what `--pool` compares between seeds, plus the load)."""
+    search = runs.b["config"]["search"]
+    names = list(runs.a["tasks"])
+    return {
+        "job": _repo_relative(args.job),  # comparable between clones (--pool)
+        "tasks": names,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_train": args.max_train,
+        "eval_examples": args.eval_examples,
+        "heldout": args.heldout,
+        "criterion": search["criterion"],
+        "heldout_schedule": search.get("heldout_schedule", "fixed"),
+        "max_seq_len": args.max_seq_len,
+        "eta": args.eta,
+        "space": space,
+        "hand_set": hand,
+        "rungs": search["rungs"] or "auto",
+        "base_margin": search.get("base_margin", 0.0),
+        "base_rungs": search.get("base_rungs", "every"),
+        "scoring": search.get("scoring", "heldout"),
+        "seed": base.data.seed,
+        # variants each task trains: fewer than the space's where some train alike on it
+        # (`tuner.search.state.effective`: a generation task's class_labels is its vocab init)
+        "trained_variants": {
+            t: sum(not v.get("outcome", "").startswith("trains as") for v in runs.b["search"][t]["variants"])
+            for t in names
         },
-        "scores": score,
-        "mean": mean,
-        "chosen": {"b": chosen_b, "c": chosen_c},
-        "heldout_c": heldout_c,
-        "search_b": runs["b"]["search"],
-        "cost": cost,
-        "same_choice": same,
-        "draw_noise": draw_noise,  # (a) - (a'): one configuration, two draws of the same number of examples
-        "table": table,
+        "load_avg": list(os.getloadavg()),
     }
-    name = args.name or ("hp_search_ab" if args.skip_naive else "hp_search")
-    write_result(name + (f"_seed{base.data.seed}" if base.data.seed else ""), result, args.quick)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    return result
 
 
 def _stem(name: str) -> str:
@@ -348,8 +411,6 @@ def _stem(name: str) -> str:
 
 def load_result(path: Path) -> dict:
     """A recorded (b)-vs-(a) result, or ValueError naming the file."""
-    import json
-
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -365,7 +426,6 @@ def pool(results: list[dict], quick: bool = False, name: str = "") -> dict:
     """(b) - (a) per task over several seeds of one setup: mean, sample sd, seeds with (b) >= (a); the
     mean over tasks per seed; (b)'s cost per seed. One seed cannot resolve the targets: a task's score
     moves by several points between float orders of the same configuration (BENCHMARKS.md, run 8)."""
-    import statistics
 
     def comparable(r: dict) -> dict:
         setup = {"scoring": "heldout", **r["setup"]}  # results from before scoring was recorded
@@ -382,27 +442,17 @@ def pool(results: list[dict], quick: bool = False, name: str = "") -> dict:
                 f"--pool: seeds {seeds[0]} and {r['setup']['seed']} differ in setup ({', '.join(diff)})"
             )
     tasks = results[0]["setup"]["tasks"]
-    diff = {t: [r["scores"]["b"][t] - r["scores"]["a"][t] for r in results] for t in tasks}
+    by_task = {
+        t: PairedDifference.of([r["scores"]["b"][t] for r in results], [r["scores"]["a"][t] for r in results])
+        for t in tasks
+    }
+    diff = {t: d.diffs for t, d in by_task.items()}
     per_seed = [statistics.mean(d[i] for d in diff.values()) for i in range(len(results))]
+    over_tasks = PairedDifference.from_diffs(per_seed)
     rows = [
-        [
-            t,
-            *(f"{x:+.1f}" for x in d),
-            f"{statistics.mean(d):+.1f}",
-            f"{statistics.stdev(d):.1f}",
-            f"{sum(x >= 0 for x in d)}/{len(d)}",
-        ]
-        for t, d in diff.items()
+        [name, *(f"{x:+.1f}" for x in d.diffs), f"{d.mean:+.1f}", f"{d.sd:.1f}", f"{d.wins}/{len(d.diffs)}"]
+        for name, d in [*by_task.items(), ("mean over tasks", over_tasks)]
     ]
-    rows.append(
-        [
-            "mean over tasks",
-            *(f"{x:+.1f}" for x in per_seed),
-            f"{statistics.mean(per_seed):+.1f}",
-            f"{statistics.stdev(per_seed):.1f}",
-            f"{sum(x >= 0 for x in per_seed)}/{len(per_seed)}",
-        ]
-    )
     rows.append(
         [
             "(b) / (a) wall time",
@@ -416,13 +466,13 @@ def pool(results: list[dict], quick: bool = False, name: str = "") -> dict:
         ["(b) - (a)", *(f"seed {s}" for s in seeds), "mean", "sd", "seeds (b) >= (a)"], rows
     )
     print(table)
-    mean_gain = statistics.mean(per_seed)
+    mean_gain = over_tasks.mean
     verdict = {
         "mean_gain": mean_gain,
-        "tasks_below_a": [t for t, d in diff.items() if statistics.mean(d) < 0],
+        "tasks_below_a": [t for t, d in by_task.items() if d.mean < 0],
         "b_over_a": [r["cost"]["b_over_a"] for r in results],
         "targets_met": mean_gain >= 2
-        and all(statistics.mean(d) >= 0 for d in diff.values())
+        and all(d.mean >= 0 for d in by_task.values())
         and all(r["cost"]["b_over_a"] <= 2 for r in results),
     }
     print(f"mean (b) - (a) over {len(seeds)} seeds: {mean_gain:+.2f}; targets met: {verdict['targets_met']}")

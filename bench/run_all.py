@@ -1,7 +1,8 @@
 """Run every benchmark in `bench/` in sequence: `python -m bench.run_all [--quick]`.
 
-Benchmarks are the modules `bench/<name>.py` that define `main(argv)`; the known ones run in
-the order below (cheapest first), any others after them alphabetically. `--quick` is passed
+Benchmarks are the modules `bench/<name>.py` that define `main(argv)`, less the GPU run's
+(`bench/gpu_*.py`: `make gpu-check` runs those on a GPU machine); the known ones run in the order
+below (cheapest first), any others after them alphabetically. `--quick` is passed
 through: a smoke run of a minute or two per benchmark whose numbers are not recorded.
 """
 
@@ -17,7 +18,8 @@ NOT_BENCHMARKS = {"__init__", "run_all", "common"}
 
 
 def discover() -> list[str]:
-    found = {p.stem for p in Path(__file__).parent.glob("*.py")} - NOT_BENCHMARKS
+    found = {p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("gpu_")}
+    found -= NOT_BENCHMARKS
     return [n for n in ORDER if n in found] + sorted(found - set(ORDER))
 
 

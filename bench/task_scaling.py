@@ -13,9 +13,10 @@ With shared prompt copies (the default) a row holds one copy per distinct task i
 of 64 one-example tasks computes 63 more prompt copies than a batch of one task; B' vs C' holds
 the positions fixed and isolates what the task structure itself costs.
 
-Each step is the recipe's own `train_step` (gather the batch's prompt rows, forward/backward,
-SparseRowAdam on those rows, scatter back). The optimiser already holds state for every
-registered task, as after a long run. Configurations are interleaved, repetition by
+Each configuration is a recipe of its own on one shared backbone (`MultiTaskPromptTuningRecipe`
+with `lm=`, the relabelled `tasks=` and its `registered=` tasks), and each step is its own
+`train_step` (gather the batch's prompt rows, forward/backward, SparseRowAdam on those rows,
+scatter back). The optimiser already holds state for every registered task, as after a long run. Configurations are interleaved, repetition by
 repetition; medians of wall-clock and of process CPU time are reported, with one torch thread
 by default (the comparison is within ours; one thread keeps other load from stalling OpenMP
 barriers, the main source of noise on a shared 2-core machine). The prompt-bank + optimiser
@@ -32,58 +33,54 @@ backbone (the backbone's work does not depend on the method's parameters) and ru
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import shutil
 import time
-from types import SimpleNamespace
 
 import torch
 from tqdm.auto import tqdm
 
-from bench.common import (
-    bench_config,
-    draw_batches,
-    markdown_table,
-    median,
-    setup_recipe,
-    write_result,
-)
+from bench.common import bench_config, draw_batches, markdown_table, setup_recipe, write_result
+from bench.stats import median, median_ratio
 from tuner.prompts.bank import PromptBank
 from tuner.prompts.methods import SharedParams, make_layout
 from tuner.prompts.optim import SparseRowAdam
+from tuner.recipe import MultiTaskPromptTuningRecipe
 from tuner.tasks.batching import collate
+from tuner.tasks.data import TaskData
 
 
 def task_names(n: int) -> list[str]:
     return [f"task{i:05d}" for i in range(n)]
 
 
-def registered_bank(
-    registered: int, P: int, hidden: int, like: SparseRowAdam
-) -> tuple[PromptBank, SparseRowAdam]:
-    """A bank of `registered` tasks and an optimiser holding state for every one of them."""
-    names = task_names(registered)
-    bank = PromptBank(names, P, hidden)
-    bank.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(0))
-    opt = SparseRowAdam(like.lr, like.betas, like.eps, like.weight_decay, like.grad_clip)
-    opt.state = {
-        n: {"step": 1, "exp_avg": torch.zeros(P, hidden), "exp_avg_sq": torch.zeros(P, hidden)} for n in names
+def warm_state(names: list[str], shape: tuple[int, ...]) -> dict:
+    """A `SparseRowAdam` state dict with moments for every task in `names`, as after a long run."""
+    return {
+        "state": {
+            n: {"step": 1, "exp_avg": torch.zeros(shape), "exp_avg_sq": torch.zeros(shape)} for n in names
+        }
     }
-    return bank, opt
 
 
-def relabel(examples, per_batch: int) -> tuple[dict, list[tuple[str, int]]]:
-    """(recipe tasks, global batch) with `examples` spread round-robin over `per_batch` task ids."""
+def relabel(reference: dict[str, TaskData], draw, per_batch: int) -> tuple[dict[str, TaskData], list]:
+    """(tasks, global batch): the examples of `draw` spread round-robin over `per_batch` task ids.
+
+    Every relabelled task holds all of the examples (with its name on those it owns) and the batch
+    picks each example once, under the task it was dealt to.
+    """
+    examples = [reference[t].train[i] for t, i in draw]
     names = task_names(per_batch)
     relabelled = [dataclasses.replace(ex, task=names[j % per_batch]) for j, ex in enumerate(examples)]
-    return {n: SimpleNamespace(train=relabelled) for n in names}, [
-        (ex.task, j) for j, ex in enumerate(relabelled)
-    ]
-
-
-def examples_of(setup) -> list:
-    tasks, draw = setup[0], setup[1]
-    return [tasks[t].train[i] for t, i in draw]
+    spec = next(iter(reference.values())).spec  # any one, renamed: a training step reads nothing of it
+    tasks = {
+        n: TaskData(
+            spec=dataclasses.replace(spec, name=n), prefix="", train=relabelled, eval=[], eval_text=[]
+        )
+        for n in names
+    }
+    return tasks, [(ex.task, j) for j, ex in enumerate(relabelled)]
 
 
 def bank_and_optimiser_time(bank: PromptBank, opt: SparseRowAdam, names: list[str], reps: int = 20) -> float:
@@ -106,10 +103,7 @@ def method_step(method: str, registered: int, batch_tasks: int, P: int, H: int, 
     bank = PromptBank(names, *layout.row_shape)
     bank.weight.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(seed))
     opt = SparseRowAdam(0.03, grad_clip=1.0)
-    shape = layout.row_shape
-    opt.state = {
-        n: {"step": 1, "exp_avg": torch.zeros(shape), "exp_avg_sq": torch.zeros(shape)} for n in names
-    }
+    opt.load_state_dict(warm_state(names, layout.row_shape))
     shared = None
     if layout.shared_size:
         init = layout.init_shared(torch.Generator().manual_seed(seed))
@@ -146,7 +140,7 @@ def methods_main(args) -> dict:
         for _ in range(reps):  # interleaved: a slow spell of the shared machine hits both
             few_t.append(few())
             many_t.append(lots())
-        ratio = median([b / a for a, b in zip(few_t, many_t)]) - 1
+        ratio = median_ratio(few_t, many_t) - 1
         results[method] = {
             "registered_10_s": median(few_t),
             f"registered_{many}_s": median(many_t),
@@ -177,7 +171,7 @@ def methods_main(args) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: small batch, 1 repetition, nothing recorded"
@@ -198,20 +192,18 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="only the prompt-parameter step of every prompt method (no backbone)",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.methods:
         return methods_main(args)
     batch, reps, many = (16, 1, 1000) if args.quick else (args.batch_size, args.reps, args.registered)
-
     cfg = bench_config(
         "task-scaling", batch_size=batch, max_steps=10**6, max_train=400 if args.quick else 4000
     )
-    recipe = setup_recipe(cfg)
-    (draw,) = draw_batches(recipe, 1)
-    examples = [recipe.tasks[t].train[i] for t, i in draw]
-    P, H = cfg.prompt.num_virtual_tokens, recipe.lm.backbone.config.hidden_size
-    L, row_len, pad = cfg.model.max_seq_len, cfg.data.row_len, recipe.tokenizer.pad_token_id
     configs = {  # name: (tasks per batch, registered tasks, shared prompt copies)
         "A: 1 task/batch, 10 registered": (1, 10, True),
         f"B: 1 task/batch, {many:,} registered": (1, many, True),
@@ -219,85 +211,28 @@ def main(argv: list[str] | None = None) -> dict:
         "B': B, one prompt per example": (1, many, False),
         "C': C, one prompt per example": (batch, many, False),
     }
-    banks = {n: registered_bank(n, P, H, recipe.optimizer) for n in {n for _, n, _ in configs.values()}}
-    setups = {name: (*relabel(examples, k), *banks[n]) for name, (k, n, _) in configs.items()}
-    positions = {}
-    for name, (_, _, share) in configs.items():
-        rows = {t: i for i, t in enumerate(setups[name][0])}
-        b = collate(
-            examples_of(setups[name]), rows, P, max_len=L, pad_id=pad, share_prompts=share, row_len=row_len
-        )
-        positions[name] = b.input_ids.numel()
-
-    def run(name: str) -> dict:
-        recipe.tasks, d, recipe.bank, recipe.optimizer = setups[name]
-        recipe.cfg.data.share_prompts = configs[name][2]
-        return recipe.train_step(d)
-
-    times: dict[str, list[float]] = {n: [] for n in configs}  # wall-clock seconds
-    cpu: dict[str, list[float]] = {n: [] for n in configs}  # process CPU seconds (robust to other load)
-    tokens = {}
-    for r in tqdm(range(reps + 1), desc="task scaling (reps x configs)", unit="rep"):  # rep 0 warms up
-        order = list(configs)[r % len(configs) :] + list(configs)[: r % len(configs)]
-        for name in order:
-            t0, c0 = time.perf_counter(), time.process_time()
-            tokens[name] = run(name).tokens
-            if r:
-                times[name].append(time.perf_counter() - t0)
-                cpu[name].append(time.process_time() - c0)
+    reference = setup_recipe(cfg)
+    setups = configuration_recipes(reference, configs)
+    times, cpu, tokens = time_steps(setups, reps)
     assert len(set(tokens.values())) == 1, f"configurations must run the same tokens: {tokens}"
-
     results = {}
     for name, (k, n, share) in configs.items():
-        tasks, _, bank, opt = setups[name]
+        recipe, draw = setups[name]
         results[name] = {
             "tasks_per_batch": k,
             "registered_tasks": n,
             "shared_prompts": share,
-            "positions": positions[name],
+            "positions": positions_computed(recipe, draw),
             "median_step_s": median(times[name]),
             "median_step_cpu_s": median(cpu[name]),
             "step_times_s": times[name],
             "step_cpu_s": cpu[name],
-            "bank_and_optimiser_s": bank_and_optimiser_time(bank, opt, sorted(tasks)),
+            "bank_and_optimiser_s": bank_and_optimiser_time(
+                recipe.bank, recipe.optimizer, sorted(recipe.tasks)
+            ),
         }
-    a, b, c, b1, c1 = (results[n] for n in configs)
-    # Median of per-repetition ratios (configurations ran back to back in each repetition, so a
-    # slow spell of the shared machine hits both sides of a pair).
-    comparisons = {
-        f"{what} ({clock})": median([yy / xx for xx, yy in zip(x[key], y[key])]) - 1
-        for what, x, y in (
-            ("registered, B vs A", a, b),
-            ("tasks per batch, C vs B", b, c),
-            ("tasks per batch, one prompt per example, C' vs B'", b1, c1),
-            ("shared vs one prompt per example at 64 tasks, C vs C'", c1, c),
-        )
-        for clock, key in (("wall", "step_times_s"), ("CPU time", "step_cpu_s"))
-    }
-    rows = [
-        [
-            n,
-            r["median_step_s"],
-            f"{100 * (r['median_step_s'] / a['median_step_s'] - 1):+.1f}%",
-            r["median_step_cpu_s"],
-            f"{100 * (r['median_step_cpu_s'] / a['median_step_cpu_s'] - 1):+.1f}%",
-            f"{1000 * r['bank_and_optimiser_s']:.2f}",
-            r["positions"],
-        ]
-        for n, r in results.items()
-    ]
-    table = markdown_table(
-        [
-            "configuration",
-            "median step, wall (s)",
-            "vs A",
-            "median step, CPU (s)",
-            "vs A",
-            "bank + optimiser (ms)",
-            "positions computed",
-        ],
-        rows,
-    )
+    comparisons = compare(*results.values())
+    table = results_table(results)
     print(table)
     print(
         "; ".join(f"{k}: {100 * v:+.1f}%" for k, v in comparisons.items())
@@ -311,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
             "text_tokens_per_step": next(iter(tokens.values())),
             "reps": reps,
             "max_seq_len": cfg.model.max_seq_len,
-            "num_virtual_tokens": P,
+            "num_virtual_tokens": cfg.prompt.num_virtual_tokens,
             "dtype": "fp32",
             "attention": "sdpa",
             "threads": torch.get_num_threads(),
@@ -323,6 +258,108 @@ def main(argv: list[str] | None = None) -> dict:
     write_result("task_scaling", out, args.quick)
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
     return out
+
+
+def configuration_recipes(
+    reference: MultiTaskPromptTuningRecipe, configs: dict[str, tuple[int, int, bool]]
+) -> dict[str, tuple[MultiTaskPromptTuningRecipe, list]]:
+    """Per configuration, a recipe on `reference`'s backbone and its global batch: `reference`'s
+    first draw relabelled to the configuration's tasks, with its registered tasks in the bank and
+    optimiser state for every one of them."""
+    (draw,) = draw_batches(reference, 1)
+    shape = (reference.cfg.prompt.num_virtual_tokens, reference.lm.backbone.config.hidden_size)
+    states = {n: warm_state(task_names(n), shape) for n in {n for _, n, _ in configs.values()}}
+    out = {}
+    for name, (per_batch, registered, share) in configs.items():
+        cfg = copy.deepcopy(reference.cfg)
+        cfg.data.share_prompts = share
+        cfg.prompt.init = "random"  # prompt values do not change the step's cost
+        tasks, batch = relabel(reference.tasks, draw, per_batch)
+        recipe = MultiTaskPromptTuningRecipe(
+            cfg, progress=False, lm=reference.lm, tasks=tasks, registered=task_names(registered)
+        )
+        recipe.setup()
+        recipe.optimizer.load_state_dict(states[registered])
+        out[name] = recipe, batch
+    return out
+
+
+def time_steps(setups: dict, reps: int) -> tuple[dict, dict, dict]:
+    """Each configuration's `train_step` on its batch, interleaved repetition by repetition (the first
+    one warms up): (wall seconds, process CPU seconds, text tokens), by configuration."""
+    times: dict[str, list[float]] = {n: [] for n in setups}  # wall-clock seconds
+    cpu: dict[str, list[float]] = {n: [] for n in setups}  # process CPU seconds (robust to other load)
+    tokens = {}
+    for r in tqdm(range(reps + 1), desc="task scaling (reps x configs)", unit="rep"):  # rep 0 warms up
+        order = list(setups)[r % len(setups) :] + list(setups)[: r % len(setups)]
+        for name in order:
+            recipe, batch = setups[name]
+            t0, c0 = time.perf_counter(), time.process_time()
+            tokens[name] = recipe.train_step(batch).tokens
+            if r:
+                times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return times, cpu, tokens
+
+
+def positions_computed(recipe: MultiTaskPromptTuningRecipe, batch: list) -> int:
+    """Positions (rows x row length) of the packed rows `recipe` builds for `batch`."""
+    cfg = recipe.cfg
+    rows = {t: i for i, t in enumerate(recipe.tasks)}
+    b = collate(
+        [recipe.tasks[t].train[i] for t, i in batch],
+        rows,
+        cfg.prompt.num_virtual_tokens,
+        max_len=cfg.model.max_seq_len,
+        pad_id=recipe.tokenizer.pad_token_id,
+        share_prompts=cfg.data.share_prompts,
+        row_len=cfg.data.row_len,
+    )
+    return b.input_ids.numel()
+
+
+def compare(a: dict, b: dict, c: dict, b1: dict, c1: dict) -> dict[str, float]:
+    """The pairs of configurations that answer the question, as medians of per-repetition ratios
+    minus 1 (configurations ran back to back in each repetition, so a slow spell of the shared
+    machine hits both sides of a pair)."""
+    return {
+        f"{what} ({clock})": median_ratio(x[key], y[key]) - 1
+        for what, x, y in (
+            ("registered, B vs A", a, b),
+            ("tasks per batch, C vs B", b, c),
+            ("tasks per batch, one prompt per example, C' vs B'", b1, c1),
+            ("shared vs one prompt per example at 64 tasks, C vs C'", c1, c),
+        )
+        for clock, key in (("wall", "step_times_s"), ("CPU time", "step_cpu_s"))
+    }
+
+
+def results_table(results: dict[str, dict]) -> str:
+    a = next(iter(results.values()))
+    rows = [
+        [
+            n,
+            r["median_step_s"],
+            f"{100 * (r['median_step_s'] / a['median_step_s'] - 1):+.1f}%",
+            r["median_step_cpu_s"],
+            f"{100 * (r['median_step_cpu_s'] / a['median_step_cpu_s'] - 1):+.1f}%",
+            f"{1000 * r['bank_and_optimiser_s']:.2f}",
+            r["positions"],
+        ]
+        for n, r in results.items()
+    ]
+    return markdown_table(
+        [
+            "configuration",
+            "median step, wall (s)",
+            "vs A",
+            "median step, CPU (s)",
+            "vs A",
+            "bank + optimiser (ms)",
+            "positions computed",
+        ],
+        rows,
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ shared, so interleaving spreads noise evenly). Methods:
   one prompt copy, LM head at target positions only, SparseRowAdam on the rows of the tasks in
   the batch);
 * `ours, one prompt per example`, `ours, no packing` and `ours, full-vocab head`: the same step
-  with ideas switched off, to show where the speedup comes from;
+  with ideas switched off, to show where the speedup comes from (each a recipe of its own, with
+  its own `data.*` settings, on ours' backbone and tasks);
 * `PEFT`: `PeftPromptTuning` (see `bench.common`): one padded batch per task, full-vocab loss,
   AdamW.
 
@@ -22,6 +23,7 @@ counts, so ours' "computed / useful positions" can fall below 1.
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import time
 from functools import partial
@@ -35,11 +37,12 @@ from bench.common import (
     draw_batches,
     examples_by_task,
     markdown_table,
-    median,
     setup_recipe,
     write_result,
 )
+from bench.stats import median, median_ratio
 from tuner.model.prompt_lm import PromptTunedLM
+from tuner.recipe import MultiTaskPromptTuningRecipe
 from tuner.tasks.batching import collate, segment_layout
 
 
@@ -97,6 +100,26 @@ def useful_flops(examples, P: int, max_len: int, shape: dict) -> float:
     return total
 
 
+def ours_and_ablations(
+    ours: MultiTaskPromptTuningRecipe, ablations: bool
+) -> dict[str, MultiTaskPromptTuningRecipe]:
+    """`ours` and, with `ablations`, the same step with one idea switched off: each a recipe of its
+    own on ours' backbone and tasks."""
+    recipes = {"ours": ours}
+    if not ablations:
+        return recipes
+    for name, packing, share, lm in (
+        ("ours, one prompt per example", True, False, ours.lm),
+        ("ours, no packing", False, False, ours.lm),
+        ("ours, full-vocab head", True, True, FullVocabHeadLM(ours.lm.backbone)),
+    ):
+        cfg = copy.deepcopy(ours.cfg)
+        cfg.data.packing, cfg.data.share_prompts = packing, share
+        recipes[name] = MultiTaskPromptTuningRecipe(cfg, progress=False, lm=lm, tasks=ours.tasks)
+        recipes[name].setup()
+    return recipes
+
+
 def run_batch_size(args, batch_size: int, steps: int, ablations: bool) -> dict:
     """Time every method on the same `steps` global steps of `batch_size` examples; results by method."""
     warmup = 1
@@ -108,41 +131,49 @@ def run_batch_size(args, batch_size: int, steps: int, ablations: bool) -> dict:
         num_virtual_tokens=args.virtual_tokens,
         max_train=400 if args.quick else 4000,
     )
-    recipe = setup_recipe(cfg)
-    P, L, pad = cfg.prompt.num_virtual_tokens, cfg.model.max_seq_len, recipe.tokenizer.pad_token_id
-    names = list(recipe.tasks)
-    peft = PeftPromptTuning(
-        recipe.lm.backbone, names, {t: recipe.bank.prompt(t) for t in names}, lr=cfg.optim.lr
-    )
-    ours_lm, full_head_lm = recipe.lm, FullVocabHeadLM(recipe.lm.backbone)
+    ours = setup_recipe(cfg)
+    L, pad = cfg.model.max_seq_len, ours.tokenizer.pad_token_id
+    names = list(ours.tasks)
+    peft = PeftPromptTuning(ours.lm.backbone, names, {t: ours.prompt(t) for t in names}, lr=cfg.optim.lr)
+    methods = {name: recipe.train_step for name, recipe in ours_and_ablations(ours, ablations).items()}
+    methods["PEFT"] = lambda draw: peft.step(examples_by_task(ours, draw), cfg.optim.lr, L, pad)
+    draws = draw_batches(ours, warmup + steps)
+    desc = f"train throughput, batch {batch_size} (steps x methods)"
+    times, cpu, peaks = time_methods(methods, tqdm(draws, desc=desc, unit="step"), warmup)
+    shape = model_shape(ours.lm.backbone)
+    per_step = [step_work(ours, peft, draw, shape, ablations) for draw in draws[warmup:]]
+    shutil.rmtree(cfg.output_dir, ignore_errors=True)
+    return {
+        "setup": {
+            "tasks": names,
+            "batch_size": batch_size,
+            "max_seq_len": L,
+            "num_virtual_tokens": cfg.prompt.num_virtual_tokens,
+            "row_len": cfg.data.row_len,
+            "timed_steps": steps,
+            "warmup_steps": warmup,
+            "dtype": "fp32",
+            "attention": "sdpa",
+            "threads": torch.get_num_threads(),
+            "backbone": cfg.model.name,
+            "model_shape": shape,
+        },
+        "matmul_peak_flops": peaks,
+        "tokens_per_step": sum(s["text_tokens"] for s in per_step) / len(per_step),
+        "flops_per_step": sum(s["flops"] for s in per_step) / len(per_step),
+        "results": method_results(times, cpu, peaks, per_step),
+        "per_step": per_step,
+    }
 
-    def run_ours(draw, lm, packing: bool = True, share: bool = True) -> None:
-        recipe.cfg.data.packing, recipe.cfg.data.share_prompts = packing, share
-        recipe.lm = lm
-        recipe.train_step(draw)
 
-    def run_peft(draw) -> None:
-        peft.step(examples_by_task(recipe, draw), cfg.optim.lr, L, pad)
-
-    methods = {"ours": lambda d: run_ours(d, ours_lm)}
-    if ablations:
-        methods["ours, one prompt per example"] = lambda d: run_ours(d, ours_lm, share=False)
-        methods["ours, no packing"] = lambda d: run_ours(d, ours_lm, packing=False, share=False)
-        methods["ours, full-vocab head"] = lambda d: run_ours(d, full_head_lm)
-    methods["PEFT"] = run_peft
-    shape = model_shape(recipe.lm.backbone)
-    row_len = cfg.data.row_len
-
-    task_rows = {t: i for i, t in enumerate(names)}
-
+def time_methods(methods: dict, draws, warmup: int) -> tuple[dict, dict, dict]:
+    """Every method on every draw, in rotating order (who goes first changes each step): wall and
+    process CPU seconds per timed step by method, and the best matmul peaks sampled between steps."""
     times: dict[str, list[float]] = {m: [] for m in methods}  # wall-clock seconds per step
     cpu: dict[str, list[float]] = {m: [] for m in methods}  # process CPU seconds per step (all threads)
     peaks = {"fp32": 0.0, "bf16": 0.0}
-    per_step = []
-    draws = draw_batches(recipe, warmup + steps)
-    desc = f"train throughput, batch {batch_size} (steps x methods)"
-    for k, draw in enumerate(tqdm(draws, desc=desc, unit="step")):
-        order = list(methods)[k % len(methods) :] + list(methods)[: k % len(methods)]  # rotate who goes first
+    for k, draw in enumerate(draws):
+        order = list(methods)[k % len(methods) :] + list(methods)[: k % len(methods)]
         for m in order:
             t0, c0 = time.perf_counter(), time.process_time()
             methods[m](draw)
@@ -154,32 +185,39 @@ def run_batch_size(args, batch_size: int, steps: int, ablations: bool) -> dict:
             "fp32": max(peaks["fp32"], matmul_peak(torch.float32)),
             "bf16": max(peaks["bf16"], matmul_peak(torch.bfloat16)),
         }
-        if k >= warmup:
-            examples = [recipe.tasks[t].train[i] for t, i in draw]
+    return times, cpu, peaks
 
-            # The rows ours builds for this step: rows x row length = positions computed.
-            layout = partial(collate, examples, task_rows, P, max_len=L, pad_id=pad, row_len=row_len)
-            packed = layout()
-            positions = {"ours": packed.input_ids.numel()}
-            if ablations:
-                positions["ours, one prompt per example"] = layout(share_prompts=False).input_ids.numel()
-                positions["ours, no packing"] = layout(packing=False, share_prompts=False).input_ids.numel()
-                positions["ours, full-vocab head"] = positions["ours"]
-            positions["PEFT"] = sum(
-                len(ex) * (P + peft.collate(ex, L, pad)[0]["input_ids"].shape[1])
-                for ex in examples_by_task(recipe, draw).values()
-            )
-            per_step.append(
-                {
-                    "text_tokens": packed.num_text_tokens,
-                    "useful_positions": packed.num_text_tokens + len(examples) * (P - 1),
-                    "flops": useful_flops(examples, P, L, shape),
-                    "positions": positions,
-                }
-            )
-    recipe.lm = ours_lm
-    shutil.rmtree(cfg.output_dir, ignore_errors=True)
 
+def step_work(
+    ours: MultiTaskPromptTuningRecipe, peft: PeftPromptTuning, draw, shape: dict, ablations: bool
+) -> dict:
+    """What one global step computes: text tokens, useful positions and FLOPs, and the positions each
+    method computes (ours: the rows it packs, rows x row length)."""
+    cfg = ours.cfg
+    P, L, pad = cfg.prompt.num_virtual_tokens, cfg.model.max_seq_len, ours.tokenizer.pad_token_id
+    examples = [ours.tasks[t].train[i] for t, i in draw]
+    task_rows = {t: i for i, t in enumerate(ours.tasks)}
+    layout = partial(collate, examples, task_rows, P, max_len=L, pad_id=pad, row_len=cfg.data.row_len)
+    packed = layout()
+    positions = {"ours": packed.input_ids.numel()}
+    if ablations:
+        positions["ours, one prompt per example"] = layout(share_prompts=False).input_ids.numel()
+        positions["ours, no packing"] = layout(packing=False, share_prompts=False).input_ids.numel()
+        positions["ours, full-vocab head"] = positions["ours"]
+    positions["PEFT"] = sum(
+        len(ex) * (P + peft.collate(ex, L, pad)[0]["input_ids"].shape[1])
+        for ex in examples_by_task(ours, draw).values()
+    )
+    return {
+        "text_tokens": packed.num_text_tokens,
+        "useful_positions": packed.num_text_tokens + len(examples) * (P - 1),
+        "flops": useful_flops(examples, P, L, shape),
+        "positions": positions,
+    }
+
+
+def method_results(times: dict, cpu: dict, peaks: dict, per_step: list[dict]) -> dict[str, dict]:
+    """Per method: throughput, step times, speedups over PEFT, MFU and positions computed per useful one."""
     tokens = sum(s["text_tokens"] for s in per_step)
     flops = sum(s["flops"] for s in per_step)
     useful = sum(s["useful_positions"] for s in per_step)
@@ -189,9 +227,7 @@ def run_batch_size(args, batch_size: int, steps: int, ablations: bool) -> dict:
         results[m] = {
             "tokens_per_s": tokens / total,
             "median_step_s": median(ts),
-            "speedup_vs_peft": median(
-                [p / o for p, o in zip(times["PEFT"], ts)]
-            ),  # per-step ratios: robust to noise
+            "speedup_vs_peft": median_ratio(ts, times["PEFT"]),  # per-step ratios: robust to noise
             "cpu_s_per_step": sum(cpu[m]) / len(ts),
             "speedup_vs_peft_cpu_time": sum(cpu["PEFT"]) / sum(cpu[m]),
             "mfu_fp32_peak": flops / total / peaks["fp32"],
@@ -203,30 +239,10 @@ def run_batch_size(args, batch_size: int, steps: int, ablations: bool) -> dict:
             "step_times_s": ts,
             "step_cpu_s": cpu[m],
         }
-    return {
-        "setup": {
-            "tasks": names,
-            "batch_size": batch_size,
-            "max_seq_len": L,
-            "num_virtual_tokens": P,
-            "row_len": row_len,
-            "timed_steps": steps,
-            "warmup_steps": warmup,
-            "dtype": "fp32",
-            "attention": "sdpa",
-            "threads": torch.get_num_threads(),
-            "backbone": cfg.model.name,
-            "model_shape": shape,
-        },
-        "matmul_peak_flops": peaks,
-        "tokens_per_step": tokens / len(per_step),
-        "flops_per_step": flops / len(per_step),
-        "results": results,
-        "per_step": per_step,
-    }
+    return results
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, nothing recorded")
     ap.add_argument("--steps", type=int, default=8, help="timed global steps (each run by every method)")
@@ -248,6 +264,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="torch threads for every method (0: torch's default, one per core); another value is "
         "recorded as train_throughput_<n>thread.json",
     )
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = _parser()
     args = ap.parse_args(argv)
     try:
         sweep = [int(b) for b in args.sweep.split(",") if b.strip()]
@@ -257,7 +278,46 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
 
     main_run = run_batch_size(args, args.batch_size, 2 if args.quick else args.steps, ablations=True)
-    results, peaks = main_run["results"], main_run["matmul_peak_flops"]
+    table = methods_table(main_run["results"])
+    print(table)
+    peaks = main_run["matmul_peak_flops"]
+    print(
+        f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
+        f"{main_run['tokens_per_step']:.0f} text tokens and {main_run['flops_per_step'] / 1e12:.3f} TFLOP per step"
+    )
+
+    # Ours vs PEFT at other global batch sizes: PEFT's per-task batches pad to their longest example,
+    # ours shares one prompt copy among more examples, so the ratio depends on the batch size.
+    sweep_runs = {args.batch_size: main_run}
+    for b in sweep:
+        if b not in sweep_runs:
+            sweep_runs[b] = run_batch_size(args, b, 2 if args.quick else args.sweep_steps, ablations=False)
+    sweep_table = batch_sweep_table(sweep_runs)
+    print(sweep_table)
+
+    out = {
+        "benchmark": "train_throughput",
+        "quick": args.quick,
+        **main_run,
+        "table": table,
+        "batch_sweep": {
+            str(b): {
+                "setup": run["setup"],
+                "tokens_per_step": run["tokens_per_step"],
+                "matmul_peak_flops": run["matmul_peak_flops"],
+                "results": {m: run["results"][m] for m in ("ours", "PEFT")},
+            }
+            for b, run in sorted(sweep_runs.items())
+        },
+        "batch_sweep_table": sweep_table,
+    }
+    write_result(
+        f"train_throughput_{args.threads}thread" if args.threads else "train_throughput", out, args.quick
+    )
+    return out
+
+
+def methods_table(results: dict[str, dict]) -> str:
     header = [
         "method",
         "text tokens/s",
@@ -281,23 +341,14 @@ def main(argv: list[str] | None = None) -> dict:
         ]
         for m, r in results.items()
     ]
-    table = markdown_table(header, rows)
-    print(table)
-    print(
-        f"matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s; "
-        f"{main_run['tokens_per_step']:.0f} text tokens and {main_run['flops_per_step'] / 1e12:.3f} TFLOP per step"
-    )
+    return markdown_table(header, rows)
 
-    # Ours vs PEFT at other global batch sizes: PEFT's per-task batches pad to their longest example,
-    # ours shares one prompt copy among more examples, so the ratio depends on the batch size.
-    sweep_runs = {args.batch_size: main_run}
-    for b in sweep:
-        if b not in sweep_runs:
-            sweep_runs[b] = run_batch_size(args, b, 2 if args.quick else args.sweep_steps, ablations=False)
-    sweep_rows = []
+
+def batch_sweep_table(sweep_runs: dict[int, dict]) -> str:
+    rows = []
     for b in sorted(sweep_runs):
         r = sweep_runs[b]["results"]
-        sweep_rows.append(
+        rows.append(
             [
                 b,
                 sweep_runs[b]["setup"]["timed_steps"],
@@ -309,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['ours']['computed_positions_per_useful']:.2f} / {r['PEFT']['computed_positions_per_useful']:.2f}",
             ]
         )
-    sweep_table = markdown_table(
+    return markdown_table(
         [
             "global batch",
             "timed steps",
@@ -320,30 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
             "CPU-time ratio",
             "computed / useful positions (ours / PEFT)",
         ],
-        sweep_rows,
+        rows,
     )
-    print(sweep_table)
-
-    out = {
-        "benchmark": "train_throughput",
-        "quick": args.quick,
-        **main_run,
-        "table": table,
-        "batch_sweep": {
-            str(b): {
-                "setup": run["setup"],
-                "tokens_per_step": run["tokens_per_step"],
-                "matmul_peak_flops": run["matmul_peak_flops"],
-                "results": {m: run["results"][m] for m in ("ours", "PEFT")},
-            }
-            for b, run in sorted(sweep_runs.items())
-        },
-        "batch_sweep_table": sweep_table,
-    }
-    write_result(
-        f"train_throughput_{args.threads}thread" if args.threads else "train_throughput", out, args.quick
-    )
-    return out
 
 
 if __name__ == "__main__":

@@ -20,18 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from bench.common import write_result
-from bench.zero_scaling import GatherCounter, _rss
+from bench.ranks import GatherCounter, join_gloo, reset_peak_rss, rss, run_ranks
 
 GiB = 1024**3
 SEQ, VIRTUAL = 48, 8
@@ -54,7 +51,7 @@ def llama_3b_config(layers: int):
     )
 
 
-def _rank_main(rank: int, port: int, offload: str, steps: int, layers: int, out: str) -> None:
+def _rank_main(rank: int, port: int, out: str, offload: str, steps: int, layers: int) -> None:
     counter = GatherCounter()
     counter.install()
     import deepspeed
@@ -66,16 +63,13 @@ def _rank_main(rank: int, port: int, offload: str, steps: int, layers: int, out:
     from tuner.tasks.batching import TokenizedExample, collate
 
     torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
-    )
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_gloo(rank, 2, port)
     # Gathers bounded to ~1.5 layers: with the default 1e9-element caps the prefetcher would run
     # ahead and keep up to 2 GB gathered.
     settings = ZeroSettings(max_live_parameters=LIVE, max_reuse_distance=0, offload_params=offload)
     ds = deepspeed_config(settings, torch.bfloat16)
-    base = _rss("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
+    base = rss("VmRSS")
+    reset_peak_rss()
     t0 = time.perf_counter()
     with deepspeed.zero.Init(config_dict_or_path=ds, dtype=torch.bfloat16):
         model = AutoModelForCausalLM.from_config(llama_3b_config(layers), dtype=torch.bfloat16)
@@ -84,13 +78,13 @@ def _rank_main(rank: int, port: int, offload: str, steps: int, layers: int, out:
     init_s = time.perf_counter() - t0
     wrap_backbone(model, ds)
     local, total = partitioned_numel(model)
-    after_init, init_peak = _rss("VmRSS"), _rss("VmHWM")
+    after_init, init_peak = rss("VmRSS"), rss("VmHWM")
     lm = PromptTunedLM(model)
     g = torch.Generator().manual_seed(rank)
     example = TokenizedExample("t", torch.randint(3, 32000, (SEQ - VIRTUAL - 1,), generator=g).tolist(), [5])
     batch = collate([example], {"t": 0}, VIRTUAL, max_len=SEQ, pad_id=0, packing=True, share_prompts=True)
     prompts = torch.randn(1, VIRTUAL, 3072, generator=g) * 0.02
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak_rss()
     times, calls, nbytes = [], [], []
     for step in range(steps + 1):  # step 0 records DeepSpeed's trace
         leaf = prompts.clone().requires_grad_(True)
@@ -110,7 +104,7 @@ def _rank_main(rank: int, port: int, offload: str, steps: int, layers: int, out:
         "rss_base_gib": base / GiB,
         "init_peak_above_base_gib": (init_peak - base) / GiB,
         "after_init_above_base_gib": (after_init - base) / GiB,
-        "steps_peak_above_base_gib": (_rss("VmHWM") - base) / GiB,
+        "steps_peak_above_base_gib": (rss("VmHWM") - base) / GiB,
         "step_times_s": times,
         "allgather_calls_per_step": statistics.mean(calls),
         "allgather_gib_per_step": statistics.mean(nbytes) / GiB,
@@ -120,29 +114,11 @@ def _rank_main(rank: int, port: int, offload: str, steps: int, layers: int, out:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(offload: str, steps: int, layers: int) -> list[dict]:
     # A fixed mmap threshold: freed gather buffers go back to the OS, so RSS follows the live tensors
     # instead of what glibc's heap keeps after its dynamic threshold has grown (read at process start).
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="zero-large-") as out:
-        port = _free_port()
-        procs = [
-            ctx.Process(target=_rank_main, args=(r, port, offload, steps, layers, out)) for r in range(2)
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=1500)
-        if [p.exitcode for p in procs] != [0, 0]:
-            raise RuntimeError(f"offload={offload}: ranks exited with {[p.exitcode for p in procs]}")
-        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
+    return run_ranks(_rank_main, 2, (offload, steps, layers), timeout_s=1500, what=f"offload={offload}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,21 +35,18 @@ after setup (VmHWM reset through /proc/self/clear_refs): the step's activation m
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import os
-import socket
 import statistics
 import subprocess
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 from bench.common import REPO, write_result
+from bench.ranks import GatherCounter, join_gloo, reset_peak_rss, rss, run_ranks
+from tuner.recipe import MultiTaskPromptTuningRecipe
 
 MiB = 1024**2
 
@@ -76,56 +73,9 @@ SETTINGS = [
 ]
 
 
-class GatherCounter:
-    """Counts every all-gather through torch.distributed (calls and gathered bytes)."""
-
-    def __init__(self):
-        self.calls = 0
-        self.bytes = 0
-
-    def install(self) -> None:
-        import torch.distributed as dist
-        import torch.distributed.distributed_c10d as c10d
-
-        def counted(fn, out_of):
-            @functools.wraps(fn)
-            def wrapper(*args, **kwargs):
-                out = kwargs.get("output_tensor", kwargs.get("tensor_list", args[0] if args else None))
-                self.calls += 1
-                self.bytes += out_of(out)
-                return fn(*args, **kwargs)
-
-            return wrapper
-
-        tensor_bytes = lambda t: t.numel() * t.element_size()  # noqa: E731
-        list_bytes = lambda ts: sum(tensor_bytes(t) for t in ts)  # noqa: E731
-        # DeepSpeed looks these up on either module (and binds one at init), so patch both first.
-        for module in (dist, c10d):
-            module.all_gather_into_tensor = counted(c10d.all_gather_into_tensor, tensor_bytes)
-            module._all_gather_base = counted(c10d._all_gather_base, tensor_bytes)
-            module.all_gather = counted(c10d.all_gather, list_bytes)
-
-
-def _rss(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _train_step(recipe) -> tuple[float, int]:
-    """(loss, text tokens) of one recipe step (the recipe's public `train_step` when it has one)."""
-    if hasattr(recipe, "train_step"):
-        m = recipe.train_step(recipe.sampler.next_batch())
-        return float(m.loss), int(m.tokens)
-    m = recipe._train_step()
-    return float(m["loss"]), int(m["tokens"])
-
-
-def _build(setting: Setting, rank: int, out: str, max_train: int):
-    from tuner import recipe as recipe_module
+def _build(setting: Setting, rank: int, out: str, max_train: int) -> MultiTaskPromptTuningRecipe:
     from tuner.config import load_job_config
-    from tuner.model.zero import UNTUNED, zero_setup
+    from tuner.model.zero import UNTUNED
 
     overrides = [f"cluster.{k}={v}" for k, v in setting.overrides.items()] + [
         f"cluster.num_workers={setting.world_size}",
@@ -136,20 +86,17 @@ def _build(setting: Setting, rank: int, out: str, max_train: int):
         "eval_zero_shot=false",
         "model.dtype=fp32",
     ]
-    recipe = recipe_module.MultiTaskPromptTuningRecipe(
-        load_job_config(REPO / "configs" / "quickstart.yaml", overrides), progress=False
+    recipe = MultiTaskPromptTuningRecipe(
+        load_job_config(REPO / "configs" / "quickstart.yaml", overrides),
+        progress=False,
+        # the settings before tuning are not a config value
+        zero_settings=UNTUNED if setting.untuned else None,
     )
-    if setting.untuned:
-        # The recipe builds its ZeRO settings from the config; the old behaviour is not a config value.
-        recipe_module.zero_setup = functools.partial(zero_setup, settings=UNTUNED)
-    try:
-        recipe.setup()
-    finally:
-        recipe_module.zero_setup = zero_setup
+    recipe.setup()
     return recipe
 
 
-def _rank_main(rank: int, settings: list[Setting], port: int, steps: int, out: str, max_train: int) -> None:
+def _rank_main(rank: int, port: int, out: str, settings: list[Setting], steps: int, max_train: int) -> None:
     """Set up one recipe per setting in this process, then step them in turn (noise hits all alike)."""
     counter = GatherCounter()
     counter.install()  # before DeepSpeed binds its all-gather function
@@ -160,15 +107,8 @@ def _rank_main(rank: int, settings: list[Setting], port: int, steps: int, out: s
     world_size = settings[0].world_size
     torch.set_num_threads(1)
     if world_size > 1:
-        os.environ.update(
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            LOCAL_RANK=str(rank),
-        )
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    rss_before_setup = _rss("VmRSS")
+        join_gloo(rank, world_size, port)
+    rss_before_setup = rss("VmRSS")
     # Replicated first: a live HfDeepSpeedConfig would make transformers partition later loads.
     recipes = [_build(s, rank, out, max_train) for s in settings]
     results = []
@@ -184,24 +124,24 @@ def _rank_main(rank: int, settings: list[Setting], port: int, steps: int, out: s
                 "gather_bytes": 0,
                 "weights_held_mib": local * 4 / MiB,
                 "weights_total_mib": total * 4 / MiB,
-                "layout": recipe._zero.choice.reason if hasattr(recipe, "_zero") else "",
+                "layout": recipe.backbone_layout.reason if recipe.backbone_layout else "",
             }
         )
-    rss_after_setup = _rss("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak below is the steps' own
+    rss_after_setup = rss("VmRSS")
+    reset_peak_rss()  # the peak below is the steps' own
     for step in range(steps + 1):  # step 0 warms up (DeepSpeed records its trace there)
         for recipe, res in zip(recipes, results):
             if world_size > 1:
                 dist.barrier()
             calls, nbytes = counter.calls, counter.bytes
             t0, c0 = time.perf_counter(), time.process_time()
-            loss, n = _train_step(recipe)
+            m = recipe.train_step(recipe.sampler.next_batch())
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if step:
                 res["step_times_s"].append(dt)
                 res["step_cpu_s"].append(dc)
-                res["losses"].append(loss)
-                res["tokens"].append(n)
+                res["losses"].append(float(m.loss))
+                res["tokens"].append(int(m.tokens))
                 res["gather_calls"] += counter.calls - calls
                 res["gather_bytes"] += counter.bytes - nbytes
     for res in results:
@@ -210,7 +150,7 @@ def _rank_main(rank: int, settings: list[Setting], port: int, steps: int, out: s
     process = {
         "rss_before_setup_mib": rss_before_setup / MiB,
         "rss_after_setup_mib": rss_after_setup / MiB,
-        "peak_rss_during_steps_mib": _rss("VmHWM") / MiB,
+        "peak_rss_during_steps_mib": rss("VmHWM") / MiB,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps({"settings": results, "process": process}))
     if world_size > 1:
@@ -218,31 +158,15 @@ def _rank_main(rank: int, settings: list[Setting], port: int, steps: int, out: s
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_group(settings: list[Setting], steps: int, max_train: int) -> list[dict]:
     """Run `settings` (same world size) side by side in one set of processes; one result per setting."""
-    world_size = settings[0].world_size
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="zero-scaling-") as out:
-        port = _free_port()
-        procs = [
-            ctx.Process(target=_rank_main, args=(r, settings, port, steps, out, max_train))
-            for r in range(world_size)
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout=1800)
-        if [p.exitcode for p in procs] != [0] * len(procs):
-            raise RuntimeError(
-                f"{[s.name for s in settings]}: ranks exited with {[p.exitcode for p in procs]}"
-            )
-        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world_size)]
+    ranks = run_ranks(
+        _rank_main,
+        settings[0].world_size,
+        (settings, steps, max_train),
+        timeout_s=1800,
+        what=str([s.name for s in settings]),
+    )
     runs = []
     for k, setting in enumerate(settings):
         per_rank = [r["settings"][k] for r in ranks]

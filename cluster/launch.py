@@ -19,7 +19,6 @@ set (on rank 0 under Ray).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +29,8 @@ from cluster.storage import cluster_output_dir, ray_train_storage
 from tuner.config import JobConfig, from_dict, to_dict
 from tuner.job import prepare_job
 from tuner.metrics import EvalPoint, StepMetrics
-from tuner.recipe import RecipeHooks, describe_eval, render_table, run, step_postfix
+from tuner.recipe import RecipeHooks, describe_eval, run, step_postfix
+from tuner.report import SUMMARY_FILE, RunSummary, read_summary, summary_table
 
 # Environment of every Ray worker, set through each library's own configuration: no INFO chatter,
 # no deprecation warnings of upstream internals, no Hub access unless the driver has it.
@@ -228,8 +228,8 @@ def make_trainer(cfg: JobConfig, loop_config: dict, callbacks: list | None = Non
     )
 
 
-def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = True) -> dict:
-    """Run `cfg` on Ray Train; returns the run summary written by rank 0."""
+def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = True) -> RunSummary | None:
+    """Run `cfg` on Ray Train; returns the run summary written by rank 0 (None if it wrote none)."""
     from ray.util.queue import Queue
 
     # A relative output_dir lies on the cluster's shared storage when there is one (see cluster.storage).
@@ -241,8 +241,7 @@ def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = Tr
     trainer = make_trainer(cfg, {"_progress": queue})
     with _DriverProgress(queue, cfg.optim.max_steps, show=progress):
         trainer.fit()
-    summary_path = job.run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    summary = read_summary(job.run_dir) if (job.run_dir / SUMMARY_FILE).is_file() else None
     if progress and summary:
         print_outcome(summary, job.run_dir)
     return summary
@@ -263,10 +262,10 @@ def driver_node_actor() -> dict:
     return {"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
 
 
-def print_outcome(summary: dict, run_dir: Path) -> None:
+def print_outcome(summary: RunSummary, run_dir: Path) -> None:
     """The tuned-vs-zero-shot table and where the outputs went."""
     out = sys.stdout
-    out.write("\n" + render_table(summary) + "\n\n")
+    out.write("\n" + summary_table(summary) + "\n\n")
     out.write(f"run directory: {run_dir}\n")
     for what, path in (
         ("adapters (PEFT format)", "adapters/"),
@@ -278,7 +277,7 @@ def print_outcome(summary: dict, run_dir: Path) -> None:
     out.flush()
 
 
-def train_local(cfg: JobConfig, progress: bool = True) -> dict:
+def train_local(cfg: JobConfig, progress: bool = True) -> RunSummary:
     """Run `cfg` in this process as a single rank (no Ray, no DeepSpeed); metrics as on Ray."""
     job = prepare_job(cfg, claim=True)
     hooks = RecipeHooks()

@@ -4,7 +4,7 @@
         --param optim.batch_size=16,32 --samples 1 eval_every=25
 
 Settings that are one value for a whole job (prompt length of the bank, steps, batch size) cannot
-vary inside one batch the way `search.space` variants do (`tuner.search.state`); here every combination
+vary inside one batch the way `search.space` variants do (`tuner.search.space`); here every combination
 of the `--param` values (a grid, repeated `--samples` times) is its own job. A Ray Tune `Tuner`
 runs a function trainable per trial that starts the job's Ray Train `TorchTrainer` (as Ray
 documents for Train inside Tune) with `TuneReportCallback`, so the ranks' periodic evaluations
@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from tuner.config import ConfigError, JobConfig, from_dict, load_job_config, to_dict
+from tuner.schema import set_dotted
 
 
 @dataclass
@@ -58,13 +59,7 @@ def parse_params(items: list[str]) -> dict[str, list]:
 
 def _with(data: dict, key: str, value: Any) -> dict:
     out = copy.deepcopy(data)
-    node = out
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--param {key}: {p!r} is not a section")
-    node[leaf] = value
+    set_dotted(out, key, value, f"--param {key}")
     return out
 
 
@@ -109,13 +104,13 @@ def _trial(config: dict) -> None:
 
     from cluster.launch import make_trainer, mean_score
     from tuner.job import prepare_job
+    from tuner.report import read_summary
 
     cfg = from_dict(JobConfig, config["job"])
     job = prepare_job(cfg, claim=True)
     make_trainer(job.cfg, {"_progress": None, "_tune": True}, callbacks=[_evaluations_to_tune()]).fit()
-    summary = json.loads((job.run_dir / "summary.json").read_text())
-    scores = {t: v["tuned"].get("score", 0.0) for t, v in summary["tasks"].items()}
-    ray.tune.report({"step": summary["steps"], "score": mean_score(scores), "finished": 1})
+    summary = read_summary(job.run_dir)
+    ray.tune.report({"step": summary.steps, "score": mean_score(summary.tuned_scores()), "finished": 1})
 
 
 def _trial_dirname(trial) -> str:
@@ -136,6 +131,7 @@ def tune_job(
 
     from cluster.launch import init_ray
     from tuner.model.backbone import resolve_backbone
+    from tuner.report import SUMMARY_FILE, read_summary
 
     trials = trial_configs(base, params, samples)
     root = Path(trials[0][1].output_dir)
@@ -172,13 +168,14 @@ def tune_job(
         name = Path(r.path).name  # `_trial_dirname`: the trial's run name (a failed trial has no config)
         chosen, cfg = by_name[name]
         run_dir = Path(cfg.output_dir) / cfg.name
-        summary_path = run_dir / "summary.json"
+        summary_path = run_dir / SUMMARY_FILE
         metrics = r.metrics or {}
         if summary_path.is_file() and metrics.get("finished"):
-            s = json.loads(summary_path.read_text())
-            task_scores = {t: v["tuned"].get("score", 0.0) for t, v in s["tasks"].items()}
+            s = read_summary(run_dir)
             results.append(
-                TrialResult(name, chosen, "finished", s["steps"], metrics["score"], task_scores, str(run_dir))
+                TrialResult(
+                    name, chosen, "finished", s.steps, metrics["score"], s.tuned_scores(), str(run_dir)
+                )
             )
         else:
             status = f"failed: {r.error}" if r.error else f"stopped early at step {metrics.get('step', 0)}"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -48,12 +47,15 @@ from serving.types import (
     RequestOutput,
     SamplingParams,
     ServingError,
+    TaskInfo,
     UnknownTask,
+    check_sampling,
 )
+from tuner.schema import is_valid_name
+from tuner.tasks.kinds.base import CLASSIFY
 
 log = logging.getLogger(__name__)
 
-_TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; nobody reads it, metrics do
 
 
@@ -120,7 +122,7 @@ class Serving:
         if len(text) > limit:
             raise PromptTooLong(f"{param} has {len(text)} characters, the limit is {limit}.", param=param)
 
-    def resolve_task(self, request: Request, name: str, endpoint: str) -> dict:
+    def resolve_task(self, request: Request, name: str, endpoint: str) -> TaskInfo:
         """The task's info if it exists and this caller may use it; else the one 404.
 
         Only then does the name become the request's metrics label: names from clients must not
@@ -128,7 +130,7 @@ class Serving:
         """
         request.state.endpoint = endpoint
         tenant: Tenant = request.state.tenant
-        if not _TASK_NAME.fullmatch(name) or ".." in name or not tenant.may_use(name):
+        if not is_valid_name(name) or not tenant.may_use(name):
             raise TaskNotFound(name)
         with self.engine_errors(request, name):
             info = self.engine.task_info(name)
@@ -322,11 +324,11 @@ async def chat_completions(body: ChatBody, request: Request) -> Response:
 @router.post("/v1/classify")
 async def classify(body: ClassifyBody, request: Request) -> dict:
     srv: Serving = request.app.state.serving
-    task, kind = body.model, srv.resolve_task(request, body.model, "classify").get("kind")
+    task, info = body.model, srv.resolve_task(request, body.model, "classify")
     srv.check_length(body.input, "input")
-    if kind != "classification":
+    if CLASSIFY not in info.serves:
         raise InvalidRequest(
-            f"'{task}' is a {kind or 'generation'} task; /v1/classify needs a task with a "
+            f"'{task}' is a {info.kind} task; /v1/classify needs a task with a "
             f"verbaliser (use /v1/completions)",
             param="model",
         )
@@ -352,20 +354,17 @@ async def _generate(
     if not prompt:
         raise InvalidRequest("The prompt must not be empty.", param=prompt_param)
     srv.check_length(prompt, prompt_param)
-    max_tokens = (
-        getattr(body, "max_completion_tokens", None) or body.max_tokens or srv.config.api.default_max_tokens
-    )
-    limit = srv.config.engine.max_new_tokens_limit
-    if max_tokens > limit:
-        field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
-        raise InvalidRequest(f"{field} must be between 1 and {limit}, got {max_tokens}.", param=field)
+    # Chat's max_completion_tokens wins over max_tokens, its older name, when both are sent.
+    field = "max_tokens" if getattr(body, "max_completion_tokens", None) is None else "max_completion_tokens"
+    asked = getattr(body, field)
     params = SamplingParams(
-        max_tokens=max_tokens,
+        max_tokens=srv.config.api.default_max_tokens if asked is None else asked,
         seed=body.seed,
         stop=body.stop_list(),
         temperature=0.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
     )
+    check_sampling(params, srv.config.engine.max_new_tokens_limit, max_tokens_param=field)
     req = GenerationRequest(
         request_id=f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
         task=task,

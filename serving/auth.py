@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serving.types import ServingError, TenantLimits
-from tuner.config import ConfigError, read_yaml, validate_name
+from tuner.schema import ConfigError, read_yaml, validate_name
 
 log = logging.getLogger(__name__)
 _HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from tuner.config import ConfigError
+from tuner.schema import ConfigError
 
 
 def register(subparsers) -> None:

@@ -1,77 +1,140 @@
 """Typed serving configuration: one `ServerConfig` that a YAML file maps onto 1:1.
 
-    engine:   the backbone, prompt store, batching and queue limits (`serving.engine.EngineConfig`)
+    engine:   the backbone, prompt store, batching and queue limits (`EngineConfig`, read by `serving.engine`)
     api:      HTTP behaviour: auth, metrics exposure, defaults for OpenAI fields
     ray:      the Ray Serve deployment (replicas, autoscaling, resources) used by `promptfleet serve --ray`
 
 `load_server_config(path, overrides)` reads the YAML (or starts from the defaults), applies
 `key=value` overrides and rejects unknown keys. A relative `api.auth` path resolves against the
-config file's directory. This module does not read the tenants file or start anything.
+config file's directory. Every section checks its values when it is built, so a bad one is a
+one-line `ConfigError` naming its key at load. This module does not read the tenants file or start
+anything.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.engine import EngineConfig
-from tuner.config import ConfigError, _choice, _f, _positive, apply_overrides, from_dict, read_yaml
+from tuner.model.backbone import DTYPES
+from tuner.schema import (
+    ConfigError,
+    apply_overrides,
+    check_choice,
+    check_non_negative,
+    check_positive,
+    documented,
+    from_dict,
+    read_yaml,
+)
 
 AUTH_DISABLED = "none"
 
 
 @dataclass
+class EngineConfig:
+    """The engine (`serving.engine.Engine`): backbone, prompt store, batching, queue and limits."""
+
+    backbone: str = documented(
+        "smollm2-135m", "Backbone: embedded name, local checkpoint dir or Hub id; adapters must name it."
+    )
+    prompt_store: str = documented("", "Directory with one PEFT prompt-tuning adapter directory per task.")
+    dtype: str = documented(
+        "auto", "auto, fp32, bf16 or fp16 (auto: fp32 on CPUs without AMX, bf16 on GPUs)."
+    )
+    max_batch_size: int = documented(32, "Running requests decoded together in one forward.")
+    max_queue: int = documented(256, "Waiting requests before new ones get Overloaded (429).")
+    max_prompt_tokens: int = documented(1024, "Longest accepted prompt, in tokens after the task template.")
+    max_new_tokens_limit: int = documented(512, "Largest accepted max_tokens.")
+    prefix_cache_bytes: int = documented(256 * 2**20, "LRU bound of the task prompt KV cache.")
+    prefix_cache: bool = documented(True, "False: recompute each request's prompt KV (for benchmarks).")
+    reload_interval_s: float = documented(
+        2.0, "How often the prompt store is rescanned for new or changed tasks."
+    )
+    request_timeout_s: float = documented(60.0, "A request older than this ends with RequestTimeout (503).")
+    max_step_tokens: int = documented(4096, "Prefill + decode tokens per engine step.")
+    threads: int = documented(0, "Torch intra-op threads; 0 leaves torch's default (all cores).")
+    device: str = documented("cpu", "cpu or cuda (cuda:N for one GPU of several).")
+    prompt_store_symlinks: bool = documented(
+        False, "Serve store entries that are symlinks leading outside the store."
+    )
+
+    def __post_init__(self) -> None:
+        """Refuse a bad value here, at load, in one line naming its key (not at the first request)."""
+        if not self.backbone.strip():
+            raise ConfigError(
+                "engine.backbone is empty: give smollm2-135m, a Hub id or a checkpoint directory"
+            )
+        check_choice("engine.dtype", self.dtype, ("auto", *DTYPES))
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"engine.device={self.device!r}: expected cpu, cuda or cuda:N")
+        for name in (
+            "max_batch_size",
+            "max_queue",
+            "max_prompt_tokens",
+            "max_new_tokens_limit",
+            "max_step_tokens",
+            "reload_interval_s",
+            "request_timeout_s",
+        ):
+            check_positive(f"engine.{name}", getattr(self, name))
+        check_non_negative("engine.prefix_cache_bytes", self.prefix_cache_bytes)
+        check_non_negative("engine.threads", self.threads)
+
+
+@dataclass
 class ApiConfig:
-    host: str = _f("127.0.0.1", "Interface uvicorn binds (0.0.0.0 to listen on all interfaces).")
-    port: int = _f(8000, "TCP port of the HTTP server.")
-    auth: str = _f(
+    host: str = documented("127.0.0.1", "Interface uvicorn binds (0.0.0.0 to listen on all interfaces).")
+    port: int = documented(8000, "TCP port of the HTTP server.")
+    auth: str = documented(
         "",
         "Tenants file (YAML, hashed API keys) or `none` to disable auth for local development. "
         "Empty is an error: auth is never off by accident.",
     )
-    metrics_public: bool = _f(
+    metrics_public: bool = documented(
         False,
         "Serve /metrics without a key. Off by default: then only a tenant with `metrics: true` in the "
         "tenants file may read it. When on, the public page carries no task or tenant names.",
     )
-    max_body_bytes: int = _f(1 << 20, "Largest request body; larger (chunked ones too) get 413.")
-    max_prompt_chars: int = _f(
+    max_body_bytes: int = documented(1 << 20, "Largest request body; larger (chunked ones too) get 413.")
+    max_prompt_chars: int = documented(
         32768, "Longest prompt / input in characters, checked before anything is tokenized (400)."
     )
-    timeout_keep_alive_s: float = _f(5.0, "An idle keep-alive connection is closed after this.")
-    header_timeout_s: float = _f(
+    timeout_keep_alive_s: float = documented(5.0, "An idle keep-alive connection is closed after this.")
+    header_timeout_s: float = documented(
         10.0, "A connection whose request headers are not complete by then is closed."
     )
-    body_timeout_s: float = _f(10.0, "Longest wait for the next piece of a request body (408 after).")
-    body_deadline_s: float = _f(
+    body_timeout_s: float = documented(10.0, "Longest wait for the next piece of a request body (408 after).")
+    body_deadline_s: float = documented(
         30.0, "Longest time a whole request body may take after its headers, however it trickles (408)."
     )
-    max_connections_per_client: int = _f(
+    max_connections_per_client: int = documented(
         64,
         "Open connections one client address may hold; more are answered 429 and closed, so one "
         "client cannot use up limit_concurrency for all. Behind a proxy every client has its address: "
         "raise it there.",
     )
-    write_timeout_s: float = _f(
+    write_timeout_s: float = documented(
         30.0, "Longest wait for a slow reader to take the next streamed chunk; then the stream is ended."
     )
-    limit_concurrency: int = _f(
+    limit_concurrency: int = documented(
         1024, "Open connections + in-flight requests before the server answers 503 (uvicorn)."
     )
-    default_max_tokens: int = _f(
+    default_max_tokens: int = documented(
         16, "max_tokens when a request does not set it (OpenAI's completions default)."
     )
-    disconnect_poll_s: float = _f(
+    disconnect_poll_s: float = documented(
         0.25, "How often a non-streaming request checks whether its client went away."
     )
-    log_level: str = _f("info", "uvicorn / promptfleet log level: debug, info, warning or error.")
+    log_level: str = documented("info", "uvicorn / promptfleet log level: debug, info, warning or error.")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"api.port={self.port}: must be in 1..65535")
-        _positive("api.default_max_tokens", self.default_max_tokens)
-        _positive("api.disconnect_poll_s", self.disconnect_poll_s)
+        check_positive("api.default_max_tokens", self.default_max_tokens)
+        check_positive("api.disconnect_poll_s", self.disconnect_poll_s)
         for name in (
             "max_body_bytes",
             "max_prompt_chars",
@@ -83,8 +146,8 @@ class ApiConfig:
             "write_timeout_s",
             "limit_concurrency",
         ):
-            _positive(f"api.{name}", getattr(self, name))
-        _choice("api.log_level", self.log_level, ("debug", "info", "warning", "error"))
+            check_positive(f"api.{name}", getattr(self, name))
+        check_choice("api.log_level", self.log_level, ("debug", "info", "warning", "error"))
 
     @property
     def auth_disabled(self) -> bool:
@@ -93,27 +156,29 @@ class ApiConfig:
 
 @dataclass
 class RayServeConfig:
-    app_name: str = _f("promptfleet", "Ray Serve application name.")
-    route_prefix: str = _f("/", "HTTP route prefix of the application on the Serve proxy.")
-    address: str = _f("", "Ray cluster to join; empty starts an embedded local Ray (RAY_ADDRESS also works).")
-    min_replicas: int = _f(
+    app_name: str = documented("promptfleet", "Ray Serve application name.")
+    route_prefix: str = documented("/", "HTTP route prefix of the application on the Serve proxy.")
+    address: str = documented(
+        "", "Ray cluster to join; empty starts an embedded local Ray (RAY_ADDRESS also works)."
+    )
+    min_replicas: int = documented(
         1, "Autoscaling lower bound; each replica holds one backbone and all task prompts."
     )
-    max_replicas: int = _f(1, "Autoscaling upper bound.")
-    target_ongoing_requests: float = _f(16.0, "Autoscaling target of in-flight requests per replica.")
-    max_ongoing_requests: int = _f(
+    max_replicas: int = documented(1, "Autoscaling upper bound.")
+    target_ongoing_requests: float = documented(16.0, "Autoscaling target of in-flight requests per replica.")
+    max_ongoing_requests: int = documented(
         256, "Requests the Serve proxy sends one replica at once (our scheduler batches them)."
     )
-    num_cpus: float = _f(1.0, "CPUs reserved per replica.")
-    num_gpus: float = _f(0.0, "GPUs reserved per replica.")
+    num_cpus: float = documented(1.0, "CPUs reserved per replica.")
+    num_gpus: float = documented(0.0, "GPUs reserved per replica.")
 
     def __post_init__(self) -> None:
-        _positive("ray.min_replicas", self.min_replicas + 1)  # 0 is allowed (scale to zero)
-        _positive("ray.max_replicas", self.max_replicas)
+        check_positive("ray.min_replicas", self.min_replicas + 1)  # 0 is allowed (scale to zero)
+        check_positive("ray.max_replicas", self.max_replicas)
         if self.min_replicas > self.max_replicas:
             raise ConfigError("ray.min_replicas must be <= ray.max_replicas")
-        _positive("ray.target_ongoing_requests", self.target_ongoing_requests)
-        _positive("ray.max_ongoing_requests", self.max_ongoing_requests)
+        check_positive("ray.target_ongoing_requests", self.target_ongoing_requests)
+        check_positive("ray.max_ongoing_requests", self.max_ongoing_requests)
         if not self.route_prefix.startswith("/"):
             raise ConfigError(f"ray.route_prefix={self.route_prefix!r}: must start with '/'")
 
@@ -127,9 +192,9 @@ class RayServeConfig:
 
 @dataclass
 class ServerConfig:
-    engine: EngineConfig = _f(None, "Backbone, prompt store, batching and queue limits.")
-    api: ApiConfig = _f(None, "HTTP layer: auth, metrics, OpenAI defaults.")
-    ray: RayServeConfig = _f(None, "Ray Serve deployment (used with `promptfleet serve --ray`).")
+    engine: EngineConfig = documented(None, "Backbone, prompt store, batching and queue limits.")
+    api: ApiConfig = documented(None, "HTTP layer: auth, metrics, OpenAI defaults.")
+    ray: RayServeConfig = documented(None, "Ray Serve deployment (used with `promptfleet serve --ray`).")
 
     def __post_init__(self) -> None:
         for name, cls in (("engine", EngineConfig), ("api", ApiConfig), ("ray", RayServeConfig)):

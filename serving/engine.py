@@ -15,7 +15,8 @@ the scheduler's lock. A request whose rows make a forward fail is ended alone wi
 The scheduler is shared with the event loop under a lock held only for bookkeeping, never during a
 forward.
 
-It does not speak HTTP, authenticate, or export metrics (`serving.api` does, from `stats()`).
+It does not speak HTTP, authenticate, or export metrics (`serving.api` does, from `stats()`, an
+`EngineStats`).
 """
 
 from __future__ import annotations
@@ -26,25 +27,18 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 
 import torch
 
+from serving.config import EngineConfig
 from serving.output import to_output
-from serving.prompt_format import format_prompt
 from serving.registry import PromptRegistry, TaskEntry
 from serving.runner import ModelRunner, StepResult
-from serving.scheduler import (
-    Request,
-    RequestKind,
-    Scheduler,
-    SchedulerConfig,
-    SchedulerOutput,
-    TenantStats,
-)
+from serving.scheduler import Request, RequestKind, Scheduler, SchedulerConfig, SchedulerOutput
 from serving.types import (
     ClassifyResult,
     EngineError,
+    EngineStats,
     FinishReason,
     GenerationRequest,
     InvalidRequest,
@@ -52,38 +46,21 @@ from serving.types import (
     RequestOutput,
     RequestTimeout,
     SamplingParams,
+    TaskInfo,
     TenantLimits,
+    check_sampling,
 )
+from tuner.export import TaskMeta
 from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
+from tuner.tasks.kinds import kind_of
+from tuner.tasks.kinds.base import CLASSIFY
 
 log = logging.getLogger(__name__)
 
 # A prompt longer than max_prompt_tokens * this many characters is refused before it is tokenised:
 # English averages ~4 characters per token, so no prompt within the token limit comes near it.
 MAX_CHARS_PER_TOKEN = 32
-MAX_SEED = 2**63  # seeds are in [0, 2**63), like the API's
 STEP_FAILED = "the model failed on this request"  # all a client learns; the detail is logged
-
-
-@dataclass
-class EngineConfig:
-    backbone: str = (
-        "smollm2-135m"  # backbone name (embedded name, local dir or Hub id); adapters must name it
-    )
-    prompt_store: str = ""  # directory with one PEFT prompt-tuning adapter dir per task
-    dtype: str = "auto"  # auto | fp32 | bf16 | fp16 (auto = fp32 on CPUs without AMX)
-    max_batch_size: int = 32  # running requests decoded together in one forward
-    max_queue: int = 256  # waiting requests before new ones get Overloaded (429)
-    max_prompt_tokens: int = 1024  # longest accepted prompt, in tokens after the task template
-    max_new_tokens_limit: int = 512  # largest accepted max_tokens
-    prefix_cache_bytes: int = 256 * 2**20  # LRU bound of the task prompt KV cache
-    prefix_cache: bool = True  # False: recompute each request's prompt KV (for benchmarks)
-    reload_interval_s: float = 2.0  # how often the prompt store is rescanned for new/changed tasks
-    request_timeout_s: float = 60.0  # a request older than this ends with RequestTimeout
-    max_step_tokens: int = 4096  # prefill + decode tokens per engine step
-    threads: int = 0  # torch intra-op threads; 0 leaves torch's default (all cores)
-    device: str = "cpu"  # cpu | cuda
-    prompt_store_symlinks: bool = False  # serve store entries that are symlinks leading outside the store
 
 
 class Engine:
@@ -127,11 +104,10 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._counters = {
-            "tokens_generated_total": 0,
-            "requests_finished_total": 0,
-            "requests_failed_total": 0,
-        }
+        # Counters since start, under `_lock` (`stats()` reports them).
+        self._tokens_generated_total = 0
+        self._requests_finished_total = 0
+        self._requests_failed_total = 0
         self._label_ids: dict[tuple, dict[str, list[int]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
@@ -152,7 +128,7 @@ class Engine:
         self._thread = None
         with self._lock:
             left = self.scheduler.abort_all()
-            self._counters["requests_finished_total"] += len(left)
+            self._requests_finished_total += len(left)
         self._deliver(
             [
                 (r.request_id, self._final(r, FinishReason.ABORT))
@@ -171,21 +147,24 @@ class Engine:
     def task_names(self) -> list[str]:
         return self.registry.names()
 
-    def task_info(self, task: str) -> dict:
+    def task_info(self, task: str) -> TaskInfo:
         """What a client may know of a task (raises UnknownTask)."""
         entry = self.registry.get(task)
         meta = entry.meta
-        info = {
-            "name": task,
-            "kind": meta.get("kind", "generation"),
-            "num_virtual_tokens": entry.num_virtual_tokens,
-        }
-        for key in ("description", "template", "verbaliser", "metric", "max_new_tokens", "score", "stop"):
-            if key in meta:
-                info[key] = meta[key]
-        if info.get("verbaliser"):
-            info["labels"] = list(info["verbaliser"])
-        return info
+        return TaskInfo(
+            name=task,
+            kind=meta.kind,
+            num_virtual_tokens=entry.num_virtual_tokens,
+            serves=kind_of(meta.kind).serves,
+            description=meta.description,
+            template=meta.template,
+            verbaliser=dict(meta.verbaliser),
+            labels=list(meta.verbaliser),
+            metric=meta.metric,
+            max_new_tokens=meta.max_new_tokens,
+            score=meta.score,
+            stop=list(meta.stop),
+        )
 
     # ------------------------------------------------------------------ requests
     async def generate(self, req: GenerationRequest) -> AsyncIterator[RequestOutput]:
@@ -234,8 +213,7 @@ class Engine:
         if self._loop is None:
             raise RuntimeError("Engine.start() has not been called")
         entry = self.registry.get(task)
-        verbaliser = entry.meta.get("verbaliser") or {}
-        if entry.meta.get("kind") != "classification" or not verbaliser:
+        if CLASSIFY not in kind_of(entry.meta.kind).serves or not entry.meta.verbaliser:
             raise InvalidRequest(f"task {task!r} is not a classification task", param="model")
         labels = self._labels(entry)
         prompt_ids = await self._tokenize_prompt(entry, text, raw, max(len(v) for v in labels.values()))
@@ -279,47 +257,37 @@ class Engine:
         """End a request now (thread-safe); its stream, if still read, gets a final ABORT output."""
         with self._lock:
             req = self.scheduler.abort(request_id)
-            self._counters["requests_finished_total"] += req is not None
+            self._requests_finished_total += req is not None
         if req is not None and self._loop is not None:
             self._loop.call_soon_threadsafe(
                 self._deliver, [(request_id, self._final(req, FinishReason.ABORT))]
             )
 
-    def stats(self) -> dict:
-        """Engine gauges and counters; `tenants` maps each tenant seen to its `TenantStats`."""
+    def stats(self) -> EngineStats:
+        """Engine gauges and counters, and each tenant's share (`EngineStats.tenants`)."""
         pc = self.runner.prefix_cache.stats
         with self._lock:
-            queued, running = self.scheduler.num_waiting, len(self.scheduler.running)
-            tenants: dict[str, TenantStats] = self.scheduler.tenant_stats()
-        return {
-            "queue_depth": queued,
-            "running": running,
-            "last_batch_size": self.scheduler.last_batch_size,
-            "tokens_generated_total": self._counters["tokens_generated_total"],
-            "prefill_tokens_total": self.runner.prefill_tokens_total,
-            "prefix_cache_hits_total": pc.hits,
-            "prefix_cache_misses_total": pc.misses,
-            "prefix_cache_evictions_total": pc.evictions,
-            "prefix_cache_bytes": pc.bytes,
-            "requests_finished_total": self._counters["requests_finished_total"],
-            "requests_failed_total": self._counters["requests_failed_total"],
-            "tasks": len(self.registry.names()),
-            "tenants": tenants,
-        }
+            return EngineStats(
+                queue_depth=self.scheduler.num_waiting,
+                running=len(self.scheduler.running),
+                last_batch_size=self.scheduler.last_batch_size,
+                tokens_generated_total=self._tokens_generated_total,
+                prefill_tokens_total=self.runner.prefill_tokens_total,
+                prefix_cache_hits_total=pc.hits,
+                prefix_cache_misses_total=pc.misses,
+                prefix_cache_evictions_total=pc.evictions,
+                prefix_cache_bytes=pc.bytes,
+                requests_finished_total=self._requests_finished_total,
+                requests_failed_total=self._requests_failed_total,
+                tasks=len(self.registry.names()),
+                tenants=self.scheduler.tenant_stats(),
+            )
 
     # ------------------------------------------------------------------ validation helpers
     def _check_params(self, p: SamplingParams) -> None:
-        limit = self.config.max_new_tokens_limit
-        if not isinstance(p.max_tokens, int) or not 1 <= p.max_tokens <= limit:
-            raise InvalidRequest(f"max_tokens must be an integer in [1, {limit}]", param="max_tokens")
-        if not 0.0 <= p.temperature <= 2.0:
-            raise InvalidRequest("temperature must be in [0, 2]", param="temperature")
-        if not 0.0 < p.top_p <= 1.0:
-            raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
-        if p.seed is not None and (not isinstance(p.seed, int) or not 0 <= p.seed < MAX_SEED):
-            raise InvalidRequest("seed must be an integer in [0, 2**63)", param="seed")
-        if len(p.stop) > 4 or any(not isinstance(s, str) or not s for s in p.stop):
-            raise InvalidRequest("stop must be at most 4 non-empty strings", param="stop")
+        """`p` against this engine's limits: the API's own check (`check_sampling`), made again here
+        for callers that bypass the API."""
+        check_sampling(p, self.config.max_new_tokens_limit)
 
     async def _tokenize_prompt(self, entry: TaskEntry, text: str, raw: bool, max_new: int) -> list[int]:
         """Check and tokenise a prompt, off the event loop (a long prompt takes milliseconds)."""
@@ -337,7 +305,7 @@ class Engine:
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate such as "\ud800": not text a tokenizer takes
             raise InvalidRequest("prompt is not valid Unicode", param="prompt") from None
-        ids = self._encode(format_prompt(entry.meta, text, raw))
+        ids = self._encode(render_prompt(entry.meta, text, raw))
         if not ids:
             raise InvalidRequest("prompt is empty", param="prompt")
         if len(ids) > self.config.max_prompt_tokens:
@@ -356,7 +324,7 @@ class Engine:
     def _labels(self, entry: TaskEntry) -> dict[str, list[int]]:
         key = (entry.name, entry.version)
         if key not in self._label_ids:
-            self._label_ids[key] = {lab: self._encode(w) for lab, w in entry.meta["verbaliser"].items()}
+            self._label_ids[key] = {lab: self._encode(w) for lab, w in entry.meta.verbaliser.items()}
         return self._label_ids[key]
 
     def _decode(self, ids: list[int]) -> str:
@@ -416,8 +384,8 @@ class Engine:
                 self.scheduler.abort(req.request_id)  # no-op for those the runner reported
             for rid in stopped:  # leaves before the next schedule
                 self.scheduler.finish(rid, FinishReason.STOP)
-            self._counters["tokens_generated_total"] += len(updates)
-            self._counters["requests_finished_total"] += sum(o.finished for o in outputs) + len(items)
+            self._tokens_generated_total += len(updates)
+            self._requests_finished_total += sum(o.finished for o in outputs) + len(items)
         self._fail(failed, lambda: EngineError(STEP_FAILED), failure=True)
         self._deliver_threadsafe(items + [(o.request_id, o) for o in outputs])
 
@@ -439,8 +407,8 @@ class Engine:
     def _fail(self, reqs: list[Request], error: Callable[[], Exception], failure: bool = False) -> None:
         """End already-aborted requests by raising `error()` from their streams."""
         with self._lock:
-            self._counters["requests_finished_total"] += len(reqs)
-            self._counters["requests_failed_total"] += len(reqs) if failure else 0
+            self._requests_finished_total += len(reqs)
+            self._requests_failed_total += len(reqs) if failure else 0
         self._deliver_threadsafe([(r.request_id, error()) for r in reqs])
 
     def _deliver_threadsafe(self, items: list[tuple[str, object]]) -> None:
@@ -460,6 +428,20 @@ class Engine:
         )
 
 
+def render_prompt(meta: TaskMeta | dict, text: str, raw: bool = False) -> str:
+    """The model input for a request's `text` under a task's metadata (`raw`: `text` unchanged).
+
+    `TaskMeta.render` fills the task's template with the function training rendered rows with, so
+    served and trained inputs cannot drift apart; a request that cannot fill the template is an
+    `InvalidRequest` (400). A dict is read as the content of a `promptfleet_task.json`.
+    """
+    meta = meta if isinstance(meta, TaskMeta) else TaskMeta.from_dict(meta)
+    try:
+        return meta.render(text, raw)
+    except ValueError as e:
+        raise InvalidRequest(str(e), param="prompt") from None
+
+
 def text_encoder(tokenizer) -> Callable[[str], list[int]]:
     """`text -> token ids` (no special tokens), for requests tokenized on the event loop thread.
 
@@ -471,12 +453,3 @@ def text_encoder(tokenizer) -> Callable[[str], list[int]]:
     if backend is not None and hasattr(backend, "encode_batch"):
         return lambda text: backend.encode_batch([text], add_special_tokens=False)[0].ids
     return lambda text: tokenizer(text, add_special_tokens=False).input_ids
-
-
-def _set_future(fut: asyncio.Future, result: object) -> None:
-    if fut.done():
-        return  # the caller went away
-    if isinstance(result, BaseException):
-        fut.set_exception(result)
-    else:
-        fut.set_result(result)

@@ -5,7 +5,8 @@ and status code, refusals (4xx/5xx) per tenant, time to first token, end-to-end 
 completion tokens per task and tenant. `render_public()` is the page for callers without a metrics
 key: engine numbers and request counts by endpoint and status only, no task or tenant names.
 Engine-side numbers (queue depth, running batch, tokens, prefix-cache hits) are read from
-`engine.stats()` at scrape time by a custom collector, so they cost nothing between scrapes.
+`engine.stats()` (an `EngineStats`) at scrape time by a custom collector, so they cost nothing
+between scrapes.
 This module does not serve HTTP; `serving.api` exposes `render()` at /metrics.
 """
 
@@ -18,13 +19,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from serving.types import EngineStats
+
 log = logging.getLogger(__name__)
 
 NO_TASK = "-"  # task label of requests that never named a task they may use (401, 404, bad body)
 NO_TENANT = "-"  # tenant label of requests without a valid key
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-# engine.stats() key -> (metric name, help, kind)
+# EngineStats field -> (metric name, help, kind)
 ENGINE_SERIES = {
     "queue_depth": ("promptfleet_queue_depth", "Requests waiting in the scheduler queue.", "gauge"),
     "running": ("promptfleet_running_requests", "Requests in the running batch.", "gauge"),
@@ -45,7 +48,7 @@ ENGINE_SERIES = {
 }
 
 
-# engine.stats()["tenants"][name] attribute -> (metric name, help, kind), labelled by tenant
+# TenantStats field (of EngineStats.tenants[name]) -> (metric name, help, kind), labelled by tenant
 TENANT_SERIES = {
     "running": ("promptfleet_tenant_running_requests", "Running requests of a tenant.", "gauge"),
     "queued": ("promptfleet_tenant_queued_requests", "Waiting requests of a tenant.", "gauge"),
@@ -73,42 +76,39 @@ TENANT_SERIES = {
 
 
 class EngineStatsCollector(Collector):
-    """Reads `stats()` once per scrape and exposes the keys in ENGINE_SERIES, and with `per_tenant`
-    the engine's per-tenant numbers (`stats()["tenants"]`, when the engine reports them)."""
+    """Reads `stats()` once per scrape and exposes the fields in ENGINE_SERIES, and with `per_tenant`
+    the engine's per-tenant numbers (`EngineStats.tenants`)."""
 
-    def __init__(self, stats: Callable[[], dict], per_tenant: bool = False):
+    def __init__(self, stats: Callable[[], EngineStats], per_tenant: bool = False):
         self._stats = stats
         self._per_tenant = per_tenant
 
     def collect(self):
         try:
             stats = self._stats()
+            if isinstance(stats, dict):  # a stand-in engine's stats, as a mapping of the same fields
+                stats = EngineStats(**stats)
         except Exception:  # a broken stats() must not take /metrics down with it
             log.exception("engine.stats() failed during a metrics scrape")
             return
-        for key, (name, doc, kind) in ENGINE_SERIES.items():
-            if key not in stats:
-                continue
+        for attr, (name, doc, kind) in ENGINE_SERIES.items():
             family = GaugeMetricFamily(name, doc) if kind == "gauge" else CounterMetricFamily(name, doc)
-            family.add_metric([], float(stats[key]))
+            family.add_metric([], float(getattr(stats, attr)))
             yield family
-        tenants = stats.get("tenants") if self._per_tenant else None
-        if not isinstance(tenants, dict):
+        if not self._per_tenant:
             return
         for attr, (name, doc, kind) in TENANT_SERIES.items():
             cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
             family = cls(name, doc, labels=["tenant"])
-            for tenant, numbers in sorted(tenants.items()):
-                value = numbers.get(attr) if isinstance(numbers, dict) else getattr(numbers, attr, None)
-                if value is not None:
-                    family.add_metric([str(tenant)], float(value))
+            for tenant, numbers in sorted(stats.tenants.items()):
+                family.add_metric([str(tenant)], float(getattr(numbers, attr)))
             yield family
 
 
 class ApiMetrics:
     """The series one app records; `render()` returns the exposition text and its content type."""
 
-    def __init__(self, engine_stats: Callable[[], dict]):
+    def __init__(self, engine_stats: Callable[[], EngineStats]):
         self.registry = CollectorRegistry(auto_describe=True)
         self.public_registry = CollectorRegistry(auto_describe=True)  # nothing named by a client or tenant
         self.requests = Counter(

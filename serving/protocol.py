@@ -3,11 +3,11 @@
 Request models accept the fields this server uses; an OpenAI field it does not implement (logprobs,
 echo, best_of > 1, logit_bias, n > 1, tools...) is a 400 naming it unless it carries its neutral value
 (clients send `n: 1`, `logprobs: null`), and harmless bookkeeping fields (`user`, `metadata`) are
-ignored. A known field with a wrong type or an out-of-range value is a validation error, which
-`serving.api` answers with 400 and `param` = that field. Sampling values are checked here so that
-nothing the model runner cannot take (a seed past 2^63, a denormal temperature, NaN) gets past the
-edge; every string must be valid unicode (no lone surrogates). Limits that depend on the server's
-config (max_tokens upper bound, prompt length) are checked by the API, not here.
+ignored. A known field with a wrong type is a validation error, which `serving.api` answers with
+400 and `param` = that field. Here sampling values are only typed: numbers are numbers (finite: no
+NaN or inf), a temperature is 0 (greedy) or not denormal, and every string is valid unicode (no lone
+surrogates). Their ranges against the engine's limits (max_tokens, seed, top_p, stop...) are
+`serving.types.check_sampling`, the one check the API and the engine both make.
 This module does not talk to the engine or know about HTTP status codes.
 """
 
@@ -36,8 +36,6 @@ from serving.types import FinishReason, InvalidRequest, RequestOutput
 
 
 MIN_TEMPERATURE = 1e-2  # below this (but > 0) logits / T overflow to inf and sampling meets NaN
-MAX_SEED = 2**63  # torch.Generator.manual_seed takes a signed 64-bit value
-MAX_TOKENS_BOUND = 2**20  # a sanity bound before the config's own limit (serving.api checks that)
 
 # OpenAI fields this server does not implement -> the values that mean "not used" (accepted).
 UNSUPPORTED = {
@@ -77,8 +75,8 @@ def _temperature(value: float) -> float:
 
 Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]
 # Strict: a JSON number only (an integer is one), never "0.5" or true, as max_tokens and seed.
-Temperature = Annotated[StrictFloat, Field(ge=0.0, le=2.0, allow_inf_nan=False), AfterValidator(_temperature)]
-TopP = Annotated[StrictFloat, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Temperature = Annotated[StrictFloat, Field(allow_inf_nan=False), AfterValidator(_temperature)]
+TopP = Annotated[StrictFloat, Field(allow_inf_nan=False)]
 
 
 class _Body(BaseModel):
@@ -109,15 +107,15 @@ class StreamOptions(_Body):
 
 class _SamplingFields(_Body):
     model: Text
-    max_tokens: StrictInt | None = Field(None, ge=1, le=MAX_TOKENS_BOUND)
+    max_tokens: StrictInt | None = None
     temperature: Temperature | None = None  # None: greedy (tasks want repeatable answers)
     top_p: TopP | None = None
     n: StrictInt = Field(1, ge=1, le=1)  # one choice per request
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     # OpenAI: one string (any length) is one stop sequence; a list holds up to 4.
-    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = None
-    seed: StrictInt | None = Field(None, ge=0, lt=MAX_SEED)
+    stop: Text | list[Text] | None = None
+    seed: StrictInt | None = None
     raw: StrictBool = False  # promptfleet extension: send the prompt as is, without the task's template
 
     def stop_list(self) -> list[str]:
@@ -156,7 +154,7 @@ class ChatMessage(_Body):
 
 class ChatBody(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = None
 
     def prompt_text(self) -> str:
         """A task is single-turn: its input is the last user message (system turns are not used)."""

@@ -62,7 +62,7 @@ def app(args: dict) -> serve.Application:
 
     from serving.auth import load_keyring
     from serving.config import load_server_config
-    from tuner.config import ConfigError
+    from tuner.schema import ConfigError
 
     unknown = sorted(set(args) - {"config", "prompt_store", "overrides"})
     if unknown:

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from serving.types import UnknownTask
-from tuner.config import ConfigError, validate_name
 from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META, TaskMeta, load_adapter
+from tuner.schema import ConfigError, validate_name
 
 log = logging.getLogger(__name__)
 

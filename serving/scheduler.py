@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING
 
 from serving.types import (
     FinishReason,
@@ -37,7 +37,12 @@ from serving.types import (
     QuotaExceeded,
     SamplingParams,
     TenantLimits,
+    TenantStats,
 )
+
+if TYPE_CHECKING:  # the engine's state on a request; the scheduler never reads it
+    from serving.detokenizer import IncrementalText
+    from serving.registry import TaskEntry
 
 RATE_WINDOW_S = 60.0  # `TenantLimits.tokens_per_minute` counts tokens admitted in this rolling window
 
@@ -63,14 +68,14 @@ class Request:
     params: SamplingParams
     arrival_time: float
     eos_token_ids: frozenset[int] = frozenset()
-    adapter: Any = None  # the engine's handle on the task prompt; the scheduler never reads it
+    adapter: TaskEntry | None = None  # the task's prompt, for the runner; the scheduler never reads it
     kind: RequestKind = RequestKind.GENERATE
     continuations: list[list[int]] = field(default_factory=list)  # CLASSIFY: token ids to score
     tenant: str = ""
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     output_ids: list[int] = field(default_factory=list)
-    output: Any = None  # the engine's output-path state (detokeniser); the scheduler never reads it
+    output: IncrementalText | None = None  # the output path's detokeniser; the scheduler never reads it
     task_stop: list[str] = field(default_factory=list)  # the task's stop strings, for the output path
     charge: list[float] | None = None  # [time, tokens]: this request's entry in its tenant's rate window
 
@@ -114,28 +119,12 @@ class SchedulerOutput:
     def empty(self) -> bool:
         return not self.prefill and not self.decode
 
-    @property
-    def num_tokens(self) -> int:
-        return len(self.decode) + sum(r.prefill_tokens for r in self.prefill)
-
 
 @dataclass
 class SchedulerConfig:
     max_batch_size: int = 32  # running requests decoded together in one forward
     max_queue: int = 256  # waiting requests before `add` raises Overloaded
     max_step_tokens: int = 4096  # prefill + decode tokens per step (one long prompt may exceed it alone)
-
-
-@dataclass
-class TenantStats:
-    """One tenant's share of the engine now, and its counters since start."""
-
-    running: int = 0
-    queued: int = 0
-    tokens_last_minute: int = 0  # charged in the rolling window (settled to the tokens used on finish)
-    admitted_total: int = 0  # requests admitted to a model step
-    admitted_tokens_total: int = 0  # prompt tokens + max_tokens of those, charged at admission
-    rejected_total: int = 0  # requests refused with QuotaExceeded
 
 
 @dataclass

@@ -1,14 +1,19 @@
 """The serving contract: small dataclasses that carry a request's identity (its task) from the
 HTTP layer through the scheduler to the model runner, and the errors each layer may raise.
 
-Nothing here imports torch; the scheduler and the API depend only on this module.
+Nothing here imports torch; the scheduler and the API depend only on this module (and on
+`tuner.schema`'s bounds).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import Enum
+
+from tuner.schema import MAX_SEED
+
+MAX_STOP = 4  # stop sequences a request may carry (OpenAI's limit)
 
 
 class FinishReason(str, Enum):
@@ -26,6 +31,32 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # the client's; a task's own (`TaskMeta.stop`) apply too
+
+
+def check_sampling(
+    params: SamplingParams, max_tokens_limit: int, max_tokens_param: str = "max_tokens"
+) -> None:
+    """Refuse values the engine cannot take (`InvalidRequest` naming the field): the one check of
+    sampling values, made by every API route that takes them and by the engine.
+
+    Args:
+        max_tokens_limit: the largest max_tokens (`EngineConfig.max_new_tokens_limit`).
+        max_tokens_param: the request's name for max_tokens (chat calls it `max_completion_tokens`).
+    """
+    max_tokens, seed, stop = params.max_tokens, params.seed, params.stop
+    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_limit:
+        raise InvalidRequest(
+            f"{max_tokens_param} must be between 1 and {max_tokens_limit}, got {max_tokens}.",
+            param=max_tokens_param,
+        )
+    if not 0.0 <= params.temperature <= 2.0:  # NaN fails too
+        raise InvalidRequest("temperature must be in [0, 2]", param="temperature")
+    if not 0.0 < params.top_p <= 1.0:
+        raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < MAX_SEED):
+        raise InvalidRequest("seed must be an integer in [0, 2**63)", param="seed")
+    if len(stop) > MAX_STOP or any(not isinstance(s, str) or not s for s in stop):
+        raise InvalidRequest(f"stop must be at most {MAX_STOP} non-empty strings", param="stop")
 
 
 @dataclass
@@ -64,6 +95,66 @@ class TenantLimits:
     max_concurrent: int = 0  # requests queued or running at once; more get 429 (`QuotaExceeded`)
     tokens_per_minute: int = 0  # prompt + completion tokens admitted per rolling minute
     weight: float = 1.0  # share of admissions under contention (weighted round-robin across tenants)
+
+
+class ReadByKey:
+    """`record["field"]` reads a field: the engine's stats and task info were dicts before they were
+    typed, and scripts written then read them so. Code in `serving` reads the attributes."""
+
+    def __getitem__(self, key: str):
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+@dataclass
+class TenantStats:
+    """One tenant's share of the engine now, and its counters since start (from the scheduler)."""
+
+    running: int = 0
+    queued: int = 0
+    tokens_last_minute: int = 0  # charged in the rolling window (settled to the tokens used on finish)
+    admitted_total: int = 0  # requests admitted to a model step
+    admitted_tokens_total: int = 0  # prompt tokens + max_tokens of those, charged at admission
+    rejected_total: int = 0  # requests refused with QuotaExceeded
+
+
+@dataclass
+class EngineStats(ReadByKey):
+    """What `Engine.stats()` reports: gauges now and counters since start. `serving.metrics`
+    exports them at scrape time (`ENGINE_SERIES` names the series of each field)."""
+
+    queue_depth: int = 0  # requests waiting in the scheduler
+    running: int = 0  # generations in the running batch
+    last_batch_size: int = 0  # rows of the most recent model step
+    tokens_generated_total: int = 0
+    prefill_tokens_total: int = 0  # prompt tokens run through prefill
+    prefix_cache_hits_total: int = 0  # task prompt KV found in the prefix cache
+    prefix_cache_misses_total: int = 0
+    prefix_cache_evictions_total: int = 0
+    prefix_cache_bytes: int = 0  # held by the prefix cache now
+    requests_finished_total: int = 0  # ended any way: done, aborted, timed out or failed
+    requests_failed_total: int = 0  # ended because the model failed on them
+    tasks: int = 0  # servable tasks
+    tenants: dict[str, TenantStats] = field(default_factory=dict)  # each tenant seen since start
+
+
+@dataclass
+class TaskInfo(ReadByKey):
+    """What a client may know of a task (`Engine.task_info`), from its adapter's `TaskMeta`."""
+
+    name: str
+    kind: str  # the name of its kind (`tuner.tasks.kinds`)
+    num_virtual_tokens: int
+    serves: frozenset[str]  # what the API may do with it: "complete", "classify" (its kind says)
+    description: str = ""
+    template: str = ""
+    verbaliser: dict[str, str] = field(default_factory=dict)  # label -> its words
+    labels: list[str] = field(default_factory=list)  # the verbaliser's labels, in its order
+    metric: str = ""
+    max_new_tokens: int | None = None
+    score: float | None = None  # the tuned headline metric at export
+    stop: list[str] = field(default_factory=list)  # where the task's answers end
 
 
 @dataclass

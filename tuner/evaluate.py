@@ -1,11 +1,11 @@
-"""Per-task evaluation: classification by scoring verbaliser words, generation by greedy decoding.
+"""Evaluation's parts: scoring labels, greedy decoding, target losses, the metrics, and `TaskScores`.
 
-Classification scores every label's verbaliser tokens after the input and predicts the most
-likely label (one forward per example when every label is a single distinct token, else one
-segment per (example, label), packed). Generation decodes greedily until end-of-sequence or one
-of the task's stop strings (whitespace before the answer is never a stop) and reports chrF,
-ROUGE-L (`rouge-score`) and exact match against every reference of an example. NER generates
-tagged spans, parses them back to IOB2 tags (`tuner.tasks.ner`) and reports entity-level P / R / F1.
+`score_labels` scores every label's verbaliser tokens after the input (one forward per example
+when every label is a single distinct token, else one segment per (example, label), packed).
+`generate_greedy` decodes until end-of-sequence or one of the task's stop strings (whitespace
+before the answer is never a stop). `classification_metrics` and `generation_metrics` (chrF,
+ROUGE-L with `rouge-score`, exact match against every reference) score the results. Which of these
+a task uses is its kind's choice (`tuner.tasks.kinds`, `evaluate_task`); this module knows no kind.
 `prompt=None` evaluates the untuned backbone (zero-shot: no virtual tokens).
 
 Under ZeRO-3 every rank must run the same number of forwards (each forward all-gathers weights),
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,9 +27,58 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.model.zero import world
 from tuner.tasks.batching import TokenizedExample, collate
-from tuner.tasks.data import TaskData
-from tuner.tasks.ner import entity_metrics, parse_entities
 from tuner.tasks.stops import find_stop
+
+# Keys of a scores record that are not metric values.
+_NOT_VALUES = ("metric", "score", "per_label", "samples")
+
+
+@dataclass(frozen=True, eq=False)  # eq: Mapping's, so a record compares equal to its dict
+class TaskScores(Mapping):
+    """One task's evaluation: its headline metric and score, every metric, and what the report shows.
+
+    It also reads as its `summary.json` record (a read-only mapping of the same keys, `to_json`), so a
+    record written by an earlier version and a fresh evaluation are read alike (`from_json`).
+    """
+
+    metric: str  # the headline metric's name (the task's `metric`)
+    score: float  # its value
+    values: dict[str, float]  # every metric by name, and `n`: the examples scored
+    per_label: dict[str, dict] | None = None  # label or entity type -> precision / recall / F1 / support
+    samples: list[dict] | None = None  # decoded kinds: the first answers beside their references
+
+    @classmethod
+    def of(cls, metric: str, computed: dict[str, Any]) -> TaskScores:
+        """Scores from a metrics function's dict (`classification_metrics`, ...), headlined by `metric`."""
+        return cls.from_json({**computed, "metric": metric, "score": computed[metric]})
+
+    @classmethod
+    def from_json(cls, record: Mapping[str, Any]) -> TaskScores | None:
+        """The scores of a `summary.json` record (`{}`, a task without eval examples: None)."""
+        if not record:
+            return None
+        values = {k: v for k, v in record.items() if k not in _NOT_VALUES}
+        return cls(record["metric"], record["score"], values, record.get("per_label"), record.get("samples"))
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as evaluation has always written it: metric values, per-label table, n, samples."""
+        out = {k: v for k, v in self.values.items() if k != "n"}
+        if self.per_label is not None:
+            out["per_label"] = self.per_label
+        if "n" in self.values:
+            out["n"] = self.values["n"]
+        if self.samples is not None:
+            out["samples"] = self.samples
+        return {**out, "metric": self.metric, "score": self.score}
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_json()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_json())
+
+    def __len__(self) -> int:
+        return len(self.to_json())
 
 
 def classification_metrics(gold: list[str], pred: list[str], labels: list[str]) -> dict:
@@ -319,59 +370,3 @@ def target_losses(
 def mean_target_loss(*args, **kwargs) -> dict[str, float]:
     """Each prompt's mean over the examples of `target_losses` (same arguments)."""
     return {n: sum(v) / len(v) for n, v in target_losses(*args, **kwargs).items()}
-
-
-def evaluate_task(
-    lm: PromptTunedLM,
-    tokenizer,
-    data: TaskData,
-    prompt: torch.Tensor | None,
-    max_len: int,
-    device="cpu",
-    batch_size: int = 32,
-) -> dict:
-    """Metrics of one task on its eval split (`prompt=None`: zero-shot)."""
-    spec = data.spec
-    if not data.eval:
-        return {}
-    if spec.kind == "classification":
-        scores = score_labels(lm, tokenizer, data.eval, spec.verbaliser, prompt, max_len, batch_size, device)
-        pred = [max(s, key=s.get) for s in scores]
-        gold = [e.label for e in data.eval]
-        m = classification_metrics(gold, pred, spec.labels)
-    else:
-        hyps = generate_greedy(
-            lm,
-            tokenizer,
-            data.eval,
-            prompt,
-            spec.max_new_tokens,
-            max_len,
-            max(1, batch_size // 2),
-            device,
-            spec.stop,
-        )
-        if spec.kind == "ner":
-            pred = [parse_entities(h, e.words, spec.verbaliser) for h, e in zip(hyps, data.eval_text)]
-            m = entity_metrics([e.tags for e in data.eval_text], pred)
-        else:
-            m = generation_metrics([e.references or [e.target.strip()] for e in data.eval_text], hyps)
-        refs = [e.target.strip() for e in data.eval_text]
-        m["samples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]
-    m["metric"] = spec.metric
-    m["score"] = m[spec.metric]
-    return m
-
-
-def evaluate_all(
-    lm: PromptTunedLM,
-    tokenizer,
-    tasks: dict[str, TaskData],
-    prompt_of: Callable[[str], torch.Tensor | None],
-    max_len: int,
-    device="cpu",
-) -> dict[str, dict]:
-    return {
-        name: evaluate_task(lm, tokenizer, data, prompt_of(name), max_len, device)
-        for name, data in tasks.items()
-    }

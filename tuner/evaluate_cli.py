@@ -8,29 +8,30 @@ so `--json` output is JSON alone).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tuner.config import ConfigError, JobConfig, apply_overrides, from_dict, load_job_config, one_line
-from tuner.evaluate import evaluate_task
 from tuner.export import load_adapter
 from tuner.job import load_task_specs
 from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
 from tuner.model.prompt_lm import PromptTunedLM
-from tuner.recipe import render_table
+from tuner.report import SUMMARY_FILE, read_summary, render_table
 from tuner.tasks.data import TaskData
+from tuner.tasks.kinds import evaluate_task
 
 
 def evaluate_command(run_dir: str | None, config: str | None, overrides: list[str], zero_shot: bool) -> dict:
+    """`{"tasks": {task: {"metric", "zero_shot", "tuned"}}}`, each score record as `summary.json` has it
+    (`{}` where not evaluated): the JSON `promptfleet eval --json` prints."""
     if config:
         cfg = load_job_config(config, overrides)
     elif run_dir:
-        summary_path = Path(run_dir) / "summary.json"
+        summary_path = Path(run_dir) / SUMMARY_FILE
         if not summary_path.is_file():
-            raise ConfigError(f"{run_dir} has no summary.json (not a finished run directory)")
+            raise ConfigError(f"{run_dir} has no {SUMMARY_FILE} (not a finished run directory)")
         try:
-            saved = json.loads(summary_path.read_text())["config"]
-        except (ValueError, KeyError, TypeError):
+            saved = read_summary(run_dir).config
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise ConfigError(f"{summary_path} is damaged (no readable job config in it)") from None
         cfg = from_dict(JobConfig, apply_overrides(saved, overrides))
     else:
@@ -64,28 +65,24 @@ def evaluate_command(run_dir: str | None, config: str | None, overrides: list[st
                 raise ConfigError(
                     f"adapter {task_dir} has prompts {prompt.shape[1]} wide; the backbone's embeddings are {width}"
                 )
-        m = evaluate_task(lm, tok, data, prompt, cfg.model.max_seq_len, device)
+        scores = evaluate_task(lm, tok, data, prompt, cfg.model.max_seq_len, device)
+        record = scores.to_json() if scores else {}  # as summary.json records it
         out["tasks"][spec.name] = {
             "metric": spec.metric,
-            "zero_shot": m if zero_shot else {},
-            "tuned": {} if zero_shot else m,
+            "zero_shot": record if zero_shot else {},
+            "tuned": {} if zero_shot else record,
         }
     return out
 
 
 def render_results(results: dict) -> str:
     """The table (tuned vs zero-shot) and per-label precision / recall / F1 lines."""
-    table = {
-        "tasks": {
-            n: {
-                "metric": t["metric"],
-                "zero_shot": t["zero_shot"],
-                "tuned": t["tuned"] or {"score": float("nan")},
-            }
+    lines = [
+        render_table(
+            (n, t["metric"], t["zero_shot"].get("score"), t["tuned"].get("score", float("nan")))
             for n, t in results["tasks"].items()
-        }
-    }
-    lines = [render_table(table)]
+        )
+    ]
     for name, t in results["tasks"].items():
         m = t["tuned"] or t["zero_shot"]
         for lab, v in (m.get("per_label") or {}).items():

@@ -32,13 +32,13 @@ import torch
 from safetensors.torch import load, save_file
 
 from tuner.config import validate_name
-from tuner.tasks.spec import KIND_METRICS, check_template, render_input, template_fields
+from tuner.tasks.kinds import kind_of
+from tuner.tasks.templates import check_template, render_input, template_fields
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TASK_META = "promptfleet_task.json"
 VERSIONS = ".versions"  # hidden: the registry never mistakes it for a task
-TASK_KINDS = tuple(KIND_METRICS)
 MAX_JSON_BYTES = 16 << 20  # adapter_config.json / promptfleet_task.json (a prefix holds demonstrations)
 MAX_WEIGHTS_BYTES = 1 << 30  # e.g. 2,048 virtual tokens x 16,384 wide in fp32 is 128 MiB
 
@@ -47,7 +47,7 @@ MAX_WEIGHTS_BYTES = 1 << 30  # e.g. 2,048 virtual tokens x 16,384 wide in fp32 i
 class TaskMeta:
     """What serving needs of a task beyond its prompt (`promptfleet_task.json`), written by the
     tuner (`from_spec`) and read by serving (`render` gives the model input of a request with the
-    same function training used, `tuner.tasks.spec.render_input`)."""
+    same function training used, `tuner.tasks.templates.render_input`)."""
 
     kind: str = "generation"  # classification | generation | ner
     description: str = ""
@@ -83,10 +83,9 @@ class TaskMeta:
         for name in ("kind", "description", "template", "prefix", "metric"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
-        if self.kind not in TASK_KINDS:
-            raise ValueError(f"kind must be one of {', '.join(TASK_KINDS)}, got {self.kind[:40]!r}")
+        label_words = kind_of(self.kind).label_scored  # ValueError naming the kinds for an unknown one
         if not isinstance(self.verbaliser, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and (v or self.kind != "classification")
+            isinstance(k, str) and isinstance(v, str) and (v or not label_words)
             for k, v in self.verbaliser.items()
         ):
             raise ValueError("verbaliser must map labels to non-empty strings")
@@ -148,21 +147,12 @@ class TaskMeta:
             raise ValueError(f"the task's template cannot be filled: {e}") from None
         return rendered
 
-    # Read access by key, for code written against the former dict (`meta.get("verbaliser")`).
-    def get(self, key: str, default=None):
-        value = getattr(self, key, None) if key in self._keys() else self.extra.get(key)
-        return default if value is None else value
-
     def __getitem__(self, key: str):
-        if key not in self:
+        """A field by name (`meta["verbaliser"]`), as scripts read the dict this record once was;
+        code in this repository reads the attributes."""
+        if key == "extra" or key not in {f.name for f in fields(self)}:
             raise KeyError(key)
-        return self.get(key)
-
-    def __contains__(self, key: str) -> bool:
-        return self.get(key) is not None
-
-    def _keys(self) -> set[str]:
-        return {f.name for f in fields(self)} - {"extra"}
+        return getattr(self, key)
 
 
 def _positive_int(x) -> bool:

@@ -1,24 +1,35 @@
 """Job preparation: the one place a job's tasks are loaded and checked and its run directory claimed.
 
 `prepare_job(cfg)` loads every task file, checks its data files (each split's header or first
-rows must hold every field the task names, see `tuner.tasks.spec.check_columns`) and that task names are unique,
+rows must hold every field the task names, see `tuner.tasks.readers.check_columns`) and that task names are unique,
 makes `output_dir` absolute (workers run in other directories) and returns a `PreparedJob`.
 `prepare_job(cfg, claim=True)` also claims the run directory (`tuner.run_dir`): the entry point
 that starts a run (the CLI's launcher, on the driver) does this exactly once; the recipe on each
 rank prepares the same job without claiming it. The embedded backbone is resolved (converted into
 the model cache) on the claiming process too, so workers never race to convert it.
 
-It reads no more than a few rows per file and loads no model weights (see `tuner.tasks.data`, `tuner.model.backbone`).
+It reads no more than a few rows per file and loads no model weights (see `tuner.tasks.data`, `tuner.model.backbone`);
+the builders the recipe calls next read the rest of the config: `PreparedJob.load_data` (every task's
+examples, tokenised), `PreparedJob.sampler` and `zero_setup` (how the backbone is laid out over the ranks).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tuner.config import ConfigError, JobConfig
-from tuner.run_dir import claim_run_dir
-from tuner.tasks.spec import TaskSpec, check_columns
+from tuner.config import ConfigError, JobConfig, to_dict
+from tuner.run_dir import claim_run_dir, fingerprint
+from tuner.tasks.readers import check_columns
+from tuner.tasks.spec import TaskSpec
+
+if TYPE_CHECKING:
+    import torch
+
+    from tuner.model.zero import ZeroSettings, ZeroSetup
+    from tuner.tasks.data import MultiTaskSampler, TaskData
 
 
 @dataclass
@@ -33,6 +44,26 @@ class PreparedJob:
     @property
     def task_names(self) -> list[str]:
         return [s.name for s in self.specs]
+
+    def load_data(self, tokenizer) -> dict[str, TaskData]:
+        """Every task's examples by name, tokenised, within the job's `data.*` limits."""
+        from tuner.tasks.data import TaskData
+
+        d = self.cfg.data
+        return {
+            s.name: TaskData.load(
+                s, tokenizer, max_train=d.max_train_examples, max_eval=d.max_eval_examples, seed=d.seed
+            )
+            for s in self.specs
+        }
+
+    def sampler(self, sizes: dict[str, int]) -> MultiTaskSampler:
+        """What draws each step's global batch from tasks of `sizes` train examples (`optim.batch_size`,
+        mixed as `data.*` says)."""
+        from tuner.tasks.data import MultiTaskSampler
+
+        c = self.cfg
+        return MultiTaskSampler(sizes, c.optim.batch_size, c.data.mixing, c.data.temperature, c.data.seed)
 
 
 def load_task_specs(task_files: list[str]) -> list[TaskSpec]:
@@ -53,9 +84,7 @@ def prepare_job(cfg: JobConfig, *, claim: bool = False) -> PreparedJob:
     specs = load_task_specs(cfg.tasks)
     cfg.output_dir = str(Path(cfg.output_dir).resolve())
     job = PreparedJob(cfg, specs)
-    if (
-        cfg.prompt.init_from
-    ):  # continual training (tuner/prompts/continual.py): absolute, and checked before claiming
+    if cfg.prompt.init_from:  # continual training (tuner/prompts/continual.py): absolute, checked first
         from tuner.prompts.continual import check_source
 
         cfg.prompt.init_from = str(Path(cfg.prompt.init_from).expanduser().resolve())
@@ -64,5 +93,34 @@ def prepare_job(cfg: JobConfig, *, claim: bool = False) -> PreparedJob:
         from tuner.model.backbone import resolve_backbone
 
         resolve_backbone(cfg.model.name)  # convert the embedded backbone once, here, before any worker
-        claim_run_dir(job.run_dir, cfg)
+        claim_run_dir(job.run_dir, cfg.name, fingerprint(to_dict(cfg)), resume=cfg.resume)
     return job
+
+
+def zero_setup(
+    cfg: JobConfig,
+    backbone_path: str,
+    dtype: torch.dtype,
+    world_size: int,
+    log: Callable[[str], None] = lambda msg: None,
+    settings: ZeroSettings | None = None,
+) -> ZeroSetup:
+    """The backbone's layout over ranks for job `cfg` (`tuner.model.zero.prepare_zero` on its cluster
+    section and what one training step asks of each rank). `settings` replaces the ZeRO-3 knobs of
+    `cluster.*` (benchmarks)."""
+    import torch
+
+    from tuner.model.memory import Workload
+    from tuner.model.zero import prepare_zero
+
+    micro = cfg.optim.batch_size // cfg.optim.grad_accum
+    workload = Workload(
+        seq_len=cfg.model.max_seq_len,
+        micro_batch=-(-micro // world_size),
+        num_tasks=len(cfg.tasks),
+        num_virtual_tokens=cfg.prompt.num_virtual_tokens,
+        dtype={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+    )
+    return prepare_zero(
+        cfg.cluster, workload, world_size, backbone=backbone_path, dtype=dtype, settings=settings, log=log
+    )

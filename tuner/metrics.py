@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from tuner.evaluate import TaskScores
+
 
 @dataclass
 class StepMetrics:
@@ -53,7 +55,8 @@ class RunHistory:
 
     steps: list[StepMetrics] = field(default_factory=list)
     evals: list[EvalPoint] = field(default_factory=list)
-    zero_shot: dict[str, dict] = field(default_factory=dict)  # full zero-shot metrics per task
+    # every task's zero-shot scores (None: no eval examples)
+    zero_shot: dict[str, TaskScores | None] = field(default_factory=dict)
 
     def tuned_evals(self) -> list[EvalPoint]:
         return [e for e in self.evals if not e.zero_shot]
@@ -63,12 +66,16 @@ class RunHistory:
         return sum(rates) / len(rates) if rates else 0.0
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {
+            "steps": [asdict(s) for s in self.steps],
+            "evals": [asdict(e) for e in self.evals],
+            "zero_shot": {n: s.to_json() if s else {} for n, s in self.zero_shot.items()},
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> RunHistory:
         return cls(
             steps=[StepMetrics(**s) for s in data.get("steps", [])],
             evals=[EvalPoint(**e) for e in data.get("evals", [])],
-            zero_shot=dict(data.get("zero_shot", {})),
+            zero_shot={n: TaskScores.from_json(s) for n, s in data.get("zero_shot", {}).items()},
         )

@@ -13,9 +13,10 @@
     finish() -> final evaluation beside the zero-shot scores, per-task PEFT adapters, summary
                 JSON, Markdown report, loss/score curves (PNG)
 
-With `search.space` set, every task trains several variants (bank rows `<task>~<k>`, `tuner.search.state`):
-the sampler's draw is expanded to each task's live variants, each row steps with its own settings,
-rungs drop the weaker variants on a held-out slice, and each task's best variant is its prompt.
+With `search.space` set, every task trains several variants (bank rows `<task>~<k>`): the recipe
+hands its hooks to the search's driver (`tuner.search.driver`), which expands the sampler's draw to
+each task's live variants, gives each row its own settings, drops the weaker variants at rungs and
+names each task's best variant, its prompt. The recipe reads nothing else of the search.
 
 Every rank draws the same global batch (same sampler seed) and keeps the full (small) prompt bank,
 so after the all-reduce all ranks apply identical updates; only the frozen backbone is sharded.
@@ -32,45 +33,33 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from tuner import checkpoint as ckpt
 from tuner.config import ConfigError, JobConfig, to_dict
-from tuner.evaluate import (
-    classification_metrics,
-    evaluate_task,
-    label_nlls,
-    one_token_labels,
-    score_labels,
-    target_losses,
-)
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
-from tuner.job import prepare_job
+from tuner.job import prepare_job, zero_setup
 from tuner.metrics import CheckpointRecord, EvalPoint, RunHistory, StepMetrics
-from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
+from tuner.model.backbone import load_tokenizer, pick_attention, pick_dtype, resolve_backbone
 from tuner.model.prompt_lm import PromptTunedLM
-from tuner.model.zero import allreduce_rows_grad, world, zero_setup
-from tuner.prompts.bank import PromptBank, init_prompts
-from tuner.prompts.continual import SourceRun, carry_adapters, choose_sources, load_source
-from tuner.prompts.methods import SharedParams, compose_rows, make_layout, prompt_of
-from tuner.prompts.optim import SparseRowAdam, lr_at
+from tuner.model.zero import ZeroChoice, ZeroSettings, allreduce_rows_grad, world
+from tuner.prompts.continual import carry_adapters
+from tuner.prompts.optim import lr_at
+from tuner.prompts.params import PromptParams
+from tuner.report import RunSummary, TaskSummary, render_report
 from tuner.run_dir import mark_finished
-from tuner.search.state import (
-    MIN_PREQUENTIAL,
-    Evidence,
-    SearchState,
-    describe_base_check,
-    plot_search,
-    render_search_report,
-)
 from tuner.tasks.batching import collate
-from tuner.tasks.data import MultiTaskSampler, TaskData
+from tuner.tasks.data import TaskData
+from tuner.tasks.kinds import evaluate_task, kind_of
+
+if TYPE_CHECKING:
+    from tuner.search.driver import SearchDriver
 
 GlobalBatch = list[tuple[str, int]]  # (task, example index in its train split), as the sampler draws
 
@@ -91,8 +80,44 @@ class RecipeHooks:
     resume_from: Path | None = None  # a checkpoint directory to resume from (overrides the run dir's newest)
 
 
+@dataclass
+class StepPlan:
+    """One step's global batch laid out for its forward/backward passes (identical on every rank)."""
+
+    micro_batches: list[GlobalBatch]  # as trained: with a search, each draw once per live variant
+    draws: GlobalBatch  # (task, example) as drawn, before variants multiply them
+    names: list[str]  # the bank rows in the step, sorted: the order of the gathered rows
+    rows: torch.Tensor  # their indices in the bank
+    task_weight: torch.Tensor  # [rows] 1 / a row's examples in the step (loss_weighting example)
+    per_token: torch.Tensor | None  # [rows] 1 / a row's target tokens in the step (loss_weighting token)
+    scored: bool  # each forward also scores its examples for the search (prequential)
+
+
 class MultiTaskPromptTuningRecipe:
-    def __init__(self, cfg: JobConfig, hooks: RecipeHooks | None = None, progress: bool = True):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        hooks: RecipeHooks | None = None,
+        progress: bool = True,
+        *,
+        lm: PromptTunedLM | None = None,
+        tasks: dict[str, TaskData] | None = None,
+        registered: Sequence[str] = (),
+        zero_settings: ZeroSettings | None = None,
+    ):
+        """The recipe of job `cfg`; `setup()` builds what it trains. The keyword arguments hand in
+        what a caller already has, so several recipes (a benchmark's configurations) can share it.
+
+        Args:
+            lm: an already-loaded backbone on this process's device, trained instead of loading
+                `model.name` (its layout over ranks is the caller's: `backbone_layout` stays None).
+            tasks: prepared task data by task name, trained instead of loading `cfg.tasks`.
+            registered: further task names with a row in the prompt bank but no data, so never
+                drawn: a fleet's other tasks (not with `search.space`).
+            zero_settings: ZeRO-3 settings used instead of those read from `cluster.*`.
+        """
+        if registered and cfg.search.enabled:
+            raise ConfigError("search.space trains variant rows only: no further tasks can be registered")
         self.cfg = cfg
         self.hooks = hooks or RecipeHooks()
         self.rank, self.world_size = world()
@@ -102,11 +127,15 @@ class MultiTaskPromptTuningRecipe:
         self.step = 0
         self.history = RunHistory()
         self._bar = None  # the progress bar while train() runs (rank 0, progress=True)
-        self.search: SearchState | None = None  # in-batch variants (search.space set)
-        # task -> its labels' token ids where each is one token (prequential scoring reads their logits)
-        self._label_token_cache: dict[str, list[int] | None] = {}
-        self.heldout: dict[str, TaskData] = {}  # task -> its held-out slice (search only)
-        self.search_scoring_s = 0.0  # wall time this process spent scoring variants at rungs
+        self.search_driver: SearchDriver | None = None  # in-batch variants (search.space set)
+        self.params: PromptParams | None = None  # what trains: built by setup()
+        self.lm: PromptTunedLM | None = lm  # loaded by setup() unless handed in
+        self.tasks: dict[str, TaskData] | None = tasks  # loaded by setup() unless handed in
+        self.registered = list(registered)
+        self.zero_settings = zero_settings
+        self._zero = None  # the ZeRO set-up of a backbone setup() loaded
+        # How setup() laid the backbone out over ranks, and why (None until then, or when handed in).
+        self.backbone_layout: ZeroChoice | None = None
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -127,54 +156,56 @@ class MultiTaskPromptTuningRecipe:
         path = resolve_backbone(cfg.model.name)
         self.tokenizer = load_tokenizer(path)
 
-        names = job.task_names
-        self.tasks = {
-            s.name: TaskData.load(
-                s,
-                self.tokenizer,
-                max_train=cfg.data.max_train_examples,
-                max_eval=cfg.data.max_eval_examples,
-                seed=cfg.data.seed,
-            )
-            for s in job.specs
-        }
-        self.sampler = MultiTaskSampler(
-            {n: len(t.train) for n, t in self.tasks.items()},
-            cfg.optim.batch_size,
-            cfg.data.mixing,
-            cfg.data.temperature,
-            cfg.data.seed,
-        )
+        if self.tasks is None:
+            self.tasks = job.load_data(self.tokenizer)
+        names = list(self.tasks)
+        self.sampler = job.sampler({n: len(t.train) for n, t in self.tasks.items()})
         if cfg.search.enabled:
-            self._setup_search(names)
+            self._setup_search()
 
-        # Replicate or ZeRO-3 (cluster.zero_stage, auto by default); under ZeRO-3 this must run
-        # before loading so weights are partitioned while they load.
-        self._zero = zero_setup(cfg, path, self.dtype, self.world_size, log=self._log)
-        # DeepSpeed print()s while it sets up (op builds, configs): keep the console to the progress bar.
-        with _quiet_stdout(self._zero.settings is not None):
-            backbone = load_backbone(
-                path,
-                self.dtype,
-                pick_attention(cfg.model.attn_implementation, self.device),
-                self.device,
-                activation_checkpointing=self._zero.choice.activation_checkpointing,
-            )
-            self._zero.wrap(backbone)
-        self.lm = PromptTunedLM(backbone, kernel=cfg.model.attn_implementation)
+        if self.lm is None:
+            self.lm = self._load_backbone(path)
         self.backbone_path = path
 
-        if self.search:  # variant rows of the independent parameterisation (config refuses the others)
-            self._setup_variant_prompts(backbone.config.hidden_size)
+        if self.search_driver:  # variant rows of the independent parameterisation (config refuses the others)
+            self.search_driver.attach(self.lm)
+            rows = self.search_driver.bank_rows()
         else:
-            self._setup_prompts(names, backbone.config.hidden_size)
+            rows = names + [n for n in self.registered if n not in self.tasks]
+        self._setup_prompts(rows, self.lm.backbone.config.hidden_size)
         torch.manual_seed(cfg.data.seed)
+        self._resume()
 
+    def _load_backbone(self, path: str) -> PromptTunedLM:
+        """The frozen backbone at `path`, replicated or ZeRO-3 partitioned over the ranks."""
+        cfg = self.cfg
+        # Replicate or ZeRO-3 (cluster.zero_stage, auto by default); under ZeRO-3 this must run
+        # before loading so weights are partitioned while they load.
+        self._zero = zero_setup(
+            cfg, path, self.dtype, self.world_size, log=self._log, settings=self.zero_settings
+        )
+        self.backbone_layout = self._zero.choice
+        attention = pick_attention(cfg.model.attn_implementation, self.device)
+        backbone = self._zero.load(path, self.dtype, attention, self.device)
+        return PromptTunedLM(backbone, kernel=cfg.model.attn_implementation)
+
+    def _resume(self) -> None:
+        """Continue from the newest checkpoint (or `hooks.resume_from`); a fresh run with
+        `prompt.init=transfer` starts each task from its best source row instead."""
+        cfg = self.cfg
         resume = self.hooks.resume_from or (
             ckpt.latest_checkpoint(self.run_dir / "checkpoints") if cfg.resume else None
         )
-        if resume is None and cfg.prompt.init == "transfer":
-            self._transfer_init()
+        if resume is None and cfg.prompt.init == "transfer":  # each new task from its best source row
+            self.params.transfer_init(
+                self.lm,
+                {n: t.train for n, t in self.tasks.items()},
+                cfg.prompt.transfer_examples,
+                max_len=cfg.model.max_seq_len,
+                pad_id=self.tokenizer.pad_token_id,
+                device=self.device,
+                log=self._log,
+            )
         if resume is not None:
             state = ckpt.load_checkpoint(
                 resume,
@@ -184,74 +215,41 @@ class MultiTaskPromptTuningRecipe:
                 method=cfg.prompt.method,
                 shared=self.shared,
             )
-            self.step, self.history = state["step"], RunHistory.from_json(state["history"])
-            if self.search:
-                self.search.load_json(state["search"])
+            self.step, self.history = state.step, RunHistory.from_json(state.history)
+            if self.search_driver:
+                self.search_driver.load_json(state.search)
             self._log(f"resumed from {resume} at step {self.step}")
 
     def _setup_prompts(self, names: list[str], hidden: int) -> None:
-        """The prompt method's parameters (tuner/prompts/methods.py), initialised, and their optimisers;
-        with `prompt.init_from`, the finished run's rows and frozen shared part next to them."""
-        cfg, p, o = self.cfg, self.cfg.prompt, self.cfg.optim
-        self.layout = make_layout(
-            p.method, p.num_virtual_tokens, hidden, rank=p.rank, bottleneck=p.bottleneck
-        )
-        self.source: SourceRun | None = None
-        if p.init_from:
-            self.source = load_source(p.init_from, p.method, self.layout.row_shape, cfg.model.name, names)
-        carried = sorted(self.source.rows) if self.source else []
-        # Carried rows are registered (so this run's checkpoint can be an init_from too) but never
-        # in a batch: they are not in the sampler, so nothing ever updates them.
-        self.bank = PromptBank(names + carried, *self.layout.row_shape)
-
-        def fill(bank: PromptBank) -> None:
-            init_prompts(
-                bank,
-                self.lm.embed,
-                self.tokenizer,
-                "vocab" if p.init == "transfer" else p.init,  # transfer overwrites every new row later
-                label_words={n: list(t.spec.verbaliser.values()) for n, t in self.tasks.items()},
-                text=p.init_text,
-                std=p.init_std,
-                seed=cfg.data.seed,
-            )
-
-        def adam() -> SparseRowAdam:
-            return SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip)
-
-        shared = self.layout.initialise(self.bank, fill, torch.Generator().manual_seed(cfg.data.seed))
-        self.shared = None if shared is None else SharedParams(shared, adam(), p.shared_lr_scale)
-        if self.source:
-            for name in carried:
-                self.bank.set_prompt(name, self.source.rows[name])
-            if self.shared is not None:
-                self.shared.values = self.source.shared.float().clone()
-                self.shared.frozen = True  # old tasks' prompts stay exactly as exported
-        self.bank.to(self.device)  # fp32 master copy and Adam moments stay on the device
-        if self.shared is not None:
-            self.shared.to(self.device)
-        self.optimizer = adam()
-
-    def _transfer_init(self) -> None:
-        """Start each new task from the source row whose prompt fits its examples best (tuner/prompts/continual.py)."""
-        carried = sorted(self.source.rows)
-        candidates = dict(zip(carried, compose_rows(self.layout, self.bank, self.shared, carried)))
-        k = self.cfg.prompt.transfer_examples
-        chosen = choose_sources(
-            self.lm,
-            {n: t.train[:k] for n, t in self.tasks.items()},
-            candidates,
-            max_len=self.cfg.model.max_seq_len,
-            pad_id=self.tokenizer.pad_token_id,
+        """The prompt method's parameters for bank rows `names`, initialised, and their optimisers
+        (`tuner.prompts.params`)."""
+        cfg, driver = self.cfg, self.search_driver
+        label_words = {n: list(t.spec.verbaliser.values()) for n, t in self.tasks.items()}
+        self.params = PromptParams.build(
+            cfg.prompt,
+            cfg.optim,
+            names,
+            hidden,
+            embed=self.lm.embed,
+            tokenizer=self.tokenizer,
+            label_words=label_words,
+            backbone=cfg.model.name,
             device=self.device,
+            seed=cfg.data.seed,
+            # a search initialises each variant row by its own prompt settings
+            fill=(lambda bank: driver.init_prompts(bank, label_words)) if driver else None,
         )
-        for task, (src, loss) in chosen.items():
-            self.bank.set_prompt(task, self.source.rows[src])
-            self._log(f"transfer init: {task} starts from {src} (zero-shot loss {loss:.3f} on {k} examples)")
+
+    # The prompt parameters' parts, as the loop and callers read them.
+    layout = property(lambda self: self.params.layout)
+    bank = property(lambda self: self.params.bank)
+    shared = property(lambda self: self.params.shared)
+    optimizer = property(lambda self: self.params.optimizer)
+    source = property(lambda self: self.params.source)
 
     def prompt(self, name: str) -> torch.Tensor:
         """Row `name`'s final [P, H] prompt (composed from its row and the shared part): what is evaluated and exported."""
-        return prompt_of(self.layout, self.bank, self.shared, name)
+        return self.params.prompt(name)
 
     # ------------------------------------------------------------------------------------ train
 
@@ -281,8 +279,8 @@ class MultiTaskPromptTuningRecipe:
                 self._bar.set_postfix(step_postfix(metrics))
             if self.hooks.on_step:
                 self.hooks.on_step(metrics)
-            if self.search and self.search.is_rung(self.step):
-                self._search_rung()
+            if self.search_driver:  # at a rung step, the search drops its weaker variants
+                self.search_driver.after_step(self.step, self.history.steps)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < o.max_steps:
                 self._record_eval(EvalPoint(self.step, self._scores(self._evaluate(tuned=True))))
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 or self.step == o.max_steps:
@@ -294,45 +292,80 @@ class MultiTaskPromptTuningRecipe:
     def train_step(self, global_batch: GlobalBatch) -> StepMetrics:
         """One optimiser step on `global_batch` (identical on every rank); advances `self.step`."""
         t0 = time.perf_counter()
-        o = self.cfg.optim
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+        plan = self._plan_step(global_batch)
+        task_params = self.bank.gather(plan.rows)  # leaf: the batch's per-task rows (independent: prompts)
+        shared = self.shared.gather() if self.shared is not None else None  # leaf unless frozen
+        loss_sum, tokens, results = self._forward_backward(plan, task_params, shared)
+        lr = self._optimiser_step(plan, task_params, shared)
+        tokens_t = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
+        stats = torch.cat([loss_sum.flatten(), tokens_t, results])  # every rank filled its own `results`
+        if self.world_size > 1:
+            dist.all_reduce(stats)  # a device tensor: NCCL reduces CUDA tensors only
+        stats = stats.cpu()  # the step's one read-back: metrics for the log
+        n = loss_sum.numel()
+        loss_sum, tokens = stats[:n].view(-1, 2), int(stats[n])
+        if plan.scored:
+            self.search_driver.record_forwards(self.step + 1, plan.draws, stats[n + 1 :].tolist())
+        self.step += 1
+        return StepMetrics(
+            step=self.step,
+            loss=float(loss_sum[:, 0].sum() / loss_sum[:, 1].sum()),
+            lr=lr,
+            tokens=tokens,
+            task_loss={n: float(loss_sum[i, 0] / loss_sum[i, 1]) for i, n in enumerate(plan.names)},
+            step_time_s=time.perf_counter() - t0,
+            # peak device memory of the step (weights + activations + prompt state); 0 on CPU
+            max_memory_allocated=torch.cuda.max_memory_allocated(self.device) if cuda else 0,
+        )
+
+    def _plan_step(self, global_batch: GlobalBatch) -> StepPlan:
+        """`global_batch` cut into micro-batches (each drawn example once per live variant of its task,
+        with a search) and each bank row's share of the step's loss."""
+        o = self.cfg.optim
         micro = len(global_batch) // o.grad_accum
         micro_batches = [global_batch[m * micro : (m + 1) * micro] for m in range(o.grad_accum)]
-        # (task, example) as drawn, before variants multiply them
         draws = [x for mb in micro_batches for x in mb]
-        # prequential search: each forward also scores its examples (before this step's update)
-        preq = bool(self.search) and self.search.wants_prequential()
-        if self.search:  # each drawn example once per live variant of its task, in the same micro-batch
-            micro_batches = [self.search.expand(mb) for mb in micro_batches]
+        driver = self.search_driver
+        scored = bool(driver) and driver.scores_forwards()
+        if driver:  # each drawn example once per live variant of its task, in the same micro-batch
+            micro_batches = [driver.expand(mb) for mb in micro_batches]
         global_batch = [x for mb in micro_batches for x in mb]
         names = sorted({t for t, _ in global_batch})  # identical on every rank
-        rows = self.bank.rows_of(names)
-        task_params = self.bank.gather(rows)  # leaf: the batch's per-task rows (independent: prompts)
-        shared = self.shared.gather() if self.shared is not None else None  # leaf unless frozen
-        pos = {n: i for i, n in enumerate(names)}
         # Each task's prompt gets the mean loss over *its* examples in the global batch, as if it
         # trained alone on them: a task's update does not depend on which other tasks share the step.
         per_task = Counter(t for t, _ in global_batch)
         task_weight = torch.tensor([1.0 / per_task[n] for n in names], device=self.device)
+        per_token = None
         if o.loss_weighting == "token":  # ... or the mean over all of its target tokens in the global batch
             task_tokens = Counter()
             for t, i in global_batch:  # targets are never cut (`segment_layout`): count them here
                 task_tokens[t] += len(self._train_example(t, i).target_ids)
             per_token = torch.tensor([1.0 / max(task_tokens[n], 1) for n in names], device=self.device)
+        return StepPlan(micro_batches, draws, names, self.bank.rows_of(names), task_weight, per_token, scored)
+
+    def _forward_backward(
+        self, plan: StepPlan, task_params: torch.Tensor, shared: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Forward and backward this rank's shard of every micro-batch: gradients on `task_params` (and
+        `shared`); per row (sum of losses, examples) on the device, text tokens, and the search's
+        result per example where `plan.scored` (zeros but this rank's; empty otherwise)."""
+        pos = {n: i for i, n in enumerate(plan.names)}
         # per task: (sum of losses, examples), on the device: read back once per step, not per micro-batch
-        loss_sum = torch.zeros(len(names), 2, dtype=torch.float64, device=self.device)
+        loss_sum = torch.zeros(len(plan.names), 2, dtype=torch.float64, device=self.device)
         tokens = 0
-        drawn = torch.zeros(len(global_batch) if preq else 0, dtype=torch.float64, device=self.device)
-        offset = 0  # of the micro-batch in `global_batch`
-        for mb in micro_batches:
+        size = sum(len(mb) for mb in plan.micro_batches) if plan.scored else 0
+        results = torch.zeros(size, dtype=torch.float64, device=self.device)
+        offset = 0  # of the micro-batch in the global batch
+        for mb in plan.micro_batches:
             shard = mb[self.rank :: self.world_size]
             examples = [self._train_example(t, i) for t, i in shard]
             batch = collate(
                 examples,
                 pos,
-                self.cfg.prompt.num_virtual_tokens,
+                self.layout.P,
                 max_len=self.cfg.model.max_seq_len,
                 pad_id=self.tokenizer.pad_token_id,
                 packing=self.cfg.data.packing,
@@ -341,25 +374,33 @@ class MultiTaskPromptTuningRecipe:
             ).to(self.device)
             # Composed per micro-batch: backward frees the graph (independent: the leaf itself, no graph).
             prompts = self.layout.compose(task_params, shared)  # [U, P, H]
-            if o.loss_weighting == "token":  # a segment's mean NLL x its targets / its task's targets
+            if plan.per_token is not None:  # a segment's mean NLL x its targets / its task's targets
                 seg_targets = torch.bincount(batch.target_seg, minlength=batch.num_segments)
-                seg_weight = seg_targets.to(per_token.dtype) * per_token[batch.seg_task]
+                seg_weight = seg_targets.to(plan.per_token.dtype) * plan.per_token[batch.seg_task]
             else:
-                seg_weight = task_weight[batch.seg_task]
-            out = self.lm(batch, prompts, seg_weight=seg_weight, return_logits=preq)
+                seg_weight = plan.task_weight[batch.seg_task]
+            out = self.lm(batch, prompts, seg_weight=seg_weight, return_logits=plan.scored)
             out.loss.backward()
-            if preq:  # this rank's examples: positions rank, rank + world, ... of the micro-batch
+            if plan.scored:  # this rank's examples: positions rank, rank + world, ... of the micro-batch
                 mine = torch.arange(self.rank, len(mb), self.world_size, device=self.device) + offset
-                drawn[mine] = self._prequential_results(batch, out, examples)
+                results[mine] = self.search_driver.forward_results(batch, out, examples)
             offset += len(mb)
             seg_task = batch.seg_task
             loss_sum[:, 0].index_add_(0, seg_task, out.seg_loss.double())
             loss_sum[:, 1].index_add_(0, seg_task, torch.ones_like(seg_task, dtype=torch.float64))
             tokens += batch.num_text_tokens
+        return loss_sum, tokens, results
+
+    def _optimiser_step(
+        self, plan: StepPlan, task_params: torch.Tensor, shared: torch.Tensor | None
+    ) -> float:
+        """All-reduce the gradients and step the batch's rows (and the shared part); returns the lr."""
+        o = self.cfg.optim
+        names = plan.names
         allreduce_rows_grad(task_params)
         lr = lr_at(self.step, o.lr, o.warmup_steps, o.max_steps, o.schedule)
-        if self.search:  # every variant row with its own learning rate, decay and clipping
-            hp = self.search.row_hparams(names, self.step, o.max_steps)
+        if self.search_driver:  # every variant row with its own learning rate, decay and clipping
+            hp = self.search_driver.row_hparams(names, self.step, o.max_steps)
             new = self.optimizer.step(
                 names, task_params.detach(), task_params.grad, hp.lr, hp.weight_decay, hp.grad_clip
             )
@@ -367,31 +408,11 @@ class MultiTaskPromptTuningRecipe:
             new = self.optimizer.step(
                 names, task_params.detach(), task_params.grad, lr=lr
             )  # on the bank's device
-        self.bank.scatter_(rows, new)
+        self.bank.scatter_(plan.rows, new)
         if shared is not None and shared.requires_grad:
             allreduce_rows_grad(shared)  # the sum over ranks of the sum over tasks
             self.shared.step(shared, lr)
-        tokens_t = torch.tensor([float(tokens)], dtype=torch.float64, device=self.device)
-        stats = torch.cat([loss_sum.flatten(), tokens_t, drawn])  # every rank filled its own `drawn`
-        if self.world_size > 1:
-            dist.all_reduce(stats)  # a device tensor: NCCL reduces CUDA tensors only
-        stats = stats.cpu()  # the step's one read-back: metrics for the log
-        n = loss_sum.numel()
-        loss_sum, tokens = stats[:n].view(-1, 2), int(stats[n])
-        if preq:
-            gold = [self._gold_index(t, i) for t, i in draws]
-            self.search.record(self.step + 1, draws, stats[n + 1 :].tolist(), gold)
-        self.step += 1
-        return StepMetrics(
-            step=self.step,
-            loss=float(loss_sum[:, 0].sum() / loss_sum[:, 1].sum()),
-            lr=lr,
-            tokens=tokens,
-            task_loss={n: float(loss_sum[i, 0] / loss_sum[i, 1]) for i, n in enumerate(names)},
-            step_time_s=time.perf_counter() - t0,
-            # peak device memory of the step (weights + activations + prompt state); 0 on CPU
-            max_memory_allocated=torch.cuda.max_memory_allocated(self.device) if cuda else 0,
-        )
+        return lr
 
     # ------------------------------------------------------------------------------------ eval
 
@@ -430,308 +451,98 @@ class MultiTaskPromptTuningRecipe:
                 history=self.history.to_json(),
                 method=self.cfg.prompt.method,
                 shared=self.shared,
-                search=self.search.to_json() if self.search else None,
+                search=self.search_driver.to_json() if self.search_driver else None,
             )
         if self.hooks.on_checkpoint:
             self.hooks.on_checkpoint(CheckpointRecord(self.step, time.perf_counter() - t0), path)
 
     # ------------------------------------------------------------------------------------ finish
 
-    def finish(self) -> dict:
+    def finish(self) -> RunSummary:
         """Final eval, adapters, summary, report and curves. Returns the summary."""
-        if self.search:
-            self._search_rung(final=True)  # each task keeps one variant: its prompt from here on
+        if self.search_driver:  # each task keeps one variant: its prompt from here on
+            self.search_driver.finish(self.step, self.history.steps)
         final = self._evaluate(tuned=True)
         self._record_eval(EvalPoint(self.step, self._scores(final)))
         zero = self.history.zero_shot
-        summary = {
-            "name": self.cfg.name,
-            "backbone": self.cfg.model.name,
-            "steps": self.step,
-            "world_size": self.world_size,
-            "num_virtual_tokens": self.cfg.prompt.num_virtual_tokens,
-            "prompt_method": self.cfg.prompt.method,
-            # tasks of prompt.init_from, re-published unchanged (not trained, not re-evaluated)
-            "carried_tasks": sorted(self.source.adapters) if self.source else [],
-            "tokens_per_s": self.history.mean_tokens_per_s(),
-            "evals": [asdict(e) for e in self.history.evals],  # every evaluation's scores, by step
-            "tasks": {
-                n: {
-                    "kind": self.tasks[n].spec.kind,
-                    "metric": self.tasks[n].spec.metric,
-                    "zero_shot": zero.get(n, {}),
-                    "tuned": final[n],
-                }
-                for n in self.tasks
+        summary = RunSummary(
+            name=self.cfg.name,
+            backbone=self.cfg.model.name,
+            steps=self.step,
+            world_size=self.world_size,
+            num_virtual_tokens=self.cfg.prompt.num_virtual_tokens,
+            prompt_method=self.cfg.prompt.method,
+            carried_tasks=sorted(self.source.adapters) if self.source else [],
+            tokens_per_s=self.history.mean_tokens_per_s(),
+            evals=list(self.history.evals),
+            tasks={
+                n: TaskSummary(t.spec.kind, t.spec.metric, zero_shot=zero.get(n), tuned=final[n])
+                for n, t in self.tasks.items()
             },
-            "config": to_dict(self.cfg),
-        }
-        if self.search:
-            summary["search"] = self.search.summary()
-            for task, t in summary["search"].items():  # what its held-out numbers are
-                by = self.rung_criterion(task)
-                t["criterion"] = f"-{by}" if by != "metric" else self.tasks[task].spec.metric
-            summary["search_scoring_s"] = self.search_scoring_s  # since this process started (or resumed)
+            config=to_dict(self.cfg),
+        )
+        if self.search_driver:
+            summary.search = self.search_driver.summary()
+            summary.search_scoring_s = self.search_driver.scoring_s  # since this process started (or resumed)
         if self.is_main:
             for name, data in self.tasks.items():
-                spec = data.spec
-                save_adapter(
-                    self.run_dir / "adapters",
-                    TaskAdapter(
-                        name,
-                        self.prompt(self.prompt_row(name)),
-                        self.cfg.model.name,
-                        TaskMeta.from_spec(spec, data.prefix, final[name].get("score")),
-                    ),
-                    self.lm.backbone.config,
-                )
+                meta = TaskMeta.from_spec(data.spec, data.prefix, final[name].get("score"))
+                adapter = TaskAdapter(name, self.prompt(self.prompt_row(name)), self.cfg.model.name, meta)
+                save_adapter(self.run_dir / "adapters", adapter, self.lm.backbone.config)
             if self.source:
                 carry_adapters(self.source, self.run_dir / "adapters", self.lm.backbone.config)
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+            (self.run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2, default=float))
             (self.run_dir / "report.md").write_text(render_report(summary))
             from tuner.plots import plot_curves
 
             plot_curves(self.history, self.run_dir / "curves.png")
-            if self.search:
-                plot_search(summary["search"], self.run_dir / "search.png")
+            if self.search_driver:
+                self.search_driver.plot(self.run_dir / "search.png")
             mark_finished(self.run_dir)
         return summary
 
     # ------------------------------------------------------------------------------------ search
 
-    def _setup_search(self, names: list[str]) -> None:
-        """Variants of every task, and each task's held-out slice: the last examples of its first-epoch
-        order, which the sampler then never draws (so every draw before them is the plain job's)."""
-        s = self.cfg.search
-        labelled = {n for n in names if self.tasks[n].spec.verbaliser}  # class_labels has words to use
-        self.search = SearchState.build(self.cfg, names, labelled)
-        for n in names:
-            try:
-                k = self.tasks[n].heldout_count(s.heldout_examples, s.heldout_fraction)
-            except ValueError as e:
-                raise ConfigError(f"search: {e}") from None
-            self.heldout[n] = self.tasks[n].heldout_view(self.sampler.hold_out(n, k))
+    def _setup_search(self) -> None:
+        """The in-batch search's driver (`tuner.search.driver`): every task's variants, and its held-out
+        slice taken out of the sampler. The one place the recipe reaches into the search: elsewhere it
+        only calls the driver's hooks."""
+        from tuner.search.driver import SearchDriver
 
-    def _setup_variant_prompts(self, hidden: int) -> None:
-        """The bank of every task's variant rows, each initialised by its own settings, and the optimiser."""
-        cfg, o = self.cfg, self.cfg.optim
-        self.layout = make_layout("independent", cfg.prompt.num_virtual_tokens, hidden)
-        self.source, self.shared = None, None
-        self.bank = PromptBank(self.search.rows(), *self.layout.row_shape)
-        self._init_variant_prompts({n: list(t.spec.verbaliser.values()) for n, t in self.tasks.items()})
-        self.bank.to(self.device)  # fp32 master copy and Adam moments stay on the device
-        self.optimizer = SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip)
-
-    def _init_variant_prompts(self, label_words: dict[str, list[str]]) -> None:
-        """Each variant row initialised by its own prompt settings (rows sharing them in one call)."""
-        groups: dict[tuple, list[str]] = {}
-        for row in self.search.rows():
-            p = self.search.variant(row).settings.prompt
-            groups.setdefault((p.init, p.init_text, p.init_std), []).append(row)
-        for (init, text, std), rows in groups.items():
-            part = PromptBank(rows, self.bank.num_virtual_tokens, self.bank.hidden_size)
-            task_of = {r: self.search.variant(r).task for r in rows}
-            words = {r: label_words[task_of[r]] for r in rows}
-            init_prompts(
-                part,
-                self.lm.embed,
-                self.tokenizer,
-                init,
-                label_words=words,
-                text=text,
-                std=std,
-                seed=self.cfg.data.seed,
-                streams=task_of,  # a task's variants start from its own prompt (under their init settings)
-            )
-            for r in rows:
-                self.bank.set_prompt(r, part.prompt(r))
-
-    def _train_example(self, row: str, i: int):
-        """Example `i` of the task behind bank row `row` (a task, or one of its variants)."""
-        if not self.search:
-            return self.tasks[row].train[i]
-        return dataclasses.replace(self.tasks[self.search.variant(row).task].train[i], task=row)
-
-    def prompt_row(self, task: str) -> str:
-        """The bank row that is `task`'s prompt: the task itself, or its best variant so far."""
-        return self.search.leader(task) if self.search else task
+        self.search_driver = SearchDriver.build(
+            self.cfg,
+            self.tasks,
+            self.sampler,
+            self.tokenizer,
+            {n: self.rung_criterion(n) for n in self.tasks},
+            prompt_of=self.prompt,
+            device=self.device,
+            max_len=self.cfg.model.max_seq_len,
+            seed=self.cfg.data.seed,
+            log=self._log,
+        )
 
     def rung_criterion(self, task: str) -> str:
         """`metric`, `loss` or `label_loss`: what ranks `task`'s variants at a rung (`search.criterion`;
-        auto: the metric where it is one forward per example, the loss where it would decode greedily)."""
-        c = self.cfg.search.criterion
-        classification = self.tasks[task].spec.kind == "classification"
-        if c == "auto":
-            return "metric" if classification else "loss"
-        if c == "label_loss" and not classification:
-            return "loss"  # no label set to renormalise over
-        return c
+        auto: the metric where it is one forward per example, the loss where it would decode greedily).
+        The search's driver is handed each task's at set-up."""
+        return kind_of(self.tasks[task].spec.kind).rung_criterion(self.cfg.search.criterion)
 
-    def _label_tokens(self, task: str) -> list[int] | None:
-        """The first token of each of `task`'s labels (in `spec.labels` order) where every label is one
-        distinct token, as `score_labels` ranks them; else None."""
-        if task not in self._label_token_cache:
-            spec = self.tasks[task].spec  # spec.labels: the verbaliser's keys, in its order
-            classification = spec.kind == "classification"
-            ids = one_token_labels(self.tokenizer, spec.verbaliser) if classification else None
-            self._label_token_cache[task] = ids
-        return self._label_token_cache[task]
+    def prompt_row(self, task: str) -> str:
+        """The bank row that is `task`'s prompt: the task itself, or its best variant so far."""
+        return self.search_driver.prompt_row(task) if self.search_driver else task
 
-    def prequential_criterion(self, task: str) -> str:
-        """What a prequential rung ranks `task`'s variants by: its `rung_criterion` where the training
-        forward has it (the metric and label_loss of one-token labels: the logits at the first target),
-        else the loss."""
-        by = self.rung_criterion(task)
-        return by if by in ("metric", "label_loss") and self._label_tokens(task) else "loss"
+    def _train_example(self, row: str, i: int):
+        """Example `i` of the task behind bank row `row` (a task, or one of its variants)."""
+        if not self.search_driver:
+            return self.tasks[row].train[i]
+        return dataclasses.replace(self.tasks[self.search_driver.task_of(row)].train[i], task=row)
 
-    def _gold_index(self, task: str, i: int) -> int:
-        """Example `i` of `task`: its gold label's index in `spec.labels` (-1 where no label ranks it)."""
-        if self.prequential_criterion(task) == "loss":
-            return -1
-        return self.tasks[task].spec.labels.index(self.tasks[task].train[i].label)
-
-    def _prequential_results(self, batch, out, examples) -> torch.Tensor:
-        """Each segment's result under its own row's prompt, from the forward that trains on it (so before
-        this step's update): the predicted label's index (ranked by the metric), the log-probability of
-        the gold label among the labels (label_loss), or minus its mean target NLL (loss)."""
-        res = -out.seg_loss.double()
-        n = batch.target_ids.numel()
-        first = torch.full((batch.num_segments,), n, dtype=torch.long, device=res.device)
-        first.scatter_reduce_(0, batch.target_seg, torch.arange(n, device=res.device), reduce="amin")
-        by_task: dict[str, list[int]] = {}
-        for j, ex in enumerate(examples):
-            by_task.setdefault(self.search.variant(ex.task).task, []).append(j)
-        for task, segs in by_task.items():
-            by = self.prequential_criterion(task)
-            if by == "loss":
-                continue
-            idx = torch.tensor(segs, device=res.device)
-            logits = out.target_logits[first[idx]][:, self._label_tokens(task)].double()
-            if by == "metric":
-                res[idx] = logits.argmax(-1).double()
-            else:
-                labels = self.tasks[task].spec.labels
-                gold = torch.tensor([labels.index(examples[j].label) for j in segs], device=res.device)
-                res[idx] = torch.log_softmax(logits, -1).gather(1, gold[:, None])[:, 0]
-        return res
-
-    def _score_prequential(self, task: str) -> dict[str, tuple] | None:
-        """Like `_score_variants`, on the window of `task`'s drawn examples (`SearchState.window`); None
-        when it holds fewer than MIN_PREQUENTIAL."""
-        gold, results = self.search.window(task, self.step)
-        if len(gold) < MIN_PREQUENTIAL:
-            return None
-        spec, out = self.tasks[task].spec, {}
-        for k, v in results.items():
-            row = self.search.variants[task][k].row
-            if self.prequential_criterion(task) != "metric":
-                out[row] = (float(v.mean()), Evidence(v))
-                continue
-            pred = v.astype(np.int64)
-            names = spec.labels
-            score = classification_metrics([names[g] for g in gold], [names[p] for p in pred], names)[
-                spec.metric
-            ]
-            if spec.metric == "accuracy":
-                out[row] = (score, Evidence((pred == gold).astype(np.float64)))
-            else:
-                out[row] = (score, Evidence(pred, gold, len(names)))
-        return out
-
-    def _score_variants(self, task: str, rows: list[str], held: TaskData) -> dict[str, tuple]:
-        """row -> (its score on `held` by `rung_criterion`, higher is better; its per-example `Evidence`,
-        None where the score is a decoded corpus metric)."""
-        by, spec = self.rung_criterion(task), held.spec
-        if by == "loss":  # every live variant in the same forwards
-            loss = target_losses(
-                self.lm,
-                held.eval,
-                {r: self.prompt(r).to(self.device) for r in rows},
-                max_len=self.cfg.model.max_seq_len,
-                pad_id=self.tokenizer.pad_token_id,
-                device=self.device,
-            )
-            return {r: (-sum(v) / len(v), Evidence(-np.array(v))) for r, v in loss.items()}
-        out = {}
-        for row in rows:
-            prompt = self.prompt(row).to(self.device)
-            args = (self.lm, self.tokenizer, held.eval, spec.verbaliser, prompt, self.cfg.model.max_seq_len)
-            if by == "label_loss":
-                nll = label_nlls(*args, device=self.device)
-                out[row] = (-sum(nll) / len(nll), Evidence(-np.array(nll)))
-            elif spec.kind == "classification":  # the metric, from one forward per example
-                pred = [max(s, key=s.get) for s in score_labels(*args, device=self.device)]
-                gold = [e.label for e in held.eval]
-                score = classification_metrics(gold, pred, spec.labels)[spec.metric]
-                if spec.metric == "accuracy":
-                    ev = Evidence(np.array([float(g == p) for g, p in zip(gold, pred)]))
-                else:
-                    code = {lab: j for j, lab in enumerate(spec.labels)}
-                    ev = Evidence(
-                        np.array([code[p] for p in pred]), np.array([code[g] for g in gold]), len(code)
-                    )
-                out[row] = (score, ev)
-            else:  # decodes: a corpus metric
-                out[row] = (
-                    evaluate_task(
-                        self.lm, self.tokenizer, held, prompt, self.cfg.model.max_seq_len, self.device
-                    )["score"],
-                    None,
-                )
-        return out
-
-    def _search_rung(self, final: bool = False) -> None:
-        """Score the live variants of every task on its held-out slice (or, with prequential scoring, on
-        the window of its drawn examples) and drop the weaker ones."""
-        t0 = time.perf_counter()
-        scores, evidence, by_task, examples, sources = {}, {}, {}, {}, {}
-        for row in self.search.rows_to_score(final):
-            by_task.setdefault(self.search.variant(row).task, []).append(row)
-        for task, rows in by_task.items():
-            if len(rows) > 1 and self.search.prequential and (got := self._score_prequential(task)):
-                for row, (score, ev) in got.items():
-                    scores[row], evidence[row] = score, ev
-                examples[task], sources[task] = len(next(iter(got.values()))[1].values), "prequential"
-                continue
-            full = self.heldout[task]
-            n = examples[task] = self.search.heldout_size(self.step, len(full.eval), final)
-            held = dataclasses.replace(full, eval=full.eval[:n], eval_text=full.eval_text[:n])
-            for row, (score, ev) in self._score_variants(task, rows, held).items():
-                scores[row] = score
-                if ev is not None:
-                    evidence[row] = ev
-        recent = self.history.steps[-10:]  # every rank logs the same all-reduced losses
-        train_loss = {
-            row: sum(v) / len(v)
-            for row in scores
-            if (v := [m.task_loss[row] for m in recent if row in m.task_loss])
-        }
-        results = self.search.apply_rung(
-            self.step,
-            scores,
-            final=final,
-            train_loss=train_loss,
-            examples=examples,
-            evidence=evidence,
-            sources=sources,
-        )
-        self.search.forget_before(self.step)
-        for r in results:
-            if len(r.scores) == 1:
-                continue  # a one-variant task's held-out number at the end: nothing to choose
-            kept = ", ".join(str(k) for k in r.kept)
-            why = ""
-            if c := r.base_check:
-                why = (
-                    f"; the job's own configuration ({self.search.base}) "
-                    + ("stays" if c["kept"] else "goes")
-                    + f": {describe_base_check(c, self.search.base_margin)}"
-                )
-            self._log(
-                f"search rung {r.rung} @ step {r.step}: {r.task} keeps variant(s) {kept} "
-                f"({r.examples} {'drawn' if r.source == 'prequential' else 'held-out'} examples{why})"
-            )
-        self.search_scoring_s += time.perf_counter() - t0
+    # The search's parts, as callers and tests read them off the recipe: its state (every task's variants,
+    # which are live, the rung results), each task's held-out slice, each task's one-token label ids.
+    search = property(lambda self: self.search_driver.state if self.search_driver else None)
+    heldout = property(lambda self: self.search_driver.heldout if self.search_driver else {})
+    _label_tokens = property(lambda self: self.search_driver.label_tokens)
 
     def cleanup(self) -> None:
         self._zero = None
@@ -739,9 +550,7 @@ class MultiTaskPromptTuningRecipe:
     def _log(self, msg: str) -> None:
         if not self.is_main:
             return
-        if (
-            self.hooks.on_message
-        ):  # e.g. to the Ray driver's console (workers' own output stays in Ray's logs)
+        if self.hooks.on_message:  # e.g. the Ray driver's console (workers' output stays in Ray's logs)
             self.hooks.on_message(msg)
         else:
             # Not print(): inside a Ray Train worker print is patched to log *and* tee to the redirected
@@ -761,54 +570,7 @@ def describe_eval(point: EvalPoint) -> str:
     return f"{what}: " + ", ".join(f"{t} {v:.3f}" for t, v in point.scores.items())
 
 
-def _quiet_stdout(quiet: bool):
-    """Send stdout to nowhere for the block when `quiet` (errors still raise; stderr is untouched)."""
-    import contextlib
-    import io
-
-    return contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
-
-
-def render_table(summary: dict) -> str:
-    lines = ["| task | metric | zero-shot | tuned |", "|---|---|---:|---:|"]
-    for name, t in summary["tasks"].items():
-        z = t["zero_shot"].get("score")
-        lines.append(
-            f"| {name} | {t['metric']} | {'' if z is None else f'{z:.4f}'} | {t['tuned'].get('score', 0):.4f} |"
-        )
-    return "\n".join(lines)
-
-
-def render_report(summary: dict) -> str:
-    parts = [
-        f"# Run `{summary['name']}`",
-        "",
-        f"Backbone `{summary['backbone']}`, {summary['steps']} steps on {summary['world_size']} rank(s), "
-        f"{summary['num_virtual_tokens']} virtual tokens per task, {summary['tokens_per_s']:.0f} tokens/s.",
-        "",
-        render_table(summary),
-        "",
-    ]
-    for name, t in summary["tasks"].items():
-        per = t["tuned"].get("per_label")
-        if per:
-            parts += [
-                f"## {name}: per-label (tuned)",
-                "",
-                "| label | precision | recall | F1 | support |",
-                "|---|---:|---:|---:|---:|",
-            ]
-            parts += [
-                f"| {lab} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
-                for lab, v in per.items()
-            ]
-            parts.append("")
-    if summary.get("search"):
-        parts.append(render_search_report(summary["search"]))
-    return "\n".join(parts)
-
-
-def run(cfg: JobConfig, hooks: RecipeHooks | None = None, progress: bool = True) -> dict:
+def run(cfg: JobConfig, hooks: RecipeHooks | None = None, progress: bool = True) -> RunSummary:
     """Set up, train and finish one job on this process (one rank)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     recipe = MultiTaskPromptTuningRecipe(cfg, hooks, progress)

@@ -10,27 +10,29 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
-from tuner.config import ConfigError, JobConfig, to_dict
+from tuner.schema import ConfigError
 
 RUN_FILE = "run.json"
 
 
-def fingerprint(cfg: JobConfig) -> str:
-    """What must match to resume: tasks, backbone, prompt shape and data seed (not step counts)."""
+def fingerprint(job: dict[str, Any]) -> str:
+    """What must match to resume a job (its config as a dict, `tuner.config.to_dict`): tasks, backbone,
+    prompt shape and data seed (not step counts)."""
     key = {
-        "tasks": [Path(t).name for t in cfg.tasks],
-        "model": cfg.model.name,
-        "prompt": to_dict(cfg.prompt),
-        "seed": cfg.data.seed,
+        "tasks": [Path(t).name for t in job["tasks"]],
+        "model": job["model"]["name"],
+        "prompt": job["prompt"],
+        "seed": job["data"]["seed"],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def claim_run_dir(run_dir: Path, cfg: JobConfig) -> None:
-    """Create `run_dir` or check that this job may resume it."""
+def claim_run_dir(run_dir: Path, name: str, fp: str, *, resume: bool) -> None:
+    """Create `run_dir` for job `name` (`fingerprint` `fp`) or check that the job may resume it
+    (`resume`: it may continue a run of its own)."""
     info_path = run_dir / RUN_FILE
-    fp = fingerprint(cfg)
     if info_path.is_file():
         try:
             info = json.loads(info_path.read_text())
@@ -49,7 +51,7 @@ def claim_run_dir(run_dir: Path, cfg: JobConfig) -> None:
             raise ConfigError(
                 f"{run_dir} holds a finished run; pick another name= (or delete the directory) to train again"
             )
-        if not cfg.resume:
+        if not resume:
             raise ConfigError(f"{run_dir} already exists and resume=false; pick another name=")
         return
     if run_dir.is_dir() and any(run_dir.iterdir()):  # someone's files, not a run: never write over them
@@ -57,7 +59,7 @@ def claim_run_dir(run_dir: Path, cfg: JobConfig) -> None:
             f"{run_dir} exists, is not empty and holds no run; pick another name= or output_dir="
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    info_path.write_text(json.dumps({"name": cfg.name, "fingerprint": fp, "status": "running"}, indent=2))
+    info_path.write_text(json.dumps({"name": name, "fingerprint": fp, "status": "running"}, indent=2))
 
 
 def mark_finished(run_dir: Path) -> None:

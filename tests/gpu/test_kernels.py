@@ -123,9 +123,9 @@ def test_varlen_top_left_plan_matches_too(monkeypatch):
     """The plan for kernels that align causal masks top-left (prompt queries repeated) is also exact."""
     batch = _batch(True)
     ref_loss, ref_grad = _reference(batch)
-    bottom_right = attention._bottom_right
+    bottom_right = attention.aligns_bottom_right
     bottom_right.cache_clear()
-    monkeypatch.setattr(attention, "_bottom_right", lambda kernel, device: False)
+    monkeypatch.setattr(attention, "aligns_bottom_right", lambda kernel, device: False)
     loss, grad = _run("varlen", torch.bfloat16, batch)
     assert _rel(loss, ref_loss) < 2e-2 and _rel(grad, ref_grad) < 5e-2
 
@@ -134,7 +134,7 @@ def test_auto_picks_varlen_and_the_alignment_probe_answers():
     assert attention.pick_kernel("auto", "cuda") == "varlen"
     # FlashAttention-2 (>= 2.1) aligns causal masks bottom-right; both answers are handled (see the
     # top-left test above), and bench.gpu_check records which one this torch gives.
-    assert attention._bottom_right("varlen", torch.device("cuda", torch.cuda.current_device())) in (
+    assert attention.aligns_bottom_right("varlen", torch.device("cuda", torch.cuda.current_device())) in (
         True,
         False,
     )

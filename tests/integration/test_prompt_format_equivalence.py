@@ -5,7 +5,7 @@ Training side: `tuner.tasks.spec.build_examples` (prefix + rendered row) tokeniz
 with the task's real prefix (description and seeded demonstrations from the real train split).
 Serving side: the adapter's `TaskMeta` written by `save_adapter` and read back by the prompt
 registry, the request's raw text (the row's field; a JSON object of the fields for a
-several-field template) rendered by `serving.prompt_format` and encoded like the engine encodes.
+several-field template) rendered by `serving.engine.render_prompt` and encoded like the engine encodes.
 The real SmolLM2 tokenizer, real rows from ../shared/data.
 """
 
@@ -18,13 +18,15 @@ import pytest
 import torch
 from transformers import AutoConfig
 
+from serving.engine import render_prompt as format_prompt
 from serving.engine import text_encoder
-from serving.prompt_format import format_prompt
 from serving.registry import PromptRegistry
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
 from tuner.model.backbone import load_tokenizer, resolve_backbone
 from tuner.tasks.data import tokenize
-from tuner.tasks.spec import TaskSpec, build_examples, read_rows, task_prefix, template_fields
+from tuner.tasks.readers import read_rows
+from tuner.tasks.spec import TaskSpec, build_examples, task_prefix
+from tuner.tasks.templates import template_fields
 
 REPO = Path(__file__).resolve().parents[2]
 TASK_CONFIGS = sorted((REPO / "configs" / "tasks").glob("*.yaml"))

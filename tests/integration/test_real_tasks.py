@@ -6,10 +6,11 @@ from collections import Counter
 import pytest
 from conftest import REPO
 
-from tuner.evaluate import evaluate_task
 from tuner.tasks.data import TaskData
-from tuner.tasks.ner import iob2_entities, parse_entities
-from tuner.tasks.spec import TaskSpec, build_examples, check_columns, read_rows
+from tuner.tasks.kinds import evaluate_task
+from tuner.tasks.kinds.ner import iob2_entities, parse_entities
+from tuner.tasks.readers import check_columns, read_rows
+from tuner.tasks.spec import TaskSpec, build_examples
 
 pytestmark = pytest.mark.integration
 TASKS = sorted((REPO / "configs" / "tasks").glob("*.yaml"))

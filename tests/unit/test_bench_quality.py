@@ -15,21 +15,23 @@ from conftest import tiny_job_yaml, write_tiny_tasks
 
 from bench.quality import (
     OURS,
-    PEFT,
-    ZERO_SHOT,
-    SeedResult,
-    earlier_seeds,
     expand_methods,
     expand_tasks,
     halves,
     leave_one_out_sources,
-    paired,
     parse_args,
+    setup_of,
+    shipped_tasks,
+)
+from bench.quality_results import (
+    PEFT,
+    ZERO_SHOT,
+    SeedResult,
+    earlier_seeds,
+    paired,
     render,
     result_of,
     seed_gains,
-    setup_of,
-    shipped_tasks,
     verdict,
 )
 

@@ -8,21 +8,21 @@ from seqeval.metrics import f1_score, precision_score, recall_score
 from seqeval.metrics.sequence_labeling import get_entities
 
 from tuner.config import ConfigError
-from tuner.evaluate import evaluate_task
 from tuner.model.backbone import load_tokenizer
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.tasks.batching import collate
 from tuner.tasks.data import TaskData
-from tuner.tasks.ner import (
+from tuner.tasks.kinds import evaluate_task
+from tuner.tasks.kinds.ner import (
     NO_ENTITIES,
     Entity,
     entity_metrics,
     iob2_entities,
     parse_entities,
-    read_conll,
     render_entities,
 )
-from tuner.tasks.spec import TaskSpec, build_examples, check_columns
+from tuner.tasks.readers import check_columns, read_conll
+from tuner.tasks.spec import TaskSpec, build_examples
 
 NAMES = {"PER": "person", "ORG": "organization", "LOC": "location", "MISC": "misc"}
 

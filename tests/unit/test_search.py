@@ -13,7 +13,9 @@ from cluster.launch import train_local
 from tuner.config import ConfigError, JobConfig, from_dict, load_job_config
 from tuner.evaluate import classification_metrics
 from tuner.prompts.optim import SparseRowAdam
-from tuner.search.state import Evidence, SearchState, expand_space, halving_rungs, paired_se
+from tuner.search.evidence import Evidence, paired_se
+from tuner.search.space import expand_space
+from tuner.search.state import SearchState, halving_rungs
 
 SPACE = {"optim.lr": [0.01, 0.1, 1.0], "prompt.init": ["vocab", "random"]}
 

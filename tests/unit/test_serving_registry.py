@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig
 
-from serving.prompt_format import format_prompt
+from serving.engine import render_prompt as format_prompt
 from serving.registry import PromptRegistry
 from serving.types import InvalidRequest, UnknownTask
 from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META, TaskAdapter, load_adapter, save_adapter

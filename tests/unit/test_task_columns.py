@@ -11,7 +11,8 @@ from cluster.cli import main
 from tuner.config import ConfigError
 from tuner.model.backbone import load_tokenizer
 from tuner.tasks.data import TaskData
-from tuner.tasks.spec import TaskSpec, build_examples, check_columns, read_rows
+from tuner.tasks.readers import check_columns, read_rows
+from tuner.tasks.spec import TaskSpec, build_examples
 
 
 def _jsonl(path, rows):

@@ -10,7 +10,8 @@ from conftest import smollm2_tokenizer_dir, tiny_llama
 from tuner.config import ConfigError
 from tuner.model.backbone import load_tokenizer
 from tuner.prompts.bank import PromptBank, init_prompts
-from tuner.tasks.spec import TaskSpec, build_examples, read_rows, task_prefix
+from tuner.tasks.readers import read_rows
+from tuner.tasks.spec import TaskSpec, build_examples, task_prefix
 
 
 def _write(path, rows):

@@ -10,8 +10,9 @@ from conftest import REPO, tiny_llama
 
 from cluster.cli import main as cli_main
 from tuner.config import ConfigError, load_job_config
+from tuner.job import zero_setup
 from tuner.model.memory import GB, BackboneShape, Workload, estimate, load_shape
-from tuner.model.zero import ZeroSettings, choose_zero, deepspeed_config, zero_setup
+from tuner.model.zero import ZeroSettings, choose_zero, deepspeed_config
 
 
 def _shape(model) -> BackboneShape:

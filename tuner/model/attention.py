@@ -18,7 +18,7 @@ Kernels (the values of `model.attn_implementation`):
   `flash_attn_varlen_func`. Each span is one sequence: its queries, and as keys its prompt copy
   followed by itself (`cu_seqlens_q != cu_seqlens_k`), so the prompt prefix is expressed with a
   causal mask aligned to the bottom right (query i of n sees keys up to P + i). The alignment is
-  probed once per kernel on the device (`_bottom_right`); a kernel that aligns top-left instead
+  probed once per kernel on the device (`aligns_bottom_right`); a kernel that aligns top-left instead
   gets the prompt's queries recomputed per segment (equal lengths), a correct but costlier plan.
 * `flex`: FlexAttention with a document + prefix `BlockMask` over the rows as they are (no
   gathering). Building a BlockMask is costly, so masks are cached per batch layout. Compiled on
@@ -138,11 +138,11 @@ class VarlenLayout:
         """Build the plan; when the kernel aligns its causal mask top-left, queries repeat the prefix.
 
         Args:
-            bottom_right: the kernel's causal alignment; None probes it (`_bottom_right`).
+            bottom_right: the kernel's causal alignment; None probes it (`aligns_bottom_right`).
         """
         L, P = batch.input_ids.shape[1], batch.num_virtual_tokens
         if bottom_right is None:
-            bottom_right = _bottom_right(kernel, device)
+            bottom_right = aligns_bottom_right(kernel, device)
         row, start, n, pre = torch.tensor(_spans(batch), dtype=torch.long).view(-1, 4).unbind(1)
         p = torch.where(pre >= 0, P, 0)  # prefix keys of each span: its prompt copy, if any
         base = row * L
@@ -200,7 +200,7 @@ def varlen_call(kernel, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scaling: fl
         return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scaling, causal=True)
     from torch.nn.attention.varlen import varlen_attn
 
-    params = _varlen_params()
+    params = varlen_params()
     kw = {}
     if "scale" in params:
         kw["scale"] = scaling
@@ -220,14 +220,15 @@ def varlen_call(kernel, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scaling: fl
 
 
 @functools.cache
-def _varlen_params() -> frozenset[str]:
+def varlen_params() -> frozenset[str]:
+    """The keyword parameters of this torch's `varlen_attn` (its signature changed between releases)."""
     from torch.nn.attention.varlen import varlen_attn
 
     return frozenset(inspect.signature(varlen_attn).parameters)
 
 
 @functools.cache
-def _bottom_right(kernel: str, device: torch.device) -> bool:
+def aligns_bottom_right(kernel: str, device: torch.device) -> bool:
     """Whether `kernel`'s causal mask aligns to the bottom right when there are more keys than queries.
 
     One query over two keys whose values differ: bottom-right alignment lets the query see both

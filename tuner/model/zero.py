@@ -12,6 +12,7 @@ backward.
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,10 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from tuner.model.backbone import load_backbone
 from tuner.model.memory import GB, BackboneShape, MemoryEstimate, Workload, device_memory_budget, estimate
 
 if TYPE_CHECKING:
-    from tuner.config import JobConfig
+    from tuner.config import ClusterConfig
 
 
 @dataclass(frozen=True)
@@ -158,22 +160,47 @@ class ZeroSetup:
             wrap_backbone(backbone, self.hf_config.config, trace_steps=self.settings.trace_steps)
         return backbone
 
+    def load(
+        self, path: str, dtype: torch.dtype, attn_implementation: str, device: torch.device
+    ) -> torch.nn.Module:
+        """The frozen backbone at `path` laid out as chosen: partitioned while it loads and wrapped (ZeRO-3),
+        or whole on `device` (`tuner.model.backbone.load_backbone`)."""
+        # DeepSpeed print()s while it sets up (op builds, configs): keep the console to the progress bar.
+        quiet = (
+            contextlib.redirect_stdout(io.StringIO())
+            if self.settings is not None
+            else contextlib.nullcontext()
+        )
+        with quiet:
+            backbone = load_backbone(
+                path,
+                dtype,
+                attn_implementation,
+                device,
+                activation_checkpointing=self.choice.activation_checkpointing,
+            )
+            return self.wrap(backbone)
 
-def zero_setup(
-    cfg: JobConfig,
-    backbone_path: str,
-    dtype: torch.dtype,
+
+def prepare_zero(
+    cluster: ClusterConfig,
+    workload: Workload,
     world_size: int,
-    log: Callable[[str], None] = lambda msg: None,
+    *,
+    backbone: str,
+    dtype: torch.dtype,
     settings: ZeroSettings | None = None,
+    log: Callable[[str], None] = lambda msg: None,
 ) -> ZeroSetup:
-    """Resolve `cluster.zero_stage` (auto or a stage) for this job and prepare DeepSpeed before loading.
+    """Resolve `cluster.zero_stage` (auto or a stage) for `world_size` ranks and prepare DeepSpeed before
+    loading the backbone at directory `backbone` in `dtype`.
 
     Call it *before* `from_pretrained`: under ZeRO-3 it creates `HfDeepSpeedConfig`, so weights are
-    partitioned while they load and no rank materialises the whole model. Logs the choice once
-    (`log` prints on rank 0). `settings` replaces the ZeRO-3 knobs read from the config (benchmarks).
+    partitioned while they load and no rank materialises the whole model. `workload` (what one step
+    asks of each rank) sizes the activations `auto` weighs against the memory budget. Logs the choice
+    once (`log` prints on rank 0). `settings` replaces the ZeRO-3 knobs read from `cluster` (benchmarks).
     """
-    c = cfg.cluster
+    c = cluster
     nodes = max(1, c.num_nodes)
     per_node = max(1, world_size // nodes)
     if c.memory_budget_gb > 0:
@@ -185,16 +212,8 @@ def zero_setup(
     elif c.zero_stage == "auto":
         from transformers import AutoConfig
 
-        shape = BackboneShape.from_config(AutoConfig.from_pretrained(backbone_path).to_dict())
-        micro = cfg.optim.batch_size // cfg.optim.grad_accum
-        work = Workload(
-            seq_len=cfg.model.max_seq_len,
-            micro_batch=-(-micro // world_size),
-            num_tasks=len(cfg.tasks),
-            num_virtual_tokens=cfg.prompt.num_virtual_tokens,
-            dtype={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
-        )
-        mem = estimate(shape, work, world_size, c.zero_max_live_parameters)
+        shape = BackboneShape.from_config(AutoConfig.from_pretrained(backbone).to_dict())
+        mem = estimate(shape, workload, world_size, c.zero_max_live_parameters)
         choice = choose_zero(mem, budget, nodes, per_node, c.activation_checkpointing)
     else:
         stage = int(c.zero_stage)

@@ -5,7 +5,7 @@ in its batch only: `gather(task_rows)` returns a small leaf tensor to train, who
 after backward is exactly those tasks' prompt gradients. Nothing in a step touches the rows of
 tasks that are not in the batch, so 10,000 registered tasks cost a step what 10 do. The table
 can live on the GPU (`to`): a step's gather, update and scatter then stay on the device, and only
-`state_dict` (checkpoints) copies it to the host.
+a checkpoint save (`tuner.checkpoint`) copies it to the host.
 
 Initialisation follows Lester et al. (2021): random, sampled vocabulary embeddings, a text, or
 the task's class-label words (then vocabulary). Reads of the (possibly ZeRO-3 sharded) embedding
@@ -66,9 +66,6 @@ class PromptBank:
 
     def set_prompt(self, name: str, value: torch.Tensor) -> None:
         self.weight[self.index[name]] = value.to(self.weight.dtype)
-
-    def state_dict(self) -> dict:
-        return {"task_names": list(self.task_names), "weight": self.weight.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict) -> None:
         """Load rows by task name (tasks absent from `state` keep their current values)."""

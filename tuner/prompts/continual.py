@@ -47,10 +47,10 @@ class SourceRun:
     adapters: dict[str, Path]  # task -> its published adapter directory
 
 
-def check_source(run_dir: str | Path, method: str, new_tasks: list[str]) -> tuple[Path, dict]:
+def check_source(run_dir: str | Path, method: str, new_tasks: list[str]) -> tuple[Path, ckpt.CheckpointState]:
     """Cheap checks of `run_dir` as an init_from for a job of `method` training `new_tasks`, before the
     job claims its own run directory (a mistake here leaves nothing behind). Returns the newest
-    checkpoint and its JSON state; raises ConfigError with a one-line message."""
+    checkpoint and its state; raises ConfigError with a one-line message."""
     path = Path(run_dir).expanduser().resolve()
     info = path / RUN_FILE
     if not info.is_file() or json.loads(info.read_text()).get("status") != "finished":
@@ -58,13 +58,12 @@ def check_source(run_dir: str | Path, method: str, new_tasks: list[str]) -> tupl
     last = ckpt.latest_checkpoint(path / "checkpoints")
     if last is None:
         raise ConfigError(f"prompt.init_from={run_dir}: the run has no checkpoint")
-    state = json.loads((last / "state.json").read_text())
-    written = state.get("prompt_method", "independent")
-    if written != method:
+    state = ckpt.read_state(last)
+    if state.prompt_method != method:
         raise ConfigError(
-            f"prompt.init_from={run_dir} was trained with prompt.method={written}, not {method}"
+            f"prompt.init_from={run_dir} was trained with prompt.method={state.prompt_method}, not {method}"
         )
-    again = sorted(set(new_tasks) & set(state["task_names"]))
+    again = sorted(set(new_tasks) & set(state.task_names))
     if again:
         raise ConfigError(
             f"task {again[0]} is already trained in prompt.init_from: list only new tasks in the job"
@@ -77,8 +76,8 @@ def load_source(
 ) -> SourceRun:
     """Read finished run `run_dir` for continual training with `method` (ConfigError if it does not fit)."""
     path = Path(run_dir).expanduser().resolve()
-    last, state = check_source(path, method, new_tasks)
-    _, tensors = ckpt.read_prompt_state(last)
+    last, _ = check_source(path, method, new_tasks)
+    state, tensors = ckpt.read_prompt_state(last)
     bank = tensors["bank"]
     if tuple(bank.shape[1:]) != tuple(row_shape):
         raise ConfigError(
@@ -95,13 +94,13 @@ def load_source(
                 f"prompt.init_from={run_dir}: task {d.name} was trained on {adapter.backbone}, not {backbone}"
             )
         adapters[d.name] = d
-    rows = {name: bank[i] for i, name in enumerate(state["task_names"])}
+    rows = {name: bank[i] for i, name in enumerate(state.task_names)}
     missing = sorted(set(adapters) ^ set(rows))
     if missing:
         raise ConfigError(
             f"prompt.init_from={run_dir}: adapters and checkpoint differ in {', '.join(missing[:5])}"
         )
-    return SourceRun(path, state.get("prompt_method", "independent"), rows, tensors.get("shared"), adapters)
+    return SourceRun(path, state.prompt_method, rows, tensors.get("shared"), adapters)
 
 
 def carry_adapters(source: SourceRun, root: Path, backbone_config) -> list[str]:

@@ -1,12 +1,10 @@
 """In-batch hyperparameter search: several variants of every task trained side by side, halved at rungs.
 
-A job's `search.space` (e.g. `{optim.lr: [0.003, 0.01, 0.03], prompt.init: [class_labels, vocab]}`)
-expands into the cartesian product of its values; every task gets one `Variant` per combination,
-each its own prompt-bank row named `<task>~<k>` (task names cannot contain `~`, see
-`tuner.config.validate_name`). The recipe draws a task's examples once and feeds them to all of the
+Every task gets one `Variant` per combination of `search.space` (`tuner.search.space`), each its own
+prompt-bank row `<task>~<k>`. The recipe draws a task's examples once and feeds them to all of the
 task's live variants (`SearchState.expand`), so the variants see the same examples in the same
 mixed batch; each row gets its own learning rate, schedule, weight decay and clipping
-(`SearchState.row_hparams`) and its own initialisation (`init_variant_prompts`).
+(`SearchState.row_hparams`) and its own initialisation (`tuner.search.driver`).
 
 Successive halving (as ASHA's synchronous form): after each rung step the live variants of a task
 are scored on a held-out slice of its train split (`tuner.tasks.data.MultiTaskSampler.hold_out`: the last
@@ -25,10 +23,10 @@ one adapter per task. The state is plain JSON, saved in every checkpoint.
 The job's own configuration (its `optim` / `prompt` sections, when the space holds that combination:
 the *base* variant) is what the task would train without a search, so a rung drops it only on
 evidence: while the leader beats it by no more than `search.base_margin` standard errors of their
-paired difference (`paired_se`: a bootstrap over the held-out examples, both variants scored on the
-same resample), the base variant takes the last place kept (the one-standard-error rule of CART and
-the lasso). A rung of a few dozen examples is mostly noise; without the rule a task leaves a
-configuration that works for whichever variant was luckiest on them.
+paired difference (`tuner.search.evidence.paired_se`: a bootstrap over the held-out examples, both
+variants scored on the same resample), the base variant takes the last place kept (the one-standard-error
+rule of CART and the lasso). A rung of a few dozen examples is mostly noise; without the rule a task
+leaves a configuration that works for whichever variant was luckiest on them.
 
 With `search.scoring: prequential` a rung scores no held-out forwards: every training forward already
 scores each drawn example under each live variant of its task, before the update that example causes
@@ -38,67 +36,35 @@ far (`SearchState.window`), paired as held-out examples are (every live variant 
 is the progressive validation of online learning. The scoring's share of a run is then free for later
 rungs; a task with too few examples in its window is scored on its held-out slice as before.
 
-Variants that would train alike on a task are trained once (`effective`: e.g. `class_labels` and
-`vocab` are one initialisation for a task without label words); the report says which they follow.
+Variants that would train alike on a task are trained once (`tuner.search.space.effective`: e.g.
+`class_labels` and `vocab` are one initialisation for a task without label words); the report says
+which they follow.
 
-This module computes nothing on the model: the recipe scores variants and hands the scores in.
-Settings that cannot vary inside one job (prompt length, steps, batch size) are searched over
-whole jobs by `cluster.tune`.
+This module computes nothing on the model: the driver (`tuner.search.driver`) scores variants and
+hands the scores in. Settings that cannot vary inside one job (prompt length, steps, batch size) are
+searched over whole jobs by `cluster.tune`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
-import typing
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tuner.config import ConfigError, JobConfig, OptimConfig, PromptConfig
+from tuner.prompts.optim import lr_at
+from tuner.search.evidence import Evidence, paired_se
+from tuner.search.report import describe_base_check
+from tuner.search.space import SEP, Variant, effective, expand_space
+
+if TYPE_CHECKING:
+    from tuner.search.space import SearchedJob
 
 MIN_HELDOUT = 16  # the fewest held-out examples a rung scores under search.heldout_schedule grow
 MIN_PREQUENTIAL = 16  # the fewest window examples a prequential rung ranks on (fewer: the held-out slice)
-BOOTSTRAP_ROUNDS = 1000  # resamples behind a paired standard error (`paired_se`)
-SEP = "~"  # variant rows are `<task>~<k>`; `validate_name` keeps `~` out of task names
-
-# Settings each prompt-bank row can have its own value of, in one batch.
-PER_ROW = (
-    "optim.lr",
-    "optim.weight_decay",
-    "optim.grad_clip",
-    "optim.warmup_steps",
-    "optim.schedule",
-    "prompt.init",
-    "prompt.init_std",
-    "prompt.init_text",
-)
-
-
-@dataclass(frozen=True)
-class VariantSettings:
-    """One combination of the search space, applied to the job's optim and prompt sections."""
-
-    values: dict[str, Any]  # setting -> value, in the order of `search.space`
-    optim: OptimConfig
-    prompt: PromptConfig
-
-    def label(self) -> str:
-        return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in self.values.items())
-
-
-@dataclass(frozen=True)
-class Variant:
-    task: str
-    index: int
-    settings: VariantSettings
-
-    @property
-    def row(self) -> str:
-        return f"{self.task}{SEP}{self.index}"
 
 
 @dataclass(frozen=True)
@@ -128,115 +94,6 @@ class RungResult:
     base_check: dict[str, Any] = field(default_factory=dict)
     # what was scored: the held-out slice (heldout), or the window of drawn examples (prequential)
     source: str = "heldout"
-
-
-@dataclass(frozen=True)
-class Evidence:
-    """A variant's held-out results example by example, so its score on any resample of the examples follows.
-
-    `values`: each example's own score, higher is better (accuracy's 0 / 1, minus a loss); the
-    variant's score is their mean. With `gold`: `values` are predicted label indices, `gold` the gold
-    ones, and the score is the macro-F1 over `num_labels` labels (`tuner.evaluate.classification_metrics`).
-    """
-
-    values: np.ndarray
-    gold: np.ndarray | None = None
-    num_labels: int = 0
-
-    def scores(self, idx: np.ndarray) -> np.ndarray:
-        """The score on each resample: `idx` [B, n] example indices -> [B]."""
-        if self.gold is None:
-            return np.asarray(self.values, dtype=np.float64)[idx].mean(axis=1)
-        gold, pred = np.asarray(self.gold)[idx], np.asarray(self.values)[idx]
-        f1 = np.zeros(idx.shape[0])
-        for lab in range(self.num_labels):
-            tp = ((gold == lab) & (pred == lab)).sum(axis=1)
-            wrong = ((gold == lab) != (pred == lab)).sum(axis=1)  # false positives + false negatives
-            f1 += np.where(tp > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0)
-        return f1 / max(self.num_labels, 1)
-
-
-def paired_se(a: Evidence, b: Evidence, seed: int, rounds: int = BOOTSTRAP_ROUNDS) -> float:
-    """Standard error of (score of a) - (score of b) on the same examples: the spread of the gap over
-    `rounds` bootstrap resamples of the examples, both variants scored on each resample (paired, so
-    the examples both get right or both get wrong cancel). Seeded: every rank computes the same."""
-    n = len(a.values)
-    if n < 2 or len(b.values) != n:
-        raise ValueError(
-            f"paired_se needs two variants' results on the same >= 2 examples, got {n} and {len(b.values)}"
-        )
-    idx = np.random.default_rng(seed).integers(0, n, size=(rounds, n))
-    return float(np.std(a.scores(idx) - b.scores(idx), ddof=1))
-
-
-def flatten_space(space: dict[str, Any]) -> dict[str, list]:
-    """`{optim: {lr: [..]}}` and `{optim.lr: [..]}` (and a mix) -> `{"optim.lr": [..]}`."""
-    out: dict[str, list] = {}
-    for key, value in space.items():
-        if isinstance(value, dict):
-            for sub, v in flatten_space(value).items():
-                out[f"{key}.{sub}"] = v
-        else:
-            out[str(key)] = value if isinstance(value, list) else [value]
-    return out
-
-
-def expand_space(cfg: JobConfig) -> list[VariantSettings]:
-    """Every combination of `cfg.search.space`; unknown, job-level or invalid settings are a `ConfigError`."""
-    space = flatten_space(cfg.search.space)
-    for key, values in space.items():
-        section, _, name = key.partition(".")
-        if key not in PER_ROW:
-            parent = getattr(cfg, section, None)
-            if dataclasses.is_dataclass(parent) and name in {f.name for f in dataclasses.fields(parent)}:
-                raise ConfigError(
-                    f"search.space: {key} cannot vary inside one job (one value for the whole bank or batch); "
-                    f"search it over whole jobs with `promptfleet tune <job> --param {key}=a,b`"
-                )
-            raise ConfigError(
-                f"search.space: unknown setting {key!r} (per-task settings: {', '.join(PER_ROW)})"
-            )
-        if not values or len({repr(v) for v in values}) != len(values):
-            raise ConfigError(f"search.space.{key}: needs distinct values, got {values!r}")
-    out = []
-    keys = list(space)
-    for combo in itertools.product(*(space[k] for k in keys)):
-        values = dict(zip(keys, combo))
-        per = {"optim": {}, "prompt": {}}
-        for key, v in values.items():
-            section, _, name = key.partition(".")
-            per[section][name] = v
-        try:
-            optim = _replace(cfg.optim, per["optim"], "optim")
-            prompt = _replace(cfg.prompt, per["prompt"], "prompt")
-        except ConfigError as e:
-            raise ConfigError(f"search.space: {e}") from None
-        out.append(VariantSettings(values, optim, prompt))
-    return out
-
-
-def effective(settings: VariantSettings, labelled: bool) -> tuple:
-    """What a variant trains with on a task, less settings that make no difference there: without label
-    words (`labelled` False: a generation task) `class_labels` initialises as `vocab`; `init_std` only
-    matters to `random`, `init_text` only to `text`. Variants with equal keys train alike (same stream)."""
-    p = settings.prompt
-    init = "vocab" if p.init == "class_labels" and not labelled else p.init
-    return (
-        repr(settings.optim),  # a dataclass with lists in it: compared by value, not hashable
-        init,
-        p.init_std if init == "random" else None,
-        p.init_text if init == "text" else None,
-    )
-
-
-def _replace(section: Any, changes: dict[str, Any], prefix: str) -> Any:
-    """`section` with `changes` applied, coerced and validated as YAML values are (`__post_init__`)."""
-    from tuner.config import _coerce
-
-    hints = typing.get_type_hints(type(section))
-    return dataclasses.replace(
-        section, **{k: _coerce(hints[k], v, f"{prefix}.{k}") for k, v in changes.items()}
-    )
 
 
 def halving_rungs(max_steps: int, num_variants: int, eta: int, rungs: Sequence[int] = ()) -> list[int]:
@@ -279,15 +136,17 @@ class SearchState:
 
     @classmethod
     def build(
-        cls, cfg: JobConfig, tasks: Sequence[str], labelled: Collection[str] | None = None
+        cls, job: SearchedJob, tasks: Sequence[str], labelled: Collection[str] | None = None
     ) -> SearchState:
-        """Every task's variants of `cfg.search.space`. `labelled`: the tasks with label words (default:
-        all); elsewhere `class_labels` initialises as `vocab` does, so those variants are one (`effective`)."""
-        settings = expand_space(cfg)
+        """Every task's variants of `job.search.space`, halved as `job.search` says over the job's
+        `optim.max_steps`. `labelled`: the tasks with label words (default: all); elsewhere `class_labels`
+        initialises as `vocab` does, so those variants are one (`effective`)."""
+        search = job.search
+        settings = expand_space(job)
         variants = {t: [Variant(t, k, s) for k, s in enumerate(settings)] for t in tasks}
-        rungs = halving_rungs(cfg.optim.max_steps, len(settings), cfg.search.eta, cfg.search.rungs)
+        rungs = halving_rungs(job.optim.max_steps, len(settings), search.eta, search.rungs)
         base = next(
-            (k for k, s in enumerate(settings) if s.optim == cfg.optim and s.prompt == cfg.prompt), None
+            (k for k, s in enumerate(settings) if s.optim == job.optim and s.prompt == job.prompt), None
         )
         live, same = {}, {}
         for t in tasks:
@@ -302,15 +161,15 @@ class SearchState:
             live[t] = sorted(first.values())
         return cls(
             variants,
-            cfg.search.eta,
+            search.eta,
             rungs,
             live,
-            heldout_schedule=cfg.search.heldout_schedule,
+            heldout_schedule=search.heldout_schedule,
             base=base if len(settings) > 1 else None,
-            base_margin=cfg.search.base_margin,
-            base_rungs=cfg.search.base_rungs,
+            base_margin=search.base_margin,
+            base_rungs=search.base_rungs,
             same=same,
-            prequential=cfg.search.scoring == "prequential",
+            prequential=search.scoring == "prequential",
         )
 
     # ------------------------------------------------------------------ rows
@@ -343,8 +202,6 @@ class SearchState:
 
     def row_hparams(self, rows: Sequence[str], step: int, max_steps: int) -> RowHParams:
         """Each row's learning rate at `step` (its own peak, warm-up, schedule), weight decay and clipping."""
-        from tuner.prompts.optim import lr_at
-
         opts = [self.variant(r).settings.optim for r in rows]
         return RowHParams(
             lr=[lr_at(step, o.lr, o.warmup_steps, max_steps, o.schedule) for o in opts],
@@ -608,90 +465,8 @@ class SearchState:
         return out
 
 
-def describe_base_check(check: dict[str, Any], margin: float) -> str:
-    """Why the base variant stayed at a rung, or went (`RungResult.base_check`), in words."""
-    se = f"paired SE {check['se']:.4f}" if check.get("se") is not None else "no paired SE"
-    if check.get("early"):
-        return f"kept before the last rung (the leader's lead {check['gap']:.4f}, {se})"
-    sign = "<=" if check["kept"] else ">"
-    return f"the leader's lead {check['gap']:.4f} {sign} {margin:g} x {se}"
-
-
 def _ranked(scores: dict[int, float], train_loss: dict[int, float] | None = None) -> list[int]:
     """Variant indices, best held-out score first; ties go to the lower training loss, then the lower
     index (every rank holds the same all-reduced numbers, so every rank ranks alike)."""
     loss = train_loss or {}
     return sorted(scores, key=lambda k: (-scores[k], loss.get(k, math.inf), k))
-
-
-def render_search_report(search: dict[str, dict]) -> str:
-    """Markdown: a table per task of its variants, held-out scores at each rung, and their outcome."""
-    parts = ["## Hyperparameter search (in-batch variants, successive halving)", ""]
-    for task, t in search.items():
-        steps = sorted({s for v in t["variants"] for s, _ in v["heldout"]})
-        head = "| variant | " + " | ".join(t["variants"][0]["values"]) + " | "
-        head += " | ".join(f"held-out @ {s}" for s in steps) + " | outcome |"
-        by = t.get("criterion", "score")
-        by = {
-            "-loss": "minus the mean target NLL",
-            "-label_loss": "minus the mean NLL of the gold label among the task's labels",
-        }.get(by, by)
-        on = t.get("scored_on", {})
-        where = {
-            "heldout": "the task's held-out slice",
-            "prequential": "the training examples drawn in the latter half of the steps before the rung, each "
-            "scored before its update (prequential)",
-        }
-        sources = sorted(set(on.values())) or ["heldout"]
-        n_held = f"ranked at each rung by {by} on " + " or ".join(where[x] for x in sources)
-        n_held += " (higher is better)"
-        if counts := t.get("heldout_examples"):
-            n_held += "; examples scored: " + ", ".join(
-                f"{n} @ step {s}" + (f" ({on[s]})" if len(sources) > 1 else "") for s, n in counts.items()
-            )
-        parts += [f"### {task}: chose {_fmt_values(t['chosen'])}", "", n_held, "", head]
-        parts.append("|---" * (2 + len(t["variants"][0]["values"]) + len(steps)) + "|")
-        for v in t["variants"]:
-            at = dict((s, x) for s, x in v["heldout"])
-            cells = [str(x) for x in v["values"].values()] + [
-                f"{at[s]:.4f}" if s in at else "" for s in steps
-            ]
-            parts.append(f"| {v['index']} | " + " | ".join(cells) + f" | {v['outcome']} |")
-        parts.append("")
-    return "\n".join(parts)
-
-
-def _fmt_values(values: dict[str, Any]) -> str:
-    return ", ".join(f"`{k}={v}`" for k, v in values.items())
-
-
-def plot_search(search: dict[str, dict], path) -> None:
-    """One panel per task: every variant's held-out score at each rung (dropped variants end early)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = max(1, len(search))
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
-    for ax, (task, t) in zip(axes.flat, search.items()):
-        for v in t["variants"]:
-            if v["heldout"]:
-                steps, vals = zip(*v["heldout"])
-                style = "-" if v["outcome"].startswith("won") else "--"
-                ax.plot(steps, vals, style, marker="o", label=f"{v['index']}: " + _short(v["values"]))
-        ax.set(title=task, xlabel="step", ylabel="held-out score")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(search) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _short(values: dict[str, Any]) -> str:
-    return ", ".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())

@@ -192,39 +192,59 @@ def collate(
             rows share prompt copies among more segments and pad less; span attention
             (`tuner.model.span_attention`) makes their length free, a dense mask costs L x L.
     """
-    segs = []
-    for ex in examples:
-        inp, tgt = segment_layout(ex, num_virtual, max_len)
-        segs.append((inp + tgt[:-1], len(inp), tgt, task_rows[ex.task]))
+    segs = _segments(examples, task_rows, num_virtual, max_len)
     share = share_prompts and num_virtual > 0
     if packing:
         capacity = max(row_len or max_len, max_len)
         rows = _pack([len(s[0]) for s in segs], [s[3] for s in segs], num_virtual, capacity, share)
     else:
         rows = [[i] for i in range(len(segs))]
+    return _lay_out(_groups(rows, segs, share), segs, num_virtual, pad_id)
 
-    # Lay rows out group by group: [prompt copy][segment][segment]... (one segment per group
-    # unless sharing).
+
+# A segment as laid out: (its tokens: input + target[:-1], input length, target ids, prompt-bank row)
+_Segment = tuple[list[int], int, list[int], int]
+
+
+def _segments(
+    examples: list[TokenizedExample], task_rows: dict[str, int], num_virtual: int, max_len: int
+) -> list[_Segment]:
+    segs = []
+    for ex in examples:
+        inp, tgt = segment_layout(ex, num_virtual, max_len)
+        segs.append((inp + tgt[:-1], len(inp), tgt, task_rows[ex.task]))
+    return segs
+
+
+def _groups(rows: list[list[int]], segs: list[_Segment], share: bool) -> list[list[list[int]]]:
+    """Each row's groups, laid out in order as [prompt copy][segment][segment]... (one segment per
+    group unless sharing)."""
     layouts = []
     for members in rows:
         groups: dict[int, list[int]] = {}
         for i in members:
             groups.setdefault(segs[i][3] if share else -1 - i, []).append(i)
         layouts.append(list(groups.values()))
+    return layouts
+
+
+def _lay_out(
+    layouts: list[list[list[int]]], segs: list[_Segment], num_virtual: int, pad_id: int
+) -> MultiTaskBatch:
+    """The batch's tensors for rows of prompt-copy groups (`_groups`)."""
     L = max(sum(num_virtual + sum(len(segs[i][0]) for i in g) for g in groups) for groups in layouts)
-    R, S = len(rows), len(segs)
+    R, S = len(layouts), len(segs)
     input_ids = torch.full((R, L), pad_id, dtype=torch.long)
     position_ids = torch.zeros((R, L), dtype=torch.long)
     seg = {k: torch.zeros(S, dtype=torch.long) for k in ("row", "start", "len", "task", "prompt")}
-    p_row, p_start, p_task = [], [], []
-    t_row, t_col, t_ids, t_seg = [], [], [], []
+    prompt: dict[str, list[int]] = {"row": [], "start": [], "task": []}
+    target: dict[str, list[int]] = {"row": [], "col": [], "ids": [], "seg": []}
     for r, groups in enumerate(layouts):
         col = 0
         for group in groups:
             task_row = segs[group[0]][3]
-            p_row.append(r)
-            p_start.append(col)
-            p_task.append(task_row)
+            for k, v in (("row", r), ("start", col), ("task", task_row)):
+                prompt[k].append(v)
             position_ids[r, col : col + num_virtual] = torch.arange(num_virtual)
             col += num_virtual
             for i in group:
@@ -232,38 +252,27 @@ def collate(
                 n = len(tokens)
                 input_ids[r, col : col + n] = torch.tensor(tokens, dtype=torch.long)
                 position_ids[r, col : col + n] = torch.arange(num_virtual, num_virtual + n)
-                for k, v in (
-                    ("row", r),
-                    ("start", col),
-                    ("len", n),
-                    ("task", task_row),
-                    ("prompt", len(p_row) - 1),
-                ):
+                for k, v in (("row", r), ("start", col), ("len", n), ("task", task_row)):
                     seg[k][i] = v
+                seg["prompt"][i] = len(prompt["row"]) - 1
                 first = col + n_inp - 1  # this position predicts the first target token
-                t_row += [r] * len(tgt)
-                t_col += range(first, first + len(tgt))
-                t_ids += tgt
-                t_seg += [i] * len(tgt)
+                target["row"] += [r] * len(tgt)
+                target["col"] += range(first, first + len(tgt))
+                target["ids"] += tgt
+                target["seg"] += [i] * len(tgt)
                 col += n
         position_ids[r, col:] = torch.arange(L - col)  # padding tail: its own span, no targets
+
+    def long(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long)
 
     return MultiTaskBatch(
         input_ids=input_ids,
         position_ids=position_ids,
-        seg_row=seg["row"],
-        seg_start=seg["start"],
-        seg_len=seg["len"],
-        seg_task=seg["task"],
-        seg_prompt=seg["prompt"],
-        prompt_row=torch.tensor(p_row, dtype=torch.long),
-        prompt_start=torch.tensor(p_start, dtype=torch.long),
-        prompt_task=torch.tensor(p_task, dtype=torch.long),
-        target_row=torch.tensor(t_row, dtype=torch.long),
-        target_col=torch.tensor(t_col, dtype=torch.long),
-        target_ids=torch.tensor(t_ids, dtype=torch.long),
-        target_seg=torch.tensor(t_seg, dtype=torch.long),
-        shared_prompts=len(p_row) < S,
+        **{f"seg_{k}": v for k, v in seg.items()},
+        **{f"prompt_{k}": long(v) for k, v in prompt.items()},
+        **{f"target_{k}": long(v) for k, v in target.items()},
+        shared_prompts=len(prompt["row"]) < S,
         num_virtual_tokens=num_virtual,
         num_text_tokens=sum(len(s[0]) + 1 for s in segs),
     )

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tuner.tasks.batching import TokenizedExample
-from tuner.tasks.spec import TaskExample, TaskSpec, build_examples, read_rows, task_prefix
+from tuner.tasks.readers import read_rows
+from tuner.tasks.spec import TaskExample, TaskSpec, build_examples, task_prefix
 
 
 def tokenize(examples: list[TaskExample], tokenizer, eos: bool = False) -> list[TokenizedExample]:
@@ -89,7 +90,7 @@ class TaskData:
         )
         train_text = build_examples(spec, "train", max_train, seed, prefix) if need_train else []
         eval_text = build_examples(spec, "eval", max_eval, seed, prefix) if spec.data.eval else []
-        eos = spec.kind != "classification"  # answers of free length end with end-of-sequence
+        eos = spec.task_kind.eos_target  # answers of free length end with end-of-sequence
         return cls(
             spec,
             prefix,

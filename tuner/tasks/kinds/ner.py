@@ -1,4 +1,4 @@
-"""Named-entity recognition as text generation: CoNLL files in, tagged spans out, entity-level scores.
+"""Named-entity recognition (NER) as text generation: IOB2 tags in, tagged spans out, entity-level scores.
 
 A sentence's IOB2 tags become a target text listing its entities in order,
 `"EU [ORG] | German [MISC] | British [MISC]"` (`"none"` when there is none), so an NER task trains
@@ -8,7 +8,9 @@ overlap); a piece that is malformed, names an unknown type or is not found gives
 nothing a model writes can make it raise. `entity_metrics` scores the tags with `seqeval`
 (entity-level precision / recall / F1 and the per-type table).
 
-It does not tokenise, generate or batch (see `tuner.tasks.data`, `tuner.evaluate`).
+`Ner` is the task kind: a row needs `tokens` and `tags` (CoNLL files are read by
+`tuner.tasks.readers.read_conll`); evaluation decodes greedily and scores the parsed tags.
+It does not tokenise or batch (see `tuner.tasks.data`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,17 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
 
 from tuner.config import ConfigError
+from tuner.evaluate import TaskScores
+from tuner.tasks.kinds.base import EvalSetup, TaskKind, decoded_scores
+
+if TYPE_CHECKING:
+    from tuner.tasks.data import TaskData
+    from tuner.tasks.spec import TaskExample, TaskSpec
 
 NO_ENTITIES = "none"  # the target text of a sentence without entities
 SEPARATOR = " | "
@@ -32,48 +42,6 @@ class Entity:
     type: str
     start: int
     end: int
-
-
-def read_conll(
-    path: str | Path, token_column: int = 0, tag_column: int = -1, max_sentences: int = 0
-) -> list[dict]:
-    """Sentences of a CoNLL column file as rows `{"tokens", "tags", "text"}`.
-
-    One token per line, columns separated by whitespace, a blank line between sentences;
-    `-DOCSTART-` lines are skipped. `text` is the tokens joined by single spaces. A tag that is
-    not IOB2, or a missing column, is a `ConfigError` naming the line. `max_sentences` stops
-    early (0 = all).
-    """
-    rows: list[dict] = []
-    tokens: list[str] = []
-    tags: list[str] = []
-
-    def flush() -> None:
-        if tokens:
-            rows.append({"tokens": list(tokens), "tags": list(tags), "text": " ".join(tokens)})
-        tokens.clear()
-        tags.clear()
-
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            cols = line.split()
-            if not cols or cols[0] == "-DOCSTART-":
-                flush()
-                if max_sentences and len(rows) >= max_sentences:
-                    return rows
-                continue
-            try:
-                token, tag = cols[token_column], cols[tag_column]
-            except IndexError:
-                raise ConfigError(
-                    f"{path}:{lineno}: no column {tag_column} (the line has {len(cols)} columns)"
-                ) from None
-            if not is_iob2(tag):
-                raise ConfigError(f"{path}:{lineno}: tag {tag!r} is not IOB2 (O, B-TYPE or I-TYPE)")
-            tokens.append(token)
-            tags.append(tag)
-    flush()
-    return rows[:max_sentences] if max_sentences else rows
 
 
 def is_iob2(tag: object) -> bool:
@@ -182,3 +150,32 @@ def entity_metrics(gold: list[list[str]], pred: list[list[str]]) -> dict:
         "per_label": per_label,
         "n": len(gold),
     }
+
+
+class Ner(TaskKind):
+    name = "ner"
+    metrics = ("entity_f1",)
+
+    def required_fields(self, spec: TaskSpec, split: str) -> list[str]:
+        return ["tokens", "tags"]
+
+    def target_text(self, spec: TaskSpec, row: dict[str, Any]) -> tuple[str, str | None]:
+        words, tags = row["tokens"], row["tags"]
+        if not isinstance(words, list) or not isinstance(tags, list) or len(words) != len(tags):
+            raise ConfigError(f"task {spec.name}: `tokens` and `tags` must be lists of the same length")
+        bad = next((t for t in tags if not is_iob2(t)), None)
+        if bad is not None:
+            raise ConfigError(f"task {spec.name}: tag {bad!r} is not IOB2 (O, B-TYPE or I-TYPE)")
+        return spec.target_prefix + render_entities(words, tags, spec.verbaliser), None
+
+    def fill_example(self, example: TaskExample, row: dict[str, Any]) -> None:
+        example.words, example.tags = list(row["tokens"]), list(row["tags"])
+
+    def evaluate(self, setup: EvalSetup, data: TaskData, prompt: torch.Tensor | None) -> TaskScores:
+        names = data.spec.verbaliser
+
+        def score(data: TaskData, hyps: list[str]) -> dict:
+            pred = [parse_entities(h, e.words, names) for h, e in zip(hyps, data.eval_text)]
+            return entity_metrics([e.tags for e in data.eval_text], pred)
+
+        return decoded_scores(setup, data, prompt, score)

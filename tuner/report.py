@@ -1,0 +1,170 @@
+"""A finished run's summary (`summary.json`) and the Markdown rendered from it.
+
+`MultiTaskPromptTuningRecipe.finish` builds a `RunSummary` and writes `to_json()`; everything that
+reads a run back (`promptfleet eval`, Ray Tune trials, the launchers, the benchmarks) reads it with
+`RunSummary.from_json` and its fields, never by string keys. The file's keys and values are what
+they have always been (CI reads it as plain JSON); `from_json` also reads the summaries of earlier
+releases, which lack the keys added since.
+
+This module renders; it does not evaluate (`tuner.evaluate`) or decide where files go (the recipe).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuner.evaluate import TaskScores
+from tuner.metrics import EvalPoint
+from tuner.search.report import render_search_report
+
+SUMMARY_FILE = "summary.json"  # in the run directory
+
+
+@dataclass
+class TaskSummary:
+    """One task's line of the summary: what it is and how it scored before and after tuning."""
+
+    kind: str  # classification, generation, ner
+    metric: str  # the headline metric
+    zero_shot: TaskScores | None  # the untuned backbone's (None: not evaluated; {} in the file)
+    tuned: TaskScores | None  # the tuned prompt's (None: the task has no eval examples)
+
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind,
+            "metric": self.metric,
+            "zero_shot": self.zero_shot.to_json() if self.zero_shot else {},
+            "tuned": self.tuned.to_json() if self.tuned else {},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> TaskSummary:
+        scores = TaskScores.from_json
+        return cls(data["kind"], data["metric"], scores(data["zero_shot"]), scores(data["tuned"]))
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports: its shape, throughput, every evaluation, each task's scores."""
+
+    name: str  # the job's name (its run directory's)
+    backbone: str  # model.name as the job gave it
+    steps: int  # optimiser steps applied
+    world_size: int  # ranks that trained
+    num_virtual_tokens: int
+    tokens_per_s: float  # mean training throughput over the logged steps
+    tasks: dict[str, TaskSummary]  # the tasks this run trained
+    config: dict  # the job config (`to_dict`); `from_dict(JobConfig, ...)` reads it
+    prompt_method: str = "independent"  # absent before prompt methods
+    # tasks of prompt.init_from, re-published unchanged (not trained, not re-evaluated)
+    carried_tasks: list[str] = field(default_factory=list)
+    evals: list[EvalPoint] = field(default_factory=list)  # every evaluation's scores, by step
+    search: dict | None = None  # per task, the in-batch search's variants and choice (search only)
+    search_scoring_s: float | None = None  # wall time spent scoring variants since (re)start (search only)
+
+    def to_json(self) -> dict:
+        """The dict `summary.json` holds, keys in the order the file has always had them."""
+        out = {
+            "name": self.name,
+            "backbone": self.backbone,
+            "steps": self.steps,
+            "world_size": self.world_size,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "prompt_method": self.prompt_method,
+            "carried_tasks": self.carried_tasks,
+            "tokens_per_s": self.tokens_per_s,
+            "evals": [asdict(e) for e in self.evals],
+            "tasks": {n: t.to_json() for n, t in self.tasks.items()},
+            "config": self.config,
+        }
+        if self.search is not None:
+            out["search"] = self.search
+        if self.search_scoring_s is not None:
+            out["search_scoring_s"] = self.search_scoring_s
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunSummary:
+        """Raises KeyError, TypeError or AttributeError where `data` is not a run summary."""
+        return cls(
+            name=data["name"],
+            backbone=data["backbone"],
+            steps=data["steps"],
+            world_size=data["world_size"],
+            num_virtual_tokens=data["num_virtual_tokens"],
+            tokens_per_s=data["tokens_per_s"],
+            tasks={n: TaskSummary.from_json(t) for n, t in data["tasks"].items()},
+            config=dict(data["config"]),
+            prompt_method=data.get("prompt_method", "independent"),
+            carried_tasks=list(data.get("carried_tasks", [])),
+            evals=[EvalPoint(**e) for e in data.get("evals", [])],
+            search=data.get("search"),
+            search_scoring_s=data.get("search_scoring_s"),
+        )
+
+    def tuned_scores(self) -> dict[str, float]:
+        """Each task's headline tuned score (0 where it has none)."""
+        return {n: t.tuned.score if t.tuned else 0.0 for n, t in self.tasks.items()}
+
+    def __getitem__(self, key: str) -> Any:
+        """The JSON value under `key` (`summary["steps"]`), for code that reads the file's dict."""
+        return self.to_json()[key]
+
+
+def read_summary(run_dir: str | os.PathLike) -> RunSummary:
+    """The summary a finished run wrote into `run_dir`.
+
+    Raises OSError (no file), ValueError (not JSON), KeyError, TypeError or AttributeError (not a summary).
+    """
+    return RunSummary.from_json(json.loads((Path(run_dir) / SUMMARY_FILE).read_text()))
+
+
+def render_table(rows: Iterable[tuple[str, str, float | None, float]]) -> str:
+    """A Markdown table of (task, metric, zero-shot score or None: not evaluated, tuned score)."""
+    lines = ["| task | metric | zero-shot | tuned |", "|---|---|---:|---:|"]
+    for name, metric, zero, tuned in rows:
+        lines.append(f"| {name} | {metric} | {'' if zero is None else f'{zero:.4f}'} | {tuned:.4f} |")
+    return "\n".join(lines)
+
+
+def summary_table(summary: RunSummary) -> str:
+    """`render_table` of the run's tasks: tuned beside zero-shot."""
+    return render_table(
+        (n, t.metric, t.zero_shot.score if t.zero_shot else None, t.tuned.score if t.tuned else 0.0)
+        for n, t in summary.tasks.items()
+    )
+
+
+def render_report(summary: RunSummary) -> str:
+    """`report.md`: the run's shape, the score table, per-label tables, and the search's report."""
+    parts = [
+        f"# Run `{summary.name}`",
+        "",
+        f"Backbone `{summary.backbone}`, {summary.steps} steps on {summary.world_size} rank(s), "
+        f"{summary.num_virtual_tokens} virtual tokens per task, {summary.tokens_per_s:.0f} tokens/s.",
+        "",
+        summary_table(summary),
+        "",
+    ]
+    for name, t in summary.tasks.items():
+        per = t.tuned.per_label if t.tuned else None
+        if per:
+            parts += [
+                f"## {name}: per-label (tuned)",
+                "",
+                "| label | precision | recall | F1 | support |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            parts += [
+                f"| {lab} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+                for lab, v in per.items()
+            ]
+            parts.append("")
+    if summary.search:
+        parts.append(render_search_report(summary.search))
+    return "\n".join(parts)

@@ -1,0 +1,62 @@
+"""Classification: a label per example, written as its verbaliser words; scored by ranking the labels.
+
+Training teaches the words of the gold label (`verbaliser`: label -> words). Evaluation scores every
+label's words after the input and predicts the most likely label, so it needs one forward per
+example (`tuner.evaluate.score_labels`), and reports accuracy, macro-F1 and a per-label table.
+Serving can complete with such a task and classify with it (`/v1/classify`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tuner.config import ConfigError
+from tuner.evaluate import TaskScores, classification_metrics, score_labels
+from tuner.tasks.kinds.base import CLASSIFY, COMPLETE, EvalSetup, TaskKind
+
+if TYPE_CHECKING:
+    from tuner.tasks.data import TaskData
+    from tuner.tasks.spec import TaskSpec
+
+
+class Classification(TaskKind):
+    name = "classification"
+    metrics = ("accuracy", "macro_f1")
+    serves = frozenset({COMPLETE, CLASSIFY})
+    label_scored = True
+    eos_target = False  # a label's words are the whole answer; the scored positions are fixed
+
+    def check_spec(self, spec: TaskSpec) -> None:
+        if len(spec.verbaliser) < 2:
+            raise ConfigError(f"task {spec.name}: a classification task needs a verbaliser with >= 2 labels")
+        words = list(spec.verbaliser.values())
+        if not all(w.strip() for w in words):
+            raise ConfigError(f"task {spec.name}: every verbaliser word must be non-empty")
+        if len(set(words)) < len(words):
+            same = next(w for w in words if words.count(w) > 1)
+            raise ConfigError(
+                f"task {spec.name}: two labels have the verbaliser word {same!r} (one could never be predicted)"
+            )
+
+    def required_fields(self, spec: TaskSpec, split: str) -> list[str]:
+        return [spec.label_field]
+
+    def target_text(self, spec: TaskSpec, row: dict[str, Any]) -> tuple[str, str | None]:
+        if spec.label_field not in row:
+            raise ConfigError(f"task {spec.name}: label field {spec.label_field!r} not in the data")
+        label = str(row[spec.label_field]).strip()
+        if label not in spec.verbaliser:
+            raise ConfigError(f"task {spec.name}: label {label!r} has no verbaliser entry")
+        return spec.verbaliser[label], label
+
+    def evaluate(self, setup: EvalSetup, data: TaskData, prompt: torch.Tensor | None) -> TaskScores:
+        spec = data.spec
+        s = setup
+        scores = score_labels(
+            s.lm, s.tokenizer, data.eval, spec.verbaliser, prompt, s.max_len, s.batch_size, s.device
+        )
+        pred = [max(s, key=s.get) for s in scores]
+        gold = [e.label for e in data.eval]
+        return TaskScores.of(spec.metric, classification_metrics(gold, pred, spec.labels))
