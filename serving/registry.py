@@ -34,6 +34,7 @@ from tuner.schema import ConfigError, validate_name
 log = logging.getLogger(__name__)
 
 Fingerprint = tuple[tuple[int, int, int], ...]  # (inode, mtime_ns, size) of each adapter file
+_LOAD_ATTEMPTS = 5  # a scanned version pruned before it is loaded: scan the entry again
 
 
 @dataclass(frozen=True)
@@ -167,50 +168,69 @@ class PromptRegistry:
                 validate_name("task name", child.name)
             except ConfigError:
                 continue
-            try:
-                task_dir = self._task_dir(child, root)
-                if task_dir is None:
-                    continue  # a plain file: not a task
-                fp = _fingerprint(task_dir, self.allow_symlinks)
-            except (OSError, ValueError) as e:
-                found[child.name] = str(e) or type(e).__name__
-                continue
-            # A required file is missing: a copy in progress. Not an error, but not loadable yet.
-            found[child.name] = (fp, task_dir) if fp is not None else "incomplete (a file is missing)"
+            item = self._entry(child.path, root)
+            if item is not None:  # None: a plain file, not a task
+                found[child.name] = item
         return found
 
-    def _task_dir(self, child: os.DirEntry, root: str) -> Path | None:
+    def _entry(self, path: str, root: str) -> tuple[Fingerprint, Path] | str | None:
+        """A store entry's (fingerprint, real directory), why it cannot be read, or None if it is
+        not a directory."""
+        try:
+            task_dir = self._task_dir(path, root)
+            if task_dir is None:
+                return None
+            fp = _fingerprint(task_dir, self.allow_symlinks)
+        except (OSError, ValueError) as e:
+            return str(e) or type(e).__name__
+        # A required file is missing: a copy in progress. Not an error, but not loadable yet.
+        return (fp, task_dir) if fp is not None else "incomplete (a file is missing)"
+
+    def _task_dir(self, path: str, root: str) -> Path | None:
         """The real directory of a store entry; a symlink must stay inside the store unless allowed."""
-        if child.is_symlink():
-            target = os.path.realpath(child.path, strict=True)  # raises on a loop or a dangling link
+        if os.path.islink(path):
+            target = os.path.realpath(path, strict=True)  # raises on a loop or a dangling link
             if not self.allow_symlinks and os.path.commonpath([root, target]) != root:
                 raise ValueError("a symlink leading out of the prompt store (not allowed by the config)")
-            path = Path(target)
-        else:
-            path = Path(child.path)
-        return path if path.is_dir() else None
+            return Path(target) if os.path.isdir(target) else None
+        return Path(path) if os.path.isdir(path) else None
 
     def _load(self, name: str, path: Path, fp: Fingerprint) -> TaskEntry | None:
-        try:
-            adapter = load_adapter(path, name)
-            if adapter.backbone not in self.backbone_names:
-                raise ValueError(
-                    f"adapter is for backbone {adapter.backbone!r}, this server runs "
-                    f"{sorted(self.backbone_names)[0]!r}"
-                )
-            if adapter.prompt.shape[1] != self.hidden_size or adapter.prompt.shape[0] < 1:
-                raise ValueError(
-                    f"prompt shape {tuple(adapter.prompt.shape)} does not fit hidden size {self.hidden_size}"
-                )
-            if self.max_virtual_tokens is not None and adapter.prompt.shape[0] > self.max_virtual_tokens:
-                raise ValueError(
-                    f"{adapter.prompt.shape[0]} virtual tokens leave no room for a request in the "
-                    f"backbone's context (at most {self.max_virtual_tokens})"
-                )
-        except Exception as e:  # any unreadable adapter (bad JSON, truncated safetensors...) is skipped
-            self._rejected[name] = fp
-            self._problem(name, str(e) or type(e).__name__)
-            return None
+        """The task entry of the version scanned as (`fp`, `path`); None if it cannot be served.
+
+        Two publishes between the scan and the load prune the scanned version: then the entry is
+        scanned again (every check of the scan included) and the version now published is loaded.
+        """
+        for _ in range(_LOAD_ATTEMPTS):
+            try:
+                return self._checked(name, path, fp)
+            except Exception as e:  # any unreadable adapter (bad JSON, truncated safetensors...) is skipped
+                error, failed = e, fp
+            again = self._entry(str(self.root / name), os.path.realpath(self.root))
+            if not isinstance(again, tuple) or again[1] == path:
+                break  # not replaced meanwhile: this version itself cannot be served
+            fp, path = again
+        self._rejected[name] = failed
+        self._problem(name, str(error) or type(error).__name__)
+        return None
+
+    def _checked(self, name: str, path: Path, fp: Fingerprint) -> TaskEntry:
+        """Load the adapter at `path`; ValueError (or the reader's error) unless it fits this server."""
+        adapter = load_adapter(path, name)
+        if adapter.backbone not in self.backbone_names:
+            raise ValueError(
+                f"adapter is for backbone {adapter.backbone!r}, this server runs "
+                f"{sorted(self.backbone_names)[0]!r}"
+            )
+        if adapter.prompt.shape[1] != self.hidden_size or adapter.prompt.shape[0] < 1:
+            raise ValueError(
+                f"prompt shape {tuple(adapter.prompt.shape)} does not fit hidden size {self.hidden_size}"
+            )
+        if self.max_virtual_tokens is not None and adapter.prompt.shape[0] > self.max_virtual_tokens:
+            raise ValueError(
+                f"{adapter.prompt.shape[0]} virtual tokens leave no room for a request in the "
+                f"backbone's context (at most {self.max_virtual_tokens})"
+            )
         return TaskEntry(name, adapter.prompt.float(), adapter.meta, fp, str(path))
 
 

@@ -13,7 +13,9 @@ Publishing is atomic: each save writes a new version directory `root/.versions/<
 and then flips ONE pointer, the relative symlink `root/<name>`, with a single `os.replace`. A
 reader (the serving registry, a hot reload) sees the old version or the new one, complete, and the
 task never disappears in between. The previous version is kept (a reader may still be loading it);
-older ones are deleted.
+older ones are deleted. `load_adapter` resolves the pointer once and opens every file of that one
+version before reading any: an open file outlives its deletion, and a version deleted before its
+files were opened is given up for the one now published, so a reader gets one whole version.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ import shutil
 import stat
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors.torch import load, save_file
@@ -41,6 +45,8 @@ TASK_META = "promptfleet_task.json"
 VERSIONS = ".versions"  # hidden: the registry never mistakes it for a task
 MAX_JSON_BYTES = 16 << 20  # adapter_config.json / promptfleet_task.json (a prefix holds demonstrations)
 MAX_WEIGHTS_BYTES = 1 << 30  # e.g. 2,048 virtual tokens x 16,384 wide in fp32 is 128 MiB
+_LIMITS = {ADAPTER_CONFIG: MAX_JSON_BYTES, ADAPTER_WEIGHTS: MAX_WEIGHTS_BYTES, TASK_META: MAX_JSON_BYTES}
+_OPEN_ATTEMPTS = 5  # a reader whose resolved version is pruned under it resolves the pointer again
 
 
 @dataclass
@@ -251,12 +257,13 @@ def load_adapter(task_dir: str | os.PathLike, name: str | None = None) -> TaskAd
         name: the task's name; defaults to the directory's name.
     """
     name = validate_name("task name", name if name is not None else Path(task_dir).name)
-    # Resolve the published pointer once: every file then comes from the same version.
-    d = Path(os.path.realpath(task_dir))
-    weights = _read_regular(d / ADAPTER_WEIGHTS, MAX_WEIGHTS_BYTES)
-    if weights is None:
-        raise FileNotFoundError(f"{d}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
-    cfg = json.loads(_read_regular(d / ADAPTER_CONFIG, MAX_JSON_BYTES) or b"null")
+    with ExitStack() as files:
+        d, opened = _open_version(task_dir, files)
+        weights = _read_open(opened, ADAPTER_WEIGHTS)
+        if weights is None:
+            raise FileNotFoundError(f"{d}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
+        cfg = json.loads(_read_open(opened, ADAPTER_CONFIG) or b"null")
+        meta = _read_open(opened, TASK_META)
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "PROMPT_TUNING":
         peft_type = cfg.get("peft_type") if isinstance(cfg, dict) else None
         raise ValueError(f"{d}: peft_type {peft_type!r} is not PROMPT_TUNING")
@@ -270,20 +277,56 @@ def load_adapter(task_dir: str | os.PathLike, name: str | None = None) -> TaskAd
         )
     if not prompt.is_floating_point() or not torch.isfinite(prompt).all():
         raise ValueError(f"{d}: prompt_embeddings holds non-finite (or non-float) values")
-    meta = _read_regular(d / TASK_META, MAX_JSON_BYTES)
     meta = TaskMeta.from_dict(json.loads(meta) if meta is not None else {})
     return TaskAdapter(name, prompt, cfg.get("base_model_name_or_path") or "", meta)
 
 
-def _read_regular(path: Path, limit: int) -> bytes | None:
-    """The bytes of `path`, or None if it does not exist; ValueError unless it is a regular file of at
-    most `limit` bytes. Opened non-blocking and checked on the open descriptor: a FIFO or device
-    swapped in would otherwise block the reader (the serving engine's thread) or never end."""
+def _resolve_version(task_dir: str | os.PathLike) -> Path:
+    """The directory `task_dir` names now: the version `root/<name>` points to, or itself."""
+    return Path(os.path.realpath(task_dir))
+
+
+def _open_version(task_dir: str | os.PathLike, files: ExitStack) -> tuple[Path, dict[str, BinaryIO | None]]:
+    """Resolve the published pointer once and open every adapter file of that one version (None
+    for a missing one); `files` closes them.
+
+    An open file stays readable after it is unlinked, so once opened a version cannot be lost. Two
+    publishes between resolving and opening prune the resolved version (only the live one and the
+    one before are kept): then the pointer has moved on, and the new version is opened instead.
+    """
+    for _ in range(_OPEN_ATTEMPTS):
+        d = _resolve_version(task_dir)
+        attempt = ExitStack()
+        files.enter_context(attempt)
+        opened = {}
+        for fname, limit in _LIMITS.items():
+            opened[fname] = _open_regular(d / fname, limit)
+            if opened[fname] is not None:
+                attempt.enter_context(opened[fname])
+        if all(f is not None for f in opened.values()) or _resolve_version(task_dir) == d:
+            if not d.is_dir():  # a dangling pointer (or path), not a race: it will not come back
+                link = os.path.islink(task_dir)
+                raise FileNotFoundError(
+                    f"{task_dir} points to {d}, which does not exist" if link else f"{d} does not exist"
+                )
+            return d, opened
+        attempt.close()  # this version was replaced and pruned meanwhile: open the one now published
+    raise FileNotFoundError(
+        f"{task_dir}: each of the last {_OPEN_ATTEMPTS} versions it pointed to was deleted before "
+        "its files could be opened (published faster than it can be read?)"
+    )
+
+
+def _open_regular(path: Path, limit: int) -> BinaryIO | None:
+    """`path` opened, or None if it does not exist; ValueError unless it is a regular file of at most
+    `limit` bytes. Opened non-blocking and checked on the open descriptor: a FIFO or device swapped
+    in would otherwise block the reader (the serving engine's thread) or never end."""
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         return None
-    with os.fdopen(fd, "rb") as f:
+    f = os.fdopen(fd, "rb")
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{path.name} is not a regular file")
@@ -291,7 +334,18 @@ def _read_regular(path: Path, limit: int) -> bytes | None:
             raise ValueError(
                 f"{path.name} has {st.st_size} bytes, more than the {limit} an adapter file may have"
             )
-        data = f.read(limit + 1)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def _read_open(opened: dict[str, BinaryIO | None], fname: str) -> bytes | None:
+    """The bytes of the adapter file `fname` as `_open_version` opened it (None: it is missing)."""
+    if opened[fname] is None:
+        return None
+    limit = _LIMITS[fname]
+    data = opened[fname].read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"{path.name} grew past {limit} bytes while it was read")
+        raise ValueError(f"{fname} grew past {limit} bytes while it was read")
     return data

@@ -280,3 +280,52 @@ def test_multi_field_input_that_json_cannot_hold_as_text_is_a_400():
     with pytest.raises(InvalidRequest, match="premise, hypothesis"):
         format_prompt(two, deep)
     assert format_prompt(two, '{"premise": "\\u00e9", "hypothesis": "b"}') == "é / b"
+
+
+def test_a_version_replaced_twice_while_a_reader_opens_it_is_read_whole(tmp_path, monkeypatch):
+    """Issue 34: a reader resolved `a` to version N, two publishes then pruned N before the reader
+    opened its files (FileNotFoundError on a loaded machine). The race is injected here: right
+    after the reader resolves the link, versions P=3 and P=4 are published."""
+    import tuner.export
+
+    save(tmp_path, "a", P=2)
+    resolve, published = tuner.export._resolve_version, []
+
+    def resolve_then_publish_twice(task_dir):
+        version = resolve(task_dir)
+        if not published:
+            published.append(version)
+            save(tmp_path, "a", P=3)
+            save(tmp_path, "a", P=4)  # prunes the version just resolved
+            assert not version.exists()
+        return version
+
+    monkeypatch.setattr(tuner.export, "_resolve_version", resolve_then_publish_twice)
+    adapter = load_adapter(tmp_path / "a")
+    assert published and adapter.prompt.shape == (4, HIDDEN)  # config and weights of one version
+    assert adapter.meta.kind == "generation"
+
+
+def test_the_registry_loads_the_newest_version_when_the_scanned_one_is_pruned(tmp_path, monkeypatch, caplog):
+    """The registry's side of the same race: it fingerprinted version N, then N was pruned before
+    it loaded it. It used to log the task as broken (and not serve a new task) until the next scan."""
+    import serving.registry
+
+    save(tmp_path, "a", P=2)
+    fingerprint, published = serving.registry._fingerprint, []
+
+    def fingerprint_then_publish_twice(task_dir, allow_symlinks):
+        fp = fingerprint(task_dir, allow_symlinks)
+        if not published:
+            published.append(task_dir)
+            save(tmp_path, "a", P=3)
+            save(tmp_path, "a", P=4)
+        return fp
+
+    monkeypatch.setattr(serving.registry, "_fingerprint", fingerprint_then_publish_twice)
+    reg = PromptRegistry(tmp_path, {"tiny"}, HIDDEN)
+    with caplog.at_level(logging.WARNING, logger="serving.registry"):
+        assert reg.refresh().added == ["a"]
+    assert published and reg.get("a").num_virtual_tokens == 4 and not caplog.records
+    assert reg.get("a").path == str((tmp_path / "a").resolve())
+    assert not reg.refresh()  # its fingerprint is the newest version's: nothing to reload
