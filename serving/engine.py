@@ -266,22 +266,24 @@ class Engine:
     def stats(self) -> EngineStats:
         """Engine gauges and counters, and each tenant's share (`EngineStats.tenants`)."""
         pc = self.runner.prefix_cache.stats
-        with self._lock:
-            return EngineStats(
-                queue_depth=self.scheduler.num_waiting,
-                running=len(self.scheduler.running),
-                last_batch_size=self.scheduler.last_batch_size,
-                tokens_generated_total=self._tokens_generated_total,
-                prefill_tokens_total=self.runner.prefill_tokens_total,
-                prefix_cache_hits_total=pc.hits,
-                prefix_cache_misses_total=pc.misses,
-                prefix_cache_evictions_total=pc.evictions,
-                prefix_cache_bytes=pc.bytes,
-                requests_finished_total=self._requests_finished_total,
-                requests_failed_total=self._requests_failed_total,
-                tasks=len(self.registry.names()),
-                tenants=self.scheduler.tenant_stats(),
-            )
+        with self._lock:  # the scheduler's numbers only: the registry has its own lock
+            queued, running = self.scheduler.num_waiting, len(self.scheduler.running)
+            tenants = self.scheduler.tenant_stats()
+        return EngineStats(
+            queue_depth=queued,
+            running=running,
+            last_batch_size=self.scheduler.last_batch_size,
+            tokens_generated_total=self._tokens_generated_total,
+            prefill_tokens_total=self.runner.prefill_tokens_total,
+            prefix_cache_hits_total=pc.hits,
+            prefix_cache_misses_total=pc.misses,
+            prefix_cache_evictions_total=pc.evictions,
+            prefix_cache_bytes=pc.bytes,
+            requests_finished_total=self._requests_finished_total,
+            requests_failed_total=self._requests_failed_total,
+            tasks=len(self.registry.names()),
+            tenants=tenants,
+        )
 
     # ------------------------------------------------------------------ validation helpers
     def _check_params(self, p: SamplingParams) -> None:

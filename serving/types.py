@@ -8,10 +8,10 @@ Nothing here imports torch; the scheduler and the API depend only on this module
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 
-from tuner.schema import MAX_SEED
+from tuner.schema import MAX_SEED, ReadByKey
 
 MAX_STOP = 4  # stop sequences a request may carry (OpenAI's limit)
 
@@ -95,16 +95,6 @@ class TenantLimits:
     max_concurrent: int = 0  # requests queued or running at once; more get 429 (`QuotaExceeded`)
     tokens_per_minute: int = 0  # prompt + completion tokens admitted per rolling minute
     weight: float = 1.0  # share of admissions under contention (weighted round-robin across tenants)
-
-
-class ReadByKey:
-    """`record["field"]` reads a field: the engine's stats and task info were dicts before they were
-    typed, and scripts written then read them so. Code in `serving` reads the attributes."""
-
-    def __getitem__(self, key: str):
-        if key not in {f.name for f in fields(self)}:
-            raise KeyError(key)
-        return getattr(self, key)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import BinaryIO
 import torch
 from safetensors.torch import load, save_file
 
-from tuner.config import validate_name
+from tuner.schema import ReadByKey, validate_name
 from tuner.tasks.kinds import kind_of
 from tuner.tasks.templates import check_template, render_input, template_fields
 
@@ -50,7 +50,7 @@ _OPEN_ATTEMPTS = 5  # a reader whose resolved version is pruned under it resolve
 
 
 @dataclass
-class TaskMeta:
+class TaskMeta(ReadByKey):
     """What serving needs of a task beyond its prompt (`promptfleet_task.json`), written by the
     tuner (`from_spec`) and read by serving (`render` gives the model input of a request with the
     same function training used, `tuner.tasks.templates.render_input`)."""
@@ -152,13 +152,6 @@ class TaskMeta:
         except (KeyError, IndexError, ValueError, RecursionError) as e:
             raise ValueError(f"the task's template cannot be filled: {e}") from None
         return rendered
-
-    def __getitem__(self, key: str):
-        """A field by name (`meta["verbaliser"]`), as scripts read the dict this record once was;
-        code in this repository reads the attributes."""
-        if key == "extra" or key not in {f.name for f in fields(self)}:
-            raise KeyError(key)
-        return getattr(self, key)
 
 
 def _positive_int(x) -> bool:

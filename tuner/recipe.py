@@ -59,6 +59,7 @@ from tuner.tasks.data import TaskData
 from tuner.tasks.kinds import evaluate_task, kind_of
 
 if TYPE_CHECKING:
+    from tuner.evaluate import TaskScores
     from tuner.search.driver import SearchDriver
 
 GlobalBatch = list[tuple[str, int]]  # (task, example index in its train split), as the sampler draws
@@ -404,10 +405,8 @@ class MultiTaskPromptTuningRecipe:
             new = self.optimizer.step(
                 names, task_params.detach(), task_params.grad, hp.lr, hp.weight_decay, hp.grad_clip
             )
-        else:
-            new = self.optimizer.step(
-                names, task_params.detach(), task_params.grad, lr=lr
-            )  # on the bank's device
+        else:  # on the bank's device
+            new = self.optimizer.step(names, task_params.detach(), task_params.grad, lr=lr)
         self.bank.scatter_(plan.rows, new)
         if shared is not None and shared.requires_grad:
             allreduce_rows_grad(shared)  # the sum over ranks of the sum over tasks
@@ -416,7 +415,7 @@ class MultiTaskPromptTuningRecipe:
 
     # ------------------------------------------------------------------------------------ eval
 
-    def _evaluate(self, tuned: bool) -> dict[str, dict]:
+    def _evaluate(self, tuned: bool) -> dict[str, TaskScores | None]:
         out = {}
         for name, data in self.tasks.items():
             prompt = self.prompt(self.prompt_row(name)).to(self.device) if tuned else None
@@ -426,8 +425,8 @@ class MultiTaskPromptTuningRecipe:
         return out
 
     @staticmethod
-    def _scores(results: dict[str, dict]) -> dict[str, float]:
-        return {n: r["score"] for n, r in results.items() if r}
+    def _scores(results: dict[str, TaskScores | None]) -> dict[str, float]:
+        return {n: r.score for n, r in results.items() if r is not None}
 
     def _record_eval(self, point: EvalPoint) -> None:
         self.history.evals.append(point)

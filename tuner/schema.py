@@ -44,6 +44,17 @@ def one_line(e: BaseException) -> str:
     return text if isinstance(inner, ConfigError) else f"{type(inner).__name__}: {text}"
 
 
+class ReadByKey:
+    """`record["field"]` reads a dataclass's field: records that were dicts before they were typed
+    (a task's metadata, the engine's stats and task info) stay readable as scripts written then read
+    them. Code in this repository reads the attributes."""
+
+    def __getitem__(self, key: str):
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
 def documented(default: Any, doc: str, **kw: Any) -> Any:
     """A dataclass field with `default` (a list or dict is copied per instance) and its one-line `doc`."""
     if isinstance(default, (list, dict)):
