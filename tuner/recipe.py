@@ -485,7 +485,8 @@ class MultiTaskPromptTuningRecipe:
             summary.search_scoring_s = self.search_driver.scoring_s  # since this process started (or resumed)
         if self.is_main:
             for name, data in self.tasks.items():
-                meta = TaskMeta.from_spec(data.spec, data.prefix, final[name].get("score"))
+                score = final[name].score if final[name] is not None else None  # None: no eval split
+                meta = TaskMeta.from_spec(data.spec, data.prefix, score)
                 adapter = TaskAdapter(name, self.prompt(self.prompt_row(name)), self.cfg.model.name, meta)
                 save_adapter(self.run_dir / "adapters", adapter, self.lm.backbone.config)
             if self.source:

@@ -239,3 +239,20 @@ def test_a_backbone_stored_as_a_pickle_is_never_unpickled(tmp_path):
     torch.save(model.state_dict(), path / "pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors"):
         load_backbone(str(tmp_path / "pickled"))
+
+
+def test_a_task_without_an_eval_split_trains_and_exports(tmp_path, tiny_backbone_dir):
+    """A task with no eval file has no scores: the run still finishes, its summary records `{}` and its
+    adapter carries no score (the evaluation's `None`, not a crash at export)."""
+    tasks = write_tiny_tasks(tmp_path, n_train=8)
+    spec = tasks[0].read_text()
+    tasks[0].write_text(re.sub(r", eval: \w+_eval\.jsonl", "", spec))
+    job = tiny_job_yaml(tmp_path, tiny_backbone_dir, tasks, **{"optim.max_steps": 2, "eval_zero_shot": True})
+    summary = run(load_job_config(job, ["cluster.num_workers=1"]))
+    assert summary.tasks["pos_neg"].tuned is None and summary.tasks["colors"].tuned is not None
+    meta = json.loads(
+        (tmp_path / "runs" / summary.name / "adapters" / "pos_neg" / "promptfleet_task.json").read_text()
+    )
+    assert meta["score"] is None
+    written = json.loads((tmp_path / "runs" / summary.name / "summary.json").read_text())
+    assert written["tasks"]["pos_neg"]["tuned"] == {} and written["tasks"]["pos_neg"]["zero_shot"] == {}
