@@ -7,6 +7,7 @@
     GET  /health               liveness, no key
     GET  /metrics              Prometheus: a tenant with `metrics: true` sees every series; with
                                `api.metrics_public` anyone sees a page without task or tenant names
+    HEAD on every GET route answers as GET would, without the body (`serving.middleware.HeadAsGet`).
 
 Every error is JSON `{"error": {message, type, param, code}}`. A task the caller may not use, a name
 that is not a valid task name (`../x`, `a/b`) and a task that does not exist get the same 404, and a
@@ -38,7 +39,15 @@ from serving import protocol
 from serving.auth import KeyRing, Tenant, load_keyring
 from serving.config import ServerConfig
 from serving.metrics import NO_TASK, ApiMetrics
-from serving.middleware import INTERNAL_ERROR, RecordRequests, RequireApiKey, error_response, public_message
+from serving.middleware import (
+    INTERNAL_ERROR,
+    HeadAsGet,
+    LimitRequestsInFlight,
+    RecordRequests,
+    RequireApiKey,
+    error_response,
+    public_message,
+)
 from serving.protocol import UNSUPPORTED_ERROR, ChatBody, ClassifyBody, CompletionBody
 from serving.types import (
     GenerationRequest,
@@ -94,6 +103,12 @@ def create_app(
     app.state.serving = Serving(engine, config, metrics)
     app.include_router(router)
     public = {"/health"} | ({"/metrics"} if config.api.metrics_public else set())
+    app.add_middleware(HeadAsGet)  # innermost: routes see GET, the server still sends no body
+    app.add_middleware(  # counts requests whose key and body are in
+        LimitRequestsInFlight,
+        max_in_flight=config.api.max_requests_in_flight,
+        uncounted=frozenset({"/health"}),
+    )
     app.add_middleware(
         RequireApiKey,
         keyring=keyring,
@@ -101,6 +116,8 @@ def create_app(
         max_body_bytes=config.api.max_body_bytes,
         body_timeout_s=config.api.body_timeout_s,
         body_deadline_s=config.api.body_deadline_s,
+        reload_interval_s=config.engine.reload_interval_s,  # the tenants file reloads like the prompt store
+        on_keys_reloaded=lambda ring: engine.set_tenant_limits(ring.tenant_limits()),
     )
     app.add_middleware(RecordRequests, metrics=metrics)  # outermost: also counts 401s
     app.add_exception_handler(ServingError, _serving_error)

@@ -12,7 +12,14 @@ The tenants file stores only SHA-256 hex digests of keys, never the keys:
         metrics: false                # true: this tenant's keys may read /metrics (an operator)
 
 A presented key is hashed and compared against every stored digest with `hmac.compare_digest`
-(no early exit), so timing says nothing about which digest matched or how much of it. This module
+(no early exit), so timing says nothing about which digest matched or how much of it.
+
+The file is re-read while the server runs, like the prompt store: `KeyRing.reload_if_changed`
+(called by `serving.middleware.RequireApiKey` before it checks a key) stats it at most once per
+interval and reloads it when its inode, mtime or size changed, so a removed key stops working and
+changed limits apply within that interval. A file that no longer reads or parses keeps the last good
+keys, with one warning per distinct problem. Replace the file atomically (write, then rename; a
+Kubernetes Secret volume does) so a half-written copy is never read. This module
 does not know about HTTP status codes or tasks that exist; `serving.api` turns a failed lookup
 into 401 and a forbidden task into the same 404 as a missing one.
 """
@@ -22,7 +29,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +86,19 @@ def load_keyring(auth: str) -> KeyRing:
 class KeyRing:
     """Maps bearer keys to tenants. `KeyRing.disabled()` lets every caller in as `ANONYMOUS`."""
 
-    def __init__(self, digests: list[tuple[str, Tenant]], enabled: bool = True):
+    def __init__(
+        self,
+        digests: list[tuple[str, Tenant]],
+        enabled: bool = True,
+        source: Path | None = None,
+        stamp: tuple[int, int, int] | None = None,
+    ):
         self._digests = digests
         self.enabled = enabled
+        self.source = source  # the tenants file `reload_if_changed` watches (None: fixed keys)
+        self._stamp = stamp  # `_stamp(source)` taken before `digests` were read from it
+        self._next_check = 0.0
+        self._problem: str | None = None  # the last reload problem logged, so each is logged once
 
     @classmethod
     def disabled(cls) -> KeyRing:
@@ -91,29 +110,35 @@ class KeyRing:
 
     @classmethod
     def from_file(cls, path: str | Path) -> KeyRing:
-        data = read_yaml(path)
-        unknown = sorted(set(data) - {"tenants"})
-        if unknown or not isinstance(data.get("tenants"), dict) or not data["tenants"]:
-            raise ConfigError(
-                f"{path}: expected one top-level key `tenants` mapping tenant names to "
-                f"{{key_sha256: [...], tasks: [...] or '*'}}"
-            )
-        digests: list[tuple[str, Tenant]] = []
-        seen: set[str] = set()
-        for name, entry in data["tenants"].items():
-            tenant = _parse_tenant(path, str(name), entry)
-            for digest in entry["key_sha256"]:
-                digest = str(digest).strip().lower()
-                if not _HEX64.fullmatch(digest):
-                    raise ConfigError(
-                        f"{path}: tenant {name!r}: {digest[:12]!r}... is not a SHA-256 hex digest "
-                        f"(store hashlib.sha256(key).hexdigest(), never the key)"
-                    )
-                if digest in seen:
-                    raise ConfigError(f"{path}: the same key digest appears twice (tenant {name!r})")
-                seen.add(digest)
-                digests.append((digest, tenant))
-        return cls(digests)
+        stamp = _stamp(Path(path))  # before reading: a change while it is read is seen next time
+        return cls(_read_digests(path), source=Path(path), stamp=stamp)
+
+    def reload_if_changed(self, interval_s: float, now: float | None = None) -> bool:
+        """Re-read the tenants file if it changed, looking (one stat) at most every `interval_s`.
+
+        Returns True when new keys replaced the old ones (the caller pushes `tenant_limits()` to the
+        engine). A file that is missing, unreadable or invalid keeps the current keys and is logged
+        once per distinct problem; it is read again when it changes again.
+        """
+        now = time.monotonic() if now is None else now
+        if self.source is None or now < self._next_check:
+            return False
+        self._next_check = now + interval_s
+        stamp = _stamp(self.source)
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            digests = _read_digests(self.source)
+        except (ConfigError, OSError) as err:
+            problem = str(err) if isinstance(err, ConfigError) else f"{self.source}: {err.strerror or err}"
+            if problem != self._problem:
+                log.warning("tenants file not reloaded, keeping the last good keys: %s", problem)
+                self._problem = problem
+            return False
+        self._digests, self._problem = digests, None
+        log.info("tenants file reloaded: %d tenants", len({t.name for _, t in digests}))
+        return True
 
     def tenant_limits(self) -> dict[str, TenantLimits]:
         """Each tenant's limits by name, for `Engine.set_tenant_limits`."""
@@ -141,6 +166,42 @@ class KeyRing:
         if not _bearer_key(authorization):
             raise Unauthorized("Missing API key: send it as `Authorization: Bearer <key>`.")
         raise Unauthorized("Invalid API key.")
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file: (inode, mtime, size), following symlinks; None if it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _read_digests(path: str | Path) -> list[tuple[str, Tenant]]:
+    """Every (key digest, tenant) of a tenants file; a problem is a ConfigError naming the file."""
+    data = read_yaml(path)
+    unknown = sorted(set(data) - {"tenants"})
+    if unknown or not isinstance(data.get("tenants"), dict) or not data["tenants"]:
+        raise ConfigError(
+            f"{path}: expected one top-level key `tenants` mapping tenant names to "
+            f"{{key_sha256: [...], tasks: [...] or '*'}}"
+        )
+    digests: list[tuple[str, Tenant]] = []
+    seen: set[str] = set()
+    for name, entry in data["tenants"].items():
+        tenant = _parse_tenant(path, str(name), entry)
+        for digest in entry["key_sha256"]:
+            digest = str(digest).strip().lower()
+            if not _HEX64.fullmatch(digest):
+                raise ConfigError(
+                    f"{path}: tenant {name!r}: {digest[:12]!r}... is not a SHA-256 hex digest "
+                    f"(store hashlib.sha256(key).hexdigest(), never the key)"
+                )
+            if digest in seen:
+                raise ConfigError(f"{path}: the same key digest appears twice (tenant {name!r})")
+            seen.add(digest)
+            digests.append((digest, tenant))
+    return digests
 
 
 def _parse_tenant(path, name: str, entry) -> Tenant:

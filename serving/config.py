@@ -54,7 +54,14 @@ class EngineConfig:
         2.0, "How often the prompt store is rescanned for new or changed tasks."
     )
     request_timeout_s: float = documented(60.0, "A request older than this ends with RequestTimeout (503).")
-    max_step_tokens: int = documented(4096, "Prefill + decode tokens per engine step.")
+    max_step_tokens: int = documented(
+        4096, "Prefill + decode tokens per engine step; longer prompts are prefilled in chunks."
+    )
+    shared_step_tokens: int = documented(
+        512,
+        "The same while more than one tenant has work: bounds how much one tenant's long prompts "
+        "slow every other tenant's steps (0: max_step_tokens).",
+    )
     threads: int = documented(0, "Torch intra-op threads; 0 leaves torch's default (all cores).")
     device: str = documented("cpu", "cpu or cuda (cuda:N for one GPU of several).")
     prompt_store_symlinks: bool = documented(
@@ -82,6 +89,7 @@ class EngineConfig:
             check_positive(f"engine.{name}", getattr(self, name))
         check_non_negative("engine.prefix_cache_bytes", self.prefix_cache_bytes)
         check_non_negative("engine.threads", self.threads)
+        check_non_negative("engine.shared_step_tokens", self.shared_step_tokens)
 
 
 @dataclass
@@ -103,6 +111,9 @@ class ApiConfig:
         32768, "Longest prompt / input in characters, checked before anything is tokenized (400)."
     )
     timeout_keep_alive_s: float = documented(5.0, "An idle keep-alive connection is closed after this.")
+    first_byte_timeout_s: float = documented(
+        2.0, "A new connection that has sent nothing by then is closed (before any key is seen)."
+    )
     header_timeout_s: float = documented(
         10.0, "A connection whose request headers are not complete by then is closed."
     )
@@ -110,17 +121,30 @@ class ApiConfig:
     body_deadline_s: float = documented(
         30.0, "Longest time a whole request body may take after its headers, however it trickles (408)."
     )
+    max_connections: int = documented(
+        0,
+        "Open connections the server holds; 0: as many as its file-descriptor limit allows, less a "
+        "reserve. When full, the connection waiting longest without a request in progress (idle or "
+        "still sending headers) is closed for a new one; 503 only if every one has a request.",
+    )
     max_connections_per_client: int = documented(
         64,
-        "Open connections one client address may hold; more are answered 429 and closed, so one "
-        "client cannot use up limit_concurrency for all. Behind a proxy every client has its address: "
-        "raise it there.",
+        "Open connections one client address may hold; more are answered 429 and closed. 0: no cap. "
+        "Behind an ingress or proxy every client has the proxy's address: set 0 there and let the "
+        "proxy limit each client (k8s/README.md).",
+    )
+    max_requests_in_flight: int = documented(
+        1024,
+        "Complete requests (key checked, body received) handled at once; more get 503 + Retry-After. "
+        "Open connections do not count.",
     )
     write_timeout_s: float = documented(
         30.0, "Longest wait for a slow reader to take the next streamed chunk; then the stream is ended."
     )
     limit_concurrency: int = documented(
-        1024, "Open connections + in-flight requests before the server answers 503 (uvicorn)."
+        0,
+        "Deprecated, 0 = unset: the old uvicorn limit on connections + requests, which let idle "
+        "connections starve requests. A value still loads and sets max_requests_in_flight.",
     )
     default_max_tokens: int = documented(
         16, "max_tokens when a request does not set it (OpenAI's completions default)."
@@ -142,12 +166,27 @@ class ApiConfig:
             "header_timeout_s",
             "body_timeout_s",
             "body_deadline_s",
-            "max_connections_per_client",
+            "first_byte_timeout_s",
             "write_timeout_s",
-            "limit_concurrency",
+            "max_requests_in_flight",
         ):
             check_positive(f"api.{name}", getattr(self, name))
+        for name in ("max_connections", "max_connections_per_client", "limit_concurrency"):
+            check_non_negative(f"api.{name}", getattr(self, name))
         check_choice("api.log_level", self.log_level, ("debug", "info", "warning", "error"))
+        if self.limit_concurrency:
+            if self.max_requests_in_flight not in (1024, self.limit_concurrency):  # both set: ambiguous
+                raise ConfigError(
+                    "api.limit_concurrency is the deprecated name of api.max_requests_in_flight: set only the latter"
+                )
+            import logging  # only here: config.py logs nothing else
+
+            logging.getLogger(__name__).warning(
+                "api.limit_concurrency is deprecated: it now sets api.max_requests_in_flight=%d "
+                "(open connections no longer count; see api.max_connections)",
+                self.limit_concurrency,
+            )
+            self.max_requests_in_flight, self.limit_concurrency = self.limit_concurrency, 0  # mapped once
 
     @property
     def auth_disabled(self) -> bool:

@@ -35,20 +35,23 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.requests)
 
+    @staticmethod
+    def prefill_rows(kv: KVBatch, rows: list[int]) -> KVBatch:
+        """Rows `rows` of a prefill's `kv` (its generation rows; the others were classifications)."""
+        return kv if rows == list(range(kv.rows)) else KVBatch.gather([(kv, rows)], headroom=0)
+
     @classmethod
     def from_prefill(
         cls,
         requests: list[Request],
         samplers: list[RowSampler],
         kv: KVBatch,
-        rows: list[int],
         tokens: torch.Tensor,
         positions: list[int],
     ) -> DecodeBatch:
-        """The generation rows `rows` of a prefill's `kv`, with their first sampled `tokens` (one per
-        request, in `requests` order) at `positions` (each row's task prompt + text length)."""
-        b = cls(requests, samplers, kv, tokens, to_device(positions, tokens.device))
-        return b if rows == list(range(kv.rows)) else b.filter(rows, headroom=0)
+        """A batch of the prefilled `requests` (row i of `kv` is requests[i], see `prefill_rows`), with
+        their first sampled `tokens` at `positions` (each row's task prompt + text length)."""
+        return cls(requests, samplers, kv, tokens, to_device(positions, tokens.device))
 
     def filter(self, rows: list[int], headroom: int) -> DecodeBatch:
         """The batch of rows `rows` (in that order), in a fresh copy of the KV."""

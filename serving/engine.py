@@ -6,14 +6,19 @@ queue full) before it yields anything, queues it, and streams `RequestOutput` in
 (one queue, one token budget, the same tenant limits). Prompts are tokenised off the event loop,
 after a character-length check, so a huge prompt never stalls other requests.
 
-One background thread owns the model: each iteration it reloads the registry when due, expires
-timed-out requests, then runs one model step (decode every running generation; prefill the newly
-admitted generations and classifications, any tasks, in one batch), and feeds the sampled tokens
-to the scheduler and then to the output path (`serving.output`: detokenising, stop strings) outside
-the scheduler's lock. A request whose rows make a forward fail is ended alone with `EngineError`
+One background thread owns the model: each iteration it frees (when due) the prompt KV of the tasks
+the prompt-store loader changed or removed, expires timed-out requests, then runs one model step
+(decode every running generation; prefill the newly admitted generations and classifications, any
+tasks, in one batch), and feeds the sampled tokens to the scheduler and then to the output path
+(`serving.output`: detokenising, stop strings) outside the scheduler's lock. A request whose rows make a forward fail is ended alone with `EngineError`
 (the runner isolates it); the others carry on. Results reach the event loop by `call_soon_threadsafe`.
 The scheduler is shared with the event loop under a lock held only for bookkeeping, never during a
 forward.
+
+The prompt store is rescanned by a second thread, the prompt-store loader, every `reload_interval_s`:
+reading and checking adapters never holds up the engine thread, and only a loaded, checked task is
+swapped into the registry (the first scan runs in the constructor, before the server is ready). A
+task's prefix is tokenised once per version (`serving.task_tokens`), not on every request.
 
 It does not speak HTTP, authenticate, or export metrics (`serving.api` does, from `stats()`, an
 `EngineStats`).
@@ -35,12 +40,15 @@ from serving.output import to_output
 from serving.registry import PromptRegistry, TaskEntry
 from serving.runner import ModelRunner, StepResult
 from serving.scheduler import Request, RequestKind, Scheduler, SchedulerConfig, SchedulerOutput
+from serving.task_tokens import TaskTokenCache, splits_exactly
 from serving.types import (
+    STEP_SECONDS_BUCKETS,
     ClassifyResult,
     EngineError,
     EngineStats,
     FinishReason,
     GenerationRequest,
+    Histogram,
     InvalidRequest,
     PromptTooLong,
     RequestOutput,
@@ -48,6 +56,7 @@ from serving.types import (
     SamplingParams,
     TaskInfo,
     TenantLimits,
+    UnknownTask,
     check_sampling,
 )
 from tuner.export import TaskMeta
@@ -61,6 +70,7 @@ log = logging.getLogger(__name__)
 # English averages ~4 characters per token, so no prompt within the token limit comes near it.
 MAX_CHARS_PER_TOKEN = 32
 STEP_FAILED = "the model failed on this request"  # all a client learns; the detail is logged
+LOADER_JOIN_S = 5.0  # stop() waits this long for a load in progress; the loader ends after it anyway
 
 
 class Engine:
@@ -88,10 +98,14 @@ class Engine:
             self.runner.hidden_size,
             allow_symlinks=config.prompt_store_symlinks,
             max_virtual_tokens=self.runner.max_positions - 1,  # room for one prompt token at least
+            max_text_chars=config.max_prompt_tokens * MAX_CHARS_PER_TOKEN,  # a prompt's longest
         )
-        self.registry.refresh()
+        self.registry.refresh()  # the first scan, before the server is ready; then the loader's
+        self._tokens = TaskTokenCache(self._encode, splits_exactly(tokenizer))
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_batch_size, config.max_queue, config.max_step_tokens)
+            SchedulerConfig(
+                config.max_batch_size, config.max_queue, config.max_step_tokens, config.shared_step_tokens
+            )
         )
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -108,7 +122,11 @@ class Engine:
         self._tokens_generated_total = 0
         self._requests_finished_total = 0
         self._requests_failed_total = 0
-        self._label_ids: dict[tuple, dict[str, list[int]]] = {}
+        self._step_seconds = Histogram(STEP_SECONDS_BUCKETS)
+        self._loader: threading.Thread | None = None  # the prompt-store loader (`_load_store`)
+        self._loader_stop = threading.Event()
+        self._reloaded_lock = threading.Lock()
+        self._reloaded: set[str] = set()  # tasks the loader changed or removed, for the engine thread
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -118,14 +136,23 @@ class Engine:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="promptfleet-engine", daemon=True)
         self._thread.start()
+        self._loader_stop = threading.Event()
+        self._loader = threading.Thread(
+            target=self._load_store, args=(self._loader_stop,), name="prompt-store loader", daemon=True
+        )
+        self._loader.start()
 
     async def stop(self) -> None:
         if self._thread is None:
             return
         self._stopping = True
+        self._loader_stop.set()
         self._wake.set()
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        if self._loader is not None:
+            await asyncio.to_thread(self._loader.join, LOADER_JOIN_S)
+            self._loader = None
         with self._lock:
             left = self.scheduler.abort_all()
             self._requests_finished_total += len(left)
@@ -283,6 +310,7 @@ class Engine:
             requests_failed_total=self._requests_failed_total,
             tasks=len(self.registry.names()),
             tenants=tenants,
+            step_seconds=self._step_seconds.copy(),
         )
 
     # ------------------------------------------------------------------ validation helpers
@@ -307,7 +335,7 @@ class Engine:
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate such as "\ud800": not text a tokenizer takes
             raise InvalidRequest("prompt is not valid Unicode", param="prompt") from None
-        ids = self._encode(render_prompt(entry.meta, text, raw))
+        ids = self._tokens.prompt_ids(entry, render_prompt(entry.meta, text, raw), raw)
         if not ids:
             raise InvalidRequest("prompt is empty", param="prompt")
         if len(ids) > self.config.max_prompt_tokens:
@@ -324,10 +352,7 @@ class Engine:
         return ids
 
     def _labels(self, entry: TaskEntry) -> dict[str, list[int]]:
-        key = (entry.name, entry.version)
-        if key not in self._label_ids:
-            self._label_ids[key] = {lab: self._encode(w) for lab, w in entry.meta.verbaliser.items()}
-        return self._label_ids[key]
+        return self._tokens.label_ids(entry)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -344,13 +369,15 @@ class Engine:
             with self._lock:
                 out = self.scheduler.schedule() if self.scheduler.has_work else SchedulerOutput()
             if out.empty:
-                if self.runner.batch is not None:  # rows of requests that all left: free their KV
+                if self.runner.batch is not None or self.runner.partial:  # all left: free their KV
                     self.runner.reset()
                 self._wake.wait(timeout=min(0.25, self.config.reload_interval_s))
                 self._wake.clear()
                 continue
+            started = time.perf_counter()
             try:
                 result = self.runner.step(out)
+                self._step_seconds.observe(time.perf_counter() - started)  # engine thread only
             except Exception:  # not a forward (the runner isolates those): a bug; the batch is suspect
                 log.exception("engine step failed")
                 self.runner.reset()
@@ -392,13 +419,37 @@ class Engine:
         self._deliver_threadsafe(items + [(o.request_id, o) for o in outputs])
 
     def _reload(self) -> None:
+        """On the engine thread (the prefix KV cache is its own): free the prompt KV of the tasks the
+        prompt-store loader changed or removed since the last call. Never reads the store."""
+        with self._reloaded_lock:
+            stale, self._reloaded = self._reloaded, set()
+        for name in stale:
+            self.runner.prefix_cache.invalidate(name)
+
+    def _load_store(self, stop: threading.Event) -> None:
+        """The prompt-store loader thread: `_refresh_store` every `reload_interval_s` until `stop`."""
+        while not stop.wait(self.config.reload_interval_s):
+            self._refresh_store()
+
+    def _refresh_store(self) -> None:
+        """Rescan the store and load what changed (the registry swaps in checked tasks only), then
+        tokenise the new versions' prefixes and hand the stale names to the engine thread."""
         try:
             changes = self.registry.refresh()
         except Exception as e:  # e.g. the store became unreadable: keep serving what is loaded
             log.warning("prompt registry refresh failed (%s): %s", type(e).__name__, str(e)[:300])
             return
-        for name in (*changes.changed, *changes.removed):
-            self.runner.prefix_cache.invalidate(name)
+        stale = {*changes.changed, *changes.removed}
+        self._tokens.forget(stale)
+        with self._reloaded_lock:
+            self._reloaded |= stale
+        for name in (*changes.added, *changes.changed):
+            try:
+                self._tokens.warm(self.registry.get(name))
+            except UnknownTask:
+                pass  # removed by a refresh since
+            except Exception as e:  # the tokenizer fails on its text: its requests will say so
+                log.warning("tokenising task %s failed (%s): %s", name, type(e).__name__, str(e)[:300])
 
     def _expire(self, now: float) -> None:
         timeout = self.config.request_timeout_s

@@ -16,10 +16,12 @@ import logging
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from serving.types import EngineStats
+from serving.types import Histogram as StatsHistogram
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,21 @@ TENANT_SERIES = {
         "Requests of a tenant refused by its quota (429).",
         "counter",
     ),
+    "preemptions_total": (
+        "promptfleet_tenant_preemptions",
+        "Running generations of a tenant sent back to wait, to free a slot for a tenant below its share.",
+        "counter",
+    ),
+    "queue_wait_steps": (
+        "promptfleet_tenant_queue_wait_steps",
+        "Engine steps a request waited before it was first scheduled (the step in flight at its arrival counts).",
+        "histogram",
+    ),
 }
+STEP_SERIES = (
+    "promptfleet_engine_step_seconds",
+    "Duration of each engine step (model forwards and sampling).",
+)
 
 
 class EngineStatsCollector(Collector):
@@ -95,14 +111,33 @@ class EngineStatsCollector(Collector):
             family = GaugeMetricFamily(name, doc) if kind == "gauge" else CounterMetricFamily(name, doc)
             family.add_metric([], float(getattr(stats, attr)))
             yield family
+        family = HistogramMetricFamily(*STEP_SERIES)
+        _add_histogram(family, [], stats.step_seconds)
+        yield family
         if not self._per_tenant:
             return
         for attr, (name, doc, kind) in TENANT_SERIES.items():
-            cls = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
-            family = cls(name, doc, labels=["tenant"])
+            cls = {
+                "gauge": GaugeMetricFamily,
+                "counter": CounterMetricFamily,
+                "histogram": HistogramMetricFamily,
+            }
+            family = cls[kind](name, doc, labels=["tenant"])
             for tenant, numbers in sorted(stats.tenants.items()):
-                family.add_metric([str(tenant)], float(getattr(numbers, attr)))
+                if kind == "histogram":
+                    _add_histogram(family, [str(tenant)], getattr(numbers, attr))
+                else:
+                    family.add_metric([str(tenant)], float(getattr(numbers, attr)))
             yield family
+
+
+def _add_histogram(family: HistogramMetricFamily, labels: list[str], h: StatsHistogram) -> None:
+    """One labelled histogram sample set: cumulative buckets (the last is +Inf) and the sum."""
+    cumulative, buckets = 0, []
+    for bound, count in zip((*h.bounds, float("inf")), h.counts):
+        cumulative += count
+        buckets.append((floatToGoString(bound), cumulative))
+    family.add_metric(labels, buckets, h.sum)
 
 
 class ApiMetrics:

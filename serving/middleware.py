@@ -1,10 +1,15 @@
-"""Pure-ASGI layers in front of the API routes: API-key check, body-size cap and timeout, request metrics.
+"""Pure-ASGI layers in front of the API routes: API-key check, body-size cap and timeout, the cap on
+requests in flight, HEAD as GET, request metrics.
 
 They run before FastAPI parses a body, so an unauthenticated caller gets 401 whatever it sent (never
 a 400 that reveals how the body would be read, never a 404 that reveals which routes exist).
 `RequireApiKey` then reads the whole body itself (at most `max_body_bytes`, each piece within
 `body_timeout_s`, all of it within `body_deadline_s`) and answers 413 / 408 before any route runs, chunked bodies included; the route
-reads the buffered copy.
+reads the buffered copy. Before each check it lets the `KeyRing` reload a changed tenants file
+(`KeyRing.reload_if_changed`) and hands new tenant limits to the engine.
+`LimitRequestsInFlight` (inside the key check) counts complete requests (body received, key
+checked), not connections: beyond `max_in_flight` a request gets 503 + Retry-After, while idle or half-sent
+connections (bounded in `serving.http_server`) never take a request's place. /health is not counted.
 Routes record what they learned (endpoint, task) in `request.state`; `RecordRequests` reads it when
 the response has been sent, so streamed responses are timed to their last byte. Errors are shaped
 by `error_response`, the one place that turns a `ServingError` into the JSON error body.
@@ -16,6 +21,7 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -35,6 +41,10 @@ class PayloadTooLarge(ServingError):
 
 class BodyTimeout(ServingError):
     status, type, code = 408, "invalid_request_error", "request_body_timeout"
+
+
+class ServerBusy(RetryableError):
+    status, type, code = 503, "server_error", "server_busy"
 
 
 def public_message(err: ServingError) -> str:
@@ -71,14 +81,19 @@ class RequireApiKey:
         max_body_bytes: int,
         body_timeout_s: float = 10.0,
         body_deadline_s: float = 30.0,
+        reload_interval_s: float = 2.0,
+        on_keys_reloaded: Callable[[KeyRing], None] | None = None,
     ):
         self.app, self.keyring, self.public_paths = app, keyring, public_paths
         self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
         self.body_deadline_s = body_deadline_s
+        self.reload_interval_s, self.on_keys_reloaded = reload_interval_s, on_keys_reloaded
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self.keyring.reload_if_changed(self.reload_interval_s) and self.on_keys_reloaded is not None:
+            self.on_keys_reloaded(self.keyring)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if scope["path"] in self.public_paths:  # no key needed, but a valid one may see more (/metrics)
             tenant = self.keyring.authenticate(headers.get("authorization"))
@@ -127,6 +142,62 @@ class RequireApiKey:
                 raise PayloadTooLarge(f"Request body larger than {self.max_body_bytes} bytes.")
             if not message.get("more_body", False):
                 return messages
+
+
+class ThrottledWarning:
+    """A warning logged at most once per `interval_s`, with how often it happened since the last line:
+    one log line per problem, however many clients run into it."""
+
+    def __init__(self, logger: logging.Logger, message: str, interval_s: float = 60.0):
+        self.logger, self.message, self.interval_s = logger, message, interval_s
+        self._count, self._logged_at = 0, -math.inf
+
+    def __call__(self, *args) -> None:
+        self._count += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self.interval_s:
+            self.logger.warning(self.message + " (%d time(s) since this was last logged)", *args, self._count)
+            self._count, self._logged_at = 0, now
+
+
+class LimitRequestsInFlight:
+    """Answers 503 + Retry-After to a request beyond `max_in_flight` being handled (from its complete
+    body to its last response byte); paths in `uncounted` (/health) always pass."""
+
+    def __init__(self, app: ASGIApp, max_in_flight: int, uncounted: frozenset[str] = frozenset()):
+        self.app, self.max_in_flight, self.uncounted = app, max_in_flight, uncounted
+        self.in_flight = 0
+        self._warn = ThrottledWarning(
+            log, "requests refused with 503: %d in flight already (api.max_requests_in_flight)"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.uncounted:
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.max_in_flight:
+            self._warn(self.max_in_flight)
+            scope.setdefault("state", {})["endpoint"] = "rejected"
+            busy = ServerBusy(f"The server is handling {self.max_in_flight} requests; retry shortly.")
+            return await error_response(busy)(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class HeadAsGet:
+    """HEAD is routed as GET (RFC 9110 9.3.2: the same status and headers). The route sees a copy of
+    the scope saying GET; the server's own scope still says HEAD, so uvicorn sends no body."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope.setdefault("state", {})  # one dict for both scopes: what the route notes is seen outside
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
 
 
 class RecordRequests:

@@ -2,16 +2,20 @@
 
 The store holds one sub-directory per task in PEFT prompt-tuning format (`tuner.export`;
 safetensors only). `refresh()` rescans it cheaply (a few `stat` calls per task, compared with the
-last scan) and loads only new or changed directories, so the engine can call it every second or two:
-a task directory that appears becomes servable without a restart, a removed one stops being served.
+last scan) and loads only new or changed directories, so the engine's prompt-store loader thread
+calls it every second or two: a task directory that appears becomes servable without a restart, a
+removed one stops being served. Readers (`get`, `names`) never wait for a refresh: the task dict is
+swapped whole once every changed task is loaded and checked, so they see the old one or the new one.
 `tuner.export.save_adapter` publishes a task as a symlink `<name> -> .versions/<name>/<version>`
 flipped atomically; a hand-copied directory works too. An entry that cannot be served (half-written,
 unreadable, a symlink loop, a FIFO or other non-regular file, another backbone, a prompt width that
 is not the backbone's hidden size, a prompt too long for the backbone's context, a bad field in its
-`promptfleet_task.json`, non-finite values)
+`promptfleet_task.json`, a prefix or template longer than a prompt may be, non-finite values)
 is logged once per change and skipped, without stopping the rest of the store; if that task was
 being served, its last good version keeps serving. Symlinks leading out of the store are refused
-unless `allow_symlinks`.
+unless `allow_symlinks`. What is read is bounded before it is read: each file by its size, and the
+prompt by its safetensors header (`tuner.export.AdapterHeader`), so a misshapen or oversized prompt
+is refused without reading its data.
 
 Task names from requests are looked up in a dict, never joined into a path: "../x" or "a/b" is
 simply an unknown task. It does not compute anything with the prompts (the runner does).
@@ -22,13 +26,14 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from serving.types import UnknownTask
-from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META, TaskMeta, load_adapter
+from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META, AdapterHeader, TaskMeta, load_adapter
 from tuner.schema import ConfigError, validate_name
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,7 @@ class PromptRegistry:
         hidden_size: int,
         allow_symlinks: bool = False,
         max_virtual_tokens: int | None = None,
+        max_text_chars: int | None = None,
     ):
         """Args:
         root: the prompt-store directory (may not exist yet: then no task is served).
@@ -81,12 +87,16 @@ class PromptRegistry:
             an adapter file may not be a link at all.
         max_virtual_tokens: the longest prompt a task may have (the backbone's context leaves no
             room for a request beyond it); None: no bound.
+        max_text_chars: the longest prefix or template a task may have, in characters (the
+            longest prompt the server takes: each is part of every prompt); None: no bound.
         """
         self.root = Path(root)
         self.backbone_names = set(backbone_names)
         self.hidden_size = hidden_size
         self.allow_symlinks = allow_symlinks
         self.max_virtual_tokens = max_virtual_tokens
+        self.max_text_chars = max_text_chars
+        self._refreshing = threading.Lock()  # one refresh at a time (the loader thread, a test, a CLI)
         self._tasks: dict[str, TaskEntry] = {}
         self._rejected: dict[str, Fingerprint] = {}  # name -> fingerprint that failed to load
         self._problems: dict[str, str] = {}  # name -> reason last logged ("" = the store itself)
@@ -109,7 +119,12 @@ class PromptRegistry:
         A broken entry (a symlink loop, an unreadable or half-written file, a bad adapter) is
         reported once per change and never stops the others; while a served task's entry is
         broken, its last good version keeps serving. Only an entry that is gone stops being served.
+        Safe to call from any thread; concurrent calls run one after the other.
         """
+        with self._refreshing:
+            return self._refresh()
+
+    def _refresh(self) -> RegistryChanges:
         changes = RegistryChanges()
         found = self._scan()
         if found is None:  # the store itself is unreadable: keep serving what is loaded
@@ -215,23 +230,32 @@ class PromptRegistry:
         return None
 
     def _checked(self, name: str, path: Path, fp: Fingerprint) -> TaskEntry:
-        """Load the adapter at `path`; ValueError (or the reader's error) unless it fits this server."""
-        adapter = load_adapter(path, name)
-        if adapter.backbone not in self.backbone_names:
+        """Load the adapter at `path`; ValueError (or the reader's error) unless it fits this server,
+        found from its header before its prompt is read."""
+        adapter = load_adapter(path, name, check=self._fits)
+        return TaskEntry(name, adapter.prompt.float(), adapter.meta, fp, str(path))
+
+    def _fits(self, header: AdapterHeader) -> None:
+        """ValueError unless an adapter with this header can be served here."""
+        if header.backbone not in self.backbone_names:
             raise ValueError(
-                f"adapter is for backbone {adapter.backbone!r}, this server runs "
+                f"adapter is for backbone {header.backbone!r}, this server runs "
                 f"{sorted(self.backbone_names)[0]!r}"
             )
-        if adapter.prompt.shape[1] != self.hidden_size or adapter.prompt.shape[0] < 1:
+        shape = (header.num_virtual_tokens, header.width)
+        if header.width != self.hidden_size or header.num_virtual_tokens < 1:
+            raise ValueError(f"prompt shape {shape} does not fit hidden size {self.hidden_size}")
+        if self.max_virtual_tokens is not None and header.num_virtual_tokens > self.max_virtual_tokens:
             raise ValueError(
-                f"prompt shape {tuple(adapter.prompt.shape)} does not fit hidden size {self.hidden_size}"
-            )
-        if self.max_virtual_tokens is not None and adapter.prompt.shape[0] > self.max_virtual_tokens:
-            raise ValueError(
-                f"{adapter.prompt.shape[0]} virtual tokens leave no room for a request in the "
+                f"{header.num_virtual_tokens} virtual tokens leave no room for a request in the "
                 f"backbone's context (at most {self.max_virtual_tokens})"
             )
-        return TaskEntry(name, adapter.prompt.float(), adapter.meta, fp, str(path))
+        for field_name in ("prefix", "template"):
+            n = len(getattr(header.meta, field_name))
+            if self.max_text_chars is not None and n > self.max_text_chars:
+                raise ValueError(
+                    f"its {field_name} has {n} characters, more than a prompt may have ({self.max_text_chars})"
+                )
 
 
 def _fingerprint(task_dir: Path, allow_symlinks: bool) -> Fingerprint | None:

@@ -11,6 +11,12 @@
      padding, which costs as much compute as real tokens, stays small; one forward per group,
   3. the running rows that stay and the new generation rows form the next batch in one KV copy
      (`DecodeBatch.gather`); classification rows are discarded after their logits are read.
+A prompt longer than the step's budget arrives in chunks (`SchedulerOutput.chunks`): a chunk runs
+like a new row, from the task prompt KV or from the request's partial KV of its earlier chunks, and
+the runner keeps the row's KV (`partial`) until the step that completes it starts from there; a
+partial KV the scheduler no longer lists (aborted, preempted) is dropped. A preempted generation
+leaves the batch like a finished one and later comes back as a prefill of its prompt and the tokens
+it produced (its sampler is the request's, so a seeded request draws on from where it was).
 This computes what PEFT's prompt tuning computes, `inputs_embeds = cat(prompt, embed(ids))` at
 positions 0..P+L-1, split into a cached prefix and the rest. Everything stays on the model's device;
 the step reads the sampled tokens back once (and the scores, when it classified).
@@ -21,7 +27,9 @@ row goes on with the tokens it would have had alone (a retried row draws no extr
 sampling happens after its forward succeeded).
 
 Sampling is `serving.sampler`. A classification scores each label's verbaliser tokens: one row per
-distinct verbaliser prefix, so single-token verbalisers cost one row per request.
+distinct verbaliser prefix, so single-token verbalisers cost one row per request. Scores are read
+from fp32 logits (`fp32_logits`) whatever the backbone's dtype: at logits around 20, bf16 steps by
+0.125, which made close labels exactly tied.
 
 It does not decide which requests run (the scheduler does) nor detokenise or stop them.
 """
@@ -56,12 +64,14 @@ class TaskPrompt(Protocol):
 
 @dataclass
 class ScoreJob:
-    """One classification: the summed log-prob of each continuation after task prompt + `prompt_ids`."""
+    """One classification: the summed log-prob of each continuation after task prompt + `prompt_ids`
+    (`past`: the KV of the task prompt and of the tokens before `prompt_ids`, from earlier chunks)."""
 
     task: TaskPrompt
     prompt_ids: list[int]
     continuations: list[list[int]]
     scores: list[float] = field(default_factory=list)  # filled by `ModelRunner`
+    past: torch.Tensor | None = None
 
 
 @dataclass
@@ -149,6 +159,9 @@ class ModelRunner:
         self.prefix_cache = PrefixKVCache(self._prompt_kv, prefix_cache_bytes, prefix_cache)
         self.prefill_tokens_total = 0
         self.batch: DecodeBatch | None = None  # the running rows
+        self.partial: dict[
+            str, torch.Tensor
+        ] = {}  # request id -> KV of its chunks so far [L, 2, h, P + n, d]
 
     # ------------------------------------------------------------------ one engine step
     @torch.inference_mode()
@@ -156,6 +169,8 @@ class ModelRunner:
         """Run the step: each generation's sampled token, each classification's scores, and the
         requests that made a forward fail (their rows are gone; every other row carries on)."""
         result = StepResult()
+        keep = out.partial | {r.request_id for r in out.prefill}
+        self.partial = {rid: kv for rid, kv in self.partial.items() if rid in keep}
         parts: list[tuple[DecodeBatch, list[int]]] = []  # the next batch's rows
         tokens: list[torch.Tensor] = []  # sampled tokens of `ids`, on the device until the one read
         ids: list[str] = []
@@ -179,6 +194,10 @@ class ModelRunner:
                 )
                 ids += [b.requests[i].request_id for i in rows]
             result.failed += [old.requests[i].request_id for i in failed]
+        if out.chunks:
+            failed_chunks: list[tuple[Request, int]] = []
+            isolate(out.chunks, self._run_chunks, failed_chunks)
+            result.failed += [r.request_id for r, _ in failed_chunks]
         if out.prefill:
             failed_reqs: list[Request] = []
             for _, new in isolate(out.prefill, self._new_rows, failed_reqs):
@@ -194,8 +213,35 @@ class ModelRunner:
         return result
 
     def reset(self) -> None:
-        """Drop every running row."""
+        """Drop every running row and every partial prefill."""
         self.batch = None
+        self.partial = {}
+
+    def _past(self, req: Request) -> torch.Tensor | None:
+        """The KV a request's next tokens start from, if it has chunks computed (else its task prompt's)."""
+        return self.partial.get(req.request_id) if req.num_computed else None
+
+    def _run_chunks(self, chunks: list[tuple[Request, int]]) -> None:
+        """Compute each chunk's tokens after its request's KV so far, and keep the longer KV."""
+        pasts = [self._past(r) for r, _ in chunks]
+        seqs = [r.prefill_ids[r.num_computed : r.num_computed + n] for r, n in chunks]
+        tasks = [r.adapter for r, _ in chunks]
+        kept = {}
+        for group in length_groups([len(s) for s in seqs], self.group_overhead):
+            b, _ = self.forward_new(
+                [tasks[i] for i in group], [seqs[i] for i in group], [pasts[i] for i in group]
+            )
+            pmax, lmax = b.length - max(len(seqs[i]) for i in group), max(len(seqs[i]) for i in group)
+            for j, i in enumerate(group):
+                P, L = pmax - b.first[j], len(seqs[i])
+                kept[chunks[i][0].request_id] = torch.cat(
+                    [b.kv[:, :, j, :, pmax - P : pmax], b.kv[:, :, j, :, pmax + lmax - L : pmax + lmax]],
+                    dim=3,
+                )
+        self.partial.update(kept)  # only once every group ran: a retried half starts from the same KV
+        self.prefill_tokens_total += sum(
+            len(s) for (r, _), s in zip(chunks, seqs) if r.kind is RequestKind.GENERATE
+        )
 
     def _regroup(self, parts: list[tuple[DecodeBatch, list[int]]]) -> None:
         """Make the next batch from the kept rows of each part, in one KV copy (none if nobody left or joined)."""
@@ -227,7 +273,10 @@ class ModelRunner:
         """Prefill the generations and score the classifications among `reqs`."""
         gens = [r for r in reqs if r.kind is RequestKind.GENERATE]
         classify = [r for r in reqs if r.kind is RequestKind.CLASSIFY]
-        jobs = [ScoreJob(r.adapter, r.prompt_ids, r.continuations) for r in classify]
+        jobs = [
+            ScoreJob(r.adapter, r.prompt_ids[r.num_computed :], r.continuations, past=self._past(r))
+            for r in classify
+        ]
         new = self._prefill(gens, jobs)
         new.scores = {r.request_id: job.scores for r, job in zip(classify, jobs)}
         return new
@@ -235,7 +284,8 @@ class ModelRunner:
     def _prefill(self, reqs: list[Request], jobs: list[ScoreJob]) -> _NewRows:
         """Prefill `reqs` and score `jobs` (scores go into the jobs) in as few forwards as padding allows."""
         tasks: list[TaskPrompt] = [r.adapter for r in reqs]
-        seqs = [r.prompt_ids for r in reqs]
+        seqs = [r.prefill_ids[r.num_computed :] for r in reqs]
+        pasts = [self._past(r) for r in reqs]
         reads: dict[tuple[int, int], int] = {
             (i, len(s) - 1): i for i, s in enumerate(seqs)
         }  # (row, token) -> read
@@ -251,6 +301,7 @@ class ModelRunner:
                 if row == len(seqs):
                     tasks.append(job.task)
                     seqs.append(job.prompt_ids + list(c[:-1]))
+                    pasts.append(job.past)
                 first = len(job.prompt_ids) - 1  # the token whose logits predict c[0]
                 per_cont.append(
                     [(reads.setdefault((row, first + k), len(reads)), t) for k, t in enumerate(c)]
@@ -260,7 +311,9 @@ class ModelRunner:
         hidden = torch.empty(len(reads), self.hidden_size, dtype=self.dtype, device=self.device)
         groups = []  # (rows' KV, their generation rows, those rows' requests)
         for group in length_groups([len(s) for s in seqs], self.group_overhead):
-            batch, h = self.forward_new([tasks[i] for i in group], [seqs[i] for i in group])
+            batch, h = self.forward_new(
+                [tasks[i] for i in group], [seqs[i] for i in group], [pasts[i] for i in group]
+            )
             lmax, local = h.shape[1], {row: j for j, row in enumerate(group)}
             sel = [
                 (read, local[row], lmax - len(seqs[row]) + tok)
@@ -272,25 +325,10 @@ class ModelRunner:
             gen = [j for j, row in enumerate(group) if row < len(reqs)]
             if gen:
                 groups.append((batch, gen, [reqs[group[j]] for j in gen]))
-        logits = self.lm_head(hidden).float()
         new = _NewRows()
-        kept = [r for _, _, rs in groups for r in rs]
-        if kept:
-            at = {r.request_id: i for i, r in enumerate(reqs)}
-            samplers = [RowSampler.for_params(r.params) for r in kept]
-            tokens = sample(logits[to_device([at[r.request_id] for r in kept], self.device)], samplers)
-            n = 0
-            for batch, gen, rs in groups:
-                start = [r.adapter.prompt.shape[0] + len(r.prompt_ids) for r in rs]
-                part_tokens = tokens[n : n + len(rs)]
-                new.parts.append(
-                    DecodeBatch.from_prefill(rs, samplers[n : n + len(rs)], batch, gen, part_tokens, start)
-                )
-                new.tokens.append(part_tokens)
-                n += len(rs)
         if jobs:
             flat = [(read - len(reqs), t) for per_cont in picks for cont in per_cont for read, t in cont]
-            logp = torch.log_softmax(logits[len(reqs) :], dim=-1)
+            logp = torch.log_softmax(fp32_logits(self.lm_head, hidden[len(reqs) :]), dim=-1)
             rows, targets = (
                 to_device([r for r, _ in flat], self.device),
                 to_device([t for _, t in flat], self.device),
@@ -298,7 +336,25 @@ class ModelRunner:
             values = iter(logp[rows, targets].tolist() if flat else [])
             for job, per_cont in zip(jobs, picks):
                 job.scores = [sum(next(values) for _ in cont) for cont in per_cont]
-        self.prefill_tokens_total += sum(len(r.prompt_ids) for r in reqs)
+        kept = [r for _, _, rs in groups for r in rs]
+        if kept:
+            kvs = [DecodeBatch.prefill_rows(batch, gen) for batch, gen, _ in groups]
+            at = {r.request_id: i for i, r in enumerate(reqs)}
+            for r in kept:
+                r.sampler = r.sampler or RowSampler.for_params(r.params)
+            samplers = [r.sampler for r in kept]
+            logits = self.lm_head(hidden[to_device([at[r.request_id] for r in kept], self.device)]).float()
+            tokens = sample(logits, samplers)  # drawn last: a retried row draws no extra numbers
+            n = 0
+            for kv, (_, _, rs) in zip(kvs, groups):
+                start = [r.adapter.prompt.shape[0] + len(r.prefill_ids) for r in rs]
+                part_tokens = tokens[n : n + len(rs)]
+                new.parts.append(
+                    DecodeBatch.from_prefill(rs, samplers[n : n + len(rs)], kv, part_tokens, start)
+                )
+                new.tokens.append(part_tokens)
+                n += len(rs)
+        self.prefill_tokens_total += sum(len(s) for s in seqs[: len(reqs)])
         return new
 
     # ------------------------------------------------------------------ forwards
@@ -315,8 +371,11 @@ class ModelRunner:
         )
         return b.kv
 
-    def forward_new(self, tasks: list[TaskPrompt], seqs: list[list[int]]) -> tuple[KVBatch, torch.Tensor]:
+    def forward_new(
+        self, tasks: list[TaskPrompt], seqs: list[list[int]], pasts: list[torch.Tensor | None] | None = None
+    ) -> tuple[KVBatch, torch.Tensor]:
         """Run new rows (task prompt KV from the prefix cache + text tokens) through the model.
+        `pasts[i]`, when given, is row i's KV to start from instead (its task prompt and earlier chunks).
 
         Layout per row: `[pad][prompt KV: P_i][pad][text: L_i]`, the prompts right-aligned at column
         max(P), the texts right-aligned at the end, so every row's last token is the last column.
@@ -324,7 +383,13 @@ class ModelRunner:
         Returns:
             The rows' `KVBatch` and the hidden states of the text columns `[n, max(L), hidden]`.
         """
-        kvs = self.prefix_cache.get_many([(t.name, t.version, t.prompt) for t in tasks])
+        kvs = list(pasts or [None] * len(tasks))
+        fresh = [i for i, kv in enumerate(kvs) if kv is None]
+        cached = self.prefix_cache.get_many(
+            [(tasks[i].name, tasks[i].version, tasks[i].prompt) for i in fresh]
+        )
+        for i, kv in zip(fresh, cached):
+            kvs[i] = kv
         n, pmax, lmax = len(seqs), max(kv.shape[3] for kv in kvs), max(len(s) for s in seqs)
         # No headroom: generation rows are copied into the running batch (`KVBatch.gather`) before they decode.
         b = KVBatch.empty(
@@ -366,3 +431,17 @@ class ModelRunner:
         job = ScoreJob(task, prompt_ids, continuations)
         self._prefill([], [job])
         return job.scores
+
+
+def fp32_logits(lm_head: torch.nn.Module, hidden: torch.Tensor, block: int = 8192) -> torch.Tensor:
+    """`lm_head(hidden)` computed in fp32 `[n, vocab]`, whatever the weights' dtype, a block of the
+    vocabulary at a time (no fp32 copy of the whole head is kept)."""
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if weight.dtype == torch.float32:
+        return lm_head(hidden.float())
+    h = hidden.float()
+    out = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)
+    for start in range(0, weight.shape[0], block):
+        w = weight[start : start + block].float()
+        out[:, start : start + block] = h @ w.T + (0 if bias is None else bias[start : start + block].float())
+    return out

@@ -1,21 +1,39 @@
-"""Iteration-level continuous batching across all tasks and tenants (pure Python, no torch).
+"""Iteration-level continuous batching across all tasks and tenants, shared fairly (pure Python, no torch).
 
 Every request, generation or classification (`RequestKind`), enters through `add()`: one admission
 path, one queue limit, one per-step token budget. `add()` refuses at once a request over its
 tenant's limits (`TenantLimits`: concurrent requests, tokens per rolling minute) with `QuotaExceeded`
 and a Retry-After for that tenant, and any request when the waiting queue is full (`Overloaded`).
-Each tenant has its own queue; `schedule()` admits across tenants by weighted round-robin (stride
-scheduling: the backlogged tenant that has been served least, per unit of weight, goes next), so a
-tenant with a deep backlog delays nobody else's admission beyond its share. Once tenants are named
-(`set_tenant_limits`), each may also hold only its weighted share of the waiting queue, so one
-tenant's flood ends in its own 429s, not in `Overloaded` for the others.
+Once tenants are named (`set_tenant_limits`), each may also hold only its weighted share of the
+waiting queue, so one tenant's flood ends in its own 429s, not in `Overloaded` for the others.
 
-`schedule()` returns a `SchedulerOutput`: the running generations to decode one token each, and the
-admitted requests to prefill this step (a classification is scored in its prefill and leaves). After
-the model step the engine hands the sampled token ids to `update()`, which appends them and applies
-the token-level stop rules (EOS, max_tokens); detokenising and stop strings are the engine's output
-path, which calls `finish()` when a stop string matched. Finished requests leave at once, so the
-next `schedule()` no longer lists them and the runner drops their rows.
+Each engine step is shared between the tenants that have work (running or waiting), by weight:
+* Batch slots. Each tenant's fair share of `max_batch_size` is its weighted water-filling share
+  (`water_fill`: a tenant that needs less leaves the rest to the others, so one tenant alone gets
+  the whole batch). When the batch is full and a tenant with a waiting generation holds less than
+  its share, the running generation of the tenant furthest above its share that is cheapest to
+  recompute is preempted: it goes back to the head of its tenant's queue and later re-runs its
+  prompt and the tokens it already produced as one prefill (recompute, as vLLM V1 does). Its KV is
+  not kept: preemption exists to free a row of the batch, and the rows picked are the shortest, so
+  the recompute is a small, chunked prefill; its sampler (`Request.sampler`) and output are kept.
+* Prefill tokens. The step's token budget (`max_step_tokens`, or `shared_step_tokens` while more
+  than one tenant has work, so that a flood of long prompts cannot make everyone's steps long),
+  after one token per decoding row, is water-filled between the tenants with waiting work; each
+  spends its allotment on its own queue in order. A prompt longer than what is left is chunked
+  (`SchedulerOutput.chunks`): the runner keeps its partial KV and the request stays at the head of
+  its queue, so one request's prefill cannot hold a step. All but its last prompt token may go in
+  chunks; the step that completes it computes the rest and its first token (or its scores).
+Within a step the order of admission is: tenants below their slot share first, then the one served
+least per unit of weight (tokens scheduled / weight, a virtual token counter as in VTC, Sheng et
+al. 2024; a newly backlogged tenant starts at the current virtual time, without credit for idling).
+
+`schedule()` returns a `SchedulerOutput`: the running generations to decode one token each, the
+requests whose prefill completes this step (a classification is scored there and leaves), the
+chunks of longer prefills, and the generations preempted. After the model step the engine hands the
+sampled token ids to `update()`, which appends them and applies the token-level stop rules (EOS,
+max_tokens); detokenising and stop strings are the engine's output path, which calls `finish()`
+when a stop string matched. Each request records the engine steps it waited before it was first
+scheduled (`TenantStats.queue_wait_steps`, counting the step in flight when it arrived).
 
 The scheduler is not thread-safe (the engine serialises calls with a lock) and knows nothing of
 tensors, KV memory, text or HTTP. Shaped after vLLM's `vllm/v1/core/sched/` (GPU-free tests).
@@ -31,7 +49,9 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from serving.types import (
+    WAIT_STEP_BUCKETS,
     FinishReason,
+    Histogram,
     InvalidRequest,
     Overloaded,
     QuotaExceeded,
@@ -78,18 +98,45 @@ class Request:
     output: IncrementalText | None = None  # the output path's detokeniser; the scheduler never reads it
     task_stop: list[str] = field(default_factory=list)  # the task's stop strings, for the output path
     charge: list[float] | None = None  # [time, tokens]: this request's entry in its tenant's rate window
+    sampler: object | None = (
+        None  # the runner's sampler, kept across preemption; the scheduler never reads it
+    )
+    num_computed: int = 0  # tokens of `prefill_ids` whose KV the runner holds from earlier chunks
+    arrival_step: int = 0  # the scheduler's step count when it was added
+    wait_steps: int | None = None  # steps it waited before it was first scheduled
+    preemptions: int = 0
+    admitted: bool = False  # its prefill has completed once (it may have been preempted since)
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_ids)
 
     @property
+    def prefill_ids(self) -> list[int]:
+        """What its prefill runs: the prompt, and for a preempted generation the tokens it had produced."""
+        return self.prompt_ids + self.output_ids if self.kind is RequestKind.GENERATE else self.prompt_ids
+
+    @property
     def prefill_tokens(self) -> int:
-        """Tokens its prefill computes (a classification: one row per distinct continuation prefix)."""
+        """Tokens its first prefill computes (a classification: one row per distinct continuation prefix)."""
+        return self._rows_cost(len(self.prompt_ids))
+
+    @property
+    def completion_cost(self) -> int:
+        """Tokens the step that completes its prefill computes (after its chunks so far)."""
+        return self._rows_cost(len(self.prefill_ids) - self.num_computed)
+
+    @property
+    def chunkable(self) -> int:
+        """Tokens it may still compute in chunks: all but the last one of `prefill_ids` (the
+        completing step reads that token's logits)."""
+        return max(0, len(self.prefill_ids) - 1 - self.num_computed)
+
+    def _rows_cost(self, rest: int) -> int:
         if self.kind is RequestKind.GENERATE:
-            return len(self.prompt_ids)
+            return rest
         prefixes = {tuple(c[:-1]) for c in self.continuations if c}
-        return sum(len(self.prompt_ids) + len(p) for p in prefixes)
+        return sum(rest + len(p) for p in prefixes)
 
     @property
     def max_tokens(self) -> int:
@@ -112,19 +159,24 @@ class TokenUpdate:
 class SchedulerOutput:
     """What the runner does this step."""
 
-    prefill: list[Request] = field(default_factory=list)  # newly admitted: prompt -> first token / scores
+    prefill: list[Request] = field(default_factory=list)  # prefill completes: first token / scores
     decode: list[Request] = field(default_factory=list)  # running generations: one more token each
+    chunks: list[tuple[Request, int]] = field(default_factory=list)  # (request, tokens) of a longer prefill
+    preempted: list[Request] = field(default_factory=list)  # left the batch to wait (rows to drop)
+    partial: frozenset[str] = frozenset()  # requests whose partial KV the runner keeps after this step
 
     @property
     def empty(self) -> bool:
-        return not self.prefill and not self.decode
+        return not self.prefill and not self.decode and not self.chunks
 
 
 @dataclass
 class SchedulerConfig:
     max_batch_size: int = 32  # running requests decoded together in one forward
     max_queue: int = 256  # waiting requests before `add` raises Overloaded
-    max_step_tokens: int = 4096  # prefill + decode tokens per step (one long prompt may exceed it alone)
+    max_step_tokens: int = 4096  # prefill + decode tokens per step (longer prompts are chunked)
+    shared_step_tokens: int = 0  # the same while more than one tenant has work (0: max_step_tokens)
+    min_chunk_tokens: int = 16  # no chunk smaller than this (unless all that is left of a prompt)
 
 
 @dataclass
@@ -133,23 +185,53 @@ class _Tenant:
     queue: deque[Request] = field(default_factory=deque)  # may hold aborted requests, skipped lazily
     queued: int = 0
     active: int = 0  # queued + running
+    held: int = 0  # batch slots: running generations + generations with a partial prefill
     window: deque[list[float]] = field(default_factory=deque)  # [time, tokens] charges, oldest first
-    pass_: float = 0.0  # stride scheduling: admissions so far / weight
+    pass_: float = 0.0  # virtual token counter: tokens scheduled / weight
     stats: TenantStats = field(default_factory=TenantStats)
+
+    def head(self) -> Request | None:
+        while self.queue and self.queue[0].status is RequestStatus.FINISHED:  # aborted while waiting
+            self.queue.popleft()
+        return self.queue[0] if self.queue else None
+
+
+def water_fill(capacity: float, demand: dict[str, float], weight: dict[str, float]) -> dict[str, float]:
+    """Each key's weighted max-min fair share of `capacity`: never more than its demand, and what a
+    key does not need is split between the others by weight (work-conserving)."""
+    share = {k: 0.0 for k in demand}
+    left, open_ = float(capacity), {k for k, d in demand.items() if d > 0}
+    while open_ and left > 1e-9:
+        total = sum(weight[k] for k in open_)
+        quota = {k: left * weight[k] / total for k in open_}
+        done = {k for k in open_ if demand[k] - share[k] <= quota[k]}
+        if not done:  # everyone wants more than its quota: split all that is left
+            for k in open_:
+                share[k] += quota[k]
+            break
+        for k in done:
+            left -= demand[k] - share[k]
+            share[k] = demand[k]
+        open_ -= done
+    return share
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self._clock = clock
-        self.running: dict[str, Request] = {}  # generations; insertion order = admission order
+        self.running: dict[str, Request] = {}  # decoding generations; insertion order = admission order
+        self._partial: dict[
+            str, Request
+        ] = {}  # waiting requests with chunks computed (the runner holds their KV)
         self._requests: dict[str, Request] = {}  # waiting + running + in this step's prefill, for abort
         self._tenants: dict[str, _Tenant] = {}
         self._limits: dict[str, TenantLimits] = {}
         self._default = TenantLimits()
-        self._vtime = 0.0  # pass of the latest admission: where a newly backlogged tenant starts
+        self._vtime = 0.0  # virtual time: where a newly backlogged tenant's counter starts
         self.num_waiting = 0
         self.last_batch_size = 0
+        self.steps = 0  # schedule() calls so far
 
     # ------------------------------------------------------------------ tenants
     def set_tenant_limits(self, limits: dict[str, TenantLimits], default: TenantLimits | None = None) -> None:
@@ -162,7 +244,7 @@ class Scheduler:
         now = self._clock()
         out = {}
         for name, t in self._tenants.items():
-            out[name] = TenantStats(**vars(t.stats))
+            out[name] = TenantStats(**{**vars(t.stats), "queue_wait_steps": t.stats.queue_wait_steps.copy()})
             out[name].queued, out[name].tokens_last_minute = t.queued, int(self._window_tokens(t, now))
         return out
 
@@ -170,6 +252,7 @@ class Scheduler:
         t = self._tenants.get(name)
         if t is None:
             t = self._tenants[name] = _Tenant(self._limits.get(name, self._default))
+            t.stats.queue_wait_steps = Histogram(WAIT_STEP_BUCKETS)
         return t
 
     @staticmethod
@@ -230,15 +313,19 @@ class Scheduler:
                 f"server busy: {self.num_waiting} requests waiting", retry_after=self.retry_after()
             )
         req.status, req.finish_reason, req.output_ids, req.output = RequestStatus.WAITING, None, [], None
-        if not t.queued:  # newly backlogged: no credit for the time it was idle
-            t.pass_ = max(t.pass_, self._vtime)
-        t.queue.append(req)
-        t.queued += 1
+        req.num_computed, req.wait_steps, req.arrival_step, req.admitted = 0, None, self.steps, False
+        self._enqueue(t, req)
         t.active += 1
         req.charge = [now, float(req.max_tokens)]
         t.window.append(req.charge)
-        self.num_waiting += 1
         self._requests[req.request_id] = req
+
+    def _enqueue(self, t: _Tenant, req: Request, front: bool = False) -> None:
+        if t.head() is None:  # newly backlogged: no credit for the time it was idle
+            t.pass_ = max(t.pass_, self._vtime)
+        t.queue.appendleft(req) if front else t.queue.append(req)
+        t.queued += 1
+        self.num_waiting += 1
 
     def retry_after(self) -> float:
         """A rough wait (seconds) before a rejected client should retry: one batch turnover."""
@@ -268,16 +355,21 @@ class Scheduler:
 
     def _release(self, req: Request, reason: FinishReason) -> None:
         t = self._tenant(req.tenant)
+        used = req.prefill_tokens + req.num_output_tokens if req.admitted else req.num_computed
         if req.status is RequestStatus.WAITING:
             self.num_waiting -= 1
             t.queued -= 1
-            req.charge[1] = 0.0  # never ran: nothing used
         else:
             t.stats.running -= 1
-            req.charge[1] = float(req.prefill_tokens + req.num_output_tokens)  # settle to what it used
+        if req.request_id in self.running or (
+            req.request_id in self._partial and req.kind is RequestKind.GENERATE
+        ):
+            t.held -= 1
+        req.charge[1] = float(used)  # settle to what it used
         t.active -= 1
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
         self.running.pop(req.request_id, None)
+        self._partial.pop(req.request_id, None)
         del self._requests[req.request_id]
 
     # ------------------------------------------------------------------ stepping
@@ -285,45 +377,196 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self._requests)
 
-    def _next(self, batch_full: bool) -> _Tenant | None:
-        """The backlogged tenant to admit from next (least pass; with a full batch, only classifications)."""
-        best = None
-        for t in self._tenants.values():
-            while t.queue and t.queue[0].status is RequestStatus.FINISHED:  # aborted while waiting
-                t.queue.popleft()
-            if not t.queue or (batch_full and t.queue[0].kind is RequestKind.GENERATE):
-                continue
-            if best is None or t.pass_ < best.pass_:
-                best = t
-        return best
-
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(decode=list(self.running.values()))
-        budget = self.config.max_step_tokens - len(out.decode)
-        while (t := self._next(len(self.running) >= self.config.max_batch_size)) is not None:
-            req = t.queue[0]
-            if req.prefill_tokens > budget and (out.prefill or out.decode):
-                break  # wait for a step with room; an idle engine always admits one
-            t.queue.popleft()
-            budget -= req.prefill_tokens
-            t.queued -= 1
-            self.num_waiting -= 1
+        self.steps += 1
+        out = SchedulerOutput()
+        active = {n: t for n, t in self._tenants.items() if t.held or t.head() is not None}
+        slot_share = self._slot_shares(active)
+        self._preempt(active, slot_share, out)
+        out.decode = list(self.running.values())
+        for req in out.decode:
+            t = self._tenant(req.tenant)
             t.pass_ += 1.0 / max(t.limits.weight, 1e-6)
-            self._vtime = t.pass_
-            t.stats.running += 1
-            t.stats.admitted_total += 1
-            t.stats.admitted_tokens_total += req.max_tokens
-            req.status = RequestStatus.RUNNING
-            if req.kind is RequestKind.GENERATE:
-                self.running[req.request_id] = req
-            out.prefill.append(req)
-        self.last_batch_size = len(out.prefill) + len(out.decode)
+        step_tokens = self.config.max_step_tokens
+        if len(active) > 1 and self.config.shared_step_tokens:
+            step_tokens = min(step_tokens, self.config.shared_step_tokens)
+        budget = max(0, step_tokens - len(out.decode))
+        allot = self._allot(active, budget)
+        budget = self._admit(active, slot_share, allot, budget, out)
+        if budget > 0:  # what the fair pass left (a head too big for its allotment): anyone may use it
+            self._admit(active, slot_share, {n: budget for n in active}, budget, out)
+        out.partial = frozenset(self._partial)
+        self.last_batch_size = len(out.prefill) + len(out.decode) + len(out.chunks)
         return out
 
+    # ------------------------------------------------------------------ sharing one step
+    def _slots_used(self) -> int:
+        return sum(t.held for t in self._tenants.values())
+
+    @staticmethod
+    def _slots_wanted(t: _Tenant, partial: dict[str, Request]) -> int:
+        """Waiting generations of `t` that would need a batch slot."""
+        return sum(
+            r.kind is RequestKind.GENERATE
+            and r.status is RequestStatus.WAITING
+            and r.request_id not in partial
+            for r in t.queue
+        )
+
+    def _slot_shares(self, active: dict[str, _Tenant]) -> dict[str, float]:
+        demand = {n: float(t.held + self._slots_wanted(t, self._partial)) for n, t in active.items()}
+        weight = {n: max(t.limits.weight, 1e-6) for n, t in active.items()}
+        return water_fill(self.config.max_batch_size, demand, weight)
+
+    def _preempt(self, active: dict[str, _Tenant], share: dict[str, float], out: SchedulerOutput) -> None:
+        """Free batch slots for the tenants below their share that wait for one, from the tenants
+        furthest above theirs (each keeps at least its share)."""
+        free = self.config.max_batch_size - self._slots_used()
+        for name, t in sorted(active.items(), key=lambda kv: kv[1].held / max(kv[1].limits.weight, 1e-6)):
+            wanted = min(self._slots_wanted(t, self._partial), int(share[name] + 1e-9) - t.held)
+            take = min(max(free, 0), max(wanted, 0))
+            free, wanted = free - take, wanted - take
+            while wanted > 0:
+                victim = self._victim(active, share, name)
+                if victim is None:
+                    return
+                self._preempt_one(victim, out)
+                wanted -= 1
+
+    def _victim(
+        self, active: dict[str, _Tenant], share: dict[str, float], beneficiary: str
+    ) -> Request | None:
+        """The cheapest-to-recompute generation of the tenant furthest above its share (which stays
+        at or above its share without it), or None."""
+        over = [
+            (t.held - share[n], n)
+            for n, t in active.items()
+            if n != beneficiary and t.held - 1 >= share[n] - 1e-9 and t.held > 0
+        ]
+        if not over:
+            return None
+        tenant = max(over)[1]
+        candidates = [
+            r
+            for r in (*self.running.values(), *self._partial.values())
+            if r.tenant == tenant and r.kind is RequestKind.GENERATE
+        ]
+        # The shortest row loses least work; among equals, the latest admitted.
+        return min(
+            reversed(candidates),
+            key=lambda r: len(r.prefill_ids) if r.status is RequestStatus.RUNNING else r.num_computed,
+        )
+
+    def _preempt_one(self, req: Request, out: SchedulerOutput) -> None:
+        t = self._tenant(req.tenant)
+        t.held -= 1
+        if self.running.pop(req.request_id, None) is not None:
+            t.stats.running -= 1
+            req.status = RequestStatus.WAITING
+            self._enqueue(t, req, front=True)  # first of its tenant when a slot is free again
+        else:  # a partial prefill: it keeps its place in the queue, not its chunks
+            del self._partial[req.request_id]
+        req.num_computed = 0
+        req.preemptions += 1
+        t.stats.preemptions_total += 1
+        out.preempted.append(req)
+
+    def _allot(self, active: dict[str, _Tenant], budget: int) -> dict[str, float]:
+        """The step's prefill tokens, water-filled between the tenants with waiting work."""
+        demand = {}
+        for name, t in active.items():
+            need = 0
+            for r in t.queue:
+                if need >= budget:
+                    break
+                if r.status is RequestStatus.WAITING:
+                    need += r.completion_cost
+            demand[name] = float(min(need, budget))
+        return water_fill(budget, demand, {n: max(t.limits.weight, 1e-6) for n, t in active.items()})
+
+    def _plan(self, req: Request, left: float, slots: int, idle: bool) -> tuple[int, bool] | None:
+        """(tokens, completes) of `req` this step within `left` tokens, or None if it must wait."""
+        if req.kind is RequestKind.GENERATE and req.request_id not in self._partial and slots <= 0:
+            return None
+        cost = req.completion_cost
+        if cost <= left:
+            return cost, True
+        chunk = int(min(left, req.chunkable))
+        if chunk > 0 and chunk >= min(self.config.min_chunk_tokens, req.chunkable):
+            return chunk, False
+        if idle:  # an idle engine always admits one request, however large
+            return cost, True
+        return None
+
+    def _admit(
+        self,
+        active: dict[str, _Tenant],
+        share: dict[str, float],
+        allot: dict[str, float],
+        budget: int,
+        out: SchedulerOutput,
+    ) -> int:
+        """Admit (or chunk) queue heads within each tenant's allotment: tenants below their slot share
+        first, then the least served per weight. Returns the budget left."""
+        slots = self.config.max_batch_size - self._slots_used()
+        chunked = {r.request_id for r, _ in out.chunks}  # at most one chunk per request per step
+        while True:
+            best, best_key = None, None
+            for name, t in active.items():
+                head = t.head()
+                if head is None or head.request_id in chunked or allot[name] < 1:
+                    continue
+                plan = self._plan(head, min(allot[name], budget), slots, idle=out.empty)
+                key = (t.held >= share[name], t.pass_)
+                if plan is not None and (best_key is None or key < best_key):
+                    best, best_key = (name, t, head, plan), key
+            if best is None:
+                return budget
+            name, t, req, (tokens, completes) = best
+            slots -= self._take(t, req, tokens, completes, out)
+            if not completes:
+                chunked.add(req.request_id)
+            allot[name] -= tokens
+            budget -= tokens
+            t.pass_ += tokens / max(t.limits.weight, 1e-6)
+            self._vtime = t.pass_
+
+    def _take(self, t: _Tenant, req: Request, tokens: int, completes: bool, out: SchedulerOutput) -> int:
+        """Schedule `tokens` of `req`'s prefill (all of it when `completes`); returns the slots it took."""
+        if req.wait_steps is None:
+            req.wait_steps = self.steps - req.arrival_step
+            t.stats.queue_wait_steps.observe(req.wait_steps)
+        new_slot = req.kind is RequestKind.GENERATE and req.request_id not in self._partial
+        t.held += new_slot
+        if not completes:
+            self._partial[req.request_id] = req
+            out.chunks.append((req, tokens))
+            return int(new_slot)
+        t.queue.popleft()
+        t.queued -= 1
+        self.num_waiting -= 1
+        self._partial.pop(req.request_id, None)
+        t.stats.running += 1
+        if not req.admitted:
+            req.admitted = True
+            t.stats.admitted_total += 1
+            t.stats.admitted_tokens_total += req.max_tokens
+        req.status = RequestStatus.RUNNING
+        if req.kind is RequestKind.GENERATE:
+            self.running[req.request_id] = req
+        out.prefill.append(req)
+        return int(new_slot)
+
     def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[TokenUpdate]:
-        """Append each generation's sampled token and apply EOS / max_tokens; classifications of this
-        step are done. Returns the generations' updates (finished ones have left)."""
+        """Count each chunk computed, append each generation's sampled token and apply EOS /
+        max_tokens; classifications of this step are done. Returns the generations' updates
+        (finished ones have left)."""
+        for req, tokens in out.chunks:
+            if req.request_id in self._partial:  # not aborted or preempted meanwhile
+                req.num_computed += tokens
         results = []
+        for req in out.prefill:
+            req.num_computed = 0  # its KV is in the running batch now (or it is done)
         for req in (*out.prefill, *out.decode):
             if req.status is not RequestStatus.RUNNING:
                 continue  # aborted during the model step

@@ -55,8 +55,10 @@ def check_sampling(
         raise InvalidRequest("top_p must be in (0, 1]", param="top_p")
     if seed is not None and (not isinstance(seed, int) or not 0 <= seed < MAX_SEED):
         raise InvalidRequest("seed must be an integer in [0, 2**63)", param="seed")
-    if len(stop) > MAX_STOP or any(not isinstance(s, str) or not s for s in stop):
-        raise InvalidRequest(f"stop must be at most {MAX_STOP} non-empty strings", param="stop")
+    if len(stop) > MAX_STOP:
+        raise InvalidRequest(f"at most {MAX_STOP} stop strings are allowed, got {len(stop)}", param="stop")
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise InvalidRequest("each stop string must be a non-empty string", param="stop")
 
 
 @dataclass
@@ -98,6 +100,36 @@ class TenantLimits:
 
 
 @dataclass
+class Histogram:
+    """Observations counted into buckets (upper bounds `bounds`, then +Inf), with their sum: what a
+    Prometheus histogram exposes, kept by the engine's own thread and copied out by `stats()`."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)  # per bucket (not cumulative), len(bounds) + 1
+    sum: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * (len(self.bounds) + 1)
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def observe(self, value: float) -> None:
+        i = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
+        self.counts[i] += 1
+        self.sum += value
+
+    def copy(self) -> Histogram:
+        return Histogram(self.bounds, list(self.counts), self.sum)
+
+
+# Engine steps a request waited for its first schedule (counting the step in flight when it arrived).
+WAIT_STEP_BUCKETS = (1, 2, 3, 4, 6, 8, 16, 32, 64, 128)
+STEP_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
 class TenantStats:
     """One tenant's share of the engine now, and its counters since start (from the scheduler)."""
 
@@ -107,6 +139,8 @@ class TenantStats:
     admitted_total: int = 0  # requests admitted to a model step
     admitted_tokens_total: int = 0  # prompt tokens + max_tokens of those, charged at admission
     rejected_total: int = 0  # requests refused with QuotaExceeded
+    preemptions_total: int = 0  # its running generations sent back to wait for another tenant's share
+    queue_wait_steps: Histogram = field(default_factory=lambda: Histogram(WAIT_STEP_BUCKETS))
 
 
 @dataclass
@@ -126,6 +160,7 @@ class EngineStats(ReadByKey):
     requests_finished_total: int = 0  # ended any way: done, aborted, timed out or failed
     requests_failed_total: int = 0  # ended because the model failed on them
     tasks: int = 0  # servable tasks
+    step_seconds: Histogram = field(default_factory=lambda: Histogram(STEP_SECONDS_BUCKETS))  # model steps
     tenants: dict[str, TenantStats] = field(default_factory=dict)  # each tenant seen since start
 
 

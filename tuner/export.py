@@ -16,6 +16,12 @@ task never disappears in between. The previous version is kept (a reader may sti
 older ones are deleted. `load_adapter` resolves the pointer once and opens every file of that one
 version before reading any: an open file outlives its deletion, and a version deleted before its
 files were opened is given up for the one now published, so a reader gets one whole version.
+
+Reading is bounded before anything is parsed: each file by its size, `promptfleet_task.json` by every
+field (`TaskMeta`), and the prompt by its safetensors header (dtype, shape, the file's size), which
+`load_adapter` hands to the reader's `check` (`AdapterHeader`) before it reads the tensor: the
+serving registry refuses a prompt of another width, or longer than the backbone's context, without
+reading its data.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -43,10 +50,24 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TASK_META = "promptfleet_task.json"
 VERSIONS = ".versions"  # hidden: the registry never mistakes it for a task
-MAX_JSON_BYTES = 16 << 20  # adapter_config.json / promptfleet_task.json (a prefix holds demonstrations)
+MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json: PEFT writes about a kilobyte
+# promptfleet_task.json: a prefix of demonstrations; a 262,144-character one fits even JSON-escaped
+MAX_META_BYTES = 4 << 20
 MAX_WEIGHTS_BYTES = 1 << 30  # e.g. 2,048 virtual tokens x 16,384 wide in fp32 is 128 MiB
-_LIMITS = {ADAPTER_CONFIG: MAX_JSON_BYTES, ADAPTER_WEIGHTS: MAX_WEIGHTS_BYTES, TASK_META: MAX_JSON_BYTES}
+MAX_HEADER_BYTES = 1 << 20  # a safetensors header: one tensor's dtype, shape and offsets, as JSON
+_LIMITS = {ADAPTER_CONFIG: MAX_CONFIG_BYTES, ADAPTER_WEIGHTS: MAX_WEIGHTS_BYTES, TASK_META: MAX_META_BYTES}
 _OPEN_ATTEMPTS = 5  # a reader whose resolved version is pruned under it resolves the pointer again
+PROMPT_TENSOR = "prompt_embeddings"
+_FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype -> bytes per value
+
+# Bounds of a `promptfleet_task.json`, written by others into a store a server reads (the prefix and
+# template are bounded by the reader, e.g. serving's longest prompt; `extra` by the file's size).
+MAX_LABELS = 1000  # verbaliser entries
+MAX_LABEL_CHARS = 256  # a label's name, its verbaliser words, a stop string
+MAX_STOPS = 16
+MAX_DESCRIPTION_CHARS = 4096
+MAX_NAME_CHARS = 256  # kind, metric
+MAX_NEW_TOKENS = 1 << 20
 
 
 @dataclass
@@ -85,22 +106,42 @@ class TaskMeta(ReadByKey):
 
     def __post_init__(self) -> None:
         """A `promptfleet_task.json` is read from a prompt store that others write: every field is
-        checked here, so a bad one refuses the adapter at load instead of failing each request."""
-        for name in ("kind", "description", "template", "prefix", "metric"):
-            if not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        checked and bounded here, so a bad one refuses the adapter at load instead of failing (or
+        slowing) each request. The prefix and template are bounded by the reader (`AdapterHeader`)."""
+        for name, limit in (
+            ("kind", MAX_NAME_CHARS),
+            ("description", MAX_DESCRIPTION_CHARS),
+            ("template", None),
+            ("prefix", None),
+            ("metric", MAX_NAME_CHARS),
+        ):
+            _check_text(name, getattr(self, name), limit)
         label_words = kind_of(self.kind).label_scored  # ValueError naming the kinds for an unknown one
         if not isinstance(self.verbaliser, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and (v or not label_words)
             for k, v in self.verbaliser.items()
         ):
             raise ValueError("verbaliser must map labels to non-empty strings")
-        if self.max_new_tokens is not None and not _positive_int(self.max_new_tokens):
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if len(self.verbaliser) > MAX_LABELS:
+            raise ValueError(f"verbaliser has {len(self.verbaliser)} labels, more than {MAX_LABELS}")
+        for label, words in self.verbaliser.items():
+            _check_text("a verbaliser label", label, MAX_LABEL_CHARS)
+            _check_text(f"the verbaliser words of label {label[:40]!r}", words, MAX_LABEL_CHARS)
+        if self.max_new_tokens is not None and not (
+            _positive_int(self.max_new_tokens) and self.max_new_tokens <= MAX_NEW_TOKENS
+        ):
+            raise ValueError(
+                f"max_new_tokens must be a positive integer of at most {MAX_NEW_TOKENS}, "
+                f"got {self.max_new_tokens!r:.40}"
+            )
         if self.score is not None and not _finite_number(self.score):
             raise ValueError(f"score must be a finite number, got {self.score!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r:.80}")
+        if len(self.stop) > MAX_STOPS:
+            raise ValueError(f"stop has {len(self.stop)} strings, more than {MAX_STOPS}")
+        for s in self.stop:
+            _check_text("a stop string", s, MAX_LABEL_CHARS)
         if not isinstance(self.extra, dict):
             raise ValueError("extra must be a mapping")
         check_template(self.template)
@@ -154,6 +195,19 @@ class TaskMeta(ReadByKey):
         return rendered
 
 
+def _check_text(what: str, value, limit: int | None) -> None:
+    """ValueError unless `value` is a string of valid unicode (JSON may spell a lone surrogate,
+    "\\ud800", which no tokenizer takes) of at most `limit` characters (None: any length)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if limit is not None and len(value) > limit:
+        raise ValueError(f"{what} has {len(value)} characters, more than {limit}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid unicode (it contains a lone surrogate)") from None
+
+
 def _positive_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
@@ -174,6 +228,17 @@ class TaskAdapter:
     def __post_init__(self) -> None:
         if isinstance(self.meta, dict):
             self.meta = TaskMeta.from_dict(self.meta)
+
+
+@dataclass(frozen=True)
+class AdapterHeader:
+    """What an adapter says about itself before its prompt tensor is read (`load_adapter`'s `check`)."""
+
+    backbone: str  # base_model_name_or_path as written in adapter_config.json
+    num_virtual_tokens: int
+    width: int  # the prompt's width: the backbone's hidden size it was trained for
+    dtype: str  # safetensors dtype: F32, F16, BF16 or F64
+    meta: TaskMeta
 
 
 def peft_config_dict(num_virtual_tokens: int, backbone_config, base_model: str) -> dict:
@@ -205,7 +270,7 @@ def save_adapter(root: str | os.PathLike, adapter: TaskAdapter, backbone_config)
     cfg = peft_config_dict(adapter.prompt.shape[0], backbone_config, adapter.backbone)
     _write(version / ADAPTER_CONFIG, json.dumps(cfg, indent=2, default=str).encode())
     save_file(
-        {"prompt_embeddings": adapter.prompt.detach().float().contiguous().cpu()},
+        {PROMPT_TENSOR: adapter.prompt.detach().float().contiguous().cpu()},
         str(version / ADAPTER_WEIGHTS),
     )
     meta = json.dumps({"name": adapter.name, **adapter.meta.to_dict()}, indent=2, default=str).encode()
@@ -242,36 +307,90 @@ def _prune(versions: Path, current: str, keep: str) -> None:
             shutil.rmtree(child, ignore_errors=True)
 
 
-def load_adapter(task_dir: str | os.PathLike, name: str | None = None) -> TaskAdapter:
+def load_adapter(
+    task_dir: str | os.PathLike, name: str | None = None, check: Callable[[AdapterHeader], None] | None = None
+) -> TaskAdapter:
     """Read a PEFT prompt-tuning adapter directory (safetensors only).
 
     Args:
         task_dir: `root/<name>` (or a version directory it points to, then `name` is needed).
         name: the task's name; defaults to the directory's name.
+        check: called with the adapter's `AdapterHeader` (its config, metadata and the prompt's
+            dtype and shape from the safetensors header) before the prompt's data is read; it raises
+            to refuse the adapter (serving refuses another width or a prompt too long this way).
     """
     name = validate_name("task name", name if name is not None else Path(task_dir).name)
     with ExitStack() as files:
         d, opened = _open_version(task_dir, files)
-        weights = _read_open(opened, ADAPTER_WEIGHTS)
+        weights = opened[ADAPTER_WEIGHTS]
         if weights is None:
             raise FileNotFoundError(f"{d}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
         cfg = json.loads(_read_open(opened, ADAPTER_CONFIG) or b"null")
+        if not isinstance(cfg, dict) or cfg.get("peft_type") != "PROMPT_TUNING":
+            peft_type = cfg.get("peft_type") if isinstance(cfg, dict) else None
+            raise ValueError(f"{d}: peft_type {peft_type!r} is not PROMPT_TUNING")
         meta = _read_open(opened, TASK_META)
-    if not isinstance(cfg, dict) or cfg.get("peft_type") != "PROMPT_TUNING":
-        peft_type = cfg.get("peft_type") if isinstance(cfg, dict) else None
-        raise ValueError(f"{d}: peft_type {peft_type!r} is not PROMPT_TUNING")
-    tensors = load(weights)
-    if "prompt_embeddings" not in tensors:
-        raise ValueError(f"{d}: {ADAPTER_WEIGHTS} has no `prompt_embeddings`")
-    prompt = tensors["prompt_embeddings"]
-    if prompt.ndim != 2 or prompt.shape[0] != cfg.get("num_virtual_tokens"):
+        meta = TaskMeta.from_dict(json.loads(meta) if meta is not None else {})
+        dtype, shape, size = _prompt_header(weights, d)
+        if shape[0] != cfg.get("num_virtual_tokens"):
+            raise ValueError(f"{d}: {PROMPT_TENSOR} shape {tuple(shape)} does not match {ADAPTER_CONFIG}")
+        backbone = cfg.get("base_model_name_or_path") or ""
+        if check is not None:
+            check(AdapterHeader(backbone, shape[0], shape[1], dtype, meta))
+        prompt = _read_prompt(weights, d, shape, size)
+    if not torch.isfinite(prompt).all():
+        raise ValueError(f"{d}: {PROMPT_TENSOR} holds non-finite values")
+    return TaskAdapter(name, prompt, backbone, meta)
+
+
+def _prompt_header(f: BinaryIO, d: Path) -> tuple[str, list[int], int]:
+    """The prompt's dtype, shape [P, width] and the file's size, from the safetensors header alone
+    (an 8-byte little-endian length, then that much JSON). ValueError unless the header describes
+    exactly one float tensor `prompt_embeddings` whose data ends where the file ends."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
         raise ValueError(
-            f"{d}: prompt_embeddings shape {tuple(prompt.shape)} does not match adapter_config.json"
+            f"{d}: {ADAPTER_WEIGHTS} has no safetensors header of at most {MAX_HEADER_BYTES} bytes"
         )
-    if not prompt.is_floating_point() or not torch.isfinite(prompt).all():
-        raise ValueError(f"{d}: prompt_embeddings holds non-finite (or non-float) values")
-    meta = TaskMeta.from_dict(json.loads(meta) if meta is not None else {})
-    return TaskAdapter(name, prompt, cfg.get("base_model_name_or_path") or "", meta)
+    try:
+        header = json.loads(f.read(n))
+    except (ValueError, RecursionError):
+        raise ValueError(f"{d}: {ADAPTER_WEIGHTS} has a safetensors header that is not JSON") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
+    info = tensors.get(PROMPT_TENSOR)
+    if len(tensors) != 1 or not isinstance(info, dict):
+        raise ValueError(
+            f"{d}: {ADAPTER_WEIGHTS} must hold one tensor `{PROMPT_TENSOR}`, it has {sorted(tensors)[:5]}"
+        )
+    dtype, shape = info.get("dtype"), info.get("shape")
+    if not isinstance(dtype, str) or dtype not in _FLOAT_BYTES:
+        raise ValueError(
+            f"{d}: {PROMPT_TENSOR} has dtype {dtype!r:.20}, not one of {', '.join(_FLOAT_BYTES)}"
+        )
+    if not (isinstance(shape, list) and len(shape) == 2 and all(type(x) is int and x >= 0 for x in shape)):
+        raise ValueError(f"{d}: {PROMPT_TENSOR} has shape {shape!r:.60}, not [num_virtual_tokens, width]")
+    nbytes = shape[0] * shape[1] * _FLOAT_BYTES[dtype]
+    if info.get("data_offsets") != [0, nbytes] or size != 8 + n + nbytes:
+        raise ValueError(
+            f"{d}: {ADAPTER_WEIGHTS} has {size} bytes, its header describes {8 + n + nbytes} "
+            f"({PROMPT_TENSOR} {dtype} {shape}): truncated or not a safetensors file"
+        )
+    return dtype, shape, size
+
+
+def _read_prompt(f: BinaryIO, d: Path, shape: list[int], size: int) -> torch.Tensor:
+    """The prompt tensor of the safetensors file `f` whose header `_prompt_header` checked (`size`
+    bytes): read whole and parsed by safetensors, which checks the header again."""
+    f.seek(0)
+    data = f.read(size + 1)
+    if len(data) != size:
+        raise ValueError(f"{d}: {ADAPTER_WEIGHTS} changed size while it was read")
+    prompt = load(data)[PROMPT_TENSOR]
+    if list(prompt.shape) != shape:  # rewritten in place between the two reads
+        raise ValueError(f"{d}: {ADAPTER_WEIGHTS} changed while it was read")
+    return prompt
 
 
 def _resolve_version(task_dir: str | os.PathLike) -> Path:

@@ -179,7 +179,10 @@ def test_stop_string_of_any_length_is_one_sequence(client):
     assert complete(client, stop="Answer:").status_code == 200
     assert complete(client, stop="a much longer stop sequence than four").status_code == 200
     assert complete(client, stop=["a", "b", "c", "d"]).status_code == 200
-    assert_error(complete(client, stop=["a", "b", "c", "d", "e"]), 400, "invalid_value", "stop")
+    err = assert_error(complete(client, stop=["a", "b", "c", "d", "e"]), 400, "invalid_value", "stop")
+    assert "at most 4 stop strings" in err["message"]  # names the limit, not the strings' length
+    err = assert_error(complete(client, stop=["a", ""]), 400, "invalid_value", "stop")
+    assert "non-empty" in err["message"]
 
 
 # ---------------------------------------------------------------- row 10: unsupported OpenAI parameters
@@ -258,7 +261,7 @@ def test_slow_headers_and_slow_bodies_are_cut_off(dirs):
 
 def test_a_body_trickled_within_every_piece_timeout_still_ends_at_the_body_deadline(dirs):
     """A byte every 0.3 s never trips the 0.5 s piece timeout; it used to hold the connection (and a
-    slot of limit_concurrency) for as long as the client liked."""
+    slot of uvicorn's old limit_concurrency) for as long as the client liked."""
     store, backbone = dirs
     cfg = server_config(engine_config(store, backbone), body_timeout_s=0.5, body_deadline_s=1.5)
     with UvicornThread(create_app(Engine(cfg.engine), cfg)) as url:
@@ -283,12 +286,12 @@ def test_one_client_cannot_hold_every_connection(dirs):
     extra one; before, a thousand idle sockets from anyone (no key needed) made every client's request
     a 503 until they were closed. Its own connections, and everyone else's requests, still work."""
     store, backbone = dirs
-    cfg = server_config(engine_config(store, backbone), max_connections_per_client=4, limit_concurrency=8)
+    cfg = server_config(engine_config(store, backbone), max_connections_per_client=4, max_connections=8)
     with UvicornThread(create_app(Engine(cfg.engine), cfg)) as url:
         held = [_raw_connection(url) for _ in range(4)]
         for s in held:
             s.sendall(b"G")  # a request that never finishes (cut at header_timeout_s)
-        extra = [_raw_connection(url) for _ in range(6)]  # enough to pass limit_concurrency
+        extra = [_raw_connection(url) for _ in range(6)]  # more than the table holds
         for s in extra:
             s.settimeout(5)
             answer = s.recv(65536).decode()
@@ -321,10 +324,12 @@ def test_server_has_keep_alive_and_concurrency_limits(dirs):
     from serving.http_server import uvicorn_config
 
     store, backbone = dirs
-    cfg = server_config(engine_config(store, backbone), timeout_keep_alive_s=3, limit_concurrency=7)
+    cfg = server_config(engine_config(store, backbone), timeout_keep_alive_s=3, max_connections=7)
     config = uvicorn_config(create_app(Engine(cfg.engine), cfg), cfg.api)
-    assert config.timeout_keep_alive == 3 and config.limit_concurrency == 7
+    assert config.timeout_keep_alive == 3 and config.http.table.capacity == 7
+    assert config.limit_concurrency is None  # it counted idle connections against requests
     assert config.http.header_timeout_s == cfg.api.header_timeout_s
+    assert config.http.first_byte_timeout_s == cfg.api.first_byte_timeout_s
     assert config.http.max_connections_per_client == cfg.api.max_connections_per_client == 64
 
 

@@ -196,20 +196,13 @@ def scrape_with(client, headers) -> dict:
 
 def test_engine_per_tenant_numbers_are_exposed_only_with_a_key():
     """The engine reports each tenant's share (stats()["tenants"]); only the full page shows it."""
-    from dataclasses import dataclass
-
     from serving.metrics import ENGINE_SERIES, TENANT_SERIES, ApiMetrics
+    from serving.types import TenantStats
 
-    @dataclass
-    class Share:  # the shape of the scheduler's per-tenant record
-        running: int = 0
-        queued: int = 0
-        tokens_last_minute: int = 0
-        admitted_total: int = 0
-        admitted_tokens_total: int = 0
-        rejected_total: int = 0
-
-    stats = {**dict.fromkeys(ENGINE_SERIES, 0), "tenants": {"acme": Share(2, 1, 50, 9, 400, 3), "b": Share()}}
+    waited = TenantStats(2, 1, 50, 9, 400, 3, preemptions_total=4)
+    for steps in (1, 1, 2, 5):
+        waited.queue_wait_steps.observe(steps)
+    stats = {**dict.fromkeys(ENGINE_SERIES, 0), "tenants": {"acme": waited, "b": TenantStats()}}
     metrics = ApiMetrics(lambda: stats)
     full = {f.name: f for f in text_string_to_metric_families(metrics.render()[0].decode())}
     public = metrics.render_public()[0].decode()
@@ -221,4 +214,22 @@ def test_engine_per_tenant_numbers_are_exposed_only_with_a_key():
         (("tenant", "acme"),): 2.0,
         (("tenant", "b"),): 0.0,
     }
-    assert len(TENANT_SERIES) == 6 and "acme" not in public and "promptfleet_tenant" not in public
+    wait = full["promptfleet_tenant_queue_wait_steps"]
+    buckets = {
+        s.labels["le"]: s.value
+        for s in wait.samples
+        if s.name.endswith("_bucket") and s.labels["tenant"] == "acme"
+    }
+    assert (buckets["1.0"], buckets["2.0"], buckets["4.0"], buckets["6.0"], buckets["+Inf"]) == (
+        2,
+        3,
+        3,
+        4,
+        4,
+    )
+    assert samples(full["promptfleet_tenant_preemptions"], "promptfleet_tenant_preemptions_total") == {
+        (("tenant", "acme"),): 4.0,
+        (("tenant", "b"),): 0.0,
+    }
+    assert len(TENANT_SERIES) == 8 and "acme" not in public and "promptfleet_tenant" not in public
+    assert "promptfleet_engine_step_seconds_bucket" in public  # no names in it: public

@@ -237,6 +237,17 @@ def test_a_fifo_in_the_store_is_refused_without_blocking_the_scan(tmp_path, capl
         ({"max_new_tokens": True}, "max_new_tokens"),
         ({"score": "high"}, "score"),
         ({"stop": "\n"}, "stop"),
+        # Issue 34: every field is bounded (the prefix and template by the server's longest prompt)
+        ({"kind": "classification", "verbaliser": {str(i): " w" for i in range(1001)}}, "more than 1000"),
+        ({"kind": "classification", "verbaliser": {"0": " " + "w" * 256}}, "257 characters, more than 256"),
+        ({"kind": "classification", "verbaliser": {"x" * 257: " w"}}, "a verbaliser label has 257"),
+        ({"stop": ["\n"] * 17}, "stop has 17 strings, more than 16"),
+        ({"stop": ["x" * 257]}, "a stop string has 257 characters"),
+        ({"description": "d" * 4097}, "description has 4097 characters, more than 4096"),
+        ({"metric": "m" * 257}, "metric has 257 characters"),
+        ({"max_new_tokens": 1 << 21}, "max_new_tokens must be a positive integer of at most"),
+        ({"prefix": "Classify.\ud800\n\n"}, "prefix is not valid unicode"),
+        ({"template": "{text}\udfff"}, "template is not valid unicode"),
     ],
 )
 def test_bad_task_metadata_refuses_the_adapter_at_load(tmp_path, caplog, meta, reason):
@@ -329,3 +340,14 @@ def test_the_registry_loads_the_newest_version_when_the_scanned_one_is_pruned(tm
     assert published and reg.get("a").num_virtual_tokens == 4 and not caplog.records
     assert reg.get("a").path == str((tmp_path / "a").resolve())
     assert not reg.refresh()  # its fingerprint is the newest version's: nothing to reload
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_prompt_saved_with_header_metadata_or_half_precision_loads(tmp_path, dtype):
+    """PEFT writes {"format": "pt"} into the safetensors header; the header check allows it."""
+    prompt = torch.randn(4, HIDDEN).to(dtype)
+    d = hand_copied(tmp_path, "peft")
+    save_file({"prompt_embeddings": prompt}, str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    reg = PromptRegistry(tmp_path, {"tiny"}, HIDDEN, max_virtual_tokens=4, max_text_chars=10)
+    assert reg.refresh().added == ["peft"]
+    assert reg.get("peft").prompt.dtype == torch.float32 and reg.get("peft").prompt.equal(prompt.float())
