@@ -13,12 +13,16 @@ task uniformly and is, with equal odds, a short completion (max_tokens=8) or a c
     over the run (B), A/B/A/B, p99 over each condition's pooled latencies (`robustness_runs`). The
     malformed requests are pre-encoded bytes sent open loop on raw sockets: an httpx client spends
     more CPU per request than the server does rejecting it, on the same 2 cores.
-* two tenants on one server (`--tenants`, run on its own, a few minutes): tenant B sends the valid
-  load; tenant A floods past its quota (max_concurrent) with valid requests and sends malformed and
-  hostile-but-well-formed requests (extreme seeds and temperatures, oversized prompts, lone
-  surrogates, unsupported parameters) plus slow-header clients, open loop on raw sockets. B alone
-  and B under A, A/B/A/B, p99 over pooled latencies; B's outputs compared with its clean run
-  (`two_tenant_runs`).
+* tenants (`--tenants`, run on its own, ~35 minutes; `--quick` ~4): first `acme`, within its quota,
+  against `globex`: (a) 32 long streams that keep the batch full, (b) 32 loops of ~700-token
+  classifications, (c) 20 loopback addresses x 60 idle and half-sent connections, each alternated
+  with clean runs, on today's server (`--baseline-rev`, its tree from `git archive`) and then on
+  ours, and acme alone on both (`bench.serving_tenants`, one side-by-side table). Then, on ours,
+  tenant B's valid load beside tenant A flooding past its quota (max_concurrent) with valid
+  requests and sending malformed and hostile-but-well-formed requests (extreme seeds and
+  temperatures, oversized prompts, lone surrogates, unsupported parameters) plus slow-header
+  clients, open loop on raw sockets: B alone and B under A, A/B/A/B, p99 over pooled latencies;
+  B's outputs compared with its clean run (`two_tenant_runs`).
 * a second, decode-heavier workload beside the issue's: the same 64-task requests with
   max_tokens=32 instead of 8, against the same two baselines, to show how the ratios move when
   batched decode dominates the work.
@@ -53,21 +57,29 @@ from pathlib import Path
 
 import torch
 
-from bench.common import REPO, markdown_table, write_result
+from bench.common import REPO, machine_info, markdown_table, write_result
 from bench.serving_attacks import robustness_runs, two_tenant_runs
 from bench.serving_load import (
-    FLOOD_KEY,
+    ACME_LIMITS,
     FLOOD_LIMITS,
-    KEY,
     MAX_TOKENS,
+    TENANTS,
     Server,
     balanced,
     load,
     make_requests,
+    tenants_yaml,
     warm_tasks,
     warm_up,
 )
-from serving.auth import hash_key
+from bench.serving_tenants import (
+    TenantSetup,
+    TenantSizes,
+    classify_inputs,
+    server_runs,
+    source_at,
+    tenants_table,
+)
 
 DATA = REPO.parent / "shared" / "data" / "sst2" / "dev.tsv"
 META = {
@@ -89,7 +101,8 @@ def sentences(n: int) -> list[str]:
     return [r["sentence"].strip() for r in rows[:n]]
 
 
-def write_store(root: Path, n_tasks: int) -> Path:
+def write_store(root: Path, n_tasks: int, tenants: tuple[str, ...] = ("bench", "flood")) -> Path:
+    """`n_tasks` random task adapters under `root`/store, and `root`/tenants.yaml with `tenants`."""
     from transformers import AutoConfig
 
     from tuner.export import TaskAdapter, TaskMeta, save_adapter
@@ -102,11 +115,7 @@ def write_store(root: Path, n_tasks: int) -> Path:
         save_adapter(
             root / "store", TaskAdapter(f"task{i:03d}", prompt, "smollm2-135m", TaskMeta.from_dict(META)), cfg
         )
-    limits = "".join(f"    {k}: {v}\n" for k, v in FLOOD_LIMITS.items())
-    (root / "tenants.yaml").write_text(
-        f"tenants:\n  bench:\n    key_sha256: [{hash_key(KEY)}]\n    tasks: '*'\n    metrics: true\n"
-        f"  flood:\n    key_sha256: [{hash_key(FLOOD_KEY)}]\n    tasks: '*'\n{limits}"
-    )
+    (root / "tenants.yaml").write_text(tenants_yaml(tenants))
     return root / "store"
 
 
@@ -233,9 +242,16 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--tenants",
         action="store_true",
-        help="only the two-tenant run (tenant A floods past its quota and is hostile, tenant B is normal)",
+        help="only the tenant runs: acme's three attacks on globex (today vs ours), then the two-tenant run",
     )
     ap.add_argument("--tenant-requests", type=int, default=120, help="tenant B's valid requests per run")
+    ap.add_argument("--globex-requests", type=int, default=16, help="globex's requests per run (4 clients)")
+    ap.add_argument("--attack-pairs", type=int, default=2, help="clean / attacked pairs per attack")
+    ap.add_argument(
+        "--baseline-rev",
+        default="65fe3c7",
+        help="today's server for the attacks (a git revision; '' skips it)",
+    )
     return ap
 
 
@@ -436,17 +452,42 @@ def comparison_table(out: dict) -> str:
 
 
 def tenants_main(args) -> dict:
-    """The two-tenant run on its own server (8 tasks), written to bench/results/serving_tenants.json."""
+    """The tenant runs on 8 tasks, written to bench/results/serving_tenants.json: acme's attacks on
+    globex on today's server and on ours (never both at once), then the two-tenant run on ours."""
+    from tuner.export import TaskMeta
+
     n = 16 if args.quick else args.tenant_requests
     root = Path(tempfile.mkdtemp(prefix="promptfleet-bench-tenants-"))
     texts, n_tasks = sentences(400), 8
-    store = write_store(root, n_tasks)
+    store = write_store(root, n_tasks, tuple(TENANTS))
+    sizes = TenantSizes.of(args)
+    inputs, lengths = classify_inputs(
+        sentences(872), sizes.loops, sizes.input_tokens, TaskMeta.from_dict(META).render
+    )
+    setup = TenantSetup(sizes, texts, n_tasks, inputs, lengths)
+    print(f"machine: {machine_info()['cpu']}; acme's inputs {min(lengths)}-{max(lengths)} tokens; {sizes}")
+    today = None
+    if args.baseline_rev:
+        with source_at(args.baseline_rev) as src, Server(root, store, args.port + 1, src=src) as srv:
+            today = server_runs(srv, setup, args.baseline_rev)
     with Server(root, store, args.port) as srv:
-        warm_up(srv.url, n_tasks, texts)
-        warm_tasks(srv.url, n_tasks, texts)
-        result = two_tenant_runs(srv, texts, n_tasks, n, args.robust_pairs, args.concurrency, args.quick)
+        ours = server_runs(srv, setup, "ours", alone_first=True)
+        result = two_tenant_runs(
+            srv, texts, n_tasks, n, 1 if args.quick else args.robust_pairs, args.concurrency, args.quick
+        )
     out = {"benchmark": "serving_tenants", "quick": args.quick, "flood_limits": FLOOD_LIMITS, **result}
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
+    out["attacks"] = {
+        "baseline_rev": args.baseline_rev,
+        "acme_limits": ACME_LIMITS,
+        "sizes": vars(sizes),
+        "acme_input_tokens": lengths,
+        "today": today,
+        "ours": ours,
+        "globex_outputs_same_as_today": today
+        and sum(a == b for a, b in zip(ours["globex_outputs"], today["globex_outputs"])),
+    }
+    print(tenants_table(today, ours, args.baseline_rev or "not run", sizes))
     write_result("serving_tenants", out, args.quick)
     return out
 

@@ -6,11 +6,19 @@
 
 Each reports the valid load's latency percentiles over each condition's pooled runs and how every
 bad request was answered. `bench.serving` runs them against its server.
+
+A tenant *within* its quota can hurt others too; `bench.serving_tenants` runs these attackers beside
+globex's load, each until told to stop:
+* `closed_loops`: clients that send their request again as soon as its reply ended (long streams
+  that keep the batch full; long-input classifications);
+* `hold_connections`: many loopback source addresses holding idle and half-sent connections.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import time
 from collections import Counter
 
@@ -245,4 +253,156 @@ def two_tenant_runs(
         "slow_header_clients_closed_after_s": slow_closed,
         "server_up_after": alive,
         "runs": runs,
+    }
+
+
+# ------------------------------------------------------------------------------------ within-quota attackers
+
+
+async def closed_loops(
+    url: str,
+    key: str,
+    path: str,
+    bodies: list[dict],
+    stop: asyncio.Event,
+    ready: asyncio.Event,
+    ready_after: int,
+    rounds: int | None = None,
+) -> dict:
+    """One closed-loop client per body, each sending its body again as soon as the reply ended,
+    `rounds` times each or until `stop` is set (requests in flight are then cancelled: the server
+    sees their clients go). `ready` is set once `ready_after` replies have begun (a stream: its first
+    token; otherwise the whole reply). A refused request (e.g. 429) is retried after 0.5 s.
+
+    Returns the statuses (as each reply began), the replies that ended with 200, the requests with
+    no reply or a reply cut off, the completion tokens of every stream that ended (its
+    `include_usage` chunk), the clients' errors and the wall time.
+    """
+    statuses, tokens, began, done, broken = Counter(), [], 0, 0, 0
+    limits = httpx.Limits(max_connections=len(bodies) + 4)
+    headers = {"Authorization": f"Bearer {key}"}
+
+    def begin() -> None:
+        nonlocal began
+        began += 1
+        if began >= ready_after:
+            ready.set()
+
+    async def send(http: httpx.AsyncClient, body: dict) -> int:
+        async with http.stream("POST", path, json=body) as r:
+            statuses[r.status_code] += 1
+            if r.status_code != 200 or not body.get("stream"):
+                await r.aread()
+                if r.status_code == 200:
+                    begin()
+                return r.status_code
+            first = True
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and first:
+                    first = False
+                    begin()
+                if line.startswith("data: {") and '"usage"' in line:
+                    tokens.append(json.loads(line[6:])["usage"]["completion_tokens"])
+            return r.status_code
+
+    async def client(http: httpx.AsyncClient, body: dict) -> None:
+        nonlocal done, broken
+        for _ in itertools.count() if rounds is None else range(rounds):
+            try:
+                status = await send(http, body)
+            except httpx.TransportError:  # no reply, or one cut off
+                status, broken = 0, broken + 1
+            done += status == 200
+            if status != 200:
+                await asyncio.sleep(0.5)
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=900, limits=limits) as http:
+        clients = [asyncio.ensure_future(client(http, b)) for b in bodies]
+        everyone = asyncio.gather(*clients, return_exceptions=True)
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([everyone, stopped], return_when=asyncio.FIRST_COMPLETED)
+        for task in (*clients, stopped):
+            task.cancel()
+        errors = [repr(r) for r in await everyone if isinstance(r, Exception)]  # not the cancelled
+    ready.set()  # never left waiting, whatever happened
+    return {
+        "statuses": dict(statuses),
+        "replies_200": done,
+        "transport_errors": broken,
+        "stream_tokens": tokens,
+        "errors": errors,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+async def hold_connections(
+    host: str,
+    port: int,
+    addresses: list[str],
+    per_address: int,
+    stop: asyncio.Event,
+    ready: asyncio.Event,
+    reopen_s: float = 9.0,
+) -> dict:
+    """`per_address` connections from each source address (127.0.0.x: Linux routes all of 127/8 to
+    lo), half of them idle and half with `GET /health HTTP/1.1\\r\\n` sent and nothing more; each is
+    reopened as soon as the server closes it (or answers), and anyway after `reopen_s`, until `stop`.
+    `ready` is set once every connection has been opened (or refused) once.
+
+    Returns how many connections were opened, refused and closed (or answered) by the server, the
+    statuses of those answers, and how long the server kept the closed ones open.
+    """
+    n = {"opened": 0, "refused": 0, "closed_by_server": 0, "first": 0}
+    answers, lifetimes = Counter(), []
+
+    async def hold(addr: str, half_sent: bool) -> None:
+        first = True
+        while not stop.is_set():
+            try:
+                reader, writer = await asyncio.open_connection(host, port, local_addr=(addr, 0))
+                n["opened"] += 1
+            except OSError:
+                n["refused"] += 1
+                reader = writer = None
+            if first:
+                first, n["first"] = False, n["first"] + 1
+                if n["first"] == len(addresses) * per_address:
+                    ready.set()
+            if writer is None:
+                await asyncio.sleep(0.5)
+                continue
+            t0 = time.perf_counter()
+            try:
+                if half_sent:
+                    writer.write(b"GET /health HTTP/1.1\r\n")
+                data = await asyncio.wait_for(reader.read(4096), reopen_s)  # b"": the server closed it
+            except TimeoutError:
+                data = None  # still open: reopened by the attacker itself
+            except OSError:
+                data = b""  # reset by the server
+            finally:
+                writer.close()
+            if data is not None:
+                n["closed_by_server"] += 1
+                lifetimes.append(time.perf_counter() - t0)
+                answers[
+                    data.split(b" ", 2)[1].decode("latin-1") if data.startswith(b"HTTP/") else "none"
+                ] += 1
+
+    holders = [
+        asyncio.ensure_future(hold(addr, i % 2 == 1)) for addr in addresses for i in range(per_address)
+    ]
+    await stop.wait()
+    for task in holders:
+        task.cancel()
+    await asyncio.gather(*holders, return_exceptions=True)
+    ready.set()
+    return {
+        "connections": len(holders),
+        "opened": n["opened"],
+        "refused": n["refused"],
+        "closed_by_server": n["closed_by_server"],
+        "server_answers": dict(answers),
+        "closed_after_s_p50": percentile(lifetimes, 50),
     }

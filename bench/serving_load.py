@@ -1,6 +1,8 @@
 """The serving benchmark's clients: `promptfleet serve` in a subprocess and the load sent to it.
 
-* `Server`: the server on 127.0.0.1, started and stopped by the benchmark, with its /metrics.
+* `Server`: the server on 127.0.0.1, started and stopped by the benchmark, with its /metrics; from
+  this checkout or from another source tree (an older revision, for a before / after comparison).
+* `TENANTS`, `tenants_yaml`: the benchmark's API keys and the tenants file the server reads.
 * `make_requests`, `load`: the valid load, (kind, task, text) requests drained by many concurrent
   httpx clients (closed loop), with latencies, statuses and outputs; `warm_up`, `warm_tasks`.
 * `raw_request`, `send_raw`, `error_shaped`: requests as pre-encoded bytes sent on raw sockets
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -25,11 +28,36 @@ import httpx
 
 from bench.common import REPO
 from bench.stats import percentile
+from serving.auth import hash_key
 
 KEY = "pf-bench-key"  # tenant "bench" (tenant B of the two-tenant run; may read /metrics)
 FLOOD_KEY = "pf-bench-flood-key"  # tenant "flood" (tenant A), limited by FLOOD_LIMITS
 FLOOD_LIMITS = {"max_concurrent": 4, "tokens_per_minute": 60000}
+ACME_KEY = "pf-bench-acme-key"  # tenant "acme" of the attacks on globex (`bench.serving_tenants`)
+GLOBEX_KEY = "pf-bench-globex-key"  # tenant "globex", the one attacked
+# acme within its quota: as many requests as the engine's batch (engine.max_batch_size=32 below), and
+# a token rate far above what 32 loops of ~700-token classifications reach on this CPU.
+ACME_LIMITS = {"max_concurrent": 32, "tokens_per_minute": 2_000_000, "weight": 1.0}
+# name -> (key, settings in the tenants file); every tenant may use every task
+TENANTS = {
+    "bench": (KEY, {"metrics": True}),  # also the operator key that scrapes /metrics
+    "flood": (FLOOD_KEY, FLOOD_LIMITS),
+    "acme": (ACME_KEY, ACME_LIMITS),
+    "globex": (GLOBEX_KEY, {"weight": 1.0}),
+}
 MAX_TOKENS = 8  # the issue's workload: short completions
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (sample name, sorted labels) -> value
+
+
+def tenants_yaml(names: tuple[str, ...]) -> str:
+    """The tenants file (`api.auth`) holding the tenants `names` of `TENANTS`."""
+    lines = ["tenants:"]
+    for name in names:
+        key, settings = TENANTS[name]
+        lines += [f"  {name}:", f"    key_sha256: [{hash_key(key)}]", "    tasks: '*'"]
+        lines += [f"    {k}: {json.dumps(v)}" for k, v in settings.items()]
+    return "\n".join(lines) + "\n"
 
 
 def make_requests(n: int, n_tasks: int, texts: list[str], seed: int) -> list[tuple[str, str, str]]:
@@ -49,10 +77,25 @@ def http_body(
     return "/v1/completions", {"model": task, "prompt": text, "max_tokens": max_tokens, "stream": stream}
 
 
-class Server:
-    """`promptfleet serve` in a subprocess on 127.0.0.1 (started and stopped by this benchmark only)."""
+def parse_series(text: str) -> Series:
+    """The samples of a Prometheus exposition text."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    def __init__(self, root: Path, store: Path, port: int, *overrides: str):
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+class Server:
+    """`promptfleet serve` in a subprocess on 127.0.0.1 (started and stopped by this benchmark only).
+
+    `src` is the source tree it runs (cwd and PYTHONPATH, so `cluster.cli` and `serving` come from
+    there, ahead of the editable install), with this interpreter: this checkout by default.
+    """
+
+    def __init__(self, root: Path, store: Path, port: int, *overrides: str, src: Path = REPO):
         self.url = f"http://127.0.0.1:{port}"
         cmd = [
             sys.executable,
@@ -73,7 +116,8 @@ class Server:
             *overrides,
         ]  # a shared 2-core machine can be slow: no 503s
         self.log = open(root / f"server-{port}.log", "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "PYTHONPATH": str(src)}
+        self.proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def __enter__(self) -> Server:
         deadline = time.monotonic() + 300
@@ -96,16 +140,43 @@ class Server:
             self.proc.kill()
         self.log.close()
 
-    def metrics(self) -> dict[str, float]:
-        from prometheus_client.parser import text_string_to_metric_families
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far, all its threads (Linux /proc; NaN elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
-        text = httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
-        out: dict[str, float] = {}
-        for fam in text_string_to_metric_families(text):
-            for s in fam.samples:
-                if not s.labels:
-                    out[s.name] = s.value
-        return out
+    def series(self) -> Series:
+        """Every sample of /metrics (read with the operator key), labelled ones included."""
+        return parse_series(
+            httpx.get(f"{self.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).text
+        )
+
+    def metrics(self) -> dict[str, float]:
+        """The samples without labels, by name."""
+        return {name: value for (name, labels), value in self.series().items() if not labels}
+
+    def wait_idle(self, timeout_s: float = 600.0) -> None:
+        """Until nothing waits or runs in the engine: requests of a cancelled load are aborted or run
+        first. A classification leaves the queue for its step without joining the running batch, so
+        the tenants' gauges (queued, running: classifications in a step included) are read too."""
+        busy_series = (
+            "promptfleet_queue_depth",
+            "promptfleet_running_requests",
+            "promptfleet_tenant_queued_requests",
+            "promptfleet_tenant_running_requests",
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            busy = {name: v for (name, _), v in self.series().items() if name in busy_series and v}
+            if not busy:
+                return
+            time.sleep(0.25)
+        print(
+            f"  warning: the engine is still busy {timeout_s:.0f} s after the load ended ({busy}); going on"
+        )
 
 
 async def load_async(
@@ -115,14 +186,16 @@ async def load_async(
     junk: list[bytes] = (),
     junk_over_s: float = 0.0,
     max_tokens: int = MAX_TOKENS,
+    key: str = KEY,
 ) -> dict:
-    """Closed loop: `concurrency` clients drain `requests`. `junk` (pre-encoded raw requests) is sent
-    open loop at the same time, evenly spread: the i-th at i * junk_over_s / len(junk) seconds, each on
-    its own connection, whatever the server's replies take. Returns latencies, statuses, junk replies."""
+    """Closed loop: `concurrency` clients of the tenant holding `key` drain `requests`. `junk`
+    (pre-encoded raw requests) is sent open loop at the same time, evenly spread: the i-th at
+    i * junk_over_s / len(junk) seconds, each on its own connection, whatever the server's replies
+    take. Returns latencies, statuses, junk replies."""
     lat, ttft, statuses, tokens, completions = [], [], Counter(), 0, 0
     outputs: list = [None] * len(requests)  # completion text or label of each request, by index
     todo = list(reversed(list(enumerate(requests))))
-    headers = {"Authorization": f"Bearer {KEY}"}
+    headers = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=concurrency + 4)
     host, port = httpx.URL(url).host, httpx.URL(url).port
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600, limits=limits) as http:
@@ -143,7 +216,12 @@ async def load_async(
                     if first is not None:
                         ttft.append(first)
                 else:
-                    r = await http.post(path, json=body)
+                    try:
+                        r = await http.post(path, json=body)
+                    except httpx.TransportError:  # no reply at all (the server dropped the connection)
+                        statuses[0] += 1
+                        lat.append(time.perf_counter() - t0)
+                        continue
                     statuses[r.status_code] += 1
                     if r.status_code == 200 and kind == "complete":
                         tokens += r.json()["usage"]["completion_tokens"]

@@ -58,9 +58,11 @@ class EngineConfig:
         4096, "Prefill + decode tokens per engine step; longer prompts are prefilled in chunks."
     )
     shared_step_tokens: int = documented(
-        512,
-        "The same while more than one tenant has work: bounds how much one tenant's long prompts "
-        "slow every other tenant's steps (0: max_step_tokens).",
+        128,
+        "The same while more than one tenant has work (or had some in the last 2 s): bounds how much "
+        "one tenant's long prompts slow every other tenant's steps (0: max_step_tokens). 128 keeps a "
+        "shared step within ~2x a decode step on a 2-core CPU; on a GPU, where a step's cost hardly "
+        "grows with its tokens, 1024-2048.",
     )
     threads: int = documented(0, "Torch intra-op threads; 0 leaves torch's default (all cores).")
     device: str = documented("cpu", "cpu or cuda (cuda:N for one GPU of several).")

@@ -17,7 +17,8 @@ Each engine step is shared between the tenants that have work (running or waitin
   not kept: preemption exists to free a row of the batch, and the rows picked are the shortest, so
   the recompute is a small, chunked prefill; its sampler (`Request.sampler`) and output are kept.
 * Prefill tokens. The step's token budget (`max_step_tokens`, or `shared_step_tokens` while more
-  than one tenant has work, so that a flood of long prompts cannot make everyone's steps long),
+  than one tenant has work or had some in the last `shared_hold_s` seconds, so that a flood of long
+  prompts cannot make everyone's steps long),
   after one token per decoding row, is water-filled between the tenants with waiting work; each
   spends its allotment on its own queue in order. A prompt longer than what is left is chunked
   (`SchedulerOutput.chunks`): the runner keeps its partial KV and the request stays at the head of
@@ -35,8 +36,7 @@ max_tokens); detokenising and stop strings are the engine's output path, which c
 when a stop string matched. Each request records the engine steps it waited before it was first
 scheduled (`TenantStats.queue_wait_steps`, counting the step in flight when it arrived).
 
-The scheduler is not thread-safe (the engine serialises calls with a lock) and knows nothing of
-tensors, KV memory, text or HTTP. Shaped after vLLM's `vllm/v1/core/sched/` (GPU-free tests).
+Not thread-safe (the engine serialises calls with a lock); knows nothing of tensors, text or HTTP.
 """
 
 from __future__ import annotations
@@ -177,6 +177,7 @@ class SchedulerConfig:
     max_step_tokens: int = 4096  # prefill + decode tokens per step (longer prompts are chunked)
     shared_step_tokens: int = 0  # the same while more than one tenant has work (0: max_step_tokens)
     min_chunk_tokens: int = 16  # no chunk smaller than this (unless all that is left of a prompt)
+    shared_hold_s: float = 2.0  # a tenant counts as sharing the engine this long after its last work
 
 
 @dataclass
@@ -188,6 +189,7 @@ class _Tenant:
     held: int = 0  # batch slots: running generations + generations with a partial prefill
     window: deque[list[float]] = field(default_factory=deque)  # [time, tokens] charges, oldest first
     pass_: float = 0.0  # virtual token counter: tokens scheduled / weight
+    last_active: float = float("-inf")  # clock time it last had work (running or waiting)
     stats: TenantStats = field(default_factory=TenantStats)
 
     def head(self) -> Request | None:
@@ -388,7 +390,7 @@ class Scheduler:
             t = self._tenant(req.tenant)
             t.pass_ += 1.0 / max(t.limits.weight, 1e-6)
         step_tokens = self.config.max_step_tokens
-        if len(active) > 1 and self.config.shared_step_tokens:
+        if self._shared(active) and self.config.shared_step_tokens:
             step_tokens = min(step_tokens, self.config.shared_step_tokens)
         budget = max(0, step_tokens - len(out.decode))
         allot = self._allot(active, budget)
@@ -400,6 +402,15 @@ class Scheduler:
         return out
 
     # ------------------------------------------------------------------ sharing one step
+    def _shared(self, active: dict[str, _Tenant]) -> bool:
+        """More than one tenant has had work within `shared_hold_s` (a client between two requests
+        still shares the engine: the step its next request arrives in is a short one)."""
+        now = self._clock()
+        for t in active.values():
+            t.last_active = now
+        recent = [t for t in self._tenants.values() if now - t.last_active <= self.config.shared_hold_s]
+        return len(recent) > 1
+
     def _slots_used(self) -> int:
         return sum(t.held for t in self._tenants.values())
 

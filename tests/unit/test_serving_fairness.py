@@ -136,7 +136,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_within_the_step_budget():
 
 
 def test_a_flood_of_long_prompts_leaves_another_tenant_a_short_step():
-    s = Scheduler(SchedulerConfig(max_step_tokens=4096, shared_step_tokens=128))
+    s = Scheduler(SchedulerConfig(max_step_tokens=4096, shared_step_tokens=128, shared_hold_s=0.0))
     for i in range(10):
         s.add(clf(f"a{i}", "a", prompt_len=700))
     out = run(s)  # a alone: the whole budget
@@ -335,3 +335,25 @@ def test_a_prefill_mixing_classification_and_generation_rows_runs_once():
     result = runner.step(out)
     assert not result.failed and len(forwards) == 1
     assert [result.tokens["g"]] == direct_greedy(model, tasks[1], g.prompt_ids, 1)
+
+
+def test_a_tenant_between_two_requests_still_gets_short_steps():
+    """b's next request is on its way (b has no work for a moment): a keeps the shared budget for
+    `shared_hold_s`, so b's next request does not arrive in the middle of one huge step."""
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+    s = Scheduler(SchedulerConfig(max_step_tokens=4096, shared_step_tokens=128, shared_hold_s=2.0), clock)
+    for i in range(10):
+        s.add(clf(f"a{i}", "a", prompt_len=700))
+    s.add(gen("b0", "b", prompt_len=10, max_tokens=1))
+    assert run(s).tokens <= 128  # b's request finishes in this step
+    clock.now = 1.0
+    assert run(s).tokens <= 128  # b has no work, but had some a second ago
+    clock.now = 3.5
+    assert run(s).tokens == 4096  # b is gone: a gets the whole step again
