@@ -210,6 +210,8 @@ class ModelRunner:
         if tokens:
             result.tokens = dict(zip(ids, torch.cat(tokens).tolist()))  # the step's one read-back
         self._regroup(parts)
+        for req in out.prefill:  # completed: its KV is in the batch now (or it was scored)
+            self.partial.pop(req.request_id, None)
         return result
 
     def reset(self) -> None:

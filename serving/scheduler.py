@@ -28,13 +28,10 @@ Within a step the order of admission is: tenants below their slot share first, t
 least per unit of weight (tokens scheduled / weight, a virtual token counter as in VTC, Sheng et
 al. 2024; a newly backlogged tenant starts at the current virtual time, without credit for idling).
 
-`schedule()` returns a `SchedulerOutput`: the running generations to decode one token each, the
-requests whose prefill completes this step (a classification is scored there and leaves), the
-chunks of longer prefills, and the generations preempted. After the model step the engine hands the
-sampled token ids to `update()`, which appends them and applies the token-level stop rules (EOS,
-max_tokens); detokenising and stop strings are the engine's output path, which calls `finish()`
-when a stop string matched. Each request records the engine steps it waited before it was first
-scheduled (`TenantStats.queue_wait_steps`, counting the step in flight when it arrived).
+`schedule()` returns a `SchedulerOutput` (decode rows, completing prefills, chunks, preempted rows);
+after the model step `update()` appends the sampled tokens and applies EOS / max_tokens (stop strings
+are the engine's output path, which calls `finish()`). Each request records the engine steps it
+waited before it was first scheduled (`TenantStats.queue_wait_steps`, the step in flight counts).
 
 Not thread-safe (the engine serialises calls with a lock); knows nothing of tensors, text or HTTP.
 """
@@ -383,8 +380,9 @@ class Scheduler:
         self.steps += 1
         out = SchedulerOutput()
         active = {n: t for n, t in self._tenants.items() if t.held or t.head() is not None}
-        slot_share = self._slot_shares(active)
-        self._preempt(active, slot_share, out)
+        wanted = {n: self._slots_wanted(t) for n, t in active.items()}  # one scan of each queue
+        slot_share = self._slot_shares(active, wanted)
+        self._preempt(active, slot_share, wanted, out)
         out.decode = list(self.running.values())
         for req in out.decode:
             t = self._tenant(req.tenant)
@@ -403,8 +401,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ sharing one step
     def _shared(self, active: dict[str, _Tenant]) -> bool:
-        """More than one tenant has had work within `shared_hold_s` (a client between two requests
-        still shares the engine: the step its next request arrives in is a short one)."""
+        """More than one tenant has had work within `shared_hold_s` (one between two requests still shares)."""
         now = self._clock()
         for t in active.values():
             t.last_active = now
@@ -414,27 +411,30 @@ class Scheduler:
     def _slots_used(self) -> int:
         return sum(t.held for t in self._tenants.values())
 
-    @staticmethod
-    def _slots_wanted(t: _Tenant, partial: dict[str, Request]) -> int:
+    def _slots_wanted(self, t: _Tenant) -> int:
         """Waiting generations of `t` that would need a batch slot."""
-        return sum(
-            r.kind is RequestKind.GENERATE
-            and r.status is RequestStatus.WAITING
-            and r.request_id not in partial
-            for r in t.queue
+        waiting = (
+            r for r in t.queue if r.status is RequestStatus.WAITING and r.request_id not in self._partial
         )
+        return sum(r.kind is RequestKind.GENERATE for r in waiting)
 
-    def _slot_shares(self, active: dict[str, _Tenant]) -> dict[str, float]:
-        demand = {n: float(t.held + self._slots_wanted(t, self._partial)) for n, t in active.items()}
+    def _slot_shares(self, active: dict[str, _Tenant], wanted: dict[str, int]) -> dict[str, float]:
+        demand = {n: float(t.held + wanted[n]) for n, t in active.items()}
         weight = {n: max(t.limits.weight, 1e-6) for n, t in active.items()}
         return water_fill(self.config.max_batch_size, demand, weight)
 
-    def _preempt(self, active: dict[str, _Tenant], share: dict[str, float], out: SchedulerOutput) -> None:
+    def _preempt(
+        self,
+        active: dict[str, _Tenant],
+        share: dict[str, float],
+        waiting: dict[str, int],
+        out: SchedulerOutput,
+    ) -> None:
         """Free batch slots for the tenants below their share that wait for one, from the tenants
         furthest above theirs (each keeps at least its share)."""
         free = self.config.max_batch_size - self._slots_used()
         for name, t in sorted(active.items(), key=lambda kv: kv[1].held / max(kv[1].limits.weight, 1e-6)):
-            wanted = min(self._slots_wanted(t, self._partial), int(share[name] + 1e-9) - t.held)
+            wanted = min(waiting[name], int(share[name] + 1e-9) - t.held)
             take = min(max(free, 0), max(wanted, 0))
             free, wanted = free - take, wanted - take
             while wanted > 0:
