@@ -55,14 +55,19 @@ class EngineConfig:
     )
     request_timeout_s: float = documented(60.0, "A request older than this ends with RequestTimeout (503).")
     max_step_tokens: int = documented(
-        4096, "Prefill + decode tokens per engine step; longer prompts are prefilled in chunks."
+        512,
+        "Prefill + decode tokens per engine step; longer prompts are prefilled in chunks. The step in "
+        "flight is a newly arrived request's first wait: 512 is about 1 s on a 2-core CPU and costs "
+        "a tenant alone no measurable throughput there (bench/serving.py --tenants); 4096-8192 on a GPU.",
     )
     shared_step_tokens: int = documented(
         128,
-        "The same while more than one tenant has work (or had some in the last 2 s): bounds how much "
-        "one tenant's long prompts slow every other tenant's steps (0: max_step_tokens). 128 keeps a "
-        "shared step within ~2x a decode step on a 2-core CPU; on a GPU, where a step's cost hardly "
-        "grows with its tokens, 1024-2048.",
+        "While more than one tenant has work (or had some in the last 2 s), the tenants with more "
+        "prefill waiting than one whole step share this many prefill tokens per step (0: no cap), so "
+        "one tenant's flood of long prompts cannot make every other tenant's steps long; a tenant "
+        "whose waiting prompts fit in a step is not capped. 128 keeps such a step within ~2x a "
+        "decode step on a 2-core CPU; on a GPU, where a step's cost hardly grows with its tokens, "
+        "1024-2048.",
     )
     threads: int = documented(0, "Torch intra-op threads; 0 leaves torch's default (all cores).")
     device: str = documented("cpu", "cpu or cuda (cuda:N for one GPU of several).")

@@ -16,11 +16,13 @@ Each engine step is shared between the tenants that have work (running or waitin
   prompt and the tokens it already produced as one prefill (recompute, as vLLM V1 does). Its KV is
   not kept: preemption exists to free a row of the batch, and the rows picked are the shortest, so
   the recompute is a small, chunked prefill; its sampler (`Request.sampler`) and output are kept.
-* Prefill tokens. The step's token budget (`max_step_tokens`, or `shared_step_tokens` while more
-  than one tenant has work or had some in the last `shared_hold_s` seconds, so that a flood of long
-  prompts cannot make everyone's steps long),
-  after one token per decoding row, is water-filled between the tenants with waiting work; each
-  spends its allotment on its own queue in order. A prompt longer than what is left is chunked
+* Prefill tokens. The step's token budget (`max_step_tokens`), after one token per decoding row,
+  is water-filled between the tenants with waiting work; each spends its allotment on its own queue
+  in order. A tenant with more prefill waiting than one whole step holds is flooding: while another
+  tenant has work (or had some in the last `shared_hold_s` seconds), the flooding tenants share
+  `shared_step_tokens` of each step between them, so a flood of long prompts advances in short steps
+  and cannot make everyone's steps long, while a tenant whose waiting prompts fit in a step (however
+  busy it is) still has them computed whole. A prompt longer than what is left is chunked
   (`SchedulerOutput.chunks`): the runner keeps its partial KV and the request stays at the head of
   its queue, so one request's prefill cannot hold a step. All but its last prompt token may go in
   chunks; the step that completes it computes the rest and its first token (or its scores).
@@ -45,6 +47,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
+from serving.fairness import water_fill
 from serving.types import (
     WAIT_STEP_BUCKETS,
     FinishReason,
@@ -172,7 +175,7 @@ class SchedulerConfig:
     max_batch_size: int = 32  # running requests decoded together in one forward
     max_queue: int = 256  # waiting requests before `add` raises Overloaded
     max_step_tokens: int = 4096  # prefill + decode tokens per step (longer prompts are chunked)
-    shared_step_tokens: int = 0  # the same while more than one tenant has work (0: max_step_tokens)
+    shared_step_tokens: int = 0  # what flooding tenants share of a step while others have work (0: no cap)
     min_chunk_tokens: int = 16  # no chunk smaller than this (unless all that is left of a prompt)
     shared_hold_s: float = 2.0  # a tenant counts as sharing the engine this long after its last work
 
@@ -193,26 +196,6 @@ class _Tenant:
         while self.queue and self.queue[0].status is RequestStatus.FINISHED:  # aborted while waiting
             self.queue.popleft()
         return self.queue[0] if self.queue else None
-
-
-def water_fill(capacity: float, demand: dict[str, float], weight: dict[str, float]) -> dict[str, float]:
-    """Each key's weighted max-min fair share of `capacity`: never more than its demand, and what a
-    key does not need is split between the others by weight (work-conserving)."""
-    share = {k: 0.0 for k in demand}
-    left, open_ = float(capacity), {k for k, d in demand.items() if d > 0}
-    while open_ and left > 1e-9:
-        total = sum(weight[k] for k in open_)
-        quota = {k: left * weight[k] / total for k in open_}
-        done = {k for k in open_ if demand[k] - share[k] <= quota[k]}
-        if not done:  # everyone wants more than its quota: split all that is left
-            for k in open_:
-                share[k] += quota[k]
-            break
-        for k in done:
-            left -= demand[k] - share[k]
-            share[k] = demand[k]
-        open_ -= done
-    return share
 
 
 class Scheduler:
@@ -387,14 +370,13 @@ class Scheduler:
         for req in out.decode:
             t = self._tenant(req.tenant)
             t.pass_ += 1.0 / max(t.limits.weight, 1e-6)
-        step_tokens = self.config.max_step_tokens
-        if self._shared(active) and self.config.shared_step_tokens:
-            step_tokens = min(step_tokens, self.config.shared_step_tokens)
-        budget = max(0, step_tokens - len(out.decode))
-        allot = self._allot(active, budget)
+        budget = max(0, self.config.max_step_tokens - len(out.decode))
+        allot, caps = self._allot(active, budget, shared=self._shared(active))
+        given = dict(allot)
         budget = self._admit(active, slot_share, allot, budget, out)
         if budget > 0:  # what the fair pass left (a head too big for its allotment): anyone may use it
-            self._admit(active, slot_share, {n: budget for n in active}, budget, out)
+            spare = {n: caps[n] - (given[n] - allot[n]) if n in caps else budget for n in active}
+            self._admit(active, slot_share, spare, budget, out)
         out.partial = frozenset(self._partial)
         self.last_batch_size = len(out.prefill) + len(out.decode) + len(out.chunks)
         return out
@@ -482,18 +464,31 @@ class Scheduler:
         t.stats.preemptions_total += 1
         out.preempted.append(req)
 
-    def _allot(self, active: dict[str, _Tenant], budget: int) -> dict[str, float]:
-        """The step's prefill tokens, water-filled between the tenants with waiting work."""
-        demand = {}
+    def _allot(
+        self, active: dict[str, _Tenant], budget: int, shared: bool
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """The step's prefill tokens, water-filled between the tenants with waiting work, and the caps
+        of the flooding tenants: while the engine is shared, the tenants with more prefill waiting than
+        one whole step holds share `shared_step_tokens` between them (by weight), so their floods
+        advance in short steps; every other tenant's prompts go in whole (within the budget)."""
+        full = self.config.max_step_tokens
+        demand, flooding = {}, {}
         for name, t in active.items():
             need = 0
             for r in t.queue:
-                if need >= budget:
+                if need > full:
                     break
                 if r.status is RequestStatus.WAITING:
                     need += r.completion_cost
             demand[name] = float(min(need, budget))
-        return water_fill(budget, demand, {n: max(t.limits.weight, 1e-6) for n, t in active.items()})
+            if need > full:
+                flooding[name] = float(need)
+        weight = {n: max(t.limits.weight, 1e-6) for n, t in active.items()}
+        caps: dict[str, float] = {}
+        if flooding and shared and self.config.shared_step_tokens:
+            caps = water_fill(min(self.config.shared_step_tokens, budget), flooding, weight)
+            demand.update(caps)
+        return water_fill(budget, demand, weight), caps
 
     def _plan(self, req: Request, left: float, slots: int, idle: bool) -> tuple[int, bool] | None:
         """(tokens, completes) of `req` this step within `left` tokens, or None if it must wait."""

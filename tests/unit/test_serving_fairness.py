@@ -46,10 +46,17 @@ def clf(rid: str, tenant: str, prompt_len: int) -> Request:
     )
 
 
+def prefilled(out, tenant: str) -> int:
+    """Prefill tokens `out` computes for `tenant` (chunks and completing prompts)."""
+    chunks = sum(n for r, n in out.chunks if r.tenant == tenant)
+    return chunks + sum(r.completion_cost for r in out.prefill if r.tenant == tenant)
+
+
 def run(s: Scheduler, token: int = 7):
     """One step with a fake model: every generation row samples `token`. `out.tokens`: what it computed."""
     out = s.schedule()
     out.tokens = sum(n for _, n in out.chunks) + sum(r.completion_cost for r in out.prefill) + len(out.decode)
+    out.prefilled = {r.tenant: prefilled(out, r.tenant) for r in (*out.prefill, *(r for r, _ in out.chunks))}
     s.update(out, {r.request_id: token for r in (*out.prefill, *out.decode)})
     return out
 
@@ -137,16 +144,40 @@ def test_a_long_prompt_is_prefilled_in_chunks_within_the_step_budget():
 
 def test_a_flood_of_long_prompts_leaves_another_tenant_a_short_step():
     s = Scheduler(SchedulerConfig(max_step_tokens=4096, shared_step_tokens=128, shared_hold_s=0.0))
-    for i in range(10):
+    for i in range(20):
         s.add(clf(f"a{i}", "a", prompt_len=700))
     out = run(s)  # a alone: the whole budget
     assert out.tokens == 4096 and len(out.prefill) == 5 and out.partial == {"a5"}
     s.add(gen("b0", "b", prompt_len=10, max_tokens=3))
-    out = run(s)
-    assert "b0" in {r.request_id for r in out.prefill} and out.tokens <= 128  # the next step, whole
+    out = run(s)  # the next step: b's prompt whole, a's flood 128 tokens
+    assert "b0" in {r.request_id for r in out.prefill} and out.prefilled == {"a": 128, "b": 10}
     while "b0" in s.running:
-        assert run(s).tokens <= 128
-    assert run(s).tokens > 128  # a alone again: the whole budget (what is left of its 10)
+        out = run(s)
+        assert out.tokens == 128 + 1 and out.prefilled == {"a": 128}  # b decodes beside short steps
+    assert run(s).tokens > 128  # a alone again: the whole budget (what is left of its 20)
+
+
+def test_a_busy_tenant_whose_prompts_fit_in_a_step_is_not_capped():
+    """b has many requests but less waiting than one step holds: its prompts go in whole beside a's
+    stream (capping it would only slow b down; a's steps are bounded by `max_step_tokens`)."""
+    s = Scheduler(SchedulerConfig(max_step_tokens=512, shared_step_tokens=128, shared_hold_s=0.0))
+    s.add(gen("a0", "a", max_tokens=50))
+    run(s)
+    for i in range(6):
+        s.add(gen(f"b{i}", "b", prompt_len=60))
+    out = run(s)
+    assert out.prefilled == {"b": 360} and len(out.prefill) == 6 and out.decode[0].request_id == "a0"
+
+
+def test_flooding_tenants_share_the_capped_step_by_weight():
+    s = Scheduler(SchedulerConfig(max_step_tokens=512, shared_step_tokens=120, shared_hold_s=0.0))
+    s.set_tenant_limits({"a": TenantLimits(weight=1.0), "b": TenantLimits(weight=2.0)})
+    for i in range(4):
+        s.add(clf(f"a{i}", "a", prompt_len=700))
+        s.add(clf(f"b{i}", "b", prompt_len=700))
+    s.add(gen("c0", "c", prompt_len=8))
+    out = run(s)
+    assert out.prefilled == {"a": 40, "b": 80, "c": 8}
 
 
 def test_aborting_a_partial_prefill_frees_its_slot_and_its_kv():
@@ -352,8 +383,8 @@ def test_a_tenant_between_two_requests_still_gets_short_steps():
     for i in range(10):
         s.add(clf(f"a{i}", "a", prompt_len=700))
     s.add(gen("b0", "b", prompt_len=10, max_tokens=1))
-    assert run(s).tokens <= 128  # b's request finishes in this step
+    assert run(s).tokens == 128 + 10  # b's request finishes in this step
     clock.now = 1.0
-    assert run(s).tokens <= 128  # b has no work, but had some a second ago
+    assert run(s).tokens == 128  # b has no work, but had some a second ago
     clock.now = 3.5
     assert run(s).tokens == 4096  # b is gone: a gets the whole step again
