@@ -1,9 +1,11 @@
-"""acme alone, attack (a) only (32 streams x 512 tokens, one round a run), today's server and ours
-alternated: the re-check of the "acme alone within 5 %" target of `bench/serving.py --tenants`.
+"""acme alone, (a) 32 streams x 512 tokens or (b) 32 loops of ~700-token classifications (one round a
+run), today's server and ours alternated: the re-check of the "acme alone within 5 %" target of
+`bench/serving.py --tenants`.
 
 Both servers are loaded at once and only one works at a time; the order alternates each round, so a
 machine whose speed drifts affects both alike. Prints each run and the median ratio, writes
-bench/results/serving_tenants_alone_recheck.json. `python -m bench.serving_tenants_alone [--rounds 3]`.
+bench/results/serving_tenants_alone_recheck.json (`_b.json` for (b)).
+`python -m bench.serving_tenants_alone [--rounds 3] [--kind b]`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3, help="today/ours pairs (default 3)")
     parser.add_argument("--baseline-rev", default="65fe3c7", help="today's commit (default 65fe3c7)")
     parser.add_argument("--port", type=int, default=18900)
+    parser.add_argument(
+        "--kind", choices=("a", "b"), default="a", help="(a) tokens/s of streams, (b) classifications/s"
+    )
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="promptfleet-bench-alone-"))
     texts, n_tasks = sentences(400), 8
@@ -58,23 +63,26 @@ def main(argv: list[str] | None = None) -> dict:
         for i in range(args.rounds):
             for name in ("today", "ours") if i % 2 == 0 else ("ours", "today"):
                 srv = servers[name]
-                streams = attacks(srv.url, setup)["a"]
-                stats, diff, machine = _on_idle(srv, streams(asyncio.Event(), asyncio.Event(), rounds=1))
-                rate = diff.get((TOKENS, ()), 0.0) / stats["wall_s"]
-                run = {"tokens_per_s": rate, "server_cores": machine["server_cores"]}
+                work = attacks(srv.url, setup)[args.kind]
+                stats, diff, machine = _on_idle(srv, work(asyncio.Event(), asyncio.Event(), rounds=1))
+                done = diff.get((TOKENS, ()), 0.0) if args.kind == "a" else stats["replies_200"]
+                rate = done / stats["wall_s"]
+                run = {"tokens_per_s" if args.kind == "a" else "classifications_per_s": rate}
+                run |= {"rate": rate, "server_cores": machine["server_cores"]}
                 run["per_cpu_s"] = rate / run["server_cores"]
                 runs[name].append(run)
                 print(i, name, run, flush=True)
-    today_rates = [r["tokens_per_s"] for r in runs["today"]]
-    ours_rates = [r["tokens_per_s"] for r in runs["ours"]]
+    today_rates = [r["rate"] for r in runs["today"]]
+    ours_rates = [r["rate"] for r in runs["ours"]]
     out = {
         "baseline_rev": args.baseline_rev,
+        "kind": args.kind,
         "runs": runs,
         "median_ratio": statistics.median(ours_rates) / statistics.median(today_rates),
         "pair_ratios": [o / t for t, o in zip(today_rates, ours_rates)],
     }
-    print(f"acme alone (a): ours / today {out['median_ratio']:.3f} (pairs {out['pair_ratios']})")
-    write_result("serving_tenants_alone_recheck", out, False)
+    print(f"acme alone ({args.kind}): ours / today {out['median_ratio']:.3f} (pairs {out['pair_ratios']})")
+    write_result("serving_tenants_alone_recheck" + ("_b" if args.kind == "b" else ""), out, False)
     return out
 
 

@@ -26,8 +26,9 @@ import inspect
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager, contextmanager
+from typing import TypeVar
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
@@ -64,6 +65,7 @@ from tuner.schema import is_valid_name
 from tuner.tasks.kinds.base import CLASSIFY
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed the request"; nobody reads it, metrics do
 
@@ -180,19 +182,30 @@ class Serving:
 
     async def collect(self, request: Request, req: GenerationRequest) -> tuple[str, RequestOutput] | None:
         """Run `req` to the end; None if the client went away first (the request is aborted)."""
-        work = asyncio.ensure_future(self._run_to_end(request, req))
+        try:
+            out = await self.unless_gone(request, self._run_to_end(request, req), req.request_id)
+        except asyncio.CancelledError:
+            self.engine.abort(req.request_id)
+            raise
+        if out is None:
+            self.engine.abort(req.request_id)
+        return out
+
+    async def unless_gone(self, request: Request, work: Awaitable[T], what: str) -> T | None:
+        """`work`'s result, or None if the client went away first: `work` is then cancelled (the
+        engine's request ends with it, so a client that hangs up frees its place at once)."""
+        task = asyncio.ensure_future(work)
         try:
             while True:
-                done, _ = await asyncio.wait({work}, timeout=self.config.api.disconnect_poll_s)
+                done, _ = await asyncio.wait({task}, timeout=self.config.api.disconnect_poll_s)
                 if done:
-                    return work.result()
+                    return task.result()
                 if await request.is_disconnected():
-                    log.info("client went away, aborting %s", req.request_id)
+                    log.info("client went away, aborting %s", what)
                     return None
         finally:
-            if not work.done():
-                work.cancel()
-                self.engine.abort(req.request_id)
+            if not task.done():
+                task.cancel()
 
     async def _run_to_end(self, request: Request, req: GenerationRequest) -> tuple[str, RequestOutput]:
         stream, last = await self.start(request, req)
@@ -352,10 +365,13 @@ async def classify(body: ClassifyBody, request: Request) -> dict:
     tenant = request.state.tenant.name
     with srv.engine_errors(request, task):
         try:
-            result = await srv.engine.classify(task, body.input, raw=body.raw, tenant=tenant)
+            work = srv.engine.classify(task, body.input, raw=body.raw, tenant=tenant)
+            result = await srv.unless_gone(request, work, f"a classification of {task!r}")
         except ServingError as err:  # the engine names a request's text "prompt"; here it is `input`
             err.param = "input" if err.param == "prompt" else err.param
             raise
+    if result is None:  # nobody to answer
+        return Response(status_code=499)
     srv.metrics.observe_tokens(task, tenant, result.prompt_tokens, 0)
     return protocol.classification(
         f"clf-{uuid.uuid4().hex}", task, result.label, result.labels, result.prompt_tokens

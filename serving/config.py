@@ -63,9 +63,9 @@ class EngineConfig:
     shared_step_tokens: int = documented(
         128,
         "While more than one tenant has work (or had some in the last 2 s), the tenants with more "
-        "prefill waiting than one whole step share this many prefill tokens per step (0: no cap), so "
+        "prefill waiting than 4 whole steps share this many prefill tokens per step (0: no cap), so "
         "one tenant's flood of long prompts cannot make every other tenant's steps long; a tenant "
-        "whose waiting prompts fit in a step is not capped. 128 keeps such a step within ~2x a "
+        "whose waiting prompts take fewer steps (a burst of short requests) is not capped. 128 keeps such a step within ~2x a "
         "decode step on a 2-core CPU; on a GPU, where a step's cost hardly grows with its tokens, "
         "1024-2048.",
     )

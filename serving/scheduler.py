@@ -18,14 +18,15 @@ Each engine step is shared between the tenants that have work (running or waitin
   the recompute is a small, chunked prefill; its sampler (`Request.sampler`) and output are kept.
 * Prefill tokens. The step's token budget (`max_step_tokens`), after one token per decoding row,
   is water-filled between the tenants with waiting work; each spends its allotment on its own queue
-  in order. A tenant with more prefill waiting than one whole step holds is flooding: while another
-  tenant has work (or had some in the last `shared_hold_s` seconds), the flooding tenants share
-  `shared_step_tokens` of each step between them, so a flood of long prompts advances in short steps
-  and cannot make everyone's steps long, while a tenant whose waiting prompts fit in a step (however
-  busy it is) still has them computed whole. A prompt longer than what is left is chunked
-  (`SchedulerOutput.chunks`): the runner keeps its partial KV and the request stays at the head of
-  its queue, so one request's prefill cannot hold a step. All but its last prompt token may go in
-  chunks; the step that completes it computes the rest and its first token (or its scores).
+  in order. A tenant with more prefill waiting than `flood_steps` (4) whole steps is flooding: while
+  another tenant has work (or had some in the last `shared_hold_s` seconds), the flooding tenants
+  share `shared_step_tokens` of each step, so a flood of long prompts advances in short steps, while
+  a busy tenant whose prompts take a few steps (a burst of short requests) has them computed whole.
+  No step exceeds `max_step_tokens`: that bounds what one tenant's work costs another's steps.
+  A prompt longer than what is left is chunked (`SchedulerOutput.chunks`): the runner keeps its
+  partial KV and the request stays at the head of its queue, so one request's prefill cannot hold a
+  step. All but its last prompt token may go in chunks; the step that completes it computes the
+  rest and its first token (or its scores).
 Within a step the order of admission is: tenants below their slot share first, then the one served
 least per unit of weight (tokens scheduled / weight, a virtual token counter as in VTC, Sheng et
 al. 2024; a newly backlogged tenant starts at the current virtual time, without credit for idling).
@@ -178,6 +179,7 @@ class SchedulerConfig:
     shared_step_tokens: int = 0  # what flooding tenants share of a step while others have work (0: no cap)
     min_chunk_tokens: int = 16  # no chunk smaller than this (unless all that is left of a prompt)
     shared_hold_s: float = 2.0  # a tenant counts as sharing the engine this long after its last work
+    flood_steps: int = 4  # a tenant with more prefill waiting than this many whole steps is flooding
 
 
 @dataclass
@@ -469,9 +471,9 @@ class Scheduler:
     ) -> tuple[dict[str, float], dict[str, float]]:
         """The step's prefill tokens, water-filled between the tenants with waiting work, and the caps
         of the flooding tenants: while the engine is shared, the tenants with more prefill waiting than
-        one whole step holds share `shared_step_tokens` between them (by weight), so their floods
-        advance in short steps; every other tenant's prompts go in whole (within the budget)."""
-        full = self.config.max_step_tokens
+        `flood_steps` whole steps hold share `shared_step_tokens` between them (by weight), so their
+        floods advance in short steps; every other tenant's prompts go in whole (within the budget)."""
+        full = self.config.flood_steps * self.config.max_step_tokens
         demand, flooding = {}, {}
         for name, t in active.items():
             need = 0

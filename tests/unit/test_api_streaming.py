@@ -7,6 +7,7 @@ Engine on a tiny random Llama, wrapped to record which request ids were aborted.
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import httpx
@@ -15,6 +16,7 @@ from serving_helpers import UvicornThread, engine_config, server_config, tiny_ba
 
 from serving.api import create_app
 from serving.engine import Engine
+from serving.scheduler import RequestKind
 
 
 class RecordingEngine(Engine):
@@ -129,3 +131,28 @@ def test_a_client_that_hangs_up_aborts_a_non_streamed_request(server):
         http.post("/v1/completions", json={"model": "samsum", "prompt": "a: hi", "max_tokens": 1900})
     assert wait_for(lambda: len(engine.aborted) > before)
     assert wait_for(lambda: engine.stats()["running"] == 0)
+
+
+def test_a_client_that_hangs_up_aborts_its_classification(server):
+    """The engine's step is held (an event, not a timer) while the client's read times out: the
+    classification is aborted in the engine, its tenant's place is free, and the server carries on."""
+    url, engine = server
+    runner_step, held = engine.runner.step, threading.Event()
+
+    def step(out):
+        if any(r.kind is RequestKind.CLASSIFY for r in out.prefill):
+            held.wait(30)
+        return runner_step(out)
+
+    engine.runner.step = step
+    before = len(engine.aborted)
+    try:
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=url, timeout=1.0) as http:
+            http.post("/v1/classify", json={"model": "sst2", "input": "a fine film"})
+        assert wait_for(lambda: any(a.startswith("classify-") for a in engine.aborted[before:]))
+    finally:
+        held.set()
+        engine.runner.step = runner_step
+    assert wait_for(lambda: not engine.scheduler.has_work)
+    with httpx.Client(base_url=url, timeout=60) as http:
+        assert http.post("/v1/classify", json={"model": "sst2", "input": "a fine film"}).status_code == 200
