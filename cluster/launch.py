@@ -28,8 +28,9 @@ from pathlib import Path
 from cluster.storage import cluster_output_dir, ray_train_storage
 from tuner.config import JobConfig, from_dict, to_dict
 from tuner.job import prepare_job
-from tuner.metrics import EvalPoint, StepMetrics
-from tuner.recipe import RecipeHooks, describe_eval, run, step_postfix
+from tuner.metrics import EvalPoint, EvalProgress, StepMetrics
+from tuner.progress import EvalBarFromRecords, describe_eval, step_postfix
+from tuner.recipe import RecipeHooks, run
 from tuner.report import SUMMARY_FILE, RunSummary, read_summary, summary_table
 
 # Environment of every Ray worker, set through each library's own configuration: no INFO chatter,
@@ -86,7 +87,16 @@ def _worker(config: dict) -> None:
     def on_message(line: str) -> None:
         progress.put(("log", line))
 
-    hooks = RecipeHooks(on_step=on_step, on_eval=on_eval, on_checkpoint=on_checkpoint, on_message=on_message)
+    def on_eval_progress(record: EvalProgress) -> None:  # the recipe calls it on rank 0 only
+        progress.put(("eval_progress", asdict(record)))
+
+    hooks = RecipeHooks(
+        on_step=on_step,
+        on_eval=on_eval,
+        on_checkpoint=on_checkpoint,
+        on_message=on_message,
+        on_eval_progress=on_eval_progress,
+    )
     restored = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as tmp:
         if restored is not None:
@@ -131,12 +141,14 @@ class _DriverProgress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="promptfleet-progress", daemon=True)
         self.bar = None
+        self.evals: EvalBarFromRecords | None = None  # the running evaluation pass's bar
 
     def __enter__(self) -> _DriverProgress:
         if self.show:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.total, desc="prompt tuning", unit="step", dynamic_ncols=True)
+            self.evals = EvalBarFromRecords(self.bar)  # its passes' time is left out of the bar's rate
         self._thread.start()
         return self
 
@@ -144,6 +156,8 @@ class _DriverProgress:
         self._stop.set()
         self._thread.join(timeout=10)
         self._drain()
+        if self.evals is not None:
+            self.evals.close()
         if self.bar is not None:
             self.bar.close()
 
@@ -167,7 +181,9 @@ class _DriverProgress:
                 continue
             if self.bar is None:
                 continue
-            if kind == "step":
+            if kind == "eval_progress":
+                self.evals.update(EvalProgress(**record))
+            elif kind == "step":
                 m = StepMetrics(**record)
                 self.bar.n = m.step
                 self.bar.set_postfix(step_postfix(m))

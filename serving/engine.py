@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Callable
 import torch
 
 from serving.config import EngineConfig
+from serving.offline import decode_text, eos_token_ids
 from serving.output import to_output
 from serving.registry import PromptRegistry, TaskEntry
 from serving.runner import ModelRunner, StepResult
@@ -61,6 +62,7 @@ from serving.types import (
 )
 from tuner.export import TaskMeta
 from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
+from tuner.tasks.input_budget import cut_input
 from tuner.tasks.kinds import kind_of
 from tuner.tasks.kinds.base import CLASSIFY
 
@@ -107,11 +109,7 @@ class Engine:
                 config.max_batch_size, config.max_queue, config.max_step_tokens, config.shared_step_tokens
             )
         )
-        eos = model.generation_config.eos_token_id if model.generation_config else None
-        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.eos_token_ids = frozenset(
-            eos | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-        )
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self._lock = threading.Lock()  # guards the scheduler
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}  # touched on the event loop only
@@ -205,7 +203,9 @@ class Engine:
         self._check_params(req.params)
         if req.request_id in self._streams:
             raise InvalidRequest(f"request id {req.request_id!r} is already in use")
-        prompt_ids = await self._tokenize_prompt(entry, req.prompt, req.raw, req.params.max_tokens)
+        # A raw prompt is the client's own input: only the task's own format has an evaluated length.
+        cut = None if req.raw else entry.meta.max_input_tokens
+        prompt_ids = await self._tokenize_prompt(entry, req.prompt, req.raw, req.params.max_tokens, cut)
         sreq = Request(
             req.request_id,
             req.task,
@@ -319,7 +319,9 @@ class Engine:
         for callers that bypass the API."""
         check_sampling(p, self.config.max_new_tokens_limit)
 
-    async def _tokenize_prompt(self, entry: TaskEntry, text: str, raw: bool, max_new: int) -> list[int]:
+    async def _tokenize_prompt(
+        self, entry: TaskEntry, text: str, raw: bool, max_new: int, cut: int | None = None
+    ) -> list[int]:
         """Check and tokenise a prompt, off the event loop (a long prompt takes milliseconds)."""
         if not isinstance(text, str):
             raise InvalidRequest("prompt must be a string", param="prompt")
@@ -328,14 +330,19 @@ class Engine:
             raise PromptTooLong(
                 f"prompt has {len(text)} characters, the limit is {max_chars}", param="prompt"
             )
-        return await asyncio.to_thread(self._prompt_ids, entry, text, raw, max_new)
+        return await asyncio.to_thread(self._prompt_ids, entry, text, raw, max_new, cut)
 
-    def _prompt_ids(self, entry: TaskEntry, text: str, raw: bool, max_new: int) -> list[int]:
+    def _prompt_ids(
+        self, entry: TaskEntry, text: str, raw: bool, max_new: int, cut: int | None = None
+    ) -> list[int]:
+        """The prompt's token ids: rendered with the task's prefix and template (unless `raw`), and
+        with `cut` (the task's `max_input_tokens`) only their last `cut`, as evaluation read its
+        examples (`tuner.tasks.input_budget.cut_input`); then checked against the limits."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate such as "\ud800": not text a tokenizer takes
             raise InvalidRequest("prompt is not valid Unicode", param="prompt") from None
-        ids = self._tokens.prompt_ids(entry, render_prompt(entry.meta, text, raw), raw)
+        ids = cut_input(self._tokens.prompt_ids(entry, render_prompt(entry.meta, text, raw), raw), cut)
         if not ids:
             raise InvalidRequest("prompt is empty", param="prompt")
         if len(ids) > self.config.max_prompt_tokens:
@@ -355,7 +362,7 @@ class Engine:
         return self._tokens.label_ids(entry)
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return decode_text(self.tokenizer, ids)
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:

@@ -36,6 +36,7 @@ It does not decide which requests run (the scheduler does) nor detokenise or sto
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -126,6 +127,17 @@ class _NewRows:
     scores: dict[str, list[float]] = field(default_factory=dict)
 
 
+def _without_grad(method: Callable[..., R]) -> Callable[..., R]:
+    """Run a `ModelRunner` method under inference mode, or under `no_grad` (`inference_mode=False`)."""
+
+    @functools.wraps(method)
+    def run(self: ModelRunner, *args, **kwargs) -> R:
+        with torch.inference_mode() if self.inference_mode else torch.no_grad():
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -134,6 +146,7 @@ class ModelRunner:
         prefix_cache: bool = True,
         kv_headroom: int = 64,
         group_overhead_tokens: int = 64,
+        inference_mode: bool = True,
     ):
         """Args:
         model: a transformers causal LM (frozen, eval mode).
@@ -142,8 +155,12 @@ class ModelRunner:
         kv_headroom: free columns reserved when the batch's KV tensor is (re)allocated.
         group_overhead_tokens: the fixed cost of one more forward, in tokens of compute; new rows
             are split by length into separate forwards when that saves more padding than this.
+        inference_mode: False runs the model under `no_grad` instead, for a model that also trains
+            (evaluation, `serving.offline`): under ZeRO-3 a weight gathered in inference mode (a
+            small one stays gathered) is an inference tensor, which a later backward cannot save.
         """
         self.model = model
+        self.inference_mode = inference_mode
         self.decoder = getattr(model, model.base_model_prefix)
         self.lm_head = model.get_output_embeddings()
         cfg = model.config.get_text_config(decoder=True)
@@ -164,7 +181,7 @@ class ModelRunner:
         ] = {}  # request id -> KV of its chunks so far [L, 2, h, P + n, d]
 
     # ------------------------------------------------------------------ one engine step
-    @torch.inference_mode()
+    @_without_grad
     def step(self, out: SchedulerOutput) -> StepResult:
         """Run the step: each generation's sampled token, each classification's scores, and the
         requests that made a forward fail (their rows are gone; every other row carries on)."""
@@ -364,6 +381,8 @@ class ModelRunner:
         """KV of `n` task prompts (same length P), as if they were the first P tokens of a row."""
         n, P, _ = prompts.shape
         b = KVBatch.empty(self.num_layers, n, self.kv_heads, self.head_dim, P, self.dtype, self.device)
+        if P == 0:  # no virtual tokens (the untuned backbone): nothing to run
+            return b.kv
         pos = torch.arange(P, device=self.device).expand(n, P)
         self.decoder(
             inputs_embeds=prompts.to(self.device, self.dtype),
@@ -421,13 +440,13 @@ class ModelRunner:
         b.length = pmax + lmax
         return b, hidden
 
-    @torch.inference_mode()
+    @_without_grad
     def next_token_logits(self, tasks: list[TaskPrompt], seqs: list[list[int]]) -> torch.Tensor:
         """Logits after each row's last token `[n, vocab]` (fp32), through the prefix cache."""
         _, hidden = self.forward_new(tasks, seqs)
         return self.lm_head(hidden[:, -1]).float()
 
-    @torch.inference_mode()
+    @_without_grad
     def score(self, task: TaskPrompt, prompt_ids: list[int], continuations: list[list[int]]) -> list[float]:
         """Summed log-prob of each continuation's tokens after the task prompt and `prompt_ids`."""
         job = ScoreJob(task, prompt_ids, continuations)

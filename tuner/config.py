@@ -28,6 +28,7 @@ from tuner.schema import (
 
 # Importers of the configuration read the schema's names from here too (the CLI, tasks, serving, tests).
 from tuner.schema import one_line as one_line
+from tuner.schema import shown as shown
 from tuner.schema import to_dict as to_dict
 from tuner.search.config import SearchConfig
 
@@ -329,18 +330,27 @@ class JobConfig:
         return Path(self.output_dir) / self.name
 
 
-def load_job_config(path: str | os.PathLike, overrides: list[str] | None = None) -> JobConfig:
-    """Read a job YAML, apply overrides, validate, and make task paths absolute."""
+def load_job_config(
+    path: str | os.PathLike, overrides: list[str] | None = None, *, check_task_files: bool = True
+) -> JobConfig:
+    """Read a job YAML, apply overrides, validate, and make task paths absolute.
+
+    `check_task_files=False` leaves a missing task file to the caller (`promptfleet validate`
+    reports every bad task of a job, not the first).
+    """
     data = apply_overrides(read_yaml(path), overrides or [])
     cfg = from_dict(JobConfig, data)
     base = Path(path).resolve().parent
     if not cfg.tasks:
         raise ConfigError(f"{path}: `tasks` lists no task files")
-    resolved = []
-    for t in cfg.tasks:
-        tp = (base / t).resolve() if not os.path.isabs(t) else Path(t)
-        if not tp.is_file():
-            raise ConfigError(f"task file not found: {t} (resolved to {tp})")
-        resolved.append(str(tp))
-    cfg.tasks = resolved
+    cfg.tasks = [str(task_file(base, t, check=check_task_files)) for t in cfg.tasks]
     return cfg
+
+
+def task_file(base: Path, task: str, check: bool = True) -> Path:
+    """A job's `tasks` entry as an absolute path (relative to the job file's folder `base`);
+    with `check`, a `ConfigError` if there is no such file."""
+    tp = (base / task).resolve() if not os.path.isabs(task) else Path(task)
+    if check and not tp.is_file():
+        raise ConfigError(f"task file not found: {task} (resolved to {tp})")
+    return tp

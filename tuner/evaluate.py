@@ -2,35 +2,53 @@
 
 `score_labels` scores every label's verbaliser tokens after the input (one forward per example
 when every label is a single distinct token, else one segment per (example, label), packed).
-`generate_greedy` decodes until end-of-sequence or one of the task's stop strings (whitespace
-before the answer is never a stop). `classification_metrics` and `generation_metrics` (chrF,
+`generate_greedy` decodes with the server's own code (`serving.offline`: its scheduler, model runner
+and output path), so the answers scored are the answers a served request gets, whatever the batch:
+until end-of-sequence or one of the task's stop strings (whitespace before the answer is never a
+stop). `classification_metrics` and `generation_metrics` (chrF,
 ROUGE-L with `rouge-score`, exact match against every reference) score the results. Which of these
 a task uses is its kind's choice (`tuner.tasks.kinds`, `evaluate_task`); this module knows no kind.
 `prompt=None` evaluates the untuned backbone (zero-shot: no virtual tokens).
 
+Macro-F1 comes two ways (`MACRO_F1_DEFINITIONS`): `macro_f1` over the labels that occur in the
+references or the predictions (scikit-learn's `average="macro"`), `macro_f1_all_labels` over every
+verbaliser label. They differ when an eval sample lacks labels: ATIS's 26 labels, 14 of them absent
+from a 200-example sample and never predicted, give 0.125 against 0.272.
+
 Under ZeRO-3 every rank must run the same number of forwards (each forward all-gathers weights),
-so ranks split the examples and pad their share to the same number of batches.
+so ranks split the examples and pad their share to the same number of batches (decoding: step in
+lockstep until every rank is done).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from transformers import StoppingCriteria, StoppingCriteriaList
 
+from serving.offline import generate_texts
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.model.zero import world
 from tuner.tasks.batching import TokenizedExample, collate
+from tuner.tasks.input_budget import cut_input, max_input_tokens
 from tuner.tasks.stops import find_stop
 
 # Keys of a scores record that are not metric values.
 _NOT_VALUES = ("metric", "score", "per_label", "samples")
+
+# What each macro-F1 of a classification task averages (`summary.json` and `report.md` say so).
+MACRO_F1_DEFINITIONS = {
+    "macro_f1": "mean F1 over the labels that occur in the references or the predictions "
+    "(scikit-learn's f1_score(average='macro'))",
+    "macro_f1_all_labels": "mean F1 over every verbaliser label; a label that never occurs and is "
+    "never predicted counts as F1 0",
+}
+COLLAPSE_SHARE = 0.9  # a classifier predicting one label for more than this share has collapsed onto it
 
 
 @dataclass(frozen=True, eq=False)  # eq: Mapping's, so a record compares equal to its dict
@@ -46,11 +64,16 @@ class TaskScores(Mapping):
     values: dict[str, float]  # every metric by name, and `n`: the examples scored
     per_label: dict[str, dict] | None = None  # label or entity type -> precision / recall / F1 / support
     samples: list[dict] | None = None  # decoded kinds: the first answers beside their references
+    # One record per eval example (input, references, output, correct, scores), in the eval order:
+    # what `predictions/` files hold. Not part of the summary record (`to_json`).
+    predictions: list[dict] | None = None
 
     @classmethod
-    def of(cls, metric: str, computed: dict[str, Any]) -> TaskScores:
-        """Scores from a metrics function's dict (`classification_metrics`, ...), headlined by `metric`."""
-        return cls.from_json({**computed, "metric": metric, "score": computed[metric]})
+    def of(cls, metric: str, computed: dict[str, Any], predictions: list[dict] | None = None) -> TaskScores:
+        """Scores from a metrics function's dict (`classification_metrics`, ...), headlined by `metric`,
+        with each example's prediction record."""
+        scores = cls.from_json({**computed, "metric": metric, "score": computed[metric]})
+        return dataclasses.replace(scores, predictions=predictions)
 
     @classmethod
     def from_json(cls, record: Mapping[str, Any]) -> TaskScores | None:
@@ -71,6 +94,16 @@ class TaskScores(Mapping):
             out["samples"] = self.samples
         return {**out, "metric": self.metric, "score": self.score}
 
+    def collapsed_onto(self, share: float = COLLAPSE_SHARE) -> tuple[str, float] | None:
+        """(label, its share of the predictions) where one label takes more than `share` of them (a
+        classifier that collapsed onto it); None otherwise, or where the record counts no predictions."""
+        counts = {lab: v["predicted"] for lab, v in (self.per_label or {}).items() if "predicted" in v}
+        total = sum(counts.values())
+        if not total:
+            return None
+        top = max(counts, key=counts.get)
+        return (top, counts[top] / total) if counts[top] / total > share else None
+
     def __getitem__(self, key: str) -> Any:
         return self.to_json()[key]
 
@@ -82,19 +115,29 @@ class TaskScores(Mapping):
 
 
 def classification_metrics(gold: list[str], pred: list[str], labels: list[str]) -> dict:
-    """Accuracy, macro-F1 and a per-label precision / recall / F1 / support report."""
+    """Accuracy, both macro-F1s (`MACRO_F1_DEFINITIONS`) and a per-label precision / recall / F1 /
+    support / predicted (how many examples were given the label) report over every label."""
+    every = list(dict.fromkeys([*labels, *gold, *pred]))  # the verbaliser's, then any other that occurs
     per_label = {}
-    for lab in labels:
+    for lab in every:
         tp = sum(g == lab and p == lab for g, p in zip(gold, pred))
         fp = sum(g != lab and p == lab for g, p in zip(gold, pred))
         fn = sum(g == lab and p != lab for g, p in zip(gold, pred))
         prec = tp / (tp + fp) if tp + fp else 0.0
         rec = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        per_label[lab] = {"precision": prec, "recall": rec, "f1": f1, "support": sum(g == lab for g in gold)}
+        per_label[lab] = {
+            "precision": prec,
+            "recall": rec,
+            "f1": f1,
+            "support": tp + fn,
+            "predicted": tp + fp,
+        }
+    present = [v["f1"] for v in per_label.values() if v["support"] or v["predicted"]]
     return {
         "accuracy": sum(g == p for g, p in zip(gold, pred)) / max(len(gold), 1),
-        "macro_f1": sum(v["f1"] for v in per_label.values()) / max(len(labels), 1),
+        "macro_f1": sum(present) / max(len(present), 1),
+        "macro_f1_all_labels": sum(v["f1"] for v in per_label.values()) / max(len(per_label), 1),
         "per_label": per_label,
         "n": len(gold),
     }
@@ -126,23 +169,30 @@ def generation_metrics(refs: Sequence[str | Sequence[str]], hyps: list[str]) -> 
     }
 
 
+def generation_example_scores(refs: Sequence[str | Sequence[str]], hyps: list[str]) -> list[dict[str, float]]:
+    """Each example's own chrF, ROUGE-L F1 (0-100) and exact match (0 / 1) against its best reference:
+    `generation_metrics` one example at a time (a corpus chrF is not the mean of these), for auditing."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    out = []
+    for r, h in zip(refs, hyps, strict=True):
+        multi = [r] if isinstance(r, str) else list(r)
+        out.append(
+            {
+                "chrf": sacrebleu.sentence_chrf(h, multi).score,
+                "rouge_l": 100.0 * scorer.score_multi(multi, h)["rougeL"].fmeasure,
+                "exact_match": float(any(x.strip() == h.strip() for x in multi)),
+            }
+        )
+    return out
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """The answer in a generated `text`: cut at the first stop string (`tuner.tasks.stops`), stripped."""
     end = find_stop(text, stop)
     return (text[:end] if end >= 0 else text).strip()
-
-
-class StopStrings(StoppingCriteria):
-    """Ends a row of `generate` once its answer (after leading whitespace) holds a stop string."""
-
-    def __init__(self, tokenizer, stop: Sequence[str]):
-        self.tokenizer, self.stop = tokenizer, list(stop)
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        # `generate(inputs_embeds=...)` hands over only the generated tokens: the text is the answer.
-        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        done = [find_stop(t, self.stop) >= 0 for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _shard_lockstep(items: list, batch_size: int) -> list[tuple[list, int]]:
@@ -241,7 +291,6 @@ def score_labels(
     return _gather(results)
 
 
-@torch.no_grad()
 def generate_greedy(
     lm: PromptTunedLM,
     tokenizer,
@@ -253,45 +302,41 @@ def generate_greedy(
     device="cpu",
     stop: Sequence[str] = (),
 ) -> list[str]:
-    """Greedy answers (left-padded batches through `generate`, synced across ZeRO-3 ranks).
+    """Greedy answers, decoded by the server's own code (`serving.offline.generate_texts`): each is
+    the text a served request for the same input streams, stripped.
 
-    A row ends at end-of-sequence or at a `stop` string; the answer is cut there (`cut_at_stop`).
+    Each input keeps its last `max_len - P - max_new_tokens` tokens (`tuner.tasks.input_budget`, the
+    rule the task's adapter records for the server). A row ends at end-of-sequence or at a `stop`
+    string (whitespace before the answer never stops it). Ranks decode every world-size-th example,
+    up to `batch_size` rows at a time, stepping in lockstep (ZeRO-3: `_any_rank_busy`).
     """
-    P, prompts = _prompt_args(prompt, device)
-    synced = world()[1] > 1
-    texts: list[str] = []
-    for chunk, n_real in _shard_lockstep(examples, batch_size):
-        seqs = [e.input_ids[-(max_len - P - max_new_tokens) :] for e in chunk]
-        width = P + max(len(s) for s in seqs)
-        # Left-pad each row; its prompt sits right before its text, after the padding.
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        starts = []
-        for i, s in enumerate(seqs):
-            start = width - len(s) - P
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, start:] = 1
-            starts.append(start)
-        ids, mask = ids.to(device), mask.to(device)
-        emb = lm.embed(ids)
-        if P:
-            cols = torch.tensor(starts, device=device)[:, None] + torch.arange(P, device=device)[None]
-            rows = torch.arange(len(seqs), device=device)[:, None].expand_as(cols)
-            emb = emb.index_put(
-                (rows.reshape(-1), cols.reshape(-1)), prompts[0].to(emb.dtype).repeat(len(seqs), 1)
-            )
-        out = lm.backbone.generate(
-            inputs_embeds=emb,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            stopping_criteria=StoppingCriteriaList([StopStrings(tokenizer, stop)] if stop else []),
-            synced_gpus=synced,
-        )
-        texts += tokenizer.batch_decode(out[:n_real], skip_special_tokens=True)
-    return [cut_at_stop(t, stop) for t in _gather(texts)]
+    P = 0 if prompt is None else prompt.shape[0]
+    limit = max_input_tokens(max_len, P, max_new_tokens)
+    rank, size = world()
+    mine = [cut_input(e.input_ids, limit) for e in examples[rank::size]]
+    texts = generate_texts(
+        lm.backbone,
+        tokenizer,
+        prompt,
+        mine,
+        max_new_tokens,
+        stop=stop,
+        batch_size=batch_size,
+        any_busy=_any_rank_busy(device) if size > 1 else None,
+    )
+    return [t.strip() for t in _gather(texts)]
+
+
+def _any_rank_busy(device) -> Callable[[bool], bool]:
+    """`busy -> any rank busy`: one all-reduce per decoding step (what `synced_gpus` does in
+    `transformers.generate`), so ranks run the same forwards until every rank is done."""
+
+    def any_busy(busy: bool) -> bool:
+        flag = torch.tensor([1.0 if busy else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    return any_busy
 
 
 def label_nlls(

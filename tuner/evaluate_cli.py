@@ -3,7 +3,9 @@
 Runs in this process (one rank). Reads prompts from `<run_dir>/adapters/<task>/` (safetensors)
 and the job config the run saved in `summary.json`, unless `--config` is given. `evaluate_command`
 returns the metrics; `render_results` is the human-readable form (the CLI prints one or the other,
-so `--json` output is JSON alone).
+so `--json` output is JSON alone). While it scores, a bar over every task's eval examples runs on
+stderr; with a run directory, each example's prediction goes to
+`<run_dir>/predictions/eval_tuned/<task>.jsonl` (`eval_zero_shot` with `--zero-shot`).
 """
 
 from __future__ import annotations
@@ -11,31 +13,66 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuner.config import ConfigError, JobConfig, apply_overrides, from_dict, load_job_config, one_line
+from tuner.evaluate import TaskScores
 from tuner.export import load_adapter
 from tuner.job import load_task_specs
 from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
 from tuner.model.prompt_lm import PromptTunedLM
-from tuner.report import SUMMARY_FILE, read_summary, render_table
+from tuner.progress import EvalPass
+from tuner.report import SUMMARY_FILE, collapse_warning, read_summary, render_table
+from tuner.run_dir import PREDICTIONS_DIR, write_predictions
 from tuner.tasks.data import TaskData
 from tuner.tasks.kinds import evaluate_task
 
 
-def evaluate_command(run_dir: str | None, config: str | None, overrides: list[str], zero_shot: bool) -> dict:
-    """`{"tasks": {task: {"metric", "zero_shot", "tuned"}}}`, each score record as `summary.json` has it
-    (`{}` where not evaluated): the JSON `promptfleet eval --json` prints."""
+def _job_config(run_dir: str | None, config: str | None, overrides: list[str]) -> JobConfig:
+    """The job to evaluate: `config` (with `overrides`), else the one the run in `run_dir` saved."""
     if config:
-        cfg = load_job_config(config, overrides)
-    elif run_dir:
-        summary_path = Path(run_dir) / SUMMARY_FILE
-        if not summary_path.is_file():
-            raise ConfigError(f"{run_dir} has no {SUMMARY_FILE} (not a finished run directory)")
-        try:
-            saved = read_summary(run_dir).config
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise ConfigError(f"{summary_path} is damaged (no readable job config in it)") from None
-        cfg = from_dict(JobConfig, apply_overrides(saved, overrides))
-    else:
+        return load_job_config(config, overrides)
+    if not run_dir:
         raise ConfigError("give a run directory or --config")
+    summary_path = Path(run_dir) / SUMMARY_FILE
+    if not summary_path.is_file():
+        raise ConfigError(f"{run_dir} has no {SUMMARY_FILE} (not a finished run directory)")
+    try:
+        saved = read_summary(run_dir).config
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ConfigError(f"{summary_path} is damaged (no readable job config in it)") from None
+    return from_dict(JobConfig, apply_overrides(saved, overrides))
+
+
+def _adapter_prompt(run_dir: str, task: str, lm: PromptTunedLM):
+    """Task `task`'s exported prompt in `run_dir`, checked against the backbone's width."""
+    task_dir = Path(run_dir) / "adapters" / task
+    try:
+        prompt = load_adapter(task_dir).prompt
+    except Exception as e:  # truncated safetensors, bad JSON, a non-regular file...
+        raise ConfigError(f"adapter {task_dir} is unreadable ({one_line(e)})") from None
+    width = lm.embed.weight.shape[1]
+    if prompt.shape[1] != width:
+        raise ConfigError(
+            f"adapter {task_dir} has prompts {prompt.shape[1]} wide; the backbone's embeddings are {width}"
+        )
+    return prompt
+
+
+def evaluate_command(
+    run_dir: str | None,
+    config: str | None,
+    overrides: list[str],
+    zero_shot: bool,
+    *,
+    progress: bool = True,
+    predictions_dir: str | Path | None = None,
+) -> dict:
+    """`{"tasks": {task: {"metric", "zero_shot", "tuned"}}}`, each score record as `summary.json` has it
+    (`{}` where not evaluated): the JSON `promptfleet eval --json` prints.
+
+    `progress`: a bar over the pass's examples on stderr. Each task's predictions file goes to
+    `predictions_dir`, by default `<run_dir>/predictions/eval_tuned` (`eval_zero_shot`); without a
+    run directory or a `predictions_dir`, none is written.
+    """
+    cfg = _job_config(run_dir, config, overrides)
     if not zero_shot and not run_dir:
         raise ConfigError("scoring tuned prompts needs a run directory (or use --zero-shot)")
     import torch
@@ -48,30 +85,29 @@ def evaluate_command(run_dir: str | None, config: str | None, overrides: list[st
             path, pick_dtype(cfg.model.dtype, device), pick_attention(cfg.model.attn_implementation, device)
         )
     )
-    out = {"tasks": {}}
-    for spec in load_task_specs(cfg.tasks):
-        data = TaskData.load(
-            spec, tok, max_eval=cfg.data.max_eval_examples, seed=cfg.data.seed, need_train=False
-        )
-        prompt = None
-        if not zero_shot:
-            task_dir = Path(run_dir) / "adapters" / spec.name
-            try:
-                prompt = load_adapter(task_dir).prompt
-            except Exception as e:  # truncated safetensors, bad JSON, a non-regular file...
-                raise ConfigError(f"adapter {task_dir} is unreadable ({one_line(e)})") from None
-            width = lm.embed.weight.shape[1]
-            if prompt.shape[1] != width:
-                raise ConfigError(
-                    f"adapter {task_dir} has prompts {prompt.shape[1]} wide; the backbone's embeddings are {width}"
-                )
-        scores = evaluate_task(lm, tok, data, prompt, cfg.model.max_seq_len, device)
-        record = scores.to_json() if scores else {}  # as summary.json records it
-        out["tasks"][spec.name] = {
-            "metric": spec.metric,
-            "zero_shot": record if zero_shot else {},
-            "tuned": {} if zero_shot else record,
-        }
+    tasks = [
+        TaskData.load(spec, tok, max_eval=cfg.data.max_eval_examples, seed=cfg.data.seed, need_train=False)
+        for spec in load_task_specs(cfg.tasks)
+    ]
+    prompts = {t.spec.name: None if zero_shot else _adapter_prompt(run_dir, t.spec.name, lm) for t in tasks}
+    what = "zero-shot" if zero_shot else "tuned"
+    scores, out = {}, {"tasks": {}}
+    with EvalPass(f"{what} eval", sum(len(t.eval) for t in tasks), show=progress) as bar:
+        for data in tasks:
+            name = data.spec.name
+            scores[name] = evaluate_task(
+                lm, tok, data, prompts[name], cfg.model.max_seq_len, device, progress=bar.advance
+            )
+            record = scores[name].to_json() if scores[name] else {}  # as summary.json records it
+            out["tasks"][name] = {
+                "metric": data.spec.metric,
+                "zero_shot": record if zero_shot else {},
+                "tuned": {} if zero_shot else record,
+            }
+    if predictions_dir is None and run_dir:
+        predictions_dir = Path(run_dir) / PREDICTIONS_DIR / f"eval_{what.replace('-', '_')}"
+    if predictions_dir is not None:
+        write_predictions(Path(predictions_dir), scores)
     return out
 
 
@@ -89,4 +125,8 @@ def render_results(results: dict) -> str:
             lines.append(
                 f"  {name:>12} {lab:>16}  P={v['precision']:.3f} R={v['recall']:.3f} F1={v['f1']:.3f} n={v['support']}"
             )
+    for name, t in results["tasks"].items():  # a tuned classifier that collapsed onto one label
+        warning = collapse_warning(name, TaskScores.from_json(t["tuned"]))
+        if warning:
+            lines.append(f"warning: {warning}")
     return "\n".join(lines)

@@ -43,6 +43,7 @@ import torch
 from safetensors.torch import load, save_file
 
 from tuner.schema import ReadByKey, validate_name
+from tuner.tasks.input_budget import max_input_tokens
 from tuner.tasks.kinds import kind_of
 from tuner.tasks.templates import check_template, render_input, template_fields
 
@@ -68,6 +69,7 @@ MAX_STOPS = 16
 MAX_DESCRIPTION_CHARS = 4096
 MAX_NAME_CHARS = 256  # kind, metric
 MAX_NEW_TOKENS = 1 << 20
+MAX_INPUT_TOKENS = 1 << 24
 
 
 @dataclass
@@ -87,11 +89,24 @@ class TaskMeta(ReadByKey):
     # Where the task's answer ends (`tuner.tasks.stops`); [] = end of sequence only, as in an adapter
     # written before stop strings existed.
     stop: list[str] = field(default_factory=list)
+    # A decoded task's input keeps its last this many tokens, as evaluation cut it
+    # (`tuner.tasks.input_budget`); None = no cut, as in an adapter written before the rule was recorded.
+    max_input_tokens: int | None = None
     extra: dict = field(default_factory=dict)  # keys this version does not know, kept as written
 
     @classmethod
-    def from_spec(cls, spec, prefix: str, score: float | None = None) -> TaskMeta:
-        """The record of a `tuner.tasks.spec.TaskSpec` trained with `prefix`."""
+    def from_spec(
+        cls,
+        spec,
+        prefix: str,
+        score: float | None = None,
+        *,
+        max_len: int | None = None,
+        virtual_tokens: int = 0,
+    ) -> TaskMeta:
+        """The record of a `tuner.tasks.spec.TaskSpec` trained with `prefix`; with `max_len` (the job's
+        `model.max_seq_len`) and the prompt's `virtual_tokens`, a decoded kind's input-length rule."""
+        decoded = max_len is not None and not kind_of(spec.kind).label_scored
         return cls(
             kind=spec.kind,
             description=spec.description,
@@ -102,6 +117,9 @@ class TaskMeta(ReadByKey):
             max_new_tokens=spec.max_new_tokens,
             score=score,
             stop=list(spec.stop),
+            max_input_tokens=(
+                max_input_tokens(max_len, virtual_tokens, spec.max_new_tokens) if decoded else None
+            ),
         )
 
     def __post_init__(self) -> None:
@@ -133,6 +151,13 @@ class TaskMeta(ReadByKey):
             raise ValueError(
                 f"max_new_tokens must be a positive integer of at most {MAX_NEW_TOKENS}, "
                 f"got {self.max_new_tokens!r:.40}"
+            )
+        if self.max_input_tokens is not None and not (
+            _positive_int(self.max_input_tokens) and self.max_input_tokens <= MAX_INPUT_TOKENS
+        ):
+            raise ValueError(
+                f"max_input_tokens must be a positive integer of at most {MAX_INPUT_TOKENS}, "
+                f"got {self.max_input_tokens!r:.40}"
             )
         if self.score is not None and not _finite_number(self.score):
             raise ValueError(f"score must be a finite number, got {self.score!r}")

@@ -1,7 +1,7 @@
 """Typed records of a training run: what one step did, what one evaluation scored, and the history.
 
 `MultiTaskPromptTuningRecipe.train_step` returns a `StepMetrics`; evaluations during and after
-training become `EvalPoint`s; `RunHistory` keeps both and is what checkpoints store (as JSON), what
+training become `EvalPoint`s (and, while they run, `EvalProgress` records); `RunHistory` keeps both and is what checkpoints store (as JSON), what
 the curves plot and what the summary averages. The Prometheus exporter (`cluster.metrics`), the
 plots (`tuner.plots`) and the driver's progress bar read these fields, never string keys.
 
@@ -39,6 +39,16 @@ class EvalPoint:
     step: int
     scores: dict[str, float]
     zero_shot: bool = False
+
+
+@dataclass
+class EvalProgress:
+    """How far an evaluation pass has come: rank 0 reports it as the pass's batches finish (the
+    Ray driver draws its bar from these)."""
+
+    what: str  # the pass: "zero-shot", "eval @ step 20", "final eval"
+    done: int  # examples scored so far, over every task of the pass
+    total: int  # examples the pass scores
 
 
 @dataclass

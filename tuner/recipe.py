@@ -11,7 +11,10 @@
                      shared part), forward/backward, all-reduce the gradients, step the rows and the
                      shared part; returns a `StepMetrics`
     finish() -> final evaluation beside the zero-shot scores, per-task PEFT adapters, summary
-                JSON, Markdown report, loss/score curves (PNG)
+                JSON, Markdown report, per-example predictions, loss/score curves (PNG)
+
+Every evaluation pass (zero-shot, every `eval_every` steps, final) shows a bar of its own on rank 0
+and leaves its time out of the training bar's rate (`tuner.progress`).
 
 With `search.space` set, every task trains several variants (bank rows `<task>~<k>`): the recipe
 hands its hooks to the search's driver (`tuner.search.driver`), which expands the sampler's draw to
@@ -45,15 +48,16 @@ from tuner import checkpoint as ckpt
 from tuner.config import ConfigError, JobConfig, to_dict
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
 from tuner.job import prepare_job, zero_setup
-from tuner.metrics import CheckpointRecord, EvalPoint, RunHistory, StepMetrics
+from tuner.metrics import CheckpointRecord, EvalPoint, EvalProgress, RunHistory, StepMetrics
 from tuner.model.backbone import load_tokenizer, pick_attention, pick_dtype, resolve_backbone
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.model.zero import ZeroChoice, ZeroSettings, allreduce_rows_grad, world
+from tuner.progress import EvalPass, describe_eval, step_postfix
 from tuner.prompts.continual import carry_adapters
 from tuner.prompts.optim import lr_at
 from tuner.prompts.params import PromptParams
-from tuner.report import RunSummary, TaskSummary, render_report
-from tuner.run_dir import mark_finished
+from tuner.report import RunSummary, TaskSummary, collapse_warnings, render_report
+from tuner.run_dir import PREDICTIONS_DIR, mark_finished, write_predictions
 from tuner.tasks.batching import collate
 from tuner.tasks.data import TaskData
 from tuner.tasks.kinds import evaluate_task, kind_of
@@ -78,6 +82,7 @@ class RecipeHooks:
     # every rank; the checkpoint directory on rank 0 only
     on_checkpoint: Callable[[CheckpointRecord, Path | None], None] | None = None
     on_message: Callable[[str], None] | None = None  # rank 0's console lines (default: its stdout)
+    on_eval_progress: Callable[[EvalProgress], None] | None = None  # rank 0, as an evaluation pass goes
     resume_from: Path | None = None  # a checkpoint directory to resume from (overrides the run dir's newest)
 
 
@@ -263,8 +268,14 @@ class MultiTaskPromptTuningRecipe:
                 total=o.max_steps, initial=self.step, desc="prompt tuning", unit="step", dynamic_ncols=True
             )
         if self.step == 0 and cfg.eval_zero_shot:
-            self.history.zero_shot = self._evaluate(tuned=False)
-            self._record_eval(EvalPoint(0, self._scores(self.history.zero_shot), zero_shot=True))
+            zero = self._evaluate(tuned=False, what="zero-shot")
+            if self.is_main:
+                write_predictions(self.run_dir / PREDICTIONS_DIR / "zero_shot", zero)
+            # the history keeps the scores, not every example's prediction (a fleet's would not fit)
+            self.history.zero_shot = {
+                n: s and dataclasses.replace(s, predictions=None) for n, s in zero.items()
+            }
+            self._record_eval(EvalPoint(0, self._scores(zero), zero_shot=True))
         while self.step < o.max_steps:
             metrics = self.train_step(self.sampler.next_batch())
             if not math.isfinite(metrics.loss):  # the same all-reduced value on every rank
@@ -283,7 +294,8 @@ class MultiTaskPromptTuningRecipe:
             if self.search_driver:  # at a rung step, the search drops its weaker variants
                 self.search_driver.after_step(self.step, self.history.steps)
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < o.max_steps:
-                self._record_eval(EvalPoint(self.step, self._scores(self._evaluate(tuned=True))))
+                scores = self._evaluate(tuned=True, what=f"eval @ step {self.step}")
+                self._record_eval(EvalPoint(self.step, self._scores(scores)))
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 or self.step == o.max_steps:
                 self.save_checkpoint()
         if self._bar is not None:
@@ -415,13 +427,18 @@ class MultiTaskPromptTuningRecipe:
 
     # ------------------------------------------------------------------------------------ eval
 
-    def _evaluate(self, tuned: bool) -> dict[str, TaskScores | None]:
-        out = {}
-        for name, data in self.tasks.items():
-            prompt = self.prompt(self.prompt_row(name)).to(self.device) if tuned else None
-            out[name] = evaluate_task(
-                self.lm, self.tokenizer, data, prompt, self.cfg.model.max_seq_len, self.device
-            )
+    def _evaluate(self, tuned: bool, what: str) -> dict[str, TaskScores | None]:
+        """Every task's scores under its prompt (`tuned`) or zero-shot: one evaluation pass, with a bar
+        called `what` whose time the training bar's rate leaves out."""
+        total = sum(len(t.eval) for t in self.tasks.values())
+        report = self.hooks.on_eval_progress if self.is_main else None
+        out, lm, max_len = {}, self.lm, self.cfg.model.max_seq_len
+        with EvalPass(what, total, show=self.progress, on_progress=report, training_bar=self._bar) as bar:
+            for name, data in self.tasks.items():
+                prompt = self.prompt(self.prompt_row(name)).to(self.device) if tuned else None
+                out[name] = evaluate_task(
+                    lm, self.tokenizer, data, prompt, max_len, self.device, progress=bar.advance
+                )
         return out
 
     @staticmethod
@@ -461,7 +478,7 @@ class MultiTaskPromptTuningRecipe:
         """Final eval, adapters, summary, report and curves. Returns the summary."""
         if self.search_driver:  # each task keeps one variant: its prompt from here on
             self.search_driver.finish(self.step, self.history.steps)
-        final = self._evaluate(tuned=True)
+        final = self._evaluate(tuned=True, what="final eval")
         self._record_eval(EvalPoint(self.step, self._scores(final)))
         zero = self.history.zero_shot
         summary = RunSummary(
@@ -486,13 +503,19 @@ class MultiTaskPromptTuningRecipe:
         if self.is_main:
             for name, data in self.tasks.items():
                 score = final[name].score if final[name] is not None else None  # None: no eval split
-                meta = TaskMeta.from_spec(data.spec, data.prefix, score)
-                adapter = TaskAdapter(name, self.prompt(self.prompt_row(name)), self.cfg.model.name, meta)
+                prompt, max_len = self.prompt(self.prompt_row(name)), self.cfg.model.max_seq_len
+                meta = TaskMeta.from_spec(
+                    data.spec, data.prefix, score, max_len=max_len, virtual_tokens=len(prompt)
+                )
+                adapter = TaskAdapter(name, prompt, self.cfg.model.name, meta)
                 save_adapter(self.run_dir / "adapters", adapter, self.lm.backbone.config)
             if self.source:
                 carry_adapters(self.source, self.run_dir / "adapters", self.lm.backbone.config)
             (self.run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2, default=float))
             (self.run_dir / "report.md").write_text(render_report(summary))
+            write_predictions(self.run_dir / PREDICTIONS_DIR / "tuned", final)
+            for line in collapse_warnings(summary):
+                self._log(f"warning: {line}")
             from tuner.plots import plot_curves
 
             plot_curves(self.history, self.run_dir / "curves.png")
@@ -557,17 +580,6 @@ class MultiTaskPromptTuningRecipe:
             # stdout, so every line would reach the driver twice.
             sys.stdout.write(msg + "\n")
             sys.stdout.flush()
-
-
-def step_postfix(m: StepMetrics) -> dict[str, str]:
-    """What the progress bar shows after a step (the recipe's own bar and the Ray driver's)."""
-    return {"loss": f"{m.loss:.3f}", "tok_s": f"{m.tokens_per_s:.0f}", "lr": f"{m.lr:.3g}"}
-
-
-def describe_eval(point: EvalPoint) -> str:
-    """One line for the console: which evaluation, and every task's score."""
-    what = "zero-shot" if point.zero_shot else f"eval @ step {point.step}"
-    return f"{what}: " + ", ".join(f"{t} {v:.3f}" for t, v in point.scores.items())
 
 
 def run(cfg: JobConfig, hooks: RecipeHooks | None = None, progress: bool = True) -> RunSummary:

@@ -6,6 +6,11 @@ reads a run back (`promptfleet eval`, Ray Tune trials, the launchers, the benchm
 they have always been (CI reads it as plain JSON); `from_json` also reads the summaries of earlier
 releases, which lack the keys added since.
 
+A classification task reports two macro-F1s (`tuner.evaluate.MACRO_F1_DEFINITIONS`): the summary
+holds their definitions under `metric_definitions` and the report states them beside the per-label
+table. A tuned classifier that gives one label to more than 90 % of its examples has collapsed onto
+it: `collapse_warnings` says so, in the report and on the console.
+
 This module renders; it does not evaluate (`tuner.evaluate`) or decide where files go (the recipe).
 """
 
@@ -18,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.evaluate import TaskScores
+from tuner.evaluate import MACRO_F1_DEFINITIONS, TaskScores
 from tuner.metrics import EvalPoint
 from tuner.search.report import render_search_report
 
@@ -86,6 +91,14 @@ class RunSummary:
             out["search"] = self.search
         if self.search_scoring_s is not None:
             out["search_scoring_s"] = self.search_scoring_s
+        # which macro-F1 is which; summaries of earlier releases (whose one macro_f1 averaged over every
+        # label) have no macro_f1_all_labels, and get no definitions
+        if any(
+            s is not None and "macro_f1_all_labels" in s.values
+            for t in self.tasks.values()
+            for s in (t.zero_shot, t.tuned)
+        ):
+            out["metric_definitions"] = dict(MACRO_F1_DEFINITIONS)
         return out
 
     @classmethod
@@ -140,8 +153,48 @@ def summary_table(summary: RunSummary) -> str:
     )
 
 
+def collapse_warning(task: str, scores: TaskScores | None) -> str | None:
+    """One line where `scores` (a classifier's) give one label to more than 90 % of the examples."""
+    collapsed = scores.collapsed_onto() if scores is not None else None
+    if collapsed is None:
+        return None
+    label, share = collapsed
+    return f"task {task}: {100 * share:.0f} % of predictions are {label!r} (collapsed onto one label)"
+
+
+def collapse_warnings(summary: RunSummary) -> list[str]:
+    """`collapse_warning` of every task's tuned scores."""
+    lines = (collapse_warning(n, t.tuned) for n, t in summary.tasks.items())
+    return [line for line in lines if line]
+
+
+def render_per_label(name: str, scores: TaskScores) -> list[str]:
+    """A task's per-label table (tuned), under both its macro-F1s where it has them."""
+    per = scores.per_label
+    counted = all("predicted" in v for v in per.values())  # absent from summaries of earlier releases
+    parts = [f"## {name}: per-label (tuned)", ""]
+    if "macro_f1" in scores.values and "macro_f1_all_labels" in scores.values:
+        present = sum(1 for v in per.values() if v["support"] or v.get("predicted"))
+        parts += [
+            f"macro-F1 {scores.values['macro_f1']:.4f} over the {present} labels present in the references "
+            f"or predictions (`macro_f1`); {scores.values['macro_f1_all_labels']:.4f} over all "
+            f"{len(per)} labels (`macro_f1_all_labels`, absent labels count 0).",
+            "",
+        ]
+    parts += [
+        "| label | precision | recall | F1 | support |" + (" predicted |" if counted else ""),
+        "|---|---:|---:|---:|---:|" + ("---:|" if counted else ""),
+    ]
+    parts += [
+        f"| {lab} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
+        + (f" {v['predicted']} |" if counted else "")
+        for lab, v in per.items()
+    ]
+    return [*parts, ""]
+
+
 def render_report(summary: RunSummary) -> str:
-    """`report.md`: the run's shape, the score table, per-label tables, and the search's report."""
+    """`report.md`: the run's shape, the score table, warnings, per-label tables, and the search's report."""
     parts = [
         f"# Run `{summary.name}`",
         "",
@@ -151,20 +204,12 @@ def render_report(summary: RunSummary) -> str:
         summary_table(summary),
         "",
     ]
+    warnings = collapse_warnings(summary)
+    if warnings:
+        parts += ["**Warnings**", "", *(f"- {w}" for w in warnings), ""]
     for name, t in summary.tasks.items():
-        per = t.tuned.per_label if t.tuned else None
-        if per:
-            parts += [
-                f"## {name}: per-label (tuned)",
-                "",
-                "| label | precision | recall | F1 | support |",
-                "|---|---:|---:|---:|---:|",
-            ]
-            parts += [
-                f"| {lab} | {v['precision']:.3f} | {v['recall']:.3f} | {v['f1']:.3f} | {v['support']} |"
-                for lab, v in per.items()
-            ]
-            parts.append("")
+        if t.tuned and t.tuned.per_label:
+            parts += render_per_label(name, t.tuned)
     if summary.search:
         parts.append(render_search_report(summary.search))
     return "\n".join(parts)

@@ -1,20 +1,33 @@
-"""The run directory's identity card (`run.json`): which job owns it and whether it finished.
+"""The run directory's identity card (`run.json`): which job owns it and whether it finished; and its
+per-example predictions files.
 
 A run directory is resumed only by the job that created it: same name, tasks, backbone and
 prompt shape. A finished run or one written by a different job is refused with a clear message
 instead of being silently mixed into.
+
+`predictions/<pass>/<task>.jsonl` holds one JSON object per eval example of one evaluation pass
+(`zero_shot` and `tuned` from training; `eval_tuned`, `eval_zero_shot` from `promptfleet eval`):
+input, references, output, correct, scores (`tuner.tasks.kinds.base.prediction`). Each file is
+written atomically: a reader sees the old file or the new one, never half of one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuner.schema import ConfigError
 
+if TYPE_CHECKING:
+    from tuner.evaluate import TaskScores
+
 RUN_FILE = "run.json"
+PREDICTIONS_DIR = "predictions"  # predictions/<pass>/<task>.jsonl
 
 
 def fingerprint(job: dict[str, Any]) -> str:
@@ -67,3 +80,32 @@ def mark_finished(run_dir: Path) -> None:
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     info["status"] = "finished"
     info_path.write_text(json.dumps(info, indent=2))
+
+
+def write_jsonl_atomic(path: Path, records: Iterable[Mapping]) -> None:
+    """`records` as JSON lines at `path`, atomically (a temporary file beside it, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False, default=float) + "\n")
+        os.chmod(tmp, 0o644)  # as the run's other files (mkstemp makes it private)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_predictions(directory: Path, results: Mapping[str, TaskScores | None]) -> list[Path]:
+    """Each task's prediction records (`TaskScores.predictions`) as `directory/<task>.jsonl`; tasks
+    without any (no eval split) get no file. Returns the files written."""
+    written = []
+    for task, scores in results.items():
+        records = scores.predictions if scores is not None else None
+        if records is None:
+            continue
+        path = Path(directory) / f"{task}.jsonl"
+        write_jsonl_atomic(path, records)
+        written.append(path)
+    return written

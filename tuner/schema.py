@@ -44,6 +44,14 @@ def one_line(e: BaseException) -> str:
     return text if isinstance(inner, ConfigError) else f"{type(inner).__name__}: {text}"
 
 
+def shown(value: object) -> str:
+    """`value` as an error message lists it: as is when every character is visible, else Python's
+    escaped form in quotes (`'\\ufeffQuality'`, `'label '`), so a byte-order mark, a zero-width
+    space or a trailing blank in a name a user must type is seen, not guessed at."""
+    text = str(value)
+    return text if text and text.isprintable() and text == text.strip() else repr(text)
+
+
 class ReadByKey:
     """`record["field"]` reads a dataclass's field: records that were dicts before they were typed
     (a task's metadata, the engine's stats and task info) stay readable as scripts written then read
@@ -98,9 +106,10 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may be numbers
     if unknown:
-        raise ConfigError(f"unknown key '{where}{unknown[0]}' (known: {', '.join(sorted(names))})")
+        key = f"{where}{unknown[0]}"
+        raise ConfigError(f"unknown key {key!r} (known: {', '.join(sorted(names))})")
     kwargs = {k: coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
@@ -197,7 +206,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}  # YAML is UTF-8; a BOM is skipped
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not UTF-8 text (YAML files are UTF-8)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" (line {mark.line + 1})" if mark else ""

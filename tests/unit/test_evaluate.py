@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import smollm2_tokenizer_dir, tiny_llama
 
+from serving.detokenizer import IncrementalText
 from tuner.evaluate import (
-    StopStrings,
     classification_metrics,
     cut_at_stop,
     generate_greedy,
@@ -133,7 +133,14 @@ def test_mean_label_nll_equals_a_direct_computation(verbaliser):
 def test_classification_metrics():
     m = classification_metrics(["a", "a", "b", "b"], ["a", "b", "b", "b"], ["a", "b"])
     assert m["accuracy"] == 0.75
-    assert m["per_label"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    # `predicted`: how many examples were given the label (the collapse warning reads it)
+    assert m["per_label"]["a"] == {
+        "precision": 1.0,
+        "recall": 0.5,
+        "f1": pytest.approx(2 / 3),
+        "support": 2,
+        "predicted": 1,
+    }
     assert m["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
 
 
@@ -157,8 +164,11 @@ def test_a_leading_newline_is_not_a_stop():
 def test_stop_strings_end_a_row_only_after_its_answer_started():
     tok = load_tokenizer(smollm2_tokenizer_dir())
     ids = tok("\nHello world\nNext", add_special_tokens=False).input_ids
-    crit = StopStrings(tok, ["\n"])
-    done = [bool(crit(torch.tensor([ids[:n]]), None)[0]) for n in range(1, len(ids) + 1)]
+    text = IncrementalText(lambda t: tok.decode(t, skip_special_tokens=True), task_stop=["\n"])
+    done = []  # the output path evaluation decodes through (`serving.offline`): stopped after each token
+    for t in ids:
+        text.append(t)
+        done.append(text.stopped)
     text_done = ["\n" in tok.decode(ids[:n]).lstrip() for n in range(1, len(ids) + 1)]
     assert done == text_done and not done[0] and done[-1]
 

@@ -21,7 +21,8 @@ class Evidence:
 
     `values`: each example's own score, higher is better (accuracy's 0 / 1, minus a loss); the
     variant's score is their mean. With `gold`: `values` are predicted label indices, `gold` the gold
-    ones, and the score is the macro-F1 over `num_labels` labels (`tuner.evaluate.classification_metrics`).
+    ones, and the score is the macro-F1 over those of the `num_labels` labels that occur in the
+    resample's gold or predicted labels (`macro_f1` of `tuner.evaluate.classification_metrics`).
     """
 
     values: np.ndarray
@@ -33,12 +34,13 @@ class Evidence:
         if self.gold is None:
             return np.asarray(self.values, dtype=np.float64)[idx].mean(axis=1)
         gold, pred = np.asarray(self.gold)[idx], np.asarray(self.values)[idx]
-        f1 = np.zeros(idx.shape[0])
+        f1, present = np.zeros(idx.shape[0]), np.zeros(idx.shape[0])
         for lab in range(self.num_labels):
             tp = ((gold == lab) & (pred == lab)).sum(axis=1)
             wrong = ((gold == lab) != (pred == lab)).sum(axis=1)  # false positives + false negatives
             f1 += np.where(tp > 0, 2 * tp / np.maximum(2 * tp + wrong, 1), 0.0)
-        return f1 / max(self.num_labels, 1)
+            present += (tp + wrong) > 0  # the label occurs in the resample (gold or predicted)
+        return f1 / np.maximum(present, 1)
 
 
 def paired_se(a: Evidence, b: Evidence, seed: int, rounds: int = BOOTSTRAP_ROUNDS) -> float:

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from tuner.config import ConfigError, from_dict, read_yaml, validate_name
+from tuner.schema import check_non_negative
 from tuner.tasks.kinds import KINDS, TaskKind
-from tuner.tasks.readers import SPLITS, read_rows
+from tuner.tasks.readers import SPLITS, check_encoding, read_rows
 from tuner.tasks.templates import check_template, render_input, template_fields
 
 LOCAL_FORMATS = ("tsv", "csv", "jsonl", "txt", "parallel_txt", "conll")
@@ -51,8 +52,16 @@ class DataSource:
     tag_column: int = field(
         default=-1, metadata={"doc": "conll: the column holding the IOB2 tag (default: the last)."}
     )
+    encoding: str = field(
+        default="utf-8",
+        metadata={
+            "doc": "Text encoding of the local files (a Python codec: utf-8, latin-1, cp1252, utf-16...); "
+            "a leading byte-order mark is dropped whatever the encoding."
+        },
+    )
 
     def __post_init__(self) -> None:
+        check_encoding(self.encoding)
         if self.format not in (*LOCAL_FORMATS, "hub"):
             raise ConfigError(
                 f"data.format={self.format!r}: expected one of {', '.join((*LOCAL_FORMATS, 'hub'))}"
@@ -133,6 +142,13 @@ class TaskSpec:
             "The end-of-sequence token always does; whitespace before the answer never does."
         },
     )
+    max_eval_examples: int | None = field(
+        default=None,
+        metadata={
+            "doc": "Eval examples of this task (a seeded random subset; 0 = the whole eval split), over "
+            "the job's data.max_eval_examples. Default: the job's."
+        },
+    )
 
     def __post_init__(self) -> None:
         validate_name("task name", self.name)
@@ -160,6 +176,8 @@ class TaskSpec:
                 )
         if "" in self.stop:
             raise ConfigError(f"task {self.name}: stop: an empty string would stop every answer at once")
+        if self.max_eval_examples is not None:
+            check_non_negative(f"task {self.name}: max_eval_examples", self.max_eval_examples)
         try:
             names = check_template(self.template)
         except ValueError as e:
@@ -180,6 +198,10 @@ class TaskSpec:
     def target_fields(self) -> list[str]:
         """The reference columns (generation): the first is also the training target."""
         return list(self.target_field)
+
+    def eval_limit(self, job_limit: int) -> int:
+        """How many eval examples to keep (0: all): this task's `max_eval_examples`, else the job's."""
+        return job_limit if self.max_eval_examples is None else self.max_eval_examples
 
     def columns_of(self, split: str) -> dict[str, str]:
         """The renames of `split`: {name: raw column}, `fields` overridden by `split_fields`."""
@@ -262,8 +284,11 @@ def build_examples(
 ) -> list[TaskExample]:
     """Turn a split into examples: `prefix` (see `task_prefix`) + templated input -> target.
 
-    `limit` keeps a seeded random subset (0 = all).
+    `limit` keeps a seeded random subset (0 = all); for the eval split the task's own
+    `max_eval_examples`, where it sets one, replaces it (`TaskSpec.eval_limit`).
     """
+    if split == "eval":
+        limit = spec.eval_limit(limit)
     rows = read_rows(spec, split)
     if limit and len(rows) > limit:
         rows = random.Random(f"{seed}-{spec.name}-{split}").sample(rows, limit)

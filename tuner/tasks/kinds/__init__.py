@@ -6,6 +6,7 @@ registered in `KINDS` below, plus its tests; see the README's "Adding a task kin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,10 +41,12 @@ def evaluate_task(
     max_len: int,
     device="cpu",
     batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
 ) -> TaskScores | None:
-    """One task's scores on its eval split, as its kind scores them (`prompt=None`: zero-shot); None
-    for a task without eval examples."""
+    """One task's scores on its eval split, as its kind scores them (`prompt=None`: zero-shot), with
+    each example's prediction record; None for a task without eval examples. `progress` is told how
+    many more examples are scored as each piece of them is (an evaluation pass's bar)."""
     if not data.eval:
         return None
-    setup = EvalSetup(lm, tokenizer, max_len, device, batch_size)
+    setup = EvalSetup(lm, tokenizer, max_len, device, batch_size, progress)
     return kind_of(data.spec.kind).evaluate(setup, data, prompt)

@@ -11,13 +11,14 @@ It does not read files, tokenise or batch (`tuner.tasks.readers`, `tuner.tasks.d
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from tuner.evaluate import TaskScores, generate_greedy
+from tuner.model.zero import world
 
 if TYPE_CHECKING:
     from tuner.model.prompt_lm import PromptTunedLM
@@ -34,7 +35,10 @@ class EvalSetup:
     max_len: int  # longest [prompt][input][answer] (inputs are cut from the left to fit)
     device: Any = "cpu"
     batch_size: int = 32
+    progress: Callable[[int], None] | None = None  # told how many more examples are scored, piece by piece
 
+
+DECODED_PIECE_BATCHES = 4  # decoded kinds: batches per piece of an evaluation pass (`in_pieces`)
 
 # What serving may do with a task: `complete` (the completion and chat routes), `classify`
 # (`/v1/classify`: label probabilities from its verbaliser).
@@ -90,26 +94,86 @@ def text(value: Any) -> str:
     return "" if value is None else str(value).strip()
 
 
+def in_pieces(
+    setup: EvalSetup, items: list, batch_size: int, run: Callable[[list], list], batches: int = 1
+) -> list:
+    """`run(items)`, a piece of `batches` batches per rank at a time, each piece's examples reported to
+    `setup.progress`. The batches are the ones `run` makes of the whole list (ranks take every
+    world-size-th item of a piece as they would of the whole), so results are the same; every rank
+    cuts the same pieces, so ZeRO-3 ranks stay in lockstep."""
+    size = batch_size * world()[1] * batches
+    out: list = []
+    for start in range(0, len(items), size):
+        piece = items[start : start + size]
+        out += run(piece)
+        if setup.progress is not None:
+            setup.progress(len(piece))
+    return out
+
+
+def prediction(
+    example: TaskExample | None,
+    prefix: str,
+    references: Sequence[str],
+    output: str,
+    correct: bool,
+    scores: dict[str, Any],
+) -> dict[str, Any]:
+    """One eval example's line of its task's predictions file: its input (without the task's prefix,
+    the description and demonstrations every example shares), references, the model's output, whether
+    that is right, and the kind's scores of it."""
+    text = example.prompt if example is not None else ""
+    return {
+        "input": text[len(prefix) :] if prefix and text.startswith(prefix) else text,
+        "references": list(references),
+        "output": output,
+        "correct": bool(correct),
+        "scores": scores,
+    }
+
+
+def exact_matches(data: TaskData, hyps: list[str]) -> list[tuple[bool, dict]]:
+    """Each answer's (correct, scores): exact match against any of its example's references."""
+    out = []
+    for e, h in zip(data.eval_text, hyps, strict=True):
+        match = any(r.strip() == h.strip() for r in e.references or [e.target])
+        out.append((match, {"exact_match": float(match)}))
+    return out
+
+
 def decoded_scores(
     setup: EvalSetup,
     data: TaskData,
     prompt: torch.Tensor | None,
     score: Callable[[TaskData, list[str]], dict],
+    judge: Callable[[TaskData, list[str]], list[tuple[bool, dict]]] = exact_matches,
 ) -> TaskScores:
-    """Greedy answers to every eval example, scored by `score(data, answers)`, with three samples."""
+    """Greedy answers to every eval example, scored by `score(data, answers)`, with three samples and
+    each example's prediction record (`judge(data, answers)`: each answer's (correct, scores))."""
     spec = data.spec
-    hyps = generate_greedy(
-        setup.lm,
-        setup.tokenizer,
-        data.eval,
-        prompt,
-        spec.max_new_tokens,
-        setup.max_len,
-        max(1, setup.batch_size // 2),
-        setup.device,
-        spec.stop,
-    )
+    batch = max(1, setup.batch_size // 2)
+
+    def decode(examples: list) -> list[str]:
+        return generate_greedy(
+            setup.lm,
+            setup.tokenizer,
+            examples,
+            prompt,
+            spec.max_new_tokens,
+            setup.max_len,
+            batch,
+            setup.device,
+            spec.stop,
+        )
+
+    # Pieces of several batches: alone, the server's loop admits a row as another finishes, so only a
+    # piece's last rows decode beside free slots.
+    hyps = in_pieces(setup, data.eval, batch, decode, batches=DECODED_PIECE_BATCHES)
     m = score(data, hyps)
     refs = [e.target.strip() for e in data.eval_text]
     m["samples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]
-    return TaskScores.of(spec.metric, m)
+    predictions = [
+        prediction(e, data.prefix, e.references or [e.target.strip()], h, correct, scores)
+        for e, h, (correct, scores) in zip(data.eval_text, hyps, judge(data, hyps), strict=True)
+    ]
+    return TaskScores.of(spec.metric, m, predictions)

@@ -2,7 +2,9 @@
 
 Training teaches the words of the gold label (`verbaliser`: label -> words). Evaluation scores every
 label's words after the input and predicts the most likely label, so it needs one forward per
-example (`tuner.evaluate.score_labels`), and reports accuracy, macro-F1 and a per-label table.
+example (`tuner.evaluate.score_labels`), and reports accuracy, macro-F1 (over the labels present, and
+over every label: `tuner.evaluate.MACRO_F1_DEFINITIONS`), a per-label table and, per example, the
+predicted label beside each label's log-probability.
 Serving can complete with such a task and classify with it (`/v1/classify`).
 """
 
@@ -14,7 +16,7 @@ import torch
 
 from tuner.config import ConfigError
 from tuner.evaluate import TaskScores, classification_metrics, score_labels
-from tuner.tasks.kinds.base import CLASSIFY, COMPLETE, EvalSetup, TaskKind
+from tuner.tasks.kinds.base import CLASSIFY, COMPLETE, EvalSetup, TaskKind, in_pieces, prediction
 
 if TYPE_CHECKING:
     from tuner.tasks.data import TaskData
@@ -54,9 +56,17 @@ class Classification(TaskKind):
     def evaluate(self, setup: EvalSetup, data: TaskData, prompt: torch.Tensor | None) -> TaskScores:
         spec = data.spec
         s = setup
-        scores = score_labels(
-            s.lm, s.tokenizer, data.eval, spec.verbaliser, prompt, s.max_len, s.batch_size, s.device
-        )
+
+        def score(examples: list) -> list[dict[str, float]]:
+            return score_labels(
+                s.lm, s.tokenizer, examples, spec.verbaliser, prompt, s.max_len, s.batch_size, s.device
+            )
+
+        scores = in_pieces(setup, data.eval, s.batch_size, score)
         pred = [max(s, key=s.get) for s in scores]
         gold = [e.label for e in data.eval]
-        return TaskScores.of(spec.metric, classification_metrics(gold, pred, spec.labels))
+        predictions = [
+            prediction(t, data.prefix, [g], p, g == p, logp)  # scores: each label's log-probability
+            for t, g, p, logp in zip(data.eval_text, gold, pred, scores, strict=True)
+        ]
+        return TaskScores.of(spec.metric, classification_metrics(gold, pred, spec.labels), predictions)

@@ -2,7 +2,7 @@
 
 Training teaches `target_prefix` + the first target field's text, ended by end-of-sequence.
 Evaluation decodes greedily (until end-of-sequence or a `stop` string) and reports chrF, ROUGE-L and
-exact match against every reference of an example (one per target field).
+exact match against every reference of an example (one per target field), and each example's own.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tuner.config import ConfigError
-from tuner.evaluate import TaskScores, generation_metrics
+from tuner.evaluate import TaskScores, generation_example_scores, generation_metrics
 from tuner.tasks.kinds.base import EvalSetup, TaskKind, decoded_scores, text
 
 if TYPE_CHECKING:
@@ -38,7 +38,13 @@ class Generation(TaskKind):
         return [r for r in refs if r] or refs[:1]
 
     def evaluate(self, setup: EvalSetup, data: TaskData, prompt: torch.Tensor | None) -> TaskScores:
-        def score(data: TaskData, hyps: list[str]) -> dict:
-            return generation_metrics([e.references or [e.target.strip()] for e in data.eval_text], hyps)
+        def refs(data: TaskData) -> list[list[str]]:
+            return [e.references or [e.target.strip()] for e in data.eval_text]
 
-        return decoded_scores(setup, data, prompt, score)
+        def score(data: TaskData, hyps: list[str]) -> dict:
+            return generation_metrics(refs(data), hyps)
+
+        def judge(data: TaskData, hyps: list[str]) -> list[tuple[bool, dict]]:
+            return [(s["exact_match"] == 1.0, s) for s in generation_example_scores(refs(data), hyps)]
+
+        return decoded_scores(setup, data, prompt, score, judge)

@@ -152,6 +152,13 @@ def entity_metrics(gold: list[list[str]], pred: list[list[str]]) -> dict:
     }
 
 
+def sentence_entity_f1(gold: list[str], pred: list[str]) -> float:
+    """One sentence's entity F1 (type and both boundaries must match; 1.0 when neither has an entity):
+    a predictions file's per-example score."""
+    g, p = set(iob2_entities(gold)), set(iob2_entities(pred))
+    return 2 * len(g & p) / (len(g) + len(p)) if g or p else 1.0
+
+
 class Ner(TaskKind):
     name = "ner"
     metrics = ("entity_f1",)
@@ -178,4 +185,11 @@ class Ner(TaskKind):
             pred = [parse_entities(h, e.words, names) for h, e in zip(hyps, data.eval_text)]
             return entity_metrics([e.tags for e in data.eval_text], pred)
 
-        return decoded_scores(setup, data, prompt, score)
+        def judge(data: TaskData, hyps: list[str]) -> list[tuple[bool, dict]]:
+            out = []
+            for h, e in zip(hyps, data.eval_text, strict=True):
+                pred = parse_entities(h, e.words, names)
+                out.append((pred == e.tags, {"entity_f1": sentence_entity_f1(e.tags, pred)}))
+            return out
+
+        return decoded_scores(setup, data, prompt, score, judge)
