@@ -142,6 +142,7 @@ class _DriverProgress:
         self._thread = threading.Thread(target=self._loop, name="promptfleet-progress", daemon=True)
         self.bar = None
         self.evals: EvalBarFromRecords | None = None  # the running evaluation pass's bar
+        self._started = False  # a record from rank 0 has arrived
 
     def __enter__(self) -> _DriverProgress:
         if self.show:
@@ -181,6 +182,10 @@ class _DriverProgress:
                 continue
             if self.bar is None:
                 continue
+            if not self._started:  # rank 0 is set up: the minutes before (Ray, the model) are not steps
+                self._started = True
+                if kind == "eval_progress":  # (a first step record keeps them: its own time is in there)
+                    self.bar.start_t = self.bar.last_print_t = self.bar._time()
             if kind == "eval_progress":
                 self.evals.update(EvalProgress(**record))
             elif kind == "step":
