@@ -13,7 +13,7 @@ equality against the engine itself).
 The prompt is 16 virtual tokens drawn from the embedding table (seeded): this measures decoding, not
 a tuned task's quality. fp32, SDPA, `--threads` torch threads.
 
-    python -m bench.eval_generation [--tasks samsum,conll2003] [--examples 32] [--max-new-tokens 32]
+    python -m bench.eval_generation [--tasks samsum,conll2003_ner] [--examples 32] [--max-new-tokens 32]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tasks", default="samsum,conll2003", help="task configs (configs/tasks/NAME.yaml)")
+    parser.add_argument("--tasks", default="samsum,conll2003_ner", help="task configs (configs/tasks/NAME.yaml)")
     parser.add_argument("--examples", type=int, default=32, help="eval examples per task")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
