@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--tasks", default="samsum,conll2003_ner", help="task configs (configs/tasks/NAME.yaml)")
+    parser.add_argument(
+        "--tasks", default="samsum,conll2003_ner", help="task configs (configs/tasks/NAME.yaml)"
+    )
     parser.add_argument("--examples", type=int, default=32, help="eval examples per task")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
