@@ -194,6 +194,11 @@ class _Tenant:
     last_active: float = float("-inf")  # clock time it last had work (running or waiting)
     stats: TenantStats = field(default_factory=TenantStats)
 
+    @property
+    def weight(self) -> float:
+        """Its weight from the tenants file, kept above 0 (it divides)."""
+        return max(self.limits.weight, 1e-6)
+
     def head(self) -> Request | None:
         while self.queue and self.queue[0].status is RequestStatus.FINISHED:  # aborted while waiting
             self.queue.popleft()
@@ -205,9 +210,7 @@ class Scheduler:
         self.config = config
         self._clock = clock
         self.running: dict[str, Request] = {}  # decoding generations; insertion order = admission order
-        self._partial: dict[
-            str, Request
-        ] = {}  # waiting requests with chunks computed (the runner holds their KV)
+        self._partial: dict[str, Request] = {}  # waiting, with chunks computed (the runner holds their KV)
         self._requests: dict[str, Request] = {}  # waiting + running + in this step's prefill, for abort
         self._tenants: dict[str, _Tenant] = {}
         self._limits: dict[str, TenantLimits] = {}
@@ -371,7 +374,7 @@ class Scheduler:
         out.decode = list(self.running.values())
         for req in out.decode:
             t = self._tenant(req.tenant)
-            t.pass_ += 1.0 / max(t.limits.weight, 1e-6)
+            t.pass_ += 1.0 / t.weight
         budget = max(0, self.config.max_step_tokens - len(out.decode))
         allot, caps = self._allot(active, budget, shared=self._shared(active))
         given = dict(allot)
@@ -404,7 +407,7 @@ class Scheduler:
 
     def _slot_shares(self, active: dict[str, _Tenant], wanted: dict[str, int]) -> dict[str, float]:
         demand = {n: float(t.held + wanted[n]) for n, t in active.items()}
-        weight = {n: max(t.limits.weight, 1e-6) for n, t in active.items()}
+        weight = {n: t.weight for n, t in active.items()}
         return water_fill(self.config.max_batch_size, demand, weight)
 
     def _preempt(
@@ -417,7 +420,7 @@ class Scheduler:
         """Free batch slots for the tenants below their share that wait for one, from the tenants
         furthest above theirs (each keeps at least its share)."""
         free = self.config.max_batch_size - self._slots_used()
-        for name, t in sorted(active.items(), key=lambda kv: kv[1].held / max(kv[1].limits.weight, 1e-6)):
+        for name, t in sorted(active.items(), key=lambda kv: kv[1].held / kv[1].weight):
             wanted = min(waiting[name], int(share[name] + 1e-9) - t.held)
             take = min(max(free, 0), max(wanted, 0))
             free, wanted = free - take, wanted - take
@@ -485,7 +488,7 @@ class Scheduler:
             demand[name] = float(min(need, budget))
             if need > full:
                 flooding[name] = float(need)
-        weight = {n: max(t.limits.weight, 1e-6) for n, t in active.items()}
+        weight = {n: t.weight for n, t in active.items()}
         caps: dict[str, float] = {}
         if flooding and shared and self.config.shared_step_tokens:
             caps = water_fill(min(self.config.shared_step_tokens, budget), flooding, weight)
@@ -536,7 +539,7 @@ class Scheduler:
                 chunked.add(req.request_id)
             allot[name] -= tokens
             budget -= tokens
-            t.pass_ += tokens / max(t.limits.weight, 1e-6)
+            t.pass_ += tokens / t.weight
             self._vtime = t.pass_
 
     def _take(self, t: _Tenant, req: Request, tokens: int, completes: bool, out: SchedulerOutput) -> int:
