@@ -310,7 +310,10 @@ router = APIRouter()
 
 
 @router.get("/health")
-async def health() -> dict:
+async def health(request: Request):
+    failure = getattr(request.app.state.serving.engine, "failure", None)  # a tensor-parallel rank lost
+    if failure is not None:
+        return JSONResponse({"status": "failed", "error": failure}, status_code=503)
     return {"status": "ok"}
 
 

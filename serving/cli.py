@@ -7,6 +7,8 @@
 Standalone uvicorn by default; `--ray` deploys `serving.ray_app` (embedded local Ray unless
 `ray.address` / RAY_ADDRESS names a cluster). Config problems (unknown keys, missing store or
 tenants file, auth not configured) are one-line errors with exit 2, raised before any model loads.
+A tensor-parallel replica (`engine.tensor_parallel`) that loses a rank answers 503 for a few seconds,
+then exits 1.
 This module does not define routes or load models itself.
 """
 
@@ -15,9 +17,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import sys
+import threading
+import time
 from pathlib import Path
 
 from tuner.schema import ConfigError
+
+FAILED_EXIT_GRACE_S = 5.0  # a failed replica answers 503 (and /health says why) this long, then exits
 
 
 def register(subparsers) -> None:
@@ -89,6 +96,19 @@ def serve_command(args: argparse.Namespace) -> int:
     from serving.engine import Engine
     from serving.http_server import uvicorn_config
 
-    app = create_app(Engine(cfg.engine), cfg, keyring)
-    uvicorn.Server(uvicorn_config(app, cfg.api)).run()
+    engine = Engine(cfg.engine)
+    server = uvicorn.Server(uvicorn_config(create_app(engine, cfg, keyring), cfg.api))
+    threading.Thread(target=_exit_on_failure, args=(engine, server), daemon=True).start()
+    server.run()
+    if engine.failure is not None:  # a rank of a tensor-parallel replica was lost
+        print(f"promptfleet: error: {engine.failure}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _exit_on_failure(engine, server) -> None:
+    """A replica that lost a rank cannot serve again: once it has answered its requests (503) and
+    /health has said so for `FAILED_EXIT_GRACE_S`, stop the server (the command then exits 1)."""
+    engine.failed.wait()
+    time.sleep(FAILED_EXIT_GRACE_S)
+    server.should_exit = True

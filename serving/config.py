@@ -74,6 +74,17 @@ class EngineConfig:
     prompt_store_symlinks: bool = documented(
         False, "Serve store entries that are symlinks leading outside the store."
     )
+    tensor_parallel: int = documented(
+        1,
+        "Ranks (processes) per replica, each holding 1/N of every layer's heads and MLP columns "
+        "(serving.tensor_parallel); N must divide the backbone's attention and KV heads, and on cuda "
+        "be at most the GPUs present. 1: one process, no collectives.",
+    )
+    collective_timeout_s: float = documented(
+        30.0,
+        "With tensor_parallel > 1: how long any collective (a step plan, a layer's all-reduce) waits "
+        "for a rank before the replica fails its requests with 503 and exits.",
+    )
 
     def __post_init__(self) -> None:
         """Refuse a bad value here, at load, in one line naming its key (not at the first request)."""
@@ -92,6 +103,8 @@ class EngineConfig:
             "max_step_tokens",
             "reload_interval_s",
             "request_timeout_s",
+            "tensor_parallel",
+            "collective_timeout_s",
         ):
             check_positive(f"engine.{name}", getattr(self, name))
         check_non_negative("engine.prefix_cache_bytes", self.prefix_cache_bytes)

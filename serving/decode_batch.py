@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from serving.kv_batch import KVBatch, to_device
+from serving.kv_batch import KVBatch, row_index, to_device
 from serving.sampler import RowSampler
 from serving.scheduler import Request
 
@@ -66,11 +66,11 @@ class DecodeBatch:
     def gather(cls, parts: list[tuple[DecodeBatch, list[int]]], headroom: int) -> DecodeBatch:
         """Rows `rows` of each batch, stacked in order (a step's leavers and joiners in one copy)."""
         device = parts[0][0].last_tokens.device
-        idx = [to_device(rows, device) for _, rows in parts]
+        idx = [row_index(rows, len(b), device) for b, rows in parts]
         return cls(
             [b.requests[i] for b, rows in parts for i in rows],
             [b.samplers[i] for b, rows in parts for i in rows],
-            KVBatch.gather([(b.kv, rows) for b, rows in parts], headroom),
+            KVBatch.gather([(b.kv, rows) for b, rows in parts], headroom, idx),
             torch.cat([b.last_tokens[i] for (b, _), i in zip(parts, idx)]),
             torch.cat([b.positions[i] for (b, _), i in zip(parts, idx)]),
         )

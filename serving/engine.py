@@ -20,6 +20,11 @@ reading and checking adapters never holds up the engine thread, and only a loade
 swapped into the registry (the first scan runs in the constructor, before the server is ready). A
 task's prefix is tokenised once per version (`serving.task_tokens`), not on every request.
 
+With `engine.tensor_parallel` > 1 this engine is rank 0 of a replica: its runner is a
+`serving.tp_worker.ShardedRunner`, which sends each step's plan to the other ranks (and proves itself
+alive to them while idle). A lost rank (`RankLost`) ends every request with 503, refuses new ones,
+sets `failure` (/health reports it) and `failed` (the standalone server then exits 1).
+
 It does not speak HTTP, authenticate, or export metrics (`serving.api` does, from `stats()`, an
 `EngineStats`).
 """
@@ -42,6 +47,7 @@ from serving.registry import PromptRegistry, TaskEntry
 from serving.runner import ModelRunner, StepResult
 from serving.scheduler import Request, RequestKind, Scheduler, SchedulerConfig, SchedulerOutput
 from serving.task_tokens import TaskTokenCache, splits_exactly
+from serving.tensor_parallel import RankLost
 from serving.types import (
     STEP_SECONDS_BUCKETS,
     ClassifyResult,
@@ -77,23 +83,42 @@ LOADER_JOIN_S = 5.0  # stop() waits this long for a load in progress; the loader
 
 class Engine:
     def __init__(
-        self, config: EngineConfig, *, model=None, tokenizer=None, backbone_names: set[str] | None = None
+        self,
+        config: EngineConfig,
+        *,
+        model=None,
+        tokenizer=None,
+        backbone_names: set[str] | None = None,
+        start_ranks: Callable | None = None,
     ):
-        """Load the backbone (unless `model`/`tokenizer` are given, e.g. by tests) and scan the store."""
+        """Load the backbone (unless `model`/`tokenizer` are given, e.g. by tests) and scan the store.
+
+        With `config.tensor_parallel` > 1, `start_ranks(config) -> (runner, model)` starts the other
+        ranks and loads this one's shard (default: `serving.tp_worker.start_ranks`, child processes)."""
         self.config = config
         if config.threads > 0:
             torch.set_num_threads(config.threads)
+        self._ranks = None  # tensor_parallel > 1: rank 0's runner (`serving.tp_worker.ShardedRunner`)
+        self.failure: str | None = None  # why the replica failed (a rank was lost); /health reports it
+        self.failed = threading.Event()  # set with `failure`: the standalone server then exits non-zero
         if model is None:
             path = resolve_backbone(config.backbone)
             device = torch.device(config.device)
-            model = load_backbone(
-                path, pick_dtype(config.dtype, device), pick_attention("auto", device), device
-            )
+            if config.tensor_parallel > 1:
+                if start_ranks is None:
+                    from serving.tp_worker import start_ranks
+                self._ranks, model = start_ranks(config)
+            else:
+                model = load_backbone(
+                    path, pick_dtype(config.dtype, device), pick_attention("auto", device), device
+                )
             tokenizer = tokenizer or load_tokenizer(path)
             backbone_names = (backbone_names or set()) | {config.backbone, path}
+        elif config.tensor_parallel > 1:
+            raise ValueError("engine.tensor_parallel > 1 loads the backbone on every rank: pass no model")
         self.tokenizer = tokenizer
         self._encode = text_encoder(tokenizer)
-        self.runner = ModelRunner(model, config.prefix_cache_bytes, config.prefix_cache)
+        self.runner = self._ranks or ModelRunner(model, config.prefix_cache_bytes, config.prefix_cache)
         self.registry = PromptRegistry(
             config.prompt_store,
             backbone_names or {config.backbone},
@@ -142,12 +167,16 @@ class Engine:
 
     async def stop(self) -> None:
         if self._thread is None:
+            if self._ranks is not None:  # never started: the other ranks wait for a plan all the same
+                await asyncio.to_thread(self._ranks.stop, self.failure is not None)
             return
         self._stopping = True
         self._loader_stop.set()
         self._wake.set()
         await asyncio.to_thread(self._thread.join)
         self._thread = None
+        if self._ranks is not None and self.failure is None:
+            await asyncio.to_thread(self._ranks.stop)
         if self._loader is not None:
             await asyncio.to_thread(self._loader.join, LOADER_JOIN_S)
             self._loader = None
@@ -274,6 +303,8 @@ class Engine:
     def _submit(self, req: Request) -> asyncio.Queue:
         """Queue `req` in the scheduler (raises QuotaExceeded / Overloaded) and open its stream."""
         stream: asyncio.Queue = asyncio.Queue()
+        if self.failure is not None:
+            raise RankLost(self.failure)
         with self._lock:
             self.scheduler.add(req)
         self._streams[req.request_id] = stream
@@ -366,6 +397,22 @@ class Engine:
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
+        try:
+            self._run_steps()
+        except RankLost as e:  # tensor-parallel only: a rank died or stalled
+            self._lose_replica(e)
+
+    def _lose_replica(self, err: RankLost) -> None:
+        """End every request with `err` (503), end the other ranks, and say so (`failure`, `failed`)."""
+        log.error("tensor-parallel replica failed, ending every request: %s", err.message)
+        self.failure = err.message
+        with self._lock:
+            left = self.scheduler.abort_all()
+        self._fail(left, lambda: RankLost(err.message), failure=True)
+        self._ranks.stop(failed=True)
+        self.failed.set()
+
+    def _run_steps(self) -> None:
         next_reload = time.monotonic() + self.config.reload_interval_s
         while not self._stopping:
             now = time.monotonic()
@@ -378,6 +425,8 @@ class Engine:
             if out.empty:
                 if self.runner.batch is not None or self.runner.partial:  # all left: free their KV
                     self.runner.reset()
+                elif self._ranks is not None:
+                    self._ranks.idle()  # the other ranks wait for a plan: prove rank 0 alive
                 self._wake.wait(timeout=min(0.25, self.config.reload_interval_s))
                 self._wake.clear()
                 continue
@@ -385,6 +434,8 @@ class Engine:
             try:
                 result = self.runner.step(out)
                 self._step_seconds.observe(time.perf_counter() - started)  # engine thread only
+            except RankLost:
+                raise
             except Exception:  # not a forward (the runner isolates those): a bug; the batch is suspect
                 log.exception("engine step failed")
                 self.runner.reset()
@@ -431,7 +482,7 @@ class Engine:
         with self._reloaded_lock:
             stale, self._reloaded = self._reloaded, set()
         for name in stale:
-            self.runner.prefix_cache.invalidate(name)
+            (self._ranks or self.runner.prefix_cache).invalidate(name)
 
     def _load_store(self, stop: threading.Event) -> None:
         """The prompt-store loader thread: `_refresh_store` every `reload_interval_s` until `stop`."""

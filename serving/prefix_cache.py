@@ -2,8 +2,9 @@
 
 A task's P virtual tokens always sit at positions 0..P-1 and, under causal attention, their keys and
 values never depend on the tokens that follow. So one forward of the P prompt vectors gives KV that
-every request of that task can start from: at prefill the runner gathers it per row and no request
-pays prefill for its prompt. Entries are keyed by (task, adapter version), so a reloaded adapter
+every request of that task can start from: at prefill the rows of a step take their tasks' entries
+in one indexed copy (`KVBatch.from_prefixes`: rows of one task share its entry, the tensor returned
+for each of them) and no request pays prefill for its prompt. Entries are keyed by (task, adapter version), so a reloaded adapter
 never hits a stale entry; `invalidate(task)` frees the old one at once. The cache is an LRU bounded
 by bytes; with `enabled=False` every lookup recomputes (the equivalent of no cache, for comparison).
 

@@ -6,6 +6,12 @@ replica and are batched together by our scheduler inside it; this is deliberatel
 multiplexing, which would pin tasks to replicas and never mix them in a batch. Replicas scale with
 `autoscaling_config` from `ServerConfig.ray`.
 
+With `engine.tensor_parallel: N` a replica is N ranks: the deployment asks for a placement group of
+N bundles (`replica_bundles`: one GPU each on GPUs, STRICT_PACK on one node), the replica's actor
+is rank 0 in bundle 0 and starts ranks 1..N-1 as `RankActor`s in bundles 1..N-1. Autoscaling counts
+replicas, each of N ranks. A replica that lost a rank fails Serve's health check (`check_health`),
+so Serve replaces it, ranks and all.
+
 `app` is the application builder a Serve config names (`import_path: serving.ray_app:app`, as in
 k8s/rayservice.yaml): Serve calls it with the config's `args` ({config, prompt_store, overrides}).
 
@@ -33,22 +39,98 @@ class PromptfleetReplica:
 
     def __init__(self, config: ServerConfig, keyring: KeyRing):
         self._config, self._keyring = config, keyring
+        self._engine = None
 
     def __serve_build_asgi_app__(self):
         from serving.engine import Engine
 
-        return create_app(Engine(self._config.engine), self._config, self._keyring)
+        start = None
+        if self._config.engine.tensor_parallel > 1:
+            import functools
+
+            import ray
+
+            from serving.tp_worker import start_ranks
+
+            start = functools.partial(
+                start_ranks, launch=launch_rank_actors, host=ray.util.get_node_ip_address()
+            )
+        self._engine = Engine(self._config.engine, start_ranks=start)
+        return create_app(self._engine, self._config, self._keyring)
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica that lost a rank is replaced."""
+        if self._engine is not None and self._engine.failure is not None:
+            raise RuntimeError(f"tensor-parallel replica failed: {self._engine.failure}")
+
+
+def replica_bundles(config: ServerConfig) -> list[dict[str, float]]:
+    """The placement group of one replica: a bundle per rank (bundle 0 is the replica's own actor)."""
+    bundle = {"CPU": config.ray.num_cpus}
+    if config.ray.num_gpus:
+        bundle["GPU"] = config.ray.num_gpus
+    return [dict(bundle) for _ in range(config.engine.tensor_parallel)]
 
 
 def build_application(config: ServerConfig, keyring: KeyRing) -> serve.Application:
-    """The bound Serve application: one deployment, autoscaled, one backbone per replica."""
+    """The bound Serve application: one deployment, autoscaled, one backbone per replica (N ranks)."""
+    options = {}
+    if config.engine.tensor_parallel > 1:
+        options = {
+            "placement_group_bundles": replica_bundles(config),
+            "placement_group_strategy": "STRICT_PACK",
+        }
     deployment = serve.deployment(
         name="promptfleet",
         autoscaling_config=config.ray.autoscaling_config(),
         max_ongoing_requests=config.ray.max_ongoing_requests,
         ray_actor_options={"num_cpus": config.ray.num_cpus, "num_gpus": config.ray.num_gpus},
+        **options,
     )(PromptfleetReplica)
     return deployment.bind(config, keyring)
+
+
+class RankActor:
+    """Rank r (> 0) of a replica, in bundle r of the replica's placement group."""
+
+    def run(self, config, spec, rank: int) -> int:
+        from serving.tp_worker import run_rank
+
+        return run_rank(config, spec, rank)
+
+
+def launch_rank_actors(config, spec):
+    """`serving.tp_worker.Launcher` on Ray: ranks 1..N-1 as actors in this replica's placement group."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from serving.tp_worker import STOP_JOIN_S
+
+    pg = ray.util.get_current_placement_group()
+    if pg is None:
+        raise RuntimeError("engine.tensor_parallel > 1 on Ray needs the replica's placement group")
+    actor = ray.remote(RankActor)
+    gpus = 1 if spec.device.startswith("cuda") else 0
+    ranks, runs = [], []
+    for r in range(1, spec.world):
+        a = actor.options(
+            num_cpus=0,  # the bundle holds the rank's CPUs for it; the actor may use them
+            num_gpus=gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+        ).remote()
+        ranks.append(a)
+        runs.append(a.run.remote(config, spec, r))
+
+    def stop_ranks(failed: bool) -> None:
+        if not failed:
+            try:
+                ray.get(runs, timeout=STOP_JOIN_S)
+            except Exception:  # noqa: BLE001 - a rank that does not end in time is killed below
+                pass
+        for a in ranks:
+            ray.kill(a)
+
+    return stop_ranks, []
 
 
 def app(args: dict) -> serve.Application:

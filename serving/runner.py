@@ -45,10 +45,11 @@ from typing import Protocol, TypeVar
 import torch
 
 from serving.decode_batch import DecodeBatch
-from serving.kv_batch import KVBatch, to_device
+from serving.kv_batch import KVBatch, prefill_layout, to_device
 from serving.prefix_cache import PrefixKVCache
 from serving.sampler import RowSampler, sample
 from serving.scheduler import Request, RequestKind, SchedulerOutput
+from serving.tensor_parallel import RankLost, is_sharded, sharded_fp32_logits
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -104,18 +105,31 @@ def length_groups(lengths: list[int], overhead: int) -> list[list[int]]:
     return groups[::-1]
 
 
-def isolate(items: list[T], run: Callable[[list[T]], R], failed: list[T]) -> list[tuple[list[T], R]]:
+def isolate(
+    items: list[T], run: Callable[[list[T]], R], failed: list[T], agree: Callable[[bool], bool] | None = None
+) -> list[tuple[list[T], R]]:
     """`[(items, run(items))]`, or, if that raises, the same for each half (recursively): the items
-    that fail alone go to `failed`, each logged once (type and message, no traceback)."""
+    that fail alone go to `failed`, each logged once (type and message, no traceback).
+
+    `agree(ok)` (tensor-parallel ranks) is True when `run` succeeded on every rank, so every rank
+    retries the same halves; `RankLost` (the ranks cannot talk any more) is never retried."""
+    error = None
     try:
-        return [(items, run(items))]
+        result = run(items)
+    except RankLost:
+        raise
     except Exception as e:
-        if len(items) == 1:
-            log.warning("a model step failed on one request (%s): %s", type(e).__name__, str(e)[:300])
-            failed.append(items[0])
-            return []
-        mid = len(items) // 2
-        return isolate(items[:mid], run, failed) + isolate(items[mid:], run, failed)
+        error = e
+    if agree is not None and not agree(error is None) and error is None:
+        error = RuntimeError("the step failed on another rank")
+    if error is None:
+        return [(items, result)]
+    if len(items) == 1:
+        log.warning("a model step failed on one request (%s): %s", type(error).__name__, str(error)[:300])
+        failed.append(items[0])
+        return []
+    mid = len(items) // 2
+    return isolate(items[:mid], run, failed, agree) + isolate(items[mid:], run, failed, agree)
 
 
 @dataclass
@@ -147,6 +161,8 @@ class ModelRunner:
         kv_headroom: int = 64,
         group_overhead_tokens: int = 64,
         inference_mode: bool = True,
+        shards: int = 1,
+        agree: Callable[[bool], bool] | None = None,
     ):
         """Args:
         model: a transformers causal LM (frozen, eval mode).
@@ -158,6 +174,9 @@ class ModelRunner:
         inference_mode: False runs the model under `no_grad` instead, for a model that also trains
             (evaluation, `serving.offline`): under ZeRO-3 a weight gathered in inference mode (a
             small one stays gathered) is an inference tensor, which a later backward cannot save.
+        shards: tensor-parallel ranks the model is split over (`serving.tensor_parallel`): this
+            rank's KV caches hold kv_heads / shards heads, its prefix cache 1/shards of the bound.
+        agree: with shards > 1, `agree(ok) -> every rank ok`, so retries are the same on every rank.
         """
         self.model = model
         self.inference_mode = inference_mode
@@ -165,7 +184,8 @@ class ModelRunner:
         self.lm_head = model.get_output_embeddings()
         cfg = model.config.get_text_config(decoder=True)
         self.num_layers = cfg.num_hidden_layers
-        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        self.kv_heads = (getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) // shards
+        self.agree = agree
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size = cfg.hidden_size
         self.max_positions = getattr(cfg, "max_position_embeddings", 2048)
@@ -173,7 +193,7 @@ class ModelRunner:
         self.dtype, self.device = param.dtype, param.device
         self.headroom = kv_headroom
         self.group_overhead = group_overhead_tokens
-        self.prefix_cache = PrefixKVCache(self._prompt_kv, prefix_cache_bytes, prefix_cache)
+        self.prefix_cache = PrefixKVCache(self._prompt_kv, prefix_cache_bytes // shards, prefix_cache)
         self.prefill_tokens_total = 0
         self.batch: DecodeBatch | None = None  # the running rows
         self.partial: dict[
@@ -204,7 +224,7 @@ class ModelRunner:
                 return b, rows if rows is keep else list(range(len(rows)))
 
             failed: list[int] = []
-            for _, (b, rows) in isolate(keep, decode, failed):
+            for _, (b, rows) in isolate(keep, decode, failed, self.agree):
                 parts.append((b, rows))
                 tokens.append(
                     b.last_tokens if len(rows) == len(b) else b.last_tokens[to_device(rows, self.device)]
@@ -213,11 +233,11 @@ class ModelRunner:
             result.failed += [old.requests[i].request_id for i in failed]
         if out.chunks:
             failed_chunks: list[tuple[Request, int]] = []
-            isolate(out.chunks, self._run_chunks, failed_chunks)
+            isolate(out.chunks, self._run_chunks, failed_chunks, self.agree)
             result.failed += [r.request_id for r, _ in failed_chunks]
         if out.prefill:
             failed_reqs: list[Request] = []
-            for _, new in isolate(out.prefill, self._new_rows, failed_reqs):
+            for _, new in isolate(out.prefill, self._new_rows, failed_reqs, self.agree):
                 for b, t in zip(new.parts, new.tokens):
                     parts.append((b, list(range(len(b)))))
                     tokens.append(t)
@@ -411,23 +431,11 @@ class ModelRunner:
         )
         for i, kv in zip(fresh, cached):
             kvs[i] = kv
-        n, pmax, lmax = len(seqs), max(kv.shape[3] for kv in kvs), max(len(s) for s in seqs)
+        pmax, lmax = max(kv.shape[3] for kv in kvs), max(len(s) for s in seqs)
         # No headroom: generation rows are copied into the running batch (`KVBatch.gather`) before they decode.
-        b = KVBatch.empty(
-            self.num_layers, n, self.kv_heads, self.head_dim, pmax + lmax, self.dtype, self.device
-        )
+        b = KVBatch.from_prefixes(kvs, pmax + lmax)  # every row's prefix in one indexed copy
         # Token ids, positions and mask are built on the host and copied over once each.
-        ids = torch.zeros(n, lmax, dtype=torch.long)
-        pos = torch.zeros(n, lmax, dtype=torch.long)
-        mask = torch.zeros(n, pmax + lmax, dtype=torch.long)
-        for i, (kv, s) in enumerate(zip(kvs, seqs)):
-            P, L = kv.shape[3], len(s)
-            b.kv[:, :, i, :, pmax - P : pmax] = kv
-            mask[i, pmax - P : pmax] = 1
-            mask[i, pmax + lmax - L :] = 1
-            b.first[i] = pmax - P
-            ids[i, lmax - L :] = torch.tensor(s)
-            pos[i, lmax - L :] = torch.arange(P, P + L)
+        ids, pos, mask = prefill_layout([kv.shape[3] for kv in kvs], seqs)
         b.mask.copy_(to_device(mask, self.device))
         b.length = pmax
         hidden = self.decoder(
@@ -458,6 +466,8 @@ def fp32_logits(lm_head: torch.nn.Module, hidden: torch.Tensor, block: int = 819
     """`lm_head(hidden)` computed in fp32 `[n, vocab]`, whatever the weights' dtype, a block of the
     vocabulary at a time (no fp32 copy of the whole head is kept)."""
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if is_sharded(weight):  # tensor-parallel: this rank's slice of the vocabulary, then gathered
+        return sharded_fp32_logits(lm_head, hidden, block)
     if weight.dtype == torch.float32:
         return lm_head(hidden.float())
     h = hidden.float()
