@@ -65,6 +65,20 @@ CONFIGS = {
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     ),
+    # Llama-3-8B (meta-llama/Meta-Llama-3-8B config.json): 8,030,261,248 parameters
+    "llama-8b": dict(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
 }
 
 # (median, spread) of input lengths in tokens, template included, and the number of label words.
@@ -72,11 +86,31 @@ TASK_LENGTHS = {"sst2": (14, 9.4, 2), "ag_news": (46, 19.5, 4), "trec": (17, 4.7
 
 
 def llama(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", seed: int = 0):
-    """A frozen, randomly initialised LlamaForCausalLM of config `name` (see `CONFIGS`), eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A frozen, randomly initialised LlamaForCausalLM of config `name` (see `CONFIGS`), eval mode.
+
+    The weights are created on `device` in `dtype` (`device="meta"`: shapes only, no memory)."""
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(name)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are born in `dtype`: no fp32 copy of an 8B model
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.to(dtype)  # float buffers too (rotary inv_freq), as the 1.1B and 135M runs always had them
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def llama_config(name: str):
+    """The transformers `LlamaConfig` of `CONFIGS[name]` (SDPA attention, SmolLM2's special ids)."""
+    from transformers import LlamaConfig
 
     cfg = CONFIGS[name]
-    config = LlamaConfig(
+    return LlamaConfig(
         **{k: v for k, v in cfg.items() if k != "rope_theta"},
         rope_parameters={"rope_type": "default", "rope_theta": cfg["rope_theta"]},
         bos_token_id=1,
@@ -84,11 +118,6 @@ def llama(name: str, dtype: torch.dtype = torch.bfloat16, device: str = "cuda", 
         pad_token_id=2,
         attn_implementation="sdpa",
     )
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    model.requires_grad_(False)
-    return model.eval()
 
 
 class IdTokenizer:

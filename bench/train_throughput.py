@@ -10,8 +10,16 @@ shared, so interleaving spreads noise evenly). Methods:
 * `ours, one prompt per example`, `ours, no packing` and `ours, full-vocab head`: the same step
   with ideas switched off, to show where the speedup comes from (each a recipe of its own, with
   its own `data.*` settings, on ours' backbone and tasks);
+* `ours, prefetch`: ours with each step's batches collated (and their attention plan built) in the
+  recipe's background thread while the steps before it run (`tuner.tasks.prefetch`), where `ours`
+  builds them in the step: the same batches and results, less host work on the critical path;
 * `PEFT`: `PeftPromptTuning` (see `bench.common`): one padded batch per task, full-vocab loss,
   AdamW.
+
+"host s/step on critical path" is the time a step spends getting its batches before its first
+forward (collate + attention plan + copy to the device, or waiting for the prefetch thread). On this
+benchmark the thread also overlaps the other methods' steps (they run in turn), so `ours, prefetch`
+shows the overlap at its best; the step times say what it costs the other work on a shared CPU.
 
 Throughput counts real text tokens (input + target; no virtual tokens, no padding), identical
 for all methods. MFU divides the *useful* model FLOPs of a step (formula in `useful_flops`: every
@@ -106,6 +114,10 @@ def ours_and_ablations(
     """`ours` and, with `ablations`, the same step with one idea switched off: each a recipe of its
     own on ours' backbone and tasks."""
     recipes = {"ours": ours}
+    cfg = copy.deepcopy(ours.cfg)
+    cfg.data.prefetch = 1
+    recipes["ours, prefetch"] = MultiTaskPromptTuningRecipe(cfg, progress=False, lm=ours.lm, tasks=ours.tasks)
+    recipes["ours, prefetch"].setup()
     if not ablations:
         return recipes
     for name, packing, share, lm in (
@@ -135,11 +147,16 @@ def run_batch_size(args, batch_size: int, steps: int, ablations: bool) -> dict:
     L, pad = cfg.model.max_seq_len, ours.tokenizer.pad_token_id
     names = list(ours.tasks)
     peft = PeftPromptTuning(ours.lm.backbone, names, {t: ours.prompt(t) for t in names}, lr=cfg.optim.lr)
-    methods = {name: recipe.train_step for name, recipe in ours_and_ablations(ours, ablations).items()}
+    recipes = ours_and_ablations(ours, ablations)
+    methods = {name: recipe.train_step for name, recipe in recipes.items()}
     methods["PEFT"] = lambda draw: peft.step(examples_by_task(ours, draw), cfg.optim.lr, L, pad)
     draws = draw_batches(ours, warmup + steps)
+    recipes["ours, prefetch"].batches.start(draws, depth=1)  # the steps it will be handed, in order
+    host_clocks = {name: (lambda r=recipe: r.batches.critical_s) for name, recipe in recipes.items()}
     desc = f"train throughput, batch {batch_size} (steps x methods)"
-    times, cpu, peaks = time_methods(methods, tqdm(draws, desc=desc, unit="step"), warmup)
+    times, cpu, peaks, host = time_methods(methods, tqdm(draws, desc=desc, unit="step"), warmup, host_clocks)
+    for recipe in recipes.values():
+        recipe.cleanup()
     shape = model_shape(ours.lm.backbone)
     per_step = [step_work(ours, peft, draw, shape, ablations) for draw in draws[warmup:]]
     shutil.rmtree(cfg.output_dir, ignore_errors=True)
@@ -161,31 +178,37 @@ def run_batch_size(args, batch_size: int, steps: int, ablations: bool) -> dict:
         "matmul_peak_flops": peaks,
         "tokens_per_step": sum(s["text_tokens"] for s in per_step) / len(per_step),
         "flops_per_step": sum(s["flops"] for s in per_step) / len(per_step),
-        "results": method_results(times, cpu, peaks, per_step),
+        "results": method_results(times, cpu, peaks, per_step, host),
         "per_step": per_step,
     }
 
 
-def time_methods(methods: dict, draws, warmup: int) -> tuple[dict, dict, dict]:
+def time_methods(methods: dict, draws, warmup: int, host_clocks: dict | None = None) -> tuple[dict, ...]:
     """Every method on every draw, in rotating order (who goes first changes each step): wall and
-    process CPU seconds per timed step by method, and the best matmul peaks sampled between steps."""
+    process CPU seconds per timed step by method, the best matmul peaks sampled between steps, and per
+    method with a clock in `host_clocks` (seconds so far on its critical path's host work) that time per step."""
+    host_clocks = host_clocks or {}
     times: dict[str, list[float]] = {m: [] for m in methods}  # wall-clock seconds per step
     cpu: dict[str, list[float]] = {m: [] for m in methods}  # process CPU seconds per step (all threads)
+    host: dict[str, list[float]] = {m: [] for m in host_clocks}  # host seconds on the critical path
     peaks = {"fp32": 0.0, "bf16": 0.0}
     for k, draw in enumerate(draws):
         order = list(methods)[k % len(methods) :] + list(methods)[: k % len(methods)]
         for m in order:
+            h0 = host_clocks[m]() if m in host_clocks else 0.0
             t0, c0 = time.perf_counter(), time.process_time()
             methods[m](draw)
             if k >= warmup:
                 times[m].append(time.perf_counter() - t0)
                 cpu[m].append(time.process_time() - c0)
+                if m in host_clocks:
+                    host[m].append(host_clocks[m]() - h0)
         # The peak is sampled between steps, under the same load; the best sample is the peak.
         peaks = {
             "fp32": max(peaks["fp32"], matmul_peak(torch.float32)),
             "bf16": max(peaks["bf16"], matmul_peak(torch.bfloat16)),
         }
-    return times, cpu, peaks
+    return times, cpu, peaks, host
 
 
 def step_work(
@@ -199,7 +222,7 @@ def step_work(
     task_rows = {t: i for i, t in enumerate(ours.tasks)}
     layout = partial(collate, examples, task_rows, P, max_len=L, pad_id=pad, row_len=cfg.data.row_len)
     packed = layout()
-    positions = {"ours": packed.input_ids.numel()}
+    positions = {"ours": packed.input_ids.numel(), "ours, prefetch": packed.input_ids.numel()}
     if ablations:
         positions["ours, one prompt per example"] = layout(share_prompts=False).input_ids.numel()
         positions["ours, no packing"] = layout(packing=False, share_prompts=False).input_ids.numel()
@@ -216,7 +239,9 @@ def step_work(
     }
 
 
-def method_results(times: dict, cpu: dict, peaks: dict, per_step: list[dict]) -> dict[str, dict]:
+def method_results(
+    times: dict, cpu: dict, peaks: dict, per_step: list[dict], host: dict | None = None
+) -> dict[str, dict]:
     """Per method: throughput, step times, speedups over PEFT, MFU and positions computed per useful one."""
     tokens = sum(s["text_tokens"] for s in per_step)
     flops = sum(s["flops"] for s in per_step)
@@ -236,6 +261,8 @@ def method_results(times: dict, cpu: dict, peaks: dict, per_step: list[dict]) ->
             # to other processes on this shared machine, but counts spin-waiting as busy
             "mfu_fp32_peak_on_cpu": flops / (sum(cpu[m]) / torch.get_num_threads()) / peaks["fp32"],
             "computed_positions_per_useful": sum(s["positions"][m] for s in per_step) / useful,
+            # host seconds per step spent getting its batches before the forward (None: not measured)
+            "host_critical_s_per_step": sum(host[m]) / len(ts) if host and m in host else None,
             "step_times_s": ts,
             "step_cpu_s": cpu[m],
         }
@@ -245,6 +272,11 @@ def method_results(times: dict, cpu: dict, peaks: dict, per_step: list[dict]) ->
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 steps, nothing recorded")
+    ap.add_argument(
+        "--no-ablations",
+        action="store_true",
+        help="the main run times ours, ours with prefetch and PEFT only",
+    )
     ap.add_argument("--steps", type=int, default=8, help="timed global steps (each run by every method)")
     ap.add_argument(
         "--batch-size", type=int, default=16, help="global batch of the main run (with ablations)"
@@ -277,7 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    main_run = run_batch_size(args, args.batch_size, 2 if args.quick else args.steps, ablations=True)
+    steps = 2 if args.quick else args.steps
+    main_run = run_batch_size(args, args.batch_size, steps, ablations=not args.no_ablations)
     table = methods_table(main_run["results"])
     print(table)
     peaks = main_run["matmul_peak_flops"]
@@ -327,6 +360,7 @@ def methods_table(results: dict[str, dict]) -> str:
         "MFU (fp32 peak)",
         "MFU (bf16 peak)",
         "computed / useful positions",
+        "host s/step on critical path",
     ]
     rows = [
         [
@@ -338,6 +372,7 @@ def methods_table(results: dict[str, dict]) -> str:
             f"{100 * r['mfu_fp32_peak']:.1f}%",
             f"{100 * r['mfu_bf16_peak']:.1f}%",
             r["computed_positions_per_useful"],
+            "-" if r.get("host_critical_s_per_step") is None else f"{r['host_critical_s_per_step']:.4f}",
         ]
         for m, r in results.items()
     ]

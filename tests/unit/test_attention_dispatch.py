@@ -109,25 +109,108 @@ def test_flex_mask_mod_equals_layout_mask(batch):
     assert torch.equal(allowed[used], expected[used])
 
 
+def _batch(share: bool):
+    g = torch.Generator().manual_seed(3)
+    examples = [
+        TokenizedExample(t, torch.randint(3, 128, (n,), generator=g).tolist(), [5, 6])
+        for t, n in zip("abcabcabcaab", [1, 40, 7, 3, 25, 12, 9, 30, 2, 18, 5, 11])
+    ]
+    rows = {t: i for i, t in enumerate("abc")}
+    return collate(examples, rows, P, max_len=64, pad_id=0, row_len=96, share_prompts=share)
+
+
+def _sequences(plan, R: int, L: int):
+    """Per varlen sequence: (query positions, key positions, where each query's output lands or -1)."""
+    q_pos = plan.q_index if plan.q_index is not None else torch.arange(R * L)
+    k_pos = plan.k_index if plan.k_index is not None else q_pos
+    written = torch.full((len(q_pos),), -1, dtype=torch.long)
+    if plan.out_index is None:
+        written = q_pos.clone()
+    else:
+        written[plan.out_select] = plan.out_index
+    for i in range(len(plan.cu_q) - 1):
+        q0, q1, k0, k1 = (int(x) for x in (plan.cu_q[i], plan.cu_q[i + 1], plan.cu_k[i], plan.cu_k[i + 1]))
+        yield q_pos[q0:q1], k_pos[k0:k1], written[q0:q1]
+
+
+@pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("bottom_right", [True, False])
-def test_varlen_plan_equals_layout_mask(batch, bottom_right):
-    """Each varlen sequence, read with the kernel's causal alignment, sees exactly what the mask allows."""
+def test_varlen_plan_equals_layout_mask(share, bottom_right):
+    """Each varlen sequence, read with the kernel's causal alignment, sees exactly what the mask allows,
+    and every real position's output is written once."""
+    batch = _batch(share)
     plan = attention.VarlenLayout.from_batch("varlen", batch, torch.device("cpu"), bottom_right=bottom_right)
     R, L = batch.input_ids.shape
     seen = torch.zeros(R * L, R * L, dtype=torch.bool)
-    written = torch.zeros(int(plan.cu_q[-1]), dtype=torch.long).fill_(-1)
-    written[plan.out_select] = plan.out_index
-    for i in range(len(plan.cu_q) - 1):
-        q0, q1, k0, k1 = (int(x) for x in (plan.cu_q[i], plan.cu_q[i + 1], plan.cu_k[i], plan.cu_k[i + 1]))
-        nq, nk = q1 - q0, k1 - k0
-        assert nq <= plan.max_q and nk <= plan.max_k
-        keys = plan.k_index[k0:k1]
-        for j in range(nq):
-            visible = j + 1 + (nk - nq if bottom_right else 0)  # causal, aligned as the kernel aligns it
-            if written[q0 + j] >= 0:
-                assert plan.q_index[q0 + j] == written[q0 + j]
-                seen[written[q0 + j], keys[:visible]] = True
+    writes = torch.zeros(R * L, dtype=torch.long)
+    for q, k, out in _sequences(plan, R, L):
+        assert len(q) <= plan.max_q and len(k) <= plan.max_k
+        for j in range(len(q)):
+            visible = j + 1 + (len(k) - len(q) if bottom_right else 0)  # causal, as the kernel aligns it
+            if out[j] >= 0:
+                assert q[j] == out[j]
+                seen[out[j], k[:visible]] = True
+                writes[out[j]] += 1
     used = _used(batch).view(-1)
     expected = torch.block_diag(*batch.attention_mask()[:, 0])
     assert torch.equal(seen[used][:, used], expected[used][:, used])
-    assert torch.equal(torch.sort(plan.out_index).values, used.nonzero().view(-1))  # every position once
+    assert torch.equal(writes[used], torch.ones(int(used.sum()), dtype=torch.long))
+
+
+def test_bottom_right_varlen_reads_the_rows_as_they_are():
+    """Queries are never gathered nor outputs scattered; keys only where a prompt copy is shared."""
+    cpu = torch.device("cpu")
+    for share in (True, False):
+        plan = attention.VarlenLayout.from_batch("varlen", _batch(share), cpu, bottom_right=True)
+        assert plan.q_index is None and plan.out_index is None
+        assert (plan.k_index is None) == (not share)
+    top_left = attention.VarlenLayout.from_batch("varlen", _batch(True), cpu, bottom_right=False)
+    assert top_left.q_index is not None and top_left.out_index is not None
+
+
+def _varlen_reference(kernel, q, k, v, cu_q, cu_k, max_q, max_k, scaling):
+    """The kernel's contract written out: per sequence, softmax attention with a causal mask aligned to
+    the bottom right (query j of nq sees keys up to nk - nq + j), GQA by repetition."""
+    out = torch.empty_like(q)
+    groups = q.shape[1] // k.shape[1]
+    for i in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = (int(x) for x in (cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]))
+        qs, ks, vs = q[q0:q1], k[k0:k1].repeat_interleave(groups, 1), v[k0:k1].repeat_interleave(groups, 1)
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) * (scaling or q.shape[-1] ** -0.5)
+        allowed = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool).tril(k1 - k0 - (q1 - q0))
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs)
+    return out
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_varlen_plan_forward_and_backward_match_dense_reference(share, prompts, monkeypatch):
+    """The varlen plan end to end on CPU, the CUDA kernel replaced by its contract written out above."""
+    batch = _batch(share)
+    ref_loss, ref_grad = _reference(batch, prompts)
+    monkeypatch.setattr(attention, "varlen_call", _varlen_reference)
+    lm = PromptTunedLM(tiny_llama(), kernel="sdpa")
+    monkeypatch.setattr(lm, "kernel_for", lambda device: "varlen")
+    for ahead in (False, True):  # plan built in the forward, or on the host with the batch
+        b = attention.host_layout("varlen", batch, "cpu") if ahead else batch
+        assert (b.attn_plan is not None) == ahead
+        p = prompts.clone().requires_grad_(True)
+        out = lm(b, p)
+        out.loss.backward()
+        torch.testing.assert_close(out.seg_loss, ref_loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(p.grad, ref_grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_a_plan_built_ahead_gives_the_same_bits(batch, prompts, kernel):
+    """`host_layout` moves plan building off the forward; the forward computes exactly the same."""
+    lm = PromptTunedLM(tiny_llama(), kernel=kernel)
+    ahead = attention.host_layout(kernel, batch, "cpu")
+    assert ahead.attn_kernel == kernel and batch.attn_plan is None
+    results = []
+    for b in (batch, ahead.to("cpu")):
+        p = prompts.clone().requires_grad_(True)
+        out = lm(b, p)
+        out.loss.backward()
+        results.append((out.seg_loss, p.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -19,7 +19,7 @@ from bench.gpu_record import Recorder
 def test_arguments_and_defaults(monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
     args = gpu_check.parse_args([])
-    assert args.out == "gpu-results" and args.budget_s == 420 and args.sections == "tests,train,serve"
+    assert args.out == "gpu-results" and args.budget_s == 465 and args.sections == "tests,train,serve"
     monkeypatch.setenv("OUT", "/tmp/device-out")
     assert gpu_check.parse_args([]).out == "/tmp/device-out"
     assert gpu_check.parse_args(["--out", "x"]).out == "x"
@@ -32,7 +32,7 @@ def test_arguments_and_defaults(monkeypatch):
 def test_plan_orders_sections_and_bounds_the_total(tmp_path):
     plan = gpu_check.plan(gpu_check.parse_args(["--out", str(tmp_path)]), tmp_path)
     assert [s.name for s in plan.sections] == ["tests", "train", "serve"]
-    assert sum(s.budget_s for s in plan.sections) <= 420 < 8 * 60
+    assert sum(s.budget_s for s in plan.sections) <= 465 < 8 * 60
     tests = plan.sections[0].argv
     assert tests[-1].endswith("test_kernels_flex.py")  # the slow compile runs last
     assert all((gpu_check.REPO / "tests" / "gpu" / f).is_file() for f in gpu_check.TEST_FILES)
@@ -113,3 +113,26 @@ def test_summary_reads_the_section_files(tmp_path):
     assert summary["train"]["summaries"] == {"tiny/summary": {"speedup_varlen_vs_peft": 3.5}}
     assert summary["train"]["errors"] == {"tiny/peft": "ValueError: no peft"}
     assert summary["sections"][0]["name"] == "train" and summary["sections"][0]["status"] == "pending"
+
+
+def test_the_8b_config_has_llama_3_8b_shape_and_parameter_count():
+    """Built on the meta device (no memory); the count is computed here from the shape, layer by layer."""
+    import torch
+
+    from bench import gpu_train
+    from bench.gpu_models import CONFIGS, llama
+
+    model = llama("llama-8b", torch.bfloat16, "meta")
+    V, H, F, layers, heads, kv, D = 128256, 4096, 14336, 32, 32, 8, 128
+    c = model.config
+    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers) == (V, H, F, layers)
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (heads, kv, D)
+    attention = H * heads * D + 2 * H * kv * D + heads * D * H  # q, k, v, o
+    mlp = 3 * H * F  # gate, up, down
+    norms = 2 * H
+    expected = V * H + layers * (attention + mlp + norms) + H + V * H  # embeddings, final norm, untied head
+    assert sum(p.numel() for p in model.parameters()) == expected == 8_030_261_248
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert all(p.device.type == "meta" and not p.requires_grad for p in model.parameters())
+    assert not CONFIGS["llama-8b"]["tie_word_embeddings"]
+    assert "llama-8b" in gpu_train.DEFAULT_CONFIGS.split(",")  # measured by default

@@ -32,6 +32,7 @@ last layer computed at target positions only (`tuner.model.target_layer`, plain 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import inspect
@@ -44,7 +45,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from tuner.model.span_attention import SpanAttention
-from tuner.tasks.batching import MultiTaskBatch
+from tuner.tasks.batching import MultiTaskBatch, map_tensors
 
 ATTENTION_NAME = "promptfleet_packed"
 KERNELS = ("auto", "sdpa", "eager", "varlen", "flex", "flash_attention_2")
@@ -103,6 +104,9 @@ class DenseLayout:
     def from_batch(cls, batch: MultiTaskBatch, device: torch.device) -> DenseLayout:
         return cls(batch.attention_mask().to(device))
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> DenseLayout:
+        return DenseLayout(self.mask.to(device, non_blocking=non_blocking))
+
     def attend(self, query, key, value, scaling: float | None) -> torch.Tensor:
         return dense_attention(query, key, value, self.mask, scaling).transpose(1, 2)
 
@@ -119,67 +123,135 @@ def dense_attention(query, key, value, mask: torch.Tensor, scaling: float | None
 
 @dataclass
 class VarlenLayout:
-    """Spans as variable-length sequences: gathered queries and [prefix + span] keys, flat."""
+    """Spans as variable-length sequences, flat: queries, keys and outputs gathered only where needed.
+
+    With a bottom-right causal alignment the sequences are the rows as they are (`_row_order`): every
+    position is a query in place (padding tails are sequences of their own, whose outputs nothing
+    reads), so queries need no gather and outputs no scatter; a prompt copy and the segment that
+    follows it are one causal sequence (exactly what they may see), so keys need no gather either
+    unless a prompt copy serves several segments (`shared_prompts`): then only the keys and values
+    (the few KV heads) are gathered, each later segment's as [its prompt copy][itself]. A top-left
+    alignment gets every span gathered, its prompt queries repeated (`_gathered`).
+    """
 
     kernel: str  # varlen | flash_attention_2
-    q_index: torch.Tensor  # [Tq] flat (row * L + col) positions read as queries, span after span
-    k_index: torch.Tensor  # [Tk] flat key positions: each span's prompt copy, then the span
-    cu_q: torch.Tensor  # [spans + 1] int32
-    cu_k: torch.Tensor  # [spans + 1] int32
+    q_index: torch.Tensor | None  # [Tq] flat (row * L + col) positions read as queries; None: all, in order
+    k_index: torch.Tensor | None  # [Tk] flat key positions, sequence after sequence; None: as the queries
+    cu_q: torch.Tensor  # [sequences + 1] int32
+    cu_k: torch.Tensor  # [sequences + 1] int32
     max_q: int
     max_k: int
-    out_select: torch.Tensor  # [n] rows of the kernel output that are real span positions
-    out_index: torch.Tensor  # [n] flat positions they are written to
+    out_select: torch.Tensor | None  # [n] rows of the kernel output that are real span positions
+    out_index: torch.Tensor | None  # [n] flat positions they are written to; None: the output is the rows
 
     @classmethod
     def from_batch(
         cls, kernel: str, batch: MultiTaskBatch, device: torch.device, bottom_right: bool | None = None
     ) -> VarlenLayout:
-        """Build the plan; when the kernel aligns its causal mask top-left, queries repeat the prefix.
+        """Build the plan (on the host, then moved to `device`).
 
         Args:
             bottom_right: the kernel's causal alignment; None probes it (`aligns_bottom_right`).
         """
-        L, P = batch.input_ids.shape[1], batch.num_virtual_tokens
         if bottom_right is None:
             bottom_right = aligns_bottom_right(kernel, device)
+        plan = cls._row_order(kernel, batch) if bottom_right else cls._gathered(kernel, batch)
+        return plan.to(device)
+
+    @classmethod
+    def _row_order(cls, kernel: str, batch: MultiTaskBatch) -> VarlenLayout:
+        R, L = batch.input_ids.shape
+        P = batch.num_virtual_tokens
+        by_row: list[list[tuple[int, int, int]]] = [[] for _ in range(R)]
+        for row, start, n, pre in _spans(batch):
+            by_row[row].append((start, n, pre))
+        q_len, pre_flat, p_len = [], [], []  # per sequence: its length, its prefix's flat start, length
+        for row, spans in enumerate(by_row):
+            spans.sort()
+            col, i = 0, 0
+            while i < len(spans):
+                start, n, pre = spans[i]
+                if start > col:  # uncovered positions (padding): a sequence nothing reads
+                    q_len, pre_flat, p_len = q_len + [start - col], pre_flat + [0], p_len + [0]
+                nxt = spans[i + 1] if i + 1 < len(spans) else None
+                if pre < 0 and nxt is not None and nxt[0] == start + n and nxt[2] == start:
+                    n, i = n + nxt[1], i + 1  # a prompt copy and its first segment: one causal sequence
+                    pre = -1
+                has_pre = pre >= 0 and P > 0
+                q_len.append(n)
+                pre_flat.append(row * L + pre if has_pre else 0)
+                p_len.append(P if has_pre else 0)
+                col, i = start + n, i + 1
+            if col < L:
+                q_len, pre_flat, p_len = q_len + [L - col], pre_flat + [0], p_len + [0]
+        q_len_t, p = torch.tensor(q_len, dtype=torch.long), torch.tensor(p_len, dtype=torch.long)
+        k_len = q_len_t + p
+        k_index = None
+        if int(p.sum()):  # keys of sequence i: its prefix, then its own positions
+            q_start = torch.cumsum(q_len_t, 0) - q_len_t  # flat: the sequences tile the rows
+            k_index = _flat_keys(q_start, q_len_t, torch.tensor(pre_flat, dtype=torch.long), p)[0]
+        return cls(
+            kernel=kernel,
+            q_index=None,
+            k_index=k_index,
+            cu_q=_cumulative(q_len_t),
+            cu_k=_cumulative(k_len),
+            max_q=max(q_len, default=0),
+            max_k=int(k_len.max()) if len(k_len) else 0,
+            out_select=None,
+            out_index=None,
+        )
+
+    @classmethod
+    def _gathered(cls, kernel: str, batch: MultiTaskBatch) -> VarlenLayout:
+        """Top-left alignment: every span gathered, its queries repeating its prefix (computed, not written back)."""
+        L, P = batch.input_ids.shape[1], batch.num_virtual_tokens
         row, start, n, pre = torch.tensor(_spans(batch), dtype=torch.long).view(-1, 4).unbind(1)
         p = torch.where(pre >= 0, P, 0)  # prefix keys of each span: its prompt copy, if any
         base = row * L
-        # keys of span i: [pre_i, pre_i + p_i) then [start_i, start_i + n_i), as flat positions
+        k_index, in_prefix = _flat_keys(base + start, n, base + pre.clamp(min=0), p)
         k_len = p + n
-        k_span = torch.repeat_interleave(torch.arange(len(n)), k_len)
-        j = torch.arange(int(k_len.sum())) - (torch.cumsum(k_len, 0) - k_len)[k_span]
-        in_prefix = j < p[k_span]
-        k_index = base[k_span] + torch.where(in_prefix, pre[k_span] + j, start[k_span] + j - p[k_span])
-        if bottom_right:  # queries: the span's own positions; causal alignment supplies the prefix
-            q_len = n
-            q_index = k_index[~in_prefix]
-            out_select = torch.arange(len(q_index))
-        else:  # top-left alignment: queries repeat the prefix (computed, not written back)
-            q_len = k_len
-            q_index = k_index
-            out_select = (~in_prefix).nonzero().view(-1)
         return cls(
             kernel=kernel,
-            q_index=q_index.to(device),
-            k_index=k_index.to(device),
-            cu_q=_cumulative(q_len).to(device),
-            cu_k=_cumulative(k_len).to(device),
-            max_q=int(q_len.max()) if len(q_len) else 0,
+            q_index=k_index,
+            k_index=k_index,
+            cu_q=_cumulative(k_len),
+            cu_k=_cumulative(k_len),
+            max_q=int(k_len.max()) if len(k_len) else 0,
             max_k=int(k_len.max()) if len(k_len) else 0,
-            out_select=out_select.to(device),
-            out_index=q_index[out_select].to(device),
+            out_select=(~in_prefix).nonzero().view(-1),
+            out_index=k_index[~in_prefix],
         )
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> VarlenLayout:
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
     def attend(self, query, key, value, scaling: float | None) -> torch.Tensor:
         R, H, L, D = query.shape
-        q = query.transpose(1, 2).reshape(R * L, H, D).index_select(0, self.q_index)
-        k = key.transpose(1, 2).reshape(R * L, key.shape[1], D).index_select(0, self.k_index)
-        v = value.transpose(1, 2).reshape(R * L, value.shape[1], D).index_select(0, self.k_index)
+        q = query.transpose(1, 2).reshape(R * L, H, D)
+        k = key.transpose(1, 2).reshape(R * L, key.shape[1], D)
+        v = value.transpose(1, 2).reshape(R * L, value.shape[1], D)
+        if self.q_index is not None:
+            q = q.index_select(0, self.q_index)
+        if self.k_index is not None:
+            k, v = k.index_select(0, self.k_index), v.index_select(0, self.k_index)
         o = varlen_call(self.kernel, q, k, v, self.cu_q, self.cu_k, self.max_q, self.max_k, scaling)
+        if self.out_index is None:
+            return o.reshape(R, L, H, D)
         out = query.new_zeros(R * L, H, D).index_copy(0, self.out_index, o.index_select(0, self.out_select))
         return out.view(R, L, H, D)
+
+
+def _flat_keys(
+    own_start: torch.Tensor, n: torch.Tensor, pre_start: torch.Tensor, p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys of sequences laid end to end: for each, `p` prefix positions from `pre_start`, then `n` own
+    positions from `own_start` (all flat). Returns the key positions and which of them are prefix."""
+    k_len = p + n
+    k_seq = torch.repeat_interleave(torch.arange(len(n)), k_len)
+    j = torch.arange(int(k_len.sum())) - (torch.cumsum(k_len, 0) - k_len)[k_seq]
+    in_prefix = j < p[k_seq]
+    return torch.where(in_prefix, pre_start[k_seq] + j, own_start[k_seq] + j - p[k_seq]), in_prefix
 
 
 def _cumulative(lengths: torch.Tensor) -> torch.Tensor:
@@ -327,8 +399,11 @@ PackedLayout = SpanAttention | DenseLayout | VarlenLayout | FlexLayout
 
 
 def build_layout(kernel: str, batch: MultiTaskBatch, device: torch.device | str) -> PackedLayout:
-    """The plan `kernel` (a resolved name from `pick_kernel`) runs `batch` with on `device`."""
+    """The plan `kernel` (a resolved name from `pick_kernel`) runs `batch` with on `device`: the one
+    `host_layout` attached to the batch ahead of time when there is one (moved with the batch)."""
     device = torch.device(device)
+    if batch.attn_plan is not None and batch.attn_kernel == kernel:
+        return batch.attn_plan.to(device)  # already there when the batch was moved with it: a no-op
     if kernel == "sdpa":
         return SpanAttention.from_batch(batch).to(device)
     if kernel == "eager":
@@ -338,6 +413,25 @@ def build_layout(kernel: str, batch: MultiTaskBatch, device: torch.device | str)
     if kernel == "flex":
         return FlexLayout.from_batch(batch, device)
     raise ValueError(f"{kernel!r} is not a resolved attention kernel (see pick_kernel)")
+
+
+def host_layout(kernel: str, batch: MultiTaskBatch, device: torch.device | str) -> MultiTaskBatch:
+    """`batch` (on the host) with `kernel`'s plan for `device` attached, built on the host.
+
+    Building a plan reads the batch's layout (spans, lengths) as Python values: on the host that
+    costs no device synchronisation, and it can run ahead of the step (`tuner.tasks.prefetch`). The
+    plan then travels with the batch (`MultiTaskBatch.to`). FlexAttention's masks are built and
+    cached on the device, so a `flex` batch is returned as it is.
+    """
+    device = torch.device(device)
+    if kernel == "flex" or not batch.num_segments:
+        return batch
+    if kernel in ("varlen", "flash_attention_2"):
+        bottom_right = aligns_bottom_right(kernel, device)
+        plan = VarlenLayout.from_batch(kernel, batch, torch.device("cpu"), bottom_right=bottom_right)
+    else:
+        plan = build_layout(kernel, batch, "cpu")
+    return dataclasses.replace(batch, attn_plan=plan, attn_kernel=kernel)
 
 
 # ------------------------------------------------------------------------------------ transformers hook

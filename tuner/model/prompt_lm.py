@@ -117,7 +117,8 @@ class PromptTunedLM(torch.nn.Module):
         nll = F.cross_entropy(logits, batch.target_ids, reduction="none")
         S = batch.num_segments
         seg_sum = torch.zeros(S, device=nll.device, dtype=nll.dtype).index_add(0, batch.target_seg, nll)
-        count = torch.bincount(batch.target_seg, minlength=S).clamp(min=1).to(nll.dtype)
+        # index_add, not bincount: bincount sizes its output from the data, a read-back on CUDA
+        count = torch.zeros_like(seg_sum).index_add(0, batch.target_seg, torch.ones_like(nll)).clamp(min=1)
         seg_mean = seg_sum / count
         return LossOutput(
             loss=(seg_mean if seg_weight is None else seg_mean * seg_weight).sum(),

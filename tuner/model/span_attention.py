@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tuner.tasks.batching import MultiTaskBatch
+from tuner.tasks.batching import MultiTaskBatch, map_tensors
 
 # A span joins a bucket while its length is at least this fraction of the bucket's longest: bounds
 # the padding each SDPA call computes, while keeping the number of calls per layer small.
@@ -87,11 +87,8 @@ class SpanAttention:
             out_select.append(torch.arange(n) + b * Q)
         return _Bucket(q_index, k_index, mask, torch.cat(out_index), torch.cat(out_select))
 
-    def to(self, device: torch.device | str) -> SpanAttention:
-        moved = [
-            _Bucket(*(getattr(b, f).to(device) for f in _Bucket.__dataclass_fields__)) for b in self.buckets
-        ]
-        return SpanAttention(moved)
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SpanAttention:
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None):
         """query [R, H, L, D], key/value [R, Hkv, L, D] -> output [R, L, H, D] (zeros at padding)."""

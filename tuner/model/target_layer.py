@@ -45,7 +45,8 @@ class _TargetKeys:
         seg = batch.target_seg
         start = batch.seg_start[seg]  # [N] first column of each target's segment
         upto = batch.target_col - start + 1  # [N] positions of its segment it sees (causal)
-        K = P + int(upto.max())
+        # the longest segment bounds every target's reach: known on the host, no read-back (a sync)
+        K = P + (batch.max_seg_len or int(upto.max()))
         base = batch.target_row * L
         cols = torch.arange(K, device=seg.device)[None, :]  # [1, K]
         own = base[:, None] + start[:, None] + (cols - P).clamp(min=0)  # segment part: start + (j - P)

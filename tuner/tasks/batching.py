@@ -23,7 +23,9 @@ hidden states it needs instead of projecting every position onto the vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
@@ -63,6 +65,13 @@ class MultiTaskBatch:
     shared_prompts: bool  # a prompt copy serves several segments: needs span attention or `attention_mask()`
     num_virtual_tokens: int
     num_text_tokens: int  # real (non-virtual, non-padding) tokens: input + target
+    # The longest segment, known on the host when the batch is built: code that sizes a tensor by it
+    # on the device need not read it back (a host synchronisation).
+    max_seg_len: int = 0
+    # The attention plan of `attn_kernel` (`tuner.model.attention.host_layout`), built ahead on the
+    # host with the batch and moved with it; None: the forward builds it.
+    attn_plan: Any = None
+    attn_kernel: str | None = None
 
     @property
     def num_segments(self) -> int:
@@ -98,11 +107,26 @@ class MultiTaskBatch:
                 mask[row, start : start + n, pre : pre + self.num_virtual_tokens] = True
         return mask[:, None].to(self.input_ids.device)
 
-    def to(self, device: torch.device | str) -> MultiTaskBatch:
-        kw = {f.name: getattr(self, f.name) for f in fields(self)}
-        return MultiTaskBatch(
-            **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MultiTaskBatch:
+        """The batch (and its attention plan) on `device`; `non_blocking` from pinned memory."""
+        return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> MultiTaskBatch:
+        """The batch in page-locked host memory, so copies to a CUDA device can be asynchronous."""
+        return map_tensors(self, lambda t: t.pin_memory())
+
+
+def map_tensors(obj, fn):
+    """`obj` with `fn` applied to every tensor in it (tensors, dataclasses, lists and tuples of them)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(
+            obj, **{f.name: map_tensors(getattr(obj, f.name), fn) for f in fields(obj)}
         )
+    if isinstance(obj, list | tuple):
+        return type(obj)(map_tensors(x, fn) for x in obj)
+    return obj
 
 
 def segment_layout(ex: TokenizedExample, num_virtual: int, max_len: int) -> tuple[list[int], list[int]]:
@@ -275,4 +299,5 @@ def _lay_out(
         shared_prompts=len(prompt["row"]) < S,
         num_virtual_tokens=num_virtual,
         num_text_tokens=sum(len(s[0]) + 1 for s in segs),
+        max_seg_len=max((len(s[0]) for s in segs), default=0),
     )
