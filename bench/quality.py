@@ -3,14 +3,19 @@
     python -m bench.quality --tasks cb,rte,sst2,trec --seeds 0,1      (JSON: bench/results/quality_methods.json)
     python -m bench.quality --tasks all --seeds 2,3 --add              (add seeds to the recorded ones)
     python -m bench.quality --quick                                    (smoke run, nothing recorded)
+    python -m bench.quality --tasks all --methods ulpt,superpos --peft-lr-grid 0.01,0.03,0.1,0.3 \
+        --out quality_issue39                                          (issue 39: against tuned PEFT)
     python -m bench.quality --pool A.json B.json --out quality_methods  (no runs: seeds of one setup, run
                                                                       apart, into one result)
 
 Methods, per seed (`--methods` picks ours; zero-shot and PEFT always run):
 * zero-shot: the untuned backbone (no virtual tokens);
 * PEFT: Hugging Face PEFT prompt tuning, one adapter per task trained on that task alone
-  (`PeftPromptTuning` in `bench.common`, plain PyTorch loop, AdamW);
-* ours `independent`, `residual`, `multitask` (`prompt.method`): the tuner recipe's own
+  (`PeftPromptTuning` in `bench.common`, plain PyTorch loop, AdamW), its learning rate tuned per
+  task over `--peft-lr-grid` on the task's held-out slice (`bench.quality_peft`; a one-value grid is
+  the old hand-set baseline). The held-out slices are taken out of the sampler before it draws, so
+  no method ever trains on them;
+* ours `independent`, `residual`, `multitask`, `ulpt`, `superpos` (`prompt.method`): the tuner recipe's own
   `train_step`, one run over all tasks (`independent`: two runs, one per half of the tasks, see
   transfer below; its prompts do not interact, so this is the same computation per task);
 * ours `transfer` (transfer initialisation, method independent), leave-one-out (`--transfer loo`,
@@ -63,14 +68,13 @@ from tqdm.auto import tqdm
 from bench.common import (
     REPO,
     RESULTS,
-    PeftPromptTuning,
     bench_config,
     draw_batches,
-    examples_by_task,
     points,
     setup_recipe,
     write_result,
 )
+from bench.quality_peft import hold_out_slices, parse_grid, tune_peft
 from bench.quality_results import (
     PEFT,
     ZERO_SHOT,
@@ -82,13 +86,14 @@ from bench.quality_results import (
 from tuner.config import JobConfig, OptimConfig
 from tuner.job import prepare_job
 from tuner.prompts.continual import choose_sources
-from tuner.prompts.optim import lr_at
+from tuner.prompts.methods import DEFAULT_RANK
 from tuner.recipe import MultiTaskPromptTuningRecipe, RecipeHooks
 from tuner.tasks.kinds import evaluate_task
 
 TASK_DIR = REPO / "configs" / "tasks"
 DEFAULT_TASKS = "sst2,ag_news,trec"
-OURS = ("independent", "residual", "multitask", "transfer")
+OURS = ("independent", "residual", "multitask", "ulpt", "superpos", "transfer")
+JOINT = ("residual", "multitask", "ulpt", "superpos")  # methods trained in one run over all tasks
 
 
 # ------------------------------------------------------------------------------------ arguments
@@ -159,12 +164,28 @@ def leave_one_out_sources(recipe, prompts: dict[str, torch.Tensor]) -> dict[str,
 # ------------------------------------------------------------------------------------ one seed
 
 
+def clock() -> tuple[float, float]:
+    """(wall, this process's CPU) seconds."""
+    return time.perf_counter(), time.process_time()
+
+
 class SeedBench:
     """The runs of one seed: a config per run, all on the same draws."""
 
     def __init__(self, args, seed: int, tasks: list[str], steps: int, n_eval: int):
         self.args, self.seed, self.tasks, self.steps, self.n_eval = args, seed, tasks, steps, n_eval
         self.dirs: list[str] = []
+        # what -> (wall s, process CPU s): a smoke run's basis for estimating a full run on a busy machine
+        self.timings: dict[str, tuple[float, float]] = {}
+
+    def timed(self, what: str, since: tuple[float, float]) -> None:
+        """Record `what` as the wall and CPU seconds since `since` (`clock()` when it started)."""
+        now = clock()
+        self.timings[what] = (round(now[0] - since[0], 1), round(now[1] - since[1], 1))
+        print(
+            f"seed {self.seed} {what}: {self.timings[what][0]} s wall, {self.timings[what][1]} s CPU",
+            flush=True,
+        )
 
     def config(self, tasks: list[str], tag: str) -> JobConfig:
         cfg = bench_config(
@@ -211,6 +232,7 @@ class SeedBench:
         Returns its scores, its finished run directory, each task's source task (with `source` or
         `loo`) and its final prompts.
         """
+        t0 = clock()
         cfg = self.config(tasks, tag)
         cfg.prompt.method = method
         if source is not None:
@@ -242,37 +264,27 @@ class SeedBench:
         scores = {t: points(summary.tasks[t].metric, summary.tasks[t].tuned.score) for t in tasks}
         print(f"seed {self.seed} {tag}: {scores} sources {chosen}", flush=True)
         final = {t: recipe.prompt(t).detach().cpu().clone() for t in tasks}
+        self.timed(tag, t0)
         return scores, recipe.run_dir, chosen, final
 
     def run(self, methods: list[str]) -> tuple[SeedResult, dict[str, str]]:
         """Zero-shot and PEFT on a reference recipe over all tasks (whose sampler draws the batches), then ours."""
         ref = setup_recipe(self.config(self.tasks, "reference"), progress=True)
-        o, L = ref.cfg.optim, ref.cfg.model.max_seq_len
+        heldout = hold_out_slices(ref, self.args.heldout_examples)  # before the draws: no one trains on them
         draws = draw_batches(ref, self.steps)
         metrics = {t: ref.tasks[t].spec.metric for t in self.tasks}
+        t0 = clock()
         scores = {ZERO_SHOT: self.score(ref, lambda t: None, ZERO_SHOT)}
+        self.timed(ZERO_SHOT, t0)
         initial = {t: ref.prompt(t).clone() for t in self.tasks}
-        peft = PeftPromptTuning(
-            ref.lm.backbone,
-            self.tasks,
-            initial,
-            lr=o.lr,
-            betas=tuple(o.betas),
-            eps=o.eps,
-            grad_clip=o.grad_clip,
+        t0 = clock()
+        peft = tune_peft(ref, draws, initial, heldout, self.args.peft_lr_grid, self.seed)
+        scores[PEFT] = self.score(ref, peft.prompts.__getitem__, PEFT)
+        self.timed(f"PEFT, {len(self.args.peft_lr_grid)} learning rates", t0)
+        print(
+            f"seed {self.seed}: zero-shot {scores[ZERO_SHOT]}, PEFT {scores[PEFT]} (lr {peft.lr})", flush=True
         )
-        for k, draw in enumerate(
-            tqdm(draws, desc=f"seed {self.seed}: PEFT per-task prompt tuning", unit="step")
-        ):
-            peft.step(
-                examples_by_task(ref, draw),
-                lr_at(k, o.lr, o.warmup_steps, o.max_steps, o.schedule),
-                L,
-                ref.tokenizer.pad_token_id,
-            )
-        scores[PEFT] = self.score(ref, peft.prompt, PEFT)
-        print(f"seed {self.seed}: zero-shot {scores[ZERO_SHOT]}, PEFT {scores[PEFT]}", flush=True)
-        del ref, peft
+        del ref
 
         sources: dict[str, str] = {}
         if "independent" in methods or "transfer" in methods:
@@ -290,9 +302,10 @@ class SeedBench:
                 ta, _, ca, _ = self.ours(a, draws, "independent", "transfer-a", source=dir_b)
                 tb, _, cb, _ = self.ours(b, draws, "independent", "transfer-b", source=dir_a)
                 scores["transfer"], sources = {**ta, **tb}, {**ca, **cb}
-        for m in ("residual", "multitask"):
+        for m in JOINT:
             if m in methods:
                 scores[m] = self.ours(self.tasks, draws, m, m)[0]
+        print(f"seed {self.seed} (wall s, CPU s): {self.timings}", flush=True)
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
         for m, s in scores.items():  # in the log as soon as the seed is done
@@ -303,6 +316,10 @@ class SeedBench:
             dict(Counter(t for d in draws for t, _ in d)),
             dict(Counter(t for d in draws for t in {t for t, _ in d})),
             sources,
+            peft_lr=peft.lr,
+            peft_heldout_score=peft.heldout_score,
+            peft_heldout_loss=peft.heldout_loss,
+            heldout_examples={t: len(h.eval) for t, h in heldout.items()},
         )
         return result, metrics
 
@@ -329,6 +346,17 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-seq-len", type=int, default=128)
     ap.add_argument("--eval-examples", type=int, default=200, help="seeded eval subset per task")
+    ap.add_argument(
+        "--peft-lr-grid",
+        default="0.01,0.03,0.1,0.3",
+        help="PEFT's learning rates; each task keeps the one best on its held-out slice (one value: no tuning)",
+    )
+    ap.add_argument(
+        "--heldout-examples",
+        type=int,
+        default=64,
+        help="each task's held-out slice (at most a fifth of its training examples), trained on by no method",
+    )
     ap.add_argument(
         "--loss-weighting",
         choices=("example", "token"),
@@ -382,6 +410,7 @@ def parse_args(argv: list[str] | None = None):
     try:
         tasks = expand_tasks(args.tasks, shipped_tasks())
         methods = expand_methods(args.methods)
+        args.peft_lr_grid = parse_grid(args.peft_lr_grid)
     except ValueError as e:
         ap.error(str(e))
     try:
@@ -394,7 +423,7 @@ def parse_args(argv: list[str] | None = None):
         ap.error("--add keeps recorded seeds; a --quick smoke run records nothing")
     if ("transfer" in methods) and len(tasks) < 2:
         ap.error("--methods transfer needs at least two tasks (each task's source is another task)")
-    for name in ("steps", "batch_size", "eval_examples"):
+    for name in ("steps", "batch_size", "eval_examples", "heldout_examples"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be positive")
     return args, tasks, methods, seeds[:1] if args.quick else seeds
@@ -413,6 +442,10 @@ def setup_of(args, tasks: list[str], methods: list[str], steps: int, n_eval: int
         "steps": steps,
         "batch_size": args.batch_size,
         "lr": o.lr,
+        "peft_lr_grid": list(args.peft_lr_grid),
+        "heldout_examples": args.heldout_examples,
+        "rank": {m: DEFAULT_RANK[m] for m in ("multitask", "ulpt")},  # prompt.rank 0: each method's own
+        "superpos_tokens": cfg.prompt.superpos_tokens,
         "warmup_steps": o.warmup_steps,
         "schedule": o.schedule,
         "grad_clip": o.grad_clip,
@@ -478,6 +511,10 @@ def print_result(out: dict, runs: list[SeedResult], steps: int, batch_size: int)
     print("paired differences vs PEFT, mean +- sd (seeds with method >= PEFT):")
     print(tables["paired"])
     print(tables["verdict"])
+    print(tables["verdict_issue39"])
+    if "peft_grid" in tables:
+        print("PEFT's learning rate per task, chosen on its held-out slice (held-out score per rate):")
+        print(tables["peft_grid"])
     print(f"budget per seed: {steps} steps x {batch_size} examples; per task examples / updates by seed:")
     for r in sorted(runs, key=lambda r: r.seed):
         print(

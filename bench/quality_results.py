@@ -1,5 +1,6 @@
 """What `bench.quality` records and concludes: seed results, paired differences against PEFT, the
-verdict on issue 14's targets, the tables, and the result files (read back, `--add`, `--pool`).
+verdicts on issue 14's and issue 39's targets, PEFT's learning-rate grid, the tables, and the result
+files (read back, `--add`, `--pool`).
 
 No model and no training here (`bench.quality` runs the seeds); the arithmetic is `bench.stats`'s.
 """
@@ -27,6 +28,13 @@ class SeedResult:
     examples_per_task: dict[str, int] = field(default_factory=dict)
     updates_per_task: dict[str, int] = field(default_factory=dict)
     transfer_sources: dict[str, str] = field(default_factory=dict)  # task -> the task its prompt started from
+    # PEFT's learning rate tuned on each task's held-out slice (`bench.quality_peft`; empty before issue 39)
+    peft_lr: dict[str, float] = field(default_factory=dict)  # task -> the chosen learning rate
+    peft_heldout_score: dict[str, dict[str, float | None]] = field(
+        default_factory=dict
+    )  # lr -> task -> points
+    peft_heldout_loss: dict[str, dict[str, float]] = field(default_factory=dict)  # lr -> task -> target loss
+    heldout_examples: dict[str, int] = field(default_factory=dict)  # task -> its held-out slice's size
 
 
 @dataclass
@@ -39,6 +47,7 @@ class Paired:
     mean: float
     sd: float
     wins: int  # seeds with method >= PEFT
+    se: float = 0.0  # standard error of `mean` over seeds (0 with one seed)
 
 
 @dataclass
@@ -55,12 +64,14 @@ class Verdict:
     tasks_below_peft: list[str]  # tasks where the best method's mean is below PEFT's
     low_resource_gain: dict[str, float]  # cb / rte (those run) -> the best method's mean gain
     targets_met: bool
+    # issue 39: the best method >= +2 on the mean, >= +5 on CB, >= PEFT on RTE (those of CB / RTE run)
+    issue39_met: bool = False
 
 
 def paired(runs: list[SeedResult], method: str, task: str, baseline: str = PEFT) -> Paired:
     """`method` - `baseline` on `task`, seed by seed."""
     d = PairedDifference.of([r.scores[method][task] for r in runs], [r.scores[baseline][task] for r in runs])
-    return Paired(method, task, d.diffs, d.mean, d.sd, d.wins)
+    return Paired(method, task, d.diffs, d.mean, d.sd, d.wins, standard_error(d.diffs))
 
 
 def seed_gains(runs: list[SeedResult], method: str, tasks: list[str]) -> list[float]:
@@ -79,7 +90,8 @@ def verdict(runs: list[SeedResult], methods: list[str], tasks: list[str]) -> Ver
     below = [t for t, g in per_task.items() if g < 0]
     low = {t: per_task[t] for t in LOW_RESOURCE if t in per_task}
     met = not below and gains[best] >= 2.0 and all(g >= 5.0 for g in low.values())
-    return Verdict(best, gains, se, needed, below, low, met)
+    met39 = gains[best] >= 2.0 and low.get("cb", 5.0) >= 5.0 and low.get("rte", 0.0) >= 0.0
+    return Verdict(best, gains, se, needed, below, low, met, met39)
 
 
 def render(
@@ -116,7 +128,7 @@ def render(
     diff_rows = []
     for t in tasks:
         cells = [paired(runs, m, t) for m in methods]
-        diff_rows.append([t, *(f"{p.mean:+.1f} +- {p.sd:.1f} ({p.wins}/{n})" for p in cells)])
+        diff_rows.append([t, *(f"{p.mean:+.1f} +- {p.sd:.1f}, SE {p.se:.1f} ({p.wins}/{n})" for p in cells)])
     v = verdict(runs, methods, tasks)
     diff_rows.append(["mean over tasks", *(f"{v.mean_gain[m]:+.1f}" for m in methods)])
     per_seed_cells = []
@@ -126,7 +138,7 @@ def render(
             " ".join(f"{x:+.1f}" for x in g) + f" (sd {mean_sd(g)[1]:.1f}, SE {v.mean_gain_se[m]:.1f})"
         )
     diff_rows.append(["mean over tasks, per seed", *per_seed_cells])
-    diffs = markdown_table(["task", *(f"{m} - PEFT (seeds >= PEFT)" for m in methods)], diff_rows)
+    diffs = markdown_table(["task", *(f"{m} - PEFT, sd, SE (seeds >= PEFT)" for m in methods)], diff_rows)
     low = ", ".join(f"{t} {g:+.1f}" for t, g in v.low_resource_gain.items()) or "none run"
     line = (
         f"best method: {v.best}; mean gain over PEFT {v.mean_gain[v.best]:+.1f} points "
@@ -134,7 +146,42 @@ def render(
         f">= PEFT on every task: {'yes' if not v.tasks_below_peft else 'no, below on ' + ', '.join(v.tasks_below_peft)}; "
         f"low-resource gains (target >= +5): {low}; targets met: {'yes' if v.targets_met else 'no'} ({n} seed(s))"
     )
-    return {"per_seed": per_seed, "means": means, "paired": diffs, "verdict": line}
+    line39 = issue39_line(runs, v, tasks)
+    out = {"per_seed": per_seed, "means": means, "paired": diffs, "verdict": line, "verdict_issue39": line39}
+    if any(r.peft_lr for r in runs):
+        out["peft_grid"] = peft_grid_table(runs, tasks)
+    return out
+
+
+def issue39_line(runs: list[SeedResult], v: Verdict, tasks: list[str]) -> str:
+    """Issue 39's targets for the best method, each with its shortfall and standard error where missed."""
+
+    def part(label: str, gain: float, se: float, target: float) -> str:
+        miss = "" if gain >= target else f", short by {target - gain:.1f}"
+        return f"{label} {gain:+.1f} (SE {se:.1f}; target >= {target:+.0f}{miss})"
+
+    parts = [part("mean", v.mean_gain[v.best], v.mean_gain_se[v.best], 2.0)]
+    for task, target in (("cb", 5.0), ("rte", 0.0)):
+        if task in tasks:
+            p = paired(runs, v.best, task)
+            parts.append(part(task.upper(), p.mean, p.se, target))
+    met = "yes" if v.issue39_met else "no"
+    return f"issue 39, best method {v.best} against tuned PEFT: " + "; ".join(parts) + f"; met: {met}"
+
+
+def peft_grid_table(runs: list[SeedResult], tasks: list[str]) -> str:
+    """PEFT's learning-rate grid: per seed and task, each rate's held-out score (or loss where the task
+    is chosen by loss) and the rate chosen."""
+    grid = sorted({lr for r in runs for lr in r.peft_heldout_loss}, key=float)
+    rows = []
+    for r in runs:
+        for t in tasks:
+            cells = []
+            for lr in grid:
+                s, loss = r.peft_heldout_score.get(lr, {}).get(t), r.peft_heldout_loss.get(lr, {}).get(t)
+                cells.append("-" if loss is None else f"{s:.1f}" if s is not None else f"loss {loss:.3f}")
+            rows.append([r.seed, t, r.heldout_examples.get(t, ""), *cells, r.peft_lr.get(t, "")])
+    return markdown_table(["seed", "task", "held out", *(f"lr {lr}" for lr in grid), "chosen lr"], rows)
 
 
 def resolve(v: Verdict, n: int) -> str:

@@ -23,7 +23,8 @@ barriers, the main source of noise on a shared 2-core machine). The prompt-bank 
 part of the step is also timed on its own (it is what could scale with tasks; the backbone's
 work cannot).
 
-`--methods` times that part alone for every prompt method (tuner/prompts/methods.py), with 10 and
+`--methods` times that part alone for every prompt method (tuner/prompts/methods.py; ULPT's and
+SuperPos's fixed part frozen, as in a run), and gives each one's per-task state, with 10 and
 with 10,000 registered tasks (optimiser state for all of them) and the same tasks in the batch:
 gather the batch's rows and the shared part, compose the prompts, backward a fixed gradient
 through the composition, Adam on the rows and on the shared part, scatter back. It needs no
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from bench.common import bench_config, draw_batches, markdown_table, setup_recipe, write_result
 from bench.stats import median, median_ratio
 from tuner.prompts.bank import PromptBank
-from tuner.prompts.methods import SharedParams, make_layout
+from tuner.prompts.methods import DEFAULT_RANK, METHODS, SharedParams, make_layout, state_per_task
 from tuner.prompts.optim import SparseRowAdam
 from tuner.recipe import MultiTaskPromptTuningRecipe
 from tuner.tasks.batching import collate
@@ -106,8 +107,13 @@ def method_step(method: str, registered: int, batch_tasks: int, P: int, H: int, 
     opt.load_state_dict(warm_state(names, layout.row_shape))
     shared = None
     if layout.shared_size:
-        init = layout.init_shared(torch.Generator().manual_seed(seed))
+        gen = torch.Generator().manual_seed(seed)
+        if layout.fixed_shared:  # ULPT's projection, SuperPos's vocabulary sample: any fixed values
+            init = torch.randn(layout.shared_size, generator=gen) * 0.1
+        else:
+            init = layout.init_shared(gen)
         shared = SharedParams(init, SparseRowAdam(0.03, grad_clip=1.0))
+        shared.frozen = layout.fixed_shared  # as `PromptParams.build` sets it
     batch = names[:: max(1, registered // batch_tasks)][:batch_tasks]  # spread over the table
     cotangent = torch.randn(len(batch), P, H, generator=torch.Generator().manual_seed(1))
 
@@ -133,7 +139,7 @@ def methods_main(args) -> dict:
     many = 1000 if args.quick else args.registered
     k = 10  # 10 registered tasks can put at most 10 distinct tasks in a batch
     rows, results = [], {}
-    for method in ("independent", "residual", "multitask"):
+    for method in METHODS:
         few, lots = method_step(method, 10, k, P, H), method_step(method, many, k, P, H)
         few(), lots()  # warm-up
         few_t, many_t = [], []
@@ -141,15 +147,26 @@ def methods_main(args) -> dict:
             few_t.append(few())
             many_t.append(lots())
         ratio = median_ratio(few_t, many_t) - 1
+        state = state_per_task(make_layout(method, P, H))
         results[method] = {
             "registered_10_s": median(few_t),
             f"registered_{many}_s": median(many_t),
             "median_ratio_minus_1": ratio,
+            "state_per_task": state,  # numbers: the task's row and its two Adam moments
         }
-        rows.append([method, 1000 * median(few_t), 1000 * median(many_t), f"{100 * ratio:+.1f}%"])
+        rows.append(
+            [method, 1000 * median(few_t), 1000 * median(many_t), f"{100 * ratio:+.1f}%", f"{state:,}"]
+        )
         del few, lots
     table = markdown_table(
-        ["method", "10 registered (ms)", f"{many:,} registered (ms)", "per-rep ratio - 1 (median)"], rows
+        [
+            "method",
+            "10 registered (ms)",
+            f"{many:,} registered (ms)",
+            "per-rep ratio - 1 (median)",
+            "state per task (row + Adam)",
+        ],
+        rows,
     )
     print(table)
     out = {
@@ -161,8 +178,9 @@ def methods_main(args) -> dict:
             "hidden": H,
             "reps": reps,
             "threads": torch.get_num_threads(),
-            "rank": 1,
+            "rank": {m: DEFAULT_RANK[m] for m in ("multitask", "ulpt")},  # prompt.rank 0: each method's own
             "bottleneck": 128,
+            "superpos_tokens": 128,
         },
         "results": results,
         "table": table,

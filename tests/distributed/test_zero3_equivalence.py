@@ -79,7 +79,7 @@ def job(tmp_path_factory, tiny_backbone_dir):
     )
 
 
-METHODS = ["independent", "residual", "multitask"]
+METHODS = ["independent", "residual", "multitask", "ulpt", "superpos"]
 
 
 def _method(method: str) -> list[str]:

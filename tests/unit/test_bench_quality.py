@@ -162,7 +162,7 @@ def test_render_tables_and_verdict_line():
     )
     assert "| 0 | cb | macro_f1 | 40.0 | 60.0 | 62.0 | 70.0 | +2.0 | +10.0 |" in out["per_seed"]
     assert "| cb | macro_f1 | 41.0 +- 1.4 | 59.0 +- 1.4 | 59.5 +- 3.5 | 68.0 +- 2.8 |" in out["means"]
-    assert "| rte | +0.0 +- 1.4 (1/2) | +7.0 +- 0.0 (2/2) |" in out["paired"]
+    assert "| rte | +0.0 +- 1.4, SE 1.0 (1/2) | +7.0 +- 0.0, SE 0.0 (2/2) |" in out["paired"]
     assert "| mean over tasks | +0.3 | +5.3 |" in out["paired"]
     assert (
         "| mean over tasks, per seed | +0.3 +0.3 (sd 0.0, SE 0.0) | +6.0 +4.7 (sd 0.9, SE 0.7) |"
@@ -172,6 +172,60 @@ def test_render_tables_and_verdict_line():
     assert (
         "low-resource gains (target >= +5): cb +9.0, rte +7.0; targets met: yes (2 seed(s))" in out["verdict"]
     )
+    assert out["verdict_issue39"] == (
+        "issue 39, best method residual against tuned PEFT: mean +5.3 (SE 0.7; target >= +2); "
+        "CB +9.0 (SE 1.0; target >= +5); RTE +7.0 (SE 0.0; target >= +0); met: yes"
+    )
+    assert "peft_grid" not in out  # runs recorded before the tuned baseline
+
+
+def test_issue39_verdict_says_by_how_much_a_target_is_missed():
+    """independent: mean (0.5 + 0 + 0.5) / 3 = +0.3 (seeds +0.3, +0.3), CB +2 and -1 -> +0.5 (sd 2.1, SE
+    1.5), RTE -1 and +1 -> +0.0 (SE 1.0), which meets >= PEFT."""
+    line = render(
+        _runs(), ["independent"], ["cb", "rte", "sst2"], {t: "accuracy" for t in ("cb", "rte", "sst2")}
+    )
+    assert line["verdict_issue39"] == (
+        "issue 39, best method independent against tuned PEFT: mean +0.3 (SE 0.0; target >= +2, short by 1.7); "
+        "CB +0.5 (SE 1.5; target >= +5, short by 4.5); RTE +0.0 (SE 1.0; target >= +0); met: no"
+    )
+
+
+def test_peft_grid_table_shows_every_rate_and_the_choice():
+    runs = _runs()
+    runs[0].peft_lr = {"cb": 0.1, "rte": 0.03, "sst2": 0.03}
+    runs[0].peft_heldout_score = {
+        "0.03": {"cb": 50.0, "rte": 60.0, "sst2": None},
+        "0.1": {"cb": 70.0, "rte": 55.0, "sst2": None},
+    }
+    runs[0].peft_heldout_loss = {
+        "0.03": {"cb": 0.9, "rte": 0.7, "sst2": 0.41},
+        "0.1": {"cb": 0.8, "rte": 0.9, "sst2": 0.52},
+    }
+    runs[0].heldout_examples = {"cb": 50, "rte": 64, "sst2": 64}
+    table = render(
+        runs[:1], ["independent"], ["cb", "rte", "sst2"], {t: "accuracy" for t in ("cb", "rte", "sst2")}
+    )["peft_grid"]
+    assert "| seed | task | held out | lr 0.03 | lr 0.1 | chosen lr |" in table
+    assert "| 0 | cb | 50 | 50.0 | 70.0 | 0.1 |" in table
+    assert "| 0 | sst2 | 64 | loss 0.410 | loss 0.520 | 0.03 |" in table
+
+
+def test_peft_learning_rate_choice_and_grid_parsing():
+    from bench.quality_peft import choose, parse_grid
+
+    grid = [0.01, 0.03, 0.1]
+    loss = {"0.01": 0.9, "0.03": 0.5, "0.1": 0.7}
+    assert choose(grid, {"0.01": 60.0, "0.03": 70.0, "0.1": 70.0}, loss) == 0.03  # tie on score: lower loss
+    assert choose(grid, {"0.01": 80.0, "0.03": 70.0, "0.1": 70.0}, loss) == 0.01  # score first
+    assert choose(grid, {"0.01": None, "0.03": None, "0.1": None}, loss) == 0.03  # by loss alone
+    assert choose(grid, {k: 1.0 for k in loss}, {k: 0.5 for k in loss}) == 0.01  # full tie: grid order
+    assert parse_grid("0.01, 0.3") == [0.01, 0.3]
+    for bad in ("", "0.1,0.1", "-1", "x"):
+        with pytest.raises(ValueError, match="--peft-lr-grid"):
+            parse_grid(bad)
+    args = parse_args(["--methods", "ulpt,superpos", "--peft-lr-grid", "0.03,0.3"])[0]
+    assert args.peft_lr_grid == [0.03, 0.3]
 
 
 def _setup(**change) -> dict:
@@ -365,3 +419,80 @@ def test_the_peft_baseline_and_ours_take_the_same_steps(tmp_path, tiny_backbone_
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=f"step {k + 1}, task {t}")
     for t in {t for d in draws for t, _ in d}:  # the steps moved every drawn prompt far beyond the tolerance
         assert float((recipe.prompt(t).detach() - initial[t]).norm()) > 1e-2, t
+
+
+def test_tuned_peft_holds_its_slice_out_of_every_draw_and_keeps_each_tasks_best_rate(
+    tmp_path, tiny_backbone_dir
+):
+    """The held-out slices leave the draws; every rate of the grid trains PEFT on those draws; each task
+    keeps the rate `choose` picks from the held-out results, whose prompt is that rate's own run
+    (direct computation: a `PeftPromptTuning` at that rate on the same draws) and whose held-out loss is
+    `mean_target_loss` of that prompt on the slice."""
+    from bench.common import PeftPromptTuning, draw_batches, examples_by_task, setup_recipe
+    from bench.quality_peft import choose, hold_out_slices, tune_peft
+    from tuner.config import load_job_config
+    from tuner.evaluate import mean_target_loss
+    from tuner.prompts.optim import lr_at
+
+    names = ("pos_neg", "colors")
+    job = tiny_job_yaml(tmp_path, tiny_backbone_dir, write_tiny_tasks(tmp_path, n_train=40, names=names))
+    ref = setup_recipe(load_job_config(job, ["cluster.num_workers=1"]))
+    heldout = hold_out_slices(ref, 6)
+    assert {t: len(h.eval) for t, h in heldout.items()} == {"pos_neg": 6, "colors": 6}
+    draws = draw_batches(ref, 4)
+    held_ids = {t: {tuple(e.input_ids) for e in h.eval} for t, h in heldout.items()}
+    assert all(tuple(ref.tasks[t].train[i].input_ids) not in held_ids[t] for d in draws for t, i in d)
+    initial = {t: ref.prompt(t).detach().clone() for t in names}
+    grid = [0.01, 0.3]
+    tuned = tune_peft(ref, draws, initial, heldout, grid, seed=0)
+    o, L, pad = ref.cfg.optim, ref.cfg.model.max_seq_len, ref.tokenizer.pad_token_id
+    for t in names:
+        score = {k: tuned.heldout_score[k][t] for k in tuned.heldout_score}
+        loss = {k: tuned.heldout_loss[k][t] for k in tuned.heldout_loss}
+        assert set(loss) == {"0.01", "0.3"} and tuned.lr[t] == choose(grid, score, loss)
+    t = names[0]
+    lr = tuned.lr[t]
+    again = PeftPromptTuning(
+        ref.lm.backbone, list(names), initial, lr=lr, betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip
+    )
+    for k, draw in enumerate(draws):
+        again.step(examples_by_task(ref, draw), lr_at(k, lr, o.warmup_steps, o.max_steps, o.schedule), L, pad)
+    torch.testing.assert_close(tuned.prompts[t], again.prompt(t), rtol=1e-5, atol=1e-6)
+    direct = mean_target_loss(ref.lm, heldout[t].eval, {t: again.prompt(t)}, max_len=L, pad_id=pad)[t]
+    assert tuned.heldout_loss[str(lr)][t] == pytest.approx(direct, rel=1e-4)
+
+
+def test_one_seed_of_the_new_methods_against_tuned_peft_runs_end_to_end(
+    tmp_path, tiny_backbone_dir, monkeypatch
+):
+    """`SeedBench.run` on the tiny backbone and tasks (the benchmark's own code path, smaller): zero-shot,
+    PEFT tuned over a two-rate grid on held-out slices, ulpt and superpos; every score recorded per task,
+    the grid's held-out results and choice in the seed result, and the tables render them."""
+    import bench.quality as quality
+    from bench.common import bench_config
+
+    write_tiny_tasks(tmp_path, n_train=40, names=("pos_neg", "colors"))
+
+    def tiny_config(name, **kw):
+        cfg = bench_config(name, **{**kw, "max_seq_len": 64})
+        cfg.model.name = str(tiny_backbone_dir)
+        cfg.prompt.num_virtual_tokens, cfg.prompt.rank, cfg.prompt.superpos_tokens = 4, 2, 8
+        return cfg
+
+    monkeypatch.setattr(quality, "bench_config", tiny_config)
+    monkeypatch.setattr(quality, "TASK_DIR", tmp_path)
+    argv = ["--tasks", "pos_neg,colors", "--methods", "ulpt,superpos", "--peft-lr-grid", "0.01,0.3"]
+    args = parse_args([*argv, "--heldout-examples", "4"])[0]
+    bench = quality.SeedBench(args, 0, ["pos_neg", "colors"], steps=3, n_eval=8)
+    result, metrics = bench.run(["ulpt", "superpos"])
+    assert set(result.scores) == {ZERO_SHOT, PEFT, "ulpt", "superpos"}
+    assert all(set(s) == {"pos_neg", "colors"} for s in result.scores.values())
+    assert set(result.peft_heldout_loss) == {"0.01", "0.3"} and set(result.peft_lr.values()) <= {0.01, 0.3}
+    assert result.heldout_examples == {"pos_neg": 4, "colors": 4}
+    assert {"ulpt", "superpos", ZERO_SHOT} <= set(bench.timings)
+    setup = setup_of(args, ["pos_neg", "colors"], ["ulpt", "superpos"], 3, 8)
+    assert setup["peft_lr_grid"] == [0.01, 0.3] and setup["rank"]["ulpt"] == 32
+    tables = result_of(setup, [result], metrics, quick=True)["tables"]
+    assert "chosen lr" in tables["peft_grid"] and tables["verdict_issue39"].startswith(
+        "issue 39, best method"
+    )

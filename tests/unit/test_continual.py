@@ -1,5 +1,6 @@
 """Every prompt method end to end on the tiny backbone: export == the composed training prompt,
-checkpoint/resume of shared parts, continual training (`prompt.init_from`) and transfer init."""
+checkpoint/resume of shared parts (trained, or fixed as ULPT's projection and SuperPos's vocabulary
+sample), continual training (`prompt.init_from`) and transfer init."""
 
 import subprocess
 import sys
@@ -15,8 +16,12 @@ from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META
 from tuner.prompts.methods import make_layout
 from tuner.tasks.batching import TokenizedExample, collate
 
-METHODS = ["independent", "residual", "multitask"]
-SHAPE = {"prompt.rank": 2, "prompt.bottleneck": 8}
+METHODS = ["independent", "residual", "multitask", "ulpt", "superpos"]
+SHAPE = {"prompt.rank": 2, "prompt.bottleneck": 8, "prompt.superpos_tokens": 8}
+
+
+def _layout(method):
+    return make_layout(method, 4, 32, rank=2, bottleneck=8, superpos_tokens=8)
 
 
 def _job(root, backbone, names, **overrides):
@@ -59,7 +64,7 @@ def test_exported_adapter_gives_the_logits_of_the_composed_prompt(method, source
     run_dir = source_runs[method]
     state, tensors = _trained_state(run_dir)
     assert state["prompt_method"] == method
-    layout = make_layout(method, 4, 32, rank=2, bottleneck=8)
+    layout = _layout(method)
     if method == "residual":  # the shared MLP really moved: its LayerNorm gain starts at 0
         assert layout.unflatten(tensors["shared"])["ln_weight"].abs().max() > 0
     lm = PromptTunedLM(AutoModelForCausalLM.from_pretrained(tiny_backbone_dir).float().eval())
@@ -80,33 +85,62 @@ def test_exported_adapter_gives_the_logits_of_the_composed_prompt(method, source
         torch.testing.assert_close(ours, theirs.logits[0, 4:], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["residual", "multitask"])
-def test_resume_restores_rows_shared_part_and_their_adam(method, tmp_path, tiny_backbone_dir):
-    """4 steps straight == 2 steps, checkpoint, a new recipe resuming, 2 more steps."""
+def _recipe(job, name, *overrides):
     from tuner.recipe import MultiTaskPromptTuningRecipe
 
-    job = _job(tmp_path, tiny_backbone_dir, ("pos_neg", "colors"), **{"prompt.method": method})
+    r = MultiTaskPromptTuningRecipe(
+        _cfg(job, f"name={name}", "optim.batch_size=3", *overrides), progress=False
+    )
+    r.setup()
+    return r
+
+
+def _straight_and_resumed(job):
+    """(4 steps straight, 2 steps + checkpoint + a new recipe resuming + 2 more steps) on the same draws."""
     draws = [[("pos_neg", i), ("colors", i + 1), ("pos_neg", i + 2)] for i in range(4)]
-
-    def recipe(name):
-        r = MultiTaskPromptTuningRecipe(_cfg(job, f"name={name}", "optim.batch_size=3"), progress=False)
-        r.setup()
-        return r
-
-    straight = recipe("straight")
+    straight = _recipe(job, "straight")
     for d in draws:
         straight.train_step(d)
-    first = recipe("halves")
+    first = _recipe(job, "halves")
     for d in draws[:2]:
         first.train_step(d)
     first.save_checkpoint()
-    second = recipe("halves")
+    second = _recipe(job, "halves")
     assert second.step == 2
     for d in draws[2:]:
         second.train_step(d)
+    return straight, second
+
+
+@pytest.mark.parametrize("method", ["residual", "multitask"])
+def test_resume_restores_rows_shared_part_and_their_adam(method, tmp_path, tiny_backbone_dir):
+    """4 steps straight == 2 steps, checkpoint, a new recipe resuming, 2 more steps."""
+    job = _job(tmp_path, tiny_backbone_dir, ("pos_neg", "colors"), **{"prompt.method": method})
+    straight, second = _straight_and_resumed(job)
     torch.testing.assert_close(second.bank.weight, straight.bank.weight, rtol=0, atol=0)
     torch.testing.assert_close(second.shared.values, straight.shared.values, rtol=0, atol=0)
     assert second.shared.optimizer.state["shared"]["step"] == 4
+
+
+@pytest.mark.parametrize("method", ["ulpt", "superpos"])
+def test_resume_is_bit_identical_and_the_fixed_part_is_the_runs_own(method, tmp_path, tiny_backbone_dir):
+    """4 steps straight == 2 steps, checkpoint, resume, 2 more: rows and Adam moments bit for bit. The
+    fixed part (never trained, no Adam state) is what the seed draws: ULPT's R regenerated here."""
+    job = _job(tmp_path, tiny_backbone_dir, ("pos_neg", "colors"), **{"prompt.method": method})
+    fixed = _recipe(job, "fresh").shared.values.clone()
+    straight, second = _straight_and_resumed(job)
+    torch.testing.assert_close(second.bank.weight, straight.bank.weight, rtol=0, atol=0)
+    for task in ("pos_neg", "colors"):
+        for m in ("exp_avg", "exp_avg_sq"):
+            a, b = second.optimizer.state[task][m], straight.optimizer.state[task][m]
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert torch.equal(second.shared.values, fixed) and torch.equal(straight.shared.values, fixed)
+    assert second.shared.frozen and not second.shared.optimizer.state
+    if method == "ulpt":  # R ~ N(0, 1/r) from data.seed (the job's default 0)
+        R = torch.randn(2 * 32, generator=torch.Generator().manual_seed(straight.cfg.data.seed)) / 2**0.5
+        assert torch.equal(fixed, R)
+    other = _recipe(job, "other-seed", "data.seed=5")  # another run's seed draws another fixed part
+    assert not torch.equal(other.shared.values, fixed)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -179,13 +213,14 @@ def test_transfer_init_starts_from_the_source_with_the_lowest_loss(
             "prompt.init": "transfer",
             "prompt.init_from": str(src),
             "prompt.transfer_examples": 4,
+            "prompt.transfer_check_steps": 0,  # the choice itself (its check: test_transfer_guard.py)
         },
     )
     lines = []
     recipe = MultiTaskPromptTuningRecipe(_cfg(job), RecipeHooks(on_message=lines.append), progress=False)
     recipe.setup()
     state, tensors = _trained_state(src)
-    layout = make_layout(method, 4, 32, rank=2, bottleneck=8)
+    layout = _layout(method)
     # direct computation: each source's composed prompt, one example at a time, mean target NLL
     losses = {}
     for i, name in enumerate(state["task_names"]):
@@ -207,3 +242,34 @@ def test_transfer_init_starts_from_the_source_with_the_lowest_loss(
         layout.compose(tensors["bank"][[state["task_names"].index(best)]], tensors.get("shared"))[0],
     )
     assert any(f"sizes starts from {best}" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("method", ["ulpt", "superpos"])
+def test_search_variants_of_a_fixed_basis_method_step_as_their_configuration_alone(
+    method, tmp_path, tiny_backbone_dir
+):
+    """The in-batch search works for ulpt and superpos as for independent: every variant row starts where a
+    plain job with its settings starts (same row, same fixed part) and, in one batch with the other
+    variants, takes that job's step."""
+    from tuner.recipe import MultiTaskPromptTuningRecipe
+
+    job = _job(tmp_path, tiny_backbone_dir, ("pos_neg", "colors"), **{"prompt.method": method})
+
+    def recipe(*more):
+        r = MultiTaskPromptTuningRecipe(_cfg(job, "optim.batch_size=6", *more), progress=False)
+        r.setup()
+        return r
+
+    search = recipe("search.space={optim.lr: [0.01, 0.3]}", "search.heldout_examples=4")
+    draw = [("colors", 0), ("pos_neg", 1), ("colors", 2), ("pos_neg", 3), ("pos_neg", 4), ("colors", 5)]
+    before = {r: search.bank.prompt(r).clone() for r in search.bank.task_names}
+    search.train_step(draw)
+    for k in range(2):
+        lr = search.search.variant(f"pos_neg~{k}").settings.optim.lr
+        plain = recipe(f"optim.lr={lr}")
+        assert torch.equal(plain.shared.values, search.shared.values)
+        torch.testing.assert_close(before[f"pos_neg~{k}"], plain.bank.prompt("pos_neg"), rtol=0, atol=0)
+        plain.train_step(draw)
+        got = search.bank.prompt(f"pos_neg~{k}")
+        assert not torch.equal(got, before[f"pos_neg~{k}"])
+        torch.testing.assert_close(got, plain.bank.prompt("pos_neg"), rtol=1e-4, atol=1e-6)

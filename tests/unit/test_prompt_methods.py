@@ -1,5 +1,8 @@
 """Prompt methods (tuner/prompts/methods.py): mixed-batch equivalence, composition against a direct
-computation, and export of the composed prompt as a plain PEFT adapter."""
+computation (ULPT's and SuperPos's fixed parts regenerated from the seed here), initialisation, and
+per-task state."""
+
+import math
 
 import pytest
 import torch
@@ -7,16 +10,25 @@ from conftest import tiny_llama
 
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.prompts.bank import PromptBank
-from tuner.prompts.methods import Multitask, Residual, SharedParams, make_layout, prompt_of
+from tuner.prompts.methods import (
+    Multitask,
+    Residual,
+    SharedParams,
+    Superpos,
+    Ulpt,
+    make_layout,
+    prompt_of,
+    state_per_task,
+)
 from tuner.prompts.optim import SparseRowAdam
 from tuner.tasks.batching import TokenizedExample, collate
 
 P, H = 4, 32
-METHODS = ["independent", "residual", "multitask"]
+METHODS = ["independent", "residual", "multitask", "ulpt", "superpos"]
 
 
 def _layout(method):
-    return make_layout(method, P, H, rank=2, bottleneck=8)
+    return make_layout(method, P, H, rank=2, bottleneck=8, superpos_tokens=8)
 
 
 def _params(layout, names=("a", "b", "c"), seed=1):
@@ -131,3 +143,101 @@ def test_initial_prompt_is_the_configured_initialisation(method):
         # multitask: u v^T = 1 up to the symmetry-breaking noise
         tol = {"rtol": 0, "atol": 0} if method == "residual" else {"rtol": 0.1, "atol": 0.05}
         torch.testing.assert_close(prompt_of(layout, bank, sp, n), want, **tol)
+
+
+def _regenerated_projection(seed, r, hidden):
+    """ULPT's R [r, H], drawn here as the method documents: N(0, 1/r) from a generator seeded by `seed`."""
+    return torch.randn(r * hidden, generator=torch.Generator().manual_seed(seed)).view(r, hidden) / math.sqrt(
+        r
+    )
+
+
+def _regenerated_sample(seed, table, m, limit):
+    """SuperPos's S [m, H]: m distinct ids of the first `limit`, a permutation seeded by `seed`."""
+    ids = torch.randperm(limit, generator=torch.Generator().manual_seed(seed))[:m]
+    assert len(set(ids.tolist())) == m
+    return table[ids]
+
+
+def _fill_with(prompts):
+    def fill(b):
+        for n in b.task_names:
+            b.set_prompt(n, prompts[n])
+
+    return fill
+
+
+def test_ulpt_composes_as_written_out_with_the_projection_regenerated_from_the_seed():
+    """P_k = (Z_k R) * s_k + b_k, token by token, with R regenerated from the seed: the fixed part the
+    layout drew is that R, and the composition (after moving every part off its start) matches."""
+    r, seed = 3, 7
+    layout = Ulpt(P, H, r)
+    bank = PromptBank(["a", "b", "c"], *layout.row_shape)
+    g = torch.Generator().manual_seed(1)
+    init = {n: torch.randn(P, H, generator=g) for n in "abc"}
+    shared = layout.initialise(bank, _fill_with(init), torch.Generator().manual_seed(seed))
+    R = _regenerated_projection(seed, r, H)
+    torch.testing.assert_close(shared.view(r, H), R, rtol=0, atol=0)
+    bank.weight.add_(torch.randn(bank.weight.shape, generator=g) * 0.3)  # every part moved
+    composed = layout.compose(bank.weight, shared)
+    for k in range(3):
+        flat = bank.weight[k, 0]
+        Z = flat[: P * r].view(P, r)
+        s, b = flat[P * r : P * r + H], flat[P * r + H :]
+        for i in range(P):
+            lifted = sum(Z[i, j] * R[j] for j in range(r))
+            torch.testing.assert_close(composed[k, i], lifted * s + b, rtol=1e-5, atol=1e-6)
+
+
+def test_superpos_composes_as_written_out_with_the_sample_regenerated_from_the_seed():
+    m, seed = 6, 3
+    emb = torch.nn.Embedding(40, H)
+    layout = Superpos(P, H, m, vocab_limit=30)
+    bank = PromptBank(["a", "b"], *layout.row_shape)
+    g = torch.Generator().manual_seed(2)
+    init = {n: torch.randn(P, H, generator=g) for n in "ab"}
+    shared = layout.initialise(bank, _fill_with(init), torch.Generator().manual_seed(seed), embed=emb)
+    S = _regenerated_sample(seed, emb.weight.detach(), m, 30)
+    torch.testing.assert_close(shared.view(m, H), S, rtol=0, atol=0)
+    bank.weight.add_(torch.randn(bank.weight.shape, generator=g))
+    composed = layout.compose(bank.weight, shared)
+    for k in range(2):
+        for i in range(P):
+            mix = sum(bank.weight[k, i, j] * S[j] for j in range(m))
+            torch.testing.assert_close(composed[k, i], mix, rtol=1e-5, atol=1e-6)
+
+
+def test_ulpt_and_superpos_start_from_the_configured_prompt_where_their_layout_can_hold_it():
+    """A configured initial prompt the layout can express exactly (b + Z R for ULPT, W S for SuperPos) is
+    the composed start; ULPT's shift starts at the prompt's token mean and its scale at 1."""
+    r, m = 2, 5
+    ulpt = Ulpt(P, H, r)
+    R = _regenerated_projection(0, r, H)
+    g = torch.Generator().manual_seed(3)
+    b0 = torch.randn(H, generator=g)
+    z0 = torch.randn(P, r, generator=g)
+    z0 -= z0.mean(0)  # so b0 is the prompt's token mean
+    want = {"a": z0 @ R + b0}
+    bank = PromptBank(["a"], *ulpt.row_shape)
+    shared = ulpt.initialise(bank, _fill_with(want), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ulpt.compose(bank.weight, shared)[0], want["a"], rtol=1e-4, atol=1e-5)
+    _, s, b = ulpt.split(bank.weight)
+    torch.testing.assert_close(b[0], want["a"].mean(0))
+    torch.testing.assert_close(s[0], torch.ones(H))
+
+    emb = torch.nn.Embedding(20, H)
+    sp = Superpos(P, H, m, vocab_limit=20)
+    S = _regenerated_sample(0, emb.weight.detach(), m, 20)
+    want = {"a": torch.randn(P, m, generator=g) @ S}
+    bank = PromptBank(["a"], *sp.row_shape)
+    shared = sp.initialise(bank, _fill_with(want), torch.Generator().manual_seed(0), embed=emb)
+    torch.testing.assert_close(sp.compose(bank.weight, shared)[0], want["a"], rtol=1e-4, atol=1e-5)
+
+
+def test_ulpt_per_task_state_is_under_a_fifth_of_a_free_prompts_at_the_default_rank():
+    """Issue 39's target at SmolLM2's shape (20 virtual tokens x 576): parameters + Adam moments."""
+    free = state_per_task(make_layout("independent", 20, 576))
+    ulpt = make_layout("ulpt", 20, 576)  # rank 0: the method's default
+    assert ulpt.r == 32 and state_per_task(ulpt) == 3 * (20 * 32 + 2 * 576)
+    assert state_per_task(ulpt) <= free / 5
+    assert state_per_task(make_layout("superpos", 20, 576)) == 3 * 20 * 128

@@ -3,6 +3,8 @@
     independent  P_k = E_k                                     Lester et al. (2021); the default
     residual     P_k = E_k + LN(W_up relu(W_down E_k + b_d) + b_u)   Razdaibiedina et al. (2023)
     multitask    P_k = P_shared * (u_k v_k^T)                  MPT, Wang et al. (2023)
+    ulpt         P_k = (Z_k R) * s_k + b_k                      ULPT, Wu, Hao & Mou (2025)
+    superpos     P_k = W_k S                                    SuperPos-Prompt (2024)
 
 Every method splits its parameters in two:
   * per-task rows, one per row name, in a `PromptBank` (`layout.row_shape` per row), gathered,
@@ -10,6 +12,15 @@ Every method splits its parameters in two:
   * one small dense shared vector (`SharedParams`: the residual MLP, or MPT's shared prompt) with its
     own single-state Adam, clipped by its own norm.
 So a step costs O(rows in the batch) + O(shared size), never O(registered tasks).
+
+`ulpt` and `superpos` have a *fixed* shared part: ULPT's random projection R [r, H] (entries
+N(0, 1/r), as in the paper) and SuperPos's sample S [m, H] of vocabulary embeddings, both drawn from
+the run's seed (`data.seed`) when the run starts. It is never trained (`fixed_shared`: the
+`SharedParams` is frozen), and lives once per run in the checkpoint's shared slot, so a resumed or
+continual run composes with the very R / S its rows were trained against (it does not depend on
+regenerating them), and an exported prompt needs neither. What a task owns is its row only:
+ULPT's Z_k [P, r], s_k [H], b_k [H] (P*r + 2H numbers instead of P*H), SuperPos's mixing weights
+W_k [P, m].
 
 `layout.compose(rows, shared)` is differentiable and works row by row: a task's prompt depends on
 its own row and the shared vector only, so sharing a batch changes nothing for a task, and the
@@ -29,6 +40,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tuner.model.zero import gathered
 from tuner.prompts.bank import PromptBank
 from tuner.prompts.optim import SparseRowAdam
 
@@ -39,6 +51,7 @@ class Independent:
     """One free [P, H] prompt per row: the row is the prompt."""
 
     kind = "independent"
+    fixed_shared = False
 
     def __init__(self, num_virtual_tokens: int, hidden: int):
         self.P, self.H = num_virtual_tokens, hidden
@@ -51,7 +64,7 @@ class Independent:
     def init_shared(self, gen: torch.Generator) -> torch.Tensor | None:
         return None
 
-    def initialise(self, bank: PromptBank, fill: Callable[[PromptBank], None], gen) -> torch.Tensor | None:
+    def initialise(self, bank: PromptBank, fill: Callable[[PromptBank], None], gen, embed=None) -> None:
         fill(bank)
         return None
 
@@ -65,6 +78,7 @@ class Residual:
     """
 
     kind = "residual"
+    fixed_shared = False
 
     def __init__(self, num_virtual_tokens: int, hidden: int, bottleneck: int):
         self.P, self.H, self.B = num_virtual_tokens, hidden, bottleneck
@@ -100,7 +114,9 @@ class Residual:
                 parts.append((torch.rand(shape, generator=gen) * 2 - 1) / math.sqrt(fan_in))
         return torch.cat([t.flatten() for t in parts])
 
-    def initialise(self, bank: PromptBank, fill: Callable[[PromptBank], None], gen) -> torch.Tensor:
+    def initialise(
+        self, bank: PromptBank, fill: Callable[[PromptBank], None], gen, embed=None
+    ) -> torch.Tensor:
         fill(bank)
         return self.init_shared(gen)
 
@@ -116,6 +132,7 @@ class Multitask:
     """
 
     kind = "multitask"
+    fixed_shared = False
 
     def __init__(self, num_virtual_tokens: int, hidden: int, rank: int):
         self.P, self.H, self.r = num_virtual_tokens, hidden, rank
@@ -131,7 +148,9 @@ class Multitask:
     def init_shared(self, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(self.shared_size, generator=gen) * 0.02
 
-    def initialise(self, bank: PromptBank, fill: Callable[[PromptBank], None], gen) -> torch.Tensor:
+    def initialise(
+        self, bank: PromptBank, fill: Callable[[PromptBank], None], gen, embed=None
+    ) -> torch.Tensor:
         shared = PromptBank([SHARED], self.P, self.H)
         fill(shared)
         noise = torch.randn(bank.weight.shape, generator=gen) * 0.02
@@ -139,18 +158,141 @@ class Multitask:
         return shared.weight[0].flatten().clone()
 
 
-Layout = Independent | Residual | Multitask
+def _plain_init(bank: PromptBank, fill: Callable[[PromptBank], None], P: int, H: int) -> PromptBank:
+    """The configured initialisation of `bank`'s rows as plain [P, H] prompts (the rows themselves are
+    another shape): what a method with a fixed basis fits its rows to."""
+    plain = PromptBank(bank.task_names, P, H)
+    fill(plain)
+    return plain
 
 
-def make_layout(method: str, num_virtual_tokens: int, hidden: int, *, rank: int = 1, bottleneck: int = 128):
-    """The parameterisation named `method` (independent | residual | multitask)."""
+def _fit(basis: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The min-norm least-squares coefficients C [N, P, k] with C @ basis ~ target ([k, H] and [N, P, H]),
+    every row's tokens in one solve (float64 for the solve, float32 back)."""
+    N, P, H = target.shape
+    rhs = target.reshape(N * P, H).T.double()  # basis^T C^T ~ target^T
+    c = torch.linalg.lstsq(basis.T.double(), rhs, driver="gelsd").solution.T
+    return c.float().reshape(N, P, basis.shape[0])
+
+
+class Ulpt:
+    """Each row holds Z_k [P, r], s_k [H], b_k [H], flat ([1, P*r + 2H]); R [r, H] is fixed.
+
+    R ~ N(0, 1/r) entrywise (the paper's up-projection), so a row of Z R has the scale of a row of Z.
+    Every task starts as close to its configured initial prompt E_k (class labels, vocabulary, ...)
+    as the layout allows: b_k = E_k's mean over its P tokens, s_k = 1, and Z_k the least-squares fit
+    of E_k - b_k in R's row space. So the shift starts on the embeddings' own region (where a prompt
+    of the right norm lies) and Z moves the tokens apart from there.
+    """
+
+    kind = "ulpt"
+    fixed_shared = True
+
+    def __init__(self, num_virtual_tokens: int, hidden: int, rank: int):
+        self.P, self.H, self.r = num_virtual_tokens, hidden, rank
+        self.row_shape = (1, num_virtual_tokens * rank + 2 * hidden)
+        self.shared_size = rank * hidden
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Z [U, P, r], s [U, H], b [U, H] of flat rows [U, 1, P*r + 2H] (views)."""
+        U, Pr, H = rows.shape[0], self.P * self.r, self.H
+        flat = rows[:, 0]
+        return flat[:, :Pr].view(U, self.P, self.r), flat[:, Pr : Pr + H], flat[:, Pr + H :]
+
+    def compose(self, rows: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        z, s, b = self.split(rows)
+        lifted = torch.matmul(z, shared.view(self.r, self.H))  # [U, P, H]
+        return lifted * s[:, None, :] + b[:, None, :]
+
+    def init_shared(self, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(self.shared_size, generator=gen) / math.sqrt(self.r)
+
+    def initialise(
+        self, bank: PromptBank, fill: Callable[[PromptBank], None], gen, embed=None
+    ) -> torch.Tensor:
+        R = self.init_shared(gen)
+        plain = _plain_init(bank, fill, self.P, self.H)
+        b = plain.weight.mean(dim=1)  # [N, H]
+        z = _fit(R.view(self.r, self.H), plain.weight - b[:, None, :])  # Z R ~ E - b
+        s = torch.ones_like(b)
+        bank.weight.copy_(torch.cat([z.flatten(1), s, b], dim=1)[:, None, :])
+        return R
+
+
+class Superpos:
+    """Each row holds mixing weights W_k [P, m] over a fixed sample S [m, H] of vocabulary embeddings.
+
+    S is m distinct token ids drawn from the run's seed among the first `vocab_limit` ids (the common
+    tokens, as the vocabulary initialisation samples), their embeddings read once through
+    `tuner.model.zero.gathered` (ZeRO-3). W_k starts at the least-squares fit of the task's configured
+    initial prompt E_k in S's span (min-norm, `torch.linalg.lstsq`), so a prompt made of vocabulary
+    embeddings starts near itself. The paper also trains S and drops dropout; here S is fixed (a
+    shared trainable part would couple the tasks) and the backbone has no dropout.
+    """
+
+    kind = "superpos"
+    fixed_shared = True
+
+    def __init__(self, num_virtual_tokens: int, hidden: int, tokens: int, vocab_limit: int = 5000):
+        self.P, self.H, self.m, self.vocab_limit = num_virtual_tokens, hidden, tokens, vocab_limit
+        self.row_shape = (num_virtual_tokens, tokens)
+        self.shared_size = tokens * hidden
+
+    def compose(self, rows: torch.Tensor, shared: torch.Tensor | None) -> torch.Tensor:
+        return torch.matmul(rows, shared.view(self.m, self.H))  # [U, P, m] @ [m, H]
+
+    def sample_ids(self, gen: torch.Generator, vocab: int) -> torch.Tensor:
+        """The m token ids of S (distinct) for a vocabulary of `vocab` ids."""
+        limit = min(self.vocab_limit, vocab)
+        if self.m > limit:
+            raise ValueError(f"prompt.superpos_tokens={self.m} exceeds the {limit} sampled vocabulary ids")
+        return torch.randperm(limit, generator=gen)[: self.m]
+
+    def initialise(
+        self, bank: PromptBank, fill: Callable[[PromptBank], None], gen, embed=None
+    ) -> torch.Tensor:
+        if embed is None:
+            raise ValueError("prompt.method=superpos samples the backbone's embeddings: none given")
+        with gathered(embed.weight):
+            table = embed.weight.detach().float().cpu()
+        S = table[self.sample_ids(gen, table.shape[0])]  # [m, H]
+        plain = _plain_init(bank, fill, self.P, self.H)
+        bank.weight.copy_(_fit(S, plain.weight))  # W S ~ E
+        return S.flatten().clone()
+
+
+Layout = Independent | Residual | Multitask | Ulpt | Superpos
+METHODS = ("independent", "residual", "multitask", "ulpt", "superpos")
+DEFAULT_RANK = {"multitask": 1, "ulpt": 32}  # prompt.rank=0: the method's own
+
+
+def make_layout(
+    method: str,
+    num_virtual_tokens: int,
+    hidden: int,
+    *,
+    rank: int = 0,
+    bottleneck: int = 128,
+    superpos_tokens: int = 128,
+):
+    """The parameterisation named `method` (one of `METHODS`); `rank` 0 is the method's default."""
+    rank = rank or DEFAULT_RANK.get(method, 1)
     if method == "independent":
         return Independent(num_virtual_tokens, hidden)
     if method == "residual":
         return Residual(num_virtual_tokens, hidden, bottleneck)
     if method == "multitask":
         return Multitask(num_virtual_tokens, hidden, rank)
+    if method == "ulpt":
+        return Ulpt(num_virtual_tokens, hidden, rank)
+    if method == "superpos":
+        return Superpos(num_virtual_tokens, hidden, superpos_tokens)
     raise ValueError(f"unknown prompt method {method!r}")
+
+
+def state_per_task(layout: Layout) -> int:
+    """Numbers a task owns while training: its row and its two Adam moments."""
+    return 3 * math.prod(layout.row_shape)
 
 
 class SharedParams:

@@ -5,7 +5,9 @@ parameterisation (`tuner.prompts.methods`), every row initialised (`tuner.prompt
 the caller's `fill`: a search initialises each variant by its own settings), one sparse Adam for the
 rows and one for the shared part. With `prompt.init_from` the finished run's rows are registered next
 to them and its shared part is loaded and frozen (`tuner.prompts.continual`); `transfer_init` then
-starts each new task from the source row that fits it best (`prompt.init: transfer`).
+starts each new task from the source row that fits it best (`prompt.init: transfer`), and keeps that start
+only where it trains no worse than the task's own on a held-out slice (`tuner.prompts.transfer_guard`).
+ULPT's projection and SuperPos's vocabulary sample are the shared part of their methods, frozen from the start.
 
 It runs no training step (the recipe does) and saves nothing (`tuner.checkpoint`).
 """
@@ -22,6 +24,7 @@ from tuner.prompts.bank import PromptBank, init_prompts
 from tuner.prompts.continual import SourceRun, choose_sources, load_source
 from tuner.prompts.methods import Layout, SharedParams, compose_rows, make_layout, prompt_of
 from tuner.prompts.optim import SparseRowAdam
+from tuner.prompts.transfer_guard import TransferCheck, check_transfer
 
 if TYPE_CHECKING:
     from tuner.config import OptimConfig, PromptConfig
@@ -36,6 +39,7 @@ class PromptParams:
     shared: SharedParams | None  # the method's shared part and its own Adam (None: independent)
     optimizer: SparseRowAdam  # the rows'
     source: SourceRun | None  # `prompt.init_from`'s finished run: its rows are carried, never trained
+    transfer_check: TransferCheck | None = None  # how `transfer_init` checks a transferred start
 
     @classmethod
     def build(
@@ -57,7 +61,14 @@ class PromptParams:
         (label words: task -> its verbaliser's words) or by `fill` where given; `backbone` is the
         job's `model.name` (a source run must have been trained on it)."""
         p, o = prompt, optim
-        layout = make_layout(p.method, p.num_virtual_tokens, hidden, rank=p.rank, bottleneck=p.bottleneck)
+        layout = make_layout(
+            p.method,
+            p.num_virtual_tokens,
+            hidden,
+            rank=p.rank,
+            bottleneck=p.bottleneck,
+            superpos_tokens=p.superpos_tokens,
+        )
         source = (
             load_source(p.init_from, p.method, layout.row_shape, backbone, names) if p.init_from else None
         )
@@ -71,7 +82,8 @@ class PromptParams:
                 bank,
                 embed,
                 tokenizer,
-                "vocab" if p.init == "transfer" else p.init,  # transfer overwrites every new row later
+                # transfer overwrites every new row later; its guard compares it with this own start
+                "class_labels" if p.init == "transfer" else p.init,
                 label_words=label_words,
                 text=p.init_text,
                 std=p.init_std,
@@ -81,8 +93,10 @@ class PromptParams:
         def adam() -> SparseRowAdam:
             return SparseRowAdam(o.lr, tuple(o.betas), o.eps, o.weight_decay, o.grad_clip)
 
-        values = layout.initialise(bank, fill or init, torch.Generator().manual_seed(seed))
+        values = layout.initialise(bank, fill or init, torch.Generator().manual_seed(seed), embed=embed)
         shared = None if values is None else SharedParams(values, adam(), p.shared_lr_scale)
+        if shared is not None and layout.fixed_shared:
+            shared.frozen = True  # ULPT's projection, SuperPos's vocabulary sample: never trained
         if source:
             for name in carried:
                 bank.set_prompt(name, source.rows[name])
@@ -92,7 +106,8 @@ class PromptParams:
         bank.to(device)  # fp32 master copy and Adam moments stay on the device
         if shared is not None:
             shared.to(device)
-        return cls(layout, bank, shared, adam(), source)
+        check = TransferCheck.of(p, o) if p.init == "transfer" and p.transfer_check_steps else None
+        return cls(layout, bank, shared, adam(), source, check)
 
     def prompt(self, name: str) -> torch.Tensor:
         """Row `name`'s final [P, H] prompt (composed from its row and the shared part): what is evaluated
@@ -111,11 +126,37 @@ class PromptParams:
         log: Callable[[str], None],
     ) -> None:
         """Start each new task (`train`: task -> its train examples) from the source row whose prompt has
-        the lowest zero-shot loss on its first `k` examples (`tuner.prompts.continual.choose_sources`)."""
+        the lowest zero-shot loss on its first `k` examples (`tuner.prompts.continual.choose_sources`);
+        with `transfer_check`, a task whose transferred start trains worse than its own start on its
+        held-out slice falls back to its own (`tuner.prompts.transfer_guard`)."""
         carried = sorted(self.source.rows)
         candidates = dict(zip(carried, compose_rows(self.layout, self.bank, self.shared, carried)))
         examples = {n: t[:k] for n, t in train.items()}
         chosen = choose_sources(lm, examples, candidates, max_len=max_len, pad_id=pad_id, device=device)
+        own = {task: self.bank.prompt(task).clone() for task in chosen}
         for task, (src, loss) in chosen.items():
             self.bank.set_prompt(task, self.source.rows[src])
             log(f"transfer init: {task} starts from {src} (zero-shot loss {loss:.3f} on {k} examples)")
+        if self.transfer_check is None:
+            return
+        starts = {t: (self.source.rows[src], own[t]) for t, (src, _) in chosen.items()}
+        shared = None if self.shared is None else self.shared.values
+        results = check_transfer(
+            lm,
+            self.layout,
+            shared,
+            starts,
+            train,
+            self.transfer_check,
+            max_len=max_len,
+            pad_id=pad_id,
+            device=device,
+        )
+        for task, r in results.items():
+            if not r.kept:
+                self.bank.set_prompt(task, own[task])
+            verdict = "keeps it" if r.kept else "falls back to its own start"
+            log(
+                f"transfer check: {task} {verdict} (held-out loss after {self.transfer_check.steps} steps: "
+                f"transferred {r.transferred_loss:.3f}, own {r.own_loss:.3f}, {r.heldout} examples)"
+            )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tuner.schema import ConfigError, check_choice, check_positive, documented
-from tuner.search.space import expand_space
+from tuner.search.space import ROW_ONLY_METHODS, expand_space
 
 if TYPE_CHECKING:
     from tuner.search.space import SearchedJob
@@ -113,9 +113,9 @@ class SearchConfig:
         settings and invalid values."""
         if not self.enabled:
             return
-        if job.prompt.method != "independent" or job.prompt.init_from:
+        if job.prompt.method not in ROW_ONLY_METHODS or job.prompt.init_from:
             raise ConfigError(
-                "search.space works with prompt.method=independent and no prompt.init_from "
-                "(variants are independent prompt rows)"
+                "search.space works with prompt.method=independent (or ulpt, superpos) and no "
+                "prompt.init_from (variants are prompt rows with no trainable shared part)"
             )
         expand_space(job)

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 SEP = "~"  # variant rows are `<task>~<k>`; `validate_name` keeps `~` out of task names
 
+# Prompt methods whose variants are rows alone (no trainable shared part: ULPT's projection and
+# SuperPos's vocabulary sample are fixed), so each variant trains as the task would alone.
+ROW_ONLY_METHODS = ("independent", "ulpt", "superpos")
+
 # Settings each prompt-bank row can have its own value of, in one batch.
 PER_ROW = (
     "optim.lr",
