@@ -5,6 +5,10 @@ A checkpoint is a directory `step_<N>/` with
   state.json           a `CheckpointState`: step, task names, per-task Adam step counts, sampler
                        position, metric history, the prompt method, and with in-batch search the live
                        variants and rung results (`tuner.search.state`)
+  chain.json           whether it is a full snapshot or a delta of an earlier checkpoint (`tuner.checkpoint_chain`:
+                       a delta holds only the rows, Adam moments and sampler positions changed since; every
+                       `full_every`-th checkpoint and the final one are full; reading a delta applies it to
+                       its full snapshot, so what loads is the same either way)
 A method with shared parts (tuner/prompts/methods.py) adds its shared vector and that vector's Adam.
 It is written to a hidden temp directory, fsynced and renamed into place, so a save killed half
 way leaves only a `.tmp-*` directory that loading ignores: every `step_*` directory is complete.
@@ -14,6 +18,7 @@ Only safetensors and JSON are read back (no pickle).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from tuner import checkpoint_chain as chain_mod
 from tuner.config import one_line
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -103,22 +109,29 @@ def save_checkpoint(
     method: str = "independent",
     shared=None,
     search: dict | None = None,
+    full_every: int = 1,
+    final: bool = False,
 ) -> Path:
-    """Write `root/step_<step>/` atomically and prune older checkpoints beyond `keep_last`.
+    """Write `root/step_<step>/` atomically and prune older checkpoints beyond `keep_last` (keeping
+    every checkpoint a kept delta depends on).
 
     `history` is `RunHistory.to_json()`; `method` names the prompt parameterisation; `shared` is its
     `SharedParams` (None: no shared part); `search` is `SearchState.to_json()` (None: no search).
+    With `full_every` > 1 the checkpoint is a delta of the one this optimiser's state was last saved
+    to or loaded from (`tuner.checkpoint_chain`), and every `full_every`-th one of a chain, and a
+    `final` one, a full snapshot.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-    tensors = {
-        "bank": bank.weight.contiguous(),
-        "torch_rng": torch.get_rng_state(),
-        "sampler_gen": sampler.gen.get_state(),
-    }
+    lineage = chain_mod.lineage_of(optimizer)
+    chain = None if final else chain_mod.delta_parent(lineage, root, step, full_every)
+    chain, rows, tensors, saved_history, position = _contents(
+        chain, lineage, bank, optimizer, sampler, history
+    )
     adam_steps = {}
-    for name, st in optimizer.state.items():
+    for name in rows if not chain.full else optimizer.state:
+        st = optimizer.state[name]
         tensors[f"adam.{name}.exp_avg"] = st["exp_avg"].contiguous()
         tensors[f"adam.{name}.exp_avg_sq"] = st["exp_avg_sq"].contiguous()
         adam_steps[name] = st["step"]
@@ -126,29 +139,78 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "tensors.safetensors"))
     state = CheckpointState(
         step=step,
-        task_names=bank.task_names,
+        task_names=list(rows),
         adam_steps=adam_steps,
-        sampler=SamplerPosition.of(sampler.state_dict()),
-        history=history,
+        sampler=position,
+        history=saved_history,
         prompt_method=method,
         shared_adam_steps={k: v["step"] for k, v in shared.optimizer.state.items()} if shared else {},
         search=search,
     )
-    with open(tmp / "state.json", "w") as f:
-        json.dump(state.to_json(), f)
+    _write_json(tmp / chain_mod.CHAIN, chain.to_json())
+    _write_json(tmp / "state.json", state.to_json())
+    _fsync_dir(tmp)
+    final_dir = root / chain_mod.step_name(step)
+    if final_dir.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+        shutil.rmtree(final_dir)
+    os.rename(tmp, final_dir)
+    _fsync_dir(root)
+    chain_mod.set_lineage(optimizer, chain_mod.Lineage(step, chain.id, chain.since_full, history))
+    chain_mod.mark_saved(optimizer, sampler)
+    _prune(root, keep_last)
+    return final_dir
+
+
+def _contents(chain, lineage, bank, optimizer, sampler, history):
+    """What a checkpoint holds besides the Adam moments: (its chain record, the bank rows it holds, its
+    tensors so far, the history it writes, the sampler position it writes). `chain` None: a full
+    snapshot; else a delta of `lineage`'s checkpoint: the rows and positions changed since, the
+    history's parts that differ."""
+    position = SamplerPosition.of(sampler.state_dict())
+    rng = {"torch_rng": torch.get_rng_state(), "sampler_gen": sampler.gen.get_state()}
+    if chain is None:
+        return (
+            chain_mod.Chain(),
+            bank.task_names,
+            {"bank": bank.weight.contiguous(), **rng},
+            history,
+            position,
+        )
+    rows = chain_mod.changed_rows(optimizer)
+    tensors = {"bank": bank.weight.index_select(0, bank.rows_of(rows).to(bank.device))} if rows else {}
+    saved_history, chain.history_from_parent = chain_mod.history_delta(history, lineage.history)
+    position = dataclasses.replace(
+        position,
+        cursor=chain_mod.changed_positions(position.cursor, sampler),
+        epoch=chain_mod.changed_positions(position.epoch, sampler),
+        sizes={},
+    )
+    return chain, rows, {**tensors, **rng}, saved_history, position
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(tmp)
-    final = root / f"step_{step:08d}"
-    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for killed in root.glob(".tmp-*"):  # what saves killed mid-way left (one writer: rank 0)
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    """Drop checkpoints beyond the newest `keep_last`, but none a kept one is a delta of; and what
+    killed saves left (one writer: rank 0)."""
+    found = list_checkpoints(root)
+    if keep_last > 0 and len(found) > keep_last:
+        keep = chain_mod.needed(found, found[-keep_last:])
+        for old in found:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+    for killed in root.glob(".tmp-*"):
         shutil.rmtree(killed, ignore_errors=True)
-    return final
+
+
+def is_full(path: str | os.PathLike) -> bool:
+    """Whether checkpoint `path` is a full snapshot (else a delta of an earlier one)."""
+    return chain_mod.Chain.read(Path(path)).full
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -173,17 +235,36 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 
 def _read(path: Path, *, with_tensors: bool = True) -> tuple[CheckpointState, dict[str, torch.Tensor]]:
-    """The checkpoint's state and tensors; a damaged one is a ValueError that says what to do
-    (checkpoints are written atomically, so this is a disk fault or a hand edit, not a killed save)."""
+    """The checkpoint's state and tensors (a delta applied to its full snapshot and the deltas
+    between); a damaged one is a ValueError that says what to do (checkpoints are written
+    atomically, so this is a disk fault or a hand edit, not a killed save)."""
     try:
-        state = CheckpointState.from_json(json.loads((path / "state.json").read_text()))
-        tensors = load_file(str(path / "tensors.safetensors")) if with_tensors else {}
-    except Exception as e:  # JSON, a missing key, safetensors' own error type, a missing file
+        state, tensors, _ = _read_chain(path, with_tensors)
+    except Exception as e:  # JSON, a missing key, safetensors' own error type, a missing file or parent
         raise ValueError(
             f"checkpoint {path} is damaged ({one_line(e)}); delete that directory to resume from the "
             "checkpoint before it"
         ) from None
     return state, tensors
+
+
+def _read_chain(path: Path, with_tensors: bool) -> tuple[CheckpointState, dict[str, torch.Tensor], list]:
+    """`_read` without the error wording, and the chain of (directory, chain record) it read."""
+    links = chain_mod.lineage_chain(path)
+    data: dict = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for i, (p, chain) in enumerate(links):
+        step_data = json.loads((p / "state.json").read_text())
+        step_tensors = load_file(str(p / "tensors.safetensors")) if with_tensors else {}
+        if i == 0:
+            data, tensors = step_data, step_tensors
+            continue
+        if with_tensors:
+            tensors = chain_mod.merge_tensors(
+                tensors, data["task_names"], step_tensors, step_data["task_names"]
+            )
+        data = chain_mod.merge_state(data, step_data, chain)
+    return CheckpointState.from_json(data), tensors, links
 
 
 def load_checkpoint(
@@ -193,6 +274,7 @@ def load_checkpoint(
     state (step, history, and the in-batch search's state when there is one)."""
     path = Path(path)
     state, tensors = _read(path)
+    links = chain_mod.lineage_chain(path)
     if state.prompt_method != method:
         raise ValueError(
             f"checkpoint {path} was written with prompt.method={state.prompt_method}, not {method}"
@@ -215,6 +297,9 @@ def load_checkpoint(
         load_shared(shared, tensors, state.shared_adam_steps)
     sampler.load_state_dict({**asdict(state.sampler), "gen": tensors["sampler_gen"]})
     torch.set_rng_state(tensors["torch_rng"])
+    chain = links[-1][1]  # the next save is a delta of this checkpoint
+    chain_mod.set_lineage(optimizer, chain_mod.Lineage(state.step, chain.id, chain.since_full, state.history))
+    chain_mod.mark_saved(optimizer, sampler)
     return state
 
 

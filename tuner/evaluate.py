@@ -236,7 +236,6 @@ def one_token_labels(tokenizer, verbaliser: dict[str, str]) -> list[int] | None:
     return None
 
 
-@torch.no_grad()
 def score_labels(
     lm: PromptTunedLM,
     tokenizer,
@@ -247,48 +246,123 @@ def score_labels(
     batch_size: int = 32,
     device="cpu",
 ) -> list[dict[str, float]]:
-    """Log-probability of every label's verbaliser tokens for each example."""
-    labels = list(verbaliser)
-    label_ids = {lab: tokenizer(w, add_special_tokens=False).input_ids for lab, w in verbaliser.items()}
-    P, prompts = _prompt_args(prompt, device)
-    single = one_token_labels(tokenizer, verbaliser)
-    rows = {examples[0].task: 0} if examples else {}
-    results: list[dict[str, float]] = []
-    if single is not None:
-        cand = torch.tensor(single, device=device)
+    """Log-probability of every label's verbaliser tokens for each example (all read with `prompt`)."""
+    tasks = dict.fromkeys(e.task for e in examples)
+    prompts = None if prompt is None else dict.fromkeys(tasks, prompt)
+    return score_labels_of_tasks(
+        lm, tokenizer, examples, dict.fromkeys(tasks, verbaliser), prompts, max_len, batch_size, device
+    )
+
+
+@torch.no_grad()
+def score_labels_of_tasks(
+    lm: PromptTunedLM,
+    tokenizer,
+    examples: list[TokenizedExample],
+    verbalisers: Mapping[str, dict[str, str]],
+    prompts: Mapping[str, torch.Tensor] | None,
+    max_len: int,
+    batch_size: int = 32,
+    device="cpu",
+) -> list[dict[str, float]]:
+    """Log-probability of every label's verbaliser tokens for each example, examples of many tasks packed
+    into mixed rows as training packs them (each segment reads its own task's prompt).
+
+    `verbalisers` and `prompts` are by task (`prompts=None`: zero-shot, no virtual tokens). A task whose
+    labels are single distinct tokens costs one segment per example (its labels read off the logits at
+    the answer position); any other one segment per (example, label), scored by its tokens' NLL.
+    """
+    single: dict[str, list[int] | None] = {}
+    cache: dict[tuple, list[int] | None] = {}  # tasks of a family share a verbaliser: tokenise it once
+    for t in dict.fromkeys(e.task for e in examples):
+        key = tuple(verbalisers[t].items())
+        if key not in cache:
+            cache[key] = one_token_labels(tokenizer, verbalisers[t])
+        single[t] = cache[key]
+    by_one = [i for i, e in enumerate(examples) if single[e.task] is not None]
+    by_nll = [i for i, e in enumerate(examples) if single[e.task] is None]
+    results: list[dict[str, float] | None] = [None] * len(examples)
+    forward = _MixedForward(lm, tokenizer, prompts, max_len, device)
+    if by_one:
+        scored = forward.one_token([examples[i] for i in by_one], verbalisers, single, batch_size)
+        for i, r in zip(by_one, scored):
+            results[i] = r
+    if by_nll:
+        scored = forward.label_nll([examples[i] for i in by_nll], verbalisers, batch_size)
+        for i, r in zip(by_nll, scored):
+            results[i] = r
+    return results  # type: ignore[return-value]
+
+
+@dataclass
+class _MixedForward:
+    """Forwards over examples of several tasks: each batch's prompts stacked for the tasks in it."""
+
+    lm: PromptTunedLM
+    tokenizer: Any
+    prompts: Mapping[str, torch.Tensor] | None
+    max_len: int
+    device: Any
+
+    def run(self, segments: list[TokenizedExample], return_logits: bool):
+        tasks = list(dict.fromkeys(s.task for s in segments))
+        if self.prompts is None:
+            rows, P, table = dict.fromkeys(tasks, 0), 0, torch.zeros(1, 0, 1, device=self.device)
+        else:
+            rows = {t: i for i, t in enumerate(tasks)}
+            table = torch.stack([self.prompts[t] for t in tasks]).to(self.device)
+            P = table.shape[1]
+        batch = collate(
+            segments,
+            rows,
+            P,
+            max_len=self.max_len,
+            pad_id=self.tokenizer.pad_token_id,
+            share_prompts=self.lm.supports_shared_prompts,
+        ).to(self.device)
+        return batch, self.lm(batch, table, return_logits=return_logits)
+
+    def one_token(self, examples, verbalisers, single, batch_size: int) -> list[dict[str, float]]:
+        """One segment per example; its labels' log-probabilities from the logits at the answer."""
+        results: list[dict[str, float]] = []
         for chunk, n_real in _shard_lockstep(examples, batch_size):
-            batch = collate(
-                [TokenizedExample(e.task, e.input_ids, [int(cand[0])]) for e in chunk],
-                rows,
-                P,
-                max_len=max_len,
-                pad_id=tokenizer.pad_token_id,
-                share_prompts=lm.supports_shared_prompts,
-            ).to(device)
-            out = lm(batch, prompts, return_logits=True)
+            cands = [single[e.task] for e in chunk]
+            segs = [TokenizedExample(e.task, e.input_ids, [c[0]]) for e, c in zip(chunk, cands)]
+            batch, out = self.run(segs, return_logits=True)
             # One target per segment, but targets come in packed-row order: put them back in segment order.
-            logp = torch.empty(batch.num_segments, len(labels), device=device)
-            logp[batch.target_seg] = torch.log_softmax(out.target_logits, dim=-1)[:, cand]
-            results += [dict(zip(labels, r.tolist())) for r in logp[:n_real].cpu()]
-    else:
-        segs = [TokenizedExample(e.task, e.input_ids, label_ids[lab]) for e in examples for lab in labels]
+            logp = torch.empty(batch.num_segments, out.target_logits.shape[-1], device=self.device)
+            logp[batch.target_seg] = torch.log_softmax(out.target_logits, dim=-1)
+            width = max(len(c) for c in cands)
+            index = torch.tensor([c + c[:1] * (width - len(c)) for c in cands], device=self.device)
+            picked = logp.gather(1, index).cpu()
+            for e, c, row in zip(chunk[:n_real], cands, picked):
+                results.append(dict(zip(verbalisers[e.task], row[: len(c)].tolist())))
+        return _gather(results)
+
+    def label_nll(self, examples, verbalisers, batch_size: int) -> list[dict[str, float]]:
+        """One segment per (example, label): each label's summed token log-probability."""
+        ids: dict[tuple, dict[str, list[int]]] = {}
+        label_ids = {}
+        for t in dict.fromkeys(e.task for e in examples):
+            key = tuple(verbalisers[t].items())
+            if key not in ids:
+                ids[key] = {lab: self.tokenizer(w, add_special_tokens=False).input_ids for lab, w in key}
+            label_ids[t] = ids[key]
+        segs = [
+            TokenizedExample(e.task, e.input_ids, i) for e in examples for i in label_ids[e.task].values()
+        ]
         flat: list[float] = []
-        for chunk, n_real in _shard_lockstep(segs, batch_size * len(labels)):
-            batch = collate(
-                chunk,
-                rows,
-                P,
-                max_len=max_len,
-                pad_id=tokenizer.pad_token_id,
-                share_prompts=lm.supports_shared_prompts,
-            ).to(device)
-            out = lm(batch, prompts)
+        width = max(len(v) for v in label_ids.values())
+        for chunk, n_real in _shard_lockstep(segs, batch_size * width):
+            _, out = self.run(chunk, return_logits=False)
             flat += out.seg_logprob[:n_real].cpu().tolist()
         flat = _gather(flat)
-        return [
-            dict(zip(labels, flat[i * len(labels) : (i + 1) * len(labels)])) for i in range(len(examples))
-        ]
-    return _gather(results)
+        results, at = [], 0
+        for e in examples:
+            labels = list(label_ids[e.task])
+            results.append(dict(zip(labels, flat[at : at + len(labels)])))
+            at += len(labels)
+        return results
 
 
 def generate_greedy(

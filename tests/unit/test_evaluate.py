@@ -218,3 +218,76 @@ def test_generation_metrics_with_several_references():
     one = [generation_metrics([r], [hyps[0]])["chrf"] for r in refs[0]]
     assert generation_metrics([refs[0]], [hyps[0]])["chrf"] == pytest.approx(max(one))
     assert generation_metrics(["x y"], ["x y"]) == generation_metrics([["x y"]], ["x y"])
+
+
+def test_mixed_task_scores_equal_a_direct_computation_per_task():
+    """Examples of many tasks in one call (rows mix tasks; each task its own prompt and verbaliser, some
+    one-token labels, some multi-token, label counts differ) score as a plain forward of each example
+    with its own task's prompt prepended."""
+    from tuner.evaluate import score_labels_of_tasks
+
+    tok = load_tokenizer(smollm2_tokenizer_dir())
+    torch.manual_seed(0)
+    lm = PromptTunedLM(tiny_llama(vocab_size=49152))
+    g = torch.Generator().manual_seed(3)
+    verbalisers = {
+        "a": {"0": " no", "1": " yes"},
+        "b": {"x": " red", "y": " blue", "z": " green"},
+        "c": {"0": " very negative", "1": " quite positive"},
+        "d": {"0": " no", "1": " yes"},
+    }
+    prompts = {t: torch.randn(4, 32, generator=g) for t in verbalisers}
+    examples = [
+        TokenizedExample(t, torch.randint(10, 4000, (n,), generator=g).tolist(), [0])
+        for t, n in (("a", 3), ("b", 17), ("c", 8), ("d", 30), ("b", 5), ("a", 12), ("c", 2), ("d", 9))
+    ]
+    got = score_labels_of_tasks(lm, tok, examples, verbalisers, prompts, max_len=64, batch_size=3)
+
+    def label_logp(prompt, ex, word) -> float:
+        target = tok(word, add_special_tokens=False).input_ids
+        ids = torch.tensor(ex.input_ids + target[:-1])
+        emb = lm.embed(ids[None])[0] if prompt is None else torch.cat([prompt, lm.embed(ids[None])[0]])
+        logits = lm.backbone(inputs_embeds=emb[None]).logits[0]
+        start = (0 if prompt is None else prompt.shape[0]) + len(ex.input_ids) - 1
+        logp = torch.log_softmax(logits[start : start + len(target)], dim=-1)
+        return sum(logp[i, t].item() for i, t in enumerate(target))
+
+    with torch.no_grad():
+        for ex, scores in zip(examples, got):
+            want = {lab: label_logp(prompts[ex.task], ex, w) for lab, w in verbalisers[ex.task].items()}
+            assert scores == pytest.approx(want, abs=1e-4)
+        zero = score_labels_of_tasks(lm, tok, examples, verbalisers, None, max_len=64, batch_size=3)
+        for ex, scores in zip(examples, zero):
+            want = {lab: label_logp(None, ex, w) for lab, w in verbalisers[ex.task].items()}
+            assert scores == pytest.approx(want, abs=1e-4)
+
+
+def test_a_fleet_evaluates_as_its_tasks_one_at_a_time(tmp_path):
+    """`evaluate_tasks` (every classification task's examples packed together) gives each task the scores,
+    report and predictions `evaluate_task` gives it alone; generation tasks keep their own path."""
+    from conftest import write_generation_task, write_tiny_tasks
+
+    from tuner.tasks.data import TaskData
+    from tuner.tasks.kinds import evaluate_task, evaluate_tasks
+
+    tok = load_tokenizer(smollm2_tokenizer_dir())
+    torch.manual_seed(0)
+    lm = PromptTunedLM(tiny_llama(vocab_size=49152))
+    specs = [
+        TaskSpec.load(p)
+        for p in write_tiny_tasks(tmp_path, n_train=4, n_eval=5, names=("pos_neg", "colors", "sizes"))
+    ]
+    specs.append(TaskSpec.load(write_generation_task(tmp_path)))
+    specs[-1].max_new_tokens = 3
+    tasks = {s.name: TaskData.load(s, tok, max_eval=4) for s in specs}
+    g = torch.Generator().manual_seed(4)
+    prompts = {n: torch.randn(4, 32, generator=g) for n in tasks}
+    seen = []
+    together = evaluate_tasks(lm, tok, tasks, prompts, 64, batch_size=4, progress=seen.append)
+    assert list(together) == list(tasks) and sum(seen) == sum(len(t.eval) for t in tasks.values())
+    for name, data in tasks.items():
+        alone = evaluate_task(lm, tok, data, prompts[name], 64, batch_size=4)
+        assert together[name].to_json() == alone.to_json()  # metrics, per-label table, samples
+        assert [p["output"] for p in together[name].predictions] == [p["output"] for p in alone.predictions]
+        for mine, theirs in zip(together[name].predictions, alone.predictions):
+            assert mine["scores"] == pytest.approx(theirs["scores"], abs=1e-4)

@@ -33,6 +33,7 @@ class SparseRowAdam:
         self.lr, self.betas, self.eps = lr, tuple(betas), eps
         self.weight_decay, self.grad_clip = weight_decay, grad_clip
         self.state: dict[str, dict] = {}  # task -> {"step": int, "exp_avg": T, "exp_avg_sq": T}
+        self.touched: set[str] = set()  # rows stepped since the last checkpoint (`tuner.checkpoint_chain`)
 
     @torch.no_grad()
     def step(
@@ -93,6 +94,7 @@ class SparseRowAdam:
         else:
             out = values.detach().float() * (1 - lr * weight_decay)
             out = out - lr * (m / bc1) / ((v / bc2).sqrt() + self.eps)
+        self.touched.update(names)
         for i, s in enumerate(states):
             s["step"] += 1
             s["exp_avg"], s["exp_avg_sq"] = m[i].clone(), v[i].clone()

@@ -132,6 +132,7 @@ class MultiTaskSampler:
         self.epoch = {t: 0 for t in self.tasks}
         # task -> train indices never drawn (a search's held-out slice)
         self.held_out: dict[str, set[int]] = {}
+        self.drawn: set[str] = set()  # tasks drawn since the last checkpoint (`tuner.checkpoint_chain`)
         self._orders: dict[str, torch.Tensor] = {}
 
     def hold_out(self, task: str, k: int) -> list[int]:
@@ -159,6 +160,7 @@ class MultiTaskSampler:
         batch = []
         for k in picks:
             t = self.tasks[k]
+            self.drawn.add(t)
             skip = self.held_out.get(t, ())
             while True:
                 i = int(self._order(t)[self.cursor[t]])

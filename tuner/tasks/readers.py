@@ -78,6 +78,26 @@ def read_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
     A column the renames, the template, the label or the target need but the data lacks is a
     `ConfigError` naming the split, its file and the columns it has (`check_row_columns`).
     """
+    if spec.family_member is not None:  # a task of a family: its rows of the family's table, read once
+        return spec.family_member.rows(split)
+    rows = raw_rows(spec, split)
+    if rows:
+        check_row_columns(spec, split, list(rows[0]))
+    rows = [r for r in rows if not is_dropped(spec, r)]
+    renames = spec.columns_of(split)
+    for r in rows:
+        for new, old in renames.items():
+            r[new] = r[old]
+    return rows
+
+
+def is_dropped(spec: TaskSpec, row: dict[str, Any]) -> bool:
+    """Whether `data.drop_if_true` drops `row` (any of its flags is true)."""
+    return any(row.get(flag) for flag in spec.data.drop_if_true)
+
+
+def raw_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
+    """The rows of `split` as the file (or Hub split) holds them: not renamed, nothing dropped."""
     src = spec.data
     path = split_path(spec, split)
     if not path:
@@ -94,14 +114,6 @@ def read_rows(spec: TaskSpec, split: str) -> list[dict[str, Any]]:
             raise
         except Exception as e:  # bad bytes, ragged rows, a line that is not a JSON object...
             raise _unreadable(spec, split, path, e) from None
-    if rows:
-        check_row_columns(spec, split, list(rows[0]))
-    for flag in src.drop_if_true:
-        rows = [r for r in rows if not r.get(flag)]
-    renames = spec.columns_of(split)
-    for r in rows:
-        for new, old in renames.items():
-            r[new] = r[old]
     return rows
 
 

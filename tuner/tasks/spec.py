@@ -1,6 +1,7 @@
 """Task definitions: where a task's data lives, how an example becomes text, what it is scored on.
 
-A task is one YAML file (see `configs/tasks/`); adding a task needs no code. `TaskSpec.load`
+A task is one YAML file (see `configs/tasks/`); adding a task needs no code. A family's YAML
+(`family.id_column`) is many tasks, one per value of a column of its table (`tuner.tasks.family`). `TaskSpec.load`
 validates it; `build_examples` turns a split's rows (`tuner.tasks.readers.read_rows`) into
 `TaskExample`s (prompt text + target text, plus every reference and the gold tags for evaluation).
 What depends on the task's kind (the fields a row needs, the target text, the references, how it is
@@ -13,7 +14,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tuner.config import ConfigError, from_dict, read_yaml, validate_name
 from tuner.schema import check_non_negative
@@ -68,6 +69,34 @@ class DataSource:
             )
         if self.format == "hub" and not self.hub_id:
             raise ConfigError("data.format=hub needs data.hub_id")
+
+
+FAMILY_FORMATS = ("tsv", "csv", "jsonl", "hub")  # formats whose rows have columns (one can name the task)
+
+
+@dataclass
+class FamilySource:
+    """Many tasks from one table (`tuner.tasks.family`): one task per distinct value of a column."""
+
+    id_column: str = field(
+        default="",
+        metadata={
+            "doc": "The column naming each row's task: one task per distinct value, named "
+            "`<name>.<value>` (a valid task name). Empty: the file is one task."
+        },
+    )
+    verbaliser_column: str = field(
+        default="",
+        metadata={
+            "doc": "classification: a column holding each task's verbaliser as a JSON object "
+            '(`{"0": " bad", "1": " good"}`), the same on every row of a task. Empty: `verbaliser` '
+            "is shared by every task of the family."
+        },
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.id_column)
 
 
 @dataclass
@@ -149,6 +178,13 @@ class TaskSpec:
             "the job's data.max_eval_examples. Default: the job's."
         },
     )
+    family: FamilySource = field(
+        default_factory=FamilySource,
+        metadata={"doc": "A family: this file describes one task per value of `family.id_column`."},
+    )
+
+    # A task of a family (`tuner.tasks.family.FamilyMember`): its rows, read with the family's table.
+    family_member: ClassVar[Any] = None
 
     def __post_init__(self) -> None:
         validate_name("task name", self.name)
@@ -159,7 +195,9 @@ class TaskSpec:
         if self.metric not in metrics:
             raise ConfigError(f"task {self.name}: metric {self.metric!r} does not fit a {self.kind} task")
         self.verbaliser = {str(k): str(v) for k, v in self.verbaliser.items()}
-        self.task_kind.check_spec(self)
+        self._check_family()
+        if not self.family.verbaliser_column:  # else each task's verbaliser is checked when it is read
+            self.task_kind.check_spec(self)
         if isinstance(self.target_field, str):
             self.target_field = [self.target_field]
         if not self.target_field or not all(isinstance(t, str) and t for t in self.target_field):
@@ -184,6 +222,20 @@ class TaskSpec:
             raise ConfigError(f"task {self.name}: {e}") from None
         if not names:
             raise ConfigError(f"task {self.name}: template uses no field")
+
+    def _check_family(self) -> None:
+        fam = self.family
+        if fam.verbaliser_column and not fam.enabled:
+            raise ConfigError(f"task {self.name}: family.verbaliser_column needs family.id_column")
+        if fam.verbaliser_column and not self.task_kind.label_scored:
+            raise ConfigError(
+                f"task {self.name}: family.verbaliser_column: a {self.kind} task has no verbaliser"
+            )
+        if fam.enabled and self.data.format not in FAMILY_FORMATS:
+            raise ConfigError(
+                f"task {self.name}: a family needs rows with columns (data.format "
+                f"{', '.join(FAMILY_FORMATS)}), not {self.data.format}"
+            )
 
     @property
     def task_kind(self) -> TaskKind:
@@ -210,6 +262,7 @@ class TaskSpec:
     def required_fields(self, split: str) -> list[str]:
         """Every field (after renaming) a row of `split` must have."""
         need = template_fields(self.template) + self.task_kind.required_fields(self, split)
+        need += [c for c in (self.family.id_column, self.family.verbaliser_column) if c]
         return list(dict.fromkeys(need))
 
     @classmethod

@@ -6,7 +6,7 @@ registered in `KINDS` below, plus its tests; see the README's "Adding a task kin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,3 +50,27 @@ def evaluate_task(
         return None
     setup = EvalSetup(lm, tokenizer, max_len, device, batch_size, progress)
     return kind_of(data.spec.kind).evaluate(setup, data, prompt)
+
+
+def evaluate_tasks(
+    lm: PromptTunedLM,
+    tokenizer,
+    tasks: Mapping[str, TaskData],
+    prompts: Mapping[str, torch.Tensor] | None,
+    max_len: int,
+    device="cpu",
+    batch_size: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, TaskScores | None]:
+    """Every task's scores, as `evaluate_task` gives them, in the order of `tasks`: the tasks of a kind
+    are evaluated together (`TaskKind.evaluate_many`: classification packs examples of many tasks into
+    the same rows). `prompts` by task name (None: zero-shot); None for a task without eval examples."""
+    setup = EvalSetup(lm, tokenizer, max_len, device, batch_size, progress)
+    by_kind: dict[str, list[TaskData]] = {}
+    for data in tasks.values():
+        if data.eval:
+            by_kind.setdefault(data.spec.kind, []).append(data)
+    scores: dict[str, TaskScores] = {}
+    for kind, datas in by_kind.items():
+        scores.update(kind_of(kind).evaluate_many(setup, datas, prompts))
+    return {name: scores.get(name) for name in tasks}

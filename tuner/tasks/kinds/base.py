@@ -11,7 +11,7 @@ It does not read files, tokenise or batch (`tuner.tasks.readers`, `tuner.tasks.d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -78,6 +78,16 @@ class TaskKind:
     def evaluate(self, setup: EvalSetup, data: TaskData, prompt: torch.Tensor | None) -> TaskScores:
         """The task's scores on `data.eval` under `prompt` (None: zero-shot)."""
         raise NotImplementedError
+
+    def evaluate_many(
+        self, setup: EvalSetup, datas: list[TaskData], prompts: Mapping[str, torch.Tensor] | None
+    ) -> dict[str, TaskScores]:
+        """Scores of several tasks of this kind by name (`prompts`: by task; None: zero-shot). A kind
+        that can batch examples of different tasks together overrides this; here, one task at a time."""
+        return {
+            d.spec.name: self.evaluate(setup, d, None if prompts is None else prompts[d.spec.name])
+            for d in datas
+        }
 
     def rung_criterion(self, requested: str) -> str:
         """What a search rung ranks this kind's variants by, given `search.criterion`: `metric`, `loss`

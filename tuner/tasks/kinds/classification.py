@@ -10,12 +10,13 @@ Serving can complete with such a task and classify with it (`/v1/classify`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tuner.config import ConfigError
-from tuner.evaluate import TaskScores, classification_metrics, score_labels
+from tuner.evaluate import TaskScores, classification_metrics, score_labels, score_labels_of_tasks
 from tuner.tasks.kinds.base import CLASSIFY, COMPLETE, EvalSetup, TaskKind, in_pieces, prediction
 
 if TYPE_CHECKING:
@@ -62,7 +63,33 @@ class Classification(TaskKind):
                 s.lm, s.tokenizer, examples, spec.verbaliser, prompt, s.max_len, s.batch_size, s.device
             )
 
-        scores = in_pieces(setup, data.eval, s.batch_size, score)
+        return self._task_scores(data, in_pieces(setup, data.eval, s.batch_size, score))
+
+    def evaluate_many(
+        self, setup: EvalSetup, datas: list[TaskData], prompts: Mapping[str, torch.Tensor] | None
+    ) -> dict[str, TaskScores]:
+        """Every task's scores, examples of many tasks packed into the same rows (`score_labels_of_tasks`):
+        a fleet of tasks with a few eval examples each costs the forwards of its examples, not of its tasks."""
+        s = setup
+        verbalisers = {d.spec.name: d.spec.verbaliser for d in datas}
+        examples = [e for d in datas for e in d.eval]
+
+        def score(piece: list) -> list[dict[str, float]]:
+            return score_labels_of_tasks(
+                s.lm, s.tokenizer, piece, verbalisers, prompts, s.max_len, s.batch_size, s.device
+            )
+
+        scores = in_pieces(setup, examples, s.batch_size, score)
+        out, at = {}, 0
+        for d in datas:
+            out[d.spec.name] = self._task_scores(d, scores[at : at + len(d.eval)])
+            at += len(d.eval)
+        return out
+
+    @staticmethod
+    def _task_scores(data: TaskData, scores: list[dict[str, float]]) -> TaskScores:
+        """A task's scores from each eval example's label log-probabilities (the argmax is its prediction)."""
+        spec = data.spec
         pred = [max(s, key=s.get) for s in scores]
         gold = [e.label for e in data.eval]
         predictions = [
