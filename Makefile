@@ -13,7 +13,7 @@ TORCH   := torch==2.13.0
 PIP_VERSION := pip==26.3
 UV      := uv==0.13.9
 
-.PHONY: setup demo test test-unit bench gpu-check lint format clean lock
+.PHONY: setup demo test test-unit bench gpu-check image-check lint format clean lock
 
 setup: $(VENV)/.installed
 
@@ -56,6 +56,12 @@ bench: setup
 ## results as JSON in $OUT (default gpu-results). Carry gpu-carry/ (see bench/gpu_check.py).
 gpu-check:
 	$(PY) -m bench.gpu_check --out "$${OUT:-gpu-results}"
+
+## image-check: the Dockerfile's install steps (its RUN pip/python lines) in a fresh virtualenv, no Docker
+## needed; fails unless it then holds exactly the locked versions, passes `pip check` and imports the stack
+## (cluster/image.py; it downloads and installs every locked package: 15-25 minutes on 2 cores).
+image-check: setup
+	nice $(BIN)/python -m cluster.image
 
 lint: setup
 	$(BIN)/ruff check .

@@ -24,28 +24,68 @@ from pathlib import Path
 
 from tuner.config import ConfigError, DataConfig, JobConfig, load_job_config, one_line, read_yaml
 
-# Modules that add their own sub-commands through `register(subparsers)`.
-COMMAND_MODULES = ["serving.cli", "cluster.jobs", "cluster.k8s", "cluster.plan", "cluster.tune"]
+# Sub-commands other modules add through `register(subparsers)`, and the line `promptfleet --help` lists
+# for each. A module is imported only to run (or show the --help of) one of its commands: several pull in
+# torch, transformers or Ray (seconds) that `--help`, `train`'s argument checks and `validate` do not need.
+# (tests/unit/test_cli_args.py checks these lines against each module's own.)
+COMMANDS = {
+    "serve": (
+        "serving.cli",
+        "serve every task of a prompt store from one backbone (OpenAI-compatible HTTP API)",
+    ),
+    "submit": ("cluster.jobs", "submit a training job to a Ray cluster (Ray Jobs API)"),
+    "jobs": ("cluster.jobs", "list, inspect, follow or stop Ray jobs"),
+    "k8s": ("cluster.k8s", "Kubernetes (KubeRay) manifests"),
+    "plan": ("cluster.plan", "per-device memory of a job on N nodes x D devices, and the settings to use"),
+    "tune": (
+        "cluster.tune",
+        "search job-level settings (prompt length, steps, batch) with Ray Tune, one Ray Train run per trial",
+    ),
+}
 
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_job_config(args.config, args.overrides)
-    if args.no_ray:
-        from cluster.launch import train_local
+    cfg.model.check_local_path()  # before torch, Ray or the model load (seconds to minutes)
+    from tuner.run_dir import released_on_failure
 
-        train_local(cfg)
-    else:
-        from cluster.launch import train_on_ray
+    with released_on_failure():  # a start that fails leaves no claimed run directory behind
+        if args.no_ray:
+            from cluster.launch import train_local
 
-        train_on_ray(cfg, address=args.address)
+            train_local(cfg)
+        else:
+            from cluster.launch import train_on_ray
+
+            train_on_ray(cfg, address=args.address)
     return 0
 
 
+def _eval_arguments(run_dir: str | None, overrides: list[str]) -> tuple[str | None, list[str]]:
+    """(run directory, overrides) from `eval`'s positionals, read as `train` reads them: a `key=value`
+    token is an override wherever it stands (argparse hands the first positional to `run_dir`, so
+    `eval --config CFG --zero-shot a=1` would take `a=1` for a directory), anything else is the one
+    run directory, which must exist."""
+    tokens = [run_dir] if run_dir else []
+    tokens += overrides
+    dirs = [t for t in tokens if "=" not in t or Path(t).is_dir()]
+    if len(dirs) > 1:
+        raise ConfigError(
+            f"eval: unexpected argument {dirs[1]!r}: give one run directory, then key=value overrides"
+        )
+    if dirs and not Path(dirs[0]).is_dir():
+        raise ConfigError(
+            f"eval: {dirs[0]!r} is not a run directory (no such directory); overrides look like key=value"
+        )
+    return (dirs[0] if dirs else None), [t for t in tokens if t not in dirs]
+
+
 def _eval(args: argparse.Namespace) -> int:
+    run_dir, overrides = _eval_arguments(args.run_dir, args.overrides)
     from tuner.evaluate_cli import evaluate_command, render_results
 
     results = evaluate_command(
-        run_dir=args.run_dir, config=args.config, overrides=args.overrides, zero_shot=args.zero_shot
+        run_dir=run_dir, config=args.config, overrides=overrides, zero_shot=args.zero_shot
     )
     # stdout carries one format: JSON alone with --json (pipe it to jq), else the table.
     print(json.dumps(results, indent=2, default=float) if args.json else render_results(results))
@@ -126,7 +166,9 @@ def _is_job(data: dict) -> bool:
     return votes["job"] > votes["task"]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `promptfleet` parser; of the other modules' sub-commands (`COMMANDS`) only `command`'s module is
+    imported and registers its real parser (None: every module), the others are listed by name and help."""
     parser = argparse.ArgumentParser(
         prog="promptfleet",
         description=__doc__.split("\n\n")[0],
@@ -176,19 +218,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="+", help="job and task YAML files")
     p.set_defaults(func=_validate)
 
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    modules = dict.fromkeys(m for m, _ in COMMANDS.values())
+    for module in modules if command is None else [COMMANDS[command][0]] if command in COMMANDS else []:
+        importlib.import_module(module).register(sub)
+    for name, (_, line) in COMMANDS.items():
+        if name not in sub.choices:
+            sub.add_parser(name, help=line, add_help=False)
     return parser
 
 
+def _command(argv: list[str]) -> str:
+    """The sub-command `argv` names (its first token that is not an option; "" if none)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     # Overrides may come before or after flags (`train cfg.yaml --no-ray a=1`): argparse stops the
     # positional list at the first flag, so collect stray key=value tokens ourselves.
     args, extra = parser.parse_known_args(argv)
     bad = [x for x in extra if "=" not in x or x.startswith("-")]
     if bad or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+        token = (bad or extra)[0]
+        print(
+            f"promptfleet: error: unrecognized argument {token!r}"
+            + ("" if token.startswith("-") else ": overrides look like key=value (e.g. optim.max_steps=20)"),
+            file=sys.stderr,
+        )
+        return 2
     if extra:
         args.overrides = list(args.overrides or []) + extra
     try:

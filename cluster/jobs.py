@@ -5,7 +5,9 @@
 
 `submit` checks the job config here (keys, types, task files), then hands Ray's job server an
 entrypoint `python -m cluster.cli train <config> <overrides> --address auto` with the project
-root as the runtime environment's `working_dir` (uploaded without .venv, runs, .git, caches).
+root as the runtime environment's `working_dir` (uploaded without .venv, runs, .git, caches; for
+a remote cluster, with the job's own files that are not in the project, see Paths). Ray's own log
+lines while it packages and uploads (a dozen INFO/WARNING lines) are kept off the console.
 The job's driver asks for no CPUs of its own (`--entrypoint-num-cpus`, default 0); its Ray Train
 workers ask for `cluster.num_workers` x (`cluster.cpus_per_worker` CPUs [+ 1 GPU]). Holding the
 workers' CPUs on the driver would starve its own workers, so jobs queue where Ray schedules the
@@ -19,11 +21,14 @@ depends on where the job server is (`submission_paths`):
 - a cluster on this machine (loopback address): absolute paths are passed as they are (e.g. data
   in ../shared/data), and a relative `output_dir` is made absolute here (the uploaded copy is
   temporary), unless `cluster.storage` is a shared path, under which the cluster puts it;
-- a remote cluster (any other address, or `--remote` for a tunnelled one such as
-  `kubectl port-forward`): the job may only name paths the cluster sees: inside the uploaded project or
-  under `cluster.storage` (a path mounted on every node). Any other file of this machine (config,
-  task file, data, local backbone, prompt.init_from, output_dir) is refused with one line saying how to fix it, and
-  a relative `output_dir` stays relative: the cluster puts it under `cluster.storage`.
+- a remote cluster (any other address, or `--remote` / `--cluster-root` for a tunnelled one such as
+  `kubectl port-forward`): the job names no path of this machine. Each file (config, task file,
+  data, local backbone, prompt.init_from) is read where the cluster has it: mapped by
+  `cluster.path_map`, inside the uploaded project, under `cluster.storage` (a path mounted on every
+  node), or beside the project on the cluster (`--cluster-root`); job and task YAMLs and small data
+  files only this machine has are uploaded with the job (`cluster.remote_paths`). Anything else is
+  refused with one line naming the file and how to fix it. A relative `output_dir` stays relative:
+  the cluster puts it under `cluster.storage`; an absolute one must be mapped or on the storage.
 
 Auth. Ray 2.60 clusters use token authentication by default; the token is sent as a bearer
 header (see `auth_headers`): `--token`, `RAY_AUTH_TOKEN`, `RAY_AUTH_TOKEN_PATH`, or for a cluster
@@ -37,35 +42,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import os
 import shlex
+import shutil
 import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
+from cluster.auth import is_local_address, ray_auth_token
+from cluster.remote_paths import EXCLUDES, ClusterView, job_files, plan_remote, stage_upload
 from cluster.storage import cluster_output_dir, storage_path
-from tuner.config import ConfigError, JobConfig, apply_overrides, load_job_config, read_yaml
-from tuner.tasks.spec import TaskSpec
+from tuner.config import ConfigError, JobConfig, load_job_config
 
-# Never uploaded: environments, outputs, VCS and caches (Ray also honours .gitignore).
-EXCLUDES = [
-    ".venv/",
-    "runs/",
-    ".git/",
-    "**/__pycache__/",
-    "*.egg-info/",
-    ".pytest_cache/",
-    ".ruff_cache/",
-    "bench/results/",
-    ".ci/",
-]
 # `promptfleet train` sets these through ray.init(runtime_env=...); Ray refuses a job env that sets them too.
 TRAIN_ENV_VARS = {"TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -88,6 +83,13 @@ class Submission:
     metadata: dict[str, str]
     entrypoint_num_cpus: float = 0.0
     notes: list[str] = field(default_factory=list)  # what the user should know (paths on the cluster)
+    staging: Path | None = None  # the working dir built for this job (project links + job files), if any
+
+    def discard(self) -> None:
+        """Remove the staged working dir (once Ray has uploaded it, or if the job is not submitted)."""
+        if self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
 
 
 def _inside(path: Path, root: Path) -> bool:
@@ -95,77 +97,54 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 @dataclass
-class JobFile:
-    """A file of this machine the job reads: what it is, where it is, and how its YAML names it."""
-
-    what: str  # e.g. "task sst2: data file"
-    path: Path  # resolved here
-    written: str  # as a YAML writes it (a relative one resolves against that YAML); "" if not from one
-
-
-def _job_files(config: Path, overrides: list[str], cfg: JobConfig) -> list[JobFile]:
-    """The config, its task files, their data, a local backbone and the run `prompt.init_from` names."""
-    raw_tasks = apply_overrides(read_yaml(config), list(overrides)).get("tasks") or []
-    files = [JobFile("config", config.resolve(), str(config))]
-    files += [JobFile("task file", Path(t), str(w)) for t, w in zip(cfg.tasks, raw_tasks)]
-    for t in cfg.tasks:
-        spec, raw = TaskSpec.load(t), read_yaml(t).get("data") or {}
-        if spec.data.format != "hub":
-            for key in ("train", "eval", "train_target", "eval_target"):
-                if getattr(spec.data, key):
-                    files.append(
-                        JobFile(f"task {spec.name}: data file", Path(getattr(spec.data, key)), raw[key])
-                    )
-    backbone = Path(cfg.model.name).expanduser()
-    if backbone.is_absolute() or backbone.exists():  # not the embedded default or a Hub id
-        files.append(JobFile("model.name", backbone.resolve(), cfg.model.name))
-    if cfg.prompt.init_from:  # a finished run directory (continual training)
-        files.append(JobFile("prompt.init_from", Path(cfg.prompt.init_from).expanduser().resolve(), ""))
-    return files
-
-
-@dataclass
 class SubmissionPaths:
-    """How a job's paths reach the cluster: the config's path there, extra overrides, notes for the user."""
+    """How a job's paths reach the cluster: the config's path there, extra overrides, notes for the user,
+    and the job's own files to upload beside the project (a remote cluster, `cluster.remote_paths`)."""
 
     config_arg: str
     overrides: list[str]
     notes: list[str]
+    uploads: dict[str, Path | str] = field(default_factory=dict)
 
 
 def submission_paths(
-    config: Path, overrides: list[str], cfg: JobConfig, root: Path, remote: bool
+    config: Path,
+    overrides: list[str],
+    cfg: JobConfig,
+    root: Path,
+    remote: bool,
+    cluster_root: str | None = None,
 ) -> SubmissionPaths:
     """Apply the path rule of the module docstring; `ConfigError` names a path a remote cluster cannot see."""
-    files = _job_files(config, overrides, cfg)
     storage = cfg.cluster.storage
     shared = storage_path(storage) if storage else None
-    shipped = _inside(config, root)
     if remote:
-        for f in files:
-            if _inside(f.path, root):
-                continue
-            if shared is None or not _inside(f.path, shared):
-                raise ConfigError(_unseen(f.what, f.path, root, shared))
-            if shipped and f.written and not Path(f.written).is_absolute():
-                raise ConfigError(
-                    f"{f.what} {f.written} lies outside the project, which is uploaded without it; "
-                    f"name it by its absolute path under cluster.storage={storage}"
-                )
-    notes, extra = [], []
-    if all(_inside(f.path, root) for f in files) or (remote and shipped):
-        config_arg = config.resolve().relative_to(root).as_posix()
+        plan = plan_remote(config, overrides, cfg, root, cluster_root)
+        config_arg, extra, notes = plan.config_arg, plan.overrides, plan.notes
+        view = ClusterView.for_job(config, cfg, root, cluster_root)
     else:
-        config_arg = str(config.resolve())
-        if not remote:
+        files = job_files(config, overrides, cfg)
+        extra, notes, view = [], [], None
+        if all(_inside(f.path, root) for f in files):
+            config_arg = config.resolve().relative_to(root).as_posix()
+        else:
+            config_arg = str(config.resolve())
             notes.append(
                 f"the config or its data lie outside {root}: the cluster reads {config_arg} and its "
                 "data at these absolute paths"
             )
     out = Path(cfg.output_dir).expanduser()
-    if out.is_absolute():
+    mapped = view.mapped(out) if view is not None and out.is_absolute() else None
+    if mapped is not None:
+        extra.append(f"output_dir={mapped}")
+        notes.append(f"outputs go to {mapped}/{cfg.name} on the cluster")
+    elif out.is_absolute():
         if remote and shared is not None and not _inside(out, shared):
-            raise ConfigError(_unseen("output_dir", out, root, shared))
+            raise ConfigError(
+                f"output_dir {out} is on this machine only, the cluster cannot write it: map it "
+                f"(cluster.path_map={{{out}: <path on the cluster>}}), or name a path under "
+                f"cluster.storage={shared}, or a relative one (it lies under the storage)"
+            )
         if remote and shared is None:
             notes.append(f"outputs go to {out}/{cfg.name} on the filesystem of the cluster's rank-0 node")
     elif shared is not None:  # the cluster's driver puts it under the shared storage
@@ -179,21 +158,9 @@ def submission_paths(
         extra.append(f"output_dir={out.resolve()}")
         notes.append(f"outputs go to {out.resolve()}/{cfg.name} on the cluster's filesystem")
     init_from = Path(cfg.prompt.init_from).expanduser()
-    if cfg.prompt.init_from and not init_from.is_absolute():  # the job's working dir is the upload
+    if not remote and cfg.prompt.init_from and not init_from.is_absolute():  # the working dir is the upload
         extra.append(f"prompt.init_from={init_from.resolve()}")
-    return SubmissionPaths(config_arg, extra, notes)
-
-
-def _unseen(what: str, path: Path, root: Path, shared: Path | None) -> str:
-    where = (
-        f"under cluster.storage={shared}"
-        if shared
-        else "on a filesystem every node mounts (cluster.storage=<its path>)"
-    )
-    return (
-        f"{what} {path} is on this machine only, the cluster cannot read it: put it in the project "
-        f"({root}, uploaded with the job) or {where}"
-    )
+    return SubmissionPaths(config_arg, extra, notes, plan.uploads if remote else {})
 
 
 def build_submission(
@@ -205,21 +172,24 @@ def build_submission(
     submission_id: str | None = None,
     entrypoint_num_cpus: float = 0.0,
     remote: bool = False,
+    cluster_root: str | None = None,
 ) -> Submission:
     """Check the job config and turn it into a Ray job (entrypoint, runtime env, metadata).
 
-    `remote`: the job server is on another machine, so only paths it can see are allowed (see
-    `submission_paths`).
+    `remote`: the job server is on another machine, so the job's paths are mapped, uploaded or
+    refused (see `submission_paths`); `cluster_root`: where the project lives on that cluster. The
+    caller submits the result with `submit` (which removes its staged working dir) or `discard`s it.
     """
     root = (root or project_root()).resolve()
     config = Path(config)
     cfg = load_job_config(config, overrides)  # strict keys and types, task files exist
-    paths = submission_paths(config, overrides, cfg, root, remote)
-    config_arg, overrides, notes = paths.config_arg, [*overrides, *paths.overrides], paths.notes
     clash = sorted(TRAIN_ENV_VARS & set(env or {}))
     if clash:
         raise ConfigError(f"--env {clash[0]} is set by `promptfleet train` itself; leave it out")
-    runtime_env: dict = {"working_dir": str(root), "excludes": EXCLUDES}
+    paths = submission_paths(config, overrides, cfg, root, remote, cluster_root)
+    config_arg, overrides, notes = paths.config_arg, [*overrides, *paths.overrides], paths.notes
+    staging = stage_upload(root, paths.uploads) if paths.uploads else None
+    runtime_env: dict = {"working_dir": str(staging or root), "excludes": EXCLUDES}
     if env:
         runtime_env["env_vars"] = dict(env)
     c = cfg.cluster
@@ -234,27 +204,18 @@ def build_submission(
         "use_gpu": str(c.use_gpu).lower(),
     }
     sid = submission_id or f"promptfleet-{cfg.name}-{uuid.uuid4().hex[:8]}"
-    return Submission(sid, entrypoint, runtime_env, metadata, entrypoint_num_cpus, notes)
+    return Submission(sid, entrypoint, runtime_env, metadata, entrypoint_num_cpus, notes, staging)
 
 
 # ---------------------------------------------------------------------------------------- client
 
 
 def auth_headers(token: str | None = None, address: str = "") -> dict[str, str]:
-    """Bearer header for Ray token auth ({} when no token is known).
-
-    From `token`, RAY_AUTH_TOKEN or the file named by RAY_AUTH_TOKEN_PATH; for a cluster on this
-    machine (loopback address) also ~/.ray/auth_token, which `ray start` writes. That local file
-    is never sent to a remote address unless RAY_AUTH_MODE=token says so (Ray's own loader).
-    """
-    token = token or os.environ.get("RAY_AUTH_TOKEN")
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if not token and path:
-        token = Path(path).expanduser().read_text()
-    local = Path.home() / ".ray" / "auth_token"
-    if not token and is_local_address(address) and local.is_file():
-        token = local.read_text()
-    return {"Authorization": f"Bearer {token.strip()}"} if token and token.strip() else {}
+    """Bearer header for Ray token auth ({} when no token is known): the token `cluster.auth.ray_auth_token`
+    finds (`token`, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token for a cluster on this machine),
+    the same one `promptfleet train --address` joins with."""
+    token = ray_auth_token(token, address)
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def job_server_address(address: str | None = None) -> str:
@@ -265,11 +226,6 @@ def job_server_address(address: str | None = None) -> str:
         or _http_address(os.environ.get("RAY_ADDRESS"))
         or DEFAULT_ADDRESS
     )
-
-
-def is_local_address(address: str) -> bool:
-    """Whether a job server URL points at this machine (loopback): then it sees this machine's files."""
-    return urlparse(address).hostname in LOOPBACK
 
 
 def connect(address: str | None = None, token: str | None = None):
@@ -328,7 +284,8 @@ def follow_logs(client, job_id: str, out=None) -> str:
             out.write(chunk)
             out.flush()
 
-    asyncio.run(tail())
+    with _quiet_ray_client():  # (its "WebSocket closed" INFO line at the end)
+        asyncio.run(tail())
     return wait_for(client, job_id)
 
 
@@ -342,24 +299,46 @@ def wait_for(client, job_id: str, timeout_s: float | None = None, poll_s: float 
         time.sleep(poll_s)
 
 
+@contextlib.contextmanager
+def _quiet_ray_client():
+    """Ray's logger at ERROR for the block: packaging the working dir logs a dozen INFO/WARNING lines
+    (each .gitignore it honours, the default excludes, the upload) that say nothing the user asked."""
+    names = ["ray"] + [n for n in logging.root.manager.loggerDict if n.startswith("ray.")]
+    loggers = [logging.getLogger(n) for n in names]
+    loggers = [x for x in loggers if x.name == "ray" or x.level != logging.NOTSET]  # with their own level
+    levels = [x.level for x in loggers]
+    for x in loggers:
+        x.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for x, level in zip(loggers, levels):
+            x.setLevel(level)
+
+
 def submit(client, sub: Submission, agent_wait_s: float = 60.0) -> str:
-    """Submit `sub`; returns the job id. Retries while the head's job agent is still starting."""
+    """Submit `sub`; returns the job id. Retries while the head's job agent is still starting. The
+    staged working dir (if any) is uploaded by then, and removed."""
     deadline = time.monotonic() + agent_wait_s
-    while True:
-        try:
-            return _call(
-                client.submit_job,
-                entrypoint=sub.entrypoint,
-                runtime_env=sub.runtime_env,
-                metadata=sub.metadata,
-                submission_id=sub.submission_id,
-                entrypoint_num_cpus=sub.entrypoint_num_cpus,
-            )
-        except RuntimeError as e:
-            # A freshly started head answers 500 "No available agent" for a few seconds.
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(2)
+    try:
+        while True:
+            try:
+                with _quiet_ray_client():
+                    return _call(
+                        client.submit_job,
+                        entrypoint=sub.entrypoint,
+                        runtime_env=sub.runtime_env,
+                        metadata=sub.metadata,
+                        submission_id=sub.submission_id,
+                        entrypoint_num_cpus=sub.entrypoint_num_cpus,
+                    )
+            except RuntimeError as e:
+                # A freshly started head answers 500 "No available agent" for a few seconds.
+                if "No available agent" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
+    finally:
+        sub.discard()
 
 
 # ---------------------------------------------------------------------------------------- commands
@@ -373,10 +352,15 @@ def _submit(args: argparse.Namespace) -> int:
         env=env,
         submission_id=args.submission_id,
         entrypoint_num_cpus=args.entrypoint_num_cpus,
-        remote=args.remote or not is_local_address(job_server_address(args.address)),
+        remote=bool(args.remote or args.cluster_root)
+        or not is_local_address(job_server_address(args.address)),
+        cluster_root=args.cluster_root,
     )
-    client = connect(args.address, args.token)
-    job_id = submit(client, sub)
+    try:
+        client = connect(args.address, args.token)
+        job_id = submit(client, sub)
+    finally:
+        sub.discard()
     for note in sub.notes:
         print(f"note: {note}", file=sys.stderr)
     print(job_id)
@@ -464,7 +448,14 @@ def register(subparsers) -> None:
         "--remote",
         action="store_true",
         help="the cluster is another machine although its address is local (kubectl port-forward, an SSH "
-        "tunnel): allow only paths it can see (the project, cluster.storage)",
+        "tunnel): map, upload or refuse this machine's paths as for any remote cluster",
+    )
+    p.add_argument(
+        "--cluster-root",
+        default=None,
+        metavar="DIR",
+        help="where the project lives on the cluster (e.g. /workspace/promptfleet in the image): files beside "
+        "the project here (../shared/data) are read at the same place beside DIR (implies --remote)",
     )
     p.add_argument(
         "--entrypoint-num-cpus",

@@ -10,25 +10,32 @@ that replaces a lost one reads them (module `cluster.storage`). Rank 0 also send
 evaluation's record to the driver through a Ray queue (an actor on the driver's node; a worker that
 finds it gone trains on without it): the driver draws the one progress bar and
 prints the final table; workers print nothing of their own, and Ray's own INFO lines are turned
-off through Ray's logging configuration.
+off through Ray's logging configuration. A lost worker group is one driver line, and the run's
+summary records each restart (`cluster.recovery`); the new group reads its checkpoint in place on
+shared storage, so the "resumed from" line names the checkpoint, not a download of it. Joining a
+cluster (`--address`) uses the auth token `promptfleet submit` would (`cluster.auth`).
 
 `train_local(cfg)` runs the same recipe in this process (one rank, no Ray), for debugging and
 benchmarks. Both export Prometheus metrics (`cluster.metrics`) on `cluster.metrics_port` when it is
-set (on rank 0 under Ray).
+set. Under Ray the driver serves them, from rank 0's step, checkpoint and resume records on the same
+queue: the driver is one process at one address for the whole run (the head pod, for a submitted job
+or a RayJob), where rank 0 lands on whichever worker Ray picks and dies with its group. Only a
+`promptfleet tune` trial, which has no driver queue, serves them from its rank 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 from cluster.storage import cluster_output_dir, ray_train_storage
-from tuner.config import JobConfig, from_dict, to_dict
+from tuner.config import ConfigError, JobConfig, from_dict, to_dict
 from tuner.job import prepare_job
-from tuner.metrics import EvalPoint, EvalProgress, StepMetrics
+from tuner.metrics import CheckpointRecord, EvalPoint, EvalProgress, StepMetrics
 from tuner.progress import EvalBarFromRecords, describe_eval, step_postfix
 from tuner.recipe import RecipeHooks, run
 from tuner.report import SUMMARY_FILE, RunSummary, read_summary, summary_table
@@ -57,11 +64,14 @@ def _worker(config: dict) -> None:
 
     _quiet_deepspeed()
     progress = _ToDriver(config.pop("_progress", None))  # rank 0's records and log lines to the driver
+    ledger = config.pop("_ledger", None)  # the driver's `RestartLedger` (None: a tune trial)
     tune = config.pop("_tune", False)  # a `promptfleet tune` trial: evaluations are reported to Ray Tune
     cfg = from_dict(JobConfig, config)
     rank0 = ray.train.get_context().get_world_rank() == 0
-    metrics_server = None
-    if cfg.cluster.metrics_port and rank0:
+    ledger = ledger if rank0 else None
+    resumed: _ResumePoint | None = None  # the checkpoint this group resumes from (set below)
+    metrics_server = None  # the driver serves the metrics; a tune trial (no queue to it) serves its own
+    if cfg.cluster.metrics_port and rank0 and progress.queue is None:
         from cluster.metrics import TrainingMetrics
 
         metrics_server = TrainingMetrics.start(cfg.cluster.metrics_port)
@@ -71,6 +81,8 @@ def _worker(config: dict) -> None:
             metrics_server.on_step(metrics)
         if rank0:
             progress.put(("step", asdict(metrics)))
+        if ledger is not None:
+            ledger.at_step.remote(metrics.step)  # fire and forget: how far this group got, if it is lost
 
     def on_eval(point: EvalPoint) -> None:
         if rank0:
@@ -83,8 +95,12 @@ def _worker(config: dict) -> None:
         ray.train.report(asdict(record), checkpoint=checkpoint)
         if metrics_server is not None:
             metrics_server.on_checkpoint(record)
+        if rank0:
+            progress.put(("checkpoint", asdict(record)))  # for the driver's metrics
 
     def on_message(line: str) -> None:
+        if resumed is not None and resumed.local != resumed.uri:  # name the checkpoint, not its download
+            line = line.replace(resumed.local, resumed.uri)
         progress.put(("log", line))
 
     def on_eval_progress(record: EvalProgress) -> None:  # the recipe calls it on rank 0 only
@@ -97,14 +113,55 @@ def _worker(config: dict) -> None:
         on_message=on_message,
         on_eval_progress=on_eval_progress,
     )
-    restored = ray.train.get_checkpoint()
-    with tempfile.TemporaryDirectory() as tmp:
+    restored = ray.train.get_checkpoint()  # set when Ray Train replaced a lost worker group
+    with restored.as_directory() if restored is not None else contextlib.nullcontext() as local:
         if restored is not None:
             cfg.resume = True  # a replaced worker group resumes its own run dir even when resume=false
-            hooks.resume_from = Path(restored.to_directory(tmp))
+            hooks.resume_from = Path(local)  # on shared storage: read in place (a URI: a download)
+        resumed = _resume_point(cfg, restored, local)
+        if ledger is not None:
+            hooks.restarts = _check_in(ledger, resumed)
+        if resumed is not None:
+            restarts = len(hooks.restarts) if ledger is not None else int(restored is not None)
             if metrics_server is not None:
-                metrics_server.on_restart()
+                metrics_server.on_restart(resumed.step, restarts)
+            if rank0:  # the driver's metrics: step and checkpoint step where this group resumes
+                progress.put(("resumed", {"step": resumed.step, "restarts": restarts}))
         run(cfg, hooks, progress=False)
+
+
+@dataclass
+class _ResumePoint:
+    """The checkpoint a worker group resumes from: its step, where it persists, where it is read."""
+
+    step: int
+    uri: str  # where it persists: Ray Train's storage (a shared path, or a URI), or the run directory
+    local: str  # the directory read: `uri` itself on a shared filesystem, else a temporary download
+
+
+def _resume_point(cfg: JobConfig, restored, local: str | None) -> _ResumePoint | None:
+    """Ray Train's checkpoint (a replaced group), else with `resume` the run directory's newest, which the
+    recipe resumes from by itself (`cluster.recovery.resume_target` says the same on the driver)."""
+    from cluster.recovery import checkpoint_uri, run_dir_checkpoint
+    from tuner.checkpoint import read_state
+
+    if restored is not None:
+        return _ResumePoint(read_state(local).step, checkpoint_uri(restored), str(local))
+    found = run_dir_checkpoint(Path(cfg.output_dir).resolve() / cfg.name) if cfg.resume else None
+    return _ResumePoint(found[0], found[1], found[1]) if found else None
+
+
+def _check_in(ledger, resumed: _ResumePoint | None) -> list:
+    """Rank 0 of a new worker group checks in with the driver's `RestartLedger`: every restart so far."""
+    import ray
+    from ray.exceptions import RayError
+
+    step, uri = (resumed.step, resumed.uri) if resumed is not None else (0, "")
+    try:
+        return ray.get(ledger.group_started.remote(step, uri), timeout=60)
+    except RayError as e:  # the driver's node is gone: train on, the summary just lacks the restarts
+        print(f"promptfleet: the driver's restart ledger is gone ({e!r:.200})", file=sys.stderr)
+        return []
 
 
 class _ToDriver:
@@ -134,10 +191,11 @@ class _ToDriver:
 
 
 class _DriverProgress:
-    """The driver's progress bar, fed by rank 0's step and eval records through a Ray queue."""
+    """The driver's progress bar and training metrics, fed by rank 0's records through a Ray queue."""
 
-    def __init__(self, queue, total: int, show: bool):
+    def __init__(self, queue, total: int, show: bool, metrics=None):
         self.queue, self.total, self.show = queue, total, show
+        self.metrics = metrics  # the driver's `cluster.metrics.TrainingMetrics` (None: not served)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="promptfleet-progress", daemon=True)
         self.bar = None
@@ -177,6 +235,10 @@ class _DriverProgress:
         except (Empty, Exception):  # noqa: BLE001 - the queue's actor may be gone at shutdown
             pass  # show what did arrive
         for kind, record in items:
+            if self.metrics is not None:
+                self._record_metrics(kind, record)
+            if kind in ("checkpoint", "resumed"):  # for the metrics only
+                continue
             if kind == "log":  # rank 0's console lines (e.g. "resumed from ..."): always shown
                 (self.bar.write if self.bar is not None else print)(record)
                 continue
@@ -195,6 +257,15 @@ class _DriverProgress:
             else:
                 self.bar.write(describe_eval(EvalPoint(**record)))
 
+    def _record_metrics(self, kind: str, record) -> None:
+        """Rank 0's record into the driver's metrics: the values rank 0 itself recorded before."""
+        if kind == "step":
+            self.metrics.on_step(StepMetrics(**record))
+        elif kind == "checkpoint":
+            self.metrics.on_checkpoint(CheckpointRecord(**record))
+        elif kind == "resumed":
+            self.metrics.on_restart(record["step"], record["restarts"])
+
 
 def mean_score(scores: dict[str, float]) -> float:
     """The headline number of a run: the mean over tasks of their scores."""
@@ -211,7 +282,13 @@ def init_ray(cfg: JobConfig, address: str | None = None) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the driver too (it converts the backbone)
     c = cfg.cluster
     address = address or c.address or os.environ.get("RAY_ADDRESS") or None
-    if not ray.is_initialized():
+    if ray.is_initialized():
+        return
+    if address:  # joining a cluster: with the token `promptfleet submit` would send (cluster.auth)
+        from cluster.auth import enable_token_auth
+
+        enable_token_auth(address)
+    try:
         # Ray's logging configuration: its own INFO/WARNING lines (token auth, accelerator set-up) and the
         # workers' console output stay in Ray's log files (`cluster.worker_logs=true` forwards the latter).
         # Progress reaches the driver through the queue below; a worker's error still ends `fit()` with it.
@@ -221,6 +298,16 @@ def init_ray(cfg: JobConfig, address: str | None = None) -> None:
             logging_config=ray.LoggingConfig(log_level="ERROR"),
             runtime_env={"env_vars": env},
         )
+    except (ConnectionError, RuntimeError) as e:
+        from cluster.auth import auth_failure_message, is_auth_failure
+
+        if not is_auth_failure(e):
+            raise
+        raise ConfigError(auth_failure_message(address)) from None
+    if not c.worker_logs:  # a crashed raylet's log dump: in its node's raylet.out, not on the console
+        from cluster.recovery import keep_raylet_dumps_off_console
+
+        keep_raylet_dumps_off_console()
 
 
 def make_trainer(cfg: JobConfig, loop_config: dict, callbacks: list | None = None):
@@ -251,7 +338,10 @@ def make_trainer(cfg: JobConfig, loop_config: dict, callbacks: list | None = Non
 
 def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = True) -> RunSummary | None:
     """Run `cfg` on Ray Train; returns the run summary written by rank 0 (None if it wrote none)."""
+    import ray
     from ray.util.queue import Queue
+
+    from cluster.recovery import RestartLedger, WorkerGroupWatch
 
     # A relative output_dir lies on the cluster's shared storage when there is one (see cluster.storage).
     cfg.output_dir = cluster_output_dir(cfg.output_dir, cfg.cluster.storage)
@@ -259,9 +349,22 @@ def train_on_ray(cfg: JobConfig, address: str | None = None, progress: bool = Tr
     cfg = job.cfg
     init_ray(cfg, address)
     queue = Queue(actor_options=driver_node_actor())
-    trainer = make_trainer(cfg, {"_progress": queue})
-    with _DriverProgress(queue, cfg.optim.max_steps, show=progress):
-        trainer.fit()
+    # Where a lost worker group is explained: the ledger (restarts, for the summary) and one console line.
+    c = cfg.cluster
+    ledger = ray.remote(RestartLedger).options(**driver_node_actor()).remote(c.num_workers)
+    watch = WorkerGroupWatch(queue, c.num_workers, c.max_failures, str(job.run_dir), cfg.resume)
+    trainer = make_trainer(cfg, {"_progress": queue, "_ledger": ledger}, callbacks=[watch])
+    metrics = None
+    if c.metrics_port:  # served here, on the driver (see the module docstring)
+        from cluster.metrics import TrainingMetrics
+
+        metrics = TrainingMetrics.start(c.metrics_port)
+    try:
+        with _DriverProgress(queue, cfg.optim.max_steps, show=progress, metrics=metrics):
+            trainer.fit()
+    finally:
+        if metrics is not None:
+            metrics.stop()
     summary = read_summary(job.run_dir) if (job.run_dir / SUMMARY_FILE).is_file() else None
     if progress and summary:
         print_outcome(summary, job.run_dir)

@@ -1,18 +1,24 @@
-"""Prometheus metrics of a training job, served over HTTP by rank 0.
+"""Prometheus metrics of a training job, served over HTTP by the process that runs the job.
 
 `TrainingMetrics.start(port)` opens a scrape endpoint (`/metrics`) in a background thread and
-returns the recorder that `cluster.launch` feeds from the recipe's hooks: `on_step` (loss,
-per-task loss, learning rate, tokens, step time), `on_checkpoint` (checkpoint time and step)
-and `on_restart` (the worker group was replaced and this process resumed from a checkpoint).
+returns the recorder that `cluster.launch` feeds: `on_step` (loss, per-task loss, learning rate,
+tokens, step time), `on_checkpoint` (checkpoint time and step) and `on_restart` (a worker group
+resumed from a checkpoint: `step` is set to the checkpoint's step, not 0).
 The series live in a registry of their own, so several recorders in one process never clash.
+
+Who serves them: on Ray, the driver (`cluster.launch.train_on_ray`), fed with rank 0's step,
+checkpoint and resume records through its progress queue. The driver is one process that outlives
+every worker group (for a submitted job or a KubeRay RayJob it runs on the head pod), so the endpoint
+has one fixed address that `k8s/monitoring.yaml` scrapes, and a lost worker group does not take the
+series with it: `step` holds its value until the new group resumes. With `--no-ray` the single
+training process serves them itself.
 
 Series (all prefixed `promptfleet_train_`): `step`, `loss`, `task_loss{task}`, `learning_rate`,
 `tokens_total`, `tokens_per_second`, `step_seconds` (histogram), `checkpoint_seconds`
 (histogram), `last_checkpoint_step`, `restarts_total`. `task_loss` has one series per task seen
 in a batch, so very large task counts mean as many series; the dashboard aggregates them.
 
-It does not decide which rank exports (the launcher starts it on rank 0 only), and a port that
-cannot be opened only logs a warning: metrics must never stop a training run.
+A port that cannot be opened only logs a warning: metrics must never stop a training run.
 """
 
 from __future__ import annotations
@@ -61,11 +67,8 @@ class TrainingMetrics:
         self.last_checkpoint_step = Gauge(
             PREFIX + "last_checkpoint_step", "Step of the newest checkpoint.", registry=r
         )
-        self.restarts = Counter(
-            PREFIX + "restarts",
-            "Times this process started by resuming a replaced worker group from a checkpoint.",
-            registry=r,
-        )
+        self.restarts = Counter(PREFIX + "restarts", "Worker groups the run lost and replaced.", registry=r)
+        self._restarts = 0  # what `restarts` counts (a Counter's value is not public)
 
     @classmethod
     def start(cls, port: int, addr: str = "0.0.0.0") -> TrainingMetrics:
@@ -78,7 +81,7 @@ class TrainingMetrics:
         try:
             self.server = start_http_server(port, addr=addr, registry=self.registry)
         except OSError as e:
-            # e.g. the previous worker group's rank 0 still holds the port: keep training without metrics.
+            # e.g. another job's driver on this node holds the port: keep training without metrics.
             log.warning(
                 "training metrics: cannot listen on %s:%d (%s); continuing without them", addr, port, e
             )
@@ -110,5 +113,14 @@ class TrainingMetrics:
         self.checkpoint_seconds.observe(record.checkpoint_time_s)
         self.last_checkpoint_step.set(record.step)
 
-    def on_restart(self) -> None:
-        self.restarts.inc()
+    def on_restart(self, step: int | None = None, restarts: int = 1) -> None:
+        """A worker group resumes from the checkpoint of `step`; the run has been restarted `restarts`
+        times in all. `step` and the checkpoint step are set to where training resumes (not 0, nor the
+        lost group's last step, until its first step); the counter is raised to the run's total, so the
+        same total told twice (or by a fresh process) counts each restart once."""
+        if step is not None:
+            self.step.set(step)
+            self.last_checkpoint_step.set(step)
+        if restarts > self._restarts:
+            self.restarts.inc(restarts - self._restarts)
+            self._restarts = restarts

@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import asdict
 
+from cluster import plan_serving
+from tuner.config import ConfigError
 from tuner.model.memory import DTYPE_BYTES, GB, MemoryEstimate, Workload, estimate, load_shape
 from tuner.model.zero import ZeroChoice, choose_zero
 
@@ -27,10 +30,13 @@ def plan(args: argparse.Namespace) -> tuple[MemoryEstimate, ZeroChoice, int]:
     """(estimate, recommendation, budget in bytes) for the parsed `plan` arguments."""
     for name in ("nodes", "devices_per_node", "seq_len", "batch", "tasks", "virtual_tokens"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0 < args.memory_gb < math.inf:  # NaN fails this too
-        raise ValueError(f"--memory-gb must be a finite number > 0, got {args.memory_gb}")
-    shape = load_shape(args.backbone)
+        raise ConfigError(f"--memory-gb must be a finite number > 0, got {args.memory_gb}")
+    try:
+        shape = load_shape(args.backbone)
+    except ValueError as e:  # a bad backbone name is the user's input: one line, no exception type
+        raise ConfigError(str(e)) from None
     world = args.nodes * args.devices_per_node
     work = Workload(args.seq_len, args.batch, args.tasks, args.virtual_tokens, args.dtype)
     mem = estimate(shape, work, world)
@@ -84,13 +90,23 @@ def render(args: argparse.Namespace, mem: MemoryEstimate, choice: ZeroChoice, bu
 
 
 def _plan_command(args: argparse.Namespace) -> int:
+    # `plan` runs nothing on a device. The first `plan smollm2-135m` converts the embedded backbone, which
+    # imports DeepSpeed, and its accelerator probe would warn that it fell back to the CPU.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     mem, choice, budget = plan(args)
+    serving = plan_serving.resolve(args)  # None without --serve-ranks
     if args.json:
+        extra = {"serving": plan_serving.as_json(serving)} if serving else {}
         print(
-            json.dumps({"memory_bytes": asdict(mem), "recommended": asdict(choice), "budget_bytes": budget})
+            json.dumps(
+                {"memory_bytes": asdict(mem), "recommended": asdict(choice), "budget_bytes": budget, **extra}
+            )
         )
     else:
-        print(render(args, mem, choice, budget))
+        print(
+            render(args, mem, choice, budget)
+            + (f"\n\n{plan_serving.render(args, serving)}" if serving else "")
+        )
     return 0
 
 
@@ -119,4 +135,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="auto recommends it only when activations would not fit without it",
     )
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    plan_serving.add_arguments(p)
     p.set_defaults(func=_plan_command)

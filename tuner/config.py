@@ -11,6 +11,7 @@ how any section is built from YAML and checked is `tuner.schema`.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,19 @@ class ModelConfig:
         )
         check_positive("model.max_seq_len", self.max_seq_len)
 
+    def check_local_path(self) -> None:
+        """A `name` that is a path (starts with / . ~, or has a separator and is no Hub id `org/name`)
+        must be a directory here: one line now instead of a Hub error after the model starts loading.
+        Run where the job runs (not by `submit`: the cluster may hold paths this machine has not)."""
+        name = self.name.strip()
+        hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) and ".." not in name
+        if (name.startswith(("/", ".", "~")) or os.sep in name) and not hub_id:
+            if not Path(name).expanduser().is_dir():
+                raise ConfigError(
+                    f"model.name={name}: no such directory (a local backbone is a checkpoint directory; "
+                    "a Hub id looks like org/name)"
+                )
+
 
 @dataclass
 class PromptConfig:
@@ -78,10 +92,22 @@ class PromptConfig:
         "independent",
         "How task prompts are parameterised: independent (one free prompt per task), residual (each "
         "task's embedding through one shared MLP with a residual connection, Razdaibiedina et al. 2023) "
-        "or multitask (one shared prompt times a per-task rank-r factor, MPT, Wang et al. 2023).",
+        "or multitask (one shared prompt times a per-task rank-r factor, MPT, Wang et al. 2023), ulpt "
+        "(each task's prompt in r dimensions lifted by one fixed random projection, with a per-task "
+        "scale and shift, ULPT, Wu et al. 2025) or superpos (each prompt token a per-task mix of a fixed "
+        "sample of vocabulary embeddings, SuperPos-Prompt 2024); ulpt and superpos draw their fixed part "
+        "from data.seed and keep it in the checkpoint.",
     )
-    rank: int = documented(1, "multitask: rank r of each task's modulation u_k v_k^T (MPT uses 1).")
+    rank: int = documented(
+        0,
+        "multitask: rank r of each task's modulation u_k v_k^T; ulpt: the dimension r of each task's prompt. "
+        "0: the method's default (multitask 1 as MPT, ulpt 32: P*r + 2H per task, 0.16 of a free prompt's at "
+        "20 x 576).",
+    )
     bottleneck: int = documented(128, "residual: hidden width of the shared reparameterisation MLP.")
+    superpos_tokens: int = documented(
+        128, "superpos: m, the sampled vocabulary embeddings each prompt token mixes (the paper's 128)."
+    )
     shared_lr_scale: float = documented(
         1.0, "Learning rate of the shared parts (residual MLP, multitask prompt) as a multiple of optim.lr."
     )
@@ -96,16 +122,30 @@ class PromptConfig:
         "init=transfer: each new task starts from the init_from task whose prompt has the lowest "
         "zero-shot loss on this many of the new task's training examples.",
     )
+    transfer_check_steps: int = documented(
+        10,
+        "init=transfer: before training, each new task trains this many probe steps from the transferred "
+        "start and from its own (class-label) start and keeps the transferred one only if its held-out "
+        "loss is not worse (tuner/prompts/transfer_guard.py); 0 keeps every transferred start unchecked.",
+    )
+    transfer_heldout: int = documented(
+        32, "init=transfer: the held-out training examples (at most a quarter) the check scores on."
+    )
 
     def __post_init__(self) -> None:
         check_positive("prompt.num_virtual_tokens", self.num_virtual_tokens)
         check_choice("prompt.init", self.init, ("random", "vocab", "text", "class_labels", "transfer"))
         if self.init == "text" and not self.init_text:
             raise ConfigError("prompt.init=text needs prompt.init_text")
-        check_choice("prompt.method", self.method, ("independent", "residual", "multitask"))
+        check_choice(
+            "prompt.method", self.method, ("independent", "residual", "multitask", "ulpt", "superpos")
+        )
         check_positive("prompt.init_std", self.init_std)
-        check_positive("prompt.rank", self.rank)
+        check_non_negative("prompt.rank", self.rank)
         check_positive("prompt.bottleneck", self.bottleneck)
+        check_positive("prompt.superpos_tokens", self.superpos_tokens)
+        check_non_negative("prompt.transfer_check_steps", self.transfer_check_steps)
+        check_positive("prompt.transfer_heldout", self.transfer_heldout)
         check_positive("prompt.shared_lr_scale", self.shared_lr_scale)
         check_positive("prompt.transfer_examples", self.transfer_examples)
         if self.init == "transfer" and not self.init_from:
@@ -176,6 +216,11 @@ class DataConfig:
         "share a prompt copy and waste less padding; SDPA's span attention makes length free (eager "
         "attention pays a dense L x L mask).",
     )
+    prefetch: int = documented(
+        1,
+        "Steps whose batches are collated ahead in a background thread while the current step runs "
+        "(0: in the step). Identical results either way; takes host work off the device's critical path.",
+    )
     max_train_examples: int = documented(0, "Cap on train examples read per task (0 = all).")
     max_eval_examples: int = documented(200, "Eval examples per task (0 = the whole eval split).")
     seed: int = documented(0, "Seed for sampling, few-shot demonstrations and prompt init.")
@@ -184,6 +229,7 @@ class DataConfig:
         check_choice("data.mixing", self.mixing, ("proportional", "temperature", "uniform"))
         check_positive("data.temperature", self.temperature)
         check_positive("data.row_len", self.row_len)
+        check_non_negative("data.prefetch", self.prefetch)
         check_non_negative("data.max_train_examples", self.max_train_examples)
         check_non_negative("data.max_eval_examples", self.max_eval_examples)
 
@@ -251,11 +297,17 @@ class ClusterConfig:
         "file://...), or a URI Ray Train understands (s3://, gs://). Ray Train's checkpoints go there, and "
         "a relative output_dir lies under a path storage. Empty: both stay in the run dir (one machine).",
     )
-    metrics_port: int = documented(0, "Port for the training job's Prometheus metrics on rank 0 (0 = off).")
+    path_map: dict[str, str] = documented(
+        {},
+        "For `submit` to a remote cluster: where files of this machine are on the cluster, {path here (relative "
+        "to this job file, or absolute): absolute path there}, e.g. {../../shared/data: /workspace/shared/data}.",
+    )
+    metrics_port: int = documented(0, "Port of the job's Prometheus metrics, on the driver (0 = off).")
     worker_logs: bool = documented(
         False,
-        "Forward the Ray workers' stdout/stderr to the driver's console (off: they stay in Ray's session logs; "
-        "progress and errors reach the driver either way).",
+        "Forward the Ray workers' stdout/stderr and a crashed raylet's log dump to the driver's console "
+        "(off: they stay in Ray's session logs; progress, errors and a lost worker group's line reach it "
+        "either way).",
     )
 
     def __post_init__(self) -> None:
@@ -281,6 +333,11 @@ class ClusterConfig:
             raise ConfigError(
                 f"cluster.storage={self.storage!r}: must be an absolute path shared by the nodes, or a URI"
             )
+        for here, there in self.path_map.items():
+            if not str(here).strip() or not isinstance(there, str) or not there.startswith("/"):
+                raise ConfigError(
+                    f"cluster.path_map: {here!r}: {there!r}: map a path here to an absolute path on the cluster"
+                )
 
 
 @dataclass
@@ -303,6 +360,11 @@ class JobConfig:
     eval_every: int = documented(50, "Evaluate every N steps (0 = only at the end).")
     eval_zero_shot: bool = documented(True, "Also score the untuned backbone (zero-shot) for the report.")
     checkpoint_every: int = documented(50, "Write an atomic checkpoint every N steps (0 = only at the end).")
+    checkpoint_full_every: int = documented(
+        10,
+        "Every Nth checkpoint is a full snapshot; those between hold only the prompt rows, Adam moments and "
+        "sampler positions changed since the one before (1 = every checkpoint full). The final one is full.",
+    )
     log_every: int = documented(1, "Log metrics every N steps.")
     resume: bool = documented(
         True, "Resume from the newest complete checkpoint in the run directory if there is one."
@@ -323,6 +385,7 @@ class JobConfig:
         check_positive("log_every", self.log_every)
         check_non_negative("eval_every", self.eval_every)
         check_non_negative("checkpoint_every", self.checkpoint_every)
+        check_positive("checkpoint_full_every", self.checkpoint_full_every)
         self.search.check(self)  # refuses unknown or unsearchable keys and invalid values, in one line
 
     @property

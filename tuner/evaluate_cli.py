@@ -111,11 +111,18 @@ def evaluate_command(
     return out
 
 
+class _NotScored(float):
+    """The tuned score of a `--zero-shot` evaluation (none): a NaN that the table shows as "-"."""
+
+    def __format__(self, spec: str) -> str:
+        return "-"
+
+
 def render_results(results: dict) -> str:
-    """The table (tuned vs zero-shot) and per-label precision / recall / F1 lines."""
+    """The table (tuned vs zero-shot; "-" where a pass did not run) and per-label P / R / F1 lines."""
     lines = [
         render_table(
-            (n, t["metric"], t["zero_shot"].get("score"), t["tuned"].get("score", float("nan")))
+            (n, t["metric"], t["zero_shot"].get("score"), t["tuned"].get("score", _NotScored("nan")))
             for n, t in results["tasks"].items()
         )
     ]

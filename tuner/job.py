@@ -1,20 +1,22 @@
 """Job preparation: the one place a job's tasks are loaded and checked and its run directory claimed.
 
 `prepare_job(cfg)` loads every task file, checks its data files (each split's header or first
-rows must hold every field the task names, see `tuner.tasks.readers.check_columns`) and that task names are unique,
+rows must hold every field the task names, see `tuner.tasks.readers.check_columns`; a task family's
+table is read whole and every row checked, `tuner.tasks.family`) and that task names are unique,
 makes `output_dir` absolute (workers run in other directories) and returns a `PreparedJob`.
 `prepare_job(cfg, claim=True)` also claims the run directory (`tuner.run_dir`): the entry point
 that starts a run (the CLI's launcher, on the driver) does this exactly once; the recipe on each
 rank prepares the same job without claiming it. The embedded backbone is resolved (converted into
 the model cache) on the claiming process too, so workers never race to convert it.
 
-It reads no more than a few rows per file and loads no model weights (see `tuner.tasks.data`, `tuner.model.backbone`);
-the builders the recipe calls next read the rest of the config: `PreparedJob.load_data` (every task's
+It reads no more than a few rows per file (a family's table: all of it, once) and loads no model
+weights (see `tuner.tasks.data`, `tuner.model.backbone`); the builders the recipe calls next read the rest of the config: `PreparedJob.load_data` (every task's
 examples, tokenised), `PreparedJob.sampler` and `zero_setup` (how the backbone is laid out over the ranks).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from tuner.config import ConfigError, JobConfig, to_dict
 from tuner.run_dir import claim_run_dir, fingerprint
+from tuner.tasks.family import expand_family
 from tuner.tasks.readers import check_columns
 from tuner.tasks.spec import TaskSpec
 
@@ -67,15 +70,27 @@ class PreparedJob:
 
 
 def load_task_specs(task_files: list[str]) -> list[TaskSpec]:
-    """Load and check task files: data files exist and hold the fields the task names, names are unique."""
-    specs = [TaskSpec.load(p) for p in task_files]
-    names = [s.name for s in specs]
+    """Load and check task files: data files exist and hold the fields the task names, names are unique.
+
+    A family file (`family.id_column`, `tuner.tasks.family`) is every task of its table, each row checked.
+    """
+    files = [TaskSpec.load(p) for p in task_files]
+    names = [s.name for s in files]
     if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
+        dup = sorted(n for n, k in Counter(names).items() if k > 1)
         raise ConfigError(f"two task files define the same task name: {', '.join(dup)}")
-    for s in specs:
+    specs: list[TaskSpec] = []
+    for s in files:
+        if s.family.enabled:
+            specs += expand_family(s)  # reads the table once; checks files, header and every row
+            continue
         s.check_files()
         check_columns(s)
+        specs.append(s)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        dup = sorted(n for n, k in Counter(names).items() if k > 1)
+        raise ConfigError(f"two tasks of the job have the same name: {', '.join(dup[:5])}")
     return specs
 
 
@@ -92,6 +107,7 @@ def prepare_job(cfg: JobConfig, *, claim: bool = False) -> PreparedJob:
     if claim:
         from tuner.model.backbone import resolve_backbone
 
+        cfg.model.check_local_path()  # a missing local backbone: one line, before anything loads
         resolve_backbone(cfg.model.name)  # convert the embedded backbone once, here, before any worker
         claim_run_dir(job.run_dir, cfg.name, fingerprint(to_dict(cfg)), resume=cfg.resume)
     return job

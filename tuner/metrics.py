@@ -2,7 +2,8 @@
 
 `MultiTaskPromptTuningRecipe.train_step` returns a `StepMetrics`; evaluations during and after
 training become `EvalPoint`s (and, while they run, `EvalProgress` records); `RunHistory` keeps both and is what checkpoints store (as JSON), what
-the curves plot and what the summary averages. The Prometheus exporter (`cluster.metrics`), the
+the curves plot and what the summary averages. On Ray, each replaced worker group is a `RestartRecord`
+(`cluster.recovery` keeps them; the summary lists them). The Prometheus exporter (`cluster.metrics`), the
 plots (`tuner.plots`) and the driver's progress bar read these fields, never string keys.
 
 Nothing here computes metrics (see `tuner.evaluate`) or writes files (see `tuner.checkpoint`).
@@ -57,6 +58,28 @@ class CheckpointRecord:
 
     step: int
     checkpoint_time_s: float
+
+
+@dataclass
+class RestartRecord:
+    """A worker group Ray Train lost and replaced: how far it had got, and where its replacement resumed."""
+
+    lost_at_step: int  # the last step the lost group finished (as far as the driver's ledger heard)
+    resumed_step: int  # the checkpoint step the new group resumed from (0: none yet, it started over)
+    checkpoint: str  # that checkpoint's persistent path or URI (Ray Train's storage); "" for none
+    workers: int  # workers the new group needed
+
+    @property
+    def lost_steps(self) -> int:
+        """Steps the lost group had applied after its checkpoint: done again by the new group."""
+        return max(0, self.lost_at_step - self.resumed_step)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "lost_steps": self.lost_steps}
+
+    @classmethod
+    def from_json(cls, data: dict) -> RestartRecord:
+        return cls(data["lost_at_step"], data["resumed_step"], data["checkpoint"], data["workers"])
 
 
 @dataclass

@@ -30,6 +30,7 @@ It does not claim the run directory: the entry point does that once (`tuner.job.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -47,8 +48,9 @@ import torch.distributed as dist
 from tuner import checkpoint as ckpt
 from tuner.config import ConfigError, JobConfig, to_dict
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
+from tuner.fleet_summary import render_fleet_summary
 from tuner.job import prepare_job, zero_setup
-from tuner.metrics import CheckpointRecord, EvalPoint, EvalProgress, RunHistory, StepMetrics
+from tuner.metrics import CheckpointRecord, EvalPoint, EvalProgress, RestartRecord, RunHistory, StepMetrics
 from tuner.model.backbone import load_tokenizer, pick_attention, pick_dtype, resolve_backbone
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.model.zero import ZeroChoice, ZeroSettings, allreduce_rows_grad, world
@@ -58,9 +60,10 @@ from tuner.prompts.optim import lr_at
 from tuner.prompts.params import PromptParams
 from tuner.report import RunSummary, TaskSummary, collapse_warnings, render_report
 from tuner.run_dir import PREDICTIONS_DIR, mark_finished, write_predictions
-from tuner.tasks.batching import collate
 from tuner.tasks.data import TaskData
-from tuner.tasks.kinds import evaluate_task, kind_of
+from tuner.tasks.kinds import evaluate_tasks, kind_of
+from tuner.tasks.prefetch import draws_ahead, recipe_step_batches, split_micro_batches
+from tuner.zero_shot import zero_shot_scores
 
 if TYPE_CHECKING:
     from tuner.evaluate import TaskScores
@@ -84,6 +87,7 @@ class RecipeHooks:
     on_message: Callable[[str], None] | None = None  # rank 0's console lines (default: its stdout)
     on_eval_progress: Callable[[EvalProgress], None] | None = None  # rank 0, as an evaluation pass goes
     resume_from: Path | None = None  # a checkpoint directory to resume from (overrides the run dir's newest)
+    restarts: Sequence[RestartRecord] = ()  # worker groups lost before this one (Ray), for the summary
 
 
 @dataclass
@@ -142,6 +146,7 @@ class MultiTaskPromptTuningRecipe:
         self._zero = None  # the ZeRO set-up of a backbone setup() loaded
         # How setup() laid the backbone out over ranks, and why (None until then, or when handed in).
         self.backbone_layout: ZeroChoice | None = None
+        self.batches = None  # each step's micro-batches, built ahead (`tuner.tasks.prefetch`)
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -181,6 +186,7 @@ class MultiTaskPromptTuningRecipe:
         self._setup_prompts(rows, self.lm.backbone.config.hidden_size)
         torch.manual_seed(cfg.data.seed)
         self._resume()
+        self.batches = recipe_step_batches(self)
 
     def _load_backbone(self, path: str) -> PromptTunedLM:
         """The frozen backbone at `path`, replicated or ZeRO-3 partitioned over the ranks."""
@@ -268,7 +274,8 @@ class MultiTaskPromptTuningRecipe:
                 total=o.max_steps, initial=self.step, desc="prompt tuning", unit="step", dynamic_ncols=True
             )
         if self.step == 0 and cfg.eval_zero_shot:
-            zero = self._evaluate(tuned=False, what="zero-shot")
+            zero_pass = functools.partial(self._evaluate, False, "zero-shot")  # of the tasks not recorded
+            zero = zero_shot_scores(self.run_dir, self.tasks, cfg.model, zero_pass, write=self.is_main)
             if self.is_main:
                 write_predictions(self.run_dir / PREDICTIONS_DIR / "zero_shot", zero)
             # the history keeps the scores, not every example's prediction (a fleet's would not fit)
@@ -276,6 +283,8 @@ class MultiTaskPromptTuningRecipe:
                 n: s and dataclasses.replace(s, predictions=None) for n, s in zero.items()
             }
             self._record_eval(EvalPoint(0, self._scores(zero), zero_shot=True))
+        ahead = 0 if self.search_driver else cfg.data.prefetch  # a search's variants change between steps
+        self.batches.start(draws_ahead(self.sampler, o.max_steps - self.step), ahead)
         while self.step < o.max_steps:
             metrics = self.train_step(self.sampler.next_batch())
             if not math.isfinite(metrics.loss):  # the same all-reduced value on every rank
@@ -301,6 +310,7 @@ class MultiTaskPromptTuningRecipe:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        self.batches.close()
 
     def train_step(self, global_batch: GlobalBatch) -> StepMetrics:
         """One optimiser step on `global_batch` (identical on every rank); advances `self.step`."""
@@ -338,8 +348,7 @@ class MultiTaskPromptTuningRecipe:
         """`global_batch` cut into micro-batches (each drawn example once per live variant of its task,
         with a search) and each bank row's share of the step's loss."""
         o = self.cfg.optim
-        micro = len(global_batch) // o.grad_accum
-        micro_batches = [global_batch[m * micro : (m + 1) * micro] for m in range(o.grad_accum)]
+        micro_batches = split_micro_batches(global_batch, o.grad_accum)
         draws = [x for mb in micro_batches for x in mb]
         driver = self.search_driver
         scored = bool(driver) and driver.scores_forwards()
@@ -357,7 +366,8 @@ class MultiTaskPromptTuningRecipe:
             for t, i in global_batch:  # targets are never cut (`segment_layout`): count them here
                 task_tokens[t] += len(self._train_example(t, i).target_ids)
             per_token = torch.tensor([1.0 / max(task_tokens[n], 1) for n in names], device=self.device)
-        return StepPlan(micro_batches, draws, names, self.bank.rows_of(names), task_weight, per_token, scored)
+        rows = self.bank.rows_of(names).to(self.bank.device)  # now: scatter_ then uploads nothing (a sync)
+        return StepPlan(micro_batches, draws, names, rows, task_weight, per_token, scored)
 
     def _forward_backward(
         self, plan: StepPlan, task_params: torch.Tensor, shared: torch.Tensor | None
@@ -365,31 +375,21 @@ class MultiTaskPromptTuningRecipe:
         """Forward and backward this rank's shard of every micro-batch: gradients on `task_params` (and
         `shared`); per row (sum of losses, examples) on the device, text tokens, and the search's
         result per example where `plan.scored` (zeros but this rank's; empty otherwise)."""
-        pos = {n: i for i, n in enumerate(plan.names)}
         # per task: (sum of losses, examples), on the device: read back once per step, not per micro-batch
         loss_sum = torch.zeros(len(plan.names), 2, dtype=torch.float64, device=self.device)
         tokens = 0
         size = sum(len(mb) for mb in plan.micro_batches) if plan.scored else 0
         results = torch.zeros(size, dtype=torch.float64, device=self.device)
         offset = 0  # of the micro-batch in the global batch
-        for mb in plan.micro_batches:
-            shard = mb[self.rank :: self.world_size]
-            examples = [self._train_example(t, i) for t, i in shard]
-            batch = collate(
-                examples,
-                pos,
-                self.layout.P,
-                max_len=self.cfg.model.max_seq_len,
-                pad_id=self.tokenizer.pad_token_id,
-                packing=self.cfg.data.packing,
-                share_prompts=self.cfg.data.share_prompts and self.lm.supports_shared_prompts,
-                row_len=self.cfg.data.row_len,
-            ).to(self.device)
+        # collated ahead while the previous step ran (or here), already copied to the device
+        for mb, batch in zip(plan.micro_batches, self.batches.get(plan.micro_batches)):
+            examples = [self._train_example(t, i) for t, i in mb[self.rank :: self.world_size]]
             # Composed per micro-batch: backward frees the graph (independent: the leaf itself, no graph).
             prompts = self.layout.compose(task_params, shared)  # [U, P, H]
             if plan.per_token is not None:  # a segment's mean NLL x its targets / its task's targets
-                seg_targets = torch.bincount(batch.target_seg, minlength=batch.num_segments)
-                seg_weight = seg_targets.to(plan.per_token.dtype) * plan.per_token[batch.seg_task]
+                ones = torch.ones_like(batch.target_seg, dtype=plan.per_token.dtype)  # bincount reads back
+                seg_targets = ones.new_zeros(batch.num_segments).index_add_(0, batch.target_seg, ones)
+                seg_weight = seg_targets * plan.per_token[batch.seg_task]
             else:
                 seg_weight = plan.task_weight[batch.seg_task]
             out = self.lm(batch, prompts, seg_weight=seg_weight, return_logits=plan.scored)
@@ -427,19 +427,17 @@ class MultiTaskPromptTuningRecipe:
 
     # ------------------------------------------------------------------------------------ eval
 
-    def _evaluate(self, tuned: bool, what: str) -> dict[str, TaskScores | None]:
-        """Every task's scores under its prompt (`tuned`) or zero-shot: one evaluation pass, with a bar
-        called `what` whose time the training bar's rate leaves out."""
-        total = sum(len(t.eval) for t in self.tasks.values())
+    def _evaluate(self, tuned: bool, what: str, tasks: dict | None = None) -> dict[str, TaskScores | None]:
+        """Every task's (or `tasks`') scores under its prompt (`tuned`) or zero-shot: one evaluation pass,
+        with a bar called `what` whose time the training bar's rate leaves out."""
+        tasks = self.tasks if tasks is None else tasks
+        total = sum(len(t.eval) for t in tasks.values())
         report = self.hooks.on_eval_progress if self.is_main else None
-        out, lm, max_len = {}, self.lm, self.cfg.model.max_seq_len
+        # every task at once: a kind packs examples of many tasks into the same rows (`evaluate_tasks`)
+        prompts = {n: self.prompt(self.prompt_row(n)).to(self.device) for n in tasks} if tuned else None
         with EvalPass(what, total, show=self.progress, on_progress=report, training_bar=self._bar) as bar:
-            for name, data in self.tasks.items():
-                prompt = self.prompt(self.prompt_row(name)).to(self.device) if tuned else None
-                out[name] = evaluate_task(
-                    lm, self.tokenizer, data, prompt, max_len, self.device, progress=bar.advance
-                )
-        return out
+            args = (self.lm, self.tokenizer, tasks, prompts, self.cfg.model.max_seq_len, self.device)
+            return evaluate_tasks(*args, progress=bar.advance)
 
     @staticmethod
     def _scores(results: dict[str, TaskScores | None]) -> dict[str, float]:
@@ -468,6 +466,8 @@ class MultiTaskPromptTuningRecipe:
                 method=self.cfg.prompt.method,
                 shared=self.shared,
                 search=self.search_driver.to_json() if self.search_driver else None,
+                full_every=self.cfg.checkpoint_full_every,
+                final=self.step >= self.cfg.optim.max_steps,
             )
         if self.hooks.on_checkpoint:
             self.hooks.on_checkpoint(CheckpointRecord(self.step, time.perf_counter() - t0), path)
@@ -489,6 +489,7 @@ class MultiTaskPromptTuningRecipe:
             num_virtual_tokens=self.cfg.prompt.num_virtual_tokens,
             prompt_method=self.cfg.prompt.method,
             carried_tasks=sorted(self.source.adapters) if self.source else [],
+            restarts=list(self.hooks.restarts),
             tokens_per_s=self.history.mean_tokens_per_s(),
             evals=list(self.history.evals),
             tasks={
@@ -512,7 +513,7 @@ class MultiTaskPromptTuningRecipe:
             if self.source:
                 carry_adapters(self.source, self.run_dir / "adapters", self.lm.backbone.config)
             (self.run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2, default=float))
-            (self.run_dir / "report.md").write_text(render_report(summary))
+            (self.run_dir / "report.md").write_text(render_report(summary) + render_fleet_summary(summary))
             write_predictions(self.run_dir / PREDICTIONS_DIR / "tuned", final)
             for line in collapse_warnings(summary):
                 self._log(f"warning: {line}")
@@ -569,6 +570,8 @@ class MultiTaskPromptTuningRecipe:
 
     def cleanup(self) -> None:
         self._zero = None
+        if self.batches is not None:
+            self.batches.close()
 
     def _log(self, msg: str) -> None:
         if not self.is_main:

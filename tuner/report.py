@@ -6,6 +6,10 @@ reads a run back (`promptfleet eval`, Ray Tune trials, the launchers, the benchm
 they have always been (CI reads it as plain JSON); `from_json` also reads the summaries of earlier
 releases, which lack the keys added since.
 
+A run on Ray whose worker group was lost and replaced records each restart (`RestartRecord`: how far the
+lost group got, the checkpoint step and path the new one resumed from): `restarts`, `lost_steps` and
+`restart_log` in the file (absent when none), a **Restarts** table in the report.
+
 A classification task reports two macro-F1s (`tuner.evaluate.MACRO_F1_DEFINITIONS`): the summary
 holds their definitions under `metric_definitions` and the report states them beside the per-label
 table. A tuned classifier that gives one label to more than 90 % of its examples has collapsed onto
@@ -24,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.evaluate import MACRO_F1_DEFINITIONS, TaskScores
-from tuner.metrics import EvalPoint
+from tuner.metrics import EvalPoint, RestartRecord
 from tuner.search.report import render_search_report
 
 SUMMARY_FILE = "summary.json"  # in the run directory
@@ -71,6 +75,7 @@ class RunSummary:
     evals: list[EvalPoint] = field(default_factory=list)  # every evaluation's scores, by step
     search: dict | None = None  # per task, the in-batch search's variants and choice (search only)
     search_scoring_s: float | None = None  # wall time spent scoring variants since (re)start (search only)
+    restarts: list[RestartRecord] = field(default_factory=list)  # worker groups Ray Train lost and replaced
 
     def to_json(self) -> dict:
         """The dict `summary.json` holds, keys in the order the file has always had them."""
@@ -87,6 +92,10 @@ class RunSummary:
             "tasks": {n: t.to_json() for n, t in self.tasks.items()},
             "config": self.config,
         }
+        if self.restarts:  # worker groups lost and replaced; the steps they had applied past their checkpoint
+            out["restarts"] = len(self.restarts)
+            out["lost_steps"] = sum(r.lost_steps for r in self.restarts)
+            out["restart_log"] = [r.to_json() for r in self.restarts]
         if self.search is not None:
             out["search"] = self.search
         if self.search_scoring_s is not None:
@@ -118,6 +127,7 @@ class RunSummary:
             evals=[EvalPoint(**e) for e in data.get("evals", [])],
             search=data.get("search"),
             search_scoring_s=data.get("search_scoring_s"),
+            restarts=[RestartRecord.from_json(r) for r in data.get("restart_log", [])],
         )
 
     def tuned_scores(self) -> dict[str, float]:
@@ -193,6 +203,24 @@ def render_per_label(name: str, scores: TaskScores) -> list[str]:
     return [*parts, ""]
 
 
+def render_restarts(restarts: list[RestartRecord]) -> list[str]:
+    """The report's lines on lost worker groups (none for a run that lost none)."""
+    if not restarts:
+        return []
+    lost = sum(r.lost_steps for r in restarts)
+    parts = [
+        f"**Restarts**: Ray Train lost and replaced the worker group {len(restarts)} time(s); "
+        f"{lost} step(s) applied after the last checkpoint were lost and done again.",
+        "",
+        "| lost after step | resumed from step | steps done again | workers | checkpoint |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for r in restarts:
+        where = f"`{r.checkpoint}`" if r.checkpoint else "none (started over)"
+        parts.append(f"| {r.lost_at_step} | {r.resumed_step} | {r.lost_steps} | {r.workers} | {where} |")
+    return [*parts, ""]
+
+
 def render_report(summary: RunSummary) -> str:
     """`report.md`: the run's shape, the score table, warnings, per-label tables, and the search's report."""
     parts = [
@@ -204,6 +232,7 @@ def render_report(summary: RunSummary) -> str:
         summary_table(summary),
         "",
     ]
+    parts += render_restarts(summary.restarts)
     warnings = collapse_warnings(summary)
     if warnings:
         parts += ["**Warnings**", "", *(f"- {w}" for w in warnings), ""]

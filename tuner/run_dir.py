@@ -5,6 +5,13 @@ A run directory is resumed only by the job that created it: same name, tasks, ba
 prompt shape. A finished run or one written by a different job is refused with a clear message
 instead of being silently mixed into.
 
+A claim is kept only by a run that started: `released_on_failure()` wraps a start (the CLI's train
+command), and when the block fails before the run wrote its first checkpoint, the claims made
+inside it are rolled back and the run directory they created goes with them. So a start that
+fails (a bad model path, a missing data file on the cluster) never leaves `run.json` saying
+"running" and the corrected command is not refused as another job's. A run with a checkpoint
+keeps its claim: it is resumable.
+
 `predictions/<pass>/<task>.jsonl` holds one JSON object per eval example of one evaluation pass
 (`zero_shot` and `tuned` from training; `eval_tuned`, `eval_zero_shot` from `promptfleet eval`):
 input, references, output, correct, scores (`tuner.tasks.kinds.base.prediction`). Each file is
@@ -16,8 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,15 +37,32 @@ if TYPE_CHECKING:
 
 RUN_FILE = "run.json"
 PREDICTIONS_DIR = "predictions"  # predictions/<pass>/<task>.jsonl
+# Claims this process made of new run directories, with whether it created the directory: the claim
+# happens deep inside a launcher, the failure surfaces at the entry point (`released_on_failure`).
+_NEW_CLAIMS: list[tuple[Path, bool]] = []
+
+
+# Prompt fields added after runs were first fingerprinted, with their defaults: at the default they are
+# left out of the key, so a run directory written before they existed still resumes.
+_LATER_PROMPT_FIELDS = {"superpos_tokens": 128, "transfer_check_steps": 10, "transfer_heldout": 32}
 
 
 def fingerprint(job: dict[str, Any]) -> str:
     """What must match to resume a job (its config as a dict, `tuner.config.to_dict`): tasks, backbone,
-    prompt shape and data seed (not step counts)."""
+    prompt shape and data seed (not step counts). `prompt.rank=0` counts as the method's own rank
+    (the default before 0 meant that was 1)."""
+    from tuner.prompts.methods import DEFAULT_RANK
+
+    prompt = dict(job["prompt"])
+    for name, default in _LATER_PROMPT_FIELDS.items():
+        if prompt.get(name) == default:
+            del prompt[name]
+    if prompt.get("rank") == 0:
+        prompt["rank"] = DEFAULT_RANK.get(prompt.get("method"), 1)
     key = {
         "tasks": [Path(t).name for t in job["tasks"]],
         "model": job["model"]["name"],
-        "prompt": job["prompt"],
+        "prompt": prompt,
         "seed": job["data"]["seed"],
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -71,8 +97,38 @@ def claim_run_dir(run_dir: Path, name: str, fp: str, *, resume: bool) -> None:
         raise ConfigError(
             f"{run_dir} exists, is not empty and holds no run; pick another name= or output_dir="
         )
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     info_path.write_text(json.dumps({"name": name, "fingerprint": fp, "status": "running"}, indent=2))
+    _NEW_CLAIMS.append((run_dir, created))
+
+
+def has_started(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` wrote a checkpoint (`tuner.checkpoint`'s `step_*`): it can resume."""
+    return any((run_dir / "checkpoints").glob("step_*"))
+
+
+@contextmanager
+def released_on_failure() -> Iterator[None]:
+    """Roll back the run directories claimed inside the block if it fails before their run started:
+    the directory goes if the claim created it, else (it was empty) what the failed start put in it."""
+    first = len(_NEW_CLAIMS)
+    try:
+        yield
+    except BaseException:
+        for run_dir, created in _NEW_CLAIMS[first:]:
+            if (run_dir / RUN_FILE).is_file() and not has_started(run_dir):
+                if created:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                else:
+                    for child in run_dir.iterdir():
+                        if child.is_dir() and not child.is_symlink():
+                            shutil.rmtree(child, ignore_errors=True)
+                        else:
+                            child.unlink(missing_ok=True)
+        raise
+    finally:
+        del _NEW_CLAIMS[first:]
 
 
 def mark_finished(run_dir: Path) -> None:

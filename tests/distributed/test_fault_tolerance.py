@@ -201,6 +201,21 @@ def test_killed_worker_resumes_without_losing_or_repeating_steps(job, ray_cluste
     assert int(resumed[0]) % EVERY == 0 and int(resumed[0]) >= int(killed_after[-8:])
     assert applied_steps(run_dir) == list(range(1, STEPS + 1))
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    # One driver line for the lost group, naming the checkpoint the new one resumed from: Ray Train's
+    # committed copy (read in place, not a temporary download of it), or the run directory's own when
+    # Ray Train had not taken the first one in yet. Either persists inside the run directory.
+    (path,) = set(re.findall(r"resumed from (\S+) at step", text))
+    line = f"worker group lost: waiting for 2 workers; resuming from checkpoint step {resumed[0]} ({path})"
+    assert text.count("worker group lost") == text.count(line) == 1, text[-3000:]
+    assert Path(path).is_dir() and Path(path).is_relative_to(run_dir), path
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (restart,) = summary["restart_log"]
+    assert summary["restarts"] == 1
+    assert (restart["resumed_step"], restart["checkpoint"]) == (int(resumed[0]), path)
+    # The ledger heard every step the lost group finished; the new group did them again from its checkpoint.
+    assert restart["lost_at_step"] >= restart["resumed_step"]
+    assert summary["lost_steps"] == restart["lost_steps"]
+    assert f"| {restart['lost_at_step']} | {resumed[0]} |" in (run_dir / "report.md").read_text()
     ref = prompts(reference_run)
     for task, p in prompts(run_dir).items():
         torch.testing.assert_close(p, ref[task], rtol=0, atol=0)

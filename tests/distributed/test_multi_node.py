@@ -5,12 +5,17 @@ the job asks for 2 workers x 1 CPU, so each rank runs on its own node (checked f
 Checkpoints and outputs go to `cluster.storage`, a directory outside every node's temp dir, as
 shared storage would be on a real cluster; `output_dir` is relative, so outputs land under it.
 
-The node-loss run kills the node of one worker after a checkpoint was committed and joins a fresh
-node: Ray Train replaces the worker group, which resumes on the new node from the last checkpoint
-on the shared storage. As in `test_fault_tolerance.py`, "no step lost or repeated" is read from the
-final checkpoint's history (log_every=1: one entry per applied step) and the final prompts must
-equal the uninterrupted ZeRO-3 run's bitwise (same ranks, CPU fp32, gloo sums of two operands).
-A replicated (ZeRO off) run on the same nodes trains the same prompts up to float rounding.
+The node-loss run crashes the node of one worker after a checkpoint was committed (its raylet and
+its workers are SIGKILLed: nothing unregisters, see `crash`) and joins a fresh node: Ray Train replaces
+the worker group, which resumes on the new node from the last checkpoint on the shared storage. What
+the operator sees is checked on the same run: one promptfleet line per lost worker group ("worker
+group lost: waiting for 2 workers; resuming from checkpoint step K (PATH)"), none of the dead raylet's
+`[state-dump]` lines its agents publish to the driver, a resume line naming the checkpoint's step and
+persistent path, and the restart recorded in summary.json and report.md. As in
+`test_fault_tolerance.py`, "no step lost or repeated" is read from the final checkpoint's history
+(log_every=1: one entry per applied step) and the final prompts must equal the uninterrupted ZeRO-3
+run's bitwise (same ranks, CPU fp32, gloo sums of two operands). A replicated (ZeRO off) run on the
+same nodes trains the same prompts up to float rounding.
 
 The driver's progress queue must live on the driver's node (the head), never on a node that can be
 lost: when it was placed on the lost node, every replacement worker group failed at its first log line
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from local_ray import REPO
+from local_ray import REPO, _process_table
 from ray_nodes import RayNodes
 from test_fault_tolerance import applied_steps, prompts
 from tiny_job import write_tiny_backbone, write_tiny_job
@@ -135,7 +141,7 @@ def test_node_lost_mid_run_resumes_on_a_new_node(job, nodes, shared, reference_r
     # The driver's progress queue lives on the driver's node (the head), never on a node that can be lost.
     assert nodes.actor_nodes("_QueueActor") == [nodes.head_node_id]
     lost = workers[0]
-    nodes.remove(lost)
+    crash(nodes, lost)
     nodes.add()
     text = finish(driver, log, nodes)
 
@@ -152,9 +158,56 @@ def test_node_lost_mid_run_resumes_on_a_new_node(job, nodes, shared, reference_r
     assert applied_steps(run_dir) == list(range(1, STEPS + 1))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == STEPS
+    check_node_loss_is_explained(text, summary, run_dir, resumed)
     ref = prompts(reference_run)
     for task, p in prompts(run_dir).items():
         torch.testing.assert_close(p, ref[task], rtol=0, atol=0)
+
+
+def crash(nodes: RayNodes, node_id: str, timeout_s: float = 120) -> None:
+    """Crash worker node `node_id`: SIGKILL its raylet (it cannot unregister) and, at the same moment, the
+    Ray workers it started. On a lost machine those die with it; here they would outlive their raylet
+    (training needs only gloo and direct actor calls) until the GCS declares the node dead, and a short
+    run could finish before that. Its agents live on, see their raylet gone and publish its log dump to
+    the drivers, as on a real crash. Then wait until the GCS declares the node dead (missed health
+    checks), kill what is left of it and forget it."""
+    from ray._private import ray_constants
+
+    (node,) = [n for n in nodes.cluster.worker_nodes if n.node_id == node_id]
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    parent, cmdline = _process_table()
+    workers = [p for p, pp in parent.items() if pp == raylet and cmdline[p].startswith(b"ray::")]
+    assert workers, f"no Ray worker under raylet {raylet}"
+    for pid in [raylet, *workers]:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    while nodes.is_alive(node_id) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    nodes.cluster.remove_node(node, allow_graceful=False)
+
+
+def check_node_loss_is_explained(text: str, summary: dict, run_dir: Path, resumed: list) -> None:
+    """The console, summary.json and report.md of a run that lost a node (see the module docstring)."""
+    lost = re.findall(
+        r"worker group lost: waiting for 2 workers; resuming from checkpoint step (\d+) \((\S+)\)", text
+    )
+    assert lost and "worker group lost" not in text.replace("worker group lost: waiting", ""), text[-3000:]
+    assert "[state-dump]" not in text and "Raylet is terminated" not in text, text[-3000:]
+    # The first line names the checkpoint the first new group resumed from: its step, its persistent path
+    # on Ray Train's storage (the new group read it there, so its resume line names the same directory).
+    (path, step), (line_step, line_path) = resumed[0], lost[0]
+    assert (int(line_step), line_path) == (int(step), path), (lost, resumed)
+    assert Path(path).is_dir() and Path(path).parent.name.startswith("lost-node-"), path
+    restarts = summary["restart_log"]
+    assert 1 <= summary["restarts"] == len(restarts) <= len(lost), (summary["restarts"], lost)
+    first = restarts[0]
+    assert (first["resumed_step"], first["checkpoint"], first["workers"]) == (int(step), path, 2)
+    assert first["lost_at_step"] >= first["resumed_step"]
+    assert first["lost_steps"] == first["lost_at_step"] - first["resumed_step"]
+    assert summary["lost_steps"] == sum(r["lost_steps"] for r in restarts)
+    report = (run_dir / "report.md").read_text()
+    assert f"**Restarts**: Ray Train lost and replaced the worker group {len(restarts)} time(s)" in report
+    assert f"| {first['lost_at_step']} | {step} | {first['lost_steps']} | 2 | `{path}` |" in report
 
 
 def test_sharded_and_replicated_runs_across_nodes_train_the_same_prompts(job, nodes, shared, reference_run):

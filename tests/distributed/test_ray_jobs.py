@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 import urllib.request
 
+import psutil
 import pytest
 from local_ray import REPO, LocalRayCluster, free_port
 from prometheus_client.parser import text_string_to_metric_families
@@ -109,6 +112,43 @@ def test_remote_style_submit_reads_and_writes_on_shared_storage(ray_cluster, bac
     assert list(tmp_path.glob("remote-*/checkpoint_*"))  # Ray Train's checkpoints on the storage too
 
 
+def test_remote_submit_from_elsewhere_uploads_the_job_and_maps_the_data(ray_cluster, backbone, tmp_path):
+    """The README's port-forward recipe, on a cluster that is this machine: `submit --remote` from a
+    directory that is not the project, the job's YAMLs only on the submitting side (uploaded), its data
+    and backbone only where `cluster.path_map` says the cluster has them; the outputs land under
+    `cluster.storage`. Submitting prints the job id and promptfleet's notes, none of Ray's log lines."""
+    laptop, cluster, storage = tmp_path / "laptop", tmp_path / "cluster", tmp_path / "storage"
+    storage.mkdir()
+    path_map = {"data": str(cluster / "data"), str(backbone): str(cluster / "backbone")}
+    write_tiny_job(
+        laptop,
+        backbone,
+        name="mapped",
+        output_dir="runs",
+        cluster={**WHOLE_CLUSTER, "storage": str(storage), "path_map": path_map},
+    )
+    shutil.move(laptop / "data", cluster / "data")  # the data is on the cluster only
+    shutil.copytree(backbone, cluster / "backbone")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "submit", "mapped.yaml", "--remote", "--follow"]
+        + ["--address", ray_cluster.address],
+        cwd=laptop,
+        env=ray_cluster.cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    notes = proc.stderr.strip().splitlines()
+    assert [x for x in notes if not x.startswith(("note: ", "job "))] == [], notes  # no Ray INFO/WARNING
+    assert f"note: outputs go to {storage}/runs/mapped" in notes
+    assert json.loads((storage / "runs" / "mapped" / "summary.json").read_text())["steps"] == 6
+    assert list(storage.glob("mapped-*/checkpoint_*"))  # Ray Train's checkpoints on the storage too
+    listing = ray_cluster.promptfleet("jobs", "list", "--address", ray_cluster.address).stdout
+    (line,) = [x for x in listing.splitlines() if " mapped " in x]
+    assert str(laptop) not in line and str(REPO) not in line and "model.name=" in line, line
+
+
 def test_failing_jobs_report_their_error(ray_cluster, backbone, tmp_path):
     job = write_tiny_job(tmp_path, backbone, cluster=WHOLE_CLUSTER)
     # A bad key never reaches the cluster: the config is checked before submission.
@@ -126,6 +166,11 @@ def test_failing_jobs_report_their_error(ray_cluster, backbone, tmp_path):
     assert status(ray_cluster, job_id) == "FAILED"
     logs = ray_cluster.promptfleet("jobs", "logs", job_id, "--address", ray_cluster.address)
     assert "data file not found" in logs.stdout
+
+
+def scrape(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return {f.name: f for f in text_string_to_metric_families(r.read().decode())}
 
 
 def test_stop_a_running_job_and_scrape_its_metrics(ray_cluster, backbone, tmp_path):
@@ -146,10 +191,22 @@ def test_stop_a_running_job_and_scrape_its_metrics(ray_cluster, backbone, tmp_pa
         assert time.monotonic() < deadline and status(ray_cluster, job_id) in ("PENDING", "RUNNING")
         time.sleep(1)
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        families = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    # The driver serves the metrics (cluster.launch), from rank 0's records: they reach it through its
+    # queue, so the checkpoint on disk may be a moment ahead of them.
+    while (families := scrape(port))["promptfleet_train_last_checkpoint_step"].samples[0].value < 5:
+        assert time.monotonic() < deadline
+        time.sleep(1)
     assert {s.labels["task"] for s in families["promptfleet_train_task_loss"].samples} == {"tone", "topic"}
     assert families["promptfleet_train_step"].samples[0].value >= 5
+    # ... and it is the job's driver process that listens, not a Ray Train worker (on a KubeRay cluster
+    # the driver runs on the head pod, the one k8s/monitoring.yaml scrapes).
+    driver = connect(ray_cluster.address, ray_cluster.token).get_job_info(job_id).driver_info
+    listening = [
+        c
+        for c in psutil.Process(int(driver.pid)).net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+    assert listening, f"driver {driver.pid} does not listen on {port}"
 
     proc = ray_cluster.promptfleet("jobs", "stop", job_id, "--wait", "--address", ray_cluster.address)
     assert proc.returncode == 0 and f"{job_id}: STOPPED" in proc.stdout, proc.stdout + proc.stderr

@@ -82,7 +82,7 @@ def test_serve_bad_flags_exit_2(capsys):
     rc, err = run_cli(capsys, "--port", "eighty")
     assert rc == 2 and "invalid int value" in err
     rc, err = run_cli(capsys, "--bogus-flag")
-    assert rc == 2 and "unrecognized arguments" in err
+    assert rc == 2 and "unrecognized argument" in err
 
 
 def test_ray_application_carries_the_autoscaling_config():

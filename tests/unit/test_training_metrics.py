@@ -99,3 +99,54 @@ def test_endpoint_during_a_run(tmp_path, monkeypatch):
     assert mid["promptfleet_train_last_checkpoint_step"][0].value == 2
     with pytest.raises(OSError):  # the run stopped its endpoint when it finished
         _scrape(port)
+
+
+class _Fifo:
+    """The driver's progress queue as `_DriverProgress` reads it (a `ray.util.queue.Queue` on Ray)."""
+
+    def __init__(self, items):
+        self.items = list(items)
+
+    def qsize(self) -> int:
+        return len(self.items)
+
+    def get_nowait_batch(self, n: int) -> list:
+        out, self.items = self.items[:n], self.items[n:]
+        return out
+
+
+def test_driver_records_rank0s_records_as_rank0_did_and_holds_them_across_a_restart():
+    """On Ray the driver serves the metrics (cluster.launch): rank 0 sends its step, checkpoint and
+    resume records through the progress queue. A group lost after step 7 and resumed from the
+    checkpoint of step 5 (the run's first restart): the series are what a direct computation says."""
+    from dataclasses import asdict
+
+    from cluster.launch import _DriverProgress
+
+    steps = [
+        StepMetrics(s, loss=10.0 - s, lr=0.1, tokens=100, task_loss={"a": 1.0 / s}, step_time_s=0.5)
+        for s in range(1, 8)
+    ]
+    records = [("step", asdict(m)) for m in steps[:5]]
+    records.append(("checkpoint", asdict(CheckpointRecord(step=5, checkpoint_time_s=0.25))))
+    records += [("step", asdict(m)) for m in steps[5:7]]  # steps 6-7, then the group is lost
+    metrics = TrainingMetrics()
+    driver = _DriverProgress(_Fifo(records), total=10, show=False, metrics=metrics)
+    driver._drain()
+    assert metrics.registry.get_sample_value("promptfleet_train_step") == 7  # held while no group runs
+
+    redo = [StepMetrics(6, loss=3.5, lr=0.1, tokens=100, task_loss={"a": 0.2}, step_time_s=0.5)]
+    driver.queue = _Fifo([("resumed", {"step": 5, "restarts": 1})])
+    driver._drain()
+    value = metrics.registry.get_sample_value
+    assert value("promptfleet_train_step") == 5 and value("promptfleet_train_last_checkpoint_step") == 5
+    driver.queue = _Fifo([("resumed", {"step": 5, "restarts": 1})] + [("step", asdict(m)) for m in redo])
+    driver._drain()  # the same restart told twice counts once
+    assert value("promptfleet_train_restarts_total") == 1
+    assert value("promptfleet_train_step") == 6 and value("promptfleet_train_loss") == 3.5
+    assert value("promptfleet_train_task_loss", {"task": "a"}) == 0.2
+    assert value("promptfleet_train_tokens_total") == 100 * 8  # every step run, the redone one included
+    assert (
+        value("promptfleet_train_step_seconds_count") == 8
+        and value("promptfleet_train_checkpoint_seconds_sum") == 0.25
+    )

@@ -172,6 +172,8 @@ class ZeroSetup:
             else contextlib.nullcontext()
         )
         with quiet:
+            if self.settings is not None:
+                skip_shm_comm_op()  # before DeepSpeed's comm backend starts (in the partitioned load)
             backbone = load_backbone(
                 path,
                 dtype,
@@ -256,12 +258,29 @@ def wrap_backbone(model: torch.nn.Module, ds_config: dict, trace_steps: bool = T
     """
     import deepspeed
 
+    skip_shm_comm_op()
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     model._promptfleet_engine = engine  # keep the engine (and its hooks) alive with the model
     if trace_steps:
         coordinator = engine.optimizer.get_param_coordinator()
         model.get_input_embeddings().register_forward_pre_hook(lambda *_: coordinator.reset_step())
     return model
+
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from compiling its `shm_comm` op, which nothing here uses.
+
+    On CPU, DeepSpeed's comm backend JIT-builds `deepspeed_shm_comm` with g++ when it starts, on every
+    rank (about 2 minutes on first use, into a ~/.cache/torch_extensions that every environment of the
+    machine shares and rebuilds for its own torch). The op serves one collective, `inference_all_reduce`
+    (tensor-parallel inference); ZeRO-3's gathers and our prompt-row all-reduce go through
+    torch.distributed. DeepSpeed builds it only when its compatibility table says so
+    (`deepspeed.comm.torch.build_shm_op`), so marking it incompatible there skips the build: a pod
+    with a read-only root filesystem and no compiler starts at once, and nothing is cached anywhere.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def partitioned_numel(model: torch.nn.Module) -> tuple[int, int]:
