@@ -12,9 +12,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 from local_ray import REPO, LocalRayCluster, free_port
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_job import write_tiny_backbone, write_tiny_job
@@ -147,6 +149,44 @@ def test_remote_submit_from_elsewhere_uploads_the_job_and_maps_the_data(ray_clus
     listing = ray_cluster.promptfleet("jobs", "list", "--address", ray_cluster.address).stdout
     (line,) = [x for x in listing.splitlines() if " mapped " in x]
     assert str(laptop) not in line and str(REPO) not in line and "model.name=" in line, line
+
+
+def _head(src: Path, dst: Path, lines: int) -> None:
+    """The first `lines` lines of `src` (a TSV's header included) at `dst`."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with src.open(encoding="utf-8") as f:
+        dst.write_text("".join(line for _, line in zip(range(lines), f)), encoding="utf-8")
+
+
+def test_the_readmes_port_forward_recipe_submits_the_quickstart(ray_cluster, tmp_path):
+    """README "submit to a remote cluster": `submit configs/quickstart.yaml output_dir=... --cluster-root`
+    from a directory that is not the project. The cluster's copy of the shared data (beside the project
+    there) is cut to 3 eval rows per task, so the evaluated counts show which copy the job read."""
+    laptop, storage = tmp_path / "laptop", tmp_path / "storage"
+    cluster_root = tmp_path / "cluster" / "promptfleet"
+    for d in (laptop, storage, cluster_root):
+        d.mkdir(parents=True)
+    for task in ("sst2", "ag_news", "trec"):
+        spec = yaml.safe_load((REPO / "configs" / "tasks" / f"{task}.yaml").read_text())
+        for split, lines in (("train", 41), ("eval", 4 if spec["data"]["format"] == "tsv" else 3)):
+            rel = Path(spec["data"][split])  # ../../../shared/data/<task>/<file>, from configs/tasks/
+            _head(REPO / "configs" / "tasks" / rel, cluster_root / "configs" / "tasks" / rel, lines)
+    overrides = ["output_dir=runs", "optim.max_steps=2", "optim.batch_size=4", "optim.warmup_steps=0"]
+    overrides += ["data.max_eval_examples=8", "eval_every=0", "checkpoint_every=2", "model.max_seq_len=64"]
+    overrides += [f"cluster.{k}={v}" for k, v in WHOLE_CLUSTER.items()] + [f"cluster.storage={storage}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "submit", str(REPO / "configs" / "quickstart.yaml"), *overrides]
+        + ["--cluster-root", str(cluster_root), "--follow", "--address", ray_cluster.address],
+        cwd=laptop,
+        env=ray_cluster.cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = json.loads((storage / "runs" / "quickstart" / "summary.json").read_text())
+    assert summary["steps"] == 2
+    assert {t: s["tuned"]["n"] for t, s in summary["tasks"].items()} == {"sst2": 3, "ag_news": 3, "trec": 3}
 
 
 def test_failing_jobs_report_their_error(ray_cluster, backbone, tmp_path):
