@@ -41,6 +41,16 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, hidden_size: int = 32, laye
     return model
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Torch's intra-op thread count is process-wide (an in-process `Engine` with `engine.threads` sets it):
+    whatever a test sets, the next test starts from the same count (float results depend on it)."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny matmuls: OpenMP thread hand-offs cost more than the maths on a shared 2-core machine."""

@@ -74,7 +74,17 @@ def test_it_evaluates(old_run, capsys):
             assert got == old
 
 
-def test_it_resumes_from_its_checkpoint(old_run, capsys):
+@pytest.fixture
+def fixture_threads():
+    """The fixture's run trained at 2 torch threads (a 2-core machine's default); matmul reductions split
+    by thread count, so bitwise comparisons with it run at 2 as well, on any machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_it_resumes_from_its_checkpoint(old_run, capsys, fixture_threads):
     """Stopped after its step-4 checkpoint under the old release, the run continues with today's code to
     6 steps: from step 4, keeping its history, to the prompts of today's code training 6 steps at once."""
     _, run_dir = old_run
