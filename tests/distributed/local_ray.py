@@ -191,13 +191,13 @@ class LocalRayCluster:
         return env
 
     def promptfleet(
-        self, *args: str, token: bool = True, timeout_s: float = 300
+        self, *args: str, token: bool = True, timeout_s: float = 300, cwd: Path = REPO
     ) -> subprocess.CompletedProcess:
-        """Run the `promptfleet` CLI against this cluster; returns the finished process."""
+        """Run the `promptfleet` CLI against this cluster (from `cwd`); returns the finished process."""
         return subprocess.run(
             [sys.executable, "-m", "cluster.cli", *args],
             env=self.cli_env(token),
-            cwd=REPO,
+            cwd=cwd,
             capture_output=True,
             text=True,
             timeout=timeout_s,

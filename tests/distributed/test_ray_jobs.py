@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -131,14 +129,15 @@ def test_remote_submit_from_elsewhere_uploads_the_job_and_maps_the_data(ray_clus
     )
     shutil.move(laptop / "data", cluster / "data")  # the data is on the cluster only
     shutil.copytree(backbone, cluster / "backbone")
-    proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "submit", "mapped.yaml", "--remote", "--follow"]
-        + ["--address", ray_cluster.address],
+    proc = ray_cluster.promptfleet(
+        "submit",
+        "mapped.yaml",
+        "--remote",
+        "--follow",
+        "--address",
+        ray_cluster.address,
         cwd=laptop,
-        env=ray_cluster.cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+        timeout_s=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     notes = proc.stderr.strip().splitlines()
@@ -174,14 +173,17 @@ def test_the_readmes_port_forward_recipe_submits_the_quickstart(ray_cluster, tmp
     overrides = ["output_dir=runs", "optim.max_steps=2", "optim.batch_size=4", "optim.warmup_steps=0"]
     overrides += ["data.max_eval_examples=8", "eval_every=0", "checkpoint_every=2", "model.max_seq_len=64"]
     overrides += [f"cluster.{k}={v}" for k, v in WHOLE_CLUSTER.items()] + [f"cluster.storage={storage}"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "submit", str(REPO / "configs" / "quickstart.yaml"), *overrides]
-        + ["--cluster-root", str(cluster_root), "--follow", "--address", ray_cluster.address],
+    proc = ray_cluster.promptfleet(
+        *[
+            "submit",
+            str(REPO / "configs" / "quickstart.yaml"),
+            *overrides,
+            "--cluster-root",
+            str(cluster_root),
+        ],
+        *["--follow", "--address", ray_cluster.address],
         cwd=laptop,
-        env=ray_cluster.cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
+        timeout_s=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     summary = json.loads((storage / "runs" / "quickstart" / "summary.json").read_text())
