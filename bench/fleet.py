@@ -8,14 +8,23 @@ file), all in one TSV per split with a `task` column and one family YAML (`tuner
                 and `PreparedJob.load_data` (every task's examples, tokenised with SmolLM2's
                 tokenizer); seconds and ms per task.
     eval        evaluation examples/s with the same eval examples in total over N tasks: every task at
-                once (`evaluate_tasks`, examples of many tasks packed into the same rows) and, up to
+                once (`evaluate_tasks`, examples of many tasks in each forward) and, up to
                 `--per-task-up-to` tasks, one task at a time as before; SmolLM2-135M in fp32, or
                 (`--eval-backbone tiny`) a random 2-layer Llama with its vocabulary; wall time and CPU
-                time (one torch thread: CPU time is the work, whatever else loads the machine).
+                time (one torch thread: CPU time is the work, whatever else loads the machine), and the
+                positions the forwards computed beside the least any layout must (`bench.fleet_eval`).
     checkpoint  checkpoint bytes and seconds with N registered tasks and the same batch: a bank of
                 N rows (SmolLM2's width, `--virtual-tokens` rows each), Adam state for every row (as
                 after a long run), then `--steps-between` steps of `--batch` drawn tasks between
                 checkpoints; deltas (`tuner.checkpoint`) and the full snapshot timed apart.
+
+    export      a fleet's prompts (20 x 576) written as one packed store vs a PEFT directory per task:
+                seconds, CPU seconds, bytes, files; the index's open time and a one-task re-export
+                (`bench.fleet_export`; sizes up to 100,000, directories up to 10,000).
+
+    serve       one server (`promptfleet serve`, SmolLM2) over a packed store of `--serve-tasks` tasks vs
+                the backbone alone: seconds to ready, resident memory, p50/p99 /v1/classify latency
+                to warm and never-seen tasks, alternated (`bench.fleet_serve`; 100,000 tasks).
 
 Sizes default to 100, 1,000 and 10,000 tasks (and 10 for checkpoints, the baseline). One run per
 size; medians over `--repeats` where a part repeats. Results go to `bench/results/fleet.json`.
@@ -152,9 +161,9 @@ def _tiny():
 
 
 def bench_eval(sizes: list[int], args: argparse.Namespace) -> list[dict]:
-    """Evaluation examples/s with `args.eval_examples` eval examples in total, spread over N tasks (a tuned
-    pass: a random prompt per task), all tasks at once (`evaluate_tasks`) and, for the smaller sizes, one
-    task at a time as before (`evaluate_task` per task)."""
+    """One row per size: `args.eval_examples` eval examples in total over N tasks (a tuned pass), with
+    what the forwards computed (`bench.fleet_eval.counted_forwards`) and the least they must."""
+    from bench.fleet_eval import counted_forwards
     from tuner.config import JobConfig
     from tuner.job import PreparedJob, load_task_specs
     from tuner.model.backbone import load_backbone, load_tokenizer, resolve_backbone
@@ -167,6 +176,7 @@ def bench_eval(sizes: list[int], args: argparse.Namespace) -> list[dict]:
         load_backbone(path, torch.float32, "sdpa") if args.eval_backbone == "smollm2" else _tiny()
     )
     hidden = lm.backbone.config.hidden_size
+    P = args.virtual_tokens
     out = []
     for n in sizes:
         per = max(1, args.eval_examples // n)
@@ -177,15 +187,21 @@ def bench_eval(sizes: list[int], args: argparse.Namespace) -> list[dict]:
             cfg.data.max_eval_examples = 0  # every eval example: the same total at every size
             tasks = PreparedJob(cfg, specs).load_data(tokenizer)
         g = torch.Generator().manual_seed(0)
-        prompts = {t: torch.randn(args.virtual_tokens, hidden, generator=g) * 0.1 for t in tasks}
+        prompts = {t: torch.randn(P, hidden, generator=g) * 0.1 for t in tasks}
         total = sum(len(t.eval) for t in tasks.values())
-        t0, c0 = time.perf_counter(), time.process_time()
-        evaluate_tasks(lm, tokenizer, tasks, prompts, 128, batch_size=args.eval_batch)
+        with counted_forwards() as seen:
+            t0, c0 = time.perf_counter(), time.process_time()
+            evaluate_tasks(lm, tokenizer, tasks, prompts, 128, batch_size=args.eval_batch)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         row = {
             "tasks": n,
             "examples": total,
-            "mixed_examples_per_s": total / (time.perf_counter() - t0),
-            "mixed_examples_per_cpu_s": total / (time.process_time() - c0),  # one torch thread
+            "virtual_tokens": P,
+            "mean_input_tokens": seen["text"] / total,
+            **seen,
+            "least_positions": seen["text"] + n * P,  # every task's prompt through the backbone once
+            "mixed_examples_per_s": total / wall,
+            "mixed_examples_per_cpu_s": total / cpu,  # one torch thread
         }
         if n <= args.per_task_up_to:
             t0, c0 = time.perf_counter(), time.process_time()
@@ -195,12 +211,15 @@ def bench_eval(sizes: list[int], args: argparse.Namespace) -> list[dict]:
             row["per_task_examples_per_cpu_s"] = total / (time.process_time() - c0)
         print(row, flush=True)
         out.append(row)
+    for row in out:  # side by side with the first (smallest) size
+        row["cpu_ratio"] = row["mixed_examples_per_cpu_s"] / out[0]["mixed_examples_per_cpu_s"]
+        row["bound_ratio"] = out[0]["least_positions"] / row["least_positions"]
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parts = ["setup", "checkpoint", "eval"]
+    parts = ["setup", "checkpoint", "eval", "export", "serve"]
     ap.add_argument("--parts", nargs="+", default=parts, choices=parts)
     ap.add_argument("--sizes", nargs="+", type=int, default=[100, 1000, 10000])
     ap.add_argument("--checkpoint-sizes", nargs="+", type=int, default=[10, 10000])
@@ -209,11 +228,21 @@ def main() -> None:
     ap.add_argument("--steps-between", type=int, default=1, help="training steps between checkpoints")
     ap.add_argument("--full-every", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=2, help="full-every cycles of checkpoints per size")
-    ap.add_argument("--eval-sizes", nargs="+", type=int, default=[10, 10000])
+    ap.add_argument("--eval-sizes", nargs="+", type=int, default=[10, 100, 1000, 10000])
     ap.add_argument("--eval-examples", type=int, default=10000, help="eval examples in total, every size")
     ap.add_argument("--eval-batch", type=int, default=32)
     ap.add_argument("--eval-backbone", choices=["smollm2", "tiny"], default="smollm2")
     ap.add_argument("--per-task-up-to", type=int, default=1000, help="also time task by task up to this size")
+    ap.add_argument("--export-sizes", nargs="+", type=int, default=[100, 1000, 10000, 100000])
+    ap.add_argument(
+        "--export-dirs-up-to", type=int, default=10000, help="per-task directories up to this size"
+    )
+    ap.add_argument("--serve-tasks", type=int, default=100000, help="tasks in the served packed store")
+    ap.add_argument(
+        "--serve-requests", type=int, default=200, help="requests of each kind (warm, never-seen)"
+    )
+    ap.add_argument("--serve-warm", type=int, default=16, help="warm tasks the warm requests cycle over")
+    ap.add_argument("--serve-threads", type=int, default=2, help="the server's torch threads")
     ap.add_argument("--quick", action="store_true", help="do not record the result")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -230,12 +259,25 @@ def main() -> None:
             for r in result["checkpoint"]
         ]))  # fmt: skip
     if "eval" in args.parts:
+        from bench.fleet_eval import HEADER as EVAL_HEADER
+        from bench.fleet_eval import table_rows as eval_rows
+
         result["eval"] = bench_eval(args.eval_sizes, args)
-        print(markdown_table(["tasks", "examples", "mixed ex/s", "ex/CPU-s", "task by task ex/s", "ex/CPU-s"], [
-            [r["tasks"], r["examples"], r["mixed_examples_per_s"], r["mixed_examples_per_cpu_s"],
-             r.get("per_task_examples_per_s", ""), r.get("per_task_examples_per_cpu_s", "")]
-            for r in result["eval"]
-        ]))  # fmt: skip
+        print(markdown_table(EVAL_HEADER, eval_rows(result["eval"])))
+    if "export" in args.parts:
+        from bench.fleet_export import HEADER, bench_export, table_rows
+
+        result["export"] = bench_export(args.export_sizes, args.export_dirs_up_to)
+        print(markdown_table(HEADER, table_rows(result["export"])))
+    if "serve" in args.parts:
+        from bench.fleet_serve import HEADER as SERVE_HEADER
+        from bench.fleet_serve import bench_serve
+        from bench.fleet_serve import table_rows as serve_rows
+
+        result["serve"] = bench_serve(
+            args.serve_tasks, args.virtual_tokens, args.serve_requests, args.serve_warm, args.serve_threads
+        )
+        print(markdown_table(SERVE_HEADER, serve_rows(result["serve"])))
     print(machine_info())
     write_result("fleet", result, args.quick)
 

@@ -261,19 +261,30 @@ async def _beside(url: str, requests: list, attack: Attack | None) -> tuple[dict
     return run, await attacker
 
 
+def main_thread_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid`'s main thread: in the server, uvicorn's event loop
+    (HTTP, the API's awaits); the engine, torch's workers and the store loader run in other threads.
+    Linux /proc; NaN elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _on_idle(srv: Server, work: Awaitable) -> tuple[object, Series, dict]:
     """Run `work` on an idle engine. Returns its result, the /metrics difference across it, and the
     cores the server process kept busy meanwhile (CPU seconds / wall seconds: about 2 on this 2-core
-    machine while the engine is saturated and nothing else runs) with the 1-minute load average."""
+    machine while the engine is saturated and nothing else runs), its CPU seconds and its event loop's
+    share of them (`main_thread_cpu_s`), with the 1-minute load average."""
     srv.wait_idle()
     before, cpu, t0 = srv.series(), srv.cpu_seconds(), time.perf_counter()
+    loop_cpu = main_thread_cpu_s(srv.proc.pid)
     result = asyncio.run(work)
-    cores = (srv.cpu_seconds() - cpu) / (time.perf_counter() - t0)
-    return (
-        result,
-        series_diff(before, srv.series()),
-        {"server_cores": cores, "load_avg_1m": os.getloadavg()[0]},
-    )
+    cpu_s = srv.cpu_seconds() - cpu
+    machine = {"server_cores": cpu_s / (time.perf_counter() - t0), "server_cpu_s": cpu_s}
+    machine["event_loop_cpu_s"] = main_thread_cpu_s(srv.proc.pid) - loop_cpu
+    return result, series_diff(before, srv.series()), {**machine, "load_avg_1m": os.getloadavg()[0]}
 
 
 def measure(srv: Server, setup: TenantSetup, condition: str, attack: Attack | None = None) -> dict:

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
                 run = {"tokens_per_s" if args.kind == "a" else "classifications_per_s": rate}
                 run |= {"rate": rate, "server_cores": machine["server_cores"]}
                 run["per_cpu_s"] = rate / run["server_cores"]
+                run["cpu_s_per_item"] = machine["server_cpu_s"] / done  # item: a token or a classification
+                run["event_loop_cpu_s"] = machine["event_loop_cpu_s"]
+                run["load_avg_1m"] = machine["load_avg_1m"]
                 runs[name].append(run)
                 print(i, name, run, flush=True)
     today_rates = [r["rate"] for r in runs["today"]]
@@ -80,8 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "median_ratio": statistics.median(ours_rates) / statistics.median(today_rates),
         "pair_ratios": [o / t for t, o in zip(today_rates, ours_rates)],
+        "per_cpu_s_pair_ratios": [
+            o["per_cpu_s"] / t["per_cpu_s"] for t, o in zip(runs["today"], runs["ours"])
+        ],
     }
     print(f"acme alone ({args.kind}): ours / today {out['median_ratio']:.3f} (pairs {out['pair_ratios']})")
+    print(f"  per server CPU second, ours / today by pair: {out['per_cpu_s_pair_ratios']}")
     write_result("serving_tenants_alone_recheck" + ("_b" if args.kind == "b" else ""), out, False)
     return out
 

@@ -6,6 +6,7 @@
     promptfleet eval --config configs/quickstart.yaml --zero-shot     # the untuned backbone
     promptfleet validate configs/*.yaml configs/tasks/*.yaml          # check job and task files
     promptfleet tune configs/quickstart.yaml --param prompt.num_virtual_tokens=8,16   # Ray Tune
+    promptfleet export runs/fleet --task sst2 --peft out/sst2        # one task of a packed store, for PEFT
     promptfleet serve | submit | jobs | k8s ...                       # see --help of each
 
 Errors in what the user gave (config, paths, names) print one line and exit 2; set
@@ -37,6 +38,10 @@ COMMANDS = {
     "jobs": ("cluster.jobs", "list, inspect, follow or stop Ray jobs"),
     "k8s": ("cluster.k8s", "Kubernetes (KubeRay) manifests"),
     "plan": ("cluster.plan", "per-device memory of a job on N nodes x D devices, and the settings to use"),
+    "export": (
+        "tuner.export_cli",
+        "write a run's task as a PEFT adapter, or its adapters as a packed store or per-task directories",
+    ),
     "tune": (
         "cluster.tune",
         "search job-level settings (prompt length, steps, batch) with Ray Tune, one Ray Train run per trial",

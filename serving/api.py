@@ -193,19 +193,25 @@ class Serving:
 
     async def unless_gone(self, request: Request, work: Awaitable[T], what: str) -> T | None:
         """`work`'s result, or None if the client went away first: `work` is then cancelled (the
-        engine's request ends with it, so a client that hangs up frees its place at once)."""
+        engine's request ends with it, so a client that hangs up frees its place at once).
+
+        The client's going is awaited, not polled: once the body is read, the server's `receive()`
+        returns only `http.disconnect` (the connection closed, or the response is complete), so one
+        waiting `receive()` per request costs nothing until then. Polling every 0.25 s woke the event
+        loop 128 times a second for 32 long classifications, each wake taking a core from the
+        engine's torch threads on a 2-core machine (about 3 % of a flood's throughput)."""
         task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self.config.api.disconnect_poll_s)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    log.info("client went away, aborting %s", what)
-                    return None
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            log.info("client went away, aborting %s", what)
+            return None
         finally:
-            if not task.done():
-                task.cancel()
+            for pending in (task, gone):
+                if not pending.done():
+                    pending.cancel()
 
     async def _run_to_end(self, request: Request, req: GenerationRequest) -> tuple[str, RequestOutput]:
         stream, last = await self.start(request, req)
@@ -267,6 +273,18 @@ async def _close(stream) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone. Called after the body was read: uvicorn, Starlette's test
+    client and Ray Serve then block in `receive()` until `http.disconnect`; a stale empty
+    `http.request` (an end-of-body event read late) is skipped and the wait goes on. A `receive()`
+    that fails leaves nobody to answer either: it counts as gone."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception as e:  # not CancelledError: the answer came first
+        log.info("reading the connection failed (%s): the client counts as gone", type(e).__name__)
 
 
 class EventStream(StreamingResponse):

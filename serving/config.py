@@ -50,6 +50,12 @@ class EngineConfig:
     max_new_tokens_limit: int = documented(512, "Largest accepted max_tokens.")
     prefix_cache_bytes: int = documented(256 * 2**20, "LRU bound of the task prompt KV cache.")
     prefix_cache: bool = documented(True, "False: recompute each request's prompt KV (for benchmarks).")
+    prompt_cache_bytes: int = documented(
+        256 * 2**20,
+        "LRU bound of the task prompts read into memory (fp32 bytes). The store is indexed at start, "
+        "a task's prompt read on its first request and again after eviction; 256 MiB holds about "
+        "7,000 SmolLM2 prompts of 16 virtual tokens. 0: none kept (every request reads its prompt).",
+    )
     reload_interval_s: float = documented(
         2.0, "How often the prompt store is rescanned for new or changed tasks."
     )
@@ -108,6 +114,7 @@ class EngineConfig:
         ):
             check_positive(f"engine.{name}", getattr(self, name))
         check_non_negative("engine.prefix_cache_bytes", self.prefix_cache_bytes)
+        check_non_negative("engine.prompt_cache_bytes", self.prompt_cache_bytes)
         check_non_negative("engine.threads", self.threads)
         check_non_negative("engine.shared_step_tokens", self.shared_step_tokens)
 
@@ -170,7 +177,9 @@ class ApiConfig:
         16, "max_tokens when a request does not set it (OpenAI's completions default)."
     )
     disconnect_poll_s: float = documented(
-        0.25, "How often a non-streaming request checks whether its client went away."
+        0.0,
+        "Deprecated and not read: a non-streaming request now awaits its client's disconnect instead "
+        "of polling for it. A value still loads (older configs), and is ignored.",
     )
     log_level: str = documented("info", "uvicorn / promptfleet log level: debug, info, warning or error.")
 
@@ -178,7 +187,6 @@ class ApiConfig:
         if not 0 < self.port < 65536:
             raise ConfigError(f"api.port={self.port}: must be in 1..65535")
         check_positive("api.default_max_tokens", self.default_max_tokens)
-        check_positive("api.disconnect_poll_s", self.disconnect_poll_s)
         for name in (
             "max_body_bytes",
             "max_prompt_chars",

@@ -17,7 +17,10 @@ forward.
 
 The prompt store is rescanned by a second thread, the prompt-store loader, every `reload_interval_s`:
 reading and checking adapters never holds up the engine thread, and only a loaded, checked task is
-swapped into the registry (the first scan runs in the constructor, before the server is ready). A
+swapped into the registry (the first scan runs in the constructor, before the server is ready). The
+scan indexes the store without reading prompts: a request's task prompt is read on its first use by
+`serving.prompt_cache.PromptReads` (off the event loop and this thread) into an LRU of
+`engine.prompt_cache_bytes`, and the request enters the scheduler with its prompt in memory. A
 task's prefix is tokenised once per version (`serving.task_tokens`), not on every request.
 
 With `engine.tensor_parallel` > 1 this engine is rank 0 of a replica: its runner is a
@@ -43,7 +46,8 @@ import torch
 from serving.config import EngineConfig
 from serving.offline import decode_text, eos_token_ids
 from serving.output import to_output
-from serving.registry import PromptRegistry, TaskEntry
+from serving.prompt_cache import PromptReads
+from serving.registry import IndexedTask, PromptRegistry
 from serving.runner import ModelRunner, StepResult
 from serving.scheduler import Request, RequestKind, Scheduler, SchedulerConfig, SchedulerOutput
 from serving.task_tokens import TaskTokenCache, splits_exactly
@@ -126,7 +130,12 @@ class Engine:
             allow_symlinks=config.prompt_store_symlinks,
             max_virtual_tokens=self.runner.max_positions - 1,  # room for one prompt token at least
             max_text_chars=config.max_prompt_tokens * MAX_CHARS_PER_TOKEN,  # a prompt's longest
+            lazy=True,
+            prompt_cache_bytes=config.prompt_cache_bytes,
         )
+        self._reads = PromptReads(
+            self.registry.prompts, self.registry.load
+        )  # first uses, off this and the event loop
         self.registry.refresh()  # the first scan, before the server is ready; then the loader's
         self._tokens = TaskTokenCache(self._encode, splits_exactly(tokenizer))
         self.scheduler = Scheduler(
@@ -172,6 +181,7 @@ class Engine:
             return
         self._stopping = True
         self._loader_stop.set()
+        self._reads.close()
         self._wake.set()
         await asyncio.to_thread(self._thread.join)
         self._thread = None
@@ -235,6 +245,7 @@ class Engine:
         # A raw prompt is the client's own input: only the task's own format has an evaluated length.
         cut = None if req.raw else entry.meta.max_input_tokens
         prompt_ids = await self._tokenize_prompt(entry, req.prompt, req.raw, req.params.max_tokens, cut)
+        adapter = await self._reads.loaded(entry)  # read on first use (PromptUnavailable: 503)
         sreq = Request(
             req.request_id,
             req.task,
@@ -242,7 +253,7 @@ class Engine:
             req.params,
             req.arrival_time,
             self.eos_token_ids,
-            entry,
+            adapter,
             tenant=req.tenant,
             # A raw prompt bypasses the task's template, so its answer format is the client's too.
             task_stop=[] if req.raw else list(entry.meta.stop),
@@ -273,13 +284,14 @@ class Engine:
             raise InvalidRequest(f"task {task!r} is not a classification task", param="model")
         labels = self._labels(entry)
         prompt_ids = await self._tokenize_prompt(entry, text, raw, max(len(v) for v in labels.values()))
+        adapter = await self._reads.loaded(entry)
         req = Request(
             f"classify-{uuid.uuid4().hex}",
             task,
             prompt_ids,
             SamplingParams(max_tokens=1),
             time.monotonic(),
-            adapter=entry,
+            adapter=adapter,
             kind=RequestKind.CLASSIFY,
             continuations=list(labels.values()),
             tenant=tenant,
@@ -323,7 +335,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         """Engine gauges and counters, and each tenant's share (`EngineStats.tenants`)."""
-        pc = self.runner.prefix_cache.stats
+        pc, prompts = self.runner.prefix_cache.stats, self.registry.prompt_stats
         with self._lock:  # the scheduler's numbers only: the registry has its own lock
             queued, running = self.scheduler.num_waiting, len(self.scheduler.running)
             tenants = self.scheduler.tenant_stats()
@@ -337,9 +349,13 @@ class Engine:
             prefix_cache_misses_total=pc.misses,
             prefix_cache_evictions_total=pc.evictions,
             prefix_cache_bytes=pc.bytes,
+            prompt_cache_hits_total=prompts.hits,
+            prompt_cache_misses_total=prompts.misses,
+            prompt_cache_evictions_total=prompts.evictions,
+            prompt_cache_bytes=prompts.bytes,
             requests_finished_total=self._requests_finished_total,
             requests_failed_total=self._requests_failed_total,
-            tasks=len(self.registry.names()),
+            tasks=len(self.registry),
             tenants=tenants,
             step_seconds=self._step_seconds.copy(),
         )
@@ -351,7 +367,7 @@ class Engine:
         check_sampling(p, self.config.max_new_tokens_limit)
 
     async def _tokenize_prompt(
-        self, entry: TaskEntry, text: str, raw: bool, max_new: int, cut: int | None = None
+        self, entry: IndexedTask, text: str, raw: bool, max_new: int, cut: int | None = None
     ) -> list[int]:
         """Check and tokenise a prompt, off the event loop (a long prompt takes milliseconds)."""
         if not isinstance(text, str):
@@ -364,7 +380,7 @@ class Engine:
         return await asyncio.to_thread(self._prompt_ids, entry, text, raw, max_new, cut)
 
     def _prompt_ids(
-        self, entry: TaskEntry, text: str, raw: bool, max_new: int, cut: int | None = None
+        self, entry: IndexedTask, text: str, raw: bool, max_new: int, cut: int | None = None
     ) -> list[int]:
         """The prompt's token ids: rendered with the task's prefix and template (unless `raw`), and
         with `cut` (the task's `max_input_tokens`) only their last `cut`, as evaluation read its
@@ -389,7 +405,7 @@ class Engine:
             )
         return ids
 
-    def _labels(self, entry: TaskEntry) -> dict[str, list[int]]:
+    def _labels(self, entry: IndexedTask) -> dict[str, list[int]]:
         return self._tokens.label_ids(entry)
 
     def _decode(self, ids: list[int]) -> str:
@@ -501,7 +517,7 @@ class Engine:
         self._tokens.forget(stale)
         with self._reloaded_lock:
             self._reloaded |= stale
-        for name in (*changes.added, *changes.changed):
+        for name in changes.changed:  # a task in use: first uses tokenise (warming 100,000 would not pay)
             try:
                 self._tokens.warm(self.registry.get(name))
             except UnknownTask:

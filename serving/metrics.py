@@ -42,6 +42,18 @@ ENGINE_SERIES = {
         "Task prefix KV cache misses.",
         "counter",
     ),
+    "prompt_cache_hits_total": ("promptfleet_prompt_cache_hits", "Task prompts found loaded.", "counter"),
+    "prompt_cache_misses_total": (
+        "promptfleet_prompt_cache_misses",
+        "Task prompts read from the store (first use, or after eviction).",
+        "counter",
+    ),
+    "prompt_cache_evictions_total": (
+        "promptfleet_prompt_cache_evictions",
+        "Loaded task prompts dropped to stay within engine.prompt_cache_bytes.",
+        "counter",
+    ),
+    "prompt_cache_bytes": ("promptfleet_prompt_cache_bytes", "Bytes of loaded task prompts held.", "gauge"),
     "requests_finished_total": (
         "promptfleet_engine_requests_finished",
         "Requests the engine finished.",

@@ -2,17 +2,23 @@
 
 Evaluation must score the text a user receives. Decoding with another loop (left-padded batches
 through `transformers.generate`) gave greedy text that changed with the batch it ran in, while the
-server gave the text of the request alone. So `generate_texts` drives the server's `Scheduler`,
-`ModelRunner` (each row decodes on its own KV: the task prompt's cached KV, then its own tokens at
-its own positions; no other row's padding enters its attention) and output path
+server gave the text of the request alone. So `generate_texts_of_tasks` drives the server's
+`Scheduler`, `ModelRunner` (each row decodes on its own KV: its task prompt's cached KV, then its own
+tokens at its own positions; no other row's padding enters its attention) and output path
 (`serving.output.to_output`: incremental detokenising, the task's stop strings with
 `tuner.tasks.stops.find_stop`), step by step as the engine thread does, without HTTP, asyncio,
 tenants or a prompt store. A row's text is what the engine would stream for the same token ids.
 
+Requests of many tasks decode in the same steps, as the server's do: each request carries its own
+task (`DecodeTask`: prompt, answer length, stop strings), and tasks holding the same prompt object
+share one prefix KV entry. So evaluating a fleet of tasks with a few examples each costs the steps of
+its examples, not one small decode per task. `generate_texts` is the one-task case.
+
 Lockstep (`any_busy`): under DeepSpeed ZeRO-3 every forward all-gathers each layer's weights, so
 every rank must run the same sequence of forwards. Then requests go in waves of `batch_size` (a
-wave's prefill is one forward, `LOCKSTEP_GROUP_OVERHEAD`; its decode steps one forward each), the
-task prompt's KV is computed on every rank before the first step, and a rank with nothing left
+wave's prefill is one forward, `LOCKSTEP_GROUP_OVERHEAD`; its decode steps one forward each), every
+task's prompt KV is computed on every rank before the first step (the ranks pass the same tasks: one
+forward per prompt length) and kept for the call, so no step misses, and a rank with nothing left
 runs a one-token forward per step (`ModelRunner.next_token_logits`, the same modules as a step)
 until `any_busy` says every rank is done. Alone, requests are admitted as rows free up, as in the
 server.
@@ -41,6 +47,9 @@ from serving.types import FinishReason, SamplingParams
 # rows into forwards by length, a number that differs between ranks): an overhead no padding beats.
 LOCKSTEP_GROUP_OVERHEAD = 1 << 40
 _DUMMY_TOKEN = 0  # what an idle rank's lockstep forward reads; its logits are thrown away
+_CACHE_BYTES = 256 * 2**20  # alone: the prefix KV LRU's bound (the server's default)
+# Lockstep: no bound; what a call holds is the KV of the tasks it is given (callers pass a piece's).
+_LOCKSTEP_CACHE_BYTES = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,15 @@ def decode_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-@torch.no_grad()
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: it holds a tensor
+class DecodeTask:
+    """What the inputs of one task decode with: its soft prompt, answer length and stop strings."""
+
+    prompt: torch.Tensor | None  # [P, hidden]; None: no virtual tokens (the untuned backbone)
+    max_new_tokens: int  # the most tokens a request generates (EOS counts as one, as in the server)
+    stop: tuple[str, ...] = ()  # the task's stop strings (`TaskMeta.stop`)
+
+
 def generate_texts(
     model,
     tokenizer,
@@ -77,49 +94,99 @@ def generate_texts(
     batch_size: int = 16,
     any_busy: Callable[[bool], bool] | None = None,
 ) -> list[str]:
-    """The server's greedy answer to each of `inputs`, as its stream would deliver it (not stripped).
+    """The server's greedy answer to each of `inputs` under one task's `prompt` (None: zero-shot):
+    `generate_texts_of_tasks` with a single task (see there for the arguments)."""
+    task = DecodeTask(prompt, max_new_tokens, tuple(stop))
+    return generate_texts_of_tasks(
+        model, tokenizer, [task], [(0, ids) for ids in inputs], batch_size=batch_size, any_busy=any_busy
+    )
+
+
+@torch.no_grad()
+def generate_texts_of_tasks(
+    model,
+    tokenizer,
+    tasks: Sequence[DecodeTask],
+    inputs: Sequence[tuple[int, Sequence[int]]],
+    *,
+    batch_size: int = 16,
+    any_busy: Callable[[bool], bool] | None = None,
+) -> list[str]:
+    """The server's greedy answer to each of `inputs`, as its stream would deliver it (not stripped),
+    requests of many tasks decoded in the same steps (the engine's mixed batches).
 
     Args:
         model: a transformers causal LM, frozen, in eval mode.
-        prompt: the task's soft prompt `[P, hidden]`; None: no virtual tokens (zero-shot).
-        inputs: each request's token ids (the rendered, tokenised input; not empty).
-        max_new_tokens: the most tokens a request generates (EOS counts as one, as in the server).
-        stop: the task's stop strings (`TaskMeta.stop`): whitespace before the answer never stops it.
+        tasks: the tasks the inputs name. Tasks holding the same prompt object share its prefix KV
+            (one entry, computed once); in lockstep every rank must pass the same list.
+        inputs: each request's (index of its task in `tasks`, token ids: rendered, tokenised, not empty).
         batch_size: rows decoded together (the server's `max_batch_size`).
         any_busy: lockstep across ranks: called once per step with whether this rank has work, it
             returns whether any rank has (e.g. an all-reduce); None: this process alone.
     """
-    if any(len(ids) == 0 for ids in inputs):
+    if any(len(ids) == 0 for _, ids in inputs):
         raise ValueError("every input needs at least one token")
-    # no_grad, not inference mode: the model may train next (`ModelRunner`'s `inference_mode`).
-    overhead = LOCKSTEP_GROUP_OVERHEAD if any_busy else 64
-    runner = ModelRunner(model, group_overhead_tokens=overhead, inference_mode=False)
-    prompt = prompt.detach() if prompt is not None else torch.zeros(0, runner.hidden_size)
-    task = OfflineTask("offline", 0, prompt)
-    runner.prefix_cache.get_many([(task.name, task.version, task.prompt)])  # on every rank, at once
-    eos = eos_token_ids(model, tokenizer)
-    params = SamplingParams(max_tokens=max_new_tokens)
-    waiting = deque(
-        Request(str(i), task.name, list(ids), params, 0.0, eos, task, task_stop=list(stop))
-        for i, ids in enumerate(inputs)
+    if any(not 0 <= t < len(tasks) for t, _ in inputs):
+        raise ValueError(f"an input names a task outside the {len(tasks)} given")
+    lockstep = any_busy is not None
+    # Alone, the prefix cache is the server's LRU (a miss is computed at its rows' prefill). In lockstep a
+    # miss would be a forward the other ranks do not run: every rank computes every task's prompt KV
+    # before the first step (the same list: the same forwards) and keeps it for the call.
+    runner = ModelRunner(
+        model,
+        prefix_cache_bytes=_LOCKSTEP_CACHE_BYTES if lockstep else _CACHE_BYTES,
+        group_overhead_tokens=LOCKSTEP_GROUP_OVERHEAD if lockstep else 64,
+        inference_mode=False,  # no_grad, not inference mode: the model may train next
     )
-    budget = sum(len(ids) for ids in inputs) + batch_size  # never chunked: a step admits whole prompts
+    entries = _offline_tasks(tasks, runner.hidden_size)
+    if lockstep:
+        distinct = {e.name: e for e in entries}.values()
+        runner.prefix_cache.get_many([(e.name, e.version, e.prompt) for e in distinct])
+    idle = entries[0] if entries else OfflineTask("idle", 0, torch.zeros(0, runner.hidden_size))
+    eos = eos_token_ids(model, tokenizer)
+    waiting = deque(
+        Request(
+            str(i),
+            entries[t].name,
+            list(ids),
+            SamplingParams(max_tokens=tasks[t].max_new_tokens),
+            0.0,
+            eos,
+            entries[t],
+            task_stop=list(tasks[t].stop),
+        )
+        for i, (t, ids) in enumerate(inputs)
+    )
+    budget = sum(len(ids) for _, ids in inputs) + batch_size  # never chunked: a step admits whole prompts
     sched = Scheduler(SchedulerConfig(batch_size, len(inputs) + 1, max(budget, 1)))
     texts = {r.request_id: "" for r in waiting}
     order = [r.request_id for r in waiting]
     while True:
-        if waiting and (any_busy is None or not sched.has_work):  # lockstep: the next wave
-            for _ in range(len(waiting) if any_busy is None else min(batch_size, len(waiting))):
+        if waiting and (not lockstep or not sched.has_work):  # lockstep: the next wave
+            for _ in range(len(waiting) if not lockstep else min(batch_size, len(waiting))):
                 sched.add(waiting.popleft())
-        if any_busy is not None and not any_busy(sched.has_work):
+        if lockstep and not any_busy(sched.has_work):
             break
         if not sched.has_work:
-            if any_busy is None:
+            if not lockstep:
                 break
-            runner.next_token_logits([task], [[_DUMMY_TOKEN]])  # others still decode: keep step
+            runner.next_token_logits([idle], [[_DUMMY_TOKEN]])  # others still decode: keep step
             continue
         _step(runner, sched, texts, lambda ids: decode_text(tokenizer, ids))
     return [texts[rid] for rid in order]
+
+
+def _offline_tasks(tasks: Sequence[DecodeTask], hidden_size: int) -> list[OfflineTask]:
+    """The runner's task of each of `tasks`: one per distinct prompt object (its prefix KV entry)."""
+    by_prompt: dict[int, OfflineTask] = {}
+    out = []
+    for task in tasks:
+        key = id(task.prompt)  # every prompt stays referenced by `tasks` for the call: ids stay unique
+        if key not in by_prompt:
+            prompt = task.prompt.detach() if task.prompt is not None else torch.zeros(0, hidden_size)
+            by_prompt[key] = OfflineTask(f"prompt{len(by_prompt)}", 0, prompt)
+        out.append(by_prompt[key])
+    return out
 
 
 def _step(runner: ModelRunner, sched: Scheduler, texts: dict[str, str], decode) -> None:

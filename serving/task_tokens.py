@@ -29,7 +29,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 
-from serving.registry import TaskEntry
+from serving.registry import IndexedTask, TaskEntry
+
+Task = IndexedTask | TaskEntry  # what is read of it: name, version, meta (never the prompt)
 
 CACHE_IDS = 1 << 22  # token ids held for all tasks together (16 MiB: int32 each)
 _BREAKS = " \t\n\r"  # whitespace every tokenizer's `\s` matches
@@ -95,7 +97,7 @@ class TaskTokenCache:
         self._held = 0
         self._lock = threading.Lock()
 
-    def prompt_ids(self, entry: TaskEntry, rendered: str, raw: bool = False) -> list[int]:
+    def prompt_ids(self, entry: Task, rendered: str, raw: bool = False) -> list[int]:
         """`encode(rendered)` for a prompt rendered with `entry`'s metadata (its prefix, then the
         request's input; `raw`: the request's text alone), without encoding the prefix again."""
         prefix = entry.meta.prefix
@@ -104,11 +106,11 @@ class TaskTokenCache:
         tokens = self._get(entry)
         return [*tokens.head, *self._encode(tokens.tail + rendered[len(prefix) :])]
 
-    def label_ids(self, entry: TaskEntry) -> dict[str, list[int]]:
+    def label_ids(self, entry: Task) -> dict[str, list[int]]:
         """Each label's verbaliser words as ids (shared: do not modify)."""
         return self._get(entry).labels
 
-    def warm(self, entry: TaskEntry) -> None:
+    def warm(self, entry: Task) -> None:
         """Tokenise `entry`'s version now (the prompt-store loader does, off the request path)."""
         self._get(entry)
 
@@ -122,7 +124,7 @@ class TaskTokenCache:
     def held_ids(self) -> int:
         return self._held
 
-    def _get(self, entry: TaskEntry) -> _TaskTokens:
+    def _get(self, entry: Task) -> _TaskTokens:
         with self._lock:
             tokens = self._entries.get(entry.name)
             if tokens is not None and tokens.version == entry.version:
@@ -137,7 +139,7 @@ class TaskTokenCache:
                 self._drop(next(iter(self._entries)))
         return tokens
 
-    def _tokenize(self, entry: TaskEntry) -> _TaskTokens:
+    def _tokenize(self, entry: Task) -> _TaskTokens:
         meta = entry.meta
         labels = {label: self._encode(words) for label, words in meta.verbaliser.items()}
         cut = stable_cut(meta.prefix) if self.split else 0

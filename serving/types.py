@@ -157,6 +157,10 @@ class EngineStats(ReadByKey):
     prefix_cache_misses_total: int = 0
     prefix_cache_evictions_total: int = 0
     prefix_cache_bytes: int = 0  # held by the prefix cache now
+    prompt_cache_hits_total: int = 0  # task prompts found loaded (`serving.prompt_cache`)
+    prompt_cache_misses_total: int = 0  # task prompts read from the store
+    prompt_cache_evictions_total: int = 0
+    prompt_cache_bytes: int = 0  # loaded prompts held now
     requests_finished_total: int = 0  # ended any way: done, aborted, timed out or failed
     requests_failed_total: int = 0  # ended because the model failed on them
     tasks: int = 0  # servable tasks
@@ -246,3 +250,10 @@ class EngineError(ServingError):
 
 class RequestTimeout(RetryableError):
     status, type, code = 503, "timeout_error", "request_timeout"
+
+
+class PromptUnavailable(ServingError):
+    """The task is indexed but its prompt cannot be read or failed its checks on first use (e.g. its
+    file became corrupt): this request fails, the task stops being served until its files change."""
+
+    status, type, code = 503, "server_error", "prompt_unavailable"

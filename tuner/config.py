@@ -369,6 +369,11 @@ class JobConfig:
     resume: bool = documented(
         True, "Resume from the newest complete checkpoint in the run directory if there is one."
     )
+    export_format: str = documented(
+        "auto",
+        "How <run>/adapters is written: dirs (a PEFT directory per task), packed (sharded safetensors + "
+        "index.json, tuner.prompt_store) or auto (packed for task families or more than 64 tasks).",
+    )
 
     def __post_init__(self) -> None:
         for name, cls in (
@@ -386,6 +391,7 @@ class JobConfig:
         check_non_negative("eval_every", self.eval_every)
         check_non_negative("checkpoint_every", self.checkpoint_every)
         check_positive("checkpoint_full_every", self.checkpoint_full_every)
+        check_choice("export_format", self.export_format, ("auto", "packed", "dirs"))
         self.search.check(self)  # refuses unknown or unsearchable keys and invalid values, in one line
 
     @property

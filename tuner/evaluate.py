@@ -2,8 +2,9 @@
 
 `score_labels` scores every label's verbaliser tokens after the input (one forward per example
 when every label is a single distinct token, else one segment per (example, label), packed).
-`generate_greedy` decodes with the server's own code (`serving.offline`: its scheduler, model runner
-and output path), so the answers scored are the answers a served request gets, whatever the batch:
+`generate_greedy_of_tasks` (`generate_greedy`: one task) decodes with the server's own code
+(`serving.offline`: its scheduler, model runner and output path; examples of many tasks in the same
+steps), so the answers scored are the answers a served request gets, whatever the batch:
 until end-of-sequence or one of the task's stop strings (whitespace before the answer is never a
 stop). `classification_metrics` and `generation_metrics` (chrF,
 ROUGE-L with `rouge-score`, exact match against every reference) score the results. Which of these
@@ -31,10 +32,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from serving.offline import generate_texts
+from serving.offline import DecodeTask, generate_texts_of_tasks
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.model.zero import world
-from tuner.tasks.batching import TokenizedExample, collate
+from tuner.tasks.batching import MultiTaskBatch, TokenizedExample, collate
 from tuner.tasks.input_budget import cut_input, max_input_tokens
 from tuner.tasks.stops import find_stop
 
@@ -266,7 +267,8 @@ def score_labels_of_tasks(
     device="cpu",
 ) -> list[dict[str, float]]:
     """Log-probability of every label's verbaliser tokens for each example, examples of many tasks packed
-    into mixed rows as training packs them (each segment reads its own task's prompt).
+    into mixed rows as training packs them (each segment reads its own task's prompt; a task's examples
+    in one forward share one copy of it).
 
     `verbalisers` and `prompts` are by task (`prompts=None`: zero-shot, no virtual tokens). A task whose
     labels are single distinct tokens costs one segment per example (its labels read off the logits at
@@ -279,8 +281,12 @@ def score_labels_of_tasks(
         if key not in cache:
             cache[key] = one_token_labels(tokenizer, verbalisers[t])
         single[t] = cache[key]
-    by_one = [i for i, e in enumerate(examples) if single[e.task] is not None]
-    by_nll = [i for i, e in enumerate(examples) if single[e.task] is None]
+    # A task's examples side by side, whatever order they came in: they land in the same forwards, where
+    # they share one prompt copy (`_MixedForward`). Results go back to each example's place.
+    first = {t: k for k, t in enumerate(single)}
+    by_task = sorted(range(len(examples)), key=lambda i: first[examples[i].task])
+    by_one = [i for i in by_task if single[examples[i].task] is not None]
+    by_nll = [i for i in by_task if single[examples[i].task] is None]
     results: list[dict[str, float] | None] = [None] * len(examples)
     forward = _MixedForward(lm, tokenizer, prompts, max_len, device)
     if by_one:
@@ -296,7 +302,8 @@ def score_labels_of_tasks(
 
 @dataclass
 class _MixedForward:
-    """Forwards over examples of several tasks: each batch's prompts stacked for the tasks in it."""
+    """Forwards over examples of several tasks: each batch's prompts stacked for the tasks in it, one
+    packed row per forward where the attention kernel allows (`one_row`)."""
 
     lm: PromptTunedLM
     tokenizer: Any
@@ -304,7 +311,14 @@ class _MixedForward:
     max_len: int
     device: Any
 
-    def run(self, segments: list[TokenizedExample], return_logits: bool):
+    def __post_init__(self) -> None:
+        # A kernel that computes attention span by span (every packed kernel but the dense `eager`
+        # reference) makes a row's length free: each forward is then one row, so nothing is padding
+        # and each task in the forward has one prompt copy, whatever the tasks' lengths.
+        self.one_row = self.lm.kernel_for(torch.device(self.device)) != "eager"
+
+    def batch(self, segments: list[TokenizedExample]) -> tuple[MultiTaskBatch, torch.Tensor]:
+        """The forward's batch (on the device) and its prompt table (row i: the i-th task in it)."""
         tasks = list(dict.fromkeys(s.task for s in segments))
         if self.prompts is None:
             rows, P, table = dict.fromkeys(tasks, 0), 0, torch.zeros(1, 0, 1, device=self.device)
@@ -319,7 +333,12 @@ class _MixedForward:
             max_len=self.max_len,
             pad_id=self.tokenizer.pad_token_id,
             share_prompts=self.lm.supports_shared_prompts,
-        ).to(self.device)
+            row_len=self.max_len * len(segments) if self.one_row else 0,  # every segment fits one row
+        )
+        return batch.to(self.device), table
+
+    def run(self, segments: list[TokenizedExample], return_logits: bool):
+        batch, table = self.batch(segments)
         return batch, self.lm(batch, table, return_logits=return_logits)
 
     def one_token(self, examples, verbalisers, single, batch_size: int) -> list[dict[str, float]]:
@@ -328,13 +347,17 @@ class _MixedForward:
         for chunk, n_real in _shard_lockstep(examples, batch_size):
             cands = [single[e.task] for e in chunk]
             segs = [TokenizedExample(e.task, e.input_ids, [c[0]]) for e, c in zip(chunk, cands)]
-            batch, out = self.run(segs, return_logits=True)
-            # One target per segment, but targets come in packed-row order: put them back in segment order.
-            logp = torch.empty(batch.num_segments, out.target_logits.shape[-1], device=self.device)
-            logp[batch.target_seg] = torch.log_softmax(out.target_logits, dim=-1)
+            batch, table = self.batch(segs)
+            # The logits at the answers alone (no loss: the labels are read off them).
+            logits = self.lm.target_logits(self.lm.hidden_states(batch, table, targets_only=True), batch)
+            # One target per segment, but targets come in packed-row order: `at[s]` is segment s's. Only the
+            # labels' log-probabilities are kept: logit - logsumexp, no [N, V] log-softmax written out.
+            at = torch.empty_like(batch.target_seg)
+            at[batch.target_seg] = torch.arange(len(at), device=at.device)
             width = max(len(c) for c in cands)
             index = torch.tensor([c + c[:1] * (width - len(c)) for c in cands], device=self.device)
-            picked = logp.gather(1, index).cpu()
+            lse = torch.logsumexp(logits, dim=-1)[at]
+            picked = (logits[at[:, None], index] - lse[:, None]).cpu()
             for e, c, row in zip(chunk[:n_real], cands, picked):
                 results.append(dict(zip(verbalisers[e.task], row[: len(c)].tolist())))
         return _gather(results)
@@ -376,29 +399,55 @@ def generate_greedy(
     device="cpu",
     stop: Sequence[str] = (),
 ) -> list[str]:
-    """Greedy answers, decoded by the server's own code (`serving.offline.generate_texts`): each is
-    the text a served request for the same input streams, stripped.
+    """Greedy answers of one task's examples under `prompt`: `generate_greedy_of_tasks` with one task."""
+    task = DecodeTask(prompt, max_new_tokens, tuple(stop))
+    tasks = dict.fromkeys((e.task for e in examples), task)  # in order: the same on every rank
+    return generate_greedy_of_tasks(lm, tokenizer, examples, tasks, max_len, batch_size, device)
 
-    Each input keeps its last `max_len - P - max_new_tokens` tokens (`tuner.tasks.input_budget`, the
-    rule the task's adapter records for the server). A row ends at end-of-sequence or at a `stop`
-    string (whitespace before the answer never stops it). Ranks decode every world-size-th example,
-    up to `batch_size` rows at a time, stepping in lockstep (ZeRO-3: `_any_rank_busy`).
+
+def generate_greedy_of_tasks(
+    lm: PromptTunedLM,
+    tokenizer,
+    examples: list[TokenizedExample],
+    tasks: Mapping[str, DecodeTask],
+    max_len: int,
+    batch_size: int = 16,
+    device="cpu",
+) -> list[str]:
+    """Greedy answers, examples of many tasks decoded together by the server's own code
+    (`serving.offline.generate_texts_of_tasks`, its mixed-task steps): each is the text a served
+    request for the same input streams, stripped.
+
+    `tasks` gives each example's task (`example.task`): its prompt, answer length and stop strings
+    (the same mapping on every rank). Each input keeps its last `max_len - P - max_new_tokens` tokens
+    (`tuner.tasks.input_budget`, the rule the task's adapter records for the server). A row ends at
+    end-of-sequence or at a stop string (whitespace before the answer never stops it). Ranks decode
+    every world-size-th example, up to `batch_size` rows at a time, stepping in lockstep (ZeRO-3:
+    `_any_rank_busy`).
     """
-    P = 0 if prompt is None else prompt.shape[0]
-    limit = max_input_tokens(max_len, P, max_new_tokens)
+    used = {e.task for e in examples}
+    names = [n for n in tasks if n in used]  # the mapping's order: the same list on every rank
+    if len(names) < len(used):
+        raise KeyError(f"no decoding settings for task {next(iter(used - set(names)))!r}")
+    index = {n: i for i, n in enumerate(names)}
+    limit = {
+        n: max_input_tokens(max_len, _prompt_length(tasks[n].prompt), tasks[n].max_new_tokens) for n in names
+    }
     rank, size = world()
-    mine = [cut_input(e.input_ids, limit) for e in examples[rank::size]]
-    texts = generate_texts(
+    mine = [(index[e.task], cut_input(e.input_ids, limit[e.task])) for e in examples[rank::size]]
+    texts = generate_texts_of_tasks(
         lm.backbone,
         tokenizer,
-        prompt,
+        [tasks[n] for n in names],
         mine,
-        max_new_tokens,
-        stop=stop,
         batch_size=batch_size,
         any_busy=_any_rank_busy(device) if size > 1 else None,
     )
     return [t.strip() for t in _gather(texts)]
+
+
+def _prompt_length(prompt: torch.Tensor | None) -> int:
+    return 0 if prompt is None else prompt.shape[0]
 
 
 def _any_rank_busy(device) -> Callable[[bool], bool]:

@@ -3,9 +3,10 @@
 Runs in this process (one rank). Reads prompts from `<run_dir>/adapters/<task>/` (safetensors)
 and the job config the run saved in `summary.json`, unless `--config` is given. `evaluate_command`
 returns the metrics; `render_results` is the human-readable form (the CLI prints one or the other,
-so `--json` output is JSON alone). While it scores, a bar over every task's eval examples runs on
-stderr; with a run directory, each example's prediction goes to
-`<run_dir>/predictions/eval_tuned/<task>.jsonl` (`eval_zero_shot` with `--zero-shot`).
+so `--json` output is JSON alone). Every task is scored in one pass (`evaluate_tasks`: examples of
+many tasks share forwards and decoding steps; each task's numbers are those it gets alone). While it
+scores, a bar over every task's eval examples runs on stderr; with a run directory, each example's
+prediction goes to `<run_dir>/predictions/eval_tuned/<task>.jsonl` (`eval_zero_shot` with `--zero-shot`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from pathlib import Path
 
 from tuner.config import ConfigError, JobConfig, apply_overrides, from_dict, load_job_config, one_line
 from tuner.evaluate import TaskScores
-from tuner.export import load_adapter
 from tuner.job import load_task_specs
 from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.progress import EvalPass
 from tuner.report import SUMMARY_FILE, collapse_warning, read_summary, render_table
+from tuner.run_adapters import AdapterStore
 from tuner.run_dir import PREDICTIONS_DIR, write_predictions
 from tuner.tasks.data import TaskData
-from tuner.tasks.kinds import evaluate_task
+from tuner.tasks.kinds import evaluate_tasks
 
 
 def _job_config(run_dir: str | None, config: str | None, overrides: list[str]) -> JobConfig:
@@ -41,19 +42,27 @@ def _job_config(run_dir: str | None, config: str | None, overrides: list[str]) -
     return from_dict(JobConfig, apply_overrides(saved, overrides))
 
 
-def _adapter_prompt(run_dir: str, task: str, lm: PromptTunedLM):
-    """Task `task`'s exported prompt in `run_dir`, checked against the backbone's width."""
-    task_dir = Path(run_dir) / "adapters" / task
-    try:
-        prompt = load_adapter(task_dir).prompt
-    except Exception as e:  # truncated safetensors, bad JSON, a non-regular file...
-        raise ConfigError(f"adapter {task_dir} is unreadable ({one_line(e)})") from None
+def _adapter_prompts(run_dir: str, names, lm: PromptTunedLM) -> dict:
+    """Each task's exported prompt in `run_dir` (a packed store or per-task directories, opened once),
+    checked against the backbone's width."""
+    root = Path(run_dir) / "adapters"
     width = lm.embed.weight.shape[1]
-    if prompt.shape[1] != width:
-        raise ConfigError(
-            f"adapter {task_dir} has prompts {prompt.shape[1]} wide; the backbone's embeddings are {width}"
-        )
-    return prompt
+    try:
+        store = AdapterStore(root)
+    except Exception as e:  # a damaged index, an unreadable directory...
+        raise ConfigError(f"adapters {root} are unreadable ({one_line(e)})") from None
+    prompts = {}
+    for task in names:
+        try:
+            prompt = store.adapter(task).prompt
+        except Exception as e:  # truncated safetensors, bad JSON, a non-regular file, a missing task...
+            raise ConfigError(f"adapter {task!r} in {root} is unreadable ({one_line(e)})") from None
+        if prompt.shape[1] != width:
+            raise ConfigError(
+                f"adapter {task!r} in {root} has prompts {prompt.shape[1]} wide; the backbone's embeddings are {width}"
+            )
+        prompts[task] = prompt
+    return prompts
 
 
 def evaluate_command(
@@ -89,21 +98,23 @@ def evaluate_command(
         TaskData.load(spec, tok, max_eval=cfg.data.max_eval_examples, seed=cfg.data.seed, need_train=False)
         for spec in load_task_specs(cfg.tasks)
     ]
-    prompts = {t.spec.name: None if zero_shot else _adapter_prompt(run_dir, t.spec.name, lm) for t in tasks}
+    by_name = {t.spec.name: t for t in tasks}
+    prompts = None if zero_shot else _adapter_prompts(run_dir, by_name, lm)
     what = "zero-shot" if zero_shot else "tuned"
-    scores, out = {}, {"tasks": {}}
+    out: dict = {"tasks": {}}
+    # Every task at once, as training evaluates: classification packs examples of many tasks into the
+    # same rows, generation and NER decode them in the same steps (`evaluate_tasks`).
     with EvalPass(f"{what} eval", sum(len(t.eval) for t in tasks), show=progress) as bar:
-        for data in tasks:
-            name = data.spec.name
-            scores[name] = evaluate_task(
-                lm, tok, data, prompts[name], cfg.model.max_seq_len, device, progress=bar.advance
-            )
-            record = scores[name].to_json() if scores[name] else {}  # as summary.json records it
-            out["tasks"][name] = {
-                "metric": data.spec.metric,
-                "zero_shot": record if zero_shot else {},
-                "tuned": {} if zero_shot else record,
-            }
+        scores = evaluate_tasks(
+            lm, tok, by_name, prompts, cfg.model.max_seq_len, device, progress=bar.advance
+        )
+    for name, data in by_name.items():
+        record = scores[name].to_json() if scores[name] else {}  # as summary.json records it
+        out["tasks"][name] = {
+            "metric": data.spec.metric,
+            "zero_shot": record if zero_shot else {},
+            "tuned": {} if zero_shot else record,
+        }
     if predictions_dir is None and run_dir:
         predictions_dir = Path(run_dir) / PREDICTIONS_DIR / f"eval_{what.replace('-', '_')}"
     if predictions_dir is not None:

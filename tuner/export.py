@@ -7,7 +7,9 @@ A task directory holds:
                              verbaliser, metric, stop strings
 
 `peft.PeftModel.from_pretrained(backbone, task_dir)` loads it as is. Only safetensors is ever
-read; task names are validated before they become directory names.
+read; task names are validated before they become directory names. A run of many tasks writes one
+packed store instead (`tuner.prompt_store`; `tuner.run_adapters` picks), from which
+`promptfleet export --peft` writes a task in this format (`write_adapter_files`).
 
 Publishing is atomic: each save writes a new version directory `root/.versions/<name>/<version>/`
 and then flips ONE pointer, the relative symlink `root/<name>`, with a single `os.replace`. A
@@ -59,7 +61,7 @@ MAX_HEADER_BYTES = 1 << 20  # a safetensors header: one tensor's dtype, shape an
 _LIMITS = {ADAPTER_CONFIG: MAX_CONFIG_BYTES, ADAPTER_WEIGHTS: MAX_WEIGHTS_BYTES, TASK_META: MAX_META_BYTES}
 _OPEN_ATTEMPTS = 5  # a reader whose resolved version is pruned under it resolves the pointer again
 PROMPT_TENSOR = "prompt_embeddings"
-_FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype -> bytes per value
+FLOAT_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}  # safetensors dtype -> bytes per value
 
 # Bounds of a `promptfleet_task.json`, written by others into a store a server reads (the prefix and
 # template are bounded by the reader, e.g. serving's longest prompt; `extra` by the file's size).
@@ -292,14 +294,7 @@ def save_adapter(root: str | os.PathLike, adapter: TaskAdapter, backbone_config)
     versions.mkdir(parents=True, exist_ok=True)
     # Names sort by time, so "older than the one we replace" is a string comparison.
     version = Path(tempfile.mkdtemp(prefix=f"{time.time_ns():020d}-", dir=versions))
-    cfg = peft_config_dict(adapter.prompt.shape[0], backbone_config, adapter.backbone)
-    _write(version / ADAPTER_CONFIG, json.dumps(cfg, indent=2, default=str).encode())
-    save_file(
-        {PROMPT_TENSOR: adapter.prompt.detach().float().contiguous().cpu()},
-        str(version / ADAPTER_WEIGHTS),
-    )
-    meta = json.dumps({"name": adapter.name, **adapter.meta.to_dict()}, indent=2, default=str).encode()
-    _write(version / TASK_META, meta)
+    write_adapter_files(version, adapter, backbone_config)
     version.chmod(0o755)  # mkdtemp makes it 0700; the server may run as another user
     final = root / adapter.name
     previous = os.readlink(final) if final.is_symlink() else None
@@ -315,6 +310,18 @@ def save_adapter(root: str | os.PathLike, adapter: TaskAdapter, backbone_config)
     os.replace(link, final)  # the one atomic step: readers see the old version or the new one
     _prune(versions, version.name, keep=Path(previous).name if previous else "")
     return final
+
+
+def write_adapter_files(directory: Path, adapter: TaskAdapter, backbone_config) -> None:
+    """The three files of a PEFT prompt-tuning adapter, written into the existing `directory`.
+    `backbone_config` needs `hidden_size`, `num_attention_heads` and `num_hidden_layers`."""
+    cfg = peft_config_dict(adapter.prompt.shape[0], backbone_config, adapter.backbone)
+    _write(directory / ADAPTER_CONFIG, json.dumps(cfg, indent=2, default=str).encode())
+    save_file(
+        {PROMPT_TENSOR: adapter.prompt.detach().float().contiguous().cpu()}, str(directory / ADAPTER_WEIGHTS)
+    )
+    meta = json.dumps({"name": adapter.name, **adapter.meta.to_dict()}, indent=2, default=str).encode()
+    _write(directory / TASK_META, meta)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -390,13 +397,11 @@ def _prompt_header(f: BinaryIO, d: Path) -> tuple[str, list[int], int]:
             f"{d}: {ADAPTER_WEIGHTS} must hold one tensor `{PROMPT_TENSOR}`, it has {sorted(tensors)[:5]}"
         )
     dtype, shape = info.get("dtype"), info.get("shape")
-    if not isinstance(dtype, str) or dtype not in _FLOAT_BYTES:
-        raise ValueError(
-            f"{d}: {PROMPT_TENSOR} has dtype {dtype!r:.20}, not one of {', '.join(_FLOAT_BYTES)}"
-        )
+    if not isinstance(dtype, str) or dtype not in FLOAT_BYTES:
+        raise ValueError(f"{d}: {PROMPT_TENSOR} has dtype {dtype!r:.20}, not one of {', '.join(FLOAT_BYTES)}")
     if not (isinstance(shape, list) and len(shape) == 2 and all(type(x) is int and x >= 0 for x in shape)):
         raise ValueError(f"{d}: {PROMPT_TENSOR} has shape {shape!r:.60}, not [num_virtual_tokens, width]")
-    nbytes = shape[0] * shape[1] * _FLOAT_BYTES[dtype]
+    nbytes = shape[0] * shape[1] * FLOAT_BYTES[dtype]
     if info.get("data_offsets") != [0, nbytes] or size != 8 + n + nbytes:
         raise ValueError(
             f"{d}: {ADAPTER_WEIGHTS} has {size} bytes, its header describes {8 + n + nbytes} "
@@ -437,7 +442,7 @@ def _open_version(task_dir: str | os.PathLike, files: ExitStack) -> tuple[Path, 
         files.enter_context(attempt)
         opened = {}
         for fname, limit in _LIMITS.items():
-            opened[fname] = _open_regular(d / fname, limit)
+            opened[fname] = open_regular(d / fname, limit)
             if opened[fname] is not None:
                 attempt.enter_context(opened[fname])
         if all(f is not None for f in opened.values()) or _resolve_version(task_dir) == d:
@@ -454,7 +459,7 @@ def _open_version(task_dir: str | os.PathLike, files: ExitStack) -> tuple[Path, 
     )
 
 
-def _open_regular(path: Path, limit: int) -> BinaryIO | None:
+def open_regular(path: Path, limit: int) -> BinaryIO | None:
     """`path` opened, or None if it does not exist; ValueError unless it is a regular file of at most
     `limit` bytes. Opened non-blocking and checked on the open descriptor: a FIFO or device swapped
     in would otherwise block the reader (the serving engine's thread) or never end."""

@@ -31,6 +31,7 @@ from tuner.tasks.spec import TaskSpec
 if TYPE_CHECKING:
     import torch
 
+    from tuner.model.memory import Workload
     from tuner.model.zero import ZeroSettings, ZeroSetup
     from tuner.tasks.data import MultiTaskSampler, TaskData
 
@@ -113,30 +114,39 @@ def prepare_job(cfg: JobConfig, *, claim: bool = False) -> PreparedJob:
     return job
 
 
+def job_workload(job: PreparedJob, world_size: int, dtype: torch.dtype) -> Workload:
+    """What one training step of `job` asks of each of `world_size` ranks: its share of the micro-batch,
+    the sequence length and the prompt bank, one row per registered task (`PreparedJob.task_names`: a
+    task family counts every task of its table, not the one entry of `cfg.tasks` that names it)."""
+    import torch
+
+    from tuner.model.memory import Workload
+
+    cfg = job.cfg
+    micro = cfg.optim.batch_size // cfg.optim.grad_accum
+    return Workload(
+        seq_len=cfg.model.max_seq_len,
+        micro_batch=-(-micro // world_size),
+        num_tasks=len(job.task_names),
+        num_virtual_tokens=cfg.prompt.num_virtual_tokens,
+        dtype={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+    )
+
+
 def zero_setup(
-    cfg: JobConfig,
+    job: PreparedJob,
     backbone_path: str,
     dtype: torch.dtype,
     world_size: int,
     log: Callable[[str], None] = lambda msg: None,
     settings: ZeroSettings | None = None,
 ) -> ZeroSetup:
-    """The backbone's layout over ranks for job `cfg` (`tuner.model.zero.prepare_zero` on its cluster
-    section and what one training step asks of each rank). `settings` replaces the ZeRO-3 knobs of
-    `cluster.*` (benchmarks)."""
-    import torch
-
-    from tuner.model.memory import Workload
+    """The backbone's layout over ranks for `job` (`tuner.model.zero.prepare_zero` on its cluster
+    section and what one training step asks of each rank, `job_workload`). `settings` replaces the
+    ZeRO-3 knobs of `cluster.*` (benchmarks)."""
     from tuner.model.zero import prepare_zero
 
-    micro = cfg.optim.batch_size // cfg.optim.grad_accum
-    workload = Workload(
-        seq_len=cfg.model.max_seq_len,
-        micro_batch=-(-micro // world_size),
-        num_tasks=len(cfg.tasks),
-        num_virtual_tokens=cfg.prompt.num_virtual_tokens,
-        dtype={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
-    )
+    workload = job_workload(job, world_size, dtype)
     return prepare_zero(
-        cfg.cluster, workload, world_size, backbone=backbone_path, dtype=dtype, settings=settings, log=log
+        job.cfg.cluster, workload, world_size, backbone=backbone_path, dtype=dtype, settings=settings, log=log
     )

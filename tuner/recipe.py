@@ -47,18 +47,17 @@ import torch.distributed as dist
 
 from tuner import checkpoint as ckpt
 from tuner.config import ConfigError, JobConfig, to_dict
-from tuner.export import TaskAdapter, TaskMeta, save_adapter
 from tuner.fleet_summary import render_fleet_summary
-from tuner.job import prepare_job, zero_setup
+from tuner.job import PreparedJob, prepare_job, zero_setup
 from tuner.metrics import CheckpointRecord, EvalPoint, EvalProgress, RestartRecord, RunHistory, StepMetrics
 from tuner.model.backbone import load_tokenizer, pick_attention, pick_dtype, resolve_backbone
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.model.zero import ZeroChoice, ZeroSettings, allreduce_rows_grad, world
 from tuner.progress import EvalPass, describe_eval, step_postfix
-from tuner.prompts.continual import carry_adapters
 from tuner.prompts.optim import lr_at
 from tuner.prompts.params import PromptParams
 from tuner.report import RunSummary, TaskSummary, collapse_warnings, render_report
+from tuner.run_adapters import export_run
 from tuner.run_dir import PREDICTIONS_DIR, mark_finished, write_predictions
 from tuner.tasks.data import TaskData
 from tuner.tasks.kinds import evaluate_tasks, kind_of
@@ -175,7 +174,7 @@ class MultiTaskPromptTuningRecipe:
             self._setup_search()
 
         if self.lm is None:
-            self.lm = self._load_backbone(path)
+            self.lm = self._load_backbone(path, job)
         self.backbone_path = path
 
         if self.search_driver:  # variant rows of the independent parameterisation (config refuses the others)
@@ -188,13 +187,13 @@ class MultiTaskPromptTuningRecipe:
         self._resume()
         self.batches = recipe_step_batches(self)
 
-    def _load_backbone(self, path: str) -> PromptTunedLM:
+    def _load_backbone(self, path: str, job: PreparedJob) -> PromptTunedLM:
         """The frozen backbone at `path`, replicated or ZeRO-3 partitioned over the ranks."""
         cfg = self.cfg
         # Replicate or ZeRO-3 (cluster.zero_stage, auto by default); under ZeRO-3 this must run
         # before loading so weights are partitioned while they load.
         self._zero = zero_setup(
-            cfg, path, self.dtype, self.world_size, log=self._log, settings=self.zero_settings
+            job, path, self.dtype, self.world_size, log=self._log, settings=self.zero_settings
         )
         self.backbone_layout = self._zero.choice
         attention = pick_attention(cfg.model.attn_implementation, self.device)
@@ -502,16 +501,11 @@ class MultiTaskPromptTuningRecipe:
             summary.search = self.search_driver.summary()
             summary.search_scoring_s = self.search_driver.scoring_s  # since this process started (or resumed)
         if self.is_main:
-            for name, data in self.tasks.items():
-                score = final[name].score if final[name] is not None else None  # None: no eval split
-                prompt, max_len = self.prompt(self.prompt_row(name)), self.cfg.model.max_seq_len
-                meta = TaskMeta.from_spec(
-                    data.spec, data.prefix, score, max_len=max_len, virtual_tokens=len(prompt)
-                )
-                adapter = TaskAdapter(name, prompt, self.cfg.model.name, meta)
-                save_adapter(self.run_dir / "adapters", adapter, self.lm.backbone.config)
-            if self.source:
-                carry_adapters(self.source, self.run_dir / "adapters", self.lm.backbone.config)
+            export_run(  # per-task directories or one packed store (`export_format`), then the carried ones
+                self.run_dir / "adapters", self.tasks, final, lambda n: self.prompt(self.prompt_row(n)),
+                self.lm.backbone.config, backbone=self.cfg.model.name, max_len=self.cfg.model.max_seq_len,
+                export_format=self.cfg.export_format, source=self.source,
+            )  # fmt: skip
             (self.run_dir / "summary.json").write_text(json.dumps(summary.to_json(), indent=2, default=float))
             (self.run_dir / "report.md").write_text(render_report(summary) + render_fleet_summary(summary))
             write_predictions(self.run_dir / PREDICTIONS_DIR / "tuned", final)

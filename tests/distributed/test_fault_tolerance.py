@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from local_ray import REPO, LocalRayCluster
+from local_ray import REPO, LocalRayCluster, shared_cluster
 from safetensors.torch import load_file
 from tiny_job import write_tiny_backbone, write_tiny_job
 
@@ -121,10 +121,9 @@ def test_save_killed_midway_resumes_from_newest_complete_checkpoint(job, capsys)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    cluster = LocalRayCluster.start(num_cpus=2)
-    yield cluster
-    cluster.stop()
+def ray_cluster(request):
+    """The 2-CPU local Ray cluster these tests share with other modules (`local_ray.shared_cluster`)."""
+    yield from shared_cluster(request)
 
 
 def train_cmd(job: Path, cluster: LocalRayCluster, *overrides: str) -> list[str]:

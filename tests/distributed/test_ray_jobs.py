@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from local_ray import REPO, LocalRayCluster, free_port
+from local_ray import REPO, LocalRayCluster, free_port, shared_cluster
 from prometheus_client.parser import text_string_to_metric_families
 from tiny_job import write_tiny_backbone, write_tiny_job
 
@@ -28,10 +28,9 @@ WHOLE_CLUSTER = {"num_workers": 1, "cpus_per_worker": 2, "zero_stage": 0}
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    cluster = LocalRayCluster.start(num_cpus=2)
-    yield cluster
-    cluster.stop()
+def ray_cluster(request):
+    """The 2-CPU local Ray cluster these tests share with other modules (`local_ray.shared_cluster`)."""
+    yield from shared_cluster(request)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +47,6 @@ def status(cluster: LocalRayCluster, job_id: str) -> str:
     proc = cluster.promptfleet("jobs", "status", job_id, "--address", cluster.address)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.split(":")[0].strip()
-
-
-def wait_for_status(cluster, job_id: str, wanted: set[str], timeout_s: float = 300) -> str:
-    deadline = time.monotonic() + timeout_s
-    while (s := status(cluster, job_id)) not in wanted:
-        assert time.monotonic() < deadline, f"{job_id} still {s}"
-        time.sleep(1)
-    return s
 
 
 def test_auth_and_unknown_jobs_are_one_line_errors(ray_cluster):
@@ -104,7 +95,8 @@ def test_remote_style_submit_reads_and_writes_on_shared_storage(ray_cluster, bac
     assert str(REPO) not in sub.entrypoint and "output_dir" not in sub.entrypoint
     client = connect(ray_cluster.address, ray_cluster.token)
     job_id = submit_job(client, sub)
-    assert wait_for(client, job_id, timeout_s=300) == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
+    state = wait_for(client, job_id, timeout_s=300, poll_s=0.2)
+    assert state == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
     listing = ray_cluster.promptfleet("jobs", "list", "--address", ray_cluster.address).stdout
     (line,) = [x for x in listing.splitlines() if x.startswith(job_id)]
     assert str(REPO) not in line and "output_dir" not in line, line
@@ -228,21 +220,22 @@ def test_stop_a_running_job_and_scrape_its_metrics(ray_cluster, backbone, tmp_pa
     proc, job_id = submit(ray_cluster, str(job))
     assert proc.returncode == 0, proc.stderr[-2000:]
     checkpoints = tmp_path / "runs" / "endless" / "checkpoints"
+    client = connect(ray_cluster.address, ray_cluster.token)  # polled in-process: a CLI call per poll
     deadline = time.monotonic() + 600  # generous: a loaded 2-core machine starts Ray Train workers slowly
     while not list(checkpoints.glob("step_*")):  # training is under way
-        assert time.monotonic() < deadline and status(ray_cluster, job_id) in ("PENDING", "RUNNING")
-        time.sleep(1)
+        assert time.monotonic() < deadline and str(client.get_job_status(job_id)) in ("PENDING", "RUNNING")
+        time.sleep(0.2)
 
     # The driver serves the metrics (cluster.launch), from rank 0's records: they reach it through its
     # queue, so the checkpoint on disk may be a moment ahead of them.
     while (families := scrape(port))["promptfleet_train_last_checkpoint_step"].samples[0].value < 5:
         assert time.monotonic() < deadline
-        time.sleep(1)
+        time.sleep(0.2)
     assert {s.labels["task"] for s in families["promptfleet_train_task_loss"].samples} == {"tone", "topic"}
     assert families["promptfleet_train_step"].samples[0].value >= 5
     # ... and it is the job's driver process that listens, not a Ray Train worker (on a KubeRay cluster
     # the driver runs on the head pod, the one k8s/monitoring.yaml scrapes).
-    driver = connect(ray_cluster.address, ray_cluster.token).get_job_info(job_id).driver_info
+    driver = client.get_job_info(job_id).driver_info
     listening = [
         c
         for c in psutil.Process(int(driver.pid)).net_connections(kind="tcp")

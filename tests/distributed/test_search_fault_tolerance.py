@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from local_ray import LocalRayCluster
+from local_ray import shared_cluster
 from test_fault_tolerance import applied_steps, prompts, run_train, train_killing_a_worker
 from tiny_job import write_tiny_backbone, write_tiny_job
 
@@ -45,10 +45,9 @@ def job(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    cluster = LocalRayCluster.start(num_cpus=2)
-    yield cluster
-    cluster.stop()
+def ray_cluster(request):
+    """The 2-CPU local Ray cluster these tests share with other modules (`local_ray.shared_cluster`)."""
+    yield from shared_cluster(request)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from local_ray import REPO, LocalRayCluster
+from local_ray import REPO, LocalRayCluster, shared_cluster
 from safetensors.torch import load_file
 from tiny_job import write_tiny_backbone, write_tiny_job
 
@@ -36,31 +36,44 @@ def job(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    cluster = LocalRayCluster.start(num_cpus=2)
-    yield cluster
-    cluster.stop()
+def ray_cluster(request):
+    """The 2-CPU local Ray cluster these tests share with other modules (`local_ray.shared_cluster`)."""
+    yield from shared_cluster(request)
 
 
-def tune(cluster: LocalRayCluster, *args: str) -> subprocess.CompletedProcess:
+def start_tune(cluster: LocalRayCluster, *args: str) -> subprocess.Popen:
     """`promptfleet tune ARGS --address` this cluster, as a driver on its head node runs it."""
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "tune", *args, "--address", cluster.gcs_address],
         cwd=REPO,
         env=cluster.env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=600,
     )
 
 
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()  # a no-op once it has exited
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def tune(cluster: LocalRayCluster, *args: str) -> subprocess.CompletedProcess:
+    return finish(start_tune(cluster, *args))
+
+
 def test_bad_params_are_refused_in_one_line(job, ray_cluster):
-    for param, message in (
+    cases = (
         ("prompt.num_virtual_tokens=0,4", "prompt.num_virtual_tokens=0: must be > 0"),
         ("optim.nope=1,2", "unknown key 'optim.nope'"),
         ("prompt.num_virtual_tokens", "must look like key=value1,value2"),
-    ):
-        proc = tune(ray_cluster, str(job), "--param", param)
+    )
+    # Independent refusals, each in its own CLI process: started side by side (each is mostly imports).
+    started = [start_tune(ray_cluster, str(job), "--param", param) for param, _ in cases]
+    for (_, message), proc in zip(cases, [finish(p) for p in started]):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
 

@@ -31,7 +31,9 @@ def run_dir(tmp_path_factory):
         "checkpoint_every=1",
         "cluster.zero_stage=3",  # the sharded path (auto would replicate a backbone this small)
     ]
-    env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
+    # The embedded Ray inherits this environment: Ray Train's controller polls its workers every 0.5 s
+    # (default 2 s), so the run's start and end are noticed sooner (as on `tests/distributed/local_ray.py`).
+    env = {**os.environ, "RAY_DEDUP_LOGS": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return out / "ci"

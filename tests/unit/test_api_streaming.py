@@ -36,8 +36,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("api_streaming")
     backbone = tiny_backbone_dir(root)
     cfg = server_config(
-        engine_config(write_prompt_store(root, backbone), backbone, max_new_tokens_limit=1900),
-        disconnect_poll_s=0.05,
+        engine_config(write_prompt_store(root, backbone), backbone, max_new_tokens_limit=1900)
     )
     engine = RecordingEngine(cfg.engine)
     with UvicornThread(create_app(engine, cfg)) as url:

@@ -31,7 +31,7 @@ from conftest import REPO, smollm2_tokenizer_dir, tiny_llama
 from test_serving_runner import sharp_llama
 
 from serving.engine import Engine, EngineConfig
-from serving.offline import generate_texts
+from serving.offline import generate_texts, generate_texts_of_tasks
 from serving.types import GenerationRequest, SamplingParams
 from tuner import evaluate
 from tuner.evaluate import cut_at_stop, generate_greedy
@@ -177,11 +177,11 @@ def test_a_long_input_is_cut_the_same_way_by_evaluation_and_serving(tmp_path, to
 
     fed_eval: list[list[int]] = []
 
-    def spy(model, tokenizer, prompt, inputs, *args, **kwargs):
-        fed_eval.extend(list(i) for i in inputs)
-        return generate_texts(model, tokenizer, prompt, inputs, *args, **kwargs)
+    def spy(model, tokenizer, tasks, inputs, **kwargs):
+        fed_eval.extend(list(ids) for _, ids in inputs)
+        return generate_texts_of_tasks(model, tokenizer, tasks, inputs, **kwargs)
 
-    monkeypatch.setattr(evaluate, "generate_texts", spy)
+    monkeypatch.setattr(evaluate, "generate_texts_of_tasks", spy)
     evaluated = generate_greedy(PromptTunedLM(model), tokenizer, data.eval, prompt, new, max_len)
 
     engine = Engine(

@@ -81,6 +81,33 @@ def test_eval_cli_rescoring_matches_training_summary(finished):
         assert out["tasks"][name]["tuned"]["accuracy"] == pytest.approx(task["tuned"]["accuracy"])
 
 
+def test_eval_cli_reads_a_run_whose_adapters_are_a_packed_store(finished, tmp_path):
+    """A fleet run exports a packed store (`tuner.prompt_store`): `eval` reads it as it reads directories."""
+    import shutil
+
+    root, _, summary = finished
+    run_dir = tmp_path / "packed-run"
+    shutil.copytree(root / "runs" / "tiny", run_dir, symlinks=True)
+    shutil.move(run_dir / "adapters", tmp_path / "dirs")
+    cli = [sys.executable, "-m", "cluster.cli"]
+    res = subprocess.run(
+        [*cli, "export", str(tmp_path / "dirs"), "--packed", str(run_dir / "adapters")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    assert (run_dir / "adapters" / "index.json").is_file()
+    res = subprocess.run(
+        [*cli, "eval", str(run_dir), "--json"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    for name, task in summary["tasks"].items():
+        assert out["tasks"][name]["tuned"]["accuracy"] == pytest.approx(task["tuned"]["accuracy"])
+
+
 @pytest.mark.parametrize("damage", ["truncated_weights", "wrong_width", "bad_summary"])
 def test_eval_of_a_damaged_run_directory_is_one_line_naming_the_file(finished, tmp_path, damage):
     """These used to end in a bare SafetensorError, a broadcast RuntimeError or a KeyError: 'config'."""

@@ -6,11 +6,11 @@ the decision against the real SmolLM2 backbone on this machine's memory.
 
 import pytest
 import torch
-from conftest import REPO, tiny_llama
+from conftest import REPO, tiny_llama, write_tiny_tasks
 
 from cluster.cli import main as cli_main
-from tuner.config import ConfigError, load_job_config
-from tuner.job import zero_setup
+from tuner.config import ConfigError, JobConfig, load_job_config
+from tuner.job import PreparedJob, job_workload, load_task_specs, zero_setup
 from tuner.model.memory import GB, BackboneShape, Workload, estimate, load_shape
 from tuner.model.zero import ZeroSettings, choose_zero, deepspeed_config
 
@@ -62,11 +62,16 @@ def _smollm2_job(*overrides):
     return load_job_config(REPO / "configs" / "quickstart.yaml", ["cluster.num_workers=2", *overrides])
 
 
+def _prepared(cfg) -> PreparedJob:
+    return PreparedJob(cfg, load_task_specs(cfg.tasks))
+
+
 def test_auto_replicates_smollm2_on_this_machine():
     from tuner.model.backbone import resolve_backbone
 
     logged = []
-    setup = zero_setup(_smollm2_job(), resolve_backbone("smollm2-135m"), torch.float32, 2, logged.append)
+    job = _prepared(_smollm2_job())
+    setup = zero_setup(job, resolve_backbone("smollm2-135m"), torch.float32, 2, logged.append)
     assert setup.choice.stage == 0 and setup.settings is None
     assert len(logged) == 1 and "replicate" in logged[0]
 
@@ -79,12 +84,33 @@ def test_auto_shards_when_the_budget_is_below_the_model():
     logged = []
     # SmolLM2 in fp32 is 0.5 GiB: a 0.3 GiB budget cannot hold it whole.
     cfg = _smollm2_job("cluster.memory_budget_gb=0.3")
-    setup = zero_setup(cfg, resolve_backbone("smollm2-135m"), torch.float32, 2, logged.append)
+    setup = zero_setup(_prepared(cfg), resolve_backbone("smollm2-135m"), torch.float32, 2, logged.append)
     assert setup.choice.stage == 3 and setup.settings.stage == 3
     assert setup.hf_config.is_zero3()
     assert "ZeRO-3" in logged[0] and "0.3 GiB" in logged[0]
     del setup
     assert not is_deepspeed_zero3_enabled()  # nothing left behind for later loads
+
+
+def test_the_prompt_bank_is_sized_for_every_task_a_family_registers(tmp_path):
+    """A task family is one entry of `cfg.tasks` that registers a task per id: the workload the layout is
+    chosen for holds a prompt-bank row (and its Adam moments) per registered task, 3 + 1 here, not 2."""
+    rows = ["customer\tsentence\tlabel"] + [f"c{i}\tfine film\t{j}" for i in range(3) for j in (0, 1)]
+    for split in ("train", "eval"):
+        (tmp_path / f"{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (tmp_path / "reviews.yaml").write_text(
+        "name: reviews\nkind: classification\nfamily: {id_column: customer}\n"
+        "data: {format: tsv, train: train.tsv, eval: eval.tsv}\n"
+        'template: "Review: {sentence}\\nSentiment:"\nverbaliser: {"0": " negative", "1": " positive"}\n'
+    )
+    (plain,) = write_tiny_tasks(tmp_path, n_train=2, n_eval=2, names=("pos_neg",))
+    cfg = JobConfig(tasks=[str(tmp_path / "reviews.yaml"), str(plain)])
+    cfg.prompt.num_virtual_tokens = 8
+    job = _prepared(cfg)
+    work = job_workload(job, 2, torch.float32)
+    assert len(cfg.tasks) == 2 and work.num_tasks == len(job.task_names) == 4
+    shape = _shape(tiny_llama())
+    assert estimate(shape, work, partition=1).prompt_bank_and_optimiser == 3 * 4 * 4 * 8 * shape.hidden_size
 
 
 def test_several_nodes_add_hpz_inside_a_node():

@@ -64,28 +64,28 @@ class SpanAttention:
 
     @staticmethod
     def _bucket(spans: list[tuple[int, int, int, int]], P: int, L: int) -> _Bucket:
-        Q = max(n for _, _, n, _ in spans)
-        K = Q + max((P for *_, pre in spans if pre >= 0), default=0)
-        q_index = torch.empty(len(spans), Q, dtype=torch.long)
-        k_index = torch.empty(len(spans), K, dtype=torch.long)
-        mask = torch.zeros(len(spans), 1, Q, K, dtype=torch.bool)
-        out_index, out_select = [], []
-        causal = torch.ones(Q, Q, dtype=torch.bool).tril()
-        for b, (row, start, n, pre) in enumerate(spans):
-            base, p = row * L, P if pre >= 0 else 0
-            own = torch.arange(start, start + n) + base
-            q_index[b] = base + start  # padding queries read (and attend to) the span's first position
-            q_index[b, :n] = own
-            k_index[b] = base + start
-            k_index[b, p : p + n] = own
-            mask[b, 0, :n, p : p + n] = causal[:n, :n]
-            if p:
-                k_index[b, :p] = torch.arange(pre, pre + p) + base
-                mask[b, 0, :n, :p] = True
-            mask[b, 0, n:, 0] = True  # padding queries: one harmless key keeps the softmax finite
-            out_index.append(own)
-            out_select.append(torch.arange(n) + b * Q)
-        return _Bucket(q_index, k_index, mask, torch.cat(out_index), torch.cat(out_select))
+        # In tensor ops over all the bucket's spans at once: a forward of a fleet's examples holds
+        # thousands of spans (each example and each prompt copy is one), so no Python work per span.
+        row, start, n, pre = torch.tensor(spans, dtype=torch.long).unbind(1)
+        Q = int(n.max())
+        p = torch.where(pre >= 0, P, 0)  # [B] prompt keys each span reads (its prompt copy's P, or none)
+        K = Q + (P if bool((pre >= 0).any()) else 0)
+        base = row * L
+        i = torch.arange(Q)[None, :]  # [1, Q] query offset in the span
+        valid = i < n[:, None]  # [B, Q] the span's own queries; the rest pad the bucket
+        # padding queries read (and attend to) the span's first position
+        q_index = base[:, None] + start[:, None] + torch.where(valid, i, 0)
+        j = torch.arange(K)[None, :]  # [1, K] key slots: the prompt copy, then the span itself
+        own = j - p[:, None]  # [B, K] offset in the span of an own key
+        in_prompt = j < p[:, None]
+        in_own = (own >= 0) & (own < n[:, None])
+        own_or_first = start[:, None] + torch.where(in_own, own, 0)  # unused slots read the first position
+        k_index = base[:, None] + torch.where(in_prompt, pre[:, None] + j, own_or_first)
+        causal = own[:, None, :] <= i[:, :, None]  # [B, Q, K]
+        mask = valid[:, :, None] & (in_prompt[:, None, :] | (in_own[:, None, :] & causal))
+        mask[:, :, 0] |= ~valid  # padding queries: one harmless key keeps the softmax finite
+        out_select = (i + Q * torch.arange(len(spans))[:, None])[valid]
+        return _Bucket(q_index, k_index, mask[:, None], q_index[valid], out_select)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> SpanAttention:
         return map_tensors(self, lambda t: t.to(device, non_blocking=non_blocking))

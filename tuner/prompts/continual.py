@@ -7,8 +7,8 @@ A finished run directory holds `adapters/<task>/` (plain PEFT prompts, what was 
     the sampler), so the new run's checkpoint can itself be an `init_from` later;
   * loads the source's shared vector and freezes it, so every old task's composed prompt stays
     exactly what was exported (old tasks need no re-evaluation);
-  * re-publishes every source adapter unchanged (`carry_adapters`): the same tensor and metadata
-    through the same writer, so the files are byte-identical.
+  * re-publishes every source adapter unchanged (`tuner.run_adapters.export_run`): the same tensor
+    and metadata through the same writer, so the files are byte-identical.
 The job lists only new tasks: a task that is already in the source is a configuration error.
 `check_source` runs before the job claims its run directory, `load_source` in the recipe's setup.
 
@@ -32,7 +32,7 @@ import torch
 from tuner import checkpoint as ckpt
 from tuner.config import ConfigError
 from tuner.evaluate import mean_target_loss
-from tuner.export import load_adapter, save_adapter
+from tuner.run_adapters import AdapterStore
 from tuner.run_dir import RUN_FILE
 
 
@@ -44,7 +44,7 @@ class SourceRun:
     method: str  # its prompt.method
     rows: dict[str, torch.Tensor]  # row name -> its per-task row, as in the source bank
     shared: torch.Tensor | None  # the source's shared vector (None: independent)
-    adapters: dict[str, Path]  # task -> its published adapter directory
+    adapters: dict[str, Path]  # task -> root/<task>: its directory, or its name in a packed store `root`
 
 
 def check_source(run_dir: str | Path, method: str, new_tasks: list[str]) -> tuple[Path, ckpt.CheckpointState]:
@@ -84,16 +84,14 @@ def load_source(
             f"prompt.init_from={run_dir}: its prompts have shape {tuple(bank.shape[1:])}, this job's {tuple(row_shape)} "
             "(num_virtual_tokens, rank or backbone differ)"
         )
-    adapters = {}
-    for d in sorted((path / "adapters").iterdir()):
-        if d.name.startswith("."):
-            continue
-        adapter = load_adapter(d)
+    adapters, store = {}, AdapterStore(path / "adapters")  # per-task directories or a packed store
+    for name in store.names:
+        adapter = store.adapter(name)
         if adapter.backbone != backbone:
             raise ConfigError(
-                f"prompt.init_from={run_dir}: task {d.name} was trained on {adapter.backbone}, not {backbone}"
+                f"prompt.init_from={run_dir}: task {name} was trained on {adapter.backbone}, not {backbone}"
             )
-        adapters[d.name] = d
+        adapters[name] = path / "adapters" / name
     rows = {name: bank[i] for i, name in enumerate(state.task_names)}
     missing = sorted(set(adapters) ^ set(rows))
     if missing:
@@ -101,13 +99,6 @@ def load_source(
             f"prompt.init_from={run_dir}: adapters and checkpoint differ in {', '.join(missing[:5])}"
         )
     return SourceRun(path, state.prompt_method, rows, tensors.get("shared"), adapters)
-
-
-def carry_adapters(source: SourceRun, root: Path, backbone_config) -> list[str]:
-    """Publish every source adapter under `root` unchanged; returns their task names."""
-    for d in source.adapters.values():
-        save_adapter(root, load_adapter(d), backbone_config)
-    return list(source.adapters)
 
 
 def choose_sources(

@@ -64,7 +64,8 @@ def evaluate_tasks(
 ) -> dict[str, TaskScores | None]:
     """Every task's scores, as `evaluate_task` gives them, in the order of `tasks`: the tasks of a kind
     are evaluated together (`TaskKind.evaluate_many`: classification packs examples of many tasks into
-    the same rows). `prompts` by task name (None: zero-shot); None for a task without eval examples."""
+    the same rows; generation and NER decode them in the same steps, `DecodedKind`). `prompts` by task
+    name (None: zero-shot); None for a task without eval examples."""
     setup = EvalSetup(lm, tokenizer, max_len, device, batch_size, progress)
     by_kind: dict[str, list[TaskData]] = {}
     for data in tasks.values():

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from tuner.evaluate import TaskScores, generate_greedy
+from serving.offline import DecodeTask
+from tuner.evaluate import TaskScores, generate_greedy_of_tasks
 from tuner.model.zero import world
 
 if TYPE_CHECKING:
@@ -158,27 +159,47 @@ def decoded_scores(
     score: Callable[[TaskData, list[str]], dict],
     judge: Callable[[TaskData, list[str]], list[tuple[bool, dict]]] = exact_matches,
 ) -> TaskScores:
-    """Greedy answers to every eval example, scored by `score(data, answers)`, with three samples and
-    each example's prediction record (`judge(data, answers)`: each answer's (correct, scores))."""
-    spec = data.spec
+    """One task's scores from its greedy answers: `decoded_scores_of_tasks` with one task."""
+    return decoded_scores_of_tasks(setup, [data], {data.spec.name: prompt}, score, judge)[data.spec.name]
+
+
+def decoded_scores_of_tasks(
+    setup: EvalSetup,
+    datas: list[TaskData],
+    prompts: Mapping[str, torch.Tensor | None] | None,
+    score: Callable[[TaskData, list[str]], dict],
+    judge: Callable[[TaskData, list[str]], list[tuple[bool, dict]]] = exact_matches,
+) -> dict[str, TaskScores]:
+    """Each task's scores by name: greedy answers to every eval example of every task, decoded together
+    (the server's mixed-task steps, `generate_greedy_of_tasks`: each task its own prompt, answer length
+    and stop strings), scored per task by `score(data, answers)`, with three samples and each example's
+    prediction record (`judge(data, answers)`: each answer's (correct, scores)). `prompts` by task
+    (None: zero-shot). An answer is the same text whichever tasks decode beside it."""
     batch = max(1, setup.batch_size // 2)
+    tasks = {
+        d.spec.name: DecodeTask(
+            None if prompts is None else prompts[d.spec.name], d.spec.max_new_tokens, tuple(d.spec.stop)
+        )
+        for d in datas
+    }
 
     def decode(examples: list) -> list[str]:
-        return generate_greedy(
-            setup.lm,
-            setup.tokenizer,
-            examples,
-            prompt,
-            spec.max_new_tokens,
-            setup.max_len,
-            batch,
-            setup.device,
-            spec.stop,
-        )
+        s = setup
+        return generate_greedy_of_tasks(s.lm, s.tokenizer, examples, tasks, s.max_len, batch, s.device)
 
-    # Pieces of several batches: alone, the server's loop admits a row as another finishes, so only a
-    # piece's last rows decode beside free slots.
-    hyps = in_pieces(setup, data.eval, batch, decode, batches=DECODED_PIECE_BATCHES)
+    # Pieces of several batches: the server's loop admits a row as another finishes, so only a piece's
+    # last rows decode beside free slots.
+    examples = [e for d in datas for e in d.eval]
+    hyps = in_pieces(setup, examples, batch, decode, batches=DECODED_PIECE_BATCHES)
+    out, at = {}, 0
+    for d in datas:
+        out[d.spec.name] = _answers_scored(d, hyps[at : at + len(d.eval)], score, judge)
+        at += len(d.eval)
+    return out
+
+
+def _answers_scored(data: TaskData, hyps: list[str], score, judge) -> TaskScores:
+    """A task's `TaskScores` from its answers (in the order of its eval examples)."""
     m = score(data, hyps)
     refs = [e.target.strip() for e in data.eval_text]
     m["samples"] = [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps))[:3]]
@@ -186,4 +207,26 @@ def decoded_scores(
         prediction(e, data.prefix, e.references or [e.target.strip()], h, correct, scores)
         for e, h, (correct, scores) in zip(data.eval_text, hyps, judge(data, hyps), strict=True)
     ]
-    return TaskScores.of(spec.metric, m, predictions)
+    return TaskScores.of(data.spec.metric, m, predictions)
+
+
+class DecodedKind(TaskKind):
+    """A kind scored by decoding greedily (generation, NER): it says how a task's answers score
+    (`score`: the task's metrics; `judge`: each answer's (correct, scores)); evaluation decodes the
+    examples of all its tasks together (`decoded_scores_of_tasks`)."""
+
+    def score(self, data: TaskData, hyps: list[str]) -> dict:
+        """The task's metrics from every eval example's answer."""
+        raise NotImplementedError
+
+    def judge(self, data: TaskData, hyps: list[str]) -> list[tuple[bool, dict]]:
+        """Each answer's (correct, scores) for its prediction record (default: exact match)."""
+        return exact_matches(data, hyps)
+
+    def evaluate(self, setup: EvalSetup, data: TaskData, prompt: torch.Tensor | None) -> TaskScores:
+        return decoded_scores(setup, data, prompt, self.score, self.judge)
+
+    def evaluate_many(
+        self, setup: EvalSetup, datas: list[TaskData], prompts: Mapping[str, torch.Tensor] | None
+    ) -> dict[str, TaskScores]:
+        return decoded_scores_of_tasks(setup, datas, prompts, self.score, self.judge)

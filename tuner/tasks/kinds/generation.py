@@ -1,26 +1,25 @@
 """Generation: free text from a target field; scored by decoding greedily and comparing to references.
 
 Training teaches `target_prefix` + the first target field's text, ended by end-of-sequence.
-Evaluation decodes greedily (until end-of-sequence or a `stop` string) and reports chrF, ROUGE-L and
-exact match against every reference of an example (one per target field), and each example's own.
+Evaluation decodes greedily (until end-of-sequence or a `stop` string; the examples of all generation
+tasks together, `DecodedKind`) and reports chrF, ROUGE-L and exact match against every reference of an
+example (one per target field), and each example's own.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from tuner.config import ConfigError
-from tuner.evaluate import TaskScores, generation_example_scores, generation_metrics
-from tuner.tasks.kinds.base import EvalSetup, TaskKind, decoded_scores, text
+from tuner.evaluate import generation_example_scores, generation_metrics
+from tuner.tasks.kinds.base import DecodedKind, text
 
 if TYPE_CHECKING:
     from tuner.tasks.data import TaskData
     from tuner.tasks.spec import TaskSpec
 
 
-class Generation(TaskKind):
+class Generation(DecodedKind):
     name = "generation"
     metrics = ("chrf", "rouge_l", "exact_match")
 
@@ -37,14 +36,12 @@ class Generation(TaskKind):
         refs = [text(row.get(f)) for f in spec.target_fields]
         return [r for r in refs if r] or refs[:1]
 
-    def evaluate(self, setup: EvalSetup, data: TaskData, prompt: torch.Tensor | None) -> TaskScores:
-        def refs(data: TaskData) -> list[list[str]]:
-            return [e.references or [e.target.strip()] for e in data.eval_text]
+    @staticmethod
+    def _refs(data: TaskData) -> list[list[str]]:
+        return [e.references or [e.target.strip()] for e in data.eval_text]
 
-        def score(data: TaskData, hyps: list[str]) -> dict:
-            return generation_metrics(refs(data), hyps)
+    def score(self, data: TaskData, hyps: list[str]) -> dict:
+        return generation_metrics(self._refs(data), hyps)
 
-        def judge(data: TaskData, hyps: list[str]) -> list[tuple[bool, dict]]:
-            return [(s["exact_match"] == 1.0, s) for s in generation_example_scores(refs(data), hyps)]
-
-        return decoded_scores(setup, data, prompt, score, judge)
+    def judge(self, data: TaskData, hyps: list[str]) -> list[tuple[bool, dict]]:
+        return [(s["exact_match"] == 1.0, s) for s in generation_example_scores(self._refs(data), hyps)]

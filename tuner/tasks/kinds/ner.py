@@ -9,7 +9,8 @@ nothing a model writes can make it raise. `entity_metrics` scores the tags with 
 (entity-level precision / recall / F1 and the per-type table).
 
 `Ner` is the task kind: a row needs `tokens` and `tags` (CoNLL files are read by
-`tuner.tasks.readers.read_conll`); evaluation decodes greedily and scores the parsed tags.
+`tuner.tasks.readers.read_conll`); evaluation decodes greedily (the examples of all NER tasks
+together, `DecodedKind`) and scores the parsed tags.
 It does not tokenise or batch (see `tuner.tasks.data`).
 """
 
@@ -20,11 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from tuner.config import ConfigError
-from tuner.evaluate import TaskScores
-from tuner.tasks.kinds.base import EvalSetup, TaskKind, decoded_scores
+from tuner.tasks.kinds.base import DecodedKind
 
 if TYPE_CHECKING:
     from tuner.tasks.data import TaskData
@@ -159,7 +157,7 @@ def sentence_entity_f1(gold: list[str], pred: list[str]) -> float:
     return 2 * len(g & p) / (len(g) + len(p)) if g or p else 1.0
 
 
-class Ner(TaskKind):
+class Ner(DecodedKind):
     name = "ner"
     metrics = ("entity_f1",)
 
@@ -178,18 +176,14 @@ class Ner(TaskKind):
     def fill_example(self, example: TaskExample, row: dict[str, Any]) -> None:
         example.words, example.tags = list(row["tokens"]), list(row["tags"])
 
-    def evaluate(self, setup: EvalSetup, data: TaskData, prompt: torch.Tensor | None) -> TaskScores:
+    def score(self, data: TaskData, hyps: list[str]) -> dict:
         names = data.spec.verbaliser
+        pred = [parse_entities(h, e.words, names) for h, e in zip(hyps, data.eval_text)]
+        return entity_metrics([e.tags for e in data.eval_text], pred)
 
-        def score(data: TaskData, hyps: list[str]) -> dict:
-            pred = [parse_entities(h, e.words, names) for h, e in zip(hyps, data.eval_text)]
-            return entity_metrics([e.tags for e in data.eval_text], pred)
-
-        def judge(data: TaskData, hyps: list[str]) -> list[tuple[bool, dict]]:
-            out = []
-            for h, e in zip(hyps, data.eval_text, strict=True):
-                pred = parse_entities(h, e.words, names)
-                out.append((pred == e.tags, {"entity_f1": sentence_entity_f1(e.tags, pred)}))
-            return out
-
-        return decoded_scores(setup, data, prompt, score, judge)
+    def judge(self, data: TaskData, hyps: list[str]) -> list[tuple[bool, dict]]:
+        out = []
+        for h, e in zip(hyps, data.eval_text, strict=True):
+            pred = parse_entities(h, e.words, data.spec.verbaliser)
+            out.append((pred == e.tags, {"entity_f1": sentence_entity_f1(e.tags, pred)}))
+        return out
