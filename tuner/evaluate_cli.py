@@ -53,13 +53,14 @@ def _adapter_prompts(run_dir: str, names, lm: PromptTunedLM) -> dict:
         raise ConfigError(f"adapters {root} are unreadable ({one_line(e)})") from None
     prompts = {}
     for task in names:
+        where = root / task if store.index is None else f"{task!r} of the packed store {root}"
         try:
             prompt = store.adapter(task).prompt
         except Exception as e:  # truncated safetensors, bad JSON, a non-regular file, a missing task...
-            raise ConfigError(f"adapter {task!r} in {root} is unreadable ({one_line(e)})") from None
+            raise ConfigError(f"adapter {where} is unreadable ({one_line(e)})") from None
         if prompt.shape[1] != width:
             raise ConfigError(
-                f"adapter {task!r} in {root} has prompts {prompt.shape[1]} wide; the backbone's embeddings are {width}"
+                f"adapter {where} has prompts {prompt.shape[1]} wide; the backbone's embeddings are {width}"
             )
         prompts[task] = prompt
     return prompts

@@ -18,7 +18,7 @@ import threading
 
 import pytest
 import torch
-from conftest import smollm2_tokenizer_dir, tiny_job_yaml, tiny_llama, write_generation_task, write_tiny_tasks
+from conftest import smollm2_tokenizer_dir, tiny_job_yaml, write_generation_task, write_tiny_tasks
 from test_one_generation_path import direct_answer, tiny_examples
 from test_serving_runner import sharp_llama
 
@@ -41,18 +41,8 @@ def tokenizer():
 
 
 def sharp_wide_llama():
-    """`sharp_llama`'s unit-scale weights with the real tokenizer's vocabulary (task data ids reach
-    49151): greedy tokens that depend on prompt and position and stand well clear of float noise."""
-    model = tiny_llama(vocab_size=49152)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0.0, module.in_features**-0.5, generator=g)
-        embed = model.get_input_embeddings().weight
-        embed.normal_(0.0, 1.0, generator=g)
-        model.lm_head.weight = torch.nn.Parameter(torch.randn(embed.shape, generator=g), requires_grad=False)
-    return model
+    """`sharp_llama` with the real tokenizer's vocabulary (task data ids reach 49151)."""
+    return sharp_llama(vocab_size=49152)
 
 
 def prompt_of(seed: int, length: int = 4) -> torch.Tensor:

@@ -19,14 +19,15 @@ VOCAB, HIDDEN = 128, 32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def sharp_llama():
-    """The tiny Llama re-initialised at unit scale (linears N(0, 1/fan_in), embeddings N(0, 1)).
+def sharp_llama(**config):
+    """The tiny Llama re-initialised at unit scale (linears N(0, 1/fan_in), embeddings N(0, 1));
+    `config` overrides its config (e.g. `vocab_size`).
 
     At the default init (std 0.02) the residual stream is just the input embedding, so the model
     repeats its input and logits are near-ties; this model's greedy tokens depend on the prompt and
     position and are well separated from float noise.
     """
-    model = tiny_llama()
+    model = tiny_llama(**config)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for module in model.modules():
