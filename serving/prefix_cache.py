@@ -32,13 +32,41 @@ class PrefixCacheStats:
     entries: int = 0
 
 
-class PrefixKVCache:
-    def __init__(self, compute: ComputeKV, capacity_bytes: int, enabled: bool = True):
-        self._compute = compute
+class BytesLRU:
+    """Entries by key, least recently used first, bounded by the bytes of their values (`size_of`);
+    `capacity_bytes` None: unbounded. `stats` needs `evictions`, `bytes` and `entries`. Shared by the
+    prefix KV cache and the prompt cache (`serving.prompt_cache`); hits and misses are the users' to count."""
+
+    def __init__(self, capacity_bytes: int | None, stats, size_of: Callable[[object], int]):
         self.capacity_bytes = capacity_bytes
+        self.stats = stats
+        self._size_of = size_of
+        self._entries: OrderedDict[tuple[str, Hashable], object] = OrderedDict()
+
+    def _put(self, key: tuple[str, Hashable], value) -> None:
+        size, cap = self._size_of(value), self.capacity_bytes
+        if cap is not None and size > cap:
+            return  # larger than the whole cache: served, not kept
+        self._drop(key)
+        while cap is not None and self.stats.bytes + size > cap:
+            self._drop(next(iter(self._entries)))
+            self.stats.evictions += 1
+        self._entries[key] = value
+        self.stats.bytes += size
+        self.stats.entries = len(self._entries)
+
+    def _drop(self, key: tuple[str, Hashable]) -> None:
+        value = self._entries.pop(key, None)
+        if value is not None:
+            self.stats.bytes -= self._size_of(value)
+            self.stats.entries = len(self._entries)
+
+
+class PrefixKVCache(BytesLRU):
+    def __init__(self, compute: ComputeKV, capacity_bytes: int, enabled: bool = True):
+        super().__init__(capacity_bytes, PrefixCacheStats(), lambda kv: kv.numel() * kv.element_size())
+        self._compute = compute
         self.enabled = enabled
-        self._entries: OrderedDict[tuple[str, Hashable], torch.Tensor] = OrderedDict()
-        self.stats = PrefixCacheStats()
 
     def get_many(self, items: list[tuple[str, Hashable, torch.Tensor]]) -> list[torch.Tensor]:
         """KV `[L, 2, kv_heads, P, head_dim]` for each `(task, version, prompt[P, H])`.
@@ -96,24 +124,6 @@ class PrefixKVCache:
         """Keep `kv` `[L, 2, kv_heads, P, head_dim]`, computed by the caller, as `task`'s prompt KV."""
         if self.enabled:
             self._put((task, version), kv)
-
-    def _put(self, key: tuple[str, Hashable], kv: torch.Tensor) -> None:
-        size = kv.numel() * kv.element_size()
-        if size > self.capacity_bytes:
-            return  # larger than the whole cache: serve it uncached
-        self._drop(key)
-        while self.stats.bytes + size > self.capacity_bytes:
-            self._drop(next(iter(self._entries)))
-            self.stats.evictions += 1
-        self._entries[key] = kv
-        self.stats.bytes += size
-        self.stats.entries = len(self._entries)
-
-    def _drop(self, key: tuple[str, Hashable]) -> None:
-        kv = self._entries.pop(key, None)
-        if kv is not None:
-            self.stats.bytes -= kv.numel() * kv.element_size()
-            self.stats.entries = len(self._entries)
 
     def invalidate(self, task: str) -> None:
         """Forget every cached version of `task` (its adapter changed or was removed)."""

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from serving.prefix_cache import BytesLRU
 
 READ_THREADS = 2  # prompt reads in flight at once (each is one small file or one slice of a shard)
 
@@ -52,29 +53,30 @@ class PromptCacheStats:
     entries: int = 0
 
 
-class PromptCache:
+class PromptCache(BytesLRU):
     def __init__(self, read: Callable[[Indexed], Loaded], capacity_bytes: int | None):
         """Args:
         read: reads and checks one task's prompt (blocking); raises if it cannot be served.
         capacity_bytes: the LRU's bound in prompt bytes (None: unbounded, every prompt stays; 0:
             none stays, every use reads). A prompt larger than the bound is served, not kept.
         """
+        super().__init__(capacity_bytes, PromptCacheStats(), _nbytes)
         self._read = read
-        self.capacity_bytes = capacity_bytes
-        self._entries: OrderedDict[tuple[str, Hashable], Loaded] = OrderedDict()
         self._reading: dict[tuple[str, Hashable], Future] = {}
         self._lock = threading.Lock()
-        self.stats = PromptCacheStats()
 
     def peek(self, task: Indexed) -> Loaded | None:
         """The loaded prompt of `task`'s version if it is held (a hit), else None; never reads."""
-        key = (task.name, task.version)
         with self._lock:
-            loaded = self._entries.get(key)
-            if loaded is not None:
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
-            return loaded
+            return self._hit((task.name, task.version))
+
+    def _hit(self, key: tuple[str, Hashable]) -> Loaded | None:
+        """The held prompt of `key`, counted as a hit and made most recent; None if not held (lock held)."""
+        loaded = self._entries.get(key)
+        if loaded is not None:
+            self._entries.move_to_end(key)
+            self.stats.hits += 1
+        return loaded
 
     def holds(self, name: str) -> bool:
         """Whether any version of `name` is held (a task in use: its new version is read at reload)."""
@@ -85,10 +87,8 @@ class PromptCache:
         """The loaded prompt of `task`'s version, read now if it is not held (blocking)."""
         key = (task.name, task.version)
         with self._lock:
-            loaded = self._entries.get(key)
+            loaded = self._hit(key)
             if loaded is not None:
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
                 return loaded
             reading = self._reading.get(key)
             if reading is None:
@@ -123,24 +123,6 @@ class PromptCache:
         with self._lock:
             for key in [k for k in self._entries if k[0] == name and k[1] != keep]:
                 self._drop(key)
-
-    def _put(self, key: tuple[str, Hashable], loaded: Loaded) -> None:
-        size = _nbytes(loaded)
-        if self.capacity_bytes is not None and size > self.capacity_bytes:
-            return  # larger than the whole cache: served, not kept
-        self._drop(key)
-        while self.capacity_bytes is not None and self.stats.bytes + size > self.capacity_bytes:
-            self._drop(next(iter(self._entries)))
-            self.stats.evictions += 1
-        self._entries[key] = loaded
-        self.stats.bytes += size
-        self.stats.entries = len(self._entries)
-
-    def _drop(self, key: tuple[str, Hashable]) -> None:
-        loaded = self._entries.pop(key, None)
-        if loaded is not None:
-            self.stats.bytes -= _nbytes(loaded)
-            self.stats.entries = len(self._entries)
 
 
 def _nbytes(loaded: Loaded) -> int:
