@@ -101,6 +101,30 @@ class PrefixKVCache(BytesLRU):
                     self._put(key, entry)
         return out
 
+    def lookup_many(self, items: list[tuple[str, Hashable]]) -> list[torch.Tensor | None]:
+        """The cached KV of each `(task, version)`, None where it is not cached: the caller computes
+        those itself (inside the request's own forward, `ModelRunner.forward_new`) and `put`s them.
+        Counted as `get_many` counts: one miss per distinct task, its other rows hits."""
+        out: list[torch.Tensor | None] = []
+        missed: set[tuple[str, Hashable]] = set()
+        for key in items:
+            kv = self._entries.get(key) if self.enabled else None
+            if kv is not None:
+                self._entries.move_to_end(key)
+            elif key not in missed:
+                missed.add(key)
+                self.stats.misses += 1
+                out.append(None)
+                continue
+            self.stats.hits += 1
+            out.append(kv)
+        return out
+
+    def put(self, task: str, version: Hashable, kv: torch.Tensor) -> None:
+        """Keep `kv` `[L, 2, kv_heads, P, head_dim]`, computed by the caller, as `task`'s prompt KV."""
+        if self.enabled:
+            self._put((task, version), kv)
+
     def invalidate(self, task: str) -> None:
         """Forget every cached version of `task` (its adapter changed or was removed)."""
         for key in [k for k in self._entries if k[0] == task]:

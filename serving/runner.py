@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -351,7 +352,10 @@ class ModelRunner:
         groups = []  # (rows' KV, their generation rows, those rows' requests)
         for group in length_groups([len(s) for s in seqs], self.group_overhead):
             batch, h = self.forward_new(
-                [tasks[i] for i in group], [seqs[i] for i in group], [pasts[i] for i in group]
+                [tasks[i] for i in group],
+                [seqs[i] for i in group],
+                [pasts[i] for i in group],
+                inline_misses=True,  # a never-seen task's prompt goes in with its first request
             )
             lmax, local = h.shape[1], {row: j for j, row in enumerate(group)}
             sel = [
@@ -413,7 +417,11 @@ class ModelRunner:
         return b.kv
 
     def forward_new(
-        self, tasks: list[TaskPrompt], seqs: list[list[int]], pasts: list[torch.Tensor | None] | None = None
+        self,
+        tasks: list[TaskPrompt],
+        seqs: list[list[int]],
+        pasts: list[torch.Tensor | None] | None = None,
+        inline_misses: bool = False,
     ) -> tuple[KVBatch, torch.Tensor]:
         """Run new rows (task prompt KV from the prefix cache + text tokens) through the model.
         `pasts[i]`, when given, is row i's KV to start from instead (its task prompt and earlier chunks).
@@ -421,32 +429,71 @@ class ModelRunner:
         Layout per row: `[pad][prompt KV: P_i][pad][text: L_i]`, the prompts right-aligned at column
         max(P), the texts right-aligned at the end, so every row's last token is the last column.
 
+        `inline_misses`: a row whose task prompt KV is not cached reads its prompt in this same forward,
+        as virtual tokens in front of its text (`[pad][prompt + text]`), and the prompt's KV is cached
+        from it. Otherwise a first request to a task costs a forward of its own for the prompt (on a CPU,
+        about as long as the request's). The prompt's positions attend only to the prompt, so the KV is
+        what `_prompt_kv` computes, up to float rounding (~1e-6 in fp32). Like a row's numbers in
+        batches of other shapes, a task's later answers can therefore differ from its first in the last
+        bits, which seeded sampling can occasionally show; the cached KV is the one the first used.
+
         Returns:
-            The rows' `KVBatch` and the hidden states of the text columns `[n, max(L), hidden]`.
+            The rows' `KVBatch` and the hidden states of the new columns `[n, max(L), hidden]`; each
+            row's text is right-aligned at the end.
         """
         kvs = list(pasts or [None] * len(tasks))
         fresh = [i for i, kv in enumerate(kvs) if kv is None]
-        cached = self.prefix_cache.get_many(
-            [(tasks[i].name, tasks[i].version, tasks[i].prompt) for i in fresh]
-        )
-        for i, kv in zip(fresh, cached):
-            kvs[i] = kv
-        pmax, lmax = max(kv.shape[3] for kv in kvs), max(len(s) for s in seqs)
+        keys = [(tasks[i].name, tasks[i].version) for i in fresh]
+        found: list[torch.Tensor | None] = [None] * len(fresh)
+        rows_of = Counter(keys)
+        # Inline: a missed task with one row here. A task with several rows here is computed once, apart.
+        alone = [j for j, k in enumerate(keys) if inline_misses and rows_of[k] == 1]
+        apart = [j for j, k in enumerate(keys) if not (inline_misses and rows_of[k] == 1)]
+        for j, kv in zip(alone, self.prefix_cache.lookup_many([keys[j] for j in alone])):
+            found[j] = kv
+        items = [(*keys[j], tasks[fresh[j]].prompt) for j in apart]
+        for j, kv in zip(apart, self.prefix_cache.get_many(items)):
+            found[j] = kv
+        inline = {i for i, kv in zip(fresh, found) if kv is None}
+        for i, kv in zip(fresh, found):
+            kvs[i] = kv if kv is not None else self._no_prefix()
+        new = [[0] * tasks[i].prompt.shape[0] + s if i in inline else s for i, s in enumerate(seqs)]
+        pmax, lmax = max(kv.shape[3] for kv in kvs), max(len(s) for s in new)
         # No headroom: generation rows are copied into the running batch (`KVBatch.gather`) before they decode.
         b = KVBatch.from_prefixes(kvs, pmax + lmax)  # every row's prefix in one indexed copy
         # Token ids, positions and mask are built on the host and copied over once each.
-        ids, pos, mask = prefill_layout([kv.shape[3] for kv in kvs], seqs)
+        ids, pos, mask = prefill_layout([kv.shape[3] for kv in kvs], new)
         b.mask.copy_(to_device(mask, self.device))
         b.length = pmax
+        ids = to_device(ids, self.device)
+        inputs = {"input_ids": ids}
+        if inline:
+            embeds = self.model.get_input_embeddings()(ids)
+            for i in inline:
+                P, first = tasks[i].prompt.shape[0], lmax - len(new[i])
+                embeds[i, first : first + P] = tasks[i].prompt.to(self.device, embeds.dtype)
+                b.first[i] = pmax + first
+            inputs = {"inputs_embeds": embeds}
         hidden = self.decoder(
-            input_ids=to_device(ids, self.device),
+            **inputs,
             position_ids=to_device(pos, self.device),
             attention_mask=b.mask[:, : pmax + lmax],
             past_key_values=b,
             use_cache=True,
         ).last_hidden_state
         b.length = pmax + lmax
+        for i in sorted(inline):  # cache each missed prompt's KV (one row per task)
+            P, first = tasks[i].prompt.shape[0], pmax + lmax - len(new[i])
+            if P:
+                kv = b.kv[:, :, i, :, first : first + P].contiguous()
+                self.prefix_cache.put(tasks[i].name, tasks[i].version, kv)
         return b, hidden
+
+    def _no_prefix(self) -> torch.Tensor:
+        """An empty prefix `[L, 2, kv_heads, 0, head_dim]`: a row whose prompt is in its new tokens."""
+        return torch.empty(
+            self.num_layers, 2, self.kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device
+        )
 
     @_without_grad
     def next_token_logits(self, tasks: list[TaskPrompt], seqs: list[list[int]]) -> torch.Tensor:

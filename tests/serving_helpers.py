@@ -122,6 +122,33 @@ def engine_config(store: Path, backbone: Path, **overrides):
     return EngineConfig(**{**base, **overrides})
 
 
+class StepGate:
+    """Holds `engine`'s steps until `expect(n)` requests are queued, so they start in one step.
+
+    Two runs compared token for token must run the same batches: a row's numbers agree across
+    batch shapes only up to float rounding (and a never-seen task's prompt KV is computed in its
+    first request's own forward), which seeded sampling over a 49k vocabulary can show. Without the
+    gate, which requests share a step depends on the machine's load.
+    """
+
+    def __init__(self, engine):
+        from serving.scheduler import SchedulerOutput
+
+        self.waiting_for = 0
+        schedule = engine.scheduler.schedule
+
+        def gated():
+            if engine.scheduler.num_waiting < self.waiting_for:
+                return SchedulerOutput()  # the engine waits for the next request's wake-up
+            self.waiting_for = 0
+            return schedule()
+
+        engine.scheduler.schedule = gated
+
+    def expect(self, n: int) -> None:
+        self.waiting_for = n
+
+
 def server_config(engine_cfg, **api):
     from serving.config import ApiConfig, ServerConfig
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from serving_helpers import (
+    StepGate,
     UvicornThread,
     assert_error,
     engine_config,
@@ -107,7 +108,9 @@ def test_hostile_requests_do_not_touch_concurrent_innocent_ones(dirs):
         {"model": "sst2", "prompt": "x", "max_tokens": 1, "temperature": 0.7, "seed": 18446744073709551616},
         {"model": "sst2", "prompt": "x", "max_tokens": 1, "temperature": 1e-300},
     ] * 4
-    with UvicornThread(create_app(Engine(cfg.engine), cfg)) as url:
+    engine = Engine(cfg.engine)
+    gate = StepGate(engine)  # both runs' innocent requests start in one step, whatever the load
+    with UvicornThread(create_app(engine, cfg)) as url:
 
         async def run(bodies, stream=False):
             async with httpx.AsyncClient(base_url=url, timeout=60) as http:
@@ -115,7 +118,9 @@ def test_hostile_requests_do_not_touch_concurrent_innocent_ones(dirs):
                     *(http.post("/v1/completions", json={**b, "stream": stream}) for b in bodies)
                 )
 
+        gate.expect(len(innocent))
         alone = [r.json()["choices"][0]["text"] for r in asyncio.run(run(innocent))]
+        gate.expect(len(innocent))  # the hostile requests are refused before they queue
         mixed = asyncio.run(run([x for pair in zip(innocent, hostile) for x in pair]))
     for i, r in enumerate(mixed):
         if i % 2:

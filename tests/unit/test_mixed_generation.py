@@ -23,6 +23,7 @@ from test_one_generation_path import direct_answer, tiny_examples
 from test_serving_runner import sharp_llama
 
 from serving.offline import DecodeTask, generate_texts, generate_texts_of_tasks
+from serving.prefix_cache import PrefixKVCache
 from serving.runner import ModelRunner
 from tuner.model.backbone import load_tokenizer
 from tuner.model.prompt_lm import PromptTunedLM
@@ -49,7 +50,8 @@ def prompt_of(seed: int, length: int = 4) -> torch.Tensor:
 
 
 class PromptKVCount:
-    """How many task prompts the runner computed prefix KV for, and in how many forwards (P > 0)."""
+    """How many task prompts the runner computed prefix KV for (apart, or inline in a request's forward), and
+    in how many forwards of their own (P > 0)."""
 
     def __init__(self, monkeypatch):
         self.prompts, self.forwards = 0, 0
@@ -62,6 +64,13 @@ class PromptKVCount:
             return compute(runner, prompts)
 
         monkeypatch.setattr(ModelRunner, "_prompt_kv", counted)
+        put = PrefixKVCache.put
+
+        def inline(cache, task, version, kv):  # a prompt computed in its first request's own forward
+            self.prompts += 1
+            return put(cache, task, version, kv)
+
+        monkeypatch.setattr(PrefixKVCache, "put", inline)
 
 
 # ------------------------------------------------------------------------------------ serving.offline

@@ -134,6 +134,31 @@ def test_prefix_cached_logits_equal_recomputed_ones():
     assert (cached.prefix_cache.stats.misses, cached.prefix_cache.stats.hits) == (5, 5)
 
 
+def test_a_never_seen_tasks_prompt_is_read_in_its_first_requests_own_forward(monkeypatch):
+    """A first request to a task computes the task's prompt KV in its own prefill, not in a forward of
+    its own (on a CPU that forward costs about as much as the request's): same tokens as with the KV
+    cached beforehand, and the KV it caches is the prompt's alone. Two rows of one task in the same
+    step still compute the prompt once, apart."""
+    model, tasks = sharp_llama(), make_tasks(4, seed=5)
+    apart = []
+    compute = ModelRunner._prompt_kv
+    monkeypatch.setattr(ModelRunner, "_prompt_kv", lambda r, p: apart.append(p.shape[0]) or compute(r, p))
+    reqs = [make_request(f"r{i}", tasks[i], text_seed=i, max_tokens=5) for i in range(4)]
+    twin = make_request("twin", tasks[3], text_seed=9, max_tokens=5)
+    inline = ModelRunner(model)
+    got = serve(inline, {0: [*reqs, twin]})
+    assert apart == [1]  # only task3, which has two rows in the step
+    warm = ModelRunner(model)
+    warm.next_token_logits(tasks, [[5]] * 4)  # every prompt's KV computed apart first
+    again = [make_request(f"r{i}", tasks[i], text_seed=i, max_tokens=5) for i in range(4)]
+    want = serve(warm, {0: [*again, make_request("twin", tasks[3], text_seed=9, max_tokens=5)]})
+    assert got == want
+    for t in tasks:
+        cached = inline.prefix_cache.lookup_many([(t.name, t.version)])[0]
+        torch.testing.assert_close(cached, compute(inline, t.prompt[None])[:, :, 0], rtol=1e-5, atol=1e-5)
+    assert (inline.prefix_cache.stats.misses, inline.prefix_cache.stats.entries) == (4, 4)
+
+
 def test_prefix_cache_is_lru_bounded_by_bytes_and_invalidated():
     model, tasks = sharp_llama(), make_tasks(3, seed=3)
     tasks = [TaskEntry(t.name, t.prompt[:3], {}, t.version) for t in tasks]  # same size each
