@@ -63,8 +63,17 @@ class EngineConfig:
     max_step_tokens: int = documented(
         512,
         "Prefill + decode tokens per engine step; longer prompts are prefilled in chunks. The step in "
-        "flight is a newly arrived request's first wait: 512 is about 1 s on a 2-core CPU and costs "
-        "a tenant alone no measurable throughput there (bench/serving.py --tenants); 4096-8192 on a GPU.",
+        "flight is a newly arrived request's first wait: 512 is about 0.7 s on a 2-core CPU (a tenant "
+        "alone with nothing decoding gets alone_step_tokens instead); 4096-8192 on a GPU.",
+    )
+    alone_step_tokens: int = documented(
+        1024,
+        "A step's tokens while no row is decoding (a flood of prefills or classifications) and one "
+        "tenant has had the engine to itself for 30 s; 0 or less than max_step_tokens: "
+        "max_step_tokens. A matrix multiply of 512 rows costs ~13 % more per token than one of 2048 "
+        "on a 2-core CPU (1024: ~3 %), so a tenant alone gets the engine's throughput; a tenant "
+        "arriving after 30 s of quiet waits for that step first (about 1.3 s at 1024 there). "
+        "Running streams always get max_step_tokens steps.",
     )
     shared_step_tokens: int = documented(
         128,
@@ -117,6 +126,7 @@ class EngineConfig:
         check_non_negative("engine.prompt_cache_bytes", self.prompt_cache_bytes)
         check_non_negative("engine.threads", self.threads)
         check_non_negative("engine.shared_step_tokens", self.shared_step_tokens)
+        check_non_negative("engine.alone_step_tokens", self.alone_step_tokens)
 
 
 @dataclass

@@ -140,7 +140,11 @@ class Engine:
         self._tokens = TaskTokenCache(self._encode, splits_exactly(tokenizer))
         self.scheduler = Scheduler(
             SchedulerConfig(
-                config.max_batch_size, config.max_queue, config.max_step_tokens, config.shared_step_tokens
+                config.max_batch_size,
+                config.max_queue,
+                config.max_step_tokens,
+                config.alone_step_tokens,
+                config.shared_step_tokens,
             )
         )
         self.eos_token_ids = eos_token_ids(model, tokenizer)

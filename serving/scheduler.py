@@ -23,6 +23,9 @@ Each engine step is shared between the tenants that have work (running or waitin
   share `shared_step_tokens` of each step, so a flood of long prompts advances in short steps, while
   a busy tenant whose prompts take a few steps (a burst of short requests) has them computed whole.
   No step exceeds `max_step_tokens`: that bounds what one tenant's work costs another's steps.
+  Except while no row decodes and one tenant alone has had work for `alone_after_s` (30 s): then a
+  step may take up to `alone_step_tokens` (larger matrix multiplies cost less per token on a CPU); a
+  tenant that arrives then waits for that step first, and the next step is shared.
   A prompt longer than what is left is chunked (`SchedulerOutput.chunks`): the runner keeps its
   partial KV and the request stays at the head of its queue, so one request's prefill cannot hold a
   step. All but its last prompt token may go in chunks; the step that completes it computes the
@@ -48,7 +51,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
-from serving.fairness import water_fill
+from serving.fairness import SchedulerConfig, step_tokens, water_fill
 from serving.types import (
     WAIT_STEP_BUCKETS,
     FinishReason,
@@ -169,17 +172,6 @@ class SchedulerOutput:
     @property
     def empty(self) -> bool:
         return not self.prefill and not self.decode and not self.chunks
-
-
-@dataclass
-class SchedulerConfig:
-    max_batch_size: int = 32  # running requests decoded together in one forward
-    max_queue: int = 256  # waiting requests before `add` raises Overloaded
-    max_step_tokens: int = 4096  # prefill + decode tokens per step (longer prompts are chunked)
-    shared_step_tokens: int = 0  # what flooding tenants share of a step while others have work (0: no cap)
-    min_chunk_tokens: int = 16  # no chunk smaller than this (unless all that is left of a prompt)
-    shared_hold_s: float = 2.0  # a tenant counts as sharing the engine this long after its last work
-    flood_steps: int = 4  # a tenant with more prefill waiting than this many whole steps is flooding
 
 
 @dataclass
@@ -375,8 +367,12 @@ class Scheduler:
         for req in out.decode:
             t = self._tenant(req.tenant)
             t.pass_ += 1.0 / t.weight
-        budget = max(0, self.config.max_step_tokens - len(out.decode))
-        allot, caps = self._allot(active, budget, shared=self._shared(active))
+        shared = self._shared(active)
+        last_active = (t.last_active for t in self._tenants.values())
+        budget = max(
+            0, step_tokens(self.config, bool(out.decode), last_active, self._clock()) - len(out.decode)
+        )
+        allot, caps = self._allot(active, budget, shared=shared)
         given = dict(allot)
         budget = self._admit(active, slot_share, allot, budget, out)
         if budget > 0:  # what the fair pass left (a head too big for its allotment): anyone may use it

@@ -384,12 +384,6 @@ def test_a_tenant_between_two_requests_still_gets_short_steps():
     """b's next request is on its way (b has no work for a moment): a keeps the shared budget for
     `shared_hold_s`, so b's next request does not arrive in the middle of one huge step."""
 
-    class Clock:
-        now = 0.0
-
-        def __call__(self):
-            return self.now
-
     clock = Clock()
     s = Scheduler(SchedulerConfig(max_step_tokens=512, shared_step_tokens=128, shared_hold_s=2.0), clock)
     for i in range(10):
@@ -400,3 +394,67 @@ def test_a_tenant_between_two_requests_still_gets_short_steps():
     assert run(s).tokens == 128  # b has no work, but had some a second ago
     clock.now = 3.5
     assert run(s).tokens == 512  # b is gone: a gets the whole step again
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_tenant_alone_with_nothing_decoding_gets_alone_step_tokens():
+    """a's flood of classifications alone: steps of `alone_step_tokens` (a larger matrix multiply costs
+    less per token on a CPU). Another tenant's work brings back `max_step_tokens` until a has been
+    alone for `alone_after_s` again, and a stream of a's own too: a running stream's next token never
+    waits for a long step."""
+    config = SchedulerConfig(
+        max_step_tokens=512,
+        alone_step_tokens=2048,
+        shared_step_tokens=128,
+        shared_hold_s=2.0,
+        alone_after_s=30.0,
+    )
+    clock = Clock()
+    s = Scheduler(config, clock)
+    for i in range(10):
+        s.add(clf(f"a{i}", "a", prompt_len=700))
+    out = run(s)
+    assert out.tokens == 2048 and {r.request_id for r in out.prefill} == {"a0", "a1"}  # 2 whole, a chunk
+    s.add(gen("b0", "b", prompt_len=10, max_tokens=2))
+    out = run(s)  # b's first step: shared, a's flood capped
+    assert "b0" in {r.request_id for r in out.prefill} and out.prefilled == {"a": 128, "b": 10}
+    while "b0" in s.running:
+        run(s)
+    clock.now = 10.0
+    assert run(s).tokens == 512  # b had work 10 s ago: the whole step, but a short one
+    clock.now = 31.0
+    assert run(s).tokens == 2048  # a alone for 30 s: long steps again
+    s = Scheduler(config)
+    s.add(gen("a-stream", "a", prompt_len=10, max_tokens=50))
+    run(s)
+    for i in range(10):
+        s.add(clf(f"a{i}", "a", prompt_len=700))
+    assert "a-stream" in s.running and run(s).tokens == 512  # a's own stream decodes: short steps
+    # 0 or less than max_step_tokens: max_step_tokens
+    for alone in (0, 100):
+        t = Scheduler(SchedulerConfig(max_step_tokens=512, alone_step_tokens=alone))
+        t.add(clf("x", "a", prompt_len=700))
+        assert run(t).tokens == 512
+
+
+def test_the_engine_gives_its_step_budgets_to_the_scheduler(tmp_path):
+    from serving_helpers import engine_config, tiny_backbone_dir, write_prompt_store
+
+    from serving.engine import Engine
+
+    backbone = tiny_backbone_dir(tmp_path)
+    cfg = engine_config(
+        write_prompt_store(tmp_path, backbone),
+        backbone,
+        max_step_tokens=300,
+        alone_step_tokens=777,
+        shared_step_tokens=55,
+    )
+    got = Engine(cfg).scheduler.config
+    assert (got.max_step_tokens, got.alone_step_tokens, got.shared_step_tokens) == (300, 777, 55)
