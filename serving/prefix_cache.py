@@ -73,26 +73,16 @@ class PrefixKVCache(BytesLRU):
 
         Misses are computed together, one forward per distinct prompt length.
         """
-        out: list[torch.Tensor | None] = [None] * len(items)
-        missing: dict[tuple[str, Hashable], list[int]] = {}
-        for i, (task, version, _) in enumerate(items):
-            key = (task, version)
-            kv = self._entries.get(key) if self.enabled else None
-            if kv is not None:
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
-                out[i] = kv
-            else:
-                missing.setdefault(key, []).append(i)
+        out = self.lookup_many([(task, version) for task, version, _ in items])
+        missing: dict[tuple[str, Hashable], list[int]] = {}  # its rows, for each task not cached
+        for i, kv in enumerate(out):
+            if kv is None:
+                missing.setdefault(items[i][:2], []).append(i)
         by_len: dict[int, list[tuple[str, Hashable]]] = {}
-        for key, idx in missing.items():
-            # One miss per distinct task; its other requests in this step share the compute: hits.
-            self.stats.misses += 1
-            self.stats.hits += len(idx) - 1
-            by_len.setdefault(items[idx[0]][2].shape[0], []).append(key)
+        for key, rows in missing.items():
+            by_len.setdefault(items[rows[0]][2].shape[0], []).append(key)
         for keys in by_len.values():
-            prompts = torch.stack([items[missing[k][0]][2] for k in keys])
-            kv = self._compute(prompts)
+            kv = self._compute(torch.stack([items[missing[k][0]][2] for k in keys]))
             for j, key in enumerate(keys):
                 entry = kv[:, :, j].contiguous()
                 for i in missing[key]:
@@ -103,8 +93,8 @@ class PrefixKVCache(BytesLRU):
 
     def lookup_many(self, items: list[tuple[str, Hashable]]) -> list[torch.Tensor | None]:
         """The cached KV of each `(task, version)`, None where it is not cached: the caller computes
-        those itself (inside the request's own forward, `ModelRunner.forward_new`) and `put`s them.
-        Counted as `get_many` counts: one miss per distinct task, its other rows hits."""
+        those (`get_many`, or inside the request's own forward, `ModelRunner.forward_new`) and `put`s
+        them. One miss per distinct task; its other rows share that compute and count as hits."""
         out: list[torch.Tensor | None] = []
         missed: set[tuple[str, Hashable]] = set()
         for key in items:
