@@ -380,16 +380,7 @@ def _prompt_header(f: BinaryIO, d: Path) -> tuple[str, list[int], int]:
     (an 8-byte little-endian length, then that much JSON). ValueError unless the header describes
     exactly one float tensor `prompt_embeddings` whose data ends where the file ends."""
     size = os.fstat(f.fileno()).st_size
-    head = f.read(8)
-    n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    if not 0 < n <= min(MAX_HEADER_BYTES, size - 8):
-        raise ValueError(
-            f"{d}: {ADAPTER_WEIGHTS} has no safetensors header of at most {MAX_HEADER_BYTES} bytes"
-        )
-    try:
-        header = json.loads(f.read(n))
-    except (ValueError, RecursionError):
-        raise ValueError(f"{d}: {ADAPTER_WEIGHTS} has a safetensors header that is not JSON") from None
+    n, header = read_safetensors_header(f, size, MAX_HEADER_BYTES, f"{d}: {ADAPTER_WEIGHTS}")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"} if isinstance(header, dict) else {}
     info = tensors.get(PROMPT_TENSOR)
     if len(tensors) != 1 or not isinstance(info, dict):
@@ -402,12 +393,29 @@ def _prompt_header(f: BinaryIO, d: Path) -> tuple[str, list[int], int]:
     if not (isinstance(shape, list) and len(shape) == 2 and all(type(x) is int and x >= 0 for x in shape)):
         raise ValueError(f"{d}: {PROMPT_TENSOR} has shape {shape!r:.60}, not [num_virtual_tokens, width]")
     nbytes = shape[0] * shape[1] * FLOAT_BYTES[dtype]
-    if info.get("data_offsets") != [0, nbytes] or size != 8 + n + nbytes:
+    if info.get("data_offsets") != [0, nbytes] or size != n + nbytes:
         raise ValueError(
-            f"{d}: {ADAPTER_WEIGHTS} has {size} bytes, its header describes {8 + n + nbytes} "
+            f"{d}: {ADAPTER_WEIGHTS} has {size} bytes, its header describes {n + nbytes} "
             f"({PROMPT_TENSOR} {dtype} {shape}): truncated or not a safetensors file"
         )
     return dtype, shape, size
+
+
+def read_safetensors_header(
+    f: BinaryIO, size: int, limit: int, where: str, error=ValueError
+) -> tuple[int, object]:
+    """(where the data starts, the header's JSON) of the safetensors file `f` of `size` bytes: an
+    8-byte little-endian length, then at most `limit` bytes of JSON. `error` (naming `where`) if the
+    length is out of bounds or the JSON does not parse; what the JSON holds is the caller's to check."""
+    f.seek(0)
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if not 0 < n <= min(limit, size - 8):
+        raise error(f"{where} has no safetensors header of at most {limit} bytes")
+    try:
+        return 8 + n, json.loads(f.read(n))
+    except (ValueError, RecursionError):
+        raise error(f"{where} has a safetensors header that is not JSON") from None
 
 
 def _read_prompt(f: BinaryIO, d: Path, shape: list[int], size: int) -> torch.Tensor:

@@ -30,6 +30,7 @@ from tuner.export import (
     TaskAdapter,
     TaskMeta,
     open_regular,
+    read_safetensors_header,
 )
 from tuner.schema import ConfigError, is_valid_name
 
@@ -206,17 +207,9 @@ class PackedIndex:
 def _read_shard_header(f, size: int, where: str) -> tuple[int, dict]:
     """(data start, tensors) of a safetensors shard, checked: bounded JSON, float tensors whose data
     lie end to end and end where the file does (a truncated or padded shard is refused)."""
-    f.seek(0)
-    head = f.read(8)
-    n = int.from_bytes(head, "little") if len(head) == 8 else -1
-    if not 0 < n <= min(MAX_SHARD_HEADER_BYTES, size - 8):
-        raise PackedStoreError(f"{where}: no safetensors header of at most {MAX_SHARD_HEADER_BYTES} bytes")
-    try:
-        header = json.loads(f.read(n))
-    except (ValueError, RecursionError):
-        raise PackedStoreError(f"{where}: its safetensors header is not JSON") from None
+    start, header = read_safetensors_header(f, size, MAX_SHARD_HEADER_BYTES, where, PackedStoreError)
     if not isinstance(header, dict):
-        raise PackedStoreError(f"{where}: its safetensors header is not a JSON object")
+        raise PackedStoreError(f"{where} has a safetensors header that is not a JSON object")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     end = 0
     for key, info in sorted(tensors.items(), key=lambda kv: _first_offset(kv[1])):
@@ -232,11 +225,11 @@ def _read_shard_header(f, size: int, where: str) -> tuple[int, dict]:
         if not (ok and nbytes <= MAX_WEIGHTS_BYTES and offsets == [end, end + nbytes]):
             raise PackedStoreError(f"{where}: tensor {key!r:.80} has a bad dtype, shape or offsets")
         end += nbytes
-    if 8 + n + end != size:
+    if start + end != size:
         raise PackedStoreError(
-            f"{where}: has {size} bytes, its header describes {8 + n + end}: truncated or not a shard"
+            f"{where}: has {size} bytes, its header describes {start + end}: truncated or not a shard"
         )
-    return 8 + n, tensors
+    return start, tensors
 
 
 def _first_offset(info) -> int:
