@@ -54,7 +54,15 @@ import torch
 from serving.packed_source import INDEX, SHARDS, PackedRef, PackedSource
 from serving.prompt_cache import PromptCache, PromptCacheStats
 from serving.types import PromptUnavailable, UnknownTask
-from tuner.export import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TASK_META, AdapterHeader, TaskMeta, load_adapter
+from tuner.export import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    TASK_META,
+    AdapterHeader,
+    TaskMeta,
+    load_adapter,
+    read_adapter_header,
+)
 from tuner.schema import ConfigError, validate_name
 
 log = logging.getLogger(__name__)
@@ -111,14 +119,6 @@ class IndexedTask:
         """The prompt, read through the registry's cache if it is not held (blocking: for tools and
         tests; the engine reads with `serving.prompt_cache.PromptReads`, never on its own thread)."""
         return self.registry.load(self).prompt
-
-
-class _Indexed(Exception):
-    """Raised by the header check of an index read: the header passed, stop before the data."""
-
-    def __init__(self, header: AdapterHeader):
-        super().__init__("indexed")
-        self.header = header
 
 
 @dataclass
@@ -379,7 +379,7 @@ class PromptRegistry:
             try:
                 if isinstance(path, PackedRef):
                     return self._index_packed(name, path, fp)
-                header = self._header(name, path)
+                header = read_adapter_header(path, name, check=self._fits)
                 return IndexedTask(name, fp, str(path), header, self)
             except Exception as e:  # any unreadable adapter (bad JSON, truncated safetensors...) is skipped
                 error, failed = e, fp
@@ -397,20 +397,6 @@ class PromptRegistry:
                 self._packed_refusals.add(reason)
             self._problem(name, reason)
         return None
-
-    def _header(self, name: str, path: Path) -> AdapterHeader:
-        """The checked header of the adapter at `path` (config, metadata, the prompt's dtype and
-        shape), read by `load_adapter` up to its header check, which stops it before the data."""
-
-        def fits_then_stop(header: AdapterHeader) -> None:
-            self._fits(header)
-            raise _Indexed(header)
-
-        try:
-            load_adapter(path, name, check=fits_then_stop)
-        except _Indexed as done:
-            return done.header
-        raise RuntimeError("load_adapter read an adapter without checking its header")
 
     def _read(self, entry: IndexedTask) -> TaskEntry:
         """`entry`'s prompt, read and checked (non-finite values refused); ValueError if the adapter

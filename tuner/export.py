@@ -375,6 +375,32 @@ def load_adapter(
     return TaskAdapter(name, prompt, backbone, meta)
 
 
+class _HeaderRead(Exception):
+    """Stops `load_adapter` at its header check (`read_adapter_header`): the data is not wanted."""
+
+    def __init__(self, header: AdapterHeader):
+        super().__init__("header read")
+        self.header = header
+
+
+def read_adapter_header(
+    task_dir: str | os.PathLike, name: str | None = None, check: Callable[[AdapterHeader], None] | None = None
+) -> AdapterHeader:
+    """An adapter's `AdapterHeader` (config, metadata, the prompt's dtype and shape), passed to `check`
+    first if given, as `load_adapter` reads and checks it, without reading the prompt's data."""
+
+    def check_then_stop(header: AdapterHeader) -> None:
+        if check is not None:
+            check(header)
+        raise _HeaderRead(header)
+
+    try:
+        load_adapter(task_dir, name, check=check_then_stop)
+    except _HeaderRead as done:
+        return done.header
+    raise RuntimeError("load_adapter read an adapter without checking its header")
+
+
 def _prompt_header(f: BinaryIO, d: Path) -> tuple[str, list[int], int]:
     """The prompt's dtype, shape [P, width] and the file's size, from the safetensors header alone
     (an 8-byte little-endian length, then that much JSON). ValueError unless the header describes

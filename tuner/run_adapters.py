@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tuner.export import AdapterHeader, TaskAdapter, TaskMeta, load_adapter, save_adapter
+from tuner.export import AdapterHeader, TaskAdapter, TaskMeta, load_adapter, read_adapter_header, save_adapter
 from tuner.prompt_store import PackedIndex, is_packed_store, write_packed_store
 from tuner.schema import ConfigError, validate_name
 
@@ -57,6 +57,15 @@ class AdapterStore:
             self.names = sorted(
                 p.name for p in self.root.iterdir() if not p.name.startswith(".") and p.is_dir()
             )
+
+    def backbone(self, name: str) -> str:
+        """The backbone task `name` was trained on, without reading its prompt (the packed index
+        records one for the store; a directory's is in its adapter config)."""
+        if self.index is not None:
+            self.index.entry(name)  # KeyError if absent
+            return self.index.backbone
+        validate_name("task name", name)
+        return read_adapter_header(self.root / name, name).backbone
 
     def adapter(self, name: str, check: Callable[[AdapterHeader], None] | None = None) -> TaskAdapter:
         """Task `name`'s adapter (KeyError naming it and how many tasks the store has if absent)."""

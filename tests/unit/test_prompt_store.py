@@ -272,3 +272,21 @@ def test_keep_others_adds_to_a_store_and_a_per_task_store_is_never_packed_over(t
     save_adapter(tmp_path / "d", first[0], CONFIG)
     with pytest.raises(ValueError, match="holds per-task adapters"):
         write_packed_store(tmp_path / "d", first, CONFIG)
+
+
+def test_a_stores_backbone_per_task_is_read_without_its_prompt(tmp_path, monkeypatch):
+    """What continual training checks of every source task (`AdapterStore.backbone`): the packed index
+    answers it with no shard opened, a task directory from its header, never its tensor data."""
+    import tuner.export
+    from tuner.run_adapters import AdapterStore
+
+    write_packed_store(tmp_path / "packed", adapters(["a", "b"], backbone="tiny-x"), CONFIG)
+    for adapter in adapters(["c"], backbone="tiny-y"):
+        save_adapter(tmp_path / "dirs", adapter, CONFIG)
+    monkeypatch.setattr(PackedIndex, "_open_shard", lambda *a: pytest.fail("a shard was opened"))
+    monkeypatch.setattr(tuner.export, "_read_prompt", lambda *a: pytest.fail("a prompt was read"))
+    packed, dirs = AdapterStore(tmp_path / "packed"), AdapterStore(tmp_path / "dirs")
+    assert [packed.backbone(n) for n in packed.names] == ["tiny-x", "tiny-x"]
+    assert dirs.backbone("c") == "tiny-y"
+    with pytest.raises(KeyError, match="no task 'z'"):
+        packed.backbone("z")

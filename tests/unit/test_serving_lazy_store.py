@@ -96,10 +96,10 @@ def test_reindexing_reads_only_the_entries_that_changed(tmp_path, monkeypatch):
     for i in range(20):
         save(tmp_path, f"t{i}")
     reg = lazy(tmp_path)
-    indexed, index = [], serving.registry.load_adapter
+    indexed, index = [], serving.registry.read_adapter_header
     monkeypatch.setattr(
         serving.registry,
-        "load_adapter",
+        "read_adapter_header",
         lambda path, name, **kw: (indexed.append(name), index(path, name, **kw))[1],
     )
     assert len(reg.refresh().added) == 20 and len(indexed) == 20

@@ -153,7 +153,7 @@ def test_a_slow_load_does_not_stall_requests_to_other_tasks(tmp_path, monkeypatc
     """Loading used to run on the engine thread: every tenant waited for it. The store's load of
     `slow` is held until the test lets it go, while a request to `fast` runs to its end."""
     entered, release = threading.Event(), threading.Event()
-    load = serving.registry.load_adapter
+    load = serving.registry.read_adapter_header  # indexing: what the loader thread reads
 
     def held_load(path, name, **kw):
         if name == "slow":
@@ -161,7 +161,7 @@ def test_a_slow_load_does_not_stall_requests_to_other_tasks(tmp_path, monkeypatc
             release.wait(30)
         return load(path, name, **kw)
 
-    monkeypatch.setattr(serving.registry, "load_adapter", held_load)
+    monkeypatch.setattr(serving.registry, "read_adapter_header", held_load)
     engine = make_engine(tmp_path, reload_interval_s=0.05)
     save_for(tmp_path, "fast", engine.runner.model)
     engine.registry.refresh()

@@ -85,11 +85,11 @@ def load_source(
             "(num_virtual_tokens, rank or backbone differ)"
         )
     adapters, store = {}, AdapterStore(path / "adapters")  # per-task directories or a packed store
-    for name in store.names:
-        adapter = store.adapter(name)
-        if adapter.backbone != backbone:
+    for name in store.names:  # headers only: the prompts are read when they are carried to the new run
+        trained_on = store.backbone(name)
+        if trained_on != backbone:
             raise ConfigError(
-                f"prompt.init_from={run_dir}: task {name} was trained on {adapter.backbone}, not {backbone}"
+                f"prompt.init_from={run_dir}: task {name} was trained on {trained_on}, not {backbone}"
             )
         adapters[name] = path / "adapters" / name
     rows = {name: bank[i] for i, name in enumerate(state.task_names)}
