@@ -4,7 +4,9 @@
     python -m bench.quality --tasks all --seeds 2,3 --add              (add seeds to the recorded ones)
     python -m bench.quality --quick                                    (smoke run, nothing recorded)
     python -m bench.quality --tasks all --methods ulpt,superpos --peft-lr-grid 0.01,0.03,0.1,0.3 \
-        --out quality_issue39                                          (issue 39: against tuned PEFT)
+        --out quality_prompt_methods                                   (issue 39: against tuned PEFT)
+    python -m bench.quality --tasks all --methods ulpt,superpos --lr 0.1 --peft-lr-grid 0.1 \
+        --out quality_prompt_methods_lr0.1                             (ours and PEFT at one rate)
     python -m bench.quality --pool A.json B.json --out quality_methods  (no runs: seeds of one setup, run
                                                                       apart, into one result)
 
@@ -199,6 +201,7 @@ class SeedBench:
         )
         cfg.data.seed = self.seed  # train/eval subsets, prompt init and the sampler's draws
         cfg.optim.loss_weighting = self.args.loss_weighting  # ours only: PEFT's loss is a token mean
+        cfg.optim.lr = self.args.lr  # ours only: PEFT's is its grid's
         self.dirs.append(cfg.output_dir)
         return cfg
 
@@ -352,6 +355,13 @@ def _parser() -> argparse.ArgumentParser:
         help="PEFT's learning rates; each task keeps the one best on its held-out slice (one value: no tuning)",
     )
     ap.add_argument(
+        "--lr",
+        type=float,
+        default=OptimConfig().lr,
+        help="our methods' learning rate (optim.lr; default as in the config). PEFT's comes from "
+        "--peft-lr-grid: give both one value to compare the two at the same rate",
+    )
+    ap.add_argument(
         "--heldout-examples",
         type=int,
         default=64,
@@ -426,6 +436,8 @@ def parse_args(argv: list[str] | None = None):
     for name in ("steps", "batch_size", "eval_examples", "heldout_examples"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be positive")
+    if not 0 < args.lr < float("inf"):
+        ap.error(f"--lr must be a positive number, got {args.lr}")
     return args, tasks, methods, seeds[:1] if args.quick else seeds
 
 
@@ -441,7 +453,7 @@ def setup_of(args, tasks: list[str], methods: list[str], steps: int, n_eval: int
         **({"transfer_halves": list(halves(tasks))} if args.transfer == "halves" else {}),
         "steps": steps,
         "batch_size": args.batch_size,
-        "lr": o.lr,
+        "lr": args.lr,
         "peft_lr_grid": list(args.peft_lr_grid),
         "heldout_examples": args.heldout_examples,
         "rank": {m: DEFAULT_RANK[m] for m in ("multitask", "ulpt")},  # prompt.rank 0: each method's own

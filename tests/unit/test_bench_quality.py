@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -34,6 +35,7 @@ from bench.quality_results import (
     seed_gains,
     verdict,
 )
+from tuner.config import OptimConfig
 
 AVAILABLE = ["ag_news", "cb", "rte", "sst2", "trec"]
 
@@ -77,11 +79,30 @@ def test_parse_args_defaults_and_errors(capsys):
         (["--seeds", "a"], "comma-separated integers"),
         (["--tasks", "cb"], "at least two tasks"),
         (["--steps", "0"], "--steps must be positive"),
+        (["--lr", "0"], "--lr must be a positive number"),
+        (["--lr", "nan"], "--lr must be a positive number"),
     ]:
         with pytest.raises(SystemExit) as e:
             parse_args(argv)
         assert e.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_our_learning_rate_reaches_every_run_of_ours_and_is_part_of_the_setup():
+    """`--lr` sets optim.lr of our methods' runs (PEFT's rates stay its grid's), and seeds run at
+    another rate are a different setup, so `--add` and `--pool` refuse to mix them."""
+    import bench.quality as quality
+
+    default = parse_args([])[0]
+    assert default.lr == OptimConfig().lr
+    args = parse_args(["--lr", "0.1", "--peft-lr-grid", "0.1"])[0]
+    benches = [quality.SeedBench(a, 0, ["cb", "rte"], steps=3, n_eval=8) for a in (default, args)]
+    lrs = [b.config(["cb", "rte"], "lr-test").optim.lr for b in benches]
+    for d in [d for b in benches for d in b.dirs]:
+        shutil.rmtree(d, ignore_errors=True)
+    assert lrs == [OptimConfig().lr, 0.1]
+    setups = [setup_of(a, ["cb", "rte"], ["ulpt"], 80, 200) for a in (default, args)]
+    assert (setups[0]["lr"], setups[1]["lr"]) == (OptimConfig().lr, 0.1) and setups[0] != setups[1]
 
 
 def _runs() -> list[SeedResult]:
