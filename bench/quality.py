@@ -202,6 +202,7 @@ class SeedBench:
         cfg.data.seed = self.seed  # train/eval subsets, prompt init and the sampler's draws
         cfg.optim.loss_weighting = self.args.loss_weighting  # ours only: PEFT's loss is a token mean
         cfg.optim.lr = self.args.lr  # ours only: PEFT's is its grid's
+        cfg.prompt.init = self.args.init  # PEFT starts from the prompts of a run with this config too
         self.dirs.append(cfg.output_dir)
         return cfg
 
@@ -362,6 +363,12 @@ def _parser() -> argparse.ArgumentParser:
         "--peft-lr-grid: give both one value to compare the two at the same rate",
     )
     ap.add_argument(
+        "--init",
+        choices=("class_labels", "vocab", "random"),
+        default="class_labels",
+        help="every task's starting prompt (prompt.init), for every method and PEFT alike",
+    )
+    ap.add_argument(
         "--heldout-examples",
         type=int,
         default=64,
@@ -464,7 +471,7 @@ def setup_of(args, tasks: list[str], methods: list[str], steps: int, n_eval: int
         "loss_weighting": args.loss_weighting,
         "max_seq_len": args.max_seq_len,
         "num_virtual_tokens": cfg.prompt.num_virtual_tokens,
-        "init": cfg.prompt.init,
+        "init": args.init,
         "eval_examples_per_task": n_eval,
         "dtype": "fp32",
         "attention": "sdpa",

@@ -88,21 +88,25 @@ def test_parse_args_defaults_and_errors(capsys):
         assert message in capsys.readouterr().err
 
 
-def test_our_learning_rate_reaches_every_run_of_ours_and_is_part_of_the_setup():
-    """`--lr` sets optim.lr of our methods' runs (PEFT's rates stay its grid's), and seeds run at
-    another rate are a different setup, so `--add` and `--pool` refuse to mix them."""
+def test_our_learning_rate_and_the_start_reach_every_run_and_are_part_of_the_setup():
+    """`--lr` sets optim.lr of our methods' runs (PEFT's rates stay its grid's) and `--init` every run's
+    prompt.init (PEFT starts from a run's prompts); seeds run at another rate or from another start are a
+    different setup, so `--add` and `--pool` refuse to mix them."""
     import bench.quality as quality
 
     default = parse_args([])[0]
-    assert default.lr == OptimConfig().lr
-    args = parse_args(["--lr", "0.1", "--peft-lr-grid", "0.1"])[0]
+    assert (default.lr, default.init) == (OptimConfig().lr, "class_labels")
+    args = parse_args(["--lr", "0.1", "--peft-lr-grid", "0.1", "--init", "random"])[0]
     benches = [quality.SeedBench(a, 0, ["cb", "rte"], steps=3, n_eval=8) for a in (default, args)]
-    lrs = [b.config(["cb", "rte"], "lr-test").optim.lr for b in benches]
+    cfgs = [b.config(["cb", "rte"], "lr-test") for b in benches]
     for d in [d for b in benches for d in b.dirs]:
         shutil.rmtree(d, ignore_errors=True)
-    assert lrs == [OptimConfig().lr, 0.1]
+    assert [(c.optim.lr, c.prompt.init) for c in cfgs] == [
+        (OptimConfig().lr, "class_labels"),
+        (0.1, "random"),
+    ]
     setups = [setup_of(a, ["cb", "rte"], ["ulpt"], 80, 200) for a in (default, args)]
-    assert (setups[0]["lr"], setups[1]["lr"]) == (OptimConfig().lr, 0.1) and setups[0] != setups[1]
+    assert [(s["lr"], s["init"]) for s in setups] == [(OptimConfig().lr, "class_labels"), (0.1, "random")]
 
 
 def _runs() -> list[SeedResult]:
