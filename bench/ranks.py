@@ -2,7 +2,8 @@
 
 * `run_ranks(target, world_size, args)`: start `target(rank, port, out, *args)` in `world_size`
   fresh processes (spawn), wait for them, and return what each wrote to `<out>/rank<r>.json`.
-* `join_gloo(rank, world_size, port)`: the process group those ranks form on 127.0.0.1.
+* `join_gloo(rank, world_size, port)`: the process group those ranks form on 127.0.0.1;
+  `leave_gloo()`: leave it once every collective this rank started has finished.
 * `GatherCounter`: every all-gather through torch.distributed, counted (calls and bytes).
 * `rss(field)`, `reset_peak_rss()`: the process's resident memory (VmRSS, VmHWM) from /proc.
 
@@ -11,6 +12,7 @@ It decides nothing about what is measured: `bench.zero_scaling` and `bench.zero_
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import os
@@ -80,10 +82,30 @@ def join_gloo(rank: int, world_size: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
+def leave_gloo() -> None:
+    """Leave the process group once every collective this rank started has finished.
+
+    ZeRO-3 leaves asynchronous all-gathers in flight (its prefetch): destroying the group with one
+    still on gloo's worker thread lets that thread outlive the interpreter, which then aborts at exit
+    ("terminate called without an active exception"). A gloo barrier waits for all of this rank's
+    earlier work first, and no rank leaves before every rank is done.
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _rank(target: Callable[..., None], *args) -> None:
+    """A rank's process: `target(*args)`, with a fatal signal printing every thread's Python stack."""
+    faulthandler.enable()
+    target(*args)
 
 
 def run_ranks(
@@ -97,7 +119,7 @@ def run_ranks(
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="promptfleet-ranks-") as out:
         port = _free_port()
-        procs = [ctx.Process(target=target, args=(r, port, out, *args)) for r in range(world_size)]
+        procs = [ctx.Process(target=_rank, args=(target, r, port, out, *args)) for r in range(world_size)]
         for p in procs:
             p.start()
         for p in procs:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from bench.common import write_result
-from bench.ranks import GatherCounter, join_gloo, reset_peak_rss, rss, run_ranks
+from bench.ranks import GatherCounter, join_gloo, leave_gloo, reset_peak_rss, rss, run_ranks
 
 GiB = 1024**3
 SEQ, VIRTUAL = 48, 8
@@ -110,8 +110,7 @@ def _rank_main(rank: int, port: int, out: str, offload: str, steps: int, layers:
         "allgather_gib_per_step": statistics.mean(nbytes) / GiB,
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 def run(offload: str, steps: int, layers: int) -> list[dict]:

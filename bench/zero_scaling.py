@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from bench.common import REPO, write_result
-from bench.ranks import GatherCounter, join_gloo, reset_peak_rss, rss, run_ranks
+from bench.ranks import GatherCounter, join_gloo, leave_gloo, reset_peak_rss, rss, run_ranks
 from tuner.recipe import MultiTaskPromptTuningRecipe
 
 MiB = 1024**2
@@ -154,8 +154,7 @@ def _rank_main(rank: int, port: int, out: str, settings: list[Setting], steps: i
     }
     Path(out, f"rank{rank}.json").write_text(json.dumps({"settings": results, "process": process}))
     if world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        leave_gloo()
 
 
 def run_group(settings: list[Setting], steps: int, max_train: int) -> list[dict]:
