@@ -7,6 +7,8 @@
         --out quality_prompt_methods                                   (issue 39: against tuned PEFT)
     python -m bench.quality --tasks all --methods ulpt,superpos --lr 0.1 --peft-lr-grid 0.1 \
         --out quality_prompt_methods_lr0.1                             (ours and PEFT at one rate)
+    python -m bench.quality --tasks all --methods ulpt --lr-grid 0.03,0.1,0.3 --out quality_ulpt_tuned
+                                                                      (ours tuned as PEFT is)
     python -m bench.quality --pool A.json B.json --out quality_methods  (no runs: seeds of one setup, run
                                                                       apart, into one result)
 
@@ -76,7 +78,7 @@ from bench.common import (
     setup_recipe,
     write_result,
 )
-from bench.quality_peft import hold_out_slices, parse_grid, tune_peft
+from bench.quality_peft import Tuned, hold_out_slices, parse_grid, tune, tune_peft
 from bench.quality_results import (
     PEFT,
     ZERO_SHOT,
@@ -216,29 +218,29 @@ class SeedBench:
             for t in tqdm(list(recipe.tasks), desc=f"seed {self.seed}: evaluate {what}", unit="task")
         }
 
-    def ours(
+    def train(
         self,
         tasks: list[str],
         draws,
         method: str,
         tag: str,
         *,
+        lr: float | None = None,
         initial: dict[str, torch.Tensor] | None = None,
         source: Path | None = None,
         loo: dict[str, torch.Tensor] | None = None,
-    ) -> tuple[dict[str, float], Path, dict[str, str], dict[str, torch.Tensor]]:
-        """Train `method` on `tasks` with their examples of `draws`; finish the run (a transfer source).
+    ) -> tuple[MultiTaskPromptTuningRecipe, dict[str, str]]:
+        """Train `method` on `tasks` with their examples of `draws` (at `lr`, default `--lr`).
 
         `initial` (independent only): start each task from this prompt, the one PEFT starts from
         (the same as its own init since each task draws from its own stream; set explicitly all the same).
         `source` (halves): transfer-initialise from that finished run (`prompt.init_from`); `loo`
         (leave-one-out): start each task from the best fitting of the other tasks' prompts in it.
-        Returns its scores, its finished run directory, each task's source task (with `source` or
-        `loo`) and its final prompts.
+        Returns the trained recipe and each task's source task (with `source` or `loo`).
         """
-        t0 = clock()
         cfg = self.config(tasks, tag)
         cfg.prompt.method = method
+        cfg.optim.lr = lr or cfg.optim.lr
         if source is not None:
             cfg.prompt.init, cfg.prompt.init_from = "transfer", str(source)
         prepare_job(cfg, claim=True)  # a run directory of its own, as `promptfleet train` makes
@@ -263,6 +265,15 @@ class SeedBench:
                 recipe.train_step(batch)
             else:
                 recipe.step += 1  # no example of these tasks: the schedule still follows the global step
+        return recipe, chosen
+
+    def ours(
+        self, tasks: list[str], draws, method: str, tag: str, **how
+    ) -> tuple[dict[str, float], Path, dict[str, str], dict[str, torch.Tensor]]:
+        """`train` (`how`: its keywords), then finish the run (a transfer source): its scores, its
+        finished run directory, each task's source task and its final prompts."""
+        t0 = clock()
+        recipe, chosen = self.train(tasks, draws, method, tag, **how)
         recipe.save_checkpoint()
         summary = recipe.finish()  # evaluates every task with evaluate_task, writes the adapters
         scores = {t: points(summary.tasks[t].metric, summary.tasks[t].tuned.score) for t in tasks}
@@ -270,6 +281,22 @@ class SeedBench:
         final = {t: recipe.prompt(t).detach().cpu().clone() for t in tasks}
         self.timed(tag, t0)
         return scores, recipe.run_dir, chosen, final
+
+    def ours_tuned(self, draws, method: str, heldout) -> tuple[dict[str, float], Tuned]:
+        """`method` over all tasks once per rate of `--lr-grid`; each task keeps the rate best on its
+        held-out slice (PEFT's rule, `bench.quality_peft.tune`), and only that prompt is scored."""
+        t0, last = clock(), []
+
+        def train(lr: float):
+            recipe = self.train(self.tasks, draws, method, f"{method}-lr{lr}", lr=lr)[0]
+            last[:] = [recipe]
+            return recipe, {t: recipe.prompt(t).detach().cpu().clone() for t in self.tasks}
+
+        tuned = tune(self.args.lr_grid, train, heldout)
+        scores = self.score(last[0], tuned.prompts.__getitem__, method)
+        print(f"seed {self.seed} {method}: {scores} (lr {tuned.lr})", flush=True)
+        self.timed(method, t0)  # every rate of the grid
+        return scores, tuned
 
     def run(self, methods: list[str]) -> tuple[SeedResult, dict[str, str]]:
         """Zero-shot and PEFT on a reference recipe over all tasks (whose sampler draws the batches), then ours."""
@@ -306,8 +333,11 @@ class SeedBench:
                 ta, _, ca, _ = self.ours(a, draws, "independent", "transfer-a", source=dir_b)
                 tb, _, cb, _ = self.ours(b, draws, "independent", "transfer-b", source=dir_a)
                 scores["transfer"], sources = {**ta, **tb}, {**ca, **cb}
+        ours_grid: dict[str, Tuned] = {}
         for m in JOINT:
-            if m in methods:
+            if m in methods and self.args.lr_grid:
+                scores[m], ours_grid[m] = self.ours_tuned(draws, m, heldout)
+            elif m in methods:
                 scores[m] = self.ours(self.tasks, draws, m, m)[0]
         print(f"seed {self.seed} (wall s, CPU s): {self.timings}", flush=True)
         for d in self.dirs:
@@ -324,6 +354,9 @@ class SeedBench:
             peft_heldout_score=peft.heldout_score,
             peft_heldout_loss=peft.heldout_loss,
             heldout_examples={t: len(h.eval) for t, h in heldout.items()},
+            ours_lr={m: g.lr for m, g in ours_grid.items()},
+            ours_heldout_score={m: g.heldout_score for m, g in ours_grid.items()},
+            ours_heldout_loss={m: g.heldout_loss for m, g in ours_grid.items()},
         )
         return result, metrics
 
@@ -361,6 +394,11 @@ def _parser() -> argparse.ArgumentParser:
         default=OptimConfig().lr,
         help="our methods' learning rate (optim.lr; default as in the config). PEFT's comes from "
         "--peft-lr-grid: give both one value to compare the two at the same rate",
+    )
+    ap.add_argument(
+        "--lr-grid",
+        help="our joint methods' learning rates (residual, multitask, ulpt, superpos): one run per rate, each "
+        "task keeps the one best on its held-out slice, as PEFT's (default: --lr alone)",
     )
     ap.add_argument(
         "--init",
@@ -428,6 +466,7 @@ def parse_args(argv: list[str] | None = None):
         tasks = expand_tasks(args.tasks, shipped_tasks())
         methods = expand_methods(args.methods)
         args.peft_lr_grid = parse_grid(args.peft_lr_grid)
+        args.lr_grid = parse_grid(args.lr_grid, "--lr-grid") if args.lr_grid else None
     except ValueError as e:
         ap.error(str(e))
     try:
@@ -443,6 +482,8 @@ def parse_args(argv: list[str] | None = None):
     for name in ("steps", "batch_size", "eval_examples", "heldout_examples"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be positive")
+    if args.lr_grid and not set(methods) & set(JOINT):
+        ap.error(f"--lr-grid tunes {', '.join(JOINT)}; none of them is in --methods")
     if not 0 < args.lr < float("inf"):
         ap.error(f"--lr must be a positive number, got {args.lr}")
     return args, tasks, methods, seeds[:1] if args.quick else seeds
@@ -462,6 +503,7 @@ def setup_of(args, tasks: list[str], methods: list[str], steps: int, n_eval: int
         "batch_size": args.batch_size,
         "lr": args.lr,
         "peft_lr_grid": list(args.peft_lr_grid),
+        **({"lr_grid": list(args.lr_grid)} if args.lr_grid else {}),  # absent: every joint method at "lr"
         "heldout_examples": args.heldout_examples,
         "rank": {m: DEFAULT_RANK[m] for m in ("multitask", "ulpt")},  # prompt.rank 0: each method's own
         "superpos_tokens": cfg.prompt.superpos_tokens,
@@ -534,6 +576,9 @@ def print_result(out: dict, runs: list[SeedResult], steps: int, batch_size: int)
     if "peft_grid" in tables:
         print("PEFT's learning rate per task, chosen on its held-out slice (held-out score per rate):")
         print(tables["peft_grid"])
+    for m, table in tables.get("ours_grid", {}).items():
+        print(f"{m}'s learning rate per task, chosen on the same slices:")
+        print(table)
     print(f"budget per seed: {steps} steps x {batch_size} examples; per task examples / updates by seed:")
     for r in sorted(runs, key=lambda r: r.seed):
         print(

@@ -10,12 +10,15 @@ trains on them and the eval split is never looked at to choose. "Best" is the ta
 where that is one forward per example (classification: accuracy or macro-F1; ties go to the lower
 held-out loss, then to the grid's order), else the held-out target loss (generation and NER, whose
 metric would decode greedily). Only the chosen prompt is scored on the eval split: that is PEFT.
+Our methods' rate can be tuned the same way (`--lr-grid`, `tune`): one joint run per rate, the same
+slices, the same rule.
 
 This module trains and chooses; bench.quality evaluates, records and tabulates.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,14 +33,14 @@ from tuner.tasks.kinds import evaluate_task, kind_of
 HELDOUT_FRACTION = 0.2  # at most this share of a task's training examples is held out
 
 
-def parse_grid(arg: str) -> list[float]:
-    """`--peft-lr-grid`: comma-separated positive learning rates, distinct, in the given order."""
+def parse_grid(arg: str, option: str = "--peft-lr-grid") -> list[float]:
+    """`option` (`--peft-lr-grid`, `--lr-grid`): comma-separated positive learning rates, distinct, in order."""
     try:
         grid = [float(x) for x in arg.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--peft-lr-grid takes comma-separated numbers, got {arg!r}") from None
+        raise ValueError(f"{option} takes comma-separated numbers, got {arg!r}") from None
     if not grid or any(not (x > 0) for x in grid) or len(set(grid)) != len(grid):
-        raise ValueError(f"--peft-lr-grid needs distinct positive learning rates, got {arg!r}")
+        raise ValueError(f"{option} needs distinct positive learning rates, got {arg!r}")
     return grid
 
 
@@ -52,8 +55,8 @@ def hold_out_slices(ref, n: int) -> dict[str, TaskData]:
 
 
 @dataclass
-class TunedPeft:
-    """The grid's held-out results and each task's chosen learning rate and prompt."""
+class Tuned:
+    """A learning-rate grid's held-out results and each task's chosen rate and prompt (PEFT's or ours)."""
 
     lr: dict[str, float]  # task -> the chosen learning rate
     heldout_score: dict[str, dict[str, float | None]]  # lr (str) -> task -> held-out score (None: by loss)
@@ -72,18 +75,57 @@ def choose(grid: list[float], score: dict[str, float | None], loss: dict[str, fl
     return grid[min(range(len(grid)), key=key)]
 
 
-def tune_peft(
-    ref, draws, initial: dict[str, torch.Tensor], heldout: dict[str, TaskData], grid: list[float], seed: int
-) -> TunedPeft:
-    """PEFT on `ref`'s tasks for every learning rate of `grid` on `draws` from the `initial` prompts;
-    each task's best by its held-out slice (see the module docstring)."""
-    o, L, pad = ref.cfg.optim, ref.cfg.model.max_seq_len, ref.tokenizer.pad_token_id
-    tasks = list(ref.tasks)
-    by_metric = {t: kind_of(ref.tasks[t].spec.kind).rung_criterion("auto") == "metric" for t in tasks}
+def heldout_results(
+    recipe, prompts: dict[str, torch.Tensor], heldout: dict[str, TaskData]
+) -> tuple[dict[str, float | None], dict[str, float]]:
+    """Each task's held-out score in points (None where the task is chosen by loss) and held-out mean
+    target loss, for its prompt in `prompts`, on `recipe`'s backbone (see the module docstring)."""
+    L, pad = recipe.cfg.model.max_seq_len, recipe.tokenizer.pad_token_id
+    score: dict[str, float | None] = {}
+    loss: dict[str, float] = {}
+    for t, p in prompts.items():
+        loss[t] = mean_target_loss(
+            recipe.lm, heldout[t].eval, {t: p}, max_len=L, pad_id=pad, device=recipe.device
+        )[t]
+        by_metric = kind_of(recipe.tasks[t].spec.kind).rung_criterion("auto") == "metric"
+        score[t] = (
+            points(
+                recipe.tasks[t].spec.metric,
+                evaluate_task(recipe.lm, recipe.tokenizer, heldout[t], p, L)["score"],
+            )
+            if by_metric
+            else None
+        )
+    return score, loss
+
+
+def tune(
+    grid: list[float],
+    train: Callable[[float], tuple[object, dict[str, torch.Tensor]]],
+    heldout: dict[str, TaskData],
+) -> Tuned:
+    """`train(lr)` -> (a recipe holding the backbone, task -> prompt) for every rate of `grid`; each task
+    keeps the rate whose prompt does best on its held-out slice (`choose`), with that rate's prompt."""
     score: dict[str, dict[str, float | None]] = {}
     loss: dict[str, dict[str, float]] = {}
     prompts: dict[str, dict[str, torch.Tensor]] = {}
     for lr in grid:
+        recipe, prompts[str(lr)] = train(lr)
+        score[str(lr)], loss[str(lr)] = heldout_results(recipe, prompts[str(lr)], heldout)
+    tasks = list(heldout)
+    chosen = {t: choose(grid, {k: score[k][t] for k in score}, {k: loss[k][t] for k in loss}) for t in tasks}
+    return Tuned(chosen, score, loss, {t: prompts[str(chosen[t])][t] for t in tasks})
+
+
+def tune_peft(
+    ref, draws, initial: dict[str, torch.Tensor], heldout: dict[str, TaskData], grid: list[float], seed: int
+) -> Tuned:
+    """PEFT on `ref`'s tasks for every learning rate of `grid` on `draws` from the `initial` prompts;
+    each task's best by its held-out slice (see the module docstring)."""
+    o, L, pad = ref.cfg.optim, ref.cfg.model.max_seq_len, ref.tokenizer.pad_token_id
+    tasks = list(ref.tasks)
+
+    def train(lr: float):
         peft = PeftPromptTuning(
             ref.lm.backbone, tasks, initial, lr=lr, betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip
         )
@@ -91,21 +133,6 @@ def tune_peft(
             peft.step(
                 examples_by_task(ref, draw), lr_at(k, lr, o.warmup_steps, o.max_steps, o.schedule), L, pad
             )
-        key = str(lr)
-        prompts[key] = {t: peft.prompt(t) for t in tasks}
-        del peft
-        loss[key], score[key] = {}, {}
-        for t in tasks:
-            p = prompts[key][t]
-            loss[key][t] = mean_target_loss(
-                ref.lm, heldout[t].eval, {t: p}, max_len=L, pad_id=pad, device=ref.device
-            )[t]
-            score[key][t] = (
-                points(
-                    ref.tasks[t].spec.metric, evaluate_task(ref.lm, ref.tokenizer, heldout[t], p, L)["score"]
-                )
-                if by_metric[t]
-                else None
-            )
-    chosen = {t: choose(grid, {k: score[k][t] for k in score}, {k: loss[k][t] for k in loss}) for t in tasks}
-    return TunedPeft(chosen, score, loss, {t: prompts[str(chosen[t])][t] for t in tasks})
+        return ref, {t: peft.prompt(t) for t in tasks}
+
+    return tune(grid, train, {t: heldout[t] for t in tasks})

@@ -35,6 +35,10 @@ class SeedResult:
     )  # lr -> task -> points
     peft_heldout_loss: dict[str, dict[str, float]] = field(default_factory=dict)  # lr -> task -> target loss
     heldout_examples: dict[str, int] = field(default_factory=dict)  # task -> its held-out slice's size
+    # our joint methods' rates tuned the same way (`--lr-grid`): method -> as the three PEFT fields above
+    ours_lr: dict[str, dict[str, float]] = field(default_factory=dict)
+    ours_heldout_score: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+    ours_heldout_loss: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -149,7 +153,23 @@ def render(
     line39 = issue39_line(runs, v, tasks)
     out = {"per_seed": per_seed, "means": means, "paired": diffs, "verdict": line, "verdict_issue39": line39}
     if any(r.peft_lr for r in runs):
-        out["peft_grid"] = peft_grid_table(runs, tasks)
+        out["peft_grid"] = grid_table(
+            runs, tasks, lambda r: (r.peft_lr, r.peft_heldout_score, r.peft_heldout_loss)
+        )
+    tuned = [m for m in methods if any(m in r.ours_lr for r in runs)]
+    if tuned:
+        out["ours_grid"] = {
+            m: grid_table(
+                runs,
+                tasks,
+                lambda r, m=m: (
+                    r.ours_lr.get(m, {}),
+                    r.ours_heldout_score.get(m, {}),
+                    r.ours_heldout_loss.get(m, {}),
+                ),
+            )
+            for m in tuned
+        }
     return out
 
 
@@ -169,18 +189,20 @@ def issue39_line(runs: list[SeedResult], v: Verdict, tasks: list[str]) -> str:
     return f"issue 39, best method {v.best} against tuned PEFT: " + "; ".join(parts) + f"; met: {met}"
 
 
-def peft_grid_table(runs: list[SeedResult], tasks: list[str]) -> str:
-    """PEFT's learning-rate grid: per seed and task, each rate's held-out score (or loss where the task
-    is chosen by loss) and the rate chosen."""
-    grid = sorted({lr for r in runs for lr in r.peft_heldout_loss}, key=float)
+def grid_table(runs: list[SeedResult], tasks: list[str], of) -> str:
+    """A learning-rate grid (`of(run)`: its chosen rates, held-out scores and losses, PEFT's or one of
+    our methods'): per seed and task, each rate's held-out score (or loss where the task is chosen by
+    loss) and the rate chosen."""
+    grid = sorted({lr for r in runs for lr in of(r)[2]}, key=float)
     rows = []
     for r in runs:
+        chosen, score, losses = of(r)
         for t in tasks:
             cells = []
             for lr in grid:
-                s, loss = r.peft_heldout_score.get(lr, {}).get(t), r.peft_heldout_loss.get(lr, {}).get(t)
+                s, loss = score.get(lr, {}).get(t), losses.get(lr, {}).get(t)
                 cells.append("-" if loss is None else f"{s:.1f}" if s is not None else f"loss {loss:.3f}")
-            rows.append([r.seed, t, r.heldout_examples.get(t, ""), *cells, r.peft_lr.get(t, "")])
+            rows.append([r.seed, t, r.heldout_examples.get(t, ""), *cells, chosen.get(t, "")])
     return markdown_table(["seed", "task", "held out", *(f"lr {lr}" for lr in grid), "chosen lr"], rows)
 
 

@@ -107,6 +107,21 @@ def test_our_learning_rate_and_the_start_reach_every_run_and_are_part_of_the_set
     ]
     setups = [setup_of(a, ["cb", "rte"], ["ulpt"], 80, 200) for a in (default, args)]
     assert [(s["lr"], s["init"]) for s in setups] == [(OptimConfig().lr, "class_labels"), (0.1, "random")]
+    assert "lr_grid" not in setups[0]  # results recorded before --lr-grid keep their setup
+
+
+def test_our_learning_rate_grid_is_parsed_checked_and_part_of_the_setup(capsys):
+    args, _, methods, _ = parse_args(["--methods", "ulpt,independent", "--lr-grid", "0.03, 0.1,0.3"])
+    assert args.lr_grid == [0.03, 0.1, 0.3]
+    assert setup_of(args, ["cb"], methods, 80, 200)["lr_grid"] == [0.03, 0.1, 0.3]
+    for argv, message in [
+        (["--methods", "ulpt", "--lr-grid", "0.1,0"], "--lr-grid needs distinct positive"),
+        (["--methods", "ulpt", "--lr-grid", "0.1,x"], "--lr-grid takes comma-separated numbers"),
+        (["--methods", "independent,transfer", "--lr-grid", "0.1"], "--lr-grid tunes residual"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
 
 
 def _runs() -> list[SeedResult]:
@@ -507,9 +522,17 @@ def test_one_seed_of_the_new_methods_against_tuned_peft_runs_end_to_end(
     monkeypatch.setattr(quality, "bench_config", tiny_config)
     monkeypatch.setattr(quality, "TASK_DIR", tmp_path)
     argv = ["--tasks", "pos_neg,colors", "--methods", "ulpt,superpos", "--peft-lr-grid", "0.01,0.3"]
-    args = parse_args([*argv, "--heldout-examples", "4"])[0]
+    args = parse_args([*argv, "--heldout-examples", "4", "--lr-grid", "0.01,0.3"])[0]
     bench = quality.SeedBench(args, 0, ["pos_neg", "colors"], steps=3, n_eval=8)
     result, metrics = bench.run(["ulpt", "superpos"])
+    from bench.quality_peft import choose
+
+    for m in ("ulpt", "superpos"):  # tuned as PEFT is: every rate run, each task's choice by `choose`
+        assert set(result.ours_heldout_loss[m]) == {"0.01", "0.3"}
+        for t in ("pos_neg", "colors"):
+            score = {k: v[t] for k, v in result.ours_heldout_score[m].items()}
+            loss = {k: v[t] for k, v in result.ours_heldout_loss[m].items()}
+            assert result.ours_lr[m][t] == choose([0.01, 0.3], score, loss)
     assert set(result.scores) == {ZERO_SHOT, PEFT, "ulpt", "superpos"}
     assert all(set(s) == {"pos_neg", "colors"} for s in result.scores.values())
     assert set(result.peft_heldout_loss) == {"0.01", "0.3"} and set(result.peft_lr.values()) <= {0.01, 0.3}
@@ -518,6 +541,10 @@ def test_one_seed_of_the_new_methods_against_tuned_peft_runs_end_to_end(
     setup = setup_of(args, ["pos_neg", "colors"], ["ulpt", "superpos"], 3, 8)
     assert setup["peft_lr_grid"] == [0.01, 0.3] and setup["rank"]["ulpt"] == 32
     tables = result_of(setup, [result], metrics, quick=True)["tables"]
+    assert (
+        set(tables["ours_grid"]) == {"ulpt", "superpos"}
+        and "| lr 0.01 | lr 0.3 |" in tables["ours_grid"]["ulpt"]
+    )
     assert "chosen lr" in tables["peft_grid"] and tables["verdict_issue39"].startswith(
         "issue 39, best method"
     )
