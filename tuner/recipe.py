@@ -248,9 +248,7 @@ class MultiTaskPromptTuningRecipe:
             device=self.device,
             seed=cfg.data.seed,
             # a search initialises each variant row by its own prompt settings
-            fill=(lambda bank, method=None: driver.init_prompts(bank, label_words, method))
-            if driver
-            else None,
+            fill=(lambda bank: driver.init_prompts(bank, label_words)) if driver else None,
         )
 
     # The prompt parameters' parts, as the loop and callers read them.

@@ -30,7 +30,7 @@ def _start(layout, seed, scale=1.0):
     bank = PromptBank(["t"], *layout.row_shape)
     prompt = torch.randn(P, H, generator=torch.Generator().manual_seed(seed)) * 0.1 * scale
 
-    def fill(b, method=None):
+    def fill(b):
         b.set_prompt("t", prompt)
 
     emb = torch.nn.Embedding(128, H)

@@ -46,10 +46,6 @@ from tuner.prompts.optim import SparseRowAdam
 
 SHARED = "shared"  # the shared vector's single key in its own optimiser
 
-# fill(bank, init=None): writes every row's configured start into `bank` as a plain [P, H] prompt;
-# `init` names another `prompt.init` to draw instead (ULPT asks for "random").
-Fill = Callable[..., None]
-
 
 class Independent:
     """One free [P, H] prompt per row: the row is the prompt."""
@@ -68,7 +64,7 @@ class Independent:
     def init_shared(self, gen: torch.Generator) -> torch.Tensor | None:
         return None
 
-    def initialise(self, bank: PromptBank, fill: Fill, gen, embed=None) -> None:
+    def initialise(self, bank: PromptBank, fill: Callable[[PromptBank], None], gen, embed=None) -> None:
         fill(bank)
         return None
 
@@ -118,7 +114,9 @@ class Residual:
                 parts.append((torch.rand(shape, generator=gen) * 2 - 1) / math.sqrt(fan_in))
         return torch.cat([t.flatten() for t in parts])
 
-    def initialise(self, bank: PromptBank, fill: Fill, gen, embed=None) -> torch.Tensor:
+    def initialise(
+        self, bank: PromptBank, fill: Callable[[PromptBank], None], gen, embed=None
+    ) -> torch.Tensor:
         fill(bank)
         return self.init_shared(gen)
 
@@ -150,7 +148,9 @@ class Multitask:
     def init_shared(self, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(self.shared_size, generator=gen) * 0.02
 
-    def initialise(self, bank: PromptBank, fill: Fill, gen, embed=None) -> torch.Tensor:
+    def initialise(
+        self, bank: PromptBank, fill: Callable[[PromptBank], None], gen, embed=None
+    ) -> torch.Tensor:
         shared = PromptBank([SHARED], self.P, self.H)
         fill(shared)
         noise = torch.randn(bank.weight.shape, generator=gen) * 0.02
@@ -158,7 +158,7 @@ class Multitask:
         return shared.weight[0].flatten().clone()
 
 
-def _plain_init(bank: PromptBank, fill: Fill, P: int, H: int) -> PromptBank:
+def _plain_init(bank: PromptBank, fill: Callable[[PromptBank], None], P: int, H: int) -> PromptBank:
     """The configured initialisation of `bank`'s rows as plain [P, H] prompts (the rows themselves are
     another shape): what a method with a fixed basis fits its rows to."""
     plain = PromptBank(bank.task_names, P, H)
@@ -179,13 +179,10 @@ class Ulpt:
     """Each row holds Z_k [P, r], s_k [H], b_k [H], flat ([1, P*r + 2H]); R [r, H] is fixed.
 
     R ~ N(0, 1/r) entrywise (the paper's up-projection), so a row of Z R has the scale of a row of Z.
-    Every task starts as the paper's does, near zero, whatever `prompt.init` says: s_k = 1, b_k = 0
-    and Z_k the coordinates, in R's row space, of a random prompt N(0, prompt.init_std^2) drawn from
-    the task's own stream (`fill(bank, "random")`: a search's variant rows draw their task's, under
-    their own std), so Z_k R keeps about r/H of its variance. Fitting the configured prompt instead
-    (b_k its token mean, Z_k the rest) started every task as P near-copies of one averaged
-    embedding, since b_k and s_k are shared by all P positions: TREC stayed at zero-shot
-    (BENCHMARKS.md, issue 39 probe).
+    Every task starts as close to its configured initial prompt E_k (class labels, vocabulary, ...)
+    as the layout allows: b_k = E_k's mean over its P tokens, s_k = 1, and Z_k the least-squares fit
+    of E_k - b_k in R's row space. So the shift starts on the embeddings' own region (where a prompt
+    of the right norm lies) and Z moves the tokens apart from there.
     """
 
     kind = "ulpt"
@@ -210,12 +207,15 @@ class Ulpt:
     def init_shared(self, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(self.shared_size, generator=gen) / math.sqrt(self.r)
 
-    def initialise(self, bank: PromptBank, fill: Fill, gen, embed=None) -> torch.Tensor:
+    def initialise(
+        self, bank: PromptBank, fill: Callable[[PromptBank], None], gen, embed=None
+    ) -> torch.Tensor:
         R = self.init_shared(gen)
-        noise = _plain_init(bank, lambda plain: fill(plain, "random"), self.P, self.H)
-        z = _fit(R.view(self.r, self.H), noise.weight)  # Z R: the noise's part in R's row space
-        ones, zeros = torch.ones(len(z), self.H), torch.zeros(len(z), self.H)
-        bank.weight.copy_(torch.cat([z.flatten(1), ones, zeros], dim=1)[:, None, :])
+        plain = _plain_init(bank, fill, self.P, self.H)
+        b = plain.weight.mean(dim=1)  # [N, H]
+        z = _fit(R.view(self.r, self.H), plain.weight - b[:, None, :])  # Z R ~ E - b
+        s = torch.ones_like(b)
+        bank.weight.copy_(torch.cat([z.flatten(1), s, b], dim=1)[:, None, :])
         return R
 
 
@@ -248,7 +248,9 @@ class Superpos:
             raise ValueError(f"prompt.superpos_tokens={self.m} exceeds the {limit} sampled vocabulary ids")
         return torch.randperm(limit, generator=gen)[: self.m]
 
-    def initialise(self, bank: PromptBank, fill: Fill, gen, embed=None) -> torch.Tensor:
+    def initialise(
+        self, bank: PromptBank, fill: Callable[[PromptBank], None], gen, embed=None
+    ) -> torch.Tensor:
         if embed is None:
             raise ValueError("prompt.method=superpos samples the backbone's embeddings: none given")
         with gathered(embed.weight):

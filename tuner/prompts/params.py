@@ -22,7 +22,7 @@ import torch
 
 from tuner.prompts.bank import PromptBank, init_prompts
 from tuner.prompts.continual import SourceRun, choose_sources, load_source
-from tuner.prompts.methods import Fill, Layout, SharedParams, compose_rows, make_layout, prompt_of
+from tuner.prompts.methods import Layout, SharedParams, compose_rows, make_layout, prompt_of
 from tuner.prompts.optim import SparseRowAdam
 from tuner.prompts.transfer_guard import TransferCheck, check_transfer
 
@@ -55,7 +55,7 @@ class PromptParams:
         backbone: str,
         device: torch.device,
         seed: int,
-        fill: Fill | None = None,
+        fill: Callable[[PromptBank], None] | None = None,
     ) -> PromptParams:
         """The parameters of bank rows `names` (hidden size `hidden`), each initialised by `prompt.init`
         (label words: task -> its verbaliser's words) or by `fill` where given; `backbone` is the
@@ -77,13 +77,13 @@ class PromptParams:
         # in a batch: they are not in the sampler, so nothing ever updates them.
         bank = PromptBank(names + carried, *layout.row_shape)
 
-        def init(bank: PromptBank, method: str | None = None) -> None:
+        def init(bank: PromptBank) -> None:
             init_prompts(
                 bank,
                 embed,
                 tokenizer,
                 # transfer overwrites every new row later; its guard compares it with this own start
-                method or ("class_labels" if p.init == "transfer" else p.init),
+                "class_labels" if p.init == "transfer" else p.init,
                 label_words=label_words,
                 text=p.init_text,
                 std=p.init_std,

@@ -128,16 +128,13 @@ class SearchDriver:
         """Every variant's prompt-bank row, task by task."""
         return self.state.rows()
 
-    def init_prompts(
-        self, bank: PromptBank, label_words: dict[str, list[str]], method: str | None = None
-    ) -> None:
+    def init_prompts(self, bank: PromptBank, label_words: dict[str, list[str]]) -> None:
         """Each variant row of `bank` initialised by its own prompt settings (rows sharing them in one
-        call), by `method` instead of its `prompt.init` where given; `label_words`: task -> its
-        verbaliser's words."""
+        call); `label_words`: task -> its verbaliser's words."""
         groups: dict[tuple, list[str]] = {}
         for row in self.state.rows():
             p = self.state.variant(row).settings.prompt
-            groups.setdefault((method or p.init, p.init_text, p.init_std), []).append(row)
+            groups.setdefault((p.init, p.init_text, p.init_std), []).append(row)
         for (init, text, std), rows in groups.items():
             part = PromptBank(rows, bank.num_virtual_tokens, bank.hidden_size)
             task_of = {r: self.state.variant(r).task for r in rows}
