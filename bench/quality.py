@@ -364,25 +364,8 @@ class SeedBench:
 # ------------------------------------------------------------------------------------ main
 
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke run: 3 steps, 16 eval examples, one seed, nothing recorded",
-    )
-    ap.add_argument(
-        "--tasks",
-        default=DEFAULT_TASKS,
-        help="comma list of task names in configs/tasks/, or all (every shipped task config)",
-    )
-    ap.add_argument(
-        "--methods", default=",".join(OURS), help=f"our prompt methods to run (of {', '.join(OURS)})"
-    )
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--max-seq-len", type=int, default=128)
-    ap.add_argument("--eval-examples", type=int, default=200, help="seeded eval subset per task")
+def _rate_options(ap: argparse.ArgumentParser) -> None:
+    """The learning rates (PEFT's grid, ours, our grid), the start and the held-out slice."""
     ap.add_argument(
         "--peft-lr-grid",
         default="0.01,0.03,0.1,0.3",
@@ -412,6 +395,28 @@ def _parser() -> argparse.ArgumentParser:
         default=64,
         help="each task's held-out slice (at most a fifth of its training examples), trained on by no method",
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 3 steps, 16 eval examples, one seed, nothing recorded",
+    )
+    ap.add_argument(
+        "--tasks",
+        default=DEFAULT_TASKS,
+        help="comma list of task names in configs/tasks/, or all (every shipped task config)",
+    )
+    ap.add_argument(
+        "--methods", default=",".join(OURS), help=f"our prompt methods to run (of {', '.join(OURS)})"
+    )
+    ap.add_argument("--steps", type=int, default=80)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-seq-len", type=int, default=128)
+    ap.add_argument("--eval-examples", type=int, default=200, help="seeded eval subset per task")
+    _rate_options(ap)
     ap.add_argument(
         "--loss-weighting",
         choices=("example", "token"),
