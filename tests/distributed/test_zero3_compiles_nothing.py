@@ -17,6 +17,7 @@ import pytest
 import torch.multiprocessing as mp
 from conftest import tiny_job_yaml, write_tiny_tasks
 
+from bench.ranks import leave_gloo
 from tuner.config import load_job_config
 
 pytestmark = pytest.mark.distributed
@@ -62,8 +63,7 @@ def _rank_main(rank: int, port: int, job: str, out: str) -> None:
     recipe.cleanup()
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(report, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_gloo()
 
 
 def test_two_rank_zero3_builds_no_deepspeed_op(tmp_path, tiny_backbone_dir):
