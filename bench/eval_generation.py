@@ -27,7 +27,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from bench.common import REPO, machine_info, markdown_table, write_result
 from tuner.evaluate import cut_at_stop, generate_greedy
-from tuner.model.backbone import load_backbone, load_tokenizer, resolve_backbone
+from tuner.model.backbone import load_backbone, load_tokenizer
+from tuner.model.model_cache import resolve_backbone
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.tasks.data import TaskData
 from tuner.tasks.spec import TaskSpec

@@ -56,7 +56,8 @@ def write_family(root: Path, n_tasks: int, examples: int) -> Path:
 
 
 def load_lm(backbone: str):
-    from tuner.model.backbone import load_backbone, load_tokenizer, resolve_backbone
+    from tuner.model.backbone import load_backbone, load_tokenizer
+    from tuner.model.model_cache import resolve_backbone
     from tuner.model.prompt_lm import PromptTunedLM
 
     path = resolve_backbone("smollm2-135m")

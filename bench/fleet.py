@@ -77,7 +77,8 @@ def write_family(root: Path, n_tasks: int, train_rows: int = 8, eval_rows: int =
 def bench_setup(sizes: list[int]) -> list[dict]:
     from tuner.config import JobConfig
     from tuner.job import PreparedJob, load_task_specs
-    from tuner.model.backbone import load_tokenizer, resolve_backbone
+    from tuner.model.backbone import load_tokenizer
+    from tuner.model.model_cache import resolve_backbone
 
     tokenizer = load_tokenizer(resolve_backbone("smollm2-135m"))
     out = []
@@ -166,7 +167,8 @@ def bench_eval(sizes: list[int], args: argparse.Namespace) -> list[dict]:
     from bench.fleet_eval import counted_forwards
     from tuner.config import JobConfig
     from tuner.job import PreparedJob, load_task_specs
-    from tuner.model.backbone import load_backbone, load_tokenizer, resolve_backbone
+    from tuner.model.backbone import load_backbone, load_tokenizer
+    from tuner.model.model_cache import resolve_backbone
     from tuner.model.prompt_lm import PromptTunedLM
     from tuner.tasks.kinds import evaluate_task, evaluate_tasks
 

@@ -216,7 +216,7 @@ def summarize(p: Plan, started: float) -> dict:
 
 def prepare(folder: str) -> int:
     """Fill the carried folder: SmolLM2 tokenizer files, and the wheels in `WHEELS` (downloaded with pip)."""
-    from tuner.model.backbone import resolve_backbone
+    from tuner.model.model_cache import resolve_backbone
 
     root = Path(folder)
     src = Path(resolve_backbone("smollm2-135m"))

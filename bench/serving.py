@@ -106,7 +106,7 @@ def write_store(root: Path, n_tasks: int, tenants: tuple[str, ...] = ("bench", "
     from transformers import AutoConfig
 
     from tuner.export import TaskAdapter, TaskMeta, save_adapter
-    from tuner.model.backbone import resolve_backbone
+    from tuner.model.model_cache import resolve_backbone
 
     cfg = AutoConfig.from_pretrained(resolve_backbone("smollm2-135m"))
     gen = torch.Generator().manual_seed(0)
@@ -383,7 +383,8 @@ def baseline_runs(store: Path, mixed_requests: list) -> tuple[dict, dict, dict, 
 
     Returns (HF one at a time, PEFT per task, the same two at the decode-heavy max_tokens).
     """
-    from tuner.model.backbone import load_backbone, load_tokenizer, resolve_backbone
+    from tuner.model.backbone import load_backbone, load_tokenizer
+    from tuner.model.model_cache import resolve_backbone
 
     path = resolve_backbone("smollm2-135m")
     tokenizer = load_tokenizer(path)

@@ -132,7 +132,8 @@ def classify_inputs(
     """`n` inputs of at least `tokens` tokens, SST-2 sentences joined (input j starts at sentence
     7j), each checked against the server's limits. Returns the inputs and their templated lengths."""
     from serving.config import ApiConfig, EngineConfig
-    from tuner.model.backbone import load_tokenizer, resolve_backbone
+    from tuner.model.backbone import load_tokenizer
+    from tuner.model.model_cache import resolve_backbone
 
     tok = load_tokenizer(resolve_backbone("smollm2-135m"))
     max_tokens, max_chars = EngineConfig().max_prompt_tokens, ApiConfig().max_prompt_chars

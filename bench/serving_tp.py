@@ -85,7 +85,7 @@ def run_one(ranks: int, rounds: int, requests: int, max_tokens: int, threads: in
     """One configuration in this (fresh) process: load, warm up, time `rounds` rounds."""
     from serving.engine import Engine, EngineConfig
     from serving.tensor_parallel import PeakAnon, full_bytes, local_bytes
-    from tuner.model.backbone import resolve_backbone
+    from tuner.model.model_cache import resolve_backbone
 
     backbone = resolve_backbone("smollm2-135m")
     store = write_store(Path(tempfile.mkdtemp(prefix="tp-bench-")) / "store", backbone)

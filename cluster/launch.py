@@ -37,7 +37,6 @@ from tuner.config import ConfigError, JobConfig, from_dict, to_dict
 from tuner.job import prepare_job
 from tuner.metrics import CheckpointRecord, EvalPoint, EvalProgress, StepMetrics
 from tuner.progress import EvalBarFromRecords, describe_eval, step_postfix
-from tuner.recipe import RecipeHooks, run
 from tuner.report import SUMMARY_FILE, RunSummary, read_summary, summary_table
 
 # Environment of every Ray worker, set through each library's own configuration: no INFO chatter,
@@ -61,6 +60,8 @@ def _worker(config: dict) -> None:
     from dataclasses import asdict
 
     import ray.train
+
+    from tuner.recipe import RecipeHooks, run  # torch and the model: loaded by ranks, never by the driver
 
     _quiet_deepspeed()
     progress = _ToDriver(config.pop("_progress", None))  # rank 0's records and log lines to the driver
@@ -403,6 +404,8 @@ def print_outcome(summary: RunSummary, run_dir: Path) -> None:
 
 def train_local(cfg: JobConfig, progress: bool = True) -> RunSummary:
     """Run `cfg` in this process as a single rank (no Ray, no DeepSpeed); metrics as on Ray."""
+    from tuner.recipe import RecipeHooks, run
+
     job = prepare_job(cfg, claim=True)
     hooks = RecipeHooks()
     metrics = None

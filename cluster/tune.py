@@ -130,7 +130,7 @@ def tune_job(
     from ray.tune.schedulers import ASHAScheduler
 
     from cluster.launch import init_ray
-    from tuner.model.backbone import resolve_backbone
+    from tuner.model.model_cache import resolve_backbone
     from tuner.report import SUMMARY_FILE, read_summary
 
     trials = trial_configs(base, params, samples)

@@ -71,7 +71,8 @@ from serving.types import (
     check_sampling,
 )
 from tuner.export import TaskMeta
-from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
+from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype
+from tuner.model.model_cache import resolve_backbone
 from tuner.tasks.input_budget import cut_input
 from tuner.tasks.kinds import kind_of
 from tuner.tasks.kinds.base import CLASSIFY

@@ -167,10 +167,10 @@ def load_sharded_backbone(path: str, dtype: torch.dtype, attn_implementation: st
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
-    from tuner.model.backbone import _no_progress_bars
+    from tuner.model.model_cache import no_progress_bars
 
     plan = tp_plan(AutoConfig.from_pretrained(path))
-    with _no_progress_bars():
+    with no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,

@@ -100,7 +100,8 @@ def _short(e: BaseException) -> str:
 
 def make_runner(config: EngineConfig, spec: GroupSpec, rank: int) -> tuple[ModelRunner, Collectives]:
     """Join the group as `rank`, load this rank's shard, and build its runner."""
-    from tuner.model.backbone import pick_attention, pick_dtype, resolve_backbone
+    from tuner.model.backbone import pick_attention, pick_dtype
+    from tuner.model.model_cache import resolve_backbone
 
     if config.threads > 0:
         torch.set_num_threads(config.threads)
@@ -235,7 +236,7 @@ def start_ranks(
     Returns rank 0's runner and its (sharded) model."""
     from transformers import AutoConfig
 
-    from tuner.model.backbone import resolve_backbone
+    from tuner.model.model_cache import resolve_backbone
 
     n = config.tensor_parallel
     check_shards(AutoConfig.from_pretrained(resolve_backbone(config.backbone)), n, config.device)

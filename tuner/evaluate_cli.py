@@ -14,14 +14,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuner.config import ConfigError, JobConfig, apply_overrides, from_dict, load_job_config, one_line
-from tuner.evaluate import TaskScores
 from tuner.job import load_task_specs
-from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype, resolve_backbone
+from tuner.model.backbone import load_backbone, load_tokenizer, pick_attention, pick_dtype
+from tuner.model.model_cache import resolve_backbone
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.progress import EvalPass
 from tuner.report import SUMMARY_FILE, collapse_warning, read_summary, render_table
 from tuner.run_adapters import AdapterStore
 from tuner.run_dir import PREDICTIONS_DIR, write_predictions
+from tuner.scores import TaskScores
 from tuner.tasks.data import TaskData
 from tuner.tasks.kinds import evaluate_tasks
 

@@ -106,7 +106,7 @@ def prepare_job(cfg: JobConfig, *, claim: bool = False) -> PreparedJob:
         cfg.prompt.init_from = str(Path(cfg.prompt.init_from).expanduser().resolve())
         check_source(cfg.prompt.init_from, cfg.prompt.method, job.task_names)
     if claim:
-        from tuner.model.backbone import resolve_backbone
+        from tuner.model.model_cache import resolve_backbone
 
         cfg.model.check_local_path()  # a missing local backbone: one line, before anything loads
         resolve_backbone(cfg.model.name)  # convert the embedded backbone once, here, before any worker

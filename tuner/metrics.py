@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from tuner.evaluate import TaskScores
+from tuner.scores import TaskScores
 
 
 @dataclass

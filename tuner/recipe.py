@@ -50,7 +50,8 @@ from tuner.config import ConfigError, JobConfig, to_dict
 from tuner.fleet_summary import render_fleet_summary
 from tuner.job import PreparedJob, prepare_job, zero_setup
 from tuner.metrics import CheckpointRecord, EvalPoint, EvalProgress, RestartRecord, RunHistory, StepMetrics
-from tuner.model.backbone import load_tokenizer, pick_attention, pick_dtype, resolve_backbone
+from tuner.model.backbone import load_tokenizer, pick_attention, pick_dtype
+from tuner.model.model_cache import resolve_backbone
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.model.zero import ZeroChoice, ZeroSettings, allreduce_rows_grad, world
 from tuner.progress import EvalPass, describe_eval, step_postfix
@@ -65,7 +66,7 @@ from tuner.tasks.prefetch import draws_ahead, recipe_step_batches, split_micro_b
 from tuner.zero_shot import zero_shot_scores
 
 if TYPE_CHECKING:
-    from tuner.evaluate import TaskScores
+    from tuner.scores import TaskScores
     from tuner.search.driver import SearchDriver
 
 GlobalBatch = list[tuple[str, int]]  # (task, example index in its train split), as the sampler draws

@@ -10,7 +10,7 @@ A run on Ray whose worker group was lost and replaced records each restart (`Res
 lost group got, the checkpoint step and path the new one resumed from): `restarts`, `lost_steps` and
 `restart_log` in the file (absent when none), a **Restarts** table in the report.
 
-A classification task reports two macro-F1s (`tuner.evaluate.MACRO_F1_DEFINITIONS`): the summary
+A classification task reports two macro-F1s (`tuner.scores.MACRO_F1_DEFINITIONS`): the summary
 holds their definitions under `metric_definitions` and the report states them beside the per-label
 table. A tuned classifier that gives one label to more than 90 % of its examples has collapsed onto
 it: `collapse_warnings` says so, in the report and on the console.
@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuner.evaluate import MACRO_F1_DEFINITIONS, TaskScores
 from tuner.metrics import EvalPoint, RestartRecord
+from tuner.scores import MACRO_F1_DEFINITIONS, TaskScores
 from tuner.search.report import render_search_report
 
 SUMMARY_FILE = "summary.json"  # in the run directory

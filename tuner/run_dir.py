@@ -30,10 +30,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuner.config import DEFAULT_RANK
 from tuner.schema import ConfigError
 
 if TYPE_CHECKING:
-    from tuner.evaluate import TaskScores
+    from tuner.scores import TaskScores
 
 RUN_FILE = "run.json"
 PREDICTIONS_DIR = "predictions"  # predictions/<pass>/<task>.jsonl
@@ -51,8 +52,6 @@ def fingerprint(job: dict[str, Any]) -> str:
     """What must match to resume a job (its config as a dict, `tuner.config.to_dict`): tasks, backbone,
     prompt shape and data seed (not step counts). `prompt.rank=0` counts as the method's own rank
     (the default before 0 meant that was 1)."""
-    from tuner.prompts.methods import DEFAULT_RANK
-
     prompt = dict(job["prompt"])
     for name, default in _LATER_PROMPT_FIELDS.items():
         if prompt.get(name) == default:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuner.config import to_dict
-from tuner.evaluate import TaskScores
+from tuner.scores import TaskScores
 
 if TYPE_CHECKING:
     from tuner.tasks.data import TaskData

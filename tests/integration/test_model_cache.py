@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from tuner.model.backbone import COMPLETE
+from tuner.model.model_cache import COMPLETE
 
 pytestmark = pytest.mark.integration
 
 RESOLVE = """
 import hashlib, sys
-from tuner.model.backbone import load_backbone, resolve_backbone
+from tuner.model.backbone import load_backbone
+from tuner.model.model_cache import resolve_backbone
 path = resolve_backbone("smollm2-135m")
 model = load_backbone(path)  # the weights load through the normal from_pretrained path
 h = hashlib.sha256()
@@ -56,7 +57,7 @@ def test_concurrent_resolvers_convert_once_and_load_identical_weights(tmp_path):
 
 
 def test_an_incomplete_cache_directory_is_rebuilt(tmp_path, monkeypatch):
-    from tuner.model.backbone import resolve_backbone
+    from tuner.model.model_cache import resolve_backbone
 
     target = tmp_path / "models" / "smollm2-135m"
     target.mkdir(parents=True)

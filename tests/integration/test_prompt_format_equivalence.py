@@ -22,7 +22,8 @@ from serving.engine import render_prompt as format_prompt
 from serving.engine import text_encoder
 from serving.registry import PromptRegistry
 from tuner.export import TaskAdapter, TaskMeta, save_adapter
-from tuner.model.backbone import load_tokenizer, resolve_backbone
+from tuner.model.backbone import load_tokenizer
+from tuner.model.model_cache import resolve_backbone
 from tuner.tasks.data import tokenize
 from tuner.tasks.readers import read_rows
 from tuner.tasks.spec import TaskSpec, build_examples, task_prefix

@@ -56,7 +56,8 @@ def test_conll2003_counts_and_lossless_targets():
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tuner.model.backbone import load_backbone, load_tokenizer, resolve_backbone
+    from tuner.model.backbone import load_backbone, load_tokenizer
+    from tuner.model.model_cache import resolve_backbone
     from tuner.model.prompt_lm import PromptTunedLM
 
     path = resolve_backbone("smollm2-135m")

@@ -20,7 +20,8 @@ import torch
 from serving.engine import Engine, EngineConfig
 from serving.types import GenerationRequest, SamplingParams
 from tuner.export import TaskAdapter, save_adapter
-from tuner.model.backbone import load_backbone, resolve_backbone
+from tuner.model.backbone import load_backbone
+from tuner.model.model_cache import resolve_backbone
 
 pytestmark = pytest.mark.integration
 

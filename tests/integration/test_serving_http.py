@@ -17,7 +17,7 @@ from serving.api import create_app
 from serving.auth import hash_key
 from serving.engine import Engine, EngineConfig
 from tuner.export import TaskAdapter, save_adapter
-from tuner.model.backbone import resolve_backbone
+from tuner.model.model_cache import resolve_backbone
 
 pytestmark = pytest.mark.integration
 KEY, OTHER_KEY = "pf-it-acme", "pf-it-globex"

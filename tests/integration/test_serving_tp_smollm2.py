@@ -31,7 +31,7 @@ from tp_helpers import assert_same_outputs, engine_loop, mixed_outputs, stop_eng
 from serving.engine import Engine, EngineConfig
 from serving.types import GenerationRequest, SamplingParams
 from tuner.export import TaskAdapter, save_adapter
-from tuner.model.backbone import resolve_backbone
+from tuner.model.model_cache import resolve_backbone
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 N = 3

@@ -55,7 +55,8 @@ def test_adapters_load_in_peft_with_equal_logits(run_dir):
     from peft import PeftModel
 
     from tuner.export import load_adapter
-    from tuner.model.backbone import load_backbone, load_tokenizer, resolve_backbone
+    from tuner.model.backbone import load_backbone, load_tokenizer
+    from tuner.model.model_cache import resolve_backbone
     from tuner.model.prompt_lm import PromptTunedLM
 
     path = resolve_backbone("smollm2-135m")

@@ -10,11 +10,11 @@ import yaml
 from conftest import tiny_job_yaml, write_generation_task, write_tiny_tasks
 
 from tuner.config import ConfigError, load_job_config
-from tuner.evaluate import MACRO_F1_DEFINITIONS, TaskScores, classification_metrics
 from tuner.evaluate_cli import evaluate_command, render_results
 from tuner.metrics import EvalProgress
 from tuner.progress import EvalBarFromRecords, EvalPass
 from tuner.report import RunSummary, TaskSummary, collapse_warnings, render_report
+from tuner.scores import MACRO_F1_DEFINITIONS, TaskScores, classification_metrics
 from tuner.tasks.spec import TaskSpec, build_examples
 
 # ------------------------------------------------------------------------------------ macro-F1

@@ -7,10 +7,8 @@ from conftest import smollm2_tokenizer_dir, tiny_llama
 
 from serving.detokenizer import IncrementalText
 from tuner.evaluate import (
-    classification_metrics,
     cut_at_stop,
     generate_greedy,
-    generation_metrics,
     mean_label_nll,
     mean_target_loss,
     score_labels,
@@ -18,6 +16,7 @@ from tuner.evaluate import (
 )
 from tuner.model.backbone import load_tokenizer
 from tuner.model.prompt_lm import PromptTunedLM
+from tuner.scores import classification_metrics, generation_metrics
 from tuner.tasks.batching import TokenizedExample
 from tuner.tasks.spec import TaskSpec
 

@@ -6,10 +6,10 @@ import json
 import pytest
 from conftest import smollm2_tokenizer_dir, tiny_job_yaml, tiny_llama, write_tiny_tasks
 
-from tuner.evaluate import TaskScores
 from tuner.model.backbone import load_tokenizer
 from tuner.model.prompt_lm import PromptTunedLM
 from tuner.report import RunSummary, TaskSummary
+from tuner.scores import TaskScores
 from tuner.tasks.data import TaskData
 from tuner.tasks.kinds import evaluate_tasks
 from tuner.tasks.spec import TaskSpec

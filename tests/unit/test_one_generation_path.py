@@ -233,7 +233,8 @@ REAL_TASKS = {"samsum": 128, "conll2003_ner": 96}  # config -> max_seq_len (some
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from tuner.model.backbone import load_backbone, resolve_backbone
+    from tuner.model.backbone import load_backbone
+    from tuner.model.model_cache import resolve_backbone
 
     path = resolve_backbone(BACKBONE)
     return load_backbone(path, torch.float32), load_tokenizer(path)

@@ -11,8 +11,8 @@ from conftest import tiny_job_yaml, write_generation_task, write_tiny_tasks
 
 from cluster.launch import train_local
 from tuner.config import ConfigError, JobConfig, from_dict, load_job_config
-from tuner.evaluate import classification_metrics
 from tuner.prompts.optim import SparseRowAdam
+from tuner.scores import classification_metrics
 from tuner.search.evidence import Evidence, paired_se
 from tuner.search.space import expand_space
 from tuner.search.state import SearchState, halving_rungs

@@ -17,9 +17,9 @@ import torch
 from conftest import smollm2_tokenizer_dir, tiny_llama
 
 from tuner.config import ConfigError
-from tuner.evaluate import TaskScores
 from tuner.model.backbone import load_tokenizer
 from tuner.model.prompt_lm import PromptTunedLM
+from tuner.scores import TaskScores
 from tuner.tasks import kinds
 from tuner.tasks.batching import collate
 from tuner.tasks.data import TaskData

@@ -67,7 +67,7 @@ def _prepared(cfg) -> PreparedJob:
 
 
 def test_auto_replicates_smollm2_on_this_machine():
-    from tuner.model.backbone import resolve_backbone
+    from tuner.model.model_cache import resolve_backbone
 
     logged = []
     job = _prepared(_smollm2_job())
@@ -79,7 +79,7 @@ def test_auto_replicates_smollm2_on_this_machine():
 def test_auto_shards_when_the_budget_is_below_the_model():
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    from tuner.model.backbone import resolve_backbone
+    from tuner.model.model_cache import resolve_backbone
 
     logged = []
     # SmolLM2 in fp32 is 0.5 GiB: a 0.3 GiB budget cannot hold it whole.

@@ -108,7 +108,7 @@ def load_shape(name: str) -> BackboneShape:
         return BUILTIN_SHAPES[name]
     path = Path(name)
     if not path.is_dir():
-        from tuner.model.backbone import EMBEDDED, resolve_backbone
+        from tuner.model.model_cache import EMBEDDED, resolve_backbone
 
         if name not in EMBEDDED:
             raise ValueError(

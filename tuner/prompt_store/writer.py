@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from tuner.export import TaskAdapter
-from tuner.model.backbone import _exclusive  # the flock the backbone cache takes too
+from tuner.model.model_cache import exclusive_lock  # the flock the backbone cache takes too
 from tuner.prompt_store.reader import (
     CONFIG_KEYS,
     DEFAULT_SHARD_BYTES,
@@ -139,7 +139,7 @@ def write_packed_store(
     (root / SHARDS).mkdir(parents=True, exist_ok=True)
     _check_packable_root(root)
     config = {k: int(getattr(backbone_config, k)) for k in CONFIG_KEYS}
-    with _exclusive(root / LOCK):  # one writer at a time per store; readers take no lock
+    with exclusive_lock(root / LOCK):  # one writer at a time per store; readers take no lock
         old = PackedIndex.open(root) if is_packed_store(root) else None
         if old is not None and (old.config["hidden_size"] != config["hidden_size"]) and keep_others:
             raise ConfigError(f"{root} holds prompts {old.width} wide, these are {config['hidden_size']}")

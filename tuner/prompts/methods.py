@@ -40,6 +40,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tuner.config import DEFAULT_RANK, PROMPT_METHODS
 from tuner.model.zero import gathered
 from tuner.prompts.bank import PromptBank
 from tuner.prompts.optim import SparseRowAdam
@@ -262,8 +263,7 @@ class Superpos:
 
 
 Layout = Independent | Residual | Multitask | Ulpt | Superpos
-METHODS = ("independent", "residual", "multitask", "ulpt", "superpos")
-DEFAULT_RANK = {"multitask": 1, "ulpt": 32}  # prompt.rank=0: the method's own
+METHODS = PROMPT_METHODS  # `prompt.method`'s names, one layout class above each
 
 
 def make_layout(

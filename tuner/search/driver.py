@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from tuner.evaluate import classification_metrics, label_nlls, one_token_labels, score_labels, target_losses
+from tuner.evaluate import label_nlls, one_token_labels, score_labels, target_losses
 from tuner.prompts.bank import PromptBank, init_prompts
 from tuner.schema import ConfigError
+from tuner.scores import classification_metrics
 from tuner.search.evidence import Evidence
 from tuner.search.report import describe_base_check, plot_search
 from tuner.search.state import MIN_PREQUENTIAL, RowHParams, RungResult, SearchState

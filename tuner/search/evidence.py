@@ -22,7 +22,7 @@ class Evidence:
     `values`: each example's own score, higher is better (accuracy's 0 / 1, minus a loss); the
     variant's score is their mean. With `gold`: `values` are predicted label indices, `gold` the gold
     ones, and the score is the macro-F1 over those of the `num_labels` labels that occur in the
-    resample's gold or predicted labels (`macro_f1` of `tuner.evaluate.classification_metrics`).
+    resample's gold or predicted labels (`macro_f1` of `tuner.scores.classification_metrics`).
     """
 
     values: np.ndarray

@@ -9,15 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-import torch
-
-from tuner.evaluate import TaskScores
+from tuner.scores import TaskScores
 from tuner.tasks.kinds.base import EvalSetup, TaskKind
 from tuner.tasks.kinds.classification import Classification
 from tuner.tasks.kinds.generation import Generation
 from tuner.tasks.kinds.ner import Ner
 
 if TYPE_CHECKING:
+    import torch
+
     from tuner.model.prompt_lm import PromptTunedLM
     from tuner.tasks.data import TaskData
 

@@ -15,13 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from serving.offline import DecodeTask
-from tuner.evaluate import TaskScores, generate_greedy_of_tasks
-from tuner.model.zero import world
+from tuner.scores import TaskScores
 
 if TYPE_CHECKING:
+    import torch
+
     from tuner.model.prompt_lm import PromptTunedLM
     from tuner.tasks.data import TaskData
     from tuner.tasks.spec import TaskExample, TaskSpec
@@ -112,6 +110,8 @@ def in_pieces(
     `setup.progress`. The batches are the ones `run` makes of the whole list (ranks take every
     world-size-th item of a piece as they would of the whole), so results are the same; every rank
     cuts the same pieces, so ZeRO-3 ranks stay in lockstep."""
+    from tuner.model.zero import world
+
     size = batch_size * world()[1] * batches
     out: list = []
     for start in range(0, len(items), size):
@@ -175,6 +175,9 @@ def decoded_scores_of_tasks(
     and stop strings), scored per task by `score(data, answers)`, with three samples and each example's
     prediction record (`judge(data, answers)`: each answer's (correct, scores)). `prompts` by task
     (None: zero-shot). An answer is the same text whichever tasks decode beside it."""
+    from serving.offline import DecodeTask
+    from tuner.evaluate import generate_greedy_of_tasks
+
     batch = max(1, setup.batch_size // 2)
     tasks = {
         d.spec.name: DecodeTask(

@@ -3,7 +3,7 @@
 Training teaches the words of the gold label (`verbaliser`: label -> words). Evaluation scores every
 label's words after the input and predicts the most likely label, so it needs one forward per
 example (`tuner.evaluate.score_labels`), and reports accuracy, macro-F1 (over the labels present, and
-over every label: `tuner.evaluate.MACRO_F1_DEFINITIONS`), a per-label table and, per example, the
+over every label: `tuner.scores.MACRO_F1_DEFINITIONS`), a per-label table and, per example, the
 predicted label beside each label's log-probability.
 Serving can complete with such a task and classify with it (`/v1/classify`).
 """
@@ -13,13 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from tuner.config import ConfigError
-from tuner.evaluate import TaskScores, classification_metrics, score_labels, score_labels_of_tasks
+from tuner.scores import TaskScores, classification_metrics
 from tuner.tasks.kinds.base import CLASSIFY, COMPLETE, EvalSetup, TaskKind, in_pieces, prediction
 
 if TYPE_CHECKING:
+    import torch
+
     from tuner.tasks.data import TaskData
     from tuner.tasks.spec import TaskSpec
 
@@ -55,6 +55,8 @@ class Classification(TaskKind):
         return spec.verbaliser[label], label
 
     def evaluate(self, setup: EvalSetup, data: TaskData, prompt: torch.Tensor | None) -> TaskScores:
+        from tuner.evaluate import score_labels  # the model side: torch, loaded where a model is
+
         spec = data.spec
         s = setup
 
@@ -70,6 +72,8 @@ class Classification(TaskKind):
     ) -> dict[str, TaskScores]:
         """Every task's scores, examples of many tasks packed into the same rows (`score_labels_of_tasks`):
         a fleet of tasks with a few eval examples each costs the forwards of its examples, not of its tasks."""
+        from tuner.evaluate import score_labels_of_tasks
+
         s = setup
         verbalisers = {d.spec.name: d.spec.verbaliser for d in datas}
         examples = [e for d in datas for e in d.eval]

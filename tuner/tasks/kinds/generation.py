@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tuner.config import ConfigError
-from tuner.evaluate import generation_example_scores, generation_metrics
+from tuner.scores import generation_example_scores, generation_metrics
 from tuner.tasks.kinds.base import DecodedKind, text
 
 if TYPE_CHECKING:
