@@ -293,8 +293,10 @@ def init_ray(cfg: JobConfig, address: str | None = None) -> None:
         # Ray's logging configuration: its own INFO/WARNING lines (token auth, accelerator set-up) and the
         # workers' console output stay in Ray's log files (`cluster.worker_logs=true` forwards the latter).
         # Progress reaches the driver through the queue below; a worker's error still ends `fit()` with it.
+        # No address: a new local Ray ("local"), never Ray's own default of joining whatever cluster
+        # `ray start` last started on this machine (`--address auto` asks for that).
         ray.init(
-            address=address,
+            address=address or "local",
             log_to_driver=c.worker_logs,
             logging_config=ray.LoggingConfig(log_level="ERROR"),
             runtime_env={"env_vars": env},

@@ -243,3 +243,32 @@ def test_a_worker_trains_on_when_the_drivers_queue_is_gone(nodes, capsys):
         assert capsys.readouterr().err.count("the driver's queue is gone") == 1
     finally:
         ray.shutdown()
+
+
+def test_an_embedded_run_starts_its_own_ray_beside_a_running_cluster(job, nodes):
+    """With no address, `promptfleet train` starts an embedded local Ray, as documented, even while a
+    cluster runs on this machine: Ray's own default for `ray.init()` would join the cluster `ray start`
+    last started here (its address file, which this module's cluster has written). `--address auto`
+    joins that cluster on purpose."""
+    from ray._private.utils import get_ray_address_file
+
+    assert Path(get_ray_address_file(None)).read_text().strip() == nodes.address  # what Ray would join
+    code = (
+        "import sys, ray; from cluster.launch import init_ray; from tuner.config import load_job_config; "
+        "init_ray(load_job_config(sys.argv[1]), address=sys.argv[2] or None); "
+        "print(ray.get_runtime_context().gcs_address); ray.shutdown()"
+    )
+    joined = {}
+    for address in ("", "auto"):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(job), address],
+            cwd=REPO,
+            env=DRIVER_ENV,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        joined[address] = proc.stdout.strip().splitlines()[-1]
+    assert joined["auto"] == nodes.address
+    assert joined[""] != nodes.address
