@@ -23,6 +23,7 @@ parsed key ring travels to the replicas, so the tenants file need not.
 from __future__ import annotations
 
 import logging
+import os
 
 from ray import serve
 
@@ -159,7 +160,10 @@ def run_on_ray(config: ServerConfig, keyring: KeyRing, blocking: bool = True) ->
     """Start (or join) Ray, start Serve's HTTP proxy on api.host:api.port and deploy the application."""
     import ray
 
-    ray.init(address=config.ray.address or None, ignore_reinit_error=True)
+    # No address: a new local Ray ("local"), never Ray's default of joining whatever cluster `ray start` last
+    # started on this machine (as `promptfleet train` does, `cluster.launch.init_ray`).
+    address = config.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, ignore_reinit_error=True)
     # Serve's own proxy (not our uvicorn) takes the connections here: give it the same keep-alive bound, and
     # an end-to-end bound a little above the engine's request timeout. Body size and write limits, and the
     # per-tenant quotas, come with the application (its middleware and engine) either way.

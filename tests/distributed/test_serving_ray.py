@@ -23,7 +23,7 @@ def test_ray_serve_app_answers_like_uvicorn(tmp_path):
     cfg = server_config(engine_config(write_prompt_store(tmp_path, backbone), backbone), port=free_port())
     cfg.ray.num_cpus = 0.5
     try:
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)  # ours, whatever else runs
         run_on_ray(cfg, KeyRing.disabled(), blocking=False)
         url = f"http://127.0.0.1:{cfg.api.port}"
         deadline = time.monotonic() + 120
