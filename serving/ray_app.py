@@ -156,6 +156,12 @@ def app(args: dict) -> serve.Application:
     return build_application(config, load_keyring(config.api.auth))
 
 
+# Serve's controller gives a starting proxy 5 s to answer its readiness check and kills it after three
+# misses, and `serve.start` then fails; a proxy process starting on a busy 2-core node takes longer (seen
+# at load average 3: all three missed). 60 s: as long as `serve.start` itself waits for its proxies.
+SERVE_CONTROLLER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+
+
 def run_on_ray(config: ServerConfig, keyring: KeyRing, blocking: bool = True) -> None:
     """Start (or join) Ray, start Serve's HTTP proxy on api.host:api.port and deploy the application."""
     import ray
@@ -173,7 +179,8 @@ def run_on_ray(config: ServerConfig, keyring: KeyRing, blocking: bool = True) ->
             "port": config.api.port,
             "keep_alive_timeout_s": max(1, int(config.api.timeout_keep_alive_s)),
             "request_timeout_s": config.engine.request_timeout_s + config.api.write_timeout_s,
-        }
+        },
+        controller_options={"runtime_env": {"env_vars": SERVE_CONTROLLER_ENV}},
     )
     log.info(
         "deploying %s on Ray Serve at http://%s:%d%s",
