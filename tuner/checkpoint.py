@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from tuner import checkpoint_chain as chain_mod
 from tuner.config import one_line
+from tuner.durable import fsync_path
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -89,14 +90,6 @@ class CheckpointState:
         return self.to_json()[key]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     root: str | os.PathLike,
     step: int,
@@ -149,12 +142,12 @@ def save_checkpoint(
     )
     _write_json(tmp / chain_mod.CHAIN, chain.to_json())
     _write_json(tmp / "state.json", state.to_json())
-    _fsync_dir(tmp)
+    fsync_path(tmp)
     final_dir = root / chain_mod.step_name(step)
     if final_dir.exists():  # re-saving the same step (e.g. final save right after a periodic one)
         shutil.rmtree(final_dir)
     os.rename(tmp, final_dir)
-    _fsync_dir(root)
+    fsync_path(root)
     chain_mod.set_lineage(optimizer, chain_mod.Lineage(step, chain.id, chain.since_full, history))
     chain_mod.mark_saved(optimizer, sampler)
     _prune(root, keep_last)

