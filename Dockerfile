@@ -35,7 +35,7 @@ COPY cluster cluster
 COPY serving serving
 COPY configs configs
 RUN pip install --no-cache-dir --no-deps -e . \
- && python -c "from tuner.model.backbone import resolve_backbone; resolve_backbone('smollm2-135m')" \
+ && python -c "from tuner.model.model_cache import resolve_backbone; resolve_backbone('smollm2-135m')" \
  && chmod -R a+rX /opt/promptfleet /workspace/promptfleet
 # The base image's unprivileged `ray` user (uid 1000, gid 100): the pods run as it (runAsNonRoot).
 USER 1000:100

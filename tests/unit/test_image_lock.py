@@ -92,3 +92,24 @@ def test_pip_options_with_values_are_not_packages():
     )
     assert inst.packages == ("pkg==1",) and inst.requirement_files == ("a.lock",)
     assert inst.options["--index-url"] == ("https://x/simple",) and inst.options["--find-links"] == ("/w",)
+
+
+def test_the_dockerfiles_python_steps_name_what_the_code_has():
+    """Each `python -c` step of the Dockerfile (converting the backbone into the image) imports names this
+    checkout defines: a module moved or renamed breaks the image build, which only `make image-check` runs."""
+    import ast
+    import importlib
+
+    programs = [
+        argv[2] for kind, argv in Dockerfile.read(REPO / "Dockerfile").steps if argv[:2] == ("python", "-c")
+    ]
+    assert programs  # the backbone is converted at build time
+    for program in programs:
+        for node in ast.walk(ast.parse(program)):
+            if isinstance(node, ast.ImportFrom):
+                module = importlib.import_module(node.module)
+                missing = [a.name for a in node.names if not hasattr(module, a.name)]
+                assert not missing, f"Dockerfile: {node.module} has no {missing}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    importlib.import_module(alias.name)
