@@ -49,17 +49,24 @@ class PreparedJob:
     def task_names(self) -> list[str]:
         return [s.name for s in self.specs]
 
-    def load_data(self, tokenizer) -> dict[str, TaskData]:
-        """Every task's examples by name, tokenised, within the job's `data.*` limits."""
+    def load_data(self, tokenizer, log: Callable[[str], None] = lambda msg: None) -> dict[str, TaskData]:
+        """Every task's examples by name, tokenised, within the job's `data.*` limits; train examples whose
+        target alone overfills `model.max_seq_len` are left out, each task's count told to `log`."""
         from tuner.tasks.data import TaskData
 
-        d = self.cfg.data
-        return {
-            s.name: TaskData.load(
+        d, P, L = self.cfg.data, self.cfg.prompt.num_virtual_tokens, self.cfg.model.max_seq_len
+        out = {}
+        for s in self.specs:
+            data = TaskData.load(
                 s, tokenizer, max_train=d.max_train_examples, max_eval=d.max_eval_examples, seed=d.seed
             )
-            for s in self.specs
-        }
+            out[s.name], dropped = data.fitting(P, L)
+            if dropped:
+                log(
+                    f"task {s.name}: {dropped} of {len(data.train):,} train examples left out: their targets "
+                    f"leave no room for an input in model.max_seq_len={L} after {P} virtual tokens"
+                )
+        return out
 
     def sampler(self, sizes: dict[str, int]) -> MultiTaskSampler:
         """What draws each step's global batch from tasks of `sizes` train examples (`optim.batch_size`,

@@ -168,7 +168,7 @@ class MultiTaskPromptTuningRecipe:
         self.tokenizer = load_tokenizer(path)
 
         if self.tasks is None:
-            self.tasks = job.load_data(self.tokenizer)
+            self.tasks = job.load_data(self.tokenizer, log=self._log)
         names = list(self.tasks)
         self.sampler = job.sampler({n: len(t.train) for n, t in self.tasks.items()})
         if cfg.search.enabled:

@@ -129,9 +129,15 @@ def map_tensors(obj, fn):
     return obj
 
 
+def input_room(ex: TokenizedExample, num_virtual: int, max_len: int) -> int:
+    """The input tokens `ex` keeps in a `max_len` segment after `num_virtual` prompt tokens: its target is
+    never cut (its last token is only predicted, not read), so a long target leaves less; < 1: none."""
+    return max_len - num_virtual - max(len(ex.target_ids) - 1, 0)
+
+
 def segment_layout(ex: TokenizedExample, num_virtual: int, max_len: int) -> tuple[list[int], list[int]]:
     """Return (input part, full target) for `ex`, cutting the input from the left to fit `max_len`."""
-    budget = max_len - num_virtual - max(len(ex.target_ids) - 1, 0)
+    budget = input_room(ex, num_virtual, max_len)
     if budget < 1:
         raise ValueError(f"max_seq_len={max_len} leaves no room for the input of a {ex.task} example")
     return ex.input_ids[-budget:], ex.target_ids

@@ -17,7 +17,7 @@ draws of each task, and its scores differ from the plain job's only by what the 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -63,6 +63,19 @@ class TaskData:
                 f"task {self.spec.name}: {len(self.train)} train examples are too few for a held-out slice"
             )
         return k
+
+    def fitting(self, num_virtual: int, max_len: int) -> tuple[TaskData, int]:
+        """This task without the train examples whose target leaves no input room in a `max_len` segment
+        after `num_virtual` prompt tokens (`input_room`: a target is never cut, so such an example could only
+        fail the step that draws it), and how many were left out. Eval examples are cut to fit as they are."""
+        from tuner.tasks.batching import input_room
+
+        keep = [i for i, e in enumerate(self.train) if input_room(e, num_virtual, max_len) >= 1]
+        if len(keep) == len(self.train):
+            return self, 0
+        texts = [self.train_text[i] for i in keep] if self.train_text else []
+        kept = replace(self, train=[self.train[i] for i in keep], train_text=texts)
+        return kept, len(self.train) - len(keep)
 
     def heldout_view(self, indices: list[int]) -> TaskData:
         """These train examples as the *eval* split of a view (a search's held-out slice, in the given
