@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from tuner.tasks.batching import TokenizedExample
+from tuner.tasks.batching import TokenizedExample, input_room
 from tuner.tasks.readers import read_rows
 from tuner.tasks.spec import TaskExample, TaskSpec, build_examples, task_prefix
 
@@ -68,8 +68,6 @@ class TaskData:
         """This task without the train examples whose target leaves no input room in a `max_len` segment
         after `num_virtual` prompt tokens (`input_room`: a target is never cut, so such an example could only
         fail the step that draws it), and how many were left out. Eval examples are cut to fit as they are."""
-        from tuner.tasks.batching import input_room
-
         keep = [i for i, e in enumerate(self.train) if input_room(e, num_virtual, max_len) >= 1]
         if len(keep) == len(self.train):
             return self, 0
