@@ -60,14 +60,30 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two xdist workers on a 2-core machine: one intra-op thread each, not two each.
+    torch.set_num_threads(1)
+
+SHARED_RAY_GROUP = "shared-ray-cluster"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (`--dist loadgroup`)
 def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
+    # Modules of the shared 2-CPU Ray cluster (`local_ray.shared_cluster`, asked for as `ray_cluster`).
+    shared = {item.path for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
     for item in items:
         # get_closest_marker, not `in item.keywords`: keywords also hold directory names (tests/gpu).
         if item.get_closest_marker("gpu") and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "integration" in item.keywords and not SHARED_DATA.is_dir():
             item.add_marker(pytest.mark.skip(reason=f"needs the shared data at {SHARED_DATA}"))
+        # Under `--dist loadgroup` (`make test`) a group runs on one worker, its tests in collection order:
+        # a module stays together (its module fixtures are built once), and the shared cluster's modules
+        # form one group, so a worker's cluster serves them all and is stopped after the last.
+        if not item.get_closest_marker("xdist_group"):
+            group = SHARED_RAY_GROUP if item.path in shared else item.path.relative_to(REPO).as_posix()
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 # ------------------------------------------------------------------------------------ tiny jobs
