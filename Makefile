@@ -44,11 +44,11 @@ demo: setup
 
 ## test: the default suite (unit + integration + distributed; slow tier included when it fits).
 # Two xdist workers (TEST_WORKERS=0: one process): a test module, and the modules sharing one Ray cluster,
-# each stay on one worker (tests/conftest.py groups them); groups are handed out in collection order, so the
-# long distributed modules start first and the short unit modules fill in at the end.
+# each stay on one worker (tests/conftest.py, `pytest_xdist_make_scheduler`); they are handed out in
+# collection order, so the long distributed modules start first and the short unit modules fill in at the end.
 TEST_WORKERS ?= 2
 test: setup
-	$(PYTEST) -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder tests
+	$(PYTEST) -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder tests
 
 test-unit: setup
 	$(PYTEST) -q tests/unit

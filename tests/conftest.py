@@ -64,26 +64,44 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two xdist workers on a 2-core machine: one intra-op thread each, not two each.
     torch.set_num_threads(1)
 
-SHARED_RAY_GROUP = "shared-ray-cluster"
+# The modules that share one 2-CPU Ray cluster (`local_ray.shared_cluster`, asked for as `ray_cluster`).
+SHARED_RAY_MODULES = frozenset(
+    f"tests/distributed/{name}.py"
+    for name in ("test_fault_tolerance", "test_ray_jobs", "test_search_fault_tolerance", "test_tune")
+)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups (`--dist loadgroup`)
 def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
-    # Modules of the shared 2-CPU Ray cluster (`local_ray.shared_cluster`, asked for as `ray_cluster`).
-    shared = {item.path for item in items if "ray_cluster" in getattr(item, "fixturenames", ())}
     for item in items:
         # get_closest_marker, not `in item.keywords`: keywords also hold directory names (tests/gpu).
         if item.get_closest_marker("gpu") and not has_gpu:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "integration" in item.keywords and not SHARED_DATA.is_dir():
             item.add_marker(pytest.mark.skip(reason=f"needs the shared data at {SHARED_DATA}"))
-        # Under `--dist loadgroup` (`make test`) a group runs on one worker, its tests in collection order:
-        # a module stays together (its module fixtures are built once), and the shared cluster's modules
-        # form one group, so a worker's cluster serves them all and is stopped after the last.
-        if not item.get_closest_marker("xdist_group"):
-            group = SHARED_RAY_GROUP if item.path in shared else item.path.relative_to(REPO).as_posix()
-            item.add_marker(pytest.mark.xdist_group(group))
+    users = {
+        item.nodeid.split("::")[0] for item in items if "ray_cluster" in getattr(item, "fixturenames", ())
+    }
+    if users - SHARED_RAY_MODULES:  # the scheduler below must know every module of the shared cluster
+        raise pytest.UsageError(f"add {sorted(users - SHARED_RAY_MODULES)} to conftest.SHARED_RAY_MODULES")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` (`-n 2 --dist loadscope`): a module's tests run on one worker, one after another (its module
+    fixtures are built once), and the modules of the shared Ray cluster are one unit, so one worker's cluster
+    serves them all in collection order and is stopped after the last. Units go out in collection order
+    (`--no-loadscope-reorder`): the long distributed modules first, the short unit modules fill in at the end."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return "shared Ray cluster" if module in SHARED_RAY_MODULES else module
+
+    return ModuleScheduling(config, log)
 
 
 # ------------------------------------------------------------------------------------ tiny jobs
