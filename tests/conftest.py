@@ -60,10 +60,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two xdist workers on a 2-core machine: one intra-op thread each, not two each.
-    torch.set_num_threads(1)
-
 # The modules that share one 2-CPU Ray cluster (`local_ray.shared_cluster`, asked for as `ray_cluster`).
 SHARED_RAY_MODULES = frozenset(
     f"tests/distributed/{name}.py"
