@@ -2,6 +2,8 @@
 
     python -m bench.quality --tasks cb,rte,sst2,trec --seeds 0,1      (JSON: bench/results/quality_methods.json)
     python -m bench.quality --tasks all --seeds 2,3 --add              (add seeds to the recorded ones)
+    python -m bench.quality --tasks all --seeds 2,3 --add --resume     (after a stop in seed 2: its finished
+                                                                      rate runs are kept, quality_stages)
     python -m bench.quality --quick                                    (smoke run, nothing recorded)
     python -m bench.quality --tasks all --methods ulpt,superpos --peft-lr-grid 0.01,0.03,0.1,0.3 \
         --out quality_prompt_methods                                   (issue 39: against tuned PEFT)
@@ -85,8 +87,10 @@ from bench.quality_results import (
     SeedResult,
     earlier_seeds,
     pooled,
+    print_result,
     result_of,
 )
+from bench.quality_stages import Stages
 from tuner.config import JobConfig, OptimConfig
 from tuner.job import prepare_job
 from tuner.prompts.continual import choose_sources
@@ -176,8 +180,11 @@ def clock() -> tuple[float, float]:
 class SeedBench:
     """The runs of one seed: a config per run, all on the same draws."""
 
-    def __init__(self, args, seed: int, tasks: list[str], steps: int, n_eval: int):
+    def __init__(
+        self, args, seed: int, tasks: list[str], steps: int, n_eval: int, stages: Stages | None = None
+    ):
         self.args, self.seed, self.tasks, self.steps, self.n_eval = args, seed, tasks, steps, n_eval
+        self.stages = stages  # the grids' finished runs, kept for --resume (bench.quality_stages)
         self.dirs: list[str] = []
         # what -> (wall s, process CPU s): a smoke run's basis for estimating a full run on a busy machine
         self.timings: dict[str, tuple[float, float]] = {}
@@ -292,7 +299,11 @@ class SeedBench:
             last[:] = [recipe]
             return recipe, {t: recipe.prompt(t).detach().cpu().clone() for t in self.tasks}
 
-        tuned = tune(self.args.lr_grid, train, heldout)
+        def scorer():  # a rate trained before (--resume): scored on the same backbone, untrained
+            last[:] = last or [setup_recipe(self.config(self.tasks, f"{method}-scoring"))]
+            return last[0]
+
+        tuned = tune(self.args.lr_grid, train, heldout, self.stages, method, scorer)
         scores = self.score(last[0], tuned.prompts.__getitem__, method)
         print(f"seed {self.seed} {method}: {scores} (lr {tuned.lr})", flush=True)
         self.timed(method, t0)  # every rate of the grid
@@ -309,7 +320,7 @@ class SeedBench:
         self.timed(ZERO_SHOT, t0)
         initial = {t: ref.prompt(t).clone() for t in self.tasks}
         t0 = clock()
-        peft = tune_peft(ref, draws, initial, heldout, self.args.peft_lr_grid, self.seed)
+        peft = tune_peft(ref, draws, initial, heldout, self.args.peft_lr_grid, self.seed, self.stages)
         scores[PEFT] = self.score(ref, peft.prompts.__getitem__, PEFT)
         self.timed(f"PEFT, {len(self.args.peft_lr_grid)} learning rates", t0)
         print(
@@ -447,6 +458,12 @@ def _parser() -> argparse.ArgumentParser:
         "the file is rewritten after every seed, so a long run can be done a few seeds at a time",
     )
     ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="a seed stopped part-way: take the learning-rate runs it finished (bench/results/partial/<out>/, "
+        "same setup required) instead of training them again; use with --add to keep the recorded seeds",
+    )
+    ap.add_argument(
         "--pool",
         nargs="+",
         metavar="FILE",
@@ -480,8 +497,8 @@ def parse_args(argv: list[str] | None = None):
         ap.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
     if not seeds:
         ap.error("--seeds needs at least one seed")
-    if args.add and args.quick:
-        ap.error("--add keeps recorded seeds; a --quick smoke run records nothing")
+    if (args.add or args.resume) and args.quick:
+        ap.error("--add and --resume keep recorded work; a --quick smoke run records nothing")
     if ("transfer" in methods) and len(tasks) < 2:
         ap.error("--methods transfer needs at least two tasks (each task's source is another task)")
     for name in ("steps", "batch_size", "eval_examples", "heldout_examples"):
@@ -558,37 +575,24 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"--add: keeping seeds {[r.seed for r in runs]} of bench/results/{args.out}.json", flush=True)
     for seed in seeds:
         t0 = time.perf_counter()
-        result, metrics = SeedBench(args, seed, tasks, steps, n_eval).run(methods)
+        try:  # a seed's finished grid runs, kept until the seed is recorded (--resume takes them)
+            stages = (
+                None
+                if args.quick
+                else Stages(RESULTS / "partial" / args.out / f"seed{seed}", setup, args.resume)
+            )
+        except ValueError as e:
+            raise SystemExit(f"bench.quality: {e}") from None
+        result, metrics = SeedBench(args, seed, tasks, steps, n_eval, stages).run(methods)
         runs.append(result)
         print(f"seed {seed} done in {time.perf_counter() - t0:.0f} s", flush=True)
         # written after every seed: a run stopped part-way keeps its finished seeds (continue with --add)
         out = result_of(setup, runs, metrics, args.quick)
         write_result(args.out, out, args.quick)
+        if stages is not None:
+            stages.done()
     print_result(out, runs, steps, args.batch_size)
     return out
-
-
-def print_result(out: dict, runs: list[SeedResult], steps: int, batch_size: int) -> None:
-    """The tables, the verdict line and each seed's budget, on the console."""
-    tables = out["tables"]
-    print(tables["per_seed"])
-    print(f"mean +- sd over {len(runs)} seed(s) {out['setup']['seeds']}:")
-    print(tables["means"])
-    print("paired differences vs PEFT, mean +- sd (seeds with method >= PEFT):")
-    print(tables["paired"])
-    print(tables["verdict"])
-    print(tables["verdict_issue39"])
-    if "peft_grid" in tables:
-        print("PEFT's learning rate per task, chosen on its held-out slice (held-out score per rate):")
-        print(tables["peft_grid"])
-    for m, table in tables.get("ours_grid", {}).items():
-        print(f"{m}'s learning rate per task, chosen on the same slices:")
-        print(table)
-    print(f"budget per seed: {steps} steps x {batch_size} examples; per task examples / updates by seed:")
-    for r in sorted(runs, key=lambda r: r.seed):
-        print(
-            f"  seed {r.seed}: {r.examples_per_task} / {r.updates_per_task}; transfer sources {r.transfer_sources}"
-        )
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.common import PeftPromptTuning, examples_by_task, points
+from bench.quality_stages import Stages
 from tuner.evaluate import mean_target_loss
 from tuner.prompts.optim import lr_at
 from tuner.tasks.data import TaskData
@@ -103,25 +104,44 @@ def tune(
     grid: list[float],
     train: Callable[[float], tuple[object, dict[str, torch.Tensor]]],
     heldout: dict[str, TaskData],
+    stages: Stages | None = None,
+    name: str = "",
+    scorer: Callable[[], object] | None = None,
 ) -> Tuned:
     """`train(lr)` -> (a recipe holding the backbone, task -> prompt) for every rate of `grid`; each task
-    keeps the rate whose prompt does best on its held-out slice (`choose`), with that rate's prompt."""
+    keeps the rate whose prompt does best on its held-out slice (`choose`), with that rate's prompt.
+
+    With `stages` every finished rate's prompts are kept as run `name`, and a rate already kept there
+    is not trained again: its prompts are scored on `scorer()`'s recipe (the same backbone)."""
     score: dict[str, dict[str, float | None]] = {}
     loss: dict[str, dict[str, float]] = {}
     prompts: dict[str, dict[str, torch.Tensor]] = {}
-    for lr in grid:
-        recipe, prompts[str(lr)] = train(lr)
-        score[str(lr)], loss[str(lr)] = heldout_results(recipe, prompts[str(lr)], heldout)
     tasks = list(heldout)
+    for lr in grid:
+        kept = stages.get(name, lr, tasks) if stages is not None else None
+        if kept is not None:
+            print(f"{name} lr={lr}: trained before, taken from {stages.path(name, lr)}", flush=True)
+            recipe, prompts[str(lr)] = scorer(), kept
+        else:
+            recipe, prompts[str(lr)] = train(lr)
+            if stages is not None:
+                stages.put(name, lr, prompts[str(lr)])
+        score[str(lr)], loss[str(lr)] = heldout_results(recipe, prompts[str(lr)], heldout)
     chosen = {t: choose(grid, {k: score[k][t] for k in score}, {k: loss[k][t] for k in loss}) for t in tasks}
     return Tuned(chosen, score, loss, {t: prompts[str(chosen[t])][t] for t in tasks})
 
 
 def tune_peft(
-    ref, draws, initial: dict[str, torch.Tensor], heldout: dict[str, TaskData], grid: list[float], seed: int
+    ref,
+    draws,
+    initial: dict[str, torch.Tensor],
+    heldout: dict[str, TaskData],
+    grid: list[float],
+    seed: int,
+    stages: Stages | None = None,
 ) -> Tuned:
     """PEFT on `ref`'s tasks for every learning rate of `grid` on `draws` from the `initial` prompts;
-    each task's best by its held-out slice (see the module docstring)."""
+    each task's best by its held-out slice (see the module docstring); `stages`: see `tune`."""
     o, L, pad = ref.cfg.optim, ref.cfg.model.max_seq_len, ref.tokenizer.pad_token_id
     tasks = list(ref.tasks)
 
@@ -135,4 +155,4 @@ def tune_peft(
             )
         return ref, {t: peft.prompt(t) for t in tasks}
 
-    return tune(grid, train, {t: heldout[t] for t in tasks})
+    return tune(grid, train, {t: heldout[t] for t in tasks}, stages, "peft", lambda: ref)

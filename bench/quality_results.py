@@ -302,3 +302,26 @@ def result_of(setup: dict, runs: list[SeedResult], metrics: dict[str, str], quic
         "runs": [asdict(r) for r in runs],
         "tables": render(runs, methods, tasks, metrics),
     }
+
+
+def print_result(out: dict, runs: list[SeedResult], steps: int, batch_size: int) -> None:
+    """The tables, the verdict line and each seed's budget, on the console."""
+    tables = out["tables"]
+    print(tables["per_seed"])
+    print(f"mean +- sd over {len(runs)} seed(s) {out['setup']['seeds']}:")
+    print(tables["means"])
+    print("paired differences vs PEFT, mean +- sd (seeds with method >= PEFT):")
+    print(tables["paired"])
+    print(tables["verdict"])
+    print(tables["verdict_issue39"])
+    if "peft_grid" in tables:
+        print("PEFT's learning rate per task, chosen on its held-out slice (held-out score per rate):")
+        print(tables["peft_grid"])
+    for m, table in tables.get("ours_grid", {}).items():
+        print(f"{m}'s learning rate per task, chosen on the same slices:")
+        print(table)
+    print(f"budget per seed: {steps} steps x {batch_size} examples; per task examples / updates by seed:")
+    for r in sorted(runs, key=lambda r: r.seed):
+        print(
+            f"  seed {r.seed}: {r.examples_per_task} / {r.updates_per_task}; transfer sources {r.transfer_sources}"
+        )

@@ -381,10 +381,11 @@ def test_pool_joins_seeds_run_apart_and_refuses_what_would_mislead(tmp_path, mon
     assert "--pool runs nothing" in capsys.readouterr().err
 
 
-def test_add_with_quick_is_refused(capsys):
-    with pytest.raises(SystemExit):
-        parse_args(["--add", "--quick"])
-    assert "--add keeps recorded seeds" in capsys.readouterr().err
+def test_add_or_resume_with_quick_is_refused(capsys):
+    for flag in ("--add", "--resume"):
+        with pytest.raises(SystemExit):
+            parse_args([flag, "--quick"])
+        assert "--add and --resume keep recorded work" in capsys.readouterr().err
 
 
 def test_leave_one_out_sources_pick_the_best_other_task_never_the_task_itself(tmp_path, tiny_backbone_dir):
