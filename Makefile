@@ -13,7 +13,7 @@ TORCH   := torch==2.13.0
 PIP_VERSION := pip==26.3
 UV      := uv==0.13.9
 
-.PHONY: setup demo test test-unit bench gpu-check image-check lint format clean lock
+.PHONY: setup demo test test-unit bench gpu-check gpu-quality image-check lint format clean lock
 
 setup: $(VENV)/.installed
 
@@ -60,6 +60,11 @@ bench: setup
 ## results as JSON in $OUT (default gpu-results). Carry gpu-carry/ (see bench/gpu_check.py).
 gpu-check:
 	$(PY) -m bench.gpu_check --out "$${OUT:-gpu-results}"
+
+## gpu-quality: on a CUDA machine, after a call that carried gpu-quality/part-a: issue 39's CB and RTE at
+## 300 x 16 for seeds 1-5, results in $OUT. Carry gpu-quality/part-b (see bench/gpu_quality.py).
+gpu-quality:
+	$(PY) -m bench.gpu_quality --out "$${OUT:-gpu-results}"
 
 ## image-check: the Dockerfile's install steps (its RUN pip/python lines) in a fresh virtualenv, no Docker
 ## needed; fails unless it then holds exactly the locked versions, passes `pip check` and imports the stack
