@@ -214,6 +214,17 @@ def summarize(p: Plan, started: float) -> dict:
     return summary
 
 
+def download_wheels(wheels: tuple[str, ...], folder: Path) -> None:
+    """pip-download `wheels` (name==version) for the GPU image's CPython 3.12 on x86-64 into `folder`."""
+    if not wheels:
+        return
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
+    cmd += ["--python-version", "3.12", "--implementation", "cp"]
+    for platform in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"):
+        cmd += ["--platform", platform]
+    subprocess.run([*cmd, "-d", str(folder), *wheels], check=True)
+
+
 def prepare(folder: str) -> int:
     """Fill the carried folder: SmolLM2 tokenizer files, and the wheels in `WHEELS` (downloaded with pip)."""
     from tuner.model.model_cache import resolve_backbone
@@ -225,21 +236,7 @@ def prepare(folder: str) -> int:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, tok / name)
-    if WHEELS:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--python-version",
-        ]
-        cmd += ["3.12", "--implementation", "cp"]
-        for platform in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"):
-            cmd += ["--platform", platform]
-        cmd += ["-d", str(root / "wheels"), *WHEELS]
-        subprocess.run(cmd, check=True)
+    download_wheels(WHEELS, root / "wheels")
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
     print(f"{root}: {size / 2**20:.1f} MiB (carry limit 64 MiB)")
     return 0 if size < 60 * 2**20 else 1

