@@ -16,7 +16,8 @@ differs, installs the wheels into a private folder, puts the data where the task
 it (`../shared/data` beside the checkout, only if absent), converts the backbone once into a private
 cache, then runs `bench.quality` one seed at a time (`--add`, so every finished seed is kept) and
 copies the result file and the log into `--out` after each seed. A seed starts only while the
-time left (`--budget-s`) exceeds the slowest seed so far.
+time left (`--budget-s`) exceeds the slowest seed so far. Run again (a third call), it skips the seeds
+already recorded on that machine and resumes a seed cut off part-way (`bench.quality --resume`).
 
 The result, `quality_ulpt_tuned_300_gpu.json`, joins the CPU's seeds with
 `python -m bench.quality --pool bench/results/quality_ulpt_tuned_300.json <it> --out ...`.
@@ -53,6 +54,7 @@ RESULT = "quality_ulpt_tuned_300_gpu"
 # issue 39's second size, as the CPU's seed 0 was run (BENCHMARKS.md, "CB and RTE at 300 x 16")
 QUALITY_ARGS = ("--tasks", ",".join(TASKS), "--methods", "ulpt", "--lr-grid", "0.03,0.1,0.3")
 QUALITY_ARGS += ("--peft-lr-grid", "0.03,0.1", "--steps", "300", "--batch-size", "16")
+QUALITY_ARGS += ("--resume",)  # a seed cut off by the call's limit continues from its finished runs next call
 DRY_ARGS = ("--steps", "2", "--batch-size", "2", "--eval-examples", "4", "--heldout-examples", "4")
 CARRY_LIMIT = 60 * 2**20  # under the 64 MiB a device call carries, leaving room for the checkout
 
@@ -188,12 +190,20 @@ def quality_argv(args: argparse.Namespace, seed: int) -> list[str]:
     return argv + (["--add"] if (REPO / "bench" / "results" / f"{args.result}.json").is_file() else [])
 
 
+def recorded_seeds(result: Path) -> set[int]:
+    """The seeds already in a bench.quality result file (none if there is none)."""
+    return set(json.loads(result.read_text())["setup"]["seeds"]) if result.is_file() else set()
+
+
 def run_seeds(args: argparse.Namespace, env: dict, out: Path, summary: dict, started: float) -> None:
     """One bench.quality process per seed; the result and log copied to `out` after each."""
     slowest = 0.0
     result = REPO / "bench" / "results" / f"{args.result}.json"
     for seed in args.seeds:
         left = args.budget_s - (time.monotonic() - started)
+        if seed in recorded_seeds(result):  # by an earlier call on this machine: rerunning continues
+            summary["seeds"].append({"seed": seed, "status": "ok", "note": "recorded by an earlier call"})
+            continue
         if left < max(slowest * 1.1, 5):
             summary["seeds"].append({"seed": seed, "status": "skipped", "note": f"{left:.0f} s left"})
             continue

@@ -1,7 +1,7 @@
 """`bench.gpu_quality` on CPU: the GGUF's two halves join to the same bytes or are refused, the data lands
 where the task configs look, the seeds' command is issue 39's 300 x 16 setup, and the seed loop keeps
 every finished seed's result in `--out` within its budget (real subprocesses standing in for
-`bench.quality`, which the GPU machine runs).
+`bench.quality`, which the GPU machine runs), and a second call skips the seeds already recorded.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def test_each_seed_runs_issue_39s_second_size():
     q, tasks, methods, seeds = quality_args(argv[3:])
     assert (tasks, methods, seeds) == (["cb", "rte"], ["ulpt"], [3])
     assert (q.steps, q.batch_size, q.lr_grid, q.peft_lr_grid) == (300, 16, [0.03, 0.1, 0.3], [0.03, 0.1])
-    assert q.out == gpu_quality.RESULT
+    assert q.out == gpu_quality.RESULT and q.resume  # a seed cut off by one call continues in the next
     dry = gpu_quality.parse_args(["--dry-run"])
     q = quality_args(gpu_quality.quality_argv(dry, 1)[3:])[0]
     assert (q.steps, q.batch_size, q.out) == (2, 2, "gpu_quality_dry_run")  # never the real result
@@ -74,8 +74,8 @@ def test_seed_loop_keeps_each_finished_seed_and_stops_inside_its_budget(tmp_path
         "import json, os, sys, time; seed = int(sys.argv[1]); path = sys.argv[2]\n"
         "if seed == 2: sys.exit(3)\n"
         "if seed == 3: time.sleep(30)\n"
-        "old = json.load(open(path)) if os.path.exists(path) else []\n"
-        "json.dump(old + [seed], open(path, 'w'))\n"
+        "old = json.load(open(path))['setup']['seeds'] if os.path.exists(path) else []\n"
+        "json.dump({'setup': {'seeds': old + [seed]}}, open(path, 'w'))\n"
     )
     monkeypatch.setattr(gpu_quality, "REPO", tmp_path / "repo")
     monkeypatch.setattr(
@@ -88,6 +88,14 @@ def test_seed_loop_keeps_each_finished_seed_and_stops_inside_its_budget(tmp_path
     status = [(s["seed"], s["status"]) for s in summary["seeds"]]
     assert status == [(1, "ok"), (2, "failed"), (3, "failed"), (4, "skipped")]
     assert summary["seeds"][1]["rc"] == 3 and summary["seeds"][2]["rc"] == "timeout"
-    assert json.loads((out / result.name).read_text()) == [1]
+    assert json.loads((out / result.name).read_text())["setup"]["seeds"] == [1]
     assert json.loads((out / "summary.json").read_text())["seeds"][:2] == summary["seeds"][:2]
     assert "===== seed 3" in (out / "log.txt").read_text()
+
+    again = {"seeds": []}  # the next call: seed 1 is kept, not run again
+    gpu_quality.run_seeds(
+        gpu_quality.parse_args(["--seeds", "1,4"]), {}, out, again, gpu_quality.time.monotonic()
+    )
+    assert [(s["seed"], s["status"]) for s in again["seeds"]] == [(1, "ok"), (4, "ok")]
+    assert "earlier call" in again["seeds"][0]["note"]
+    assert json.loads(result.read_text())["setup"]["seeds"] == [1, 4]
