@@ -13,7 +13,8 @@ everything else (the draws, the held-out choice, the scores) is recomputed, so a
 exactly what an uninterrupted one would. A folder written under another setup is refused, not mixed
 in; without `--resume` a seed's folder is emptied when the seed starts. The folder is removed once the
 seed is in bench/results/<out>.json. Files are written to a temp name and renamed, so a kill never
-leaves half a stage behind.
+leaves half a stage behind. The folder is not git-ignored: commit it to finish the seed on another machine
+(a run's prompts are a few tens of KB).
 """
 
 from __future__ import annotations
