@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     env.update(PYTHONPATH=os.pathsep.join(p for p in paths if p), PROMPTFLEET_CACHE=str(WORK / "cache"))
     write_json(out / "summary.json", summary)
     run_seeds(args, env, out, summary, started)
-    if args.dry_run:
+    if args.dry_run:  # neither its result nor a cut-off seed's runs stay behind
         (REPO / "bench" / "results" / f"{args.result}.json").unlink(missing_ok=True)
+        shutil.rmtree(REPO / "bench" / "results" / "partial" / args.result, ignore_errors=True)
     summary["seconds"] = round(time.monotonic() - started, 1)
     write_json(out / "summary.json", summary)
     print(json.dumps(summary, indent=1))
