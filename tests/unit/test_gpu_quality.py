@@ -65,15 +65,29 @@ def test_each_seed_runs_issue_39s_second_size():
             gpu_quality.parse_args(bad)
 
 
+class StepClock:
+    """A clock that advances one second each time it is read: the budget the seed loop counts is the
+    test's, whatever the machine's load makes of the stand-in processes' real time."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
 def test_seed_loop_keeps_each_finished_seed_and_stops_inside_its_budget(tmp_path, monkeypatch):
-    """A stand-in for bench.quality that adds its seed to the result file (seed 2 fails, seed 3 outlasts
-    the budget): the results folder holds the file after each seed, and the summary says how each ended."""
+    """A stand-in for bench.quality that adds its seed to the result file (seed 2 fails, seed 3 never
+    ends): the results folder holds the file after each seed, and the summary says how each ended.
+    With the step clock, seed 1 starts with 12 s of its 13 s budget left, seed 2 with 9, seed 3 with 6
+    (its real timeout: it hangs, so it always times out) and seed 4 with 3, under the 5 s any seed needs."""
     result = tmp_path / "repo" / "bench" / "results" / f"{gpu_quality.RESULT}.json"
     result.parent.mkdir(parents=True)
     script = (
         "import json, os, sys, time; seed = int(sys.argv[1]); path = sys.argv[2]\n"
         "if seed == 2: sys.exit(3)\n"
-        "if seed == 3: time.sleep(30)\n"
+        "if seed == 3: time.sleep(3600)\n"
         "old = json.load(open(path))['setup']['seeds'] if os.path.exists(path) else []\n"
         "json.dump({'setup': {'seeds': old + [seed]}}, open(path, 'w'))\n"
     )
@@ -81,13 +95,14 @@ def test_seed_loop_keeps_each_finished_seed_and_stops_inside_its_budget(tmp_path
     monkeypatch.setattr(
         gpu_quality, "quality_argv", lambda a, s: [sys.executable, "-c", script, str(s), str(result)]
     )
-    args = gpu_quality.parse_args(["--seeds", "1,2,3,4", "--budget-s", "8"])
+    args = gpu_quality.parse_args(["--seeds", "1,2,3,4", "--budget-s", "13"])
     out, summary = tmp_path / "out", {"seeds": []}
     out.mkdir()
-    gpu_quality.run_seeds(args, {}, out, summary, gpu_quality.time.monotonic())
+    gpu_quality.run_seeds(args, {}, out, summary, 0.0, clock=StepClock())
     status = [(s["seed"], s["status"]) for s in summary["seeds"]]
     assert status == [(1, "ok"), (2, "failed"), (3, "failed"), (4, "skipped")]
     assert summary["seeds"][1]["rc"] == 3 and summary["seeds"][2]["rc"] == "timeout"
+    assert summary["seeds"][3]["note"] == "3 s left"
     assert json.loads((out / result.name).read_text())["setup"]["seeds"] == [1]
     assert json.loads((out / "summary.json").read_text())["seeds"][:2] == summary["seeds"][:2]
     assert "===== seed 3" in (out / "log.txt").read_text()
