@@ -159,6 +159,7 @@ def app(args: dict) -> serve.Application:
 # Serve's controller gives a starting proxy 5 s to answer its readiness check and kills it after three
 # misses, and `serve.start` then fails; a proxy process starting on a busy 2-core node takes longer (seen
 # at load average 3: all three missed). 60 s: as long as `serve.start` itself waits for its proxies.
+# tests/distributed/test_serving_ray.py starts the proxy 30 s late on purpose (tests/distributed/slow_proxy).
 SERVE_CONTROLLER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,18 +15,48 @@ from serving.auth import KeyRing
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def test_ray_serve_app_answers_like_uvicorn(tmp_path):
+SLOW_PROXY_SITE = Path(__file__).parent / "slow_proxy"  # its sitecustomize.py delays the proxy's start
+SLOW_PROXY_S = 30
+
+
+def _listening_pid(port: int) -> int | None:
+    import psutil
+
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+            return conn.pid
+    return None
+
+
+def test_ray_serve_app_answers_like_uvicorn(tmp_path, monkeypatch):
+    """Also: a proxy slow to start (as on a busy node) is waited for, not killed after Ray's 3 x 5 s checks."""
     import ray
     from ray import serve
 
+    from serving import ray_app
     from serving.ray_app import run_on_ray
 
     backbone = tiny_backbone_dir(tmp_path)
     cfg = server_config(engine_config(write_prompt_store(tmp_path, backbone), backbone), port=free_port())
     cfg.ray.num_cpus = 0.5
+    slow = tmp_path / "slow_proxy"
+    slow.mkdir()
+    monkeypatch.setattr(
+        ray_app,
+        "SERVE_CONTROLLER_ENV",
+        {
+            **ray_app.SERVE_CONTROLLER_ENV,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(SLOW_PROXY_SITE), os.environ.get("PYTHONPATH")])),
+            "PROMPTFLEET_SLOW_PROXY_DIR": str(slow),
+            "PROMPTFLEET_SLOW_PROXY_S": str(SLOW_PROXY_S),
+        },
+    )
     try:
         ray.init(address="local", num_cpus=2, include_dashboard=False)  # ours, whatever else runs
         run_on_ray(cfg, KeyRing.disabled(), blocking=False)
+        # The process listening on the port (Serve's proxy) is the one made slow, and serve.start waited for it.
+        pid, woke_after_s = (slow / "proxy").read_text().split()
+        assert float(woke_after_s) >= SLOW_PROXY_S and int(pid) == _listening_pid(cfg.api.port)
         url = f"http://127.0.0.1:{cfg.api.port}"
         deadline = time.monotonic() + 120
         while True:
