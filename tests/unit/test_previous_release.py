@@ -103,9 +103,26 @@ def test_it_resumes_from_its_checkpoint(old_run, capsys, fixture_threads):
     assert [m.loss for m in history.steps[:4]] == [m.loss for m in old.steps]
 
     train_local(load_job_config("job.yaml", ["optim.max_steps=6", "name=uninterrupted"]), progress=False)
+    atol = _drift_tolerance(run_dir.parent / "uninterrupted")
     for task in summary.tasks:
         resumed, whole = (
             load_file(str(d / "adapters" / task / "adapter_model.safetensors"))["prompt_embeddings"]
             for d in (run_dir, run_dir.parent / "uninterrupted")
         )
-        torch.testing.assert_close(resumed, whole, rtol=0, atol=0)
+        torch.testing.assert_close(resumed, whole, rtol=0, atol=atol)
+
+
+def _drift_tolerance(today: Path) -> float:
+    """0 (bitwise) where this machine's first 4 steps give the fixture's step-4 prompts exactly. A CPU
+    with other matmul kernels (AVX-512/AMX against the fixture's AVX2 machine) rounds differently, so
+    its 4 steps land ~1e-6 away and the resumed run inherits that; 1e-3 is ~100x that drift and
+    ~100x below one step's change (Adam at lr 0.5), so a resume that lost its optimizer state,
+    sampler position or a task's rows still fails."""
+
+    def rows(run_dir: Path) -> dict[str, torch.Tensor]:  # the step-4 bank's rows by task (a delta: merged)
+        state, tensors = ckpt.read_prompt_state(run_dir / "checkpoints" / "step_00000004")
+        return dict(zip(state.task_names, tensors["bank"]))
+
+    fixture, mine = rows(FIXTURE / "output" / "prev"), rows(today)
+    assert fixture.keys() == mine.keys()
+    return 0.0 if all(torch.equal(fixture[t], mine[t]) for t in fixture) else 1e-3
