@@ -114,10 +114,9 @@ def test_it_resumes_from_its_checkpoint(old_run, capsys, fixture_threads):
 
 def _drift_tolerance(today: Path) -> float:
     """0 (bitwise) where this machine's first 4 steps give the fixture's step-4 prompts exactly. A CPU
-    with other matmul kernels (AVX-512/AMX against the fixture's AVX2 machine) rounds differently, so
-    its 4 steps land ~1e-6 away and the resumed run inherits that; 1e-3 is ~100x that drift and
-    ~100x below one step's change (Adam at lr 0.5), so a resume that lost its optimizer state,
-    sampler position or a task's rows still fails."""
+    whose matmul kernels round differently from the one that made the fixture lands ~1e-6 away after
+    4 steps and the resumed run inherits that (~5e-6 at step 6); 1e-3 is far above that and far below
+    what a resume that lost its Adam moments (~1.0) or its sampler state (~0.2) ends at."""
 
     def rows(run_dir: Path) -> dict[str, torch.Tensor]:  # the step-4 bank's rows by task (a delta: merged)
         state, tensors = ckpt.read_prompt_state(run_dir / "checkpoints" / "step_00000004")
